@@ -1,0 +1,388 @@
+"""DiT (Peebles & Xie 2023) with every magnitude-preserving (MP) feature of MaP-DiT as a switch.
+
+All switches off gives the original DiT, parameter for parameter: the state-dict keys and shapes
+match the official checkpoints. `mp=True` turns every switch on (MaP-DiT). The switches:
+
+  use_cosine_attention             q, k normalised per head (and v, with the MP residual)
+  use_weight_normalization         every linear becomes MPLinear: no bias, normalised weights;
+                                   zero-initialised layers get a learned gain initialised to 0
+  use_forced_weight_normalization  stored weights reset to unit-RMS rows after each optimiser step
+  use_mp_residual                  x = mp_sum(x, (1 + gate) branch, 0.3) instead of x + gate branch
+  use_mp_silu                      every SiLU / GELU becomes mp_silu
+  use_no_layernorm                 no LayerNorm before attention, MLP and the final layer
+  use_mp_pos_enc                   unit-RMS sin-cos position embedding joined by mp_sum
+  use_mp_embedding                 MP Fourier timestep features, unit-RMS label embeddings,
+                                   joined by mp_sum
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mp_layers import MPEmbedding, MPFourier, MPLinear, MPSiLU, cosine_attention, mp_sum, normalize
+
+MP_SWITCHES = (
+    "use_cosine_attention",
+    "use_weight_normalization",
+    "use_forced_weight_normalization",
+    "use_mp_residual",
+    "use_mp_silu",
+    "use_no_layernorm",
+    "use_mp_pos_enc",
+    "use_mp_embedding",
+)
+
+
+class Switches:
+    """The MP switches of one model, with their consistency rules."""
+
+    def __init__(self, mp=False, **flags):
+        unknown = set(flags) - set(MP_SWITCHES)
+        if unknown:
+            raise TypeError(f"unknown MP switch(es): {sorted(unknown)}; known: {MP_SWITCHES}")
+        for name in MP_SWITCHES:
+            setattr(self, name, mp or bool(flags.get(name, False)))
+        if self.use_forced_weight_normalization and not self.use_weight_normalization:
+            raise ValueError("use_forced_weight_normalization needs use_weight_normalization: forced "
+                             "normalisation alone leaves rows at norm sqrt(fan_in) and activations explode")
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in MP_SWITCHES}
+
+
+def linear(in_features, out_features, sw, zero_init=False):
+    """nn.Linear (vanilla) or MPLinear (weight normalisation); zero_init layers start at output 0."""
+    if sw.use_weight_normalization:
+        return MPLinear(in_features, out_features, forced=sw.use_forced_weight_normalization,
+                        gain=0.0 if zero_init else None)
+    return nn.Linear(in_features, out_features)
+
+
+def activation(sw, vanilla):
+    return MPSiLU() if sw.use_mp_silu else vanilla
+
+
+def layer_norm(dim, sw):
+    return nn.Identity() if sw.use_no_layernorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#               Embedding Layers for Patches, Timesteps and Class Labels        #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) with T = (H / p) (W / p). The MP version appends a constant-ones
+    channel (standing in for the bias) and uses a weight-normalised p x p convolution."""
+
+    def __init__(self, patch_size, in_channels, hidden_size, sw):
+        super().__init__()
+        self.mp = sw.use_weight_normalization
+        if self.mp:
+            self.proj = MPLinear(in_channels + 1, hidden_size, forced=sw.use_forced_weight_normalization,
+                                 patch_size=patch_size)
+        else:
+            self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        if self.mp:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """DiT's sinusoidal features of the integer timestep: [cos(t f), sin(t f)], f = max_period^(-i/half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t (N,) -> (N, D): features of t, then linear, activation, linear.
+
+    Vanilla: DiT's sinusoid of the raw integer t. MP: Fourier features of c = 2 t / T - 1 in
+    [-1, 1) (T = num_timesteps); the raw integer would alias (neighbouring steps unrelated)."""
+
+    def __init__(self, hidden_size, sw, frequency_embedding_size=256, num_timesteps=1000):
+        super().__init__()
+        self.num_timesteps = num_timesteps
+        self.fourier = MPFourier(frequency_embedding_size) if sw.use_mp_embedding else None
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            linear(frequency_embedding_size, hidden_size, sw),
+            activation(sw, nn.SiLU()),
+            linear(hidden_size, hidden_size, sw),
+        )
+
+    def forward(self, t):
+        if self.fourier is not None:
+            features = self.fourier(2 * t.float() / self.num_timesteps - 1)
+        else:
+            features = timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(features)
+
+
+class LabelEmbedder(nn.Module):
+    """y (N,) -> (N, D). Row num_classes is the null class; in training each label is replaced by
+    it with probability dropout_prob (classifier-free guidance dropout)."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob, sw):
+        super().__init__()
+        if sw.use_mp_embedding:
+            self.embedding_table = MPEmbedding(num_classes + 1, hidden_size,
+                                               forced=sw.use_forced_weight_normalization)
+        else:
+            self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head self-attention with scaled_dot_product_attention. Cosine attention normalises
+    q and k per head; with the MP residual it also normalises v and the output per head, since
+    a softmax average of unit vectors shrinks by the number of tokens it spreads over."""
+
+    def __init__(self, dim, num_heads, sw):
+        super().__init__()
+        self.num_heads = num_heads
+        self.cosine = sw.use_cosine_attention
+        self.mp_output = sw.use_cosine_attention and sw.use_mp_residual
+        self.qkv = linear(dim, 3 * dim, sw)
+        self.proj = linear(dim, dim, sw)
+
+    def forward(self, x):
+        N, T, C = x.shape
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.cosine:
+            x = cosine_attention(q, k, v, normalize_v=self.mp_output)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
+        if self.mp_output:
+            x = normalize(x, dim=-1)
+        return self.proj(x.transpose(1, 2).reshape(N, T, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim, sw):
+        super().__init__()
+        self.fc1 = linear(dim, hidden_dim, sw)
+        self.act = activation(sw, nn.GELU(approximate="tanh"))
+        self.fc2 = linear(hidden_dim, dim, sw)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: x + gate * f(modulate(norm(x), shift, scale)) for f = attention, MLP.
+    With the MP residual: mp_sum(x, (1 + gate) f(...), 0.3), so the stream keeps unit RMS at
+    init (a zero gate inside mp_sum would shrink it by 0.92 per sub-block)."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio, sw):
+        super().__init__()
+        self.mp_residual = sw.use_mp_residual
+        self.norm1 = layer_norm(hidden_size, sw)
+        self.attn = Attention(hidden_size, num_heads, sw)
+        self.norm2 = layer_norm(hidden_size, sw)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), sw)
+        self.adaLN_modulation = nn.Sequential(activation(sw, nn.SiLU()),
+                                              linear(hidden_size, 6 * hidden_size, sw, zero_init=True))
+
+    def residual(self, x, gate, branch):
+        if self.mp_residual:
+            return mp_sum(x, (1 + gate.unsqueeze(1)) * branch, t=0.3)
+        return x + gate.unsqueeze(1) * branch
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = self.residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        x = self.residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels, sw):
+        super().__init__()
+        self.norm_final = layer_norm(hidden_size, sw)
+        self.linear = linear(hidden_size, patch_size * patch_size * out_channels, sw, zero_init=True)
+        self.adaLN_modulation = nn.Sequential(activation(sw, nn.SiLU()),
+                                              linear(hidden_size, 2 * hidden_size, sw, zero_init=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone. forward(x (N, C, H, W), t (N,), y (N,)) ->
+    (N, 2C, H, W) with learned sigma (eps, then the variance interpolation v), else (N, C, H, W)."""
+
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=True,
+        mp=False,
+        **switches,
+    ):
+        super().__init__()
+        self.switches = sw = Switches(mp, **switches)
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.input_size = input_size
+        self.num_classes = num_classes
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, sw)
+        self.t_embedder = TimestepEmbedder(hidden_size, sw)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob, sw)
+        num_patches = (input_size // patch_size) ** 2
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, sw) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, sw)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's initialisation for the vanilla layers; MP layers keep their N(0, 1) weights."""
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], int(self.pos_embed.shape[1] ** 0.5))
+        pos_embed = torch.from_numpy(pos_embed).float()
+        if self.switches.use_mp_pos_enc:
+            pos_embed = normalize(pos_embed, dim=-1)
+        self.pos_embed.data.copy_(pos_embed.unsqueeze(0))
+
+        if isinstance(self.x_embedder.proj, nn.Conv2d):
+            w = self.x_embedder.proj.weight.data
+            nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+            nn.init.constant_(self.x_embedder.proj.bias, 0)
+        if isinstance(self.y_embedder.embedding_table, nn.Embedding):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+
+        zero_init = [block.adaLN_modulation[-1] for block in self.blocks]
+        zero_init += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for layer in zero_init:
+            if isinstance(layer, nn.Linear):
+                nn.init.constant_(layer.weight, 0)
+                nn.init.constant_(layer.bias, 0)
+
+    def unpatchify(self, x):
+        """(N, T, p * p * C) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def embed(self, x, t, y):
+        """Tokens (N, T, D) and conditioning (N, D)."""
+        x = self.x_embedder(x)
+        t = self.t_embedder(t)
+        y = self.y_embedder(y, self.training)
+        if self.switches.use_mp_pos_enc:
+            x = mp_sum(x, self.pos_embed.to(x.dtype), t=0.5)
+        else:
+            x = x + self.pos_embed
+        c = mp_sum(t, y, t=0.5) if self.switches.use_mp_embedding else t + y
+        return x, c
+
+    def forward(self, x, t, y):
+        x, c = self.embed(x, t, y)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        """Classifier-free guidance in one batched pass. x, t, y hold the conditional half then the
+        unconditional half (y = null class); eps = eps_u + s (eps_c - eps_u) on all channels
+        (DiT guided only the first three of four). The variance output is the conditional one's."""
+        half = x[: len(x) // 2]
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
+        eps, rest = model_out[:, : self.in_channels], model_out[:, self.in_channels:]
+        cond_eps, uncond_eps = eps.chunk(2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """(grid_size * grid_size, embed_dim) MAE-style 2-D sin-cos embedding."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
+    return np.concatenate([emb_h, emb_w], axis=1)
+
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+#################################################################################
+#                                   DiT Configs                                 #
+#################################################################################
+
+MODEL_SIZES = {  # depth, hidden size, heads
+    "XL": (28, 1152, 16),
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+    "XS": (6, 256, 4),
+}
+
+
+def _config(size, patch_size):
+    depth, hidden_size, num_heads = MODEL_SIZES[size]
+
+    def build(**kwargs):
+        return DiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
+    build.__name__ = f"DiT_{size}_{patch_size}"
+    return build
+
+
+DiT_models = {f"DiT-{size}/{p}": _config(size, p) for size in MODEL_SIZES for p in (2, 4, 8)}

@@ -1,0 +1,173 @@
+"""Magnitude-preserving (MP) primitives after EDM2 (Karras et al. 2024, "Analyzing and Improving
+the Training Dynamics of Diffusion Models").
+
+Every function and module here maps unit-variance input to unit-variance output at
+initialisation; the formula is in each docstring. Norms are taken in float32 even under bf16/fp16
+autocast (fp16 norms overflow to inf and give NaNs).
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def normalize(x, dim=None, eps=1e-4):
+    """x / (eps + ||x|| / sqrt(n)) over `dim` (default: all but dim 0, i.e. per output row).
+
+    Rows come out at unit RMS; the norm is computed in float32.
+    """
+    if dim is None:
+        dim = list(range(1, x.ndim))
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
+    return x / norm.to(x.dtype)
+
+
+def pixel_norm(x, dim=-1, eps=1e-4):
+    """Normalise each feature vector (over channels `dim`) to unit RMS."""
+    return normalize(x, dim=dim, eps=eps)
+
+
+def mp_silu(x):
+    """silu(x) / 0.596, where 0.596 = E[silu(z)^2]^(1/2) for z ~ N(0, 1)."""
+    return F.silu(x) / 0.596
+
+
+class MPSiLU(nn.Module):
+    """Module form of mp_silu, for use inside nn.Sequential."""
+
+    def forward(self, x):
+        return mp_silu(x)
+
+
+def mp_sum(a, b, t=0.5):
+    """((1 - t) a + t b) / sqrt((1 - t)^2 + t^2): a blend of two unit-variance tensors that keeps
+    unit variance when they are uncorrelated. t = 0.3 for residual branches, 0.5 to join
+    embeddings."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a, b, dim=-1, t=0.5):
+    """Concatenate along `dim` with a's channels weighted (1 - t) and b's weighted t, scaled so the
+    result has unit variance:  C = sqrt((Na + Nb) / ((1 - t)^2 + t^2)),
+    out = [C (1 - t) / sqrt(Na) a, C t / sqrt(Nb) b]."""
+    na, nb = a.shape[dim], b.shape[dim]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    wa = c / math.sqrt(na) * (1 - t)
+    wb = c / math.sqrt(nb) * t
+    return torch.cat([wa * a, wb * b], dim=dim)
+
+
+class MPLinear(nn.Module):
+    """Bias-free linear layer with weight normalisation:  y = x W^T,  W = g normalize(V) / sqrt(fan_in).
+
+    V starts N(0, 1). Unit-variance input gives unit-variance output (times the gain g).
+    g is fixed at 1 unless `gain` is given, in which case it is a learned scalar initialised to
+    `gain` (gain=0.0 makes the layer output zero at init). With `patch_size` p the layer is a
+    p x p convolution with stride p over (N, C, H, W) input (a patch embedding), fan_in = C p p.
+
+    forced=True adds EDM2's forced weight normalisation: `force_normalize_()` resets the stored V to
+    unit-RMS rows; the trainer calls it after every optimiser step (and it is called at init), so
+    the effective learning rate stays constant. The forward pass never modifies V, so an EMA or
+    evaluation copy can run in any mode without its weights being rewritten.
+
+    Without autograd (sampling, evaluation) the effective weight is cached per dtype and recomputed
+    only when V or g change (tracked through their in-place version counters).
+    """
+
+    def __init__(self, in_features, out_features, forced=False, gain=None, patch_size=None):
+        super().__init__()
+        self.forced, self.patch_size = forced, patch_size
+        kernel = () if patch_size is None else (patch_size, patch_size)
+        self.weight = nn.Parameter(torch.randn(out_features, in_features, *kernel))
+        self.gain = None if gain is None else nn.Parameter(torch.tensor(float(gain)))
+        self._cache = None
+        if forced:
+            self.force_normalize_()
+
+    @torch.no_grad()
+    def force_normalize_(self):
+        self.weight.copy_(normalize(self.weight))
+
+    def effective_weight(self, dtype):
+        w = normalize(self.weight.float()) / math.sqrt(self.weight[0].numel())
+        if self.gain is not None:
+            w = w * self.gain
+        return w.to(dtype)
+
+    def cached_weight(self, dtype):
+        key = (self.weight._version, None if self.gain is None else self.gain._version,
+               self.weight.data_ptr(), dtype)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.effective_weight(dtype))
+        return self._cache[1]
+
+    def forward(self, x):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            w = self.effective_weight(x.dtype)
+        else:
+            w = self.cached_weight(x.dtype)
+        if self.patch_size is None:
+            return F.linear(x, w)
+        return F.conv2d(x, w, stride=self.patch_size)
+
+    def extra_repr(self):
+        return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, patch_size={self.patch_size}, "
+                f"forced={self.forced}, learned_gain={self.gain is not None}")
+
+
+class MPEmbedding(nn.Module):
+    """Embedding table whose rows are normalised to unit RMS:  e(y) = normalize(E)[y].
+
+    E starts N(0, 1); forced=True resets the stored rows to unit RMS after each optimiser step
+    (see MPLinear)."""
+
+    def __init__(self, num_embeddings, dim, forced=False):
+        super().__init__()
+        self.forced = forced
+        self.weight = nn.Parameter(torch.randn(num_embeddings, dim))
+        if forced:
+            self.force_normalize_()
+
+    @torch.no_grad()
+    def force_normalize_(self):
+        self.weight.copy_(normalize(self.weight))
+
+    def forward(self, y):
+        return F.embedding(y, normalize(self.weight.float()))
+
+
+class MPFourier(nn.Module):
+    """Random Fourier features  sqrt(2) cos(2 pi (f x + phi)),  f ~ N(0, bandwidth^2),  phi ~ U(0, 1).
+
+    Unit RMS for any x. x must be O(1) (EDM2 feeds ln(sigma) / 4): on a raw integer timestep
+    0..999 neighbouring steps get unrelated phases (aliasing), so callers scale t first.
+    Input (N,), output (N, num_channels)."""
+
+    def __init__(self, num_channels, bandwidth=1.0):
+        super().__init__()
+        self.register_buffer("freqs", 2 * np.pi * torch.randn(num_channels) * bandwidth)
+        self.register_buffer("phases", 2 * np.pi * torch.rand(num_channels))
+
+    def forward(self, x):
+        return np.sqrt(2) * (x.float().unsqueeze(-1) * self.freqs + self.phases).cos()
+
+
+def cosine_attention(q, k, v, normalize_v=False):
+    """softmax(q' k'^T / sqrt(d)) v' with q', k' (and v' if normalize_v) at unit RMS per head.
+
+    Shapes (N, heads, T, d). The logits are cosines scaled by sqrt(d), so they are bounded by
+    sqrt(d) whatever the magnitude of the activations."""
+    q, k = pixel_norm(q), pixel_norm(k)
+    if normalize_v:
+        v = pixel_norm(v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def force_normalize_(module):
+    """Apply forced weight normalisation to every MP layer in `module` that has it switched on."""
+    for m in module.modules():
+        if isinstance(m, (MPLinear, MPEmbedding)) and m.forced:
+            m.force_normalize_()
