@@ -1,0 +1,337 @@
+"""Sharded datasets for MaP-DiT: latent ImageNet (SD-VAE posteriors) and small pixel datasets.
+
+A dataset is a directory:
+
+    manifest.json           {"format": "map-dit", "version": 1, "kind": "latent" | "pixel",
+                             "shape": [C, H, W], "num_classes": K, "num_items": N,
+                             "shards": [{"name": "shard-00000", "count": n}, ...],
+                             "vae": "stabilityai/sd-vae-ft-ema" or null (pixel), "image_size": 128,
+                             "channel_mean": [C floats] or null, "channel_std": [C floats] or null,
+                             "class_names": [...] or null, "source": "...", "skipped": 0,
+                             ...extra keys allowed}
+    shard-00000.labels.npy  (n,) int64
+    shard-00000.mean.npy    (n, C, H, W) float16   latent only: VAE posterior mean
+    shard-00000.std.npy     (n, C, H, W) float16   latent only: VAE posterior std
+    shard-00000.images.npy  (n, C, H, W) uint8     pixel only
+
+Every file is written under a temporary name and renamed into place, a shard's labels file last, so
+a shard is complete iff its labels file exists and an interrupted writer can resume. For latent
+data, channel_mean / channel_std are the per-channel mean and std of the posterior samples
+z = mean + std * eps (eps ~ N(0, 1)) over all items and pixels; the loader draws such a z, with a
+fresh eps on every call, and returns (z - channel_mean) / channel_std. Pixel data comes back as
+images / 127.5 - 1 in [-1, 1]. Shards are memory-mapped, opened lazily in each (worker) process.
+"""
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+FORMAT, VERSION = "map-dit", 1
+DTYPES = {"labels": np.int64, "mean": np.float16, "std": np.float16, "images": np.uint8}
+ARRAYS = {"latent": ("mean", "std"), "pixel": ("images",)}
+REQUIRED = ("kind", "shape", "num_classes", "num_items", "shards")
+LABELS_FILE = re.compile(r"shard-(\d+)\.labels\.npy")
+
+
+class DataError(Exception):
+    """A dataset on disk (or being written) is missing, malformed or inconsistent."""
+
+
+def shard_file(directory, name, array):
+    return os.path.join(directory, f"{name}.{array}.npy")
+
+
+def _atomic_write(path, write):
+    """Call write(f) on a temporary file next to path, fsync it, then rename it to path."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes a dataset shard by shard. To resume, skip the indices for which shard_done() is true."""
+
+    def __init__(self, out_dir, kind, shape, num_classes, shard_size=10000):
+        if kind not in ARRAYS or len(shape) != 3:
+            raise DataError(f"{out_dir}: need kind 'latent' or 'pixel' and shape (C, H, W), "
+                            f"got {kind!r}, {tuple(shape)}")
+        self.out_dir, self.kind = str(out_dir), kind
+        self.shape, self.num_classes = tuple(int(s) for s in shape), int(num_classes)
+        self.shard_size = int(shard_size)
+        os.makedirs(self.out_dir, exist_ok=True)
+
+    def _file(self, index, array):
+        return shard_file(self.out_dir, f"shard-{index:05d}", array)
+
+    def shard_done(self, index):
+        return os.path.exists(self._file(index, "labels"))
+
+    def write_shard(self, index, labels, mean=None, std=None, images=None):
+        labels, given = np.asarray(labels), {"mean": mean, "std": std, "images": images}
+        file = self._file(index, "labels")
+        if labels.ndim != 1 or len(labels) == 0 or labels.dtype.kind not in "iu":
+            raise DataError(f"{file}: labels must be a non-empty 1-d integer array, "
+                            f"got {labels.dtype}{list(labels.shape)}")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise DataError(f"{file}: labels must lie in [0, {self.num_classes}), "
+                            f"got [{labels.min()}, {labels.max()}]")
+        arrays, want = {}, (len(labels), *self.shape)
+        for name in ARRAYS[self.kind]:
+            a = given.pop(name)
+            a = a if a is None else np.asarray(a)
+            if a is None or a.shape != want or not np.can_cast(a.dtype, DTYPES[name], "same_kind"):
+                got = a if a is None else f"{a.dtype}{list(a.shape)}"
+                raise DataError(f"{self._file(index, name)}: need {name} of shape {list(want)} "
+                                f"castable to {np.dtype(DTYPES[name])}, got {got}")
+            arrays[name] = a.astype(DTYPES[name])
+        if any(a is not None for a in given.values()):
+            raise DataError(f"{file}: {self.kind} shards take only {ARRAYS[self.kind]}")
+        if self.shard_done(index):
+            os.remove(file)  # the shard is incomplete while it is being overwritten
+        for name, a in [*arrays.items(), ("labels", labels.astype(np.int64))]:
+            _atomic_write(self._file(index, name), lambda f: np.save(f, a))
+
+    def finish(self, **manifest_extra):
+        """Write manifest.json over the completed shards 0..n-1 and return it as a dict."""
+        reserved = set(manifest_extra) & {"format", "version", *REQUIRED}
+        if reserved:
+            raise DataError(f"{self.out_dir}: finish() sets {sorted(reserved)} itself")
+        found = {int(m[1]) for f in os.listdir(self.out_dir) if (m := LABELS_FILE.fullmatch(f))}
+        if not found:
+            raise DataError(f"{self.out_dir}: empty dataset, no complete shard; write_shard() first")
+        missing = sorted(set(range(max(found) + 1)) - found)
+        if missing:
+            raise DataError(f"{self._file(missing[0], 'labels')}: missing while later shards exist; "
+                            f"write shard {missing[0]} (resume the writer), then finish()")
+        counts = [len(np.load(self._file(i, "labels"), mmap_mode="r")) for i in range(len(found))]
+        manifest = {"format": FORMAT, "version": VERSION, "kind": self.kind, "shape": list(self.shape),
+                    "num_classes": self.num_classes, "num_items": sum(counts),
+                    "shards": [{"name": f"shard-{i:05d}", "count": c} for i, c in enumerate(counts)],
+                    "vae": None, "image_size": self.shape[-1] if self.kind == "pixel" else None,
+                    "channel_mean": None, "channel_std": None, "class_names": None,
+                    "source": None, "skipped": 0, **manifest_extra}
+        if self.kind == "latent" and None in (manifest["channel_mean"], manifest["channel_std"]):
+            manifest["channel_mean"], manifest["channel_std"] = self._channel_stats(len(counts))
+        text = json.dumps(manifest, indent=1).encode()
+        _atomic_write(os.path.join(self.out_dir, "manifest.json"), lambda f: f.write(text))
+        return manifest
+
+    def _channel_stats(self, num_shards, chunk=1024):
+        """Per-channel mean and sqrt(Var[mean] + E[std^2]) over items and pixels, streamed in float64."""
+        sums, count = np.zeros((3, self.shape[0])), 0  # rows: sum m, sum m^2, sum s^2
+        for i in range(num_shards):
+            mean, std = (np.load(self._file(i, a), mmap_mode="r") for a in ("mean", "std"))
+            for j in range(0, len(mean), chunk):
+                m, s = (np.asarray(a[j:j + chunk], np.float64) for a in (mean, std))
+                sums += [m.sum((0, 2, 3)), (m * m).sum((0, 2, 3)), (s * s).sum((0, 2, 3))]
+                count += m.size // self.shape[0]
+        mu = sums[0] / count
+        return mu.tolist(), np.sqrt(sums[1] / count - mu ** 2 + sums[2] / count).tolist()
+
+
+def read_manifest(path):
+    """Load and check the manifest.json of the dataset directory path; raises DataError."""
+    path = str(path)
+    file = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: dataset directory not found; fix the path or create the dataset")
+    if not os.path.isfile(file):
+        raise DataError(f"{file}: missing; the writer did not finish (run ShardWriter.finish())")
+    try:
+        with open(file) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{file}: malformed JSON ({e}); rewrite it with ShardWriter.finish()") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
+        got = (m.get("format"), m.get("version")) if isinstance(m, dict) else type(m).__name__
+        raise DataError(f"{file}: not a {FORMAT} version {VERSION} manifest (got {got})")
+    missing = [k for k in REQUIRED if k not in m]
+    if missing or m["kind"] not in ARRAYS:
+        raise DataError(f"{file}: missing keys {missing} or unknown kind {m.get('kind')!r}")
+    try:
+        shape, num_classes = [int(s) for s in m["shape"]], int(m["num_classes"])
+        counts = [int(s["count"]) for s in m["shards"]]
+        names_ok = all(isinstance(s["name"], str) for s in m["shards"])
+        stats = [float(v) for k in ("channel_mean", "channel_std") for v in m.get(k) or []]
+    except (TypeError, KeyError, ValueError) as e:
+        raise DataError(f"{file}: malformed shape, num_classes, shards or channel statistics "
+                        f"({e!r})") from None
+    if len(shape) != 3 or min(shape) < 1 or num_classes < 1 or min(counts, default=1) < 1 \
+            or not names_ok:
+        raise DataError(f"{file}: need shape [C, H, W], num_classes >= 1 and a name and a positive "
+                        f"count for each shard")
+    if m["kind"] == "latent" and (len(stats) != 2 * shape[0] or min(stats[shape[0]:]) <= 0):
+        raise DataError(f"{file}: latent data needs channel_mean and channel_std (> 0), "
+                        f"{shape[0]} numbers each; recompute them with ShardWriter.finish()")
+    if sum(counts) == 0 or sum(counts) != m["num_items"]:
+        raise DataError(f"{file}: empty dataset or num_items ({m['num_items']}) differs from the "
+                        f"sum of shard counts ({sum(counts)})")
+    return m
+
+
+def denormalize(x, manifest):
+    """Model space -> data space: VAE latents x * channel_std + channel_mean, or uint8 images."""
+    if manifest["kind"] == "pixel":
+        return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    mean, std = (torch.tensor(manifest[k], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+                 for k in ("channel_mean", "channel_std"))
+    return x * std + mean
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """(x, label) items of a dataset directory; x is a float32 (C, H, W) tensor in model space."""
+
+    def __init__(self, path, hflip=False):
+        self.path, self.hflip = str(path), hflip
+        self.manifest = read_manifest(self.path)
+        self.kind, self.shape = self.manifest["kind"], tuple(self.manifest["shape"])
+        self.num_classes = int(self.manifest["num_classes"])
+        self._names = [s["name"] for s in self.manifest["shards"]]
+        counts = [int(s["count"]) for s in self.manifest["shards"]]
+        self.labels = np.concatenate([self._check_shard(n, c) for n, c in zip(self._names, counts)])
+        self._starts = np.cumsum([0] + counts)[:-1]
+        if self.kind == "latent":
+            self._mean, self._std = (torch.tensor(self.manifest[k], dtype=torch.float32).view(-1, 1, 1)
+                                     for k in ("channel_mean", "channel_std"))
+        self._pid, self._open = None, {}
+
+    def _check_shard(self, name, count):
+        """Check a shard's array headers against the manifest and its label range; return labels."""
+        for array in ("labels", *ARRAYS[self.kind]):
+            file = shard_file(self.path, name, array)
+            if not os.path.isfile(file):
+                raise DataError(f"{file}: missing shard file; rerun the writer (it resumes) "
+                                f"or fix manifest.json")
+            try:
+                a = np.load(file, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(f"{file}: unreadable .npy ({e}); rewrite this shard") from None
+            want = (count,) if array == "labels" else (count, *self.shape)
+            if a.shape != want or a.dtype != DTYPES[array]:
+                raise DataError(f"{file}: holds {a.dtype}{list(a.shape)} but manifest.json says "
+                                f"{np.dtype(DTYPES[array])}{list(want)}; rewrite the shard or fix "
+                                f"manifest.json")
+            if array == "labels":
+                labels = np.array(a)
+                if labels.min() < 0 or labels.max() >= self.num_classes:
+                    raise DataError(f"{file}: labels in [{labels.min()}, {labels.max()}], outside "
+                                    f"[0, {self.num_classes}); fix them or num_classes in "
+                                    f"manifest.json")
+        return labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def _arrays(self, shard):
+        if self._pid != os.getpid():  # mmaps are opened per process: DataLoader workers fork
+            self._pid, self._open = os.getpid(), {}
+        if shard not in self._open:
+            self._open[shard] = [np.load(shard_file(self.path, self._names[shard], a), mmap_mode="r")
+                                 for a in ARRAYS[self.kind]]
+        return self._open[shard]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pid": None, "_open": {}}
+
+    def __getitem__(self, i):
+        i = range(len(self))[i]  # IndexError past the end, negative indices count from it
+        shard = int(np.searchsorted(self._starts, i, side="right")) - 1
+        arrays = [torch.from_numpy(np.array(a[i - self._starts[shard]], np.float32))
+                  for a in self._arrays(shard)]
+        if self.kind == "latent":
+            mean, std = arrays
+            x = (mean + std * torch.randn(mean.shape) - self._mean) / self._std
+        else:
+            x = arrays[0] / 127.5 - 1
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[i])
+
+    def denormalize(self, x):
+        return denormalize(x, self.manifest)
+
+
+demo_class_names = ("circle", "square", "triangle", "plus", "ring", "star",
+                    "horizontal bars", "vertical bars", "diamond", "heart")
+_DEMO_COLOURS = ((235, 40, 40), (255, 140, 0), (240, 225, 30), (40, 200, 60), (0, 205, 235),
+                 (50, 90, 255), (150, 60, 235), (225, 45, 200), (235, 235, 235), (255, 160, 190))
+
+
+def _ngon(n, radius=1.0, start=-np.pi / 2):
+    a = start + 2 * np.pi * np.arange(n) / n
+    return radius * np.stack([np.cos(a), np.sin(a)], 1)
+
+
+def _box(x0, y0, x1, y1):
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+
+
+def _demo_shapes():
+    """Per class, (polygon, is_hole) pairs in a unit disc, y pointing down."""
+    t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    heart = np.stack([16 * np.sin(t) ** 3,
+                      -13 * np.cos(t) + 5 * np.cos(2 * t) + 2 * np.cos(3 * t) + np.cos(4 * t)], 1)
+    heart -= (heart.max(0) + heart.min(0)) / 2
+    heart /= np.linalg.norm(heart, axis=1).max()
+    arm = [(0.3, 1), (0.3, 0.3), (1, 0.3), (1, -0.3), (0.3, -0.3), (0.3, -1)]
+    plus = 0.93 * np.array(arm + [(-x, -y) for x, y in arm])
+    star = _ngon(10) * np.where(np.arange(10) % 2, 0.42, 1.0)[:, None]
+    bars = [_box(-0.7, y - 0.17, 0.7, y + 0.17) for y in (-0.55, 0.0, 0.55)]
+    diamond = np.array([[0, -1], [0.6, 0], [0, 1], [-0.6, 0]])
+
+    def solid(*polygons):
+        return [(p, False) for p in polygons]
+
+    return [solid(_ngon(48, 0.85)), solid(_ngon(4, 1.0, np.pi / 4)), solid(_ngon(3)), solid(plus),
+            [(_ngon(48, 0.95), False), (_ngon(48, 0.55), True)], solid(star), solid(*bars),
+            solid(*[b[:, ::-1] for b in bars]), solid(diamond), solid(heart)]
+
+
+_DEMO_SHAPES = _demo_shapes()
+
+
+def _render_demo(label, rng, image_size, scale=4):
+    """One demo image, (size, size, 3) uint8: drawn at scale x the size, then averaged down."""
+    size = image_size * scale
+    r = rng.uniform(0.28, 0.42) * size
+    cx, cy = rng.uniform(r, size - r, 2)
+    angle = rng.uniform(-0.35, 0.35)
+    c, s = np.cos(angle), np.sin(angle)
+    colour = tuple(np.clip(np.add(_DEMO_COLOURS[label], rng.integers(-25, 26, 3)), 0, 255).tolist())
+    background = (int(rng.integers(0, 35)),) * 3
+    img = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(img)
+    for points, hole in _DEMO_SHAPES[label]:
+        xy = points @ np.array([[c, s], [-s, c]]) * r + (cx, cy)
+        draw.polygon(xy.ravel().tolist(), fill=background if hole else colour)
+    return np.asarray(img.reduce(scale))  # box-filter supersampling: antialiased edges
+
+
+def make_demo_dataset(out_dir, num_items=10000, image_size=32, seed=0):
+    """Write the procedural 10-class demo pixel dataset to out_dir (reused if already there)."""
+    out_dir = str(out_dir)
+    source = f"make_demo_dataset(num_items={num_items}, image_size={image_size}, seed={seed})"
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if os.path.isfile(os.path.join(out_dir, "manifest.json")) and \
+                read_manifest(out_dir).get("source") == source:
+            return out_dir
+        raise DataError(f"{out_dir}: not empty and not {source}; remove it or pick another directory")
+    partial = out_dir.rstrip("/") + ".partial"  # renamed to out_dir when complete
+    shutil.rmtree(partial, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(num_items) % len(demo_class_names))
+    writer = ShardWriter(partial, "pixel", (3, image_size, image_size), len(demo_class_names))
+    for index, start in enumerate(range(0, num_items, writer.shard_size)):
+        part = labels[start:start + writer.shard_size]
+        images = np.stack([_render_demo(k, rng, image_size) for k in part])
+        writer.write_shard(index, part, images=images.transpose(0, 3, 1, 2))
+    writer.finish(class_names=list(demo_class_names), source=source)
+    os.replace(partial, out_dir)
+    return out_dir
