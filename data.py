@@ -186,7 +186,7 @@ def denormalize(x, manifest):
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """(x, label) items of a dataset directory; x is a float32 (C, H, W) tensor in model space."""
+    """The items of a dataset directory: raw arrays and labels; `draw` maps a batch to model space."""
 
     def __init__(self, path, hflip=False):
         self.path, self.hflip = str(path), hflip
@@ -241,18 +241,30 @@ class LatentDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_pid": None, "_open": {}}
 
     def __getitem__(self, i):
+        """(raw, label): raw is float32 (2, C, H, W) = [posterior mean, posterior std] for latent
+        data, uint8 (C, H, W) for pixel data. `draw` turns a batch of them into model input."""
         i = range(len(self))[i]  # IndexError past the end, negative indices count from it
         shard = int(np.searchsorted(self._starts, i, side="right")) - 1
-        arrays = [torch.from_numpy(np.array(a[i - self._starts[shard]], np.float32))
-                  for a in self._arrays(shard)]
+        arrays = [torch.from_numpy(np.array(a[i - self._starts[shard]])) for a in self._arrays(shard)]
+        raw = torch.stack(arrays).float() if self.kind == "latent" else arrays[0]
+        return raw, int(self.labels[i])
+
+    def draw(self, raw):
+        """A batch of raw items (N, ...) on any device -> model space (N, C, H, W).
+
+        Latent: z = mean + std * eps with a fresh eps ~ N(0, 1), then (z - channel_mean) / channel_std.
+        Pixel: images / 127.5 - 1. With hflip each item is mirrored with probability 1/2. The random
+        numbers come from torch's RNG on raw.device, in the training process, so the trainer's
+        saved RNG state fixes them (exact resume, whatever the number of loader workers)."""
         if self.kind == "latent":
-            mean, std = arrays
-            x = (mean + std * torch.randn(mean.shape) - self._mean) / self._std
+            mean, std = raw.unbind(1)
+            x = (mean + std * torch.randn_like(mean) - self._mean.to(raw.device)) / self._std.to(raw.device)
         else:
-            x = arrays[0] / 127.5 - 1
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, int(self.labels[i])
+            x = raw.float() / 127.5 - 1
+        if self.hflip:
+            flip = torch.rand(len(x), device=x.device) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return x
 
     def denormalize(self, x):
         return denormalize(x, self.manifest)

@@ -48,7 +48,9 @@ def test_latent_round_trip_draws_fresh_posterior_samples(tmp_path):
         ds[12]
     torch.manual_seed(0)
     n, i = 4000, 9  # item 9 lies in the second shard
-    x = torch.stack([ds[i][0] for _ in range(n)])
+    raw = ds[i][0]
+    assert raw.dtype == torch.float32 and raw.shape == (2, *SHAPE)
+    x = ds.draw(raw.expand(n, *raw.shape))
     assert x.dtype == torch.float32 and x.shape == (n, *SHAPE)
     z = ds.denormalize(x).double().numpy()
     m, s = mean[i].astype(np.float64), std[i].astype(np.float64)
@@ -58,16 +60,16 @@ def test_latent_round_trip_draws_fresh_posterior_samples(tmp_path):
     np.testing.assert_array_less(np.abs(z.mean(0) - m), 5 * s / np.sqrt(n))
     np.testing.assert_array_less(np.abs(z.std(0) - s), 5 * s / np.sqrt(2 * n))
     torch.manual_seed(3)
-    first = ds[i][0]
+    first = ds.draw(raw[None])
     torch.manual_seed(3)
-    assert torch.equal(first, ds[i][0])  # randomness comes from torch's global RNG
+    assert torch.equal(first, ds.draw(raw[None]))  # randomness comes from torch's global RNG
 
 
 def test_normalised_samples_have_zero_mean_unit_std_per_channel(tmp_path):
     write_latent(tmp_path)
     ds = LatentDataset(tmp_path)
     torch.manual_seed(1)
-    x = torch.stack([ds[i][0] for _ in range(200) for i in range(len(ds))]).double()
+    x = ds.draw(torch.stack([ds[i][0] for _ in range(200) for i in range(len(ds))])).double()
     # every item is drawn equally often, so only eps adds noise: ~0.01 standard error here
     torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(4, dtype=torch.double), atol=0.04, rtol=0)
     torch.testing.assert_close(x.std((0, 2, 3)), torch.ones(4, dtype=torch.double), atol=0.04, rtol=0)
@@ -97,7 +99,9 @@ def test_pixel_round_trip(tmp_path):
     ds = LatentDataset(tmp_path)
     assert ds.kind == "pixel" and ds.manifest["image_size"] == 6 and ds.manifest["channel_mean"] is None
     for i in range(len(ds)):
-        x, y = ds[i]
+        raw, y = ds[i]
+        assert torch.equal(raw, torch.from_numpy(images[i]))
+        x = ds.draw(raw[None])[0]
         assert y == labels[i] and x.dtype == torch.float32 and -1 <= x.min() <= x.max() <= 1
         torch.testing.assert_close(x, torch.from_numpy(images[i]).float() / 127.5 - 1)
         assert torch.equal(ds.denormalize(x), torch.from_numpy(images[i]))
@@ -105,12 +109,11 @@ def test_pixel_round_trip(tmp_path):
 
 def test_hflip_mirrors_half_the_time(tmp_path):
     write_pixel(tmp_path)
-    plain = LatentDataset(tmp_path)[0][0]
     ds = LatentDataset(tmp_path, hflip=True)
+    plain = LatentDataset(tmp_path).draw(ds[0][0][None])[0]
     torch.manual_seed(0)
     flips = 0
-    for _ in range(400):
-        x = ds[0][0]
+    for x in ds.draw(ds[0][0].expand(400, 3, 5, 6)):
         flips += torch.equal(x, plain.flip(-1))
         assert torch.equal(x, plain) or torch.equal(x, plain.flip(-1))
     assert 150 <= flips <= 250  # Binomial(400, 1/2): mean 200, sd 10
