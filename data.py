@@ -249,20 +249,21 @@ class LatentDataset(torch.utils.data.Dataset):
         raw = torch.stack(arrays).float() if self.kind == "latent" else arrays[0]
         return raw, int(self.labels[i])
 
-    def draw(self, raw):
+    def draw(self, raw, eps=None, flip=None):
         """A batch of raw items (N, ...) on any device -> model space (N, C, H, W).
 
         Latent: z = mean + std * eps with a fresh eps ~ N(0, 1), then (z - channel_mean) / channel_std.
-        Pixel: images / 127.5 - 1. With hflip each item is mirrored with probability 1/2. The random
-        numbers come from torch's RNG on raw.device, in the training process, so the trainer's
-        saved RNG state fixes them (exact resume, whatever the number of loader workers)."""
+        Pixel: images / 127.5 - 1. With hflip each item is mirrored with probability 1/2. The
+        trainer passes eps (N, C, H, W) and flip (N,) bool from its own generator so that runs are
+        reproducible and resumable; by default they come from torch's global RNG."""
         if self.kind == "latent":
             mean, std = raw.unbind(1)
-            x = (mean + std * torch.randn_like(mean) - self._mean.to(raw.device)) / self._std.to(raw.device)
+            eps = torch.randn_like(mean) if eps is None else eps
+            x = (mean + std * eps - self._mean.to(raw.device)) / self._std.to(raw.device)
         else:
             x = raw.float() / 127.5 - 1
         if self.hflip:
-            flip = torch.rand(len(x), device=x.device) < 0.5
+            flip = torch.rand(len(x), device=x.device) < 0.5 if flip is None else flip
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x
 

@@ -312,11 +312,11 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def embed(self, x, t, y):
+    def embed(self, x, t, y, force_drop_ids=None):
         """Tokens (N, T, D) and conditioning (N, D)."""
         x = self.x_embedder(x)
         t = self.t_embedder(t)
-        y = self.y_embedder(y, self.training)
+        y = self.y_embedder(y, self.training, force_drop_ids)
         if self.switches.use_mp_pos_enc:
             x = mp_sum(x, self.pos_embed.to(x.dtype), t=0.5)
         else:
@@ -324,8 +324,10 @@ class DiT(nn.Module):
         c = mp_sum(t, y, t=0.5) if self.switches.use_mp_embedding else t + y
         return x, c
 
-    def forward(self, x, t, y):
-        x, c = self.embed(x, t, y)
+    def forward(self, x, t, y, force_drop_ids=None):
+        """force_drop_ids (N,): 1 where the label is replaced by the null class, instead of the
+        random classifier-free-guidance dropout of training mode."""
+        x, c = self.embed(x, t, y, force_drop_ids)
         for block in self.blocks:
             x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))

@@ -1,0 +1,206 @@
+"""train.py end to end on a tiny pixel dataset (8x8x3, 4 tokens with DiT-XS/4), resume, DDP, EMA, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from data import ShardWriter
+from diffusion import create_diffusion
+from ema import ema_update, frozen_copy, gamma_to_sigma_rel, power_beta, sigma_rel_to_gamma
+from models import DiT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_pixels(path, n=32, num_classes=4, size=8, seed=0):
+    writer = ShardWriter(path, "pixel", (3, size, size), num_classes)
+    rng = np.random.default_rng(seed)
+    writer.write_shard(0, np.arange(n) % num_classes, images=rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8))
+    writer.finish()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pixels(tmp_path_factory):
+    return write_pixels(tmp_path_factory.mktemp("data"))
+
+
+def base_args(data, results, *extra):
+    return ["--data-path", data, "--results-dir", str(results), "--model", "DiT-XS/4", "--global-batch-size", "8",
+            "--log-every", "2", "--monitor-every", "2", "--num-workers", "0", "--sample-steps", "3", *extra]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_end_to_end_run_writes_its_artifacts(pixels, tmp_path):
+    run_dir = train.main(train.parse_args(base_args(pixels, tmp_path, "--num-steps", "4", "--ckpt-every", "2", "--mp")))
+    for name in ("config.json", "log.txt", "metrics.jsonl", "magnitudes.png", "samples.png",
+                 "checkpoints/0000002.pt", "checkpoints/0000004.pt"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert json.load(f)["mp"] is True
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
+    magnitudes = [r for r in records if "act_rms" in r]
+    assert len(magnitudes) == 2 and len(magnitudes[0]["act_rms"]) == 6  # one RMS per block of DiT-XS
+    ckpt = load(os.path.join(run_dir, "checkpoints", "0000004.pt"))
+    assert ckpt["step"] == 4 and set(ckpt["ema_power"]) == {"0.05", "0.1"}
+    for sd in (ckpt["model"], ckpt["ema"], *ckpt["ema_power"].values()):
+        assert not any(k.startswith(("_orig_mod.", "module.")) for k in sd)
+
+
+def test_resume_reproduces_the_uninterrupted_run(pixels, tmp_path):
+    schedule = ["--mp", "--hflip", "--warmup-steps", "2", "--decay-steps", "3", "--snapshot-every", "2"]
+    straight = train.main(train.parse_args(base_args(pixels, tmp_path / "a", "--num-steps", "6", "--ckpt-every", "3",
+                                                     *schedule)))
+    first = train.main(train.parse_args(base_args(pixels, tmp_path / "b", "--num-steps", "3", "--ckpt-every", "3",
+                                                  *schedule)))
+    resumed = train.main(train.parse_args(base_args(pixels, tmp_path / "b", "--num-steps", "6", "--ckpt-every", "3",
+                                                    "--resume", first, *schedule)
+                                          + ["--num-workers", "2"]))  # loader workers must not matter
+    assert resumed == first
+    a, b = (load(os.path.join(d, "checkpoints", "0000006.pt")) for d in (straight, resumed))
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for s in a["ema_power"]:
+        for name in a["ema_power"][s]:
+            assert torch.equal(a["ema_power"][s][name], b["ema_power"][s][name])
+    for pa, pb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_rerunning_the_same_command_continues_the_unfinished_run(pixels, tmp_path, monkeypatch):
+    args = base_args(pixels, tmp_path, "--num-steps", "4", "--ckpt-every", "2")
+    real_save = train.atomic_save
+    calls = []
+
+    def crash_after_first_checkpoint(obj, path):
+        real_save(obj, path)
+        calls.append(path)
+        if os.path.basename(path) == "0000002.pt":
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "atomic_save", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.parse_args(args))
+    monkeypatch.setattr(train, "atomic_save", real_save)
+    run_dir = train.main(train.parse_args(args))
+    assert os.path.basename(run_dir).startswith("000-")
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "0000004.pt"))
+    assert not os.path.exists(os.path.join(tmp_path, "001-DiT-XS-4"))
+
+
+def test_two_process_ddp_matches_one_process(pixels, tmp_path):
+    common = base_args(pixels, tmp_path, "--num-steps", "3", "--ckpt-every", "3", "--mp", "--hflip")
+    single = train.main(train.parse_args(common))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "train.py"), *common]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    double = os.path.join(tmp_path, "001-MaP-DiT-XS-4")
+    a, b = (load(os.path.join(d, "checkpoints", "0000003.pt")) for d in (single, double))
+    assert b["args"]["global_batch_size"] == 8 and len(b["rng"]) == 2
+    for name in a["model"]:  # float tolerance: the all-reduce sums gradients in another order
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5)
+
+
+def test_power_ema_matches_its_closed_form():
+    gamma = sigma_rel_to_gamma(0.10)
+    assert gamma == pytest.approx(6.94, abs=0.01)
+    assert sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    assert gamma_to_sigma_rel(gamma) == pytest.approx(0.10, rel=1e-9)
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = frozen_copy(model)
+    steps = 50
+    for t in range(1, steps + 1):
+        model.weight.data.fill_(float(t))  # theta_t = t
+        ema_update(ema, model, power_beta(t, gamma))
+    # Unrolled: ema_T = sum_t theta_t (t^(g+1) - (t-1)^(g+1)) / T^(g+1)
+    tau = np.arange(1, steps + 1, dtype=np.float64)
+    weights = (tau ** (gamma + 1) - (tau - 1) ** (gamma + 1)) / steps ** (gamma + 1)
+    assert weights.sum() == pytest.approx(1.0)
+    assert ema.weight.item() == pytest.approx((weights * tau).sum(), rel=1e-5)
+
+
+def test_ema_update_weights_the_new_parameters_by_one_minus_beta():
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = frozen_copy(model)
+    ema.weight.data.fill_(0.0)
+    model.weight.data.fill_(1.0)
+    ema_update(ema, model, 0.9)
+    assert ema.weight.item() == pytest.approx(0.1)  # the swapped update of the earlier code gives 0.9
+    assert not ema.training and not ema.weight.requires_grad
+
+
+@pytest.mark.parametrize("mp", [False, True])
+def test_tiny_model_loss_falls_on_a_fixed_batch(mp):
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10,
+                mp=mp)
+    diffusion = create_diffusion("")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2 if mp else 1e-3)
+    x = torch.randn(16, 4, 8, 8).cumsum(-1) / 3  # structured data, roughly unit scale
+    y, t, noise = torch.randint(0, 10, (16,)), torch.randint(0, 1000, (16,)), torch.randn(16, 4, 8, 8)
+    drop = torch.zeros(16, dtype=torch.long)
+    losses = []
+    for _ in range(40):
+        loss = diffusion.training_losses(model, x, t, dict(y=y, force_drop_ids=drop), noise=noise)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def bad(argv, capsys):
+    code = train.cli(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_bad_inputs_give_one_line_and_exit_code_2(pixels, tmp_path, capsys):
+    res = str(tmp_path / "res")
+    cases = [
+        (["--data-path", str(tmp_path / "nope")], "nope"),
+        (["--data-path", str(tmp_path)], "manifest.json"),
+        (base_args(pixels, res, "--model", "DiT-XXL/2"), "unknown model"),
+        (base_args(pixels, res, "--global-batch-size", "6", "--grad-accum", "4"), "not divisible"),
+        (base_args(pixels, res, "--use-forced-weight-normalization"), "needs --use-weight-normalization"),
+        (base_args(write_pixels(tmp_path / "odd", size=6), res), "does not fit DiT-XS/4"),
+    ]
+    for argv, message in cases:
+        code, err = bad(argv, capsys)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+    assert not os.path.exists(res) or os.listdir(res) == []  # no run directory left behind
+
+
+def test_bad_checkpoints_on_resume(pixels, tmp_path, capsys):
+    run_dir = train.main(train.parse_args(base_args(pixels, tmp_path, "--num-steps", "2", "--ckpt-every", "2")))
+    ckpt = os.path.join(run_dir, "checkpoints", "0000002.pt")
+    code, err = bad(base_args(pixels, tmp_path, "--num-steps", "4", "--resume", run_dir, "--mp"), capsys)
+    assert code == 2 and "mp=False" in err and ckpt in err
+    other = write_pixels(tmp_path / "five", num_classes=5)
+    code, err = bad(base_args(other, tmp_path, "--num-steps", "4", "--resume", run_dir), capsys)
+    assert code == 2 and "num_classes" in err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    code, err = bad(base_args(pixels, tmp_path, "--resume", str(corrupt)), capsys)
+    assert code == 2 and str(corrupt) in err and len(err.splitlines()) == 1
+    code, err = bad(base_args(pixels, tmp_path, "--resume", str(tmp_path / "empty")), capsys)
+    assert code == 2 and "no checkpoint" in err
+
+
+def test_cli_exit_code_in_a_real_process(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--data-path", str(tmp_path / "missing")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
