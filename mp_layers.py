@@ -13,16 +13,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def normalize(x, dim=None, eps=1e-4):
-    """x / (eps + ||x|| / sqrt(n)) over `dim` (default: all but dim 0, i.e. per output row).
+def normalize(x, dim=None, eps=1e-4, gain=1.0):
+    """gain * x / (eps + ||x|| / sqrt(n)) over `dim` (default: all but dim 0, i.e. per output row).
 
-    Rows come out at unit RMS; the norm is computed in float32.
+    Rows come out at RMS `gain`; the norm is computed in float32. The scalar factors are combined
+    on the small norm tensor, so the large tensor is touched once (a multiply, also in backward).
     """
     if dim is None:
         dim = list(range(1, x.ndim))
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
-    return x / norm.to(x.dtype)
+    scale = gain / torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
+    return x * scale.to(x.dtype)
 
 
 def pixel_norm(x, dim=-1, eps=1e-4):
@@ -92,10 +93,8 @@ class MPLinear(nn.Module):
         self.weight.copy_(normalize(self.weight))
 
     def effective_weight(self, dtype):
-        w = normalize(self.weight.float()) / math.sqrt(self.weight[0].numel())
-        if self.gain is not None:
-            w = w * self.gain
-        return w.to(dtype)
+        gain = 1.0 if self.gain is None else self.gain
+        return normalize(self.weight.float(), gain=gain / math.sqrt(self.weight[0].numel())).to(dtype)
 
     def cached_weight(self, dtype):
         key = (self.weight._version, None if self.gain is None else self.gain._version,
