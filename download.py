@@ -1,0 +1,408 @@
+"""Fetch what MaP-DiT needs: the Stable Diffusion VAE, the official DiT-XL/2 checkpoints, and
+ImageNet (or any ImageFolder) encoded into the shard format of data.py.
+
+    python download.py vae [--vae ema|mse] [--vae-path DIR]
+    python download.py dit [--image-size 256|512] [--out pretrained_models]
+    python download.py imagenet --src IMAGENET/train --out data/imagenet128 [--image-size 128]
+    torchrun --nproc_per_node=8 download.py imagenet ...   (the shards are shared out over ranks)
+
+`imagenet` resumes: run the same command again after an interruption and finished shards are kept.
+Every failure prints one line on stderr and exits with code 2.
+"""
+import argparse
+import datetime
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from data import DataError, ShardWriter
+
+VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{0}x{0}.pt"
+_BLOCK_KEYS = [f"{layer}.{p}" for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2",
+                                             "adaLN_modulation.1") for p in ("weight", "bias")]
+DIT_KEYS = frozenset(  # the DiT-XL/2 state dict: 12 keys + 28 blocks x 10 = 292
+    ["pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "t_embedder.mlp.0.weight",
+     "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+     "y_embedder.embedding_table.weight", "final_layer.linear.weight", "final_layer.linear.bias",
+     "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"]
+    + [f"blocks.{i}.{key}" for i in range(28) for key in _BLOCK_KEYS])
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class Fail(Exception):
+    """A failure reported as one line on stderr, exit code 2."""
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def load_vae(name_or_path):
+    """An AutoencoderKL in eval mode from a directory written by save_pretrained, or from a hub id
+    (the Hugging Face cache first, then a download). Raises Fail when that does not work."""
+    from diffusers import AutoencoderKL  # a slow import: only where a VAE is needed
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import constants
+    from huggingface_hub.utils import logging as hub_logging
+    diffusers_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+    local = os.path.isdir(name_or_path)
+    for options in [{}] if local else [{"local_files_only": True}, {}]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                vae = AutoencoderKL.from_pretrained(name_or_path, **options)
+            return vae.eval().requires_grad_(False)
+        except (OSError, ValueError, RuntimeError) as e:
+            error = e
+    if local:
+        raise Fail(f"{name_or_path}: not an AutoencoderKL saved by save_pretrained "
+                   f"({_first_line(error)})")
+    raise Fail(f"VAE {name_or_path} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+               f"and could not be downloaded; run `python download.py vae` where there is internet "
+               f"and copy that cache here (or point HF_HOME at it), or pass --vae-path DIR with a "
+               f"copy saved by save_pretrained")
+
+
+def _vae_source(args):
+    if args.vae_path and not os.path.isdir(args.vae_path):
+        raise Fail(f"--vae-path {args.vae_path}: not a directory")
+    return args.vae_path or VAES[args.vae]
+
+
+def cmd_vae(args):
+    """Make sure the VAE is at hand (downloading it into the Hugging Face cache) and say where."""
+    from huggingface_hub import try_to_load_from_cache
+    source = _vae_source(args)
+    vae = load_vae(source)
+    where = args.vae_path or os.path.dirname(try_to_load_from_cache(source, "config.json"))
+    print(f"{source}: AutoencoderKL with {vae.config.latent_channels} latent channels, at {where}")
+
+
+def fetch(url, part):
+    """Stream url into the file part, resuming it with an HTTP Range request if it exists (when
+    the server ignores the range, it sends everything and part is rewritten)."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing past the end: part is complete (verified next)
+            return
+        raise Fail(f"{url}: HTTP {e.code} {e.reason}")
+    except OSError as e:
+        raise Fail(f"{url}: cannot download ({getattr(e, 'reason', e)}); fetch it where there is "
+                   f"internet and put it at {part.removesuffix('.part')}")
+    with response:
+        have = have if response.status == 206 else 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length else None
+        try:
+            with open(part, "ab" if have else "wb") as f, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=os.path.basename(part)) as bar:
+                while chunk := response.read(1 << 20):
+                    bar.update(f.write(chunk))
+        except OSError as e:
+            raise Fail(f"{url}: download broke off ({e}); run again to resume it")
+    if total is not None and os.path.getsize(part) != total:
+        raise Fail(f"{url}: got {os.path.getsize(part)} of {total} bytes; run again to resume")
+
+
+def verify_dit(path, image_size):
+    """Check that path holds the DiT-XL/2 state dict for image_size: it loads with torch.load
+    (weights_only), has exactly the 292 DiT-XL/2 keys, and pos_embed is (1, (size/16)^2, 1152)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise Fail(f"{path}: does not load as a checkpoint ({_first_line(e)}); delete it, "
+                   f"run again")
+    keys = set(state) if isinstance(state, dict) else set()
+    if keys != DIT_KEYS:
+        raise Fail(f"{path}: not a DiT-XL/2 state dict ({len(keys)} keys; missing "
+                   f"{sorted(DIT_KEYS - keys)[:3]}, unexpected {sorted(keys - DIT_KEYS)[:3]}); "
+                   f"delete it, run again")
+    want = (1, (image_size // 16) ** 2, 1152)
+    if tuple(state["pos_embed"].shape) != want:
+        raise Fail(f"{path}: pos_embed is {tuple(state['pos_embed'].shape)}, want {want} for "
+                   f"{image_size} px; delete it, run again")
+
+
+def get_dit(image_size, out_dir, url=None):
+    """Path of the verified DiT-XL/2 checkpoint for image_size in out_dir, downloaded if needed
+    through a .part file that a later call resumes; only a verified file gets the final name."""
+    dest = os.path.join(out_dir, f"DiT-XL-2-{image_size}x{image_size}.pt")
+    if os.path.exists(dest):
+        verify_dit(dest, image_size)
+        return dest
+    os.makedirs(out_dir, exist_ok=True)
+    fetch(url or DIT_URL.format(image_size), dest + ".part")
+    try:
+        verify_dit(dest + ".part", image_size)
+    except Fail:
+        os.remove(dest + ".part")  # complete but wrong: start afresh next time
+        raise
+    os.replace(dest + ".part", dest)
+    return dest
+
+
+def cmd_dit(args):
+    """Download (or reuse) and verify the official DiT-XL/2 checkpoint."""
+    path = get_dit(args.image_size, args.out)
+    print(f"DiT-XL/2 {args.image_size} px checkpoint verified: {path}")
+
+
+def center_crop_arr(image, size):
+    """ADM's centre crop of an RGB PIL image to a (size, size, 3) uint8 array: halve it with a box
+    filter while the short side is at least 2 * size, resize it (bicubic) so that the short side
+    is size, then cut out the centre."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    array = np.array(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
+
+
+def list_images(src):
+    """(path, label) of every image under src/<class>/ in sorted order, and the class names: the
+    sorted sub-folder names, a class's label being its position."""
+    if not os.path.isdir(src):
+        raise Fail(f"--src {src}: not a directory; give an ImageFolder (one sub-folder per class)")
+    classes = sorted(entry.name for entry in os.scandir(src) if entry.is_dir())
+    items = []
+    for label, name in enumerate(classes):
+        for root, dirs, files in os.walk(os.path.join(src, name), followlinks=True):
+            dirs.sort()
+            items += [(os.path.join(root, f), label) for f in sorted(files)
+                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not items:
+        raise Fail(f"--src {src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders")
+    return items, classes
+
+
+def _load_batch(items, size):
+    """Read and centre-crop (path, label) items, in a DataLoader worker: uint8 images (B, 3, size,
+    size) and labels of the readable ones (None, None if there are none), and the other paths."""
+    images, labels, unreadable = [], [], []
+    for path, label in items:
+        try:
+            with Image.open(path) as image:
+                images.append(center_crop_arr(image.convert("RGB"), size))
+            labels.append(label)
+        except Exception as e:  # decoders raise many types; any of them means: skip this file
+            tqdm.write(f"warning: skipping unreadable image {path}: {_first_line(e)}", sys.stderr)
+            unreadable.append(path)
+    if not images:
+        return None, None, unreadable
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(labels), unreadable
+
+
+@torch.no_grad()
+def encode(vae, images, device, bf16=True):
+    """Posterior mean and std (float32, on the CPU) of uint8 images (B, 3, H, W); on a GPU the
+    encoder runs under bf16 autocast unless bf16 is False."""
+    x = images.to(device).float() / 127.5 - 1
+    with torch.autocast(device.type, torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        posterior = vae.encode(x).latent_dist
+    posterior = type(posterior)(posterior.parameters.float())  # mean and std from fp32 moments
+    return posterior.mean.cpu(), posterior.std.cpu()
+
+
+def encode_shard(items, args, vae, device, bar):
+    """Labels and arrays (mean and std, or images) of one shard's items, and the unreadable paths.
+    With args.flip each image is followed by its mirror image, an item of its own."""
+    loader = torch.utils.data.DataLoader(
+        items, args.batch_size, num_workers=args.num_workers,
+        collate_fn=functools.partial(_load_batch, size=args.image_size))
+    labels, arrays, skipped = [], [], []
+    for images, y, unreadable in loader:
+        skipped += unreadable
+        bar.update(len(unreadable) + (0 if y is None else len(y)))
+        if images is None:
+            continue
+        if args.flip:
+            images = torch.stack([images, images.flip(-1)], 1).flatten(0, 1)
+            y = y.repeat_interleave(2)
+        arrays.append((images,) if vae is None else encode(vae, images, device, not args.fp32))
+        labels.append(y)
+    if not labels:
+        raise Fail(f"all {len(items)} images of a shard are unreadable, e.g. {skipped[0]}")
+    return torch.cat(labels).numpy(), [torch.cat(a).numpy() for a in zip(*arrays)], skipped
+
+
+def _distributed():
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join a gloo process group: it
+    only carries barriers, and its long timeout lets ranks with little left to do wait."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=2))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _json(path, obj=None):
+    """Read the json file path, or (given obj) write it atomically."""
+    if obj is None:
+        with open(path) as f:
+            return json.load(f)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _check_settings(out, settings, rank):
+    """Refuse to resume into out when it was started with other settings (the shards would not
+    fit together); the first run records them in out/encode.json."""
+    path = os.path.join(out, "encode.json")
+    if rank == 0 and not os.path.exists(path):
+        _json(path, settings)
+    _barrier()
+    changed = sorted(k for k, v in _json(path).items() if settings.get(k) != v)
+    if changed:
+        raise Fail(f"--out {out}: holds a run with other {', '.join(changed)} (see encode.json); "
+                   f"use the same options to resume, or a new --out")
+
+
+def _skip_file(out, index):
+    """The json of a shard's skipped images, written before its labels file: it survives resumes."""
+    return os.path.join(out, f"shard-{index:05d}.skipped.json")
+
+
+def cmd_imagenet(args):
+    """Encode an ImageFolder into shards of VAE posteriors (or uint8 pixels with --vae none)."""
+    items, classes = list_images(args.src)
+    rank, world, device = _distributed()
+    vae, size = None, args.image_size
+    if args.vae == "none":
+        kind, shape, arrays = "pixel", (3, size, size), ("images",)
+    else:
+        vae = load_vae(_vae_source(args)).to(device)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if size % factor:
+            raise Fail(f"--image-size {size}: not a multiple of the VAE's downsampling {factor}")
+        kind, shape = "latent", (vae.config.latent_channels, size // factor, size // factor)
+        arrays = ("mean", "std")
+    writer = ShardWriter(args.out, kind, shape, len(classes), args.shard_size)
+    listing = "".join(f"{label} {os.path.relpath(p, args.src)}\n" for p, label in items)
+    _check_settings(args.out, {"image_size": size, "vae": args.vae, "flip": args.flip,
+                               "shard_size": args.shard_size, "num_images": len(items),
+                               "images_sha256": hashlib.sha256(listing.encode()).hexdigest()}, rank)
+    shards = [items[i:i + args.shard_size] for i in range(0, len(items), args.shard_size)]
+    todo = [i for i in range(rank, len(shards), world) if not writer.shard_done(i)]
+    pending, start = sum(len(shards[i]) for i in todo), time.time()
+    with tqdm(total=pending, unit="img", disable=rank != 0) as bar:
+        for i in todo:
+            labels, data, skipped = encode_shard(shards[i], args, vae, device, bar)
+            _json(_skip_file(args.out, i), {"skipped": len(skipped), "files": skipped})
+            writer.write_shard(i, labels, **dict(zip(arrays, data)))
+    seconds = time.time() - start
+    print(f"{f'rank {rank}: ' if world > 1 else ''}encoded {pending} images in {seconds:.0f} s "
+          f"({pending / max(seconds, 1e-9):.1f} images/s)")
+    _barrier()
+    if rank == 0:
+        skipped = sum(_json(_skip_file(args.out, i))["skipped"] for i in range(len(shards)))
+        manifest = writer.finish(
+            vae=VAES.get(args.vae), image_size=size, class_names=classes, skipped=skipped,
+            source=os.path.abspath(args.src), flip=args.flip,
+            **({"vae_path": os.path.abspath(args.vae_path)} if kind == "latent" and args.vae_path
+               else {}))
+        print(f"{args.out}: {manifest['num_items']} {kind} items {manifest['shape']} in "
+              f"{len(classes)} classes; {skipped} unreadable images skipped")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reports a usage error as one line on stderr, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _at_least(minimum):
+    """An argparse type: an integer >= minimum."""
+    def parse(text):
+        if int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        return int(text)
+    return parse
+
+
+def build_parser():
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{vae,dit,imagenet}")
+
+    def vae_options(p, choices):
+        p.add_argument("--vae", choices=choices, default="ema",
+                       help="stabilityai/sd-vae-ft-ema or -mse (default: ema)")
+        p.add_argument("--vae-path", metavar="DIR", help="load the VAE from this save_pretrained "
+                       "directory, not the Hugging Face cache (the manifest still records --vae)")
+
+    p = commands.add_parser("vae", help="download the SD VAE into the Hugging Face cache")
+    vae_options(p, ["ema", "mse"])
+    p.set_defaults(run=cmd_vae)
+    p = commands.add_parser("dit", help="download and verify an official DiT-XL/2 checkpoint")
+    p.add_argument("--image-size", type=int, choices=[256, 512], default=256)
+    p.add_argument("--out", default="pretrained_models", help="folder (default: pretrained_models)")
+    p.set_defaults(run=cmd_dit)
+    p = commands.add_parser(
+        "imagenet", help="encode an ImageFolder into the data.py format (resumable)",
+        description="Encode an ImageFolder (one sub-folder per class, in sorted order) into the "
+                    "data.py format: ADM centre crop, then the SD VAE posterior mean and std "
+                    "(float16), or uint8 pixels with --vae none. Unreadable images are skipped and "
+                    "counted. Run it again to resume. Under torchrun, shard i goes to rank "
+                    "i % world size.")
+    p.add_argument("--src", required=True, help="the ImageFolder, e.g. ILSVRC2012/train")
+    p.add_argument("--out", required=True, help="dataset folder to write (or resume)")
+    p.add_argument("--image-size", type=_at_least(1), default=128, help="pixels (default: 128)")
+    p.add_argument("--batch-size", type=_at_least(1), default=64, help="images per VAE batch")
+    vae_options(p, ["ema", "mse", "none"])
+    p.add_argument("--flip", action="store_true", help="also store each image's mirror image as "
+                   "the item after it, encoded by the VAE (the flip of a latent is not the latent "
+                   "of the flipped image); doubles the dataset")
+    p.add_argument("--fp32", action="store_true", help="run the VAE in float32 on a GPU too (bf16 "
+                   "autocast by default: faster, but coarser than the float16 that is stored)")
+    p.add_argument("--num-workers", type=_at_least(0), default=min(8, os.cpu_count() or 1),
+                   help="image decoding processes (default: min(8, CPUs))")
+    p.add_argument("--shard-size", type=_at_least(1), default=10000, help="images per shard")
+    p.set_defaults(run=cmd_imagenet)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (Fail, DataError, OSError) as e:
+        print(f"download.py {args.command}: error: {_first_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"download.py {args.command}: interrupted; run it again to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Tests of download.py, offline: a tiny random AutoencoderKL stands in for the SD VAE, a small
+generated ImageFolder for ImageNet, and a local HTTP server for the DiT checkpoint host."""
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import download
+from data import LatentDataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["cat", "dog", "eel"]
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny AutoencoderKL (downsampling 2, 4 latent channels) with random weights, saved."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=4, sample_size=32)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """3 classes x 5 images of varied sizes and modes, one corrupt .jpg and one non-image file."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        os.makedirs(root / name)
+        for j in range(5):
+            w, h = [(40, 24), (70, 40)][j] if j < 2 else rng.integers(18, 70, 2)
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            (image.convert("L") if j == 3 else image).save(root / name / f"{j}.png")
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    return str(root)
+
+
+def encode_args(src, out, *extra):
+    return ["imagenet", "--src", src, "--out", str(out), "--image-size", "16", "--shard-size", "4",
+            "--batch-size", "3", "--num-workers", "0", *extra]
+
+
+def test_center_crop_matches_adm_by_hand():
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))  # 300 x 200
+    got = download.center_crop_arr(image, 64)
+    # short side 200 >= 2 * 64: halve with BOX to 150 x 100; 100 < 128 stops. Bicubic to the
+    # short side 64: 96 x 64. Centre columns 16..80.
+    want = np.array(image.resize((150, 100), Image.BOX).resize((96, 64), Image.BICUBIC))[:, 16:80]
+    assert got.shape == (64, 64, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)
+    small = Image.fromarray(rng.integers(0, 256, (90, 100, 3), dtype=np.uint8))  # no halving
+    want = np.array(small.resize((71, 64), Image.BICUBIC))[:, 3:67]
+    np.testing.assert_array_equal(download.center_crop_arr(small, 64), want)
+
+
+def test_list_images_sorted_with_class_labels(src):
+    items, classes = download.list_images(src)
+    assert classes == CLASSES and len(items) == 16  # not notes.txt; broken.jpg looks like an image
+    assert [label for _, label in items] == [0] * 5 + [1] * 6 + [2] * 5
+    names = [os.path.basename(p) for p, _ in items[5:11]]
+    assert names == [f"{j}.png" for j in range(5)] + ["broken.jpg"]
+
+
+def test_latent_encoding_resumes_and_matches_the_vae(src, vae_dir, tmp_path):
+    out = tmp_path / "latents"
+    download.main(encode_args(src, out, "--vae-path", vae_dir))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["kind"], manifest["shape"]) == ("latent", [4, 8, 8])
+    assert manifest["num_items"] == 15 and [s["count"] for s in manifest["shards"]] == [4, 4, 3, 4]
+    assert manifest["skipped"] == 1 and manifest["class_names"] == CLASSES
+    assert manifest["vae"] == "stabilityai/sd-vae-ft-ema" and manifest["flip"] is False
+    skip = json.loads((out / "shard-00002.skipped.json").read_text())
+    assert skip["skipped"] == 1 and skip["files"][0].endswith("broken.jpg")
+    ds = LatentDataset(out)
+    assert (len(ds), ds.shape, ds.num_classes) == (15, (4, 8, 8), 3)
+    assert [ds[i][1] for i in range(15)] == [0] * 5 + [1] * 5 + [2] * 5
+
+    # Items 0 and 1 by a second path. cat/0.png is 40 x 24: bicubic to 27 x 16, columns 5..21.
+    # cat/1.png is 70 x 40: 40 >= 2 * 16, so box-halved to 35 x 20; bicubic to 28 x 16; 6..22.
+    from diffusers import AutoencoderKL
+    cat0, cat1 = (Image.open(os.path.join(src, "cat", f"{j}.png")) for j in (0, 1))
+    crops = [np.array(cat0.resize((27, 16), Image.BICUBIC))[:, 5:21],
+             np.array(cat1.resize((35, 20), Image.BOX).resize((28, 16), Image.BICUBIC))[:, 6:22]]
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        posterior = AutoencoderKL.from_pretrained(vae_dir).encode(x).latent_dist
+    mean, std = np.load(out / "shard-00000.mean.npy"), np.load(out / "shard-00000.std.npy")
+    np.testing.assert_allclose(mean[:2], posterior.mean.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(std[:2], posterior.std.numpy(), rtol=2e-3, atol=2e-3)
+
+    # Interrupt: shard 1 lost its labels file (half written) and no manifest was written yet.
+    files = sorted(f for f in os.listdir(out) if f.startswith("shard-"))
+    mtimes = {f: os.stat(out / f).st_mtime_ns for f in files}
+    os.remove(out / "shard-00001.labels.npy")
+    os.remove(out / "manifest.json")
+    download.main(encode_args(src, out, "--vae-path", vae_dir))
+    assert sorted(f for f in os.listdir(out) if f.startswith("shard-")) == files
+    for f in files:  # finished shards untouched, shard 1 written again
+        assert (os.stat(out / f).st_mtime_ns == mtimes[f]) != f.startswith("shard-00001"), f
+    assert json.loads((out / "manifest.json").read_text()) == manifest  # skipped still 1
+    assert LatentDataset(out).num_classes == 3
+
+    # Resuming with other settings is refused (the shards would not fit together).
+    with pytest.raises(SystemExit) as exit_info:
+        download.main(encode_args(src, out, "--vae-path", vae_dir, "--flip"))
+    assert exit_info.value.code == 2
+
+
+def test_pixel_mode_with_flip(src, tmp_path):
+    out = tmp_path / "pixels"
+    download.main(encode_args(src, out, "--vae", "none", "--flip"))
+    ds = LatentDataset(out)
+    assert (len(ds), ds.kind, ds.shape, ds.manifest["skipped"]) == (30, "pixel", (3, 16, 16), 1)
+    assert ds.manifest["vae"] is None and ds.manifest["flip"] is True
+    images = np.load(out / "shard-00000.images.npy")
+    image = Image.open(os.path.join(src, "cat", "1.png")).convert("RGB")
+    crop = download.center_crop_arr(image, 16)
+    np.testing.assert_array_equal(images[2], crop.transpose(2, 0, 1))  # image 1 is item 2
+    np.testing.assert_array_equal(images[3], images[2][:, :, ::-1])  # and its mirror item 3
+
+
+def test_bad_inputs_exit_2_with_one_line(src, tmp_path):
+    empty = tmp_path / "empty"
+    os.makedirs(empty / "some_class")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    commands = [["imagenet", "--out", str(tmp_path / "a")],  # missing --src
+                ["imagenet", "--src", str(empty), "--out", str(tmp_path / "b")],  # no images
+                encode_args(src, tmp_path / "c"),  # offline, empty cache, no --vae-path
+                ["vaes"]]  # unknown sub-command
+    procs = [subprocess.Popen([sys.executable, "download.py", *c], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for c in commands]  # at once: each python start-up takes seconds
+    needles = ["--src", "no images", "--vae-path", "invalid choice"]
+    for p, needle in zip(procs, needles):
+        code, err = p.wait(timeout=120), p.stderr.read()
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert needle in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "c")  # nothing written before the VAE was there
+
+
+def test_other_bad_inputs_in_process(src, vae_dir, tmp_path, capsys):
+    for args, needle in [([], "required"),  # no sub-command
+                         (["vae", "--vae-path", str(tmp_path / "nope")], "not a directory"),
+                         (["vae", "--vae-path", src], "not an AutoencoderKL"),
+                         (encode_args(src, tmp_path / "x", "--batch-size", "0"), "--batch-size"),
+                         (encode_args(src, tmp_path / "x", "--vae-path", vae_dir,
+                                      "--image-size", "15"), "not a multiple")]:
+        with pytest.raises(SystemExit) as exit_info:
+            download.main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert needle in err
+    download.main(["vae", "--vae-path", vae_dir])
+    assert "4 latent channels" in capsys.readouterr().out
+
+
+def fake_dit(path, image_size=256, drop=None):
+    """A state dict with the DiT-XL/2 keys (tiny tensors, but the real pos_embed shape)."""
+    state = {k: torch.zeros(1) for k in download.DIT_KEYS if k != drop}
+    state["pos_embed"] = torch.zeros(1, (image_size // 16) ** 2, 1152)
+    torch.save(state, path)
+    return path.read_bytes()
+
+
+class Server:
+    """A local HTTP server of one payload that honours Range requests unless told otherwise."""
+
+    def __init__(self, payload):
+        self.payload, self.ranges, self.honour_range = payload, [], True
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                asked = self.headers.get("Range")
+                server.ranges.append(asked)
+                start = int(asked[6:-1]) if asked and server.honour_range else 0
+                if start >= len(server.payload) > 0:
+                    self.send_response(416)
+                    self.end_headers()
+                    return
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(server.payload) - start))
+                self.end_headers()
+                self.wfile.write(server.payload[start:])
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/DiT-XL-2-256x256.pt"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_dit_download_resumes_replaces_and_verifies(tmp_path):
+    payload = fake_dit(tmp_path / "good.pt")
+    server = Server(payload)
+    try:
+        out = tmp_path / "a"
+        os.makedirs(out)
+        (out / "DiT-XL-2-256x256.pt.part").write_bytes(payload[:1000])  # an interrupted download
+        path = download.get_dit(256, str(out), server.url)
+        assert server.ranges == ["bytes=1000-"] and open(path, "rb").read() == payload
+        assert os.listdir(out) == ["DiT-XL-2-256x256.pt"]
+        assert download.get_dit(256, str(out), server.url) == path and len(server.ranges) == 1
+        with pytest.raises(download.Fail, match="pos_embed"):  # a 256 px file is no 512 px one
+            download.verify_dit(path, 512)
+
+        server.honour_range = False  # the server sends it all: the stale part is replaced
+        out = tmp_path / "b"
+        os.makedirs(out)
+        (out / "DiT-XL-2-256x256.pt.part").write_bytes(b"junk" * 100)
+        assert open(download.get_dit(256, str(out), server.url), "rb").read() == payload
+
+        server.honour_range = True  # a complete part (416 for the range past its end) is kept
+        out = tmp_path / "c"
+        os.makedirs(out)
+        (out / "DiT-XL-2-256x256.pt.part").write_bytes(payload)
+        assert open(download.get_dit(256, str(out), server.url), "rb").read() == payload
+
+        server.payload = fake_dit(tmp_path / "bad.pt", drop="blocks.27.mlp.fc2.bias")
+        out = tmp_path / "d"
+        with pytest.raises(download.Fail, match="291 keys"):
+            download.get_dit(256, str(out), server.url)
+        assert os.listdir(out) == []  # the wrong file is not kept
+    finally:
+        server.httpd.shutdown()
