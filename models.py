@@ -1,18 +1,7 @@
 """DiT (Peebles & Xie 2023) with every magnitude-preserving (MP) feature of MaP-DiT as a switch.
 
 All switches off gives the original DiT, parameter for parameter: the state-dict keys and shapes
-match the official checkpoints. `mp=True` turns every switch on (MaP-DiT). The switches:
-
-  use_cosine_attention             q, k normalised per head (and the output, with the MP residual)
-  use_weight_normalization         every linear becomes MPLinear: no bias, normalised weights;
-                                   zero-initialised layers get a learned gain initialised to 0
-  use_forced_weight_normalization  stored weights reset to unit-RMS rows after each optimiser step
-  use_mp_residual                  x = mp_sum(x, (1 + gate) branch, 0.3) instead of x + gate branch
-  use_mp_silu                      every SiLU / GELU becomes mp_silu
-  use_no_layernorm                 no LayerNorm before attention, MLP and the final layer
-  use_mp_pos_enc                   unit-RMS sin-cos position embedding joined by mp_sum
-  use_mp_embedding                 MP Fourier timestep features, unit-RMS label embeddings,
-                                   joined by mp_sum
+match the official checkpoints. `mp=True` turns every switch in MP_SWITCHES on (MaP-DiT).
 """
 import math
 
@@ -20,19 +9,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mp_layers import MPEmbedding, MPFourier, MPLinear, MPSiLU, cosine_attention, mp_sum, normalize
 
-MP_SWITCHES = (
-    "use_cosine_attention",
-    "use_weight_normalization",
-    "use_forced_weight_normalization",
-    "use_mp_residual",
-    "use_mp_silu",
-    "use_no_layernorm",
-    "use_mp_pos_enc",
-    "use_mp_embedding",
-)
+MP_SWITCHES = {
+    "use_cosine_attention": "q, k normalised per head (and the output, with the MP residual)",
+    "use_weight_normalization": "every linear becomes MPLinear: no bias, normalised weights; "
+                                "zero-initialised layers get a learned gain initialised to 0",
+    "use_forced_weight_normalization": "stored weights reset to unit-RMS rows after each optimiser step",
+    "use_mp_residual": "x = mp_sum(x, (1 + gate) branch, 0.3) instead of x + gate branch",
+    "use_mp_silu": "every SiLU / GELU becomes mp_silu = silu / 0.596",
+    "use_no_layernorm": "no LayerNorm before attention, MLP and the final layer",
+    "use_mp_pos_enc": "unit-RMS sin-cos position embedding joined by mp_sum",
+    "use_mp_embedding": "MP Fourier timestep features of 2t/T - 1, unit-RMS label embeddings, joined by mp_sum",
+}
 
 
 class Switches:
@@ -41,7 +32,7 @@ class Switches:
     def __init__(self, mp=False, **flags):
         unknown = set(flags) - set(MP_SWITCHES)
         if unknown:
-            raise TypeError(f"unknown MP switch(es): {sorted(unknown)}; known: {MP_SWITCHES}")
+            raise TypeError(f"unknown MP switch(es): {sorted(unknown)}; known: {list(MP_SWITCHES)}")
         for name in MP_SWITCHES:
             setattr(self, name, mp or bool(flags.get(name, False)))
         if self.use_forced_weight_normalization and not self.use_weight_normalization:
@@ -272,6 +263,7 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, sw) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, sw)
+        self.grad_checkpoint = False  # recompute each block in backward: less memory, ~1/3 more compute
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -330,7 +322,10 @@ class DiT(nn.Module):
         random classifier-free-guidance dropout of training mode."""
         x, c = self.embed(x, t, y, force_drop_ids)
         for block in self.blocks:
-            x = block(x, c)
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(self, x, t, y, cfg_scale):

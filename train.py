@@ -52,13 +52,16 @@ def parse_args(argv=None):
     g.add_argument("--results-dir", default="results", help="parent of the run directories")
     g.add_argument("--model", metavar="NAME",
                    help="one of DiT-{XS,S,B,L,XL}/{2,4,8} (default DiT-S/2; demo DiT-XS/4)")
+    g.add_argument("--depth", type=int, help="override the model's number of blocks")
+    g.add_argument("--hidden-size", type=int, help="override the model's width")
+    g.add_argument("--num-heads", type=int, help="override the model's number of attention heads")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on for datasets, off for the demo)")
     g = p.add_argument_group("magnitude preservation (all off = original DiT)")
     g.add_argument("--mp", action=argparse.BooleanOptionalAction,
                    help="MaP-DiT: every switch below on (default off; on for the demo)")
-    for name in MP_SWITCHES:
-        g.add_argument("--" + name.replace("_", "-"), action="store_true")
+    for name, description in MP_SWITCHES.items():
+        g.add_argument("--" + name.replace("_", "-"), action="store_true", help=description)
     g = p.add_argument_group("optimisation")
     g.add_argument("--num-steps", type=int, help="optimiser steps (default 400000; demo 1500)")
     g.add_argument("--global-batch-size", type=int, help="images per step over all processes (default 256)")
@@ -71,6 +74,8 @@ def parse_args(argv=None):
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto = bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute activations in backward (DiT-XL/2 at batch 256 on one 80 GB GPU)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("EMA")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="classic constant-decay EMA (DiT)")
@@ -250,14 +255,17 @@ def build_model(args, manifest):
     if h != w or h % patch:
         raise UsageError(f"{args.data_path}: data shape {manifest['shape']} does not fit {args.model} "
                          f"(square inputs divisible by the patch size {patch} needed)")
+    if (args.hidden_size or 0) % (args.num_heads or 1) or (args.hidden_size and not args.num_heads):
+        raise UsageError("--hidden-size must be divisible by --num-heads; give both when overriding the width")
     switches = {name: getattr(args, name) for name in MP_SWITCHES}
+    overrides = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)}
     return DiT_models[args.model](input_size=h, in_channels=c, num_classes=manifest["num_classes"],
-                                  mp=args.mp, **switches)
+                                  mp=args.mp, **switches, **overrides)
 
 
 def check_compatible(ckpt, args, manifest, path):
     saved = ckpt["args"]
-    for key in ("model", "mp", *MP_SWITCHES):
+    for key in ("model", "depth", "hidden_size", "num_heads", "mp", *MP_SWITCHES):
         if saved.get(key) != getattr(args, key):
             raise UsageError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has "
                              f"{getattr(args, key)!r}; pass the same arguments or start a new run")
@@ -302,6 +310,7 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
+    model.grad_checkpoint = args.grad_checkpoint
     weight_norm = model.switches.use_weight_normalization
     ema = frozen_copy(model)
     power_emas = {s: frozen_copy(model) for s in args.ema_sigma_rels}

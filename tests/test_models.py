@@ -177,3 +177,18 @@ def test_cfg_guides_all_channels_in_one_pass():
     expected = uncond + 2.5 * (cond - uncond)
     assert torch.allclose(guided[:2, :4], expected, atol=1e-5)
     assert torch.allclose(guided[2:, :4], expected, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = DiT(**TINY, mp=True)
+    for p in model.parameters():
+        p.data.normal_()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 9])
+    grads = []
+    for flag in (False, True):
+        model.grad_checkpoint = flag
+        model.zero_grad()
+        model(x, t, y, force_drop_ids=torch.zeros(2, dtype=torch.long)).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
