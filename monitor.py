@@ -38,8 +38,8 @@ def plot_magnitudes(records, path, size=(900, 380)):
         lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
         x0, y0, x1, y1 = panel * width + 70, 30, panel * width + width - 20, height - 40
         draw.rectangle([x0, y0, x1, y1], outline="black")
-        title = "activation RMS after each block" if key == "act_rms" else "weight RMS of each block"
-        draw.text((x0, 8), title, fill="black")
+        title = "activation RMS after each block" if key == "act_rms" else "RMS of each block's weights"
+        draw.text((x0, 8), title + " (light: first block, dark: last)", fill="black")
         draw.text((x0 - 60, y0), f"{hi:.3g}", fill="black")
         draw.text((x0 - 60, y1 - 10), f"{lo:.3g}", fill="black")
         draw.text((x0, y1 + 8), f"step {steps[0]}", fill="black")
