@@ -39,6 +39,7 @@ DEFAULTS = dict(model="DiT-S/2", mp=False, num_steps=400_000, global_batch_size=
                 log_every=100, monitor_every=1000, ckpt_every=50_000, num_workers=4)
 DEMO = dict(DEFAULTS, model="DiT-XS/4", mp=True, num_steps=1500, global_batch_size=64, hflip=False,
             log_every=50, monitor_every=100, ckpt_every=500, num_workers=0)
+DEMO_SIZE = dict(depth=4, hidden_size=128, num_heads=4)  # for the demo's default model only
 
 
 class UsageError(Exception):
@@ -51,7 +52,8 @@ def parse_args(argv=None):
     g.add_argument("--data-path", help="dataset directory (data.py format); omit for the built-in demo")
     g.add_argument("--results-dir", default="results", help="parent of the run directories")
     g.add_argument("--model", metavar="NAME",
-                   help="one of DiT-{XS,S,B,L,XL}/{2,4,8} (default DiT-S/2; demo DiT-XS/4)")
+                   help="one of DiT-{XS,S,B,L,XL}/{2,4,8} (default DiT-S/2; the demo uses DiT-XS/4 at "
+                        "depth 4, width 128, 4 heads)")
     g.add_argument("--depth", type=int, help="override the model's number of blocks")
     g.add_argument("--hidden-size", type=int, help="override the model's width")
     g.add_argument("--num-heads", type=int, help="override the model's number of attention heads")
@@ -95,6 +97,10 @@ def parse_args(argv=None):
 
 def fill_defaults(args):
     """Defaults that depend on other arguments (demo or not, MP or vanilla), then sanity checks."""
+    if args.data_path is None and args.model is None:
+        for k, v in DEMO_SIZE.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
     for k, v in (DEMO if args.data_path is None else DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -217,7 +223,9 @@ def new_run_dir(args):
     existing = glob.glob(os.path.join(args.results_dir, "[0-9]" * 3 + "-*"))
     index = max([int(os.path.basename(r)[:3]) for r in existing], default=-1) + 1
     prefix = "MaP-" if args.mp else ""
-    run_dir = os.path.join(args.results_dir, f"{index:03d}-{prefix}{args.model.replace('/', '-')}")
+    size = "".join(f"-{k[0]}{v}" for k, v in (("depth", args.depth), ("width", args.hidden_size),
+                                              ("heads", args.num_heads)) if v)
+    run_dir = os.path.join(args.results_dir, f"{index:03d}-{prefix}{args.model.replace('/', '-')}{size}")
     os.makedirs(os.path.join(run_dir, "checkpoints"))
     return run_dir
 
