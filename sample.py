@@ -1,0 +1,404 @@
+"""Sample from a train.py run (or an official DiT checkpoint): a PNG grid, or an .npz for FID.
+
+    python sample.py --result-dir results/000-MaP-DiT-S-2 --class-label 88 207 360
+    python sample.py --result-dir RUN --class-label 1 2 --weights ema-0.07 --sampler dpm++
+    python sample.py --result-dir RUN --fid 50000 --cfg-scale 1.5          # resumable
+    torchrun --nproc_per_node=8 sample.py --result-dir RUN --fid 50000     # chunks shared by ranks
+    python sample.py --ckpt pretrained_models/DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \\
+        --class-label 207 360 --cfg-scale 4
+
+The model is rebuilt from the checkpoint's arguments and dataset manifest; latent runs are decoded
+with the VAE the manifest names (or --vae-path). Classifier-free guidance acts on all channels;
+--cfg-scale 1 runs the conditional model alone. With --fid N the samples (labels uniform over the
+classes) go to an ADM-evaluator .npz (arr_0: uint8 N x H x W x 3) through chunk files of
+--batch-size samples; chunk k's labels and noise depend only on (--seed, k), so a rerun resumes
+where an interrupted one stopped and gives the same array. Every bad input prints one line on
+stderr and exits with code 2.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from data import denormalize
+from diffusion import create_diffusion
+from download import VAES, Fail, load_vae
+from ema import posthoc_coefficients, sigma_rel_to_gamma
+from fid import write_npz_samples
+from models import MODEL_SIZES, DiT_models
+from train import UsageError, build_model, checkpoints_in, setup_distributed
+
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
+DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def parse_args(argv=None):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to sample from")
+    g.add_argument("--result-dir", metavar="RUN", help="a train.py run directory: its latest checkpoint")
+    g.add_argument("--ckpt", metavar="FILE", help="a train.py checkpoint, or an official DiT state dict")
+    g.add_argument("--weights", metavar="W", help="raw, ema (classic), or ema-<sigma_rel>: a tracked power "
+                   "EMA, any other sigma_rel reconstructed post hoc from the snapshots (default: the "
+                   "widest tracked power EMA, else ema)")
+    g.add_argument("--model", default="DiT-XL/2", metavar="NAME",
+                   help="official state dicts only: the model (default DiT-XL/2)")
+    g.add_argument("--image-size", type=int, default=256, metavar="PX",
+                   help="official state dicts only: pixels (default 256)")
+    g.add_argument("--vae", choices=sorted(VAES), default="ema",
+                   help="official state dicts only: stabilityai/sd-vae-ft-ema or -mse (default ema)")
+    g.add_argument("--vae-path", metavar="DIR", help="load the VAE from this save_pretrained directory")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--class-label", type=int, nargs="+", metavar="Y", help="grid rows: one class label each")
+    g.add_argument("--num-samples", type=int, default=8, metavar="N",
+                   help="grid columns: samples per label (default 8)")
+    g.add_argument("--sampler", choices=list(DEFAULT_STEPS), default="ddpm",
+                   help="ancestral DDPM, DDIM (eta 0), or DPM-Solver++(2M) from diffusers (default ddpm)")
+    g.add_argument("--num-sampling-steps", type=int, metavar="N",
+                   help=f"default {', '.join(f'{s} for {k}' for k, s in DEFAULT_STEPS.items())}")
+    g.add_argument("--cfg-scale", type=float, default=4.0, metavar="S",
+                   help="classifier-free guidance; 1 = none (default 4)")
+    g.add_argument("--seed", type=int, default=0, help="grid and FID noise and labels (default 0)")
+    g.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help="samples per model batch and per FID chunk")
+    g.add_argument("--fid", type=int, metavar="N", help="write N samples to an .npz instead of a grid")
+    g.add_argument("--out", help="output .png (grid) or .npz (--fid); default under RUN/samples/")
+    args = p.parse_args(argv)
+    if args.num_sampling_steps is None:
+        args.num_sampling_steps = DEFAULT_STEPS[args.sampler]
+    for name in ("num_samples", "batch_size", "num_sampling_steps", "fid"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_sampling_steps > 1000:
+        raise UsageError("--num-sampling-steps: at most the 1000 training steps")
+    if (args.fid is None) == (args.class_label is None):
+        raise UsageError("give --class-label Y [Y ...] for a grid or --fid N for an .npz (one of them)")
+    if not (args.ckpt or args.result_dir):
+        raise UsageError("give --result-dir RUN (a train.py run) or --ckpt FILE")
+    if args.vae_path and not os.path.isdir(args.vae_path):
+        raise UsageError(f"--vae-path {args.vae_path}: not a directory")
+    return args
+
+
+#################################################################################
+#                          Checkpoints and EMA weights                          #
+#################################################################################
+
+def find_checkpoint(args):
+    if args.ckpt:
+        if not os.path.isfile(args.ckpt):
+            raise UsageError(f"--ckpt {args.ckpt}: no such file")
+        return args.ckpt
+    ckpts = checkpoints_in(args.result_dir)
+    if not ckpts:
+        raise UsageError(f"--result-dir {args.result_dir}: no checkpoints/NNNNNNN.pt (not a train.py run, "
+                         f"or it has not reached its first --ckpt-every)")
+    return ckpts[-1]
+
+
+def load_model(args):
+    """(model on the CPU with the chosen weights, manifest, note on the weights, stem of the default
+    output path: RUN/samples/<checkpoint>-<weights> for runs, samples/<file name> for state dicts)."""
+    path = find_checkpoint(args)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise UsageError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if isinstance(ckpt, dict) and {"args", "manifest", "model", "step"} <= set(ckpt):
+        manifest = ckpt["manifest"]
+        model = build_model(argparse.Namespace(**ckpt["args"]), manifest)
+        state, weights, note = select_weights(ckpt, path, args.weights, model)
+        run_dir = os.path.dirname(os.path.dirname(path))
+        what, stem = f"{ckpt['args']['model']} of its run", os.path.join(run_dir, "samples", f"{stem}-{weights}")
+    elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        if args.weights not in (None, "raw"):
+            raise UsageError(f"--weights {args.weights}: {path} is a plain state dict, one set of weights")
+        model, manifest = official_model(args)
+        state, note = ckpt, f"state dict {path}"
+        what, stem = f"{args.model} at --image-size {args.image_size}", os.path.join("samples", stem)
+    else:
+        raise UsageError(f"{path}: neither a train.py checkpoint nor a DiT state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise UsageError(f"{path}: does not fit {what}: it holds {describe(state)}") from None
+    return model, manifest, note, stem
+
+
+def official_model(args):
+    """Vanilla DiT for the official checkpoints (1000 classes, SD-VAE latents scaled by 0.18215)."""
+    if args.model not in DiT_models:
+        raise UsageError(f"unknown --model {args.model!r}; choose one of {', '.join(DiT_models)}")
+    side, patch = args.image_size // 8, int(args.model.split("/")[1])
+    if args.image_size % 8 or side % patch:
+        raise UsageError(f"--image-size {args.image_size}: the latent side (size / 8) must be a multiple of {patch}")
+    manifest = {"kind": "latent", "shape": [4, side, side], "num_classes": 1000, "vae": VAES[args.vae],
+                "channel_mean": [0.0] * 4, "channel_std": [1 / DIT_LATENT_SCALE] * 4}
+    return DiT_models[args.model](input_size=side), manifest
+
+
+def describe(state):
+    """What a DiT state dict is for, read from its shapes, e.g. 'DiT-XL/2 for 32x32x4 inputs, 1000 classes'."""
+    try:
+        hidden, channels, patch = (state["x_embedder.proj.weight"].shape[i] for i in (0, 1, 2))
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        side = math.isqrt(state["pos_embed"].shape[1]) * patch
+        classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
+    except (KeyError, IndexError, AttributeError):
+        return "no DiT weights"
+    channels -= "x_embedder.proj.bias" not in state  # weight-normalised: a constant-ones channel
+    size = next((s for s, (d, h, _) in MODEL_SIZES.items() if (d, h) == (depth, hidden)), None)
+    name = f"DiT-{size}/{patch}" if size else f"a DiT of depth {depth}, width {hidden}, patch {patch}"
+    return f"{name} for {side}x{side}x{channels} inputs, {classes} classes"
+
+
+def select_weights(ckpt, path, choice, model):
+    """(state dict, its name, a note) for --weights: raw, ema, or ema-<sigma_rel>."""
+    tracked = {float(k): sd for k, sd in ckpt["ema_power"].items()}
+    choice = choice or (f"ema-{max(tracked)}" if tracked else "ema")
+    if choice == "raw":
+        return ckpt["model"], choice, f"raw weights of {path}"
+    if choice == "ema":
+        return ckpt["ema"], choice, f"classic EMA (decay {ckpt['args'].get('ema_decay')}) of {path}"
+    match = re.fullmatch(r"ema-(\d+\.?\d*|\.\d+)", choice)
+    if not match:
+        raise UsageError(f"--weights {choice}: use raw, ema, or ema-<sigma_rel> such as ema-0.07")
+    sigma = float(match[1])
+    if sigma <= 0 or sigma_rel_to_gamma(sigma) <= -1:
+        raise UsageError(f"--weights {choice}: no power EMA has sigma_rel {sigma} (about 0 < sigma_rel < 0.3)")
+    if sigma in tracked:
+        return tracked[sigma], choice, f"power EMA sigma_rel={sigma} (tracked) of {path}"
+    state, note = posthoc_ema(ckpt, path, sigma, model)
+    return state, choice, note
+
+
+def posthoc_ema(ckpt, path, sigma_rel, model):
+    """Power EMA of sigma_rel at the checkpoint's step, reconstructed from every power-EMA snapshot
+    up to it (ema-snapshot-NNNNNNN.pt beside the checkpoint, and the checkpoint's own) as the
+    least-squares combination sum_i w_i state_i, accumulated in float64 one snapshot file at a time.
+    The weights are divided by their sum: every snapshot is an average with total weight 1, and with
+    few snapshots the least-squares sum misses 1 by more than the two tracked EMAs differ (1.003
+    with 6 snapshots: the whole network scaled by 1.003). Tensors that do not train (position
+    embedding, buffers) are kept as the checkpoint has them."""
+    if not ckpt["ema_power"]:
+        raise UsageError(f"{path}: no power-EMA snapshots for a post-hoc EMA (the run tracked none; "
+                         f"see train.py --ema-sigma-rels); use --weights raw or ema")
+    step, keys = ckpt["step"], sorted(ckpt["ema_power"], key=float)
+    files = glob.glob(os.path.join(os.path.dirname(path), "ema-snapshot-" + "[0-9]" * 7 + ".pt"))
+    sources = sorted((int(os.path.basename(f)[13:20]), f) for f in files)
+    sources = [(s, f) for s, f in sources if s < step] + [(step, path)]
+    fitted = posthoc_coefficients(np.repeat([s for s, _ in sources], len(keys)),
+                                  [float(k) for k in keys] * len(sources), step, sigma_rel)
+    weights = (fitted / fitted.sum()).reshape(len(sources), len(keys))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    state = dict(ckpt["ema_power"][keys[0]])
+    total = {n: torch.zeros_like(state[n], dtype=torch.float64) for n in trainable}
+    for (_, file), row in zip(sources, weights):
+        try:
+            snapshot = ckpt if file == path else torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling errors come in many types
+            raise UsageError(f"{file}: cannot read snapshot ({type(e).__name__})") from None
+        for k, w in zip(keys, row):
+            for n in trainable:
+                total[n] += w * snapshot["ema_power"][k][n].double()
+    state.update({n: total[n].to(state[n].dtype) for n in trainable})
+    lines = [f"  step {s:>7} sigma_rel {k}: {w:+.4f}"
+             for (s, _), row in zip(sources, weights) for k, w in zip(keys, row)]
+    note = (f"post-hoc power EMA sigma_rel={sigma_rel} at step {step} from {len(sources)} snapshot(s) "
+            f"(least-squares weights summed to {fitted.sum():.4f}; divided by that):\n" + "\n".join(lines))
+    return state, note
+
+
+#################################################################################
+#                               Sampling and decoding                           #
+#################################################################################
+
+def make_sampler(name, steps):
+    """A function (model_fn, z (N, C, H, W), model_kwargs, clip_denoised) -> x_0 (N, C, H, W);
+    model_fn(x, t, **model_kwargs) gets the original integer timesteps t (N,)."""
+    if name == "dpm++":
+        from diffusers import DPMSolverMultistepScheduler  # a slow import: only where it is used
+        betas = create_diffusion("").betas.tolist()
+
+        def dpm_solver(model_fn, z, model_kwargs, clip_denoised):
+            """DPM-Solver++(2M) on the model's eps (its first C channels; learned sigmas and
+            clip_denoised unused: the library's thresholding is off, as for latents)."""
+            scheduler = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas,
+                                                    solver_order=2, algorithm_type="dpmsolver++")
+            scheduler.set_timesteps(steps, device=z.device)
+            x = z
+            for t in scheduler.timesteps:
+                eps = model_fn(x, t.expand(len(x)), **model_kwargs)[:, : x.shape[1]]
+                x = scheduler.step(eps.float(), t, x).prev_sample
+            return x
+        return dpm_solver
+    try:
+        diffusion = create_diffusion(f"ddim{steps}" if name == "ddim" else str(steps))
+    except ValueError as e:
+        raise UsageError(f"--num-sampling-steps {steps}: {e}") from None
+    loop = diffusion.ddim_sample_loop if name == "ddim" else diffusion.p_sample_loop
+    return lambda model_fn, z, model_kwargs, clip_denoised: loop(
+        model_fn, z.shape, noise=z, clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=z.device)
+
+
+@torch.no_grad()
+def denoise(model, sampler, z, y, cfg_scale, clip_denoised=False):
+    """Noise z (N, C, H, W) and labels y (N,) -> x_0 (N, C, H, W) in model space. Guidance runs
+    [cond; uncond] (y = null class) as one batch of 2N; cfg_scale 1 runs the conditional model alone."""
+    n = len(z)
+    if cfg_scale == 1:
+        model_fn, kwargs = model, dict(y=y)
+    else:
+        z, model_fn = torch.cat([z, z]), model.forward_with_cfg
+        kwargs = dict(y=torch.cat([y, torch.full_like(y, model.num_classes)]), cfg_scale=cfg_scale)
+    with torch.autocast(z.device.type, torch.bfloat16, enabled=z.is_cuda):
+        return sampler(model_fn, z, kwargs, clip_denoised)[:n].float()
+
+
+@torch.no_grad()
+def decode(x, manifest, vae):
+    """Model space (N, C, h, w) -> uint8 images (N, H, W, 3), numpy: the VAE (fp32) for latent runs."""
+    images = denormalize(x, manifest)
+    if manifest["kind"] == "latent":
+        images = ((vae.decode(images).sample + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def chunk_inputs(seed, k, n, shape, num_classes=None):
+    """Noise (n, *shape) and, given num_classes, uniform labels (n,) of chunk k: they depend only on
+    (seed, k). The global torch RNG (DDPM's step noise) is seeded from (seed, k) as well."""
+    chunk_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+    torch.manual_seed(chunk_seed)
+    generator = torch.Generator().manual_seed(chunk_seed)
+    y = None if num_classes is None else torch.randint(num_classes, (n,), generator=generator)
+    return torch.randn((n, *shape), generator=generator), y
+
+
+def load_decoder(args, manifest, device):
+    if manifest["kind"] != "latent":
+        return None
+    vae = load_vae(args.vae_path or manifest["vae"]).to(device)
+    if vae.config.latent_channels != manifest["shape"][0]:
+        raise UsageError(f"the VAE has {vae.config.latent_channels} latent channels, the model "
+                         f"{manifest['shape'][0]}; pass the run's VAE with --vae-path")
+    return vae
+
+
+def write_grid(args, generate, shape, path):
+    """PNG with one row of --num-samples images per class label; batch k uses chunk_inputs(seed, k)."""
+    labels = torch.tensor(args.class_label).repeat_interleave(args.num_samples)
+    images = []
+    for k, y in enumerate(labels.split(args.batch_size)):
+        images.append(generate(chunk_inputs(args.seed, k, len(y), shape)[0], y))
+    images = np.concatenate(images)
+    n, h, w, c = images.shape
+    rows = len(args.class_label)
+    grid = images.reshape(rows, n // rows, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, -1, c)
+    Image.fromarray(grid).save(path)
+
+
+def write_fid_npz(args, generate, shape, num_classes, path, settings, rank, world):
+    """N samples with uniform labels in chunk files (PATH-chunks/NNNNNN.npz) then merged into
+    PATH. Rank r makes the missing chunks k with k % world == r; finished chunks are kept (they
+    record the settings; delete the folder once the .npz is no longer to be extended)."""
+    folder = path[: -len(".npz")] + "-chunks"
+    os.makedirs(folder, exist_ok=True)
+    settings_file = os.path.join(folder, "settings.json")
+    if not os.path.exists(settings_file):  # the first run records its settings (ranks alike)
+        with open(f"{settings_file}.{rank}.tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(f"{settings_file}.{rank}.tmp", settings_file)
+    barrier(world)
+    with open(settings_file) as f:
+        changed = sorted(k for k, v in json.load(f).items() if settings.get(k) != v)
+    if changed:
+        raise UsageError(f"{folder}: holds chunks made with other {', '.join(changed)} (see settings.json); "
+                         f"use the same options to resume, or another --out")
+    sizes = [min(args.batch_size, args.fid - i) for i in range(0, args.fid, args.batch_size)]
+    files = [os.path.join(folder, f"{k:06d}.npz") for k in range(len(sizes))]
+    mine = list(range(rank, len(sizes), world))
+    todo = [k for k in mine if not os.path.exists(files[k])]
+    with tqdm(total=sum(sizes[k] for k in mine), initial=sum(sizes[k] for k in mine if k not in todo),
+              unit="img", disable=rank != 0, dynamic_ncols=True) as bar:
+        for k in todo:
+            z, y = chunk_inputs(args.seed, k, sizes[k], shape, num_classes)
+            save_chunk(files[k], generate(z, y), y.numpy())
+            bar.update(sizes[k])
+    barrier(world)
+    if rank == 0:
+        write_npz_samples(path, np.concatenate([np.load(f)["images"] for f in files]))
+
+
+def save_chunk(path, images, labels):
+    np.savez(path[: -len(".npz")] + ".tmp.npz", images=images, labels=labels)
+    os.replace(path[: -len(".npz")] + ".tmp.npz", path)
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def main(args):
+    rank, world, device = setup_distributed()
+    try:
+        model, manifest, note, stem = load_model(args)
+        bad = [y for y in args.class_label or [] if not 0 <= y < model.num_classes]
+        if bad:
+            raise UsageError(f"--class-label {bad[0]}: outside [0, {model.num_classes})")
+        sampler = make_sampler(args.sampler, args.num_sampling_steps)
+        vae = load_decoder(args, manifest, device)
+        model = model.to(device).eval()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+        def generate(z, y):
+            x = denoise(model, sampler, z.to(device), y.to(device), args.cfg_scale, manifest["kind"] == "pixel")
+            return decode(x, manifest, vae)
+
+        out = args.out or (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}-seed{args.seed}"
+                           + (f"-fid{args.fid}.npz" if args.fid else ".png"))
+        if args.fid and not out.endswith(".npz"):
+            out += ".npz"
+        if rank == 0:
+            print(f"sampling {manifest['shape']} ({manifest['kind']}) with {note}")
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        if args.fid:
+            settings = {**vars(args), "out": None, "source": stem}
+            write_fid_npz(args, generate, tuple(manifest["shape"]), model.num_classes, out, settings, rank, world)
+        elif rank == 0:
+            write_grid(args, generate, tuple(manifest["shape"]), out)
+        if rank == 0:
+            print(f"wrote {out}")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    return out
+
+
+def cli(argv=None):
+    """Run sample.py; bad input is one line on stderr and exit code 2."""
+    try:
+        main(parse_args(argv))
+    except (UsageError, Fail) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,306 @@
+"""Tests of sample.py, offline: tiny runs trained in-process (8x8 pixels; 4x4x4 latents), a tiny
+random AutoencoderKL (downsampling 8) for the SD VAE, and a synthetic state dict with the official
+DiT key names."""
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from data import ShardWriter
+from download import DIT_KEYS
+from ema import posthoc_coefficients
+from models import DiT_models
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # in diffusers
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "DiT-XS/4", "--global-batch-size", "8", "--num-workers", "0", "--log-every", "3",
+        "--monitor-every", "100", "--sample-steps", "2"]
+
+
+def train_run(data, results, *extra):
+    return train.main(train.parse_args(["--data-path", data, "--results-dir", str(results), *TINY, *extra]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: thread start-up and contention on a busy machine cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pixel_run(tmp_path_factory):
+    """MaP run on 8x8x3 pixels, 4 classes: checkpoints at steps 3 and 6, power-EMA snapshots every step."""
+    root = tmp_path_factory.mktemp("pixel")
+    writer = ShardWriter(root / "data", "pixel", (3, 8, 8), 4)
+    rng = np.random.default_rng(0)
+    writer.write_shard(0, np.arange(32) % 4, images=rng.integers(0, 256, (32, 3, 8, 8), dtype=np.uint8))
+    writer.finish()
+    return train_run(str(root / "data"), root / "results", "--mp", "--depth", "2", "--hidden-size", "64",
+                     "--num-heads", "2", "--num-steps", "6", "--ckpt-every", "3", "--snapshot-every", "1")
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny AutoencoderKL with the SD VAE's downsampling 8 and 4 latent channels, random weights."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        sample_size=32)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    """Vanilla run on 4x4x4 latents that name the SD VAE in their manifest, 2 classes, 2 steps."""
+    root = tmp_path_factory.mktemp("latent")
+    writer = ShardWriter(root / "data", "latent", (4, 4, 4), 2)
+    rng = np.random.default_rng(0)
+    writer.write_shard(0, np.arange(16) % 2, mean=rng.normal(size=(16, 4, 4, 4)).astype(np.float16),
+                       std=np.full((16, 4, 4, 4), 0.1, np.float16))
+    writer.finish(vae="stabilityai/sd-vae-ft-ema")
+    return train_run(str(root / "data"), root / "results", "--depth", "1", "--hidden-size", "32",
+                     "--num-heads", "2", "--num-steps", "2", "--ckpt-every", "2")
+
+
+@pytest.fixture(scope="module")
+def official_ckpt(tmp_path_factory):
+    """A plain state dict of vanilla DiT-XS/8 for 64 px (8x8 latents, one token), random values."""
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) * 0.05 for k, v in DiT_models["DiT-XS/8"](input_size=8).state_dict().items()}
+    path = str(tmp_path_factory.mktemp("official") / "DiT-XS-8-64x64.pt")
+    torch.save(state, path)
+    return path
+
+
+def run_cli(argv, capsys):
+    code = sample.cli([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err.strip()
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_grid_png_size_determinism_and_samplers(pixel_run, tmp_path, capsys):
+    grid = ["--result-dir", pixel_run, "--class-label", 0, 3, "--num-samples", 3, "--batch-size", 4]
+    ddpm = [*grid, "--sampler", "ddpm", "--num-sampling-steps", 50]
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert run_cli([*ddpm, "--seed", seed, "--out", tmp_path / f"{name}.png"], capsys)[0] == 0
+    a, b, c = ((tmp_path / f"{name}.png").read_bytes() for name in "abc")
+    assert a == b and a != c
+    assert Image.open(tmp_path / "a.png").size == (3 * 8, 2 * 8)  # (width, height): 3 columns, 2 rows
+    code, out, _ = run_cli([*grid, "--sampler", "ddim", "--num-sampling-steps", 25], capsys)
+    default = os.path.join(pixel_run, "samples", "0000006-ema-0.1-ddim25-cfg4-seed0.png")
+    assert code == 0 and f"wrote {default}" in out and "power EMA sigma_rel=0.1 (tracked)" in out
+    assert Image.open(default).size == (24, 16)
+
+
+def test_cfg_scale_one_runs_the_conditional_model_alone(pixel_run):
+    model, *_ = sample.load_model(sample.parse_args(["--result-dir", pixel_run, "--class-label", "0"]))
+    model.eval()
+    batches = []
+    model.x_embedder.register_forward_pre_hook(lambda module, inputs: batches.append(len(inputs[0])))
+    sampler = sample.make_sampler("ddim", 5)
+    z, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3])
+    plain = sample.denoise(model, sampler, z, y, cfg_scale=1.0)
+    assert set(batches) == {3}  # no doubled batch
+    guided_at_one = sampler(model.forward_with_cfg, torch.cat([z, z]),
+                            dict(y=torch.cat([y, torch.full_like(y, 4)]), cfg_scale=1.0), False)[:3]
+    torch.testing.assert_close(plain, guided_at_one, rtol=1e-5, atol=1e-5)
+    batches.clear()
+    sample.denoise(model, sampler, z, y, cfg_scale=4.0)
+    assert set(batches) == {6}
+
+
+S = 0.5
+ABAR = torch.tensor(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), dtype=torch.float32)
+
+
+def test_dpm_solver_matches_the_gaussian_oracle():
+    """x0 ~ N(0, S^2 I): eps*(x_t, t) = x_t sqrt(1 - abar_t) / (abar_t S^2 + 1 - abar_t). With this exact
+    eps and standardised x_T, only the solver's discretisation error shows: measured -2.43% in std at
+    25 steps, -0.04% at 50. The learned-sigma channels are NaN: they must not be used."""
+    seen = []
+
+    def oracle(x, t):
+        seen.append(t)
+        a = ABAR[t].view(-1, 1, 1, 1)
+        return torch.cat([x * (1 - a).sqrt() / (a * S**2 + 1 - a), torch.full_like(x, float("nan"))], dim=1)
+
+    torch.manual_seed(0)
+    z = torch.randn(4096, 1, 2, 2)
+    z = (z - z.mean()) / z.std()
+    errors = {}
+    for steps in (25, 50):
+        seen.clear()
+        x = sample.make_sampler("dpm++", steps)(oracle, z, {}, False)
+        errors[steps] = x.std().item() / S - 1
+        assert len(seen) == steps and seen[0].dtype == torch.long and seen[0][0] == 999
+    assert abs(errors[50]) < 0.01 and abs(errors[25]) < 0.03 and abs(errors[50]) < abs(errors[25]), errors
+
+
+def test_posthoc_at_the_last_snapshot_returns_the_tracked_ema(pixel_run):
+    steps = [s for s in range(1, 7) for _ in (0, 1)]
+    weights = posthoc_coefficients(steps, [0.05, 0.1] * 6, 6, 0.05)
+    np.testing.assert_allclose(weights, np.eye(12)[10], atol=1e-6)
+    path = os.path.join(pixel_run, "checkpoints", "0000006.pt")
+    model, *_ = sample.load_model(sample.parse_args(["--ckpt", path, "--class-label", "0"]))
+    state, _ = sample.posthoc_ema(load(path), path, 0.05, model)
+    for name, tensor in load(path)["ema_power"]["0.05"].items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_posthoc_least_squares_weights_sum_to_about_one():
+    steps = list(range(10, 101, 10)) * 2
+    for sigma_rel in (0.07, 0.15):
+        assert posthoc_coefficients(steps, [0.05] * 10 + [0.1] * 10, 100, sigma_rel).sum() == pytest.approx(1, abs=5e-3)
+
+
+def test_posthoc_reconstruction_lies_between_the_tracked_emas(pixel_run):
+    """Both tracked EMAs average the same trajectory; an in-between width should give an average on
+    the segment between them, nearer the one of nearer width: position t in (0, 1) along it, rising
+    with sigma_rel, and little off the segment."""
+    path = os.path.join(pixel_run, "checkpoints", "0000006.pt")
+    ckpt = load(path)
+    model, _, note, _ = sample.load_model(sample.parse_args(["--ckpt", path, "--class-label", "0",
+                                                             "--weights", "ema-0.07"]))
+    assert "from 6 snapshot(s)" in note and "step       1 sigma_rel 0.05" in note
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    flat = lambda state: torch.cat([state[n].double().flatten() for n in names])
+    a, b = flat(ckpt["ema_power"]["0.05"]), flat(ckpt["ema_power"]["0.1"])
+    positions = []
+    for sigma_rel in (0.06, 0.08):
+        w = flat(sample.posthoc_ema(ckpt, path, sigma_rel, model)[0])
+        t = ((w - a) @ (b - a) / (b - a).norm() ** 2).item()
+        assert 0 < t < 1 and (w - a - t * (b - a)).norm() < 0.2 * (b - a).norm()
+        positions.append(t)
+    assert positions[0] < positions[1]
+    earlier = os.path.join(pixel_run, "checkpoints", "0000003.pt")
+    _, _, note, _ = sample.load_model(sample.parse_args(["--ckpt", earlier, "--class-label", "0",
+                                                         "--weights", "ema-0.07"]))
+    assert "at step 3 from 3 snapshot(s)" in note  # snapshots after the checkpoint are left out
+
+
+def test_fid_npz_resumes_and_splits_over_ranks(pixel_run, tmp_path, capsys, monkeypatch):
+    fid = ["--result-dir", pixel_run, "--fid", 10, "--batch-size", 4, "--sampler", "ddim", "--num-sampling-steps", 5]
+    assert run_cli([*fid, "--out", tmp_path / "straight.npz"], capsys)[0] == 0
+    straight = np.load(tmp_path / "straight.npz")["arr_0"]
+    assert straight.shape == (10, 8, 8, 3) and straight.dtype == np.uint8
+    labels = np.concatenate([np.load(tmp_path / "straight-chunks" / f"{k:06d}.npz")["labels"] for k in range(3)])
+    assert labels.min() >= 0 and labels.max() < 4 and len(set(labels)) > 1
+
+    real_save, saved = sample.save_chunk, []
+
+    def interrupt_after_one(*a):
+        real_save(*a)
+        saved.append(a[0])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "save_chunk", interrupt_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        sample.cli([str(a) for a in [*fid, "--out", tmp_path / "resumed.npz"]])
+    monkeypatch.setattr(sample, "save_chunk", real_save)
+    assert len(saved) == 1 and not os.path.exists(tmp_path / "resumed.npz")
+    assert run_cli([*fid, "--out", tmp_path / "resumed.npz"], capsys)[0] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "resumed.npz")["arr_0"], straight)
+
+    code, _, err = run_cli([*fid, "--out", tmp_path / "resumed.npz", "--seed", 1], capsys)
+    assert code == 2 and "other seed" in err
+
+    monkeypatch.setattr(sample, "barrier", lambda world: None)  # ranks run one after the other
+    monkeypatch.setattr(sample.dist, "destroy_process_group", lambda: None)
+    for rank in (1, 0):
+        monkeypatch.setattr(sample, "setup_distributed", lambda: (rank, 2, torch.device("cpu")))
+        assert run_cli([*fid, "--out", tmp_path / "ranks.npz"], capsys)[0] == 0
+        assert os.path.exists(tmp_path / "ranks.npz") == (rank == 0)  # rank 0 merges
+        if rank == 1:
+            assert sorted(os.listdir(tmp_path / "ranks-chunks")) == ["000001.npz", "settings.json"]
+    np.testing.assert_array_equal(np.load(tmp_path / "ranks.npz")["arr_0"], straight)
+
+
+def test_latent_run_is_decoded_by_the_vae(latent_run, vae_dir, tmp_path, capsys):
+    out = tmp_path / "latent.png"
+    code, _, err = run_cli(["--result-dir", latent_run, "--vae-path", vae_dir, "--class-label", 1, 0,
+                            "--num-samples", 2, "--sampler", "ddim", "--num-sampling-steps", 2, "--out", out], capsys)
+    assert code == 0, err
+    assert Image.open(out).size == (2 * 32, 2 * 32)  # 4x4 latents decode to 32x32 images
+
+
+def test_official_state_dict_loads_into_vanilla_dit(official_ckpt, vae_dir, tmp_path, capsys):
+    state = load(official_ckpt)
+    assert set(state) == {k for k in DIT_KEYS if not k.startswith("blocks.") or int(k.split(".")[1]) < 6}
+    official = ["--ckpt", official_ckpt, "--model", "DiT-XS/8", "--image-size", 64]
+    model, manifest, _, _ = sample.load_model(sample.parse_args([str(a) for a in official] + ["--class-label", "0"]))
+    assert model.num_classes == 1000 and manifest["shape"] == [4, 8, 8]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name])
+    out = tmp_path / "official.png"
+    code, _, err = run_cli([*official, "--vae-path", vae_dir, "--class-label", 207, "--num-samples", 2,
+                            "--sampler", "dpm++", "--num-sampling-steps", 3, "--out", out], capsys)
+    assert code == 0, err
+    assert Image.open(out).size == (2 * 64, 64)
+
+    decoded = []
+    stub = types.SimpleNamespace(decode=lambda z: decoded.append(z) or types.SimpleNamespace(
+        sample=torch.zeros(len(z), 3, 64, 64)))
+    x = torch.randn(2, 4, 8, 8)
+    images = sample.decode(x, manifest, stub)
+    torch.testing.assert_close(decoded[0], x / 0.18215)  # DiT's latent scale
+    assert images.shape == (2, 64, 64, 3) and (images == 128).all()  # 0 in [-1, 1] is grey
+
+    for argv, needle in ([*official, "--model", "DiT-S/8"], "holds DiT-XS/8 for 8x8x4 inputs, 1000 classes"), \
+                        ([*official, "--image-size", 128], "does not fit DiT-XS/8 at --image-size 128"), \
+                        ([*official, "--weights", "ema"], "plain state dict"):
+        code, _, err = run_cli([*argv, "--class-label", 0, "--vae-path", vae_dir], capsys)
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+
+
+def test_bad_inputs_give_one_line_and_exit_code_2(pixel_run, tmp_path, capsys):
+    ckpt = load(os.path.join(pixel_run, "checkpoints", "0000006.pt"))
+    torch.save({**ckpt, "ema_power": {}}, tmp_path / "untracked.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    os.makedirs(tmp_path / "empty_run")
+    run = ["--result-dir", pixel_run]
+    cases = [
+        ([*run, "--class-label", 4], "--class-label 4: outside [0, 4)"),
+        ([*run, "--class-label", -1], "outside [0, 4)"),
+        (["--result-dir", tmp_path / "empty_run", "--class-label", 0], "no checkpoints"),
+        ([*run, "--class-label", 0, "--weights", "ema-x"], "ema-<sigma_rel>"),
+        ([*run, "--class-label", 0, "--weights", "ema-0.9"], "sigma_rel 0.9"),
+        (["--ckpt", tmp_path / "untracked.pt", "--class-label", 0, "--weights", "ema-0.07"], "no power-EMA snapshots"),
+        (run, "--class-label"),
+        ([*run, "--class-label", 0, "--fid", 4], "one of them"),
+        (["--class-label", 0], "--result-dir"),
+        ([*run, "--class-label", 0, "--num-sampling-steps", 0], "at least 1"),
+        ([*run, "--class-label", 0, "--num-sampling-steps", 2000], "at most"),
+        ([*run, "--class-label", 0, "--sampler", "euler"], "invalid choice"),
+        ([*run, "--class-label", "dog"], "invalid int"),
+        (["--ckpt", tmp_path / "missing.pt", "--class-label", 0], "no such file"),
+        (["--ckpt", tmp_path / "corrupt.pt", "--class-label", 0], "cannot read checkpoint"),
+        ([*run, "--class-label", 0, "--vae-path", tmp_path / "nope"], "not a directory"),
+    ]
+    for argv, needle in cases:
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, (argv, err)
+    assert not os.path.exists(os.path.join(pixel_run, "samples", "0000006-ema-0.1-ddpm250-cfg4-seed0.png"))
+
+
+def test_missing_vae_offline_in_a_real_process(latent_run, tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "sample.py", "--result-dir", latent_run, "--class-label", "0"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "--vae-path" in result.stderr
