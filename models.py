@@ -2,6 +2,7 @@
 
 All switches off gives the original DiT, parameter for parameter: the state-dict keys and shapes
 match the official checkpoints. `mp=True` turns every switch in MP_SWITCHES on (MaP-DiT).
+`modulation` picks how the blocks are conditioned (MODULATIONS; default "adaln", DiT's own).
 """
 import math
 
@@ -23,6 +24,14 @@ MP_SWITCHES = {
     "use_no_layernorm": "no LayerNorm before attention, MLP and the final layer",
     "use_mp_pos_enc": "unit-RMS sin-cos position embedding joined by mp_sum",
     "use_mp_embedding": "MP Fourier timestep features of 2t/T - 1, unit-RMS label embeddings, joined by mp_sum",
+}
+
+
+MODULATIONS = {  # how each block's conditioning c acts on the inputs of attention and MLP
+    "adaln": "DiT's adaLN-Zero: x (1 + scale) + shift, then x + gate branch; 6D conditioning outputs per block",
+    "rotation": "channel pairs (2i, 2i+1) rotated by learned angles theta_i(c), identity at init; "
+                "3D outputs per block",
+    "rotation-scale": "rotation, then x (1 + scale); 5D outputs per block (no shift)",
 }
 
 
@@ -61,6 +70,19 @@ def layer_norm(dim, sw):
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def rotate_pairs(x, theta):
+    """Rotate channel pairs: (x_2i, x_2i+1) -> (x_2i cos th_i - x_2i+1 sin th_i, x_2i sin th_i + x_2i+1 cos th_i).
+
+    x (N, T, D) with D even, theta (N, D/2): one rotation per sample, shared by its tokens, so
+    every token keeps its norm. cos and sin are taken in (at least) float32, the product in x's dtype."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"rotate_pairs needs an even number of channels, got {x.shape[-1]}")
+    theta = theta.to(torch.promote_types(theta.dtype, torch.float32)).unsqueeze(1)
+    cos, sin = theta.cos().to(x.dtype), theta.sin().to(x.dtype)
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 
 
 #################################################################################
@@ -190,17 +212,36 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero block: x + gate * f(modulate(norm(x), shift, scale)) for f = attention, MLP.
     With the MP residual: mp_sum(x, (1 + gate) f(...), 0.3), so the stream keeps unit RMS at
-    init (a zero gate inside mp_sum would shrink it by 0.92 per sub-block)."""
+    init (a zero gate inside mp_sum would shrink it by 0.92 per sub-block).
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio, sw):
+    Rotation modulation replaces modulate(h, shift, scale) by rotate_pairs(h, theta), times
+    (1 + scale) for "rotation-scale". The conditioning linear (named adaLN_modulation for every
+    option) outputs, for attention then MLP: [shift, scale, gate] (D each), [theta (D/2), gate] or
+    [theta, scale, gate]. It is zero-initialised, so at init the rotation is the identity."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio, sw, modulation="adaln"):
         super().__init__()
         self.mp_residual = sw.use_mp_residual
+        self.modulation = modulation
+        d = hidden_size
+        self.sizes = {"adaln": [d, d, d], "rotation": [d // 2, d], "rotation-scale": [d // 2, d, d]}[modulation]
         self.norm1 = layer_norm(hidden_size, sw)
         self.attn = Attention(hidden_size, num_heads, sw)
         self.norm2 = layer_norm(hidden_size, sw)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), sw)
         self.adaLN_modulation = nn.Sequential(activation(sw, nn.SiLU()),
-                                              linear(hidden_size, 6 * hidden_size, sw, zero_init=True))
+                                              linear(hidden_size, 2 * sum(self.sizes), sw, zero_init=True))
+
+    def branch_input(self, h, params):
+        """(input of the branch, gate) from h (N, T, D) and the branch's conditioning outputs params."""
+        if self.modulation == "adaln":
+            shift, scale, gate = params.split(self.sizes, dim=1)
+            return modulate(h, shift, scale), gate
+        if self.modulation == "rotation":
+            theta, gate = params.split(self.sizes, dim=1)
+            return rotate_pairs(h, theta), gate
+        theta, scale, gate = params.split(self.sizes, dim=1)
+        return rotate_pairs(h, theta) * (1 + scale.unsqueeze(1)), gate
 
     def residual(self, x, gate, branch):
         if self.mp_residual:
@@ -208,13 +249,16 @@ class DiTBlock(nn.Module):
         return x + gate.unsqueeze(1) * branch
 
     def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = self.residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
-        x = self.residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        return x
+        params_msa, params_mlp = self.adaLN_modulation(c).chunk(2, dim=1)
+        h, gate = self.branch_input(self.norm1(x), params_msa)
+        x = self.residual(x, gate, self.attn(h))
+        h, gate = self.branch_input(self.norm2(x), params_mlp)
+        return self.residual(x, gate, self.mlp(h))
 
 
 class FinalLayer(nn.Module):
+    """linear(modulate(norm(x), shift, scale)): adaLN shift and scale whatever the blocks' modulation."""
+
     def __init__(self, hidden_size, patch_size, out_channels, sw):
         super().__init__()
         self.norm_final = layer_norm(hidden_size, sw)
@@ -229,7 +273,8 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone. forward(x (N, C, H, W), t (N,), y (N,)) ->
-    (N, 2C, H, W) with learned sigma (eps, then the variance interpolation v), else (N, C, H, W)."""
+    (N, 2C, H, W) with learned sigma (eps, then the variance interpolation v), else (N, C, H, W).
+    `modulation` (one of MODULATIONS) conditions the blocks; the final layer always uses adaLN."""
 
     def __init__(
         self,
@@ -244,10 +289,17 @@ class DiT(nn.Module):
         num_classes=1000,
         learn_sigma=True,
         mp=False,
+        modulation="adaln",
         **switches,
     ):
         super().__init__()
+        if modulation not in MODULATIONS:
+            raise ValueError(f"unknown modulation {modulation!r}; choose one of {list(MODULATIONS)}")
+        if modulation != "adaln" and hidden_size % 2:
+            raise ValueError(f"{modulation} modulation rotates channel pairs: hidden_size must be even, "
+                             f"got {hidden_size}")
         self.switches = sw = Switches(mp, **switches)
+        self.modulation = modulation
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -261,7 +313,8 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob, sw)
         num_patches = (input_size // patch_size) ** 2
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, sw) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, sw, modulation)
+                                     for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, sw)
         self.grad_checkpoint = False  # recompute each block in backward: less memory, ~1/3 more compute
         self.initialize_weights()
@@ -314,7 +367,10 @@ class DiT(nn.Module):
             x = mp_sum(x, self.pos_embed.to(x.dtype), t=0.5)
         else:
             x = x + self.pos_embed
-        c = mp_sum(t, y, t=0.5) if self.switches.use_mp_embedding else t + y
+        if self.switches.use_mp_embedding:  # float32: under autocast t is bf16, the label table float32
+            c = mp_sum(t.float(), y.float(), t=0.5)
+        else:
+            c = t + y
         return x, c
 
     def forward(self, x, t, y, force_drop_ids=None):

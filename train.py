@@ -31,7 +31,7 @@ from tqdm import tqdm
 from data import DataError, LatentDataset, make_demo_dataset
 from diffusion import create_diffusion
 from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma
-from models import MP_SWITCHES, DiT_models
+from models import MODULATIONS, MP_SWITCHES, DiT_models
 from monitor import block_magnitudes, plot_magnitudes
 from mp_layers import force_normalize_
 
@@ -57,6 +57,8 @@ def parse_args(argv=None):
     g.add_argument("--depth", type=int, help="override the model's number of blocks")
     g.add_argument("--hidden-size", type=int, help="override the model's width")
     g.add_argument("--num-heads", type=int, help="override the model's number of attention heads")
+    g.add_argument("--modulation", choices=list(MODULATIONS), default="adaln",
+                   help="block conditioning: " + "; ".join(f"{k}: {v}" for k, v in MODULATIONS.items()))
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on for datasets, off for the demo)")
     g = p.add_argument_group("magnitude preservation (all off = original DiT)")
@@ -268,12 +270,12 @@ def build_model(args, manifest):
     switches = {name: getattr(args, name) for name in MP_SWITCHES}
     overrides = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)}
     return DiT_models[args.model](input_size=h, in_channels=c, num_classes=manifest["num_classes"],
-                                  mp=args.mp, **switches, **overrides)
+                                  mp=args.mp, modulation=args.modulation, **switches, **overrides)
 
 
 def check_compatible(ckpt, args, manifest, path):
     saved = ckpt["args"]
-    for key in ("model", "depth", "hidden_size", "num_heads", "mp", *MP_SWITCHES):
+    for key in ("model", "depth", "hidden_size", "num_heads", "modulation", "mp", *MP_SWITCHES):
         if saved.get(key) != getattr(args, key):
             raise UsageError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has "
                              f"{getattr(args, key)!r}; pass the same arguments or start a new run")
