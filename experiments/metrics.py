@@ -1,0 +1,160 @@
+"""Offline metrics for experiments/ablate.py: no download, nothing outside this repository.
+
+Every number names the feature network it comes from:
+
+- FD-<data>-classifier: the Frechet distance between the 128-d penultimate-layer features of
+  SmallClassifier, a small conv net that ablate.py trains on the dataset itself (once per dataset),
+  for generated samples against held-out real images. Comparable only within one dataset and one
+  classifier (ablate.py caches it, so a grid and its reruns share it).
+- FID-Inception: the standard FID (pytorch-fid's port of the TF Inception, 2048-d pool3 features,
+  fid.py) when its weights file is already on disk; never downloaded here, "n/a" without it.
+- Class-consistency accuracy: the fraction of the samples generated for class k that the
+  classifier labels k (for real held-out images: the classifier's own accuracy).
+- Held-out loss: the training loss (MSE + VB, DiT's hybrid loss) of a model on a fixed batch with
+  fixed timesteps and fixed noise, so that every configuration is scored on the same terms.
+
+The Frechet distance itself is fid.frechet_distance of fid.feature_stats (float64).
+"""
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fid
+
+FEATURE_DIM = 128
+CLASSIFIER_RECIPE = "Adam 2e-3, cosine decay, batch 128, cross-entropy with label smoothing 0.1"  # in cache keys
+
+
+class SmallClassifier(nn.Module):
+    """Three 3x3 conv stages (width, 2 width, 4 width channels; ReLU; 2x2 max-pool after the first
+    two), global average pooling, a hidden linear layer of feature_dim units with ReLU (the features)
+    and a linear classifier. Input: model space (N, C, H, W) with H, W >= 4; any C."""
+
+    def __init__(self, in_channels, num_classes, width=32, feature_dim=FEATURE_DIM):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width,
+                           feature_dim=feature_dim)
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(4 * w, feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def train_classifier(x, y, num_classes, epochs=4, batch_size=128, lr=2e-3, seed=0, device="cpu", log=None,
+                     min_steps=300):
+    """A SmallClassifier trained on x (N, C, H, W) float, y (N,) int with CLASSIFIER_RECIPE for
+    `epochs` epochs but at least min_steps optimiser steps (small datasets); deterministic for a
+    seed on the CPU. Returned in eval mode on `device`."""
+    torch.manual_seed(seed)
+    net = SmallClassifier(x.shape[1], num_classes).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.as_tensor(y).long()
+    steps_per_epoch = max(len(x) // batch_size, 1)
+    epochs = max(epochs, -(-min_steps // steps_per_epoch))
+    total = epochs * steps_per_epoch
+    net.train()
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        running = 0.0
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            for group in opt.param_groups:  # cosine decay to 0: a stable end point in few epochs
+                group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / total))
+            # label smoothing bounds the logits, and so the feature scale, once the data is fitted
+            loss = F.cross_entropy(net(x[idx].to(device)), y[idx].to(device), label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.item()
+            step += 1
+        if log and (epoch + 1) % max(epochs // 8, 1) == 0:
+            log(f"classifier epoch {epoch + 1}/{epochs}: loss {running / steps_per_epoch:.4f}")
+    return net.eval()
+
+
+@torch.no_grad()
+def _batched(fn, x, batch_size, device):
+    return torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+def extract_features(net, x, batch_size=500):
+    """Penultimate-layer features (N, feature_dim) of model-space inputs x, float64 numpy."""
+    device = next(net.parameters()).device
+    return _batched(net.features, x, batch_size, device).double().numpy()
+
+
+def predict(net, x, batch_size=500):
+    device = next(net.parameters()).device
+    return _batched(net, x, batch_size, device).argmax(1)
+
+
+def class_consistency(net, x, labels, batch_size=500):
+    """Fraction of x whose predicted class is its label: the accuracy on real data, or for samples
+    generated for given classes the fraction the classifier agrees with."""
+    labels = torch.as_tensor(labels).long().cpu()
+    return float((predict(net, x, batch_size) == labels).float().mean())
+
+
+def frechet_from_features(features_a, features_b):
+    """The Frechet distance between Gaussians fitted to two feature sets (N, D): fid.feature_stats
+    (mean, unbiased covariance) then fid.frechet_distance, in float64."""
+    return fid.frechet_distance(*fid.feature_stats(features_a), *fid.feature_stats(features_b))
+
+
+def frechet_to_stats(features, stats):
+    """The Frechet distance between the Gaussian of features (N, D) and reference (mu, sigma)."""
+    return fid.frechet_distance(*fid.feature_stats(features), *stats)
+
+
+def inception_weights(path=None):
+    """(path, None) of the FID Inception weights if they are on disk: path, else
+    $MAPDIT_INCEPTION_WEIGHTS, else the torch hub cache; else (None, reason). Never downloads."""
+    candidates = [p for p in (path, os.environ.get(fid.WEIGHTS_ENV)) if p]
+    candidates.append(os.path.join(torch.hub.get_dir(), "checkpoints", fid.INCEPTION_FILE))
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate, None
+    if path or os.environ.get(fid.WEIGHTS_ENV):
+        return None, f"{candidates[0]} not found"
+    return None, f"no {fid.INCEPTION_FILE} (pass --inception-weights or set {fid.WEIGHTS_ENV})"
+
+
+def inception_stats(feature_fn, images_nchw_uint8, batch_size=50):
+    """(mu, sigma) of Inception features of uint8 images (N, 3, H, W) through fid.compute_statistics."""
+    return fid.compute_statistics(torch.as_tensor(images_nchw_uint8).permute(0, 2, 3, 1).contiguous(),
+                                  feature_fn, batch_size)
+
+
+@torch.no_grad()
+def heldout_loss(model, diffusion, x, y, seed=0, batch_size=256):
+    """Mean loss, mse and vb of `model` (in eval mode: no label dropout) on x (N, C, H, W) in model
+    space with labels y: timesteps evenly spread over [0, T), noise from a generator seeded with
+    `seed`, so every model is scored on the same (x, t, noise)."""
+    device = next(model.parameters()).device
+    n, steps = len(x), diffusion.num_timesteps
+    t_all = torch.arange(n) * steps // n
+    noise_all = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    totals = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+    for i in range(0, n, batch_size):
+        sl = slice(i, i + batch_size)
+        terms = diffusion.training_losses(model, x[sl].to(device), t_all[sl].to(device),
+                                          dict(y=torch.as_tensor(y[sl]).to(device)), noise=noise_all[sl].to(device))
+        for k in totals:
+            totals[k] += terms[k].double().sum().item()
+    return {k: v / n for k, v in totals.items()}
