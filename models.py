@@ -68,6 +68,11 @@ def layer_norm(dim, sw):
     return nn.Identity() if sw.use_no_layernorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
+MP_RESIDUAL_T = 0.3  # mp_sum's blend for residual branches (EDM2)
+MP_RESIDUAL_SKIP = (1 - MP_RESIDUAL_T) / math.sqrt((1 - MP_RESIDUAL_T) ** 2 + MP_RESIDUAL_T ** 2)
+MP_RESIDUAL_BRANCH = MP_RESIDUAL_T / math.sqrt((1 - MP_RESIDUAL_T) ** 2 + MP_RESIDUAL_T ** 2)
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -105,7 +110,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         if self.mp:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # contiguous tokens: faster downstream
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -244,8 +249,8 @@ class DiTBlock(nn.Module):
         return rotate_pairs(h, theta) * (1 + scale.unsqueeze(1)), gate
 
     def residual(self, x, gate, branch):
-        if self.mp_residual:
-            return mp_sum(x, (1 + gate.unsqueeze(1)) * branch, t=0.3)
+        if self.mp_residual:  # mp_sum(x, (1 + gate) branch, 0.3), as one multiply and one addcmul
+            return torch.addcmul(x * MP_RESIDUAL_SKIP, branch, (1 + gate.unsqueeze(1)) * MP_RESIDUAL_BRANCH)
         return x + gate.unsqueeze(1) * branch
 
     def forward(self, x, c):

@@ -192,3 +192,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_mp_residual_is_mp_sum_with_the_gate_on_the_branch():
+    from mp_layers import mp_sum
+    block = DiT(**TINY, mp=True).blocks[0]
+    x, branch, gate = torch.randn(2, 16, 64), torch.randn(2, 16, 64), torch.randn(2, 64)
+    torch.testing.assert_close(block.residual(x, gate, branch), mp_sum(x, (1 + gate[:, None]) * branch, 0.3))

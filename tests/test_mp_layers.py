@@ -148,3 +148,23 @@ def test_cosine_attention_ignores_q_k_magnitude_and_matches_softmax():
     assert torch.allclose(out, expected, atol=1e-5)
     assert torch.allclose(cosine_attention(q, k, 7 * v, normalize_v=True), cosine_attention(q, k, v, normalize_v=True),
                           atol=1e-3)
+
+
+def autograd_normalize(x, gain):
+    """The same formula through plain autograd: the independent reference for the hand backward."""
+    norm = x.flatten(1).norm(dim=1).view(-1, *[1] * (x.ndim - 1))
+    return gain * x / (1e-4 + norm / math.sqrt(x[0].numel()))
+
+
+def test_normalize_backward_matches_autograd():
+    x = torch.randn(6, 5, 2, dtype=torch.float64, requires_grad=True)
+    gain = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, g: normalize(a, gain=g), (x, gain))
+    dy = torch.randn(6, 5, 2, dtype=torch.float64)
+    grads = torch.autograd.grad((normalize(x, gain=gain) * dy).sum(), (x, gain))
+    expected = torch.autograd.grad((autograd_normalize(x, gain) * dy).sum(), (x, gain))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+    xf = x.detach().float().requires_grad_()
+    (normalize(xf, dim=-1) * dy.float()).sum().backward()  # a constant gain and another dim
+    assert torch.isfinite(xf.grad).all()
