@@ -389,7 +389,9 @@ def main(args):
             (loss / args.grad_accum).backward()
             window_loss += torch.stack([loss.detach(), losses["mse"].mean().detach(),
                                         losses["vb"].mean().detach()]) / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        logging_step = (step + 1) % args.log_every == 0 or step + 1 == args.num_steps
+        if args.grad_clip or logging_step:  # the norm costs a pass over the gradients: only when used
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         force_normalize_(model)
@@ -400,7 +402,7 @@ def main(args):
         window_steps += 1
         bar.update(1)
 
-        if step % args.log_every == 0 or step == args.num_steps:
+        if logging_step:
             if world > 1:
                 dist.all_reduce(window_loss)
                 window_loss /= world
