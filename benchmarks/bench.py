@@ -1,0 +1,413 @@
+"""Speed of MaP-DiT against vanilla DiT: training step, sampling forward, and train.py's own loop.
+
+    python benchmarks/bench.py                  # CPU default: DiT-S/2 on 16x16x4, batch 16, fp32 (< 5 min, 2 cores)
+    python benchmarks/bench.py --each           # also every MP switch alone
+    python benchmarks/bench.py --loop           # train.py's loop on the demo data against the bare step
+    python benchmarks/bench.py --models DiT-B/2@16 DiT-XL/2@32 --batch 256   # GPU: bf16 autocast, fused Adam
+
+All configurations of a model are held in memory at once and timed interleaved: after warm-up, each
+of --rounds rounds times a block of --iters iterations of vanilla next to a block of each other
+configuration in turn (pair order flipped every round), so machine noise hits them alike. Throughput
+is summarised over blocks (median, min-max); each ratio to vanilla comes from two adjacent blocks,
+and the ratios are summarised by their median. See benchmarks/README.md.
+"""
+import argparse
+import contextlib
+import datetime
+import gc
+import io
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import train  # noqa: E402
+from data import make_demo_dataset  # noqa: E402
+from diffusion import create_diffusion  # noqa: E402
+from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma  # noqa: E402
+from models import MP_SWITCHES, DiT_models  # noqa: E402
+from mp_layers import force_normalize_  # noqa: E402
+
+# Forward GMACs per image from REFERENCE.md section 1 (4 latent channels, learned sigma).
+GMACS = {("DiT-S/2", 16): 1.41, ("DiT-S/2", 32): 6.06, ("DiT-B/2", 16): 5.56, ("DiT-B/2", 32): 23.0,
+         ("DiT-L/2", 16): 19.7, ("DiT-L/2", 32): 80.7, ("DiT-XL/2", 16): 29.0, ("DiT-XL/2", 32): 118.6}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+POWER_SIGMA_RELS = (0.05, 0.10)  # train.py's default power EMAs, beside the classic 0.9999 one
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", metavar="NAME@SIZE",
+                   help="model and latent size (default CPU: DiT-S/2@16; GPU: DiT-B/2@16 DiT-B/2@32 DiT-XL/2@16 DiT-XL/2@32)")
+    p.add_argument("--batch", type=int, help="images per step (default 16 CPU, 256 GPU; halved on GPU OOM)")
+    p.add_argument("--channels", type=int, default=4, help="latent channels")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--each", action="store_true", help="also every MP switch alone (forced = weight norm + forced)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on GPU")
+    p.add_argument("--plain-forward", action="store_true", help="inference: model(x) instead of forward_with_cfg")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per configuration")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=2, help="iterations per timed block")
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-infer", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model's forward")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing (DiT.grad_checkpoint): less memory, more compute")
+    p.add_argument("--peak-tflops", type=float, help="device bf16 dense peak for MFU (default: H100/H200 989)")
+    p.add_argument("--loop", action="store_true", help="also train.py's loop on the demo data vs the bare step")
+    p.add_argument("--loop-model", default="DiT-S/4", help="model for --loop (demo data: 3x32x32, 10 classes)")
+    p.add_argument("--loop-steps", type=int, default=16)
+    p.add_argument("--loop-window", type=int, default=4, help="train.py --log-every; the first window is skipped")
+    p.add_argument("--loop-rounds", type=int, default=1)
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice less the cores other jobs keep busy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-json", default=os.path.join(ROOT, "benchmarks", "results.json"))
+    p.add_argument("--out-md", help="also write the markdown report here")
+    return p.parse_args(argv)
+
+
+def configurations(each):
+    """name -> DiT keyword arguments. Forced weight normalisation needs weight normalisation."""
+    out = {"vanilla": {}, "MaP": {"mp": True}}
+    for name in MP_SWITCHES if each else ():
+        if name == "use_forced_weight_normalization":
+            out["weight_norm+forced"] = {"use_weight_normalization": True, name: True}
+        else:
+            out[name[len("use_"):]] = {name: True}
+    return out
+
+
+class Ctx:
+    """Device, precision and the fixed inputs shared by every configuration of one model."""
+
+    def __init__(self, args, device, name, size, batch, channels, num_classes):
+        self.args, self.device, self.name, self.size, self.batch = args, device, name, size, batch
+        self.channels, self.num_classes = channels, num_classes
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        g = torch.Generator().manual_seed(args.seed)
+        self.x = torch.randn(batch, channels, size, size, generator=g).to(device)
+        self.noise = torch.randn(batch, channels, size, size, generator=g).to(device)
+        self.t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        self.y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+        self.drop = (torch.rand(batch, generator=g) < 0.1).long().to(device)
+        half = batch // 2  # classifier-free guidance: conditional half, then the same latents unconditional
+        self.y_cfg = torch.cat([self.y[:half], torch.full_like(self.y[half:], num_classes)])
+        self.diffusion = create_diffusion(timestep_respacing="")
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def build(self, kwargs):
+        torch.manual_seed(self.args.seed)
+        return DiT_models[self.name](input_size=self.size, in_channels=self.channels,
+                                     num_classes=self.num_classes, **kwargs).to(self.device)
+
+
+def saved_activation_mb(ctx, model):
+    """MB of tensors autograd saves for backward in one training forward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx.autocast():
+        ctx.diffusion.training_losses(model, ctx.x, ctx.t, dict(y=ctx.y, force_drop_ids=ctx.drop), noise=ctx.noise)
+    return sum(storages.values()) / 2**20
+
+
+class TrainStep:
+    """One step of train.py: hybrid diffusion loss, backward, Adam(W), forced weight normalisation,
+    classic EMA and two power EMAs (train.py takes the gradient norm only to clip or log it)."""
+
+    def __init__(self, ctx, kwargs):
+        self.ctx, mem0 = ctx, torch.cuda.memory_allocated() if ctx.device.type == "cuda" else 0
+        self.model = model = ctx.build(kwargs)
+        model.grad_checkpoint = self.checkpointing = ctx.args.grad_checkpoint
+        self.act_mb = saved_activation_mb(ctx, model)
+        self.emas = [frozen_copy(model) for _ in range(1 + len(POWER_SIGMA_RELS))]
+        self.gammas = [sigma_rel_to_gamma(s) for s in POWER_SIGMA_RELS]
+        kernel = dict(fused=True) if ctx.device.type == "cuda" else dict(foreach=True)
+        if model.switches.use_weight_normalization:  # lr is irrelevant to speed; fixed for all
+            self.opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.99), **kernel)
+        else:
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, **kernel)
+        if ctx.args.compile:
+            model.forward = torch.compile(model.forward)
+        self.steps, self.peak_gb = 0, None
+        self()  # creates the optimiser state
+        if ctx.device.type == "cuda":  # peak = own persistent state + transient peak of one step
+            ctx.sync()
+            persistent = torch.cuda.memory_allocated() - mem0
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            self()
+            ctx.sync()
+            self.peak_gb = (persistent + torch.cuda.max_memory_allocated() - before) / 2**30
+
+    def __call__(self):
+        c, model = self.ctx, self.model
+        with c.autocast():
+            losses = c.diffusion.training_losses(model, c.x, c.t, dict(y=c.y, force_drop_ids=c.drop), noise=c.noise)
+        losses["loss"].mean().backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        force_normalize_(model)
+        self.steps += 1
+        ema_update(self.emas[0], model, 0.9999)
+        for ema, gamma in zip(self.emas[1:], self.gammas):
+            ema_update(ema, model, power_beta(self.steps, gamma))
+
+
+class InferStep:
+    """The sampling cost: forward_with_cfg (or a plain forward) of a frozen eval-mode copy under no_grad."""
+
+    def __init__(self, ctx, kwargs):
+        self.ctx, self.model = ctx, frozen_copy(ctx.build(kwargs))
+        if ctx.args.compile:
+            self.model.forward = torch.compile(self.model.forward)
+
+    @torch.no_grad()
+    def __call__(self):
+        c = self.ctx
+        with c.autocast():
+            if c.args.plain_forward:
+                self.model(c.x, c.t, c.y)
+            else:
+                self.model.forward_with_cfg(c.x, c.t, c.y_cfg, cfg_scale=4.0)
+
+
+def timed(ctx, step, iters):
+    """Seconds for `iters` calls of step (the device synchronised before and after)."""
+    ctx.sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    ctx.sync()
+    return time.perf_counter() - start
+
+
+def interleaved(ctx, steps):
+    """Seconds per timed block of each configuration, and per-round ratios to vanilla. After warm-up,
+    every round runs vanilla next to each other configuration in turn (vanilla, A, vanilla, B, ...;
+    the order of each pair and of the configurations flips every round), so a ratio compares two
+    adjacent blocks. With the default two configurations this is plain ABBA interleaving."""
+    args, others = ctx.args, [n for n in steps if n != "vanilla"]
+    for _ in range(args.warmup):
+        for name in steps:
+            steps[name]()
+    times, ratios = {name: [] for name in steps}, {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name in others if r % 2 == 0 else others[::-1]:
+            pair = {n: timed(ctx, steps[n], args.iters) for n in (("vanilla", name) if r % 2 == 0 else (name, "vanilla"))}
+            times["vanilla"].append(pair["vanilla"])
+            times[name].append(pair[name])
+            ratios[name].append(pair["vanilla"] / pair[name])
+            ratios["vanilla"].append(1.0)
+    return times, ratios
+
+
+def summary(values):
+    s = sorted(values)
+    q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
+    return dict(median=statistics.median(s), min=s[0], max=s[-1], q1=q[0], q3=q[2], values=values)
+
+
+def forward_gmacs(ctx):
+    """(GMACs per image of one forward, source): REFERENCE.md's table, else FlopCounterMode."""
+    model = ctx.build({}).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ctx.x[:1], ctx.t[:1], ctx.y[:1])
+    counted = counter.get_total_flops() / 2e9
+    key = (ctx.name, ctx.size)
+    if key in GMACS and ctx.channels == 4:
+        return GMACS[key], "REFERENCE.md", counted
+    return counted, "FlopCounterMode", counted
+
+
+def bench_model(args, device, spec, configs, peak_tflops):
+    name, size = spec.split("@")
+    batch = args.batch or (256 if device.type == "cuda" else 16)
+    while True:
+        ctx = Ctx(args, device, name, int(size), batch, args.channels, args.num_classes)
+        try:
+            return run_model(ctx, configs, peak_tflops)
+        except torch.cuda.OutOfMemoryError:
+            if device.type != "cuda" or batch <= 2:
+                raise
+        print(f"{spec}: out of memory at batch {batch}; halving", file=sys.stderr)
+        del ctx  # outside the except clause, so the traceback no longer holds the models
+        gc.collect()
+        torch.cuda.empty_cache()
+        batch //= 2
+
+
+def run_model(ctx, configs, peak_tflops):
+    gmacs, source, counted = forward_gmacs(ctx)
+    out = dict(model=ctx.name, latent=[ctx.channels, ctx.size, ctx.size], batch=ctx.batch, gmacs=gmacs,
+               gmacs_source=source, gmacs_counted=counted, configs={})
+    for phase, cls, flops in (("train", TrainStep, 3 * 2 * gmacs * 1e9), ("infer", InferStep, 2 * gmacs * 1e9)):
+        if getattr(ctx.args, "no_" + phase):
+            continue
+        steps = {n: cls(ctx, kw) for n, kw in configs.items()}
+        times, ratios = interleaved(ctx, steps)
+        for n, ts in times.items():
+            ips = [ctx.args.iters * ctx.batch / s for s in ts]
+            rec = dict(img_per_s=summary(ips), ratio=summary(ratios[n]))
+            if peak_tflops:
+                rec["mfu"] = statistics.median(ips) * flops / (peak_tflops * 1e12)
+            if phase == "train":
+                rec.update(peak_gb=steps[n].peak_gb, saved_act_mb=steps[n].act_mb, checkpointing=steps[n].checkpointing)
+            out["configs"].setdefault(n, {})[phase] = rec
+        del steps
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def run_loop(args, device):
+    """train.py's own loop (loader, noise, EMAs, logging) against the bare step, same model and batch."""
+    batch = args.batch or (256 if device.type == "cuda" else 16)
+    if args.loop_steps < 2 * args.loop_window:
+        raise SystemExit("--loop-steps must be at least 2 x --loop-window (the first window is skipped)")
+    demo = make_demo_dataset(os.path.join(tempfile.gettempdir(), "map-dit-bench-demo-data"))
+    ctx = Ctx(args, device, args.loop_model, 32, batch, 3, 10)  # the demo data: 3x32x32 pixels, 10 classes
+    configs = {"vanilla": {}, "MaP": {"mp": True}}
+    bare = {n: TrainStep(ctx, kw) for n, kw in configs.items()}
+    out = {n: dict(loop=[], bare=[]) for n in configs}
+    for _ in range(args.loop_rounds):
+        for n, kw in configs.items():
+            parent = tempfile.mkdtemp(prefix="map-dit-bench-")
+            os.symlink(demo, os.path.join(parent, "demo-data"))
+            n_steps = str(args.loop_steps)
+            argv = ["--results-dir", parent, "--model", args.loop_model, "--mp" if kw else "--no-mp",
+                    "--num-steps", n_steps, "--global-batch-size", str(batch), "--log-every", str(args.loop_window),
+                    "--monitor-every", n_steps, "--ckpt-every", n_steps, "--snapshot-every", n_steps,
+                    "--sample-steps", "2", "--seed", str(args.seed), "--precision", args.precision]
+            bare[n]()  # warm-up, then one window of the bare step just before the loop
+            out[n]["bare"].append(args.loop_window * batch / timed(ctx, bare[n], args.loop_window))
+            log = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    run_dir = train.main(train.parse_args(argv))
+            except Exception:
+                print(log.getvalue(), file=sys.stderr)
+                raise
+            with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+                windows = [r["images_per_sec"] for r in map(json.loads, f) if "images_per_sec" in r]
+            for handler in logging.getLogger("train").handlers:  # train.py's; they point into `parent`
+                handler.close()
+            shutil.rmtree(parent)
+            os.sync()  # no write-back of train.py's checkpoint during the next timing
+            out[n]["loop"] += windows[1:]
+    for n, rec in out.items():
+        rec.update(loop=summary(rec["loop"]), bare=summary(rec["bare"]))
+        rec["loop_over_bare"] = rec["loop"]["median"] / rec["bare"]["median"]
+    return dict(model=args.loop_model, data="demo 3x32x32, 10 classes", batch=batch, steps=args.loop_steps,
+                window=args.loop_window, configs=out)
+
+
+def machine_info(device):
+    def git(*cmd):  # read-only queries; --no-optional-locks keeps git from rewriting its index
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            return subprocess.run(["git", "--no-optional-locks", *cmd], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+    cpu = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", cpu=cpu,
+                cpu_count=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                commit=git("rev-parse", "--short", "HEAD"), dirty=bool(git("status", "--porcelain", "-uno")),
+                load_avg=os.getloadavg())
+
+
+def fmt(s, digits=1):
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def markdown(result):
+    m, a = result["machine"], result["settings"]
+    lines = [f"# MaP-DiT speed, {m['date']}", "",
+             f"{m['device']} ({m['cpu']}, {m['cpu_count']} cores, {m['threads']} threads), torch {m['torch']}, commit "
+             f"{m['commit']}{' + local changes' if m['dirty'] else ''}, load average at start {m['load_avg'][0]:.1f}. "
+             f"{a['precision']}; inference = {a['infer_mode']}; {a['warmup']} warm-up, then {a['rounds']} interleaved "
+             f"rounds of {a['iters']} iterations per block. Cells: median [min-max] over blocks; a ratio compares a "
+             "block with the adjacent vanilla block (above 1: faster than vanilla).", ""]
+    for r in result["models"]:
+        lines += [f"## {r['model']}, latent {'x'.join(map(str, r['latent']))}, batch {r['batch']} "
+                  f"({r['gmacs']:.2f} forward GMACs/image from {r['gmacs_source']})", "",
+                  "| config | train img/s | train / vanilla | infer img/s | infer / vanilla | peak GB | saved act. MB | MFU train, infer |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n, c in r["configs"].items():
+            tr, inf = c.get("train", {}), c.get("infer", {})
+            cells = [fmt(tr["img_per_s"]) if tr else "-", fmt(tr["ratio"], 3) if tr else "-",
+                     fmt(inf["img_per_s"]) if inf else "-", fmt(inf["ratio"], 3) if inf else "-",
+                     f"{tr['peak_gb']:.2f}" if tr.get("peak_gb") else "n/a", f"{tr['saved_act_mb']:.0f}" if tr else "-",
+                     ", ".join(f"{x['mfu']:.1%}" if "mfu" in x else "n/a" for x in (tr, inf))]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "loop" in result:
+        lp = result["loop"]
+        lines += [f"## train.py loop vs bare step: {lp['model']}, {lp['data']}, batch {lp['batch']}, {lp['steps']} "
+                  f"steps logged every {lp['window']} (first window skipped)", "",
+                  "| config | loop img/s | bare step img/s | loop / bare |", "|---|---|---|---|"]
+        lines += [f"| {n} | {fmt(c['loop'])} | {fmt(c['bare'])} | {c['loop_over_bare']:.3f} |" for n, c in lp["configs"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    busy = round(os.getloadavg()[0])  # cores other jobs keep busy: more threads than free cores stall
+    threads = args.threads or max(1, min(torch.get_num_threads(), os.cpu_count() - busy))
+    if threads < torch.get_num_threads() and not args.threads:
+        print(f"note: load average {os.getloadavg()[0]:.1f} from other jobs: {threads} thread(s) instead of "
+              f"{torch.get_num_threads()} (--threads overrides)", file=sys.stderr)
+    torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
+    specs = args.models or (["DiT-B/2@16", "DiT-B/2@32", "DiT-XL/2@16", "DiT-XL/2@32"] if device.type == "cuda"
+                            else ["DiT-S/2@16"]) if not (args.no_train and args.no_infer) else []
+    peak = args.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+                                if device.type == "cuda" else None)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    settings = dict(vars(args), precision=precision, peak_tflops=peak,
+                    infer_mode="plain forward" if args.plain_forward else "forward_with_cfg (batch = cond + uncond rows)")
+    result = dict(machine=machine_info(device), settings=settings, models=[])
+    configs = configurations(args.each)
+    start = time.perf_counter()
+    for spec in specs:
+        result["models"].append(bench_model(args, device, spec, configs, peak))
+        print(f"{spec}: done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if args.loop:
+        result["loop"] = run_loop(args, device)
+    result["seconds"] = time.perf_counter() - start
+    report = markdown(result)
+    print(report)
+    if args.out_md:
+        with open(args.out_md, "w") as f:
+            f.write(report + "\n")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
+    with open(args.out_json, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
