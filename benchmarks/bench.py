@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import train  # noqa: E402
-from data import make_demo_dataset  # noqa: E402
+from data import make_demo_dataset, read_manifest  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma  # noqa: E402
 from models import MP_SWITCHES, DiT_models  # noqa: E402
@@ -50,7 +50,7 @@ POWER_SIGMA_RELS = (0.05, 0.10)  # train.py's default power EMAs, beside the cla
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", metavar="NAME@SIZE",
-                   help="model and latent size (default CPU: DiT-S/2@16; GPU: DiT-B/2@16 DiT-B/2@32 DiT-XL/2@16 DiT-XL/2@32)")
+                   help="model @ latent size (default CPU: DiT-S/2@16; GPU: DiT-B/2 and DiT-XL/2 @16 and @32)")
     p.add_argument("--batch", type=int, help="images per step (default 16 CPU, 256 GPU; halved on GPU OOM)")
     p.add_argument("--channels", type=int, default=4, help="latent channels")
     p.add_argument("--num-classes", type=int, default=1000)
@@ -63,14 +63,15 @@ def parse_args(argv=None):
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-infer", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each model's forward")
-    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing (DiT.grad_checkpoint): less memory, more compute")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing (DiT.grad_checkpoint): less memory, more compute")
     p.add_argument("--peak-tflops", type=float, help="device bf16 dense peak for MFU (default: H100/H200 989)")
     p.add_argument("--loop", action="store_true", help="also train.py's loop on the demo data vs the bare step")
     p.add_argument("--loop-model", default="DiT-S/4", help="model for --loop (demo data: 3x32x32, 10 classes)")
     p.add_argument("--loop-steps", type=int, default=16)
     p.add_argument("--loop-window", type=int, default=4, help="train.py --log-every; the first window is skipped")
     p.add_argument("--loop-rounds", type=int, default=1)
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice less the cores other jobs keep busy)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice less the cores busy elsewhere)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", default=os.path.join(ROOT, "benchmarks", "results.json"))
     p.add_argument("--out-md", help="also write the markdown report here")
@@ -214,7 +215,8 @@ def interleaved(ctx, steps):
     times, ratios = {name: [] for name in steps}, {name: [] for name in steps}
     for r in range(args.rounds):
         for name in others if r % 2 == 0 else others[::-1]:
-            pair = {n: timed(ctx, steps[n], args.iters) for n in (("vanilla", name) if r % 2 == 0 else (name, "vanilla"))}
+            order = ("vanilla", name) if r % 2 == 0 else (name, "vanilla")
+            pair = {n: timed(ctx, steps[n], args.iters) for n in order}
             times["vanilla"].append(pair["vanilla"])
             times[name].append(pair[name])
             ratios[name].append(pair["vanilla"] / pair[name])
@@ -287,7 +289,9 @@ def run_loop(args, device):
     if args.loop_steps < 2 * args.loop_window:
         raise SystemExit("--loop-steps must be at least 2 x --loop-window (the first window is skipped)")
     demo = make_demo_dataset(os.path.join(tempfile.gettempdir(), "map-dit-bench-demo-data"))
-    ctx = Ctx(args, device, args.loop_model, 32, batch, 3, 10)  # the demo data: 3x32x32 pixels, 10 classes
+    manifest = read_manifest(demo)
+    (channels, size, _), classes = manifest["shape"], manifest["num_classes"]
+    ctx = Ctx(args, device, args.loop_model, size, batch, channels, classes)
     configs = {"vanilla": {}, "MaP": {"mp": True}}
     bare = {n: TrainStep(ctx, kw) for n, kw in configs.items()}
     out = {n: dict(loop=[], bare=[]) for n in configs}
@@ -319,8 +323,8 @@ def run_loop(args, device):
     for n, rec in out.items():
         rec.update(loop=summary(rec["loop"]), bare=summary(rec["bare"]))
         rec["loop_over_bare"] = rec["loop"]["median"] / rec["bare"]["median"]
-    return dict(model=args.loop_model, data="demo 3x32x32, 10 classes", batch=batch, steps=args.loop_steps,
-                window=args.loop_window, configs=out)
+    return dict(model=args.loop_model, data=f"demo {channels}x{size}x{size}, {classes} classes", batch=batch,
+                steps=args.loop_steps, window=args.loop_window, configs=out)
 
 
 def machine_info(device):
@@ -353,8 +357,8 @@ def markdown(result):
     for r in result["models"]:
         lines += [f"## {r['model']}, latent {'x'.join(map(str, r['latent']))}, batch {r['batch']} "
                   f"({r['gmacs']:.2f} forward GMACs/image from {r['gmacs_source']})", "",
-                  "| config | train img/s | train / vanilla | infer img/s | infer / vanilla | peak GB | saved act. MB | MFU train, infer |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| config | train img/s | train / vanilla | infer img/s | infer / vanilla | peak GB | saved act. MB "
+                  "| MFU train, infer |", "|---|---|---|---|---|---|---|---|"]
         for n, c in r["configs"].items():
             tr, inf = c.get("train", {}), c.get("infer", {})
             cells = [fmt(tr["img_per_s"]) if tr else "-", fmt(tr["ratio"], 3) if tr else "-",
@@ -368,7 +372,8 @@ def markdown(result):
         lines += [f"## train.py loop vs bare step: {lp['model']}, {lp['data']}, batch {lp['batch']}, {lp['steps']} "
                   f"steps logged every {lp['window']} (first window skipped)", "",
                   "| config | loop img/s | bare step img/s | loop / bare |", "|---|---|---|---|"]
-        lines += [f"| {n} | {fmt(c['loop'])} | {fmt(c['bare'])} | {c['loop_over_bare']:.3f} |" for n, c in lp["configs"].items()]
+        lines += [f"| {n} | {fmt(c['loop'])} | {fmt(c['bare'])} | {c['loop_over_bare']:.3f} |"
+                  for n, c in lp["configs"].items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -385,11 +390,12 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
     specs = args.models or (["DiT-B/2@16", "DiT-B/2@32", "DiT-XL/2@16", "DiT-XL/2@32"] if device.type == "cuda"
                             else ["DiT-S/2@16"]) if not (args.no_train and args.no_infer) else []
-    peak = args.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-                                if device.type == "cuda" else None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     settings = dict(vars(args), precision=precision, peak_tflops=peak,
-                    infer_mode="plain forward" if args.plain_forward else "forward_with_cfg (batch = cond + uncond rows)")
+                    infer_mode="plain forward" if args.plain_forward
+                    else "forward_with_cfg (batch = cond + uncond rows)")
     result = dict(machine=machine_info(device), settings=settings, models=[])
     configs = configurations(args.each)
     start = time.perf_counter()
