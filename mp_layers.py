@@ -90,7 +90,7 @@ class MPLinear(nn.Module):
     `gain` (gain=0.0 makes the layer output zero at init). With `patch_size` p the layer is a
     p x p convolution with stride p over (N, C, H, W) input (a patch embedding), fan_in = C p p.
 
-    forced=True adds EDM2's forced weight normalisation: `force_normalize_()` resets the stored V to
+    forced=True adds EDM2's forced weight normalisation: `force_normalize_(model)` resets the stored V to
     unit-RMS rows; the trainer calls it after every optimiser step (and it is called at init), so
     the effective learning rate stays constant. The forward pass never modifies V, so an EMA or
     evaluation copy can run in any mode without its weights being rewritten.
@@ -107,11 +107,7 @@ class MPLinear(nn.Module):
         self.gain = None if gain is None else nn.Parameter(torch.tensor(float(gain)))
         self._cache = None
         if forced:
-            self.force_normalize_()
-
-    @torch.no_grad()
-    def force_normalize_(self):
-        self.weight.copy_(normalize(self.weight))
+            force_normalize_(self)
 
     def effective_weight(self, dtype):
         gain = 1.0 if self.gain is None else self.gain
@@ -149,11 +145,7 @@ class MPEmbedding(nn.Module):
         self.forced = forced
         self.weight = nn.Parameter(torch.randn(num_embeddings, dim))
         if forced:
-            self.force_normalize_()
-
-    @torch.no_grad()
-    def force_normalize_(self):
-        self.weight.copy_(normalize(self.weight))
+            force_normalize_(self)
 
     def forward(self, y):
         return F.embedding(y, normalize(self.weight.float()))
@@ -186,8 +178,12 @@ def cosine_attention(q, k, v, normalize_v=False):
     return F.scaled_dot_product_attention(q, k, v)
 
 
+@torch.no_grad()
 def force_normalize_(module):
-    """Apply forced weight normalisation to every MP layer in `module` that has it switched on."""
+    """Forced weight normalisation of every MP layer in `module` that has it switched on: each stored
+    row is scaled in place to unit RMS, w <- w / (eps + ||w|| / sqrt(n))."""
     for m in module.modules():
         if isinstance(m, (MPLinear, MPEmbedding)) and m.forced:
-            m.force_normalize_()
+            w = m.weight.flatten(1)
+            norm = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=torch.float32)
+            w.mul_((1 / (1e-4 + norm / math.sqrt(w.shape[1]))).to(w.dtype))
