@@ -10,13 +10,14 @@ def create_diffusion(
     noise_schedule="linear",
     use_kl=False,
     sigma_small=False,
-    predict_xstart=False,
+    prediction="eps",
     learn_sigma=True,
     rescale_learned_sigmas=False,
     diffusion_steps=1000,
 ):
     """DiT's diffusion: timestep_respacing None or "" keeps all diffusion_steps, else e.g. "250" or "ddim50".
     Loss: vb * T if use_kl, else MSE + vb (vb scaled by T / 1000 if rescale_learned_sigmas).
+    prediction: what the model predicts, "eps" (DiT), "x0" or "v".
     Variance: learned range if learn_sigma, else fixed beta~_t (sigma_small) or beta_t."""
     if use_kl:
         loss_type = "rescaled_kl"
@@ -29,7 +30,7 @@ def create_diffusion(
     return SpacedDiffusion(
         space_timesteps(diffusion_steps, timestep_respacing or [diffusion_steps]),
         betas=get_named_beta_schedule(noise_schedule, diffusion_steps),
-        model_mean_type="x0" if predict_xstart else "eps",
+        model_mean_type=prediction,
         model_var_type=var_type,
         loss_type=loss_type,
     )

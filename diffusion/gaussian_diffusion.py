@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-MEAN_TYPES = ("eps", "x0")
+MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
 LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
 
@@ -63,9 +63,10 @@ def _extract(arr, t, x):
 class GaussianDiffusion:
     """A T-step Gaussian diffusion for a given beta schedule.
 
-    model_mean_type: "eps" (the model predicts the noise) or "x0" (it predicts x_0).
-    model_var_type: "learned_range" (the model outputs (N, 2C, ...): the prediction, then v in [-1, 1]
-        with log sigma_t^2 = f log beta_t + (1 - f) log beta~_t, f = (v + 1) / 2), "fixed_small"
+    model_mean_type: what the model predicts: "eps" (the noise), "x0" (x_0) or "v" (the velocity
+        v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, Salimans & Ho 2022; x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v).
+    model_var_type: "learned_range" (the model outputs (N, 2C, ...): the prediction, then r in [-1, 1]
+        with log sigma_t^2 = f log beta_t + (1 - f) log beta~_t, f = (r + 1) / 2), "fixed_small"
         (sigma_t^2 = beta~_t) or "fixed_large" (sigma_t^2 = beta_t, beta~_1 at t = 0).
     loss_type: "mse" (MSE + vb), "rescaled_mse" (vb scaled by T / 1000), "kl" or "rescaled_kl" (vb, times T).
     The model is called as model(x_t, t, **model_kwargs) with integer timesteps t of shape (N,).
@@ -115,13 +116,29 @@ class GaussianDiffusion:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
         return _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
+    def _predict_xstart(self, x_t, t, prediction):
+        """x_0 from the model's prediction of model_mean_type."""
+        if self.model_mean_type == "x0":
+            return prediction
+        if self.model_mean_type == "v":
+            return _extract(self.sqrt_alphas_cumprod, t, x_t) * x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * prediction
+        return self._predict_xstart_from_eps(x_t, t, prediction)
+
+    def _target(self, x_start, t, noise):
+        """What the model should predict at (x_t, t): eps, x_0 or v."""
+        if self.model_mean_type == "x0":
+            return x_start
+        if self.model_mean_type == "v":
+            return _extract(self.sqrt_alphas_cumprod, t, x_start) * noise - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+        return noise
+
     def _predict_eps_from_xstart(self, x_t, t, x_start):
         """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
         return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x_start) / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
 
     @staticmethod
     def _split_learned(output, x):
-        """(N, 2C, ...) -> prediction (N, C, ...), v (N, C, ...)."""
+        """(N, 2C, ...) -> prediction (N, C, ...), variance interpolation r (N, C, ...)."""
         if output.shape[1] != 2 * x.shape[1]:
             raise ValueError(f"learned variance needs {2 * x.shape[1]} output channels, got {output.shape[1]}")
         return output.split(x.shape[1], dim=1)
@@ -129,12 +146,12 @@ class GaussianDiffusion:
     def _p_from_output(self, output, x, t, clip_denoised, denoised_fn=None):
         """p(x_{t-1} | x_t) from a raw model output: dict of mean, variance, log_variance, pred_xstart."""
         if self.model_var_type == "learned_range":
-            output, v = self._split_learned(output, x)
-            frac = (v + 1) / 2
+            output, r = self._split_learned(output, x)
+            frac = (r + 1) / 2
             log_var = frac * _extract(self.log_betas, t, x) + (1 - frac) * _extract(self.posterior_log_variance_clipped, t, x)
         else:
             log_var = _extract(self.fixed_log_variance, t, x).expand_as(x)
-        pred_xstart = output if self.model_mean_type == "x0" else self._predict_xstart_from_eps(x, t, output)
+        pred_xstart = self._predict_xstart(x, t, output)
         if denoised_fn is not None:
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
@@ -201,7 +218,7 @@ class GaussianDiffusion:
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
         """Per-example losses at timesteps t (N,), a dict of (N,) tensors.
 
-        MSE types: mse = mean_flat((target - prediction)^2), target eps or x_0; with a learned variance also
+        MSE types: mse = mean_flat((target - prediction)^2), target eps, x_0 or v; with a learned variance also
         vb = L_t in bits/dim computed with the predicted mean detached, so vb trains only the variance
         (improved DDPM's hybrid loss); loss = mse + vb. KL types: loss = vb through the whole output.
         """
@@ -214,12 +231,11 @@ class GaussianDiffusion:
         terms = {}
         prediction = output
         if self.model_var_type == "learned_range":
-            prediction, v = self._split_learned(output, x_t)
-            frozen = torch.cat([prediction.detach(), v], dim=1)
+            prediction, r = self._split_learned(output, x_t)
+            frozen = torch.cat([prediction.detach(), r], dim=1)
             terms["vb"] = self._vb_terms_bpd(self._p_from_output(frozen, x_t, t, clip_denoised=False), x_start, x_t, t)
             if self.loss_type == "rescaled_mse":
                 terms["vb"] = terms["vb"] * self.num_timesteps / 1000.0
-        target = noise if self.model_mean_type == "eps" else x_start
-        terms["mse"] = mean_flat((target - prediction) ** 2)
+        terms["mse"] = mean_flat((self._target(x_start, t, noise) - prediction) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms

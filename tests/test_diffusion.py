@@ -227,3 +227,48 @@ def test_vb_trains_only_the_variance():
     x, t, noise = torch.randn(8, 1, 2, 2), torch.randint(0, 250, (8,)), torch.randn(8, 1, 2, 2)
     vb = plain.training_losses(model, x, t, noise=noise)["vb"]
     torch.testing.assert_close(rescaled.training_losses(model, x, t, noise=noise)["vb"], vb * 0.25)
+
+
+def as_prediction(eps_model, prediction):
+    """The same model as a predictor of eps, x0 or v (Salimans & Ho 2022): with x0 = (x - sqrt(1 - abar) eps) /
+    sqrt(abar), v = sqrt(abar) eps - sqrt(1 - abar) x0. Learned-variance channels pass through."""
+    abar = torch.tensor(ABAR, dtype=torch.float32)
+
+    def model(x, t):
+        eps, var = eps_model(x, t).chunk(2, dim=1)
+        a = abar[t].view(-1, *([1] * (x.ndim - 1)))
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        out = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction]
+        return torch.cat([out, var], dim=1)
+
+    return model
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_every_prediction_type_samples_the_same_chain(prediction):
+    """One oracle written as eps, x0 or v predictor gives the same DDIM and DDPM samples for the same noise:
+    a wrong conversion to x_0 (sign, sqrt(abar) or sqrt(1 - abar) swapped) moves them far beyond 1e-3."""
+    shape = (256, 1, 2, 2)
+    noise = standard_noise(shape)
+    model = gaussian_oracle(oracle_v("50"))
+    for respacing, loop in (("ddim50", "ddim_sample_loop"), ("50", "p_sample_loop")):
+        samples = {}
+        for kind, fn in (("eps", model), (prediction, as_prediction(model, prediction))):
+            torch.manual_seed(1)
+            d = create_diffusion(respacing, prediction=kind)
+            samples[kind] = getattr(d, loop)(fn, shape, noise=noise, clip_denoised=False)
+        torch.testing.assert_close(samples[prediction], samples["eps"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_training_target_per_prediction_type(prediction):
+    """A model that outputs the defined target (v = sqrt(abar) eps - sqrt(1 - abar) x0) has mse 0; the
+    other two targets do not."""
+    d = create_diffusion("", prediction=prediction, learn_sigma=False)
+    t = torch.arange(0, 1000, 37)
+    x_start, noise = S * torch.randn(len(t), 1, 4, 4), torch.randn(len(t), 1, 4, 4)
+    a = torch.tensor(ABAR, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    targets = {"eps": noise, "x0": x_start, "v": a.sqrt() * noise - (1 - a).sqrt() * x_start}
+    for kind, target in targets.items():
+        mse = d.training_losses(lambda x, t: target, x_start, t, noise=noise)["mse"]
+        assert (mse.max() < 1e-10) if kind == prediction else (mse.mean() > 0.01), (kind, mse)
