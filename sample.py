@@ -39,6 +39,7 @@ from train import UsageError, build_model, checkpoints_in, setup_distributed
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
 DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,7 +112,8 @@ def find_checkpoint(args):
 
 def load_model(args):
     """(model on the CPU with the chosen weights, manifest, note on the weights, stem of the default
-    output path: RUN/samples/<checkpoint>-<weights> for runs, samples/<file name> for state dicts)."""
+    output path: RUN/samples/<checkpoint>-<weights> for runs, samples/<file name> for state dicts,
+    what the model predicts: eps, v or x0)."""
     path = find_checkpoint(args)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -120,14 +122,14 @@ def load_model(args):
     stem = os.path.splitext(os.path.basename(path))[0]
     if isinstance(ckpt, dict) and {"args", "manifest", "model", "step"} <= set(ckpt):
         manifest = ckpt["manifest"]
-        model = build_model(argparse.Namespace(**ckpt["args"]), manifest)
+        model, prediction = build_model(argparse.Namespace(**ckpt["args"]), manifest), ckpt["args"]["prediction"]
         state, weights, note = select_weights(ckpt, path, args.weights, model)
         run_dir = os.path.dirname(os.path.dirname(path))
         what, stem = f"{ckpt['args']['model']} of its run", os.path.join(run_dir, "samples", f"{stem}-{weights}")
     elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         if args.weights not in (None, "raw"):
             raise UsageError(f"--weights {args.weights}: {path} is a plain state dict, one set of weights")
-        model, manifest = official_model(args)
+        (model, manifest), prediction = official_model(args), "eps"
         state, note = ckpt, f"state dict {path}"
         what, stem = f"{args.model} at --image-size {args.image_size}", os.path.join("samples", stem)
     else:
@@ -136,7 +138,7 @@ def load_model(args):
         model.load_state_dict(state)
     except RuntimeError:
         raise UsageError(f"{path}: does not fit {what}: it holds {describe(state)}") from None
-    return model, manifest, note, stem
+    return model, manifest, note, stem, prediction
 
 
 def official_model(args):
@@ -227,27 +229,28 @@ def posthoc_ema(ckpt, path, sigma_rel, model):
 #                               Sampling and decoding                           #
 #################################################################################
 
-def make_sampler(name, steps):
-    """A function (model_fn, z (N, C, H, W), model_kwargs, clip_denoised) -> x_0 (N, C, H, W);
-    model_fn(x, t, **model_kwargs) gets the original integer timesteps t (N,)."""
+def make_sampler(name, steps, prediction="eps"):
+    """A function (model_fn, z (N, C, H, W), model_kwargs, clip_denoised) -> x_0 (N, C, H, W) for a
+    model predicting eps, v or x0; model_fn(x, t, **model_kwargs) gets the original integer timesteps t (N,)."""
     if name == "dpm++":
         from diffusers import DPMSolverMultistepScheduler  # a slow import: only where it is used
         betas = create_diffusion("").betas.tolist()
 
         def dpm_solver(model_fn, z, model_kwargs, clip_denoised):
-            """DPM-Solver++(2M) on the model's eps (its first C channels; learned sigmas and
+            """DPM-Solver++(2M) on the model's prediction (its first C channels; learned sigmas and
             clip_denoised unused: the library's thresholding is off, as for latents)."""
             scheduler = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas,
-                                                    solver_order=2, algorithm_type="dpmsolver++")
+                                                    solver_order=2, algorithm_type="dpmsolver++",
+                                                    prediction_type=DIFFUSERS_PREDICTION[prediction])
             scheduler.set_timesteps(steps, device=z.device)
             x = z
             for t in scheduler.timesteps:
-                eps = model_fn(x, t.expand(len(x)), **model_kwargs)[:, : x.shape[1]]
-                x = scheduler.step(eps.float(), t, x).prev_sample
+                out = model_fn(x, t.expand(len(x)), **model_kwargs)[:, : x.shape[1]]
+                x = scheduler.step(out.float(), t, x).prev_sample
             return x
         return dpm_solver
     try:
-        diffusion = create_diffusion(f"ddim{steps}" if name == "ddim" else str(steps))
+        diffusion = create_diffusion(f"ddim{steps}" if name == "ddim" else str(steps), prediction=prediction)
     except ValueError as e:
         raise UsageError(f"--num-sampling-steps {steps}: {e}") from None
     loop = diffusion.ddim_sample_loop if name == "ddim" else diffusion.p_sample_loop
@@ -356,11 +359,11 @@ def barrier(world):
 def main(args):
     rank, world, device = setup_distributed()
     try:
-        model, manifest, note, stem = load_model(args)
+        model, manifest, note, stem, prediction = load_model(args)
         bad = [y for y in args.class_label or [] if not 0 <= y < model.num_classes]
         if bad:
             raise UsageError(f"--class-label {bad[0]}: outside [0, {model.num_classes})")
-        sampler = make_sampler(args.sampler, args.num_sampling_steps)
+        sampler = make_sampler(args.sampler, args.num_sampling_steps, prediction)
         vae = load_decoder(args, manifest, device)
         model = model.to(device).eval()
         torch.backends.cuda.matmul.allow_tf32 = True

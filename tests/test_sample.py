@@ -39,14 +39,16 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pixel_run(tmp_path_factory):
-    """MaP run on 8x8x3 pixels, 4 classes: checkpoints at steps 3 and 6, power-EMA snapshots every step."""
+    """MaP run (v-prediction) on 8x8x3 pixels, 4 classes: checkpoints at steps 3 and 6, power-EMA
+    snapshots every step."""
     root = tmp_path_factory.mktemp("pixel")
     writer = ShardWriter(root / "data", "pixel", (3, 8, 8), 4)
     rng = np.random.default_rng(0)
     writer.write_shard(0, np.arange(32) % 4, images=rng.integers(0, 256, (32, 3, 8, 8), dtype=np.uint8))
     writer.finish()
     return train_run(str(root / "data"), root / "results", "--mp", "--depth", "2", "--hidden-size", "64",
-                     "--num-heads", "2", "--num-steps", "6", "--ckpt-every", "3", "--snapshot-every", "1")
+                     "--num-heads", "2", "--num-steps", "6", "--ckpt-every", "3", "--snapshot-every", "1",
+                     "--prediction", "v")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,8 @@ def test_grid_png_size_determinism_and_samplers(pixel_run, tmp_path, capsys):
 
 
 def test_cfg_scale_one_runs_the_conditional_model_alone(pixel_run):
-    model, *_ = sample.load_model(sample.parse_args(["--result-dir", pixel_run, "--class-label", "0"]))
+    model, *_, prediction = sample.load_model(sample.parse_args(["--result-dir", pixel_run, "--class-label", "0"]))
+    assert prediction == "v"  # read from the run's arguments
     model.eval()
     batches = []
     model.x_embedder.register_forward_pre_hook(lambda module, inputs: batches.append(len(inputs[0])))
@@ -153,6 +156,30 @@ def test_dpm_solver_matches_the_gaussian_oracle():
     assert abs(errors[50]) < 0.01 and abs(errors[25]) < 0.03 and abs(errors[50]) < abs(errors[25]), errors
 
 
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_every_sampler_reads_the_models_prediction_type(prediction):
+    """The Gaussian oracle written as a v or x0 predictor (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar),
+    v = sqrt(abar) eps - sqrt(1 - abar) x0) samples the same as its eps form with every sampler of
+    sample.py; a sampler that took the output for eps would give far different samples."""
+    def eps_oracle(x, t):
+        a = ABAR[t].view(-1, 1, 1, 1)
+        return torch.cat([x * (1 - a).sqrt() / (a * S**2 + 1 - a), torch.zeros_like(x)], dim=1)
+
+    def oracle(x, t):
+        eps, var = eps_oracle(x, t).chunk(2, dim=1)
+        a = ABAR[t].view(-1, 1, 1, 1)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return torch.cat([x0 if prediction == "x0" else a.sqrt() * eps - (1 - a).sqrt() * x0, var], dim=1)
+
+    z = torch.randn(512, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    for name, steps in (("dpm++", 10), ("ddim", 10), ("ddpm", 10)):
+        torch.manual_seed(1)
+        want = sample.make_sampler(name, steps)(eps_oracle, z, {}, False)
+        torch.manual_seed(1)
+        got = sample.make_sampler(name, steps, prediction)(oracle, z, {}, False)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=name)
+
+
 def test_posthoc_at_the_last_snapshot_returns_the_tracked_ema(pixel_run):
     steps = [s for s in range(1, 7) for _ in (0, 1)]
     weights = posthoc_coefficients(steps, [0.05, 0.1] * 6, 6, 0.05)
@@ -176,7 +203,7 @@ def test_posthoc_reconstruction_lies_between_the_tracked_emas(pixel_run):
     with sigma_rel, and little off the segment."""
     path = os.path.join(pixel_run, "checkpoints", "0000006.pt")
     ckpt = load(path)
-    model, _, note, _ = sample.load_model(sample.parse_args(["--ckpt", path, "--class-label", "0",
+    model, _, note, *_ = sample.load_model(sample.parse_args(["--ckpt", path, "--class-label", "0",
                                                              "--weights", "ema-0.07"]))
     assert "from 6 snapshot(s)" in note and "step       1 sigma_rel 0.05" in note
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -190,7 +217,7 @@ def test_posthoc_reconstruction_lies_between_the_tracked_emas(pixel_run):
         positions.append(t)
     assert positions[0] < positions[1]
     earlier = os.path.join(pixel_run, "checkpoints", "0000003.pt")
-    _, _, note, _ = sample.load_model(sample.parse_args(["--ckpt", earlier, "--class-label", "0",
+    _, _, note, *_ = sample.load_model(sample.parse_args(["--ckpt", earlier, "--class-label", "0",
                                                          "--weights", "ema-0.07"]))
     assert "at step 3 from 3 snapshot(s)" in note  # snapshots after the checkpoint are left out
 
@@ -243,8 +270,8 @@ def test_official_state_dict_loads_into_vanilla_dit(official_ckpt, vae_dir, tmp_
     state = load(official_ckpt)
     assert set(state) == {k for k in DIT_KEYS if not k.startswith("blocks.") or int(k.split(".")[1]) < 6}
     official = ["--ckpt", official_ckpt, "--model", "DiT-XS/8", "--image-size", 64]
-    model, manifest, _, _ = sample.load_model(sample.parse_args([str(a) for a in official] + ["--class-label", "0"]))
-    assert model.num_classes == 1000 and manifest["shape"] == [4, 8, 8]
+    model, manifest, _, _, prediction = sample.load_model(sample.parse_args([str(a) for a in official] + ["--class-label", "0"]))
+    assert model.num_classes == 1000 and manifest["shape"] == [4, 8, 8] and prediction == "eps"
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state[name])
     out = tmp_path / "official.png"
