@@ -33,7 +33,7 @@ class _Normalize(torch.autograd.Function):
         gain = ctx.gain if gain_tensor is None else gain_tensor
         dot = torch.linalg.vecdot(dy.to(r.dtype), x.to(r.dtype)).unsqueeze(-1)
         coef = gain * dot / (r * r * norm.clamp_min(1e-30) * math.sqrt(x.shape[-1]))
-        dx = torch.addcmul(dy * (gain / r).to(dy.dtype), x, coef.to(x.dtype), value=-1)
+        dx = (dy * (gain / r).to(dy.dtype)).addcmul_(x, coef.to(x.dtype), value=-1)
         dgain = (dot / r).sum() if gain_tensor is not None and ctx.needs_input_grad[1] else None
         return dx, dgain, None
 
