@@ -1,6 +1,7 @@
-"""experiments/ablate.py and experiments/metrics.py: the runner's Frechet distance against the
-closed form for Gaussian features, class consistency on an easy dataset, and a tiny grid end to
-end (table, figures, skipping finished runs, continuing an interrupted one, one-line errors)."""
+"""experiments/ablate.py (with evaluate.py, report.py) and experiments/metrics.py: the runner's
+Frechet distance against the closed form for Gaussian features, class consistency on an easy
+dataset, and a tiny grid end to end (table, figures, skipping finished runs, continuing an
+interrupted one, one-line errors)."""
 import json
 import os
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import torch
 import fid
 import train
 from data import ShardWriter
-from experiments import ablate, metrics
+from experiments import ablate, evaluate, metrics
 
 PALETTE = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230], [230, 220, 40]])  # 4 easy classes
 
@@ -78,13 +79,13 @@ def test_runner_frechet_distance_matches_the_gaussian_closed_form(tmp_path):
                           fd_name="FD-test", fid_note="n/a (test)", inception_fn=None)
     samples = torch.from_numpy(a).float().view(n, 4, 1, 1)
     labels = torch.zeros(n, dtype=torch.long)
-    entry = ablate.score_samples(samples, labels, ctx, str(tmp_path), 1.0)
+    entry = evaluate.score_samples(samples, labels, ctx, str(tmp_path), 1.0)
     assert entry["fd"] == pytest.approx(want, abs=0.05)
     assert entry["fd_network"] == "FD-test" and entry["fid"] is None
     assert metrics.frechet_from_features(a, b) == pytest.approx(want, abs=0.05)
     # identical sets score ~0 (float32 features, float64 statistics)
     ctx.ref_stats = fid.feature_stats(samples.view(n, 4).double().numpy())
-    assert abs(ablate.score_samples(samples, labels, ctx, str(tmp_path), 1.0)["fd"]) < 1e-6
+    assert abs(evaluate.score_samples(samples, labels, ctx, str(tmp_path), 1.0)["fd"]) < 1e-6
     assert abs(metrics.frechet_from_features(a, a)) < 1e-9
 
 
@@ -109,8 +110,9 @@ def test_class_consistency_high_on_real_data_and_chance_with_shuffled_labels():
 def test_default_grid_lists_every_switch_alone_and_forced_with_weight_norm(capsys):
     assert ablate.main(["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 11  # vanilla, 8 single switches, all MP, all MP + rotation
+    assert len(lines) == 12  # vanilla at two lrs, 8 single switches, all MP, all MP + rotation
     assert lines[0].startswith("vanilla") and "(no flags)" in lines[0]
+    assert lines[1].startswith("vanilla-lr1e-3") and "--lr 1e-3" in lines[1]
     forced = [line for line in lines if "--use-forced-weight-normalization" in line]
     assert len(forced) == 1 and "--use-weight-normalization --use-forced-weight-normalization" in forced[0]
     assert any(line.startswith("mp-rotation") and "--modulation rotation-scale" in line for line in lines)
@@ -127,7 +129,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
 def test_tiny_grid_writes_table_and_figures_skips_finished_and_continues_interrupted(tmp_path, monkeypatch):
     monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no Inception weights here
-    monkeypatch.setattr(ablate, "CLASSIFIER_MIN_STEPS", 10)  # its quality is not under test here
+    monkeypatch.setattr(evaluate, "CLASSIFIER_MIN_STEPS", 10)  # its quality is not under test here
     data = write_colours(tmp_path / "data", 96, seed=0)
     held = write_colours(tmp_path / "held", 48, seed=1)
     grid = tmp_path / "grid"
