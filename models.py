@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mp_layers import MPEmbedding, MPFourier, MPLinear, MPSiLU, cosine_attention, mp_sum, normalize
+from mp_layers import SILU_RMS, MPEmbedding, MPFourier, MPLinear, MPSiLU, cosine_attention, mp_sum, normalize
 
 MP_SWITCHES = {
     "use_cosine_attention": "q, k normalised per head (and the output, with the MP residual)",
@@ -204,11 +204,16 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc2(act(fc1(x))). With MP-SiLU and weight normalisation, mp_silu(h) W^T = silu(h) (W / 0.596)^T:
+    the division is folded into fc2's weight, which saves a pass over the 4D-wide hidden activations."""
+
     def __init__(self, dim, hidden_dim, sw):
         super().__init__()
+        fold = sw.use_mp_silu and sw.use_weight_normalization
         self.fc1 = linear(dim, hidden_dim, sw)
-        self.act = activation(sw, nn.GELU(approximate="tanh"))
-        self.fc2 = linear(hidden_dim, dim, sw)
+        self.act = nn.SiLU() if fold else activation(sw, nn.GELU(approximate="tanh"))
+        self.fc2 = (MPLinear(hidden_dim, dim, forced=sw.use_forced_weight_normalization, scale=1 / SILU_RMS)
+                    if fold else linear(hidden_dim, dim, sw))
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))

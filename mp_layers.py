@@ -52,9 +52,12 @@ def pixel_norm(x, dim=-1, eps=1e-4):
     return normalize(x, dim=dim, eps=eps)
 
 
+SILU_RMS = 0.596  # E[silu(z)^2]^(1/2) for z ~ N(0, 1)
+
+
 def mp_silu(x):
     """silu(x) / 0.596, where 0.596 = E[silu(z)^2]^(1/2) for z ~ N(0, 1)."""
-    return F.silu(x) / 0.596
+    return F.silu(x) / SILU_RMS
 
 
 class MPSiLU(nn.Module):
@@ -87,8 +90,10 @@ class MPLinear(nn.Module):
 
     V starts N(0, 1). Unit-variance input gives unit-variance output (times the gain g).
     g is fixed at 1 unless `gain` is given, in which case it is a learned scalar initialised to
-    `gain` (gain=0.0 makes the layer output zero at init). With `patch_size` p the layer is a
-    p x p convolution with stride p over (N, C, H, W) input (a patch embedding), fan_in = C p p.
+    `gain` (gain=0.0 makes the layer output zero at init). A constant `scale` multiplies the output
+    for free (it is folded into W): MPLinear(scale=1 / SILU_RMS) of silu(x) is MPLinear of mp_silu(x)
+    without a pass over x. With `patch_size` p the layer is a p x p convolution with stride p over
+    (N, C, H, W) input (a patch embedding), fan_in = C p p.
 
     forced=True adds EDM2's forced weight normalisation: `force_normalize_(model)` resets the stored V to
     unit-RMS rows; the trainer calls it after every optimiser step (and it is called at init), so
@@ -99,9 +104,9 @@ class MPLinear(nn.Module):
     only when V or g change (tracked through their in-place version counters).
     """
 
-    def __init__(self, in_features, out_features, forced=False, gain=None, patch_size=None):
+    def __init__(self, in_features, out_features, forced=False, gain=None, patch_size=None, scale=1.0):
         super().__init__()
-        self.forced, self.patch_size = forced, patch_size
+        self.forced, self.patch_size, self.scale = forced, patch_size, scale
         kernel = () if patch_size is None else (patch_size, patch_size)
         self.weight = nn.Parameter(torch.randn(out_features, in_features, *kernel))
         self.gain = None if gain is None else nn.Parameter(torch.tensor(float(gain)))
@@ -110,7 +115,7 @@ class MPLinear(nn.Module):
             force_normalize_(self)
 
     def effective_weight(self, dtype):
-        gain = 1.0 if self.gain is None else self.gain
+        gain = self.scale if self.gain is None else self.gain * self.scale
         return normalize(self.weight.float(), gain=gain / math.sqrt(self.weight[0].numel())).to(dtype)
 
     def cached_weight(self, dtype):
@@ -131,7 +136,7 @@ class MPLinear(nn.Module):
 
     def extra_repr(self):
         return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, patch_size={self.patch_size}, "
-                f"forced={self.forced}, learned_gain={self.gain is not None}")
+                f"forced={self.forced}, learned_gain={self.gain is not None}, scale={self.scale:.4g}")
 
 
 class MPEmbedding(nn.Module):

@@ -51,7 +51,7 @@ from experiments.report import aggregate, make_figures, render_table  # noqa: E4
 from models import MP_SWITCHES  # noqa: E402
 
 DEFAULT_MODEL, DEFAULT_SIZE = "DiT-XS/4", dict(depth=4, hidden_size=128, num_heads=4)
-DEFAULT_STEPS, DEFAULT_BATCH = 1000, 64  # the default grid: about an hour on a 2-core CPU
+DEFAULT_STEPS, DEFAULT_BATCH = 800, 64  # the default grid: about an hour on a 2-core CPU
 
 
 def _configs():

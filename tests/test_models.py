@@ -2,10 +2,11 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from models import MP_SWITCHES, DiT, DiT_models
-from mp_layers import MPEmbedding, MPLinear, force_normalize_
+from models import MP_SWITCHES, DiT, DiT_models, Mlp, Switches
+from mp_layers import MPEmbedding, MPLinear, force_normalize_, mp_silu
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
@@ -199,3 +200,18 @@ def test_mp_residual_is_mp_sum_with_the_gate_on_the_branch():
     block = DiT(**TINY, mp=True).blocks[0]
     x, branch, gate = torch.randn(2, 16, 64), torch.randn(2, 16, 64), torch.randn(2, 64)
     torch.testing.assert_close(block.residual(x, gate, branch), mp_sum(x, (1 + gate[:, None]) * branch, 0.3))
+
+
+def test_mlp_folds_mp_silu_into_fc2():
+    """MaP's MLP runs silu and scales fc2's weight by 1 / 0.596 instead of dividing the hidden activations:
+    the output and input gradient equal fc2(mp_silu(fc1(x))) with an unscaled fc2 of the same weights."""
+    mlp = Mlp(64, 256, Switches(mp=True))
+    plain = MPLinear(256, 64, forced=True)
+    plain.weight.data.copy_(mlp.fc2.weight)
+    x = torch.randn(8, 32, 64, requires_grad=True)
+    out = mlp(x)
+    want = plain(mp_silu(mlp.fc1(x)))
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(*(torch.autograd.grad(y, x, g)[0] for y in (out, want)))
+    assert isinstance(mlp.act, nn.SiLU) and 0.8 < out.std().item() < 1.2  # unit RMS, as MP layers promise
