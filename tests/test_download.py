@@ -20,16 +20,9 @@ CLASSES = ["cat", "dog", "eel"]
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
+def vae_dir(tiny_vae):
     """A tiny AutoencoderKL (downsampling 2, 4 latent channels) with random weights, saved."""
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=4, sample_size=32)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return str(path)
+    return tiny_vae(levels=2, channels=(8, 16))
 
 
 @pytest.fixture(scope="module")

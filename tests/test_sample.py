@@ -52,16 +52,9 @@ def pixel_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
+def vae_dir(tiny_vae):
     """A tiny AutoencoderKL with the SD VAE's downsampling 8 and 4 latent channels, random weights."""
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                        sample_size=32)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return str(path)
+    return tiny_vae(levels=4, channels=(8,) * 4, layers_per_block=1)
 
 
 @pytest.fixture(scope="module")

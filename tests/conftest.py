@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """make(levels, channels, layers_per_block=2) -> directory of a saved AutoencoderKL with random
+    weights, 4 latent channels and downsampling 2^(levels - 1): a stand-in for the SD VAE offline."""
+    def make(levels, channels, layers_per_block=2):
+        from diffusers import AutoencoderKL
+        torch.manual_seed(0)
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
+                            up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=channels,
+                            layers_per_block=layers_per_block, latent_channels=4, norm_num_groups=4,
+                            sample_size=32)
+        path = tmp_path_factory.mktemp("vae")
+        vae.save_pretrained(path)
+        return str(path)
+
+    return make
