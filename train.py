@@ -74,9 +74,10 @@ def parse_args(argv=None):
     g.add_argument("--global-batch-size", type=int, help="images per step over all processes (default 256)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     g.add_argument("--lr", type=float, help="peak learning rate (default 1e-4 vanilla, 1e-2 with weight norm; demo 2e-2)")
-    g.add_argument("--warmup-steps", type=int, help="linear warm-up (default 0 vanilla, 1000 weight norm)")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up (default 0 vanilla; weight norm min(1000, num_steps / 10))")
     g.add_argument("--decay-steps", type=int,
-                   help="EDM2 decay lr / sqrt(max(step / N, 1)); 0 = constant (default 0 vanilla, 20000 weight norm)")
+                   help="EDM2 decay lr / sqrt(max(step / N, 1)); 0 = constant (default 0 vanilla; weight norm "
+                        "min(20000, num_steps / 3))")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto = bf16 autocast on GPU, fp32 on CPU")
