@@ -13,6 +13,7 @@ and the ratios are summarised by their median. See benchmarks/README.md.
 """
 import argparse
 import contextlib
+import copy
 import datetime
 import gc
 import io
@@ -79,8 +80,9 @@ def parse_args(argv=None):
 
 
 def configurations(each):
-    """name -> DiT keyword arguments. Forced weight normalisation needs weight normalisation."""
-    out = {"vanilla": {}, "MaP": {"mp": True}}
+    """name -> DiT keyword arguments (original_layers: see with_original_layers). Forced weight
+    normalisation needs weight normalisation."""
+    out = {"vanilla": {}, "original DiT layers": {"original_layers": True}, "MaP": {"mp": True}}
     for name in MP_SWITCHES if each else ():
         if name == "use_forced_weight_normalization":
             out["weight_norm+forced"] = {"use_weight_normalization": True, name: True}
@@ -113,8 +115,33 @@ class Ctx:
 
     def build(self, kwargs):
         torch.manual_seed(self.args.seed)
-        return DiT_models[self.name](input_size=self.size, in_channels=self.channels,
-                                     num_classes=self.num_classes, **kwargs).to(self.device)
+        kwargs = dict(kwargs)
+        original = kwargs.pop("original_layers", False)
+        model = DiT_models[self.name](input_size=self.size, in_channels=self.channels,
+                                      num_classes=self.num_classes, **kwargs)
+        return (with_original_layers(model, self) if original else model).to(self.device)
+
+
+def with_original_layers(model, ctx):
+    """Vanilla DiT with the layers the original DiT code takes from timm (PatchEmbed, Attention with a
+    qkv bias, Mlp with tanh GELU) in place of ours, holding the same weights: the original model's
+    speed, side by side. Checked to give the same output before it is timed."""
+    from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+    reference = copy.deepcopy(model).eval()
+    d, p = model.x_embedder.proj.out_channels, model.patch_size
+
+    def swap(old, new):
+        new.load_state_dict(old.state_dict())
+        return new
+    model.x_embedder = swap(model.x_embedder, PatchEmbed(ctx.size, p, ctx.channels, d, bias=True))
+    for block in model.blocks:
+        block.attn = swap(block.attn, Attention(d, num_heads=model.num_heads, qkv_bias=True))
+        block.mlp = swap(block.mlp, Mlp(d, hidden_features=block.mlp.fc1.out_features,
+                                        act_layer=lambda: torch.nn.GELU(approximate="tanh"), drop=0))
+    x, t, y = ctx.x[:2].cpu(), ctx.t[:2].cpu(), ctx.y[:2].cpu()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, t, y), reference(x, t, y), rtol=1e-4, atol=1e-4)
+    return model.train()
 
 
 def saved_activation_mb(ctx, model):
