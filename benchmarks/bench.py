@@ -393,6 +393,11 @@ def markdown(result):
                      f"{tr['peak_gb']:.2f}" if tr.get("peak_gb") else "n/a", f"{tr['saved_act_mb']:.0f}" if tr else "-",
                      ", ".join(f"{x['mfu']:.1%}" if "mfu" in x else "n/a" for x in (tr, inf))]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        if not result["settings"]["plain_forward"] and all("infer" in c for c in r["configs"].values()):
+            lines += ["", "Sampling with guidance, images/s (infer rows/s / 2 rows per image / steps; the "
+                      "sampler's own arithmetic is excluded): " + "; ".join(
+                          f"{n} DDIM-50 {c['infer']['img_per_s']['median'] / 100:.3g}, DDPM-250 "
+                          f"{c['infer']['img_per_s']['median'] / 500:.3g}" for n, c in r["configs"].items())]
         lines.append("")
     if "loop" in result:
         lp = result["loop"]
