@@ -122,7 +122,8 @@ def load_model(args):
     stem = os.path.splitext(os.path.basename(path))[0]
     if isinstance(ckpt, dict) and {"args", "manifest", "model", "step"} <= set(ckpt):
         manifest = ckpt["manifest"]
-        model, prediction = build_model(argparse.Namespace(**ckpt["args"]), manifest), ckpt["args"]["prediction"]
+        model = build_model(argparse.Namespace(**ckpt["args"]), manifest)
+        prediction = ckpt["args"].get("prediction", "eps")  # runs from before --prediction existed were eps
         state, weights, note = select_weights(ckpt, path, args.weights, model)
         run_dir = os.path.dirname(os.path.dirname(path))
         what, stem = f"{ckpt['args']['model']} of its run", os.path.join(run_dir, "samples", f"{stem}-{weights}")

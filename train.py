@@ -278,8 +278,8 @@ def build_model(args, manifest):
 
 
 def check_compatible(ckpt, args, manifest, path):
-    saved = ckpt["args"]
-    for key in ("model", "depth", "hidden_size", "num_heads", "modulation", "mp", *MP_SWITCHES):
+    saved = {"prediction": "eps", **ckpt["args"]}  # runs from before --prediction existed were eps
+    for key in ("model", "depth", "hidden_size", "num_heads", "modulation", "prediction", "mp", *MP_SWITCHES):
         if saved.get(key) != getattr(args, key):
             raise UsageError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has "
                              f"{getattr(args, key)!r}; pass the same arguments or start a new run")

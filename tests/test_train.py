@@ -188,6 +188,8 @@ def test_bad_checkpoints_on_resume(pixels, tmp_path, capsys):
     ckpt = os.path.join(run_dir, "checkpoints", "0000002.pt")
     code, err = bad(base_args(pixels, tmp_path, "--num-steps", "4", "--resume", run_dir, "--mp"), capsys)
     assert code == 2 and "mp=False" in err and ckpt in err
+    code, err = bad(base_args(pixels, tmp_path, "--num-steps", "4", "--resume", run_dir, "--prediction", "v"), capsys)
+    assert code == 2 and "prediction='eps'" in err  # a resumed run must keep its training target
     other = write_pixels(tmp_path / "five", num_classes=5)
     code, err = bad(base_args(other, tmp_path, "--num-steps", "4", "--resume", run_dir), capsys)
     assert code == 2 and "num_classes" in err
