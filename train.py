@@ -39,6 +39,7 @@ DEFAULTS = dict(model="DiT-S/2", prediction="eps", mp=False, num_steps=400_000, 
                 log_every=100, monitor_every=1000, ckpt_every=50_000, num_workers=4)
 DEMO = dict(DEFAULTS, model="DiT-XS/4", mp=True, prediction="v", num_steps=1500, global_batch_size=64, hflip=False,
             log_every=50, monitor_every=100, ckpt_every=500, num_workers=0)
+SAVED_ARG_DEFAULTS = dict(prediction="eps")  # arguments added later, as checkpoints from before them had them
 DEMO_SIZE = dict(depth=4, hidden_size=128, num_heads=4)  # for the demo's default model only
 
 
@@ -73,8 +74,10 @@ def parse_args(argv=None):
     g.add_argument("--num-steps", type=int, help="optimiser steps (default 400000; demo 1500)")
     g.add_argument("--global-batch-size", type=int, help="images per step over all processes (default 256)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-4 vanilla, 1e-2 with weight norm; demo 2e-2)")
-    g.add_argument("--warmup-steps", type=int, help="linear warm-up (default 0 vanilla; weight norm min(1000, num_steps / 10))")
+    g.add_argument("--lr", type=float,
+                   help="peak learning rate (default 1e-4 vanilla, 1e-2 with weight norm; demo 2e-2)")
+    g.add_argument("--warmup-steps", type=int,
+                   help="linear warm-up (default 0 vanilla; weight norm min(1000, num_steps / 10))")
     g.add_argument("--decay-steps", type=int,
                    help="EDM2 decay lr / sqrt(max(step / N, 1)); 0 = constant (default 0 vanilla; weight norm "
                         "min(20000, num_steps / 3))")
@@ -278,7 +281,7 @@ def build_model(args, manifest):
 
 
 def check_compatible(ckpt, args, manifest, path):
-    saved = {"prediction": "eps", **ckpt["args"]}  # runs from before --prediction existed were eps
+    saved = {**SAVED_ARG_DEFAULTS, **ckpt["args"]}
     for key in ("model", "depth", "hidden_size", "num_heads", "modulation", "prediction", "mp", *MP_SWITCHES):
         if saved.get(key) != getattr(args, key):
             raise UsageError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has "

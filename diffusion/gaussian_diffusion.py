@@ -121,7 +121,8 @@ class GaussianDiffusion:
         if self.model_mean_type == "x0":
             return prediction
         if self.model_mean_type == "v":
-            return _extract(self.sqrt_alphas_cumprod, t, x_t) * x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * prediction
+            a, s = _extract(self.sqrt_alphas_cumprod, t, x_t), _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+            return a * x_t - s * prediction
         return self._predict_xstart_from_eps(x_t, t, prediction)
 
     def _target(self, x_start, t, noise):
@@ -129,7 +130,8 @@ class GaussianDiffusion:
         if self.model_mean_type == "x0":
             return x_start
         if self.model_mean_type == "v":
-            return _extract(self.sqrt_alphas_cumprod, t, x_start) * noise - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+            a, s = _extract(self.sqrt_alphas_cumprod, t, x_start), _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start)
+            return a * noise - s * x_start
         return noise
 
     def _predict_eps_from_xstart(self, x_t, t, x_start):

@@ -6,9 +6,10 @@
     python experiments/ablate.py --parallel 4           # 4 runs at once as subprocesses (GPU)
     python experiments/ablate.py --data-path DATA --model DiT-S/4 --num-steps 20000
 
-Grids: "default" = vanilla DiT (at DiT's lr 1e-4 and at 1e-3); vanilla plus each MP switch alone (forced weight normalisation
-runs together with weight normalisation, which it needs); all MP (--mp); all MP with rotation
-modulation (--mp --modulation rotation-scale). "tiny" = vanilla and all MP.
+Grids: "default" = vanilla DiT (at DiT's lr 1e-4 and at 1e-3); vanilla plus each MP switch alone
+(forced weight normalisation runs together with weight normalisation, which it needs); all MP
+(--mp); all MP with rotation modulation (--mp --modulation rotation-scale). "tiny" = vanilla and
+all MP.
 
 Every configuration trains with the same model size, steps, batch and seeds through train.py's
 own code (train.main), each (configuration, seed) in its own RESULTS/runs/<config>-seed<S>/.

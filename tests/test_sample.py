@@ -263,7 +263,8 @@ def test_official_state_dict_loads_into_vanilla_dit(official_ckpt, vae_dir, tmp_
     state = load(official_ckpt)
     assert set(state) == {k for k in DIT_KEYS if not k.startswith("blocks.") or int(k.split(".")[1]) < 6}
     official = ["--ckpt", official_ckpt, "--model", "DiT-XS/8", "--image-size", 64]
-    model, manifest, _, _, prediction = sample.load_model(sample.parse_args([str(a) for a in official] + ["--class-label", "0"]))
+    args = sample.parse_args([str(a) for a in official] + ["--class-label", "0"])
+    model, manifest, _, _, prediction = sample.load_model(args)
     assert model.num_classes == 1000 and manifest["shape"] == [4, 8, 8] and prediction == "eps"
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state[name])
