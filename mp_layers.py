@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+NORM_EPS = 1e-4  # EDM2's eps in x / (eps + ||x|| / sqrt(n))
+
 
 class _Normalize(torch.autograd.Function):
     """y = gain x / r over the last dim, r = eps + |x| / sqrt(n), with the backward written out:
@@ -38,7 +40,7 @@ class _Normalize(torch.autograd.Function):
         return dx, dgain, None
 
 
-def normalize(x, dim=None, eps=1e-4, gain=1.0):
+def normalize(x, dim=None, eps=NORM_EPS, gain=1.0):
     """gain * x / (eps + ||x|| / sqrt(n)) over `dim` (default: all but dim 0, i.e. per output row).
 
     Rows come out at RMS `gain` (a float or a 0-d tensor); the norm is computed in float32."""
@@ -47,7 +49,7 @@ def normalize(x, dim=None, eps=1e-4, gain=1.0):
     return _Normalize.apply(x.movedim(dim, -1), gain, eps).movedim(-1, dim)
 
 
-def pixel_norm(x, dim=-1, eps=1e-4):
+def pixel_norm(x, dim=-1, eps=NORM_EPS):
     """Normalise each feature vector (over channels `dim`) to unit RMS."""
     return normalize(x, dim=dim, eps=eps)
 
@@ -101,7 +103,10 @@ class MPLinear(nn.Module):
     evaluation copy can run in any mode without its weights being rewritten.
 
     Without autograd (sampling, evaluation) the effective weight is cached per dtype and recomputed
-    only when V or g change (tracked through their in-place version counters).
+    only when V or g change (tracked through their in-place version counters). In training, an
+    input with fewer rows than input features (the adaLN and timestep layers: one row per image)
+    is multiplied by V itself and the outputs scaled (_RowScaledLinear), which skips forming W and
+    its backward; token layers form W, which is then the smaller tensor. Both are exact.
     """
 
     def __init__(self, in_features, out_features, forced=False, gain=None, patch_size=None, scale=1.0):
@@ -116,7 +121,8 @@ class MPLinear(nn.Module):
 
     def effective_weight(self, dtype):
         gain = self.scale if self.gain is None else self.gain * self.scale
-        return normalize(self.weight.float(), gain=gain / math.sqrt(self.weight[0].numel())).to(dtype)
+        v = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        return normalize(v, gain=gain / math.sqrt(self.weight[0].numel())).to(dtype)
 
     def cached_weight(self, dtype):
         key = (self.weight._version, None if self.gain is None else self.gain._version,
@@ -126,10 +132,12 @@ class MPLinear(nn.Module):
         return self._cache[1]
 
     def forward(self, x):
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            w = self.effective_weight(x.dtype)
-        else:
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
             w = self.cached_weight(x.dtype)
+        elif self.patch_size is None and x.numel() < x.shape[-1] ** 2:  # fewer rows than features
+            return _RowScaledLinear.apply(x, self.weight, self.gain, self.scale)
+        else:
+            w = self.effective_weight(x.dtype)
         if self.patch_size is None:
             return F.linear(x, w)
         return F.conv2d(x, w, stride=self.patch_size)
@@ -137,6 +145,37 @@ class MPLinear(nn.Module):
     def extra_repr(self):
         return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, patch_size={self.patch_size}, "
                 f"forced={self.forced}, learned_gain={self.gain is not None}, scale={self.scale:.4g}")
+
+
+class _RowScaledLinear(torch.autograd.Function):
+    """MPLinear's training output without forming W: with c = g scale, u_i = 1 / (||V_i|| + eps sqrt(n)),
+        z = x V^T,  y = z (c u),   and, with dz = dy (c u) and ds_i = sum over rows of dy_i z_i,
+        dx = dz V,  dV = dz^T x - ds_i c u_i^2 / ||V_i|| V_i,  dg = scale sum_i ds_i u_i.
+    Every pass over V is one read or one in-place update; the rest is the size of y. For inputs with
+    fewer rows than features (one row per image), where this is cheaper than forming W."""
+
+    @staticmethod
+    def forward(ctx, x, v, gain, scale):
+        norm = torch.linalg.vector_norm(v, dim=1, dtype=torch.promote_types(v.dtype, torch.float32))
+        u = 1 / (norm + NORM_EPS * math.sqrt(v.shape[1]))
+        c = scale if gain is None else gain * scale
+        z = F.linear(x, v)
+        ctx.save_for_backward(x, v, norm, u, z, gain)
+        ctx.scale = scale
+        return z * (c * u).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, v, norm, u, z, gain = ctx.saved_tensors
+        c = ctx.scale if gain is None else gain * ctx.scale
+        dtype = z.dtype  # the matmul's (bf16 under autocast)
+        dz = dy.to(dtype) * (c * u).to(dtype)
+        dx = (dz @ v.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        ds = (dy.to(u.dtype) * z.to(u.dtype)).flatten(0, -2).sum(0)
+        dv = (dz.flatten(0, -2).T @ x.flatten(0, -2).to(dtype)).to(v.dtype)
+        dv.addcmul_(v, (ds * c * u * u / norm.clamp_min(1e-30)).unsqueeze(1).to(v.dtype), value=-1)
+        dgain = ctx.scale * (ds * u).sum() if gain is not None and ctx.needs_input_grad[2] else None
+        return dx, dv, dgain, None
 
 
 class MPEmbedding(nn.Module):
@@ -153,7 +192,7 @@ class MPEmbedding(nn.Module):
             force_normalize_(self)
 
     def forward(self, y):
-        return F.embedding(y, normalize(self.weight.float()))
+        return pixel_norm(F.embedding(y, self.weight.float()))  # only the rows looked up
 
 
 class MPFourier(nn.Module):
@@ -191,4 +230,4 @@ def force_normalize_(module):
         if isinstance(m, (MPLinear, MPEmbedding)) and m.forced:
             w = m.weight.flatten(1)
             norm = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=torch.float32)
-            w.mul_((1 / (1e-4 + norm / math.sqrt(w.shape[1]))).to(w.dtype))
+            w.mul_((1 / (NORM_EPS + norm / math.sqrt(w.shape[1]))).to(w.dtype))

@@ -126,6 +126,8 @@ def test_mp_embedding_rows_unit_rms():
     emb = MPEmbedding(11, 64)
     out = emb(torch.arange(11))
     assert torch.allclose(out.pow(2).mean(1).sqrt(), torch.ones(11), atol=1e-3)
+    labels = torch.tensor([[3, 3], [10, 0]])  # normalising the looked-up rows = looking up normalised rows
+    torch.testing.assert_close(emb(labels), normalize(emb.weight.detach())[labels])
 
 
 def test_mp_fourier_unit_rms_and_smooth_in_its_input():
@@ -168,3 +170,38 @@ def test_normalize_backward_matches_autograd():
     xf = x.detach().float().requires_grad_()
     (normalize(xf, dim=-1) * dy.float()).sum().backward()  # a constant gain and another dim
     assert torch.isfinite(xf.grad).all()
+
+
+@pytest.mark.parametrize("rows", [4, 128])  # fewer, then more rows than the 64 input features
+def test_mp_linear_training_output_and_grads_match_formula(rows):
+    """Training takes one of two exact routes (scaling the outputs, or forming W, by the number of
+    input rows); both must give the output and all gradients of y = x (g normalize(V) / sqrt(fan_in))^T."""
+    layer = MPLinear(64, 32, gain=0.7).double()
+    with torch.no_grad():
+        layer.weight.mul_(3 * torch.rand(32, 1, dtype=torch.float64))  # rows off the unit sphere
+    x = torch.randn(rows, 64, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(rows, 32, dtype=torch.float64)
+    out = layer(x)
+    grads = torch.autograd.grad((out * dy).sum(), (x, layer.weight, layer.gain))
+    v, g = layer.weight.detach().requires_grad_(), layer.gain.detach().requires_grad_()
+    expected = F.linear(x, autograd_normalize(v, g) / 8)
+    expected_grads = torch.autograd.grad((expected * dy).sum(), (x, v, g))
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("rows", [4, 128])
+def test_mp_linear_trains_under_bf16_autocast(rows):
+    """Both training routes under bf16 autocast: a bf16 output, float32 gradients, and the float32
+    gradients to within bf16 rounding (8 bits of mantissa: 2% of the largest entry)."""
+    layer = MPLinear(64, 32, gain=0.7)
+    x, dy = torch.randn(rows, 64, requires_grad=True), torch.randn(rows, 32)
+    expected = torch.autograd.grad((layer(x) * dy).sum(), (x, layer.weight, layer.gain))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    grads = torch.autograd.grad((out.float() * dy).sum(), (x, layer.weight, layer.gain))
+    assert out.dtype == torch.bfloat16
+    for a, b in zip(grads, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0.02 * b.abs().max().item())
