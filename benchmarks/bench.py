@@ -14,6 +14,7 @@ and the ratios are summarised by their median. See benchmarks/README.md.
 import argparse
 import contextlib
 import copy
+import ctypes
 import datetime
 import gc
 import io
@@ -73,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--loop-window", type=int, default=4, help="train.py --log-every; the first window is skipped")
     p.add_argument("--loop-rounds", type=int, default=1)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice less the cores busy elsewhere)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc at its defaults (see keep_freed_memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", default=os.path.join(ROOT, "benchmarks", "results.json"))
     p.add_argument("--out-md", help="also write the markdown report here")
@@ -354,6 +357,20 @@ def run_loop(args, device):
                 steps=args.loop_steps, window=args.loop_window, configs=out)
 
 
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse, as a GPU caching allocator does: blocks up
+    to its 32 MB maximum then come from the heap, and the heap is never trimmed. At glibc's defaults
+    the large temporaries of each step are handed back to the kernel and faulted back in, zeroed, on
+    the next, which on a CPU costs every configuration time (the more temporaries, the more) and is
+    most of the block-to-block noise. Returns whether it applied (False without glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def machine_info(device):
     def git(*cmd):  # read-only queries; --no-optional-locks keeps git from rewriting its index
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -378,9 +395,9 @@ def markdown(result):
     lines = [f"# MaP-DiT speed, {m['date']}", "",
              f"{m['device']} ({m['cpu']}, {m['cpu_count']} cores, {m['threads']} threads), torch {m['torch']}, commit "
              f"{m['commit']}{' + local changes' if m['dirty'] else ''}, load average at start {m['load_avg'][0]:.1f}. "
-             f"{a['precision']}; inference = {a['infer_mode']}; {a['warmup']} warm-up, then {a['rounds']} interleaved "
-             f"rounds of {a['iters']} iterations per block. Cells: median [min-max] over blocks; a ratio compares a "
-             "block with the adjacent vanilla block (above 1: faster than vanilla).", ""]
+             f"{a['precision']}; malloc: {a['malloc']}; inference = {a['infer_mode']}; {a['warmup']} warm-up, then "
+             f"{a['rounds']} interleaved rounds of {a['iters']} iterations per block. Cells: median [min-max] over "
+             "blocks; a ratio compares a block with the adjacent vanilla block (above 1: faster than vanilla).", ""]
     for r in result["models"]:
         lines += [f"## {r['model']}, latent {'x'.join(map(str, r['latent']))}, batch {r['batch']} "
                   f"({r['gmacs']:.2f} forward GMACs/image from {r['gmacs_source']})", "",
@@ -413,6 +430,7 @@ def markdown(result):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    malloc = "glibc defaults" if args.system_malloc or not keep_freed_memory() else "glibc, freed memory kept"
     busy = round(os.getloadavg()[0])  # cores other jobs keep busy: more threads than free cores stall
     threads = args.threads or max(1, min(torch.get_num_threads(), os.cpu_count() - busy))
     if threads < torch.get_num_threads() and not args.threads:
@@ -425,7 +443,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    settings = dict(vars(args), precision=precision, peak_tflops=peak,
+    settings = dict(vars(args), precision=precision, peak_tflops=peak, malloc=malloc,
                     infer_mode="plain forward" if args.plain_forward
                     else "forward_with_cfg (batch = cond + uncond rows)")
     result = dict(machine=machine_info(device), settings=settings, models=[])
