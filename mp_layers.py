@@ -172,8 +172,10 @@ class _RowScaledLinear(torch.autograd.Function):
         dz = dy.to(dtype) * (c * u).to(dtype)
         dx = (dz @ v.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         ds = (dy.to(u.dtype) * z.to(u.dtype)).flatten(0, -2).sum(0)
-        dv = (dz.flatten(0, -2).T @ x.flatten(0, -2).to(dtype)).to(v.dtype)
-        dv.addcmul_(v, (ds * c * u * u / norm.clamp_min(1e-30)).unsqueeze(1).to(v.dtype), value=-1)
+        dv = None
+        if ctx.needs_input_grad[1]:
+            dv = (dz.flatten(0, -2).T @ x.flatten(0, -2).to(dtype)).to(v.dtype)
+            dv.addcmul_(v, (ds * c * u * u / norm.clamp_min(1e-30)).unsqueeze(1).to(v.dtype), value=-1)
         dgain = ctx.scale * (ds * u).sum() if gain is not None and ctx.needs_input_grad[2] else None
         return dx, dv, dgain, None
 

@@ -189,6 +189,8 @@ def test_mp_linear_training_output_and_grads_match_formula(rows):
     torch.testing.assert_close(out, expected)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b)
+    layer.requires_grad_(False)  # a frozen layer still passes gradients to its input
+    torch.testing.assert_close(torch.autograd.grad((layer(x) * dy).sum(), x)[0], expected_grads[0])
 
 
 @pytest.mark.parametrize("rows", [4, 128])
