@@ -361,8 +361,8 @@ def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse, as a GPU caching allocator does: blocks up
     to its 32 MB maximum then come from the heap, and the heap is never trimmed. At glibc's defaults
     the large temporaries of each step are handed back to the kernel and faulted back in, zeroed, on
-    the next, which on a CPU costs every configuration time (the more temporaries, the more) and is
-    most of the block-to-block noise. Returns whether it applied (False without glibc)."""
+    the next, which on a CPU costs every configuration time (the more temporaries, the more) and adds
+    to the block-to-block noise. Returns whether it applied (False without glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
