@@ -100,7 +100,7 @@ def test_rerunning_the_same_command_continues_the_unfinished_run(pixels, tmp_pat
     run_dir = train.main(train.parse_args(args))
     assert os.path.basename(run_dir).startswith("000-")
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "0000004.pt"))
-    assert not os.path.exists(os.path.join(tmp_path, "001-DiT-XS-4-d2-w64-h4"))
+    assert os.listdir(tmp_path) == [os.path.basename(run_dir)]  # no second run directory
 
 
 def test_two_process_ddp_matches_one_process(pixels, tmp_path):
