@@ -35,7 +35,7 @@ from download import VAES, Fail, load_vae
 from ema import posthoc_coefficients, sigma_rel_to_gamma
 from fid import write_npz_samples
 from models import MODEL_SIZES, DiT_models
-from train import SAVED_ARG_DEFAULTS, UsageError, build_model, checkpoints_in, setup_distributed
+from train import UsageError, build_model, checkpoints_in, saved_args, setup_distributed
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
 DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
@@ -125,7 +125,7 @@ def load_model(args):
     stem = os.path.splitext(os.path.basename(path))[0]
     if isinstance(ckpt, dict) and {"args", "manifest", "model", "step"} <= set(ckpt):
         manifest = ckpt["manifest"]
-        saved = {**SAVED_ARG_DEFAULTS, **ckpt["args"]}
+        saved = saved_args(ckpt)
         model, prediction = build_model(argparse.Namespace(**saved), manifest), saved["prediction"]
         state, weights, note = select_weights(ckpt, path, args.weights, model)
         run_dir = os.path.dirname(os.path.dirname(path))

@@ -280,8 +280,13 @@ def build_model(args, manifest):
                                   mp=args.mp, modulation=args.modulation, **switches, **overrides)
 
 
+def saved_args(ckpt):
+    """A checkpoint's train.py arguments, with the defaults of those added since it was written."""
+    return {**SAVED_ARG_DEFAULTS, **ckpt["args"]}
+
+
 def check_compatible(ckpt, args, manifest, path):
-    saved = {**SAVED_ARG_DEFAULTS, **ckpt["args"]}
+    saved = saved_args(ckpt)
     for key in ("model", "depth", "hidden_size", "num_heads", "modulation", "prediction", "mp", *MP_SWITCHES):
         if saved.get(key) != getattr(args, key):
             raise UsageError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has "

@@ -257,7 +257,7 @@ def training_record(run_dir, global_batch):
 
 def evaluate_run(run_dir, ckpt_path, opts, ctx):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    args = argparse.Namespace(**{**train.SAVED_ARG_DEFAULTS, **ckpt["args"]})
+    args = argparse.Namespace(**train.saved_args(ckpt))
     model = train.build_model(args, ckpt["manifest"])
     if ckpt["ema_power"]:  # the weights train.py samples its grid from: the widest power EMA
         sigma = max(ckpt["ema_power"], key=float)
