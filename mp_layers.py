@@ -102,8 +102,11 @@ class MPLinear(nn.Module):
     the effective learning rate stays constant. The forward pass never modifies V, so an EMA or
     evaluation copy can run in any mode without its weights being rewritten.
 
-    Without autograd (sampling, evaluation) the effective weight is cached per dtype and recomputed
-    only when V or g change (tracked through their in-place version counters). In training, an
+    Without autograd, a frozen layer (V and g with requires_grad False: an EMA copy, a model loaded
+    for sampling) caches its effective weight per dtype and recomputes it only when V or g change
+    in place (their version counters: EMA updates, load_state_dict). A layer that trains is never
+    served from the cache: an optimiser need not bump version counters (fused Adam does not), so
+    only a fresh W is sure to be current for the monitor or an evaluation of the live model. In training, an
     input with fewer rows than input features (the adaLN and timestep layers: one row per image)
     is multiplied by V itself and the outputs scaled (_RowScaledLinear), which skips forming W and
     its backward; token layers form W, which is then the smaller tensor. Both are exact.
@@ -132,7 +135,8 @@ class MPLinear(nn.Module):
         return self._cache[1]
 
     def forward(self, x):
-        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        frozen = not (self.weight.requires_grad or (self.gain is not None and self.gain.requires_grad))
+        if frozen and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
             w = self.cached_weight(x.dtype)
         elif self.patch_size is None and x.numel() < x.shape[-1] ** 2:  # fewer rows than features
             return _RowScaledLinear.apply(x, self.weight, self.gain, self.scale)

@@ -369,7 +369,7 @@ def main(args):
             raise UsageError(f"--class-label {bad[0]}: outside [0, {model.num_classes})")
         sampler = make_sampler(args.sampler, args.num_sampling_steps, prediction)
         vae = load_decoder(args, manifest, device)
-        model = model.to(device).eval()
+        model = model.to(device).eval().requires_grad_(False)  # frozen: MPLinear caches its weights
         if args.compile:  # forward_with_cfg calls self.forward, so guidance runs compiled too
             model.forward = torch.compile(model.forward, fullgraph=True)
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -268,7 +268,7 @@ def evaluate_run(run_dir, ckpt_path, opts, ctx):
     losses = {}
     for name, state in (("raw", ckpt["model"]), ("ema", ema_state)):
         model.load_state_dict(state)
-        model.to(ctx.device).eval()
+        model.to(ctx.device).eval().requires_grad_(False)  # frozen: MPLinear caches its weights
         losses[name] = metrics.heldout_loss(model, diffusion, ctx.loss_x, ctx.loss_y, seed=opts.sample_seed)
     samples = {}
     for cfg_scale in opts.cfg_scales:

@@ -110,16 +110,38 @@ def test_unforced_layer_is_left_alone_by_force_normalize():
 
 
 def test_inference_cache_tracks_weight_updates():
-    layer = MPLinear(16, 8, gain=1.0)
+    """A frozen layer (an EMA copy, a model loaded for sampling) caches W and follows in-place edits."""
+    layer = MPLinear(16, 8, gain=1.0).requires_grad_(False)
     x = torch.randn(4, 16)
     with torch.no_grad():
         first = layer(x)
+        assert layer.cached_weight(x.dtype) is layer._cache[1]  # served from the cache, not recomputed
         assert torch.equal(layer(x), first)
         layer.weight.add_(torch.randn_like(layer.weight))  # what an optimiser step does
         fresh = F.linear(x, normalize(layer.weight) / 4.0)
         assert torch.allclose(layer(x), fresh, atol=1e-6)
         layer.gain.fill_(0.5)
         assert torch.allclose(layer(x), 0.5 * fresh, atol=1e-6)
+
+
+@pytest.mark.parametrize("update", ["fused", "foreach", "data"])
+def test_no_grad_forward_of_a_training_layer_sees_every_step(update):
+    """Fused Adam (train.py's choice on a GPU) and updates through .data leave the version counter
+    of V unchanged: a no-grad forward of the live layer (the magnitude monitor, an evaluation) must
+    still use the updated weights, not those of its first no-grad call."""
+    layer = MPLinear(16, 8, gain=1.0)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        layer(x)
+    if update == "data":
+        layer.weight.data.add_(torch.randn_like(layer.weight))
+    else:
+        opt = torch.optim.Adam(layer.parameters(), lr=0.1, **{update: True})
+        layer(x).square().sum().backward()
+        opt.step()
+    with torch.no_grad():
+        fresh = F.linear(x, normalize(layer.weight) * layer.gain / 4.0)
+        assert torch.allclose(layer(x), fresh, atol=1e-6)
 
 
 def test_mp_embedding_rows_unit_rms():
