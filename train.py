@@ -393,10 +393,11 @@ def main(args):
             y = y.to(device, non_blocking=True)
             t = noise.randint(diffusion.num_timesteps, n)
             drop = (noise.rand(n) < model.y_embedder.dropout_prob).long()
+            diffusion_noise = noise.randn(n, *x.shape[1:])
             sync = world > 1 and i < args.grad_accum - 1
             with (train_model.no_sync() if sync else nullcontext()), autocast():
                 losses = diffusion.training_losses(train_model, x, t, dict(y=y, force_drop_ids=drop),
-                                                   noise=noise.randn(n, *x.shape[1:]))
+                                                   noise=diffusion_noise)
             loss = losses["loss"].mean()
             (loss / args.grad_accum).backward()
             window_loss += torch.stack([loss.detach(), losses["mse"].mean().detach(),
@@ -435,7 +436,7 @@ def main(args):
         if rank == 0 and (step % args.monitor_every == 0 or step == args.num_steps):
             model.eval()
             with autocast():
-                acts, weights = block_magnitudes(model, x, t, y)
+                acts, weights = block_magnitudes(model, diffusion.q_sample(x, t, diffusion_noise), t, y)  # as trained
             model.train()
             magnitude_records.append(dict(step=step, act_rms=acts, weight_rms=weights))
             metrics_file.write(json.dumps(magnitude_records[-1]) + "\n")

@@ -62,6 +62,27 @@ def test_end_to_end_run_writes_its_artifacts(pixels, tmp_path):
         assert not any(k.startswith(("_orig_mod.", "module.")) for k in sd)
 
 
+def test_magnitude_monitor_sees_the_noised_input_the_model_trains_on(pixels, tmp_path, monkeypatch):
+    """The monitor's RMS must describe what training feeds the model: x_t = q_sample(x_0, t, noise)
+    of the step's last micro-batch, not the clean data x_0."""
+    from diffusion import GaussianDiffusion
+    trained, monitored = [], []
+    training_losses = GaussianDiffusion.training_losses
+
+    def spy_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+        trained.append((self, x_start, t, noise))
+        return training_losses(self, model, x_start, t, model_kwargs, noise)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", spy_losses)
+    monkeypatch.setattr(train, "block_magnitudes", lambda model, x, t, y: monitored.append((x, t)) or ([0.0], [0.0]))
+    train.main(train.parse_args(base_args(pixels, tmp_path, "--num-steps", "2", "--grad-accum", "2")))
+    diffusion, x_start, t, noise = trained[-1]
+    x_t = diffusion.q_sample(x_start, t, noise)
+    assert len(monitored) == 1 and torch.equal(monitored[0][1], t)
+    torch.testing.assert_close(monitored[0][0], x_t)
+    assert not torch.allclose(x_t, x_start, atol=0.1)
+
+
 def test_resume_reproduces_the_uninterrupted_run(pixels, tmp_path):
     schedule = ["--mp", "--hflip", "--warmup-steps", "2", "--decay-steps", "3", "--snapshot-every", "2"]
     straight = train.main(train.parse_args(base_args(pixels, tmp_path / "a", "--num-steps", "6", "--ckpt-every", "3",
