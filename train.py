@@ -28,14 +28,14 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from data import DataError, LatentDataset, make_demo_dataset
+from data import DataError, LatentDataset, make_demo_dataset, read_manifest
 from diffusion import create_diffusion
 from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma
 from models import MODULATIONS, MP_SWITCHES, DiT_models
 from monitor import block_magnitudes, plot_magnitudes
 from mp_layers import force_normalize_
 
-DEFAULTS = dict(model="DiT-S/2", prediction="eps", mp=False, num_steps=400_000, global_batch_size=256, hflip=True,
+DEFAULTS = dict(model="DiT-S/2", prediction="eps", mp=False, num_steps=400_000, global_batch_size=256,
                 log_every=100, monitor_every=1000, ckpt_every=50_000, num_workers=4)
 DEMO = dict(DEFAULTS, model="DiT-XS/4", mp=True, prediction="v", num_steps=1500, global_batch_size=64, hflip=False,
             log_every=50, monitor_every=100, ckpt_every=500, num_workers=0)
@@ -64,7 +64,9 @@ def parse_args(argv=None):
                    help="what the model predicts: eps (DiT; the default) or v (the demo: well posed at high "
                         "noise, where eps-prediction needs many steps to learn) or x0")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: on for datasets, off for the demo)")
+                   help="random horizontal flips (default: on for pixel datasets; off for latent datasets, "
+                        "where a mirrored latent only approximates the latent of the mirrored image, and for "
+                        "the demo); for flipped latents encode them with download.py imagenet --flip")
     g = p.add_argument_group("magnitude preservation (all off = original DiT)")
     g.add_argument("--mp", action=argparse.BooleanOptionalAction,
                    help="MaP-DiT: every switch below on (default off; on for the demo)")
@@ -113,6 +115,8 @@ def fill_defaults(args):
     for k, v in (DEMO if args.data_path is None else DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.hflip is None:  # a mirrored latent only approximates the latent of the mirrored image
+        args.hflip = read_manifest(args.data_path)["kind"] == "pixel"
     if args.model not in DiT_models:
         raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(DiT_models)}")
     weight_norm = args.mp or args.use_weight_normalization

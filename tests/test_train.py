@@ -83,6 +83,22 @@ def test_magnitude_monitor_sees_the_noised_input_the_model_trains_on(pixels, tmp
     assert not torch.allclose(x_t, x_start, atol=0.1)
 
 
+def test_hflip_default_is_on_for_pixels_and_off_for_latents(pixels, tmp_path):
+    """Mirroring a latent only approximates the latent of the mirrored image: latent data is not
+    flipped unless asked (--hflip); pixel data is; the demo is not."""
+    writer = ShardWriter(tmp_path / "latents", "latent", (4, 8, 8), 4)
+    rng = np.random.default_rng(0)
+    writer.write_shard(0, np.arange(8) % 4, mean=rng.standard_normal((8, 4, 8, 8)).astype(np.float16),
+                       std=np.full((8, 4, 8, 8), 0.1, np.float16))
+    writer.finish()
+    latents = str(tmp_path / "latents")
+    assert train.parse_args(["--data-path", latents]).hflip is False
+    assert train.parse_args(["--data-path", latents, "--hflip"]).hflip is True
+    assert train.parse_args(["--data-path", pixels]).hflip is True
+    assert train.parse_args(["--data-path", pixels, "--no-hflip"]).hflip is False
+    assert train.parse_args([]).hflip is False
+
+
 def test_resume_reproduces_the_uninterrupted_run(pixels, tmp_path):
     schedule = ["--mp", "--hflip", "--warmup-steps", "2", "--decay-steps", "3", "--snapshot-every", "2"]
     straight = train.main(train.parse_args(base_args(pixels, tmp_path / "a", "--num-steps", "6", "--ckpt-every", "3",
