@@ -213,11 +213,11 @@ def _load_batch(items, size):
 
 
 @torch.no_grad()
-def encode(vae, images, device, bf16=True):
-    """Posterior mean and std (float32, on the CPU) of uint8 images (B, 3, H, W); on a GPU the
-    encoder runs under bf16 autocast unless bf16 is False."""
+def encode(vae, images, device, bf16=False):
+    """Posterior mean and std (float32, on the CPU) of uint8 images (B, 3, H, W); the encoder runs
+    in float32 (as DiT and EDM2 encode), or under bf16 autocast if bf16 is True."""
     x = images.to(device).float() / 127.5 - 1
-    with torch.autocast(device.type, torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+    with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         posterior = vae.encode(x).latent_dist
     posterior = type(posterior)(posterior.parameters.float())  # mean and std from fp32 moments
     return posterior.mean.cpu(), posterior.std.cpu()
@@ -238,7 +238,7 @@ def encode_shard(items, args, vae, device, bar):
         if args.flip:
             images = torch.stack([images, images.flip(-1)], 1).flatten(0, 1)
             y = y.repeat_interleave(2)
-        arrays.append((images,) if vae is None else encode(vae, images, device, not args.fp32))
+        arrays.append((images,) if vae is None else encode(vae, images, device, args.bf16))
         labels.append(y)
     if not labels:
         raise Fail(f"all {len(items)} images of a shard are unreadable, e.g. {skipped[0]}")
@@ -307,7 +307,7 @@ def cmd_imagenet(args):
         arrays = ("mean", "std")
     writer = ShardWriter(args.out, kind, shape, len(classes), args.shard_size)
     listing = "".join(f"{label} {os.path.relpath(p, args.src)}\n" for p, label in items)
-    _check_settings(args.out, {"image_size": size, "vae": args.vae, "flip": args.flip,
+    _check_settings(args.out, {"image_size": size, "vae": args.vae, "flip": args.flip, "bf16": args.bf16,
                                "shard_size": args.shard_size, "num_images": len(items),
                                "images_sha256": hashlib.sha256(listing.encode()).hexdigest()}, rank)
     shards = [items[i:i + args.shard_size] for i in range(0, len(items), args.shard_size)]
@@ -327,6 +327,7 @@ def cmd_imagenet(args):
         manifest = writer.finish(
             vae=VAES.get(args.vae), image_size=size, class_names=classes, skipped=skipped,
             source=os.path.abspath(args.src), flip=args.flip,
+            vae_dtype=None if vae is None else "bfloat16" if args.bf16 else "float32",
             **({"vae_path": os.path.abspath(args.vae_path)} if kind == "latent" and args.vae_path
                else {}))
         print(f"{args.out}: {manifest['num_items']} {kind} items {manifest['shape']} in "
@@ -383,8 +384,9 @@ def build_parser():
     p.add_argument("--flip", action="store_true", help="also store each image's mirror image as "
                    "the item after it, encoded by the VAE (the flip of a latent is not the latent "
                    "of the flipped image); doubles the dataset")
-    p.add_argument("--fp32", action="store_true", help="run the VAE in float32 on a GPU too (bf16 "
-                   "autocast by default: faster, but coarser than the float16 that is stored)")
+    p.add_argument("--bf16", action="store_true", help="run the VAE encoder under bf16 autocast "
+                   "(default float32, as DiT and EDM2 encode): faster on a GPU, but bf16 keeps 8 "
+                   "significant bits, coarser than the float16 (11 bits) that is stored")
     p.add_argument("--num-workers", type=_at_least(0), default=min(8, os.cpu_count() or 1),
                    help="image decoding processes (default: min(8, CPUs))")
     p.add_argument("--shard-size", type=_at_least(1), default=10000, help="images per shard")

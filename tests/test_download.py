@@ -113,6 +113,28 @@ def test_latent_encoding_resumes_and_matches_the_vae(src, vae_dir, tmp_path):
     assert exit_info.value.code == 2
 
 
+def test_vae_encodes_in_float32_unless_bf16_is_asked_for(src, vae_dir, tmp_path, monkeypatch):
+    """float32 by default (DiT and EDM2 encode so; bf16 is coarser than the float16 stored), on any
+    device; --bf16 opts in, is recorded in the manifest, and changes the arithmetic."""
+    calls, real_encode = [], download.encode
+
+    def spy(vae, images, device, bf16=False):
+        calls.append(bf16)
+        return real_encode(vae, images, device, bf16)
+
+    monkeypatch.setattr(download, "encode", spy)
+    download.main(encode_args(src, tmp_path / "fp32", "--vae-path", vae_dir))
+    assert calls and not any(calls)
+    calls.clear()
+    download.main(encode_args(src, tmp_path / "bf16", "--vae-path", vae_dir, "--bf16"))
+    assert calls and all(calls)
+    dtypes = [json.loads((tmp_path / d / "manifest.json").read_text())["vae_dtype"] for d in ("fp32", "bf16")]
+    assert dtypes == ["float32", "bfloat16"]
+    fp32, bf16 = (np.load(tmp_path / d / "shard-00000.mean.npy").astype(np.float64) for d in ("fp32", "bf16"))
+    assert np.abs(bf16 - fp32).max() > 0  # bf16 autocast really ran
+    assert np.sqrt(np.mean((bf16 - fp32) ** 2) / np.mean(fp32 ** 2)) < 0.05  # and is only coarser
+
+
 def test_pixel_mode_with_flip(src, tmp_path):
     out = tmp_path / "pixels"
     download.main(encode_args(src, out, "--vae", "none", "--flip"))
