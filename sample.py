@@ -88,6 +88,8 @@ def parse_args(argv=None):
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.num_sampling_steps > 1000:
         raise UsageError("--num-sampling-steps: at most the 1000 training steps")
+    if not math.isfinite(args.cfg_scale):
+        raise UsageError(f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = no guidance)")
     if (args.fid is None) == (args.class_label is None):
         raise UsageError("give --class-label Y [Y ...] for a grid or --fid N for an .npz (one of them)")
     if not (args.ckpt or args.result_dir):
@@ -239,6 +241,7 @@ def make_sampler(name, steps, prediction="eps"):
     if name == "dpm++":
         from diffusers import DPMSolverMultistepScheduler  # a slow import: only where it is used
         betas = create_diffusion("").betas.tolist()
+        timesteps = dpm_timesteps(steps, len(betas))
 
         def dpm_solver(model_fn, z, model_kwargs, clip_denoised):
             """DPM-Solver++(2M) on the model's prediction (its first C channels; learned sigmas and
@@ -246,7 +249,7 @@ def make_sampler(name, steps, prediction="eps"):
             scheduler = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas,
                                                     solver_order=2, algorithm_type="dpmsolver++",
                                                     prediction_type=DIFFUSERS_PREDICTION[prediction])
-            scheduler.set_timesteps(steps, device=z.device)
+            scheduler.set_timesteps(timesteps=timesteps, device=z.device)
             x = z
             for t in scheduler.timesteps:
                 out = model_fn(x, t.expand(len(x)), **model_kwargs)[:, : x.shape[1]]
@@ -260,6 +263,16 @@ def make_sampler(name, steps, prediction="eps"):
     loop = diffusion.ddim_sample_loop if name == "ddim" else diffusion.p_sample_loop
     return lambda model_fn, z, model_kwargs, clip_denoised: loop(
         model_fn, z.shape, noise=z, clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=z.device)
+
+
+def dpm_timesteps(steps, num_timesteps=1000):
+    """The `steps` timesteps DPM-Solver++ visits, highest first: diffusers' "linspace" spacing,
+    round(linspace(0, T - 1, steps + 1))[steps:0:-1]. At steps = T its spacing (T - 1) / T < 1
+    rounds two neighbours to one timestep, a step of length 0 that makes the solver divide 0 by 0
+    (NaN); there every timestep is taken once, T - 1 .. 0."""
+    if steps == num_timesteps:
+        return list(range(num_timesteps - 1, -1, -1))
+    return np.linspace(0, num_timesteps - 1, steps + 1).round()[:0:-1].astype(int).tolist()
 
 
 @torch.no_grad()
@@ -377,6 +390,9 @@ def main(args):
 
         def generate(z, y):
             x = denoise(model, sampler, z.to(device), y.to(device), args.cfg_scale, manifest["kind"] == "pixel")
+            if not torch.isfinite(x).all():  # would be saved as black images
+                raise UsageError(f"the samples came out non-finite (NaN or inf) with {note.splitlines()[0]}; "
+                                 f"nothing of this batch was written: check the weights (--weights) and the settings")
             return decode(x, manifest, vae)
 
         out = args.out or (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}-seed{args.seed}"

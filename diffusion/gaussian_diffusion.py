@@ -80,6 +80,8 @@ class GaussianDiffusion:
         self.betas = betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D array in (0, 1]")
+        if len(betas) < 2:  # beta~ at t = 1 stands in for the zero posterior variance at t = 0
+            raise ValueError(f"a diffusion needs at least 2 timesteps, got {len(betas)}")
         self.num_timesteps = len(betas)
         alphas = 1.0 - betas
         self.alphas_cumprod = abar = np.cumprod(alphas)

@@ -173,6 +173,50 @@ def test_dpm_solver_matches_the_gaussian_oracle():
     assert abs(errors[50]) < 0.01 and abs(errors[25]) < 0.03 and abs(errors[50]) < abs(errors[25]), errors
 
 
+def gaussian_eps_oracle(x, t):
+    """The optimal eps for x0 ~ N(0, S^2 I), with zero learned-sigma channels."""
+    a = ABAR[t].view(-1, 1, 1, 1)
+    return torch.cat([x * (1 - a).sqrt() / (a * S**2 + 1 - a), torch.zeros_like(x)], dim=1)
+
+
+def test_dpm_solver_at_every_training_timestep_stays_finite():
+    """At 1000 steps diffusers' linspace spacing rounds timesteps 499.5 and 500.5 both to 500: a step
+    of length 0 and NaN samples (999 steps were fine). The 1000 steps must be 999 .. 0, once each,
+    and sample the oracle's data as finely as 50 steps do (within 1% in std)."""
+    assert sample.dpm_timesteps(1000) == list(range(999, -1, -1))
+    assert sample.dpm_timesteps(25)[:3] == [999, 959, 919] and len(set(sample.dpm_timesteps(999))) == 999
+    z = torch.randn(1024, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    x = sample.make_sampler("dpm++", 1000)(gaussian_eps_oracle, (z - z.mean()) / z.std(), {}, False)
+    assert torch.isfinite(x).all() and abs(x.std().item() / S - 1) < 0.01
+
+
+@pytest.mark.parametrize("name", list(sample.DEFAULT_STEPS))
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_every_sampler_at_few_steps_works_or_refuses(name, steps):
+    """ddpm and ddim need two timesteps (one step would keep t = 0 alone, or no stride fits); the
+    rest sample: finite output of the input's shape."""
+    z = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    if steps == 1 and name != "dpm++":
+        with pytest.raises(train.UsageError, match=f"--num-sampling-steps 1: .*{'at least 2' if name == 'ddpm' else ''}"):
+            sample.make_sampler(name, steps)
+        return
+    x = sample.make_sampler(name, steps)(gaussian_eps_oracle, z, {}, False)
+    assert x.shape == z.shape and torch.isfinite(x).all()
+
+
+def test_non_finite_samples_are_refused_not_saved(pixel_run, tmp_path, capsys, monkeypatch):
+    """NaN samples would be written as black images with exit code 0: one line and exit 2 instead."""
+    monkeypatch.setattr(sample, "denoise", lambda model, sampler, z, *rest: torch.full_like(z, float("nan")))
+    out = tmp_path / "nan.png"
+    code, _, err = run_cli(["--result-dir", pixel_run, "--class-label", 0, "--num-samples", 2, "--out", out], capsys)
+    assert code == 2 and "non-finite" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+    code, _, err = run_cli(["--result-dir", pixel_run, "--fid", 4, "--batch-size", 2, "--out", tmp_path / "nan.npz"],
+                           capsys)
+    assert code == 2 and "non-finite" in err and not (tmp_path / "nan.npz").exists()
+    assert not os.listdir(tmp_path / "nan-chunks") or os.listdir(tmp_path / "nan-chunks") == ["settings.json"]
+
+
 @pytest.mark.parametrize("prediction", ["v", "x0"])
 def test_every_sampler_reads_the_models_prediction_type(prediction):
     """The Gaussian oracle written as a v or x0 predictor (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar),
@@ -331,6 +375,10 @@ def test_bad_inputs_give_one_line_and_exit_code_2(pixel_run, tmp_path, capsys):
         (["--class-label", 0], "--result-dir"),
         ([*run, "--class-label", 0, "--num-sampling-steps", 0], "at least 1"),
         ([*run, "--class-label", 0, "--num-sampling-steps", 2000], "at most"),
+        ([*run, "--class-label", 0, "--num-sampling-steps", 1], "at least 2"),
+        ([*run, "--class-label", 0, "--num-sampling-steps", 1, "--sampler", "ddim"], "--num-sampling-steps 1"),
+        ([*run, "--class-label", 0, "--cfg-scale", "nan"], "--cfg-scale nan"),
+        ([*run, "--class-label", 0, "--cfg-scale", "inf"], "finite"),
         ([*run, "--class-label", 0, "--sampler", "euler"], "invalid choice"),
         ([*run, "--class-label", "dog"], "invalid int"),
         (["--ckpt", tmp_path / "missing.pt", "--class-label", 0], "no such file"),
