@@ -118,7 +118,8 @@ def build_parser():
     g.add_argument("--lr", type=float, help="one learning rate for every configuration (default: train.py's "
                    "per configuration, 1e-4 vanilla, 1e-2 with weight normalisation)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction,
-                   help="random flips (default: off for the demo, on for datasets, as train.py)")
+                   help="random flips (default, as train.py: on for pixel datasets, off for latent ones and "
+                   "the demo)")
     g.add_argument("--train-args", default="", metavar="'ARGS'",
                    help="more train.py arguments for every run, appended last, e.g. --train-args='--grad-clip 1'")
     g = p.add_argument_group("evaluation")
@@ -191,7 +192,7 @@ def run_root(opts, cfg, seed):
 
 def train_argv(opts, data, cfg, seed):
     n = opts.num_steps
-    hflip = opts.hflip if opts.hflip is not None else not data.demo
+    hflip = opts.hflip if opts.hflip is not None else not data.demo and data.manifest["kind"] == "pixel"
     argv = ["--data-path", data.path, "--results-dir", run_root(opts, cfg, seed), "--model", opts.model,
             "--num-steps", str(n), "--global-batch-size", str(opts.global_batch_size), "--seed", str(seed),
             "--log-every", str(max(1, min(50, n // 10))), "--monitor-every", str(max(1, n // 15)),

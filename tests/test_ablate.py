@@ -118,6 +118,16 @@ def test_default_grid_lists_every_switch_alone_and_forced_with_weight_norm(capsy
     assert any(line.startswith("mp-rotation") and "--modulation rotation-scale" in line for line in lines)
 
 
+@pytest.mark.parametrize("kind, demo, flag", [("pixel", False, "--hflip"), ("latent", False, "--no-hflip"),
+                                              ("pixel", True, "--no-hflip")])
+def test_runs_flip_as_train_py_defaults(kind, demo, flag):
+    """Each run gets train.py's default: pixel datasets flipped; latent data (a mirrored latent only
+    approximates the latent of the mirrored image) and the demo not."""
+    data = SimpleNamespace(path="data", demo=demo, manifest={"kind": kind})
+    argv = ablate.train_argv(ablate.parse([]), data, "vanilla", 0)
+    assert flag in argv and ({"--hflip", "--no-hflip"} - {flag}).isdisjoint(argv)
+
+
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     for argv in (["--grid", "tiny", "--configs", "nope"], ["--num-steps", "0"], ["--seeds", "1", "1"],
                  ["--data-path", str(tmp_path / "missing"), "--results-dir", str(tmp_path / "r")]):
