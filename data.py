@@ -21,10 +21,13 @@ z = mean + std * eps (eps ~ N(0, 1)) over all items and pixels; the loader draws
 fresh eps on every call, and returns (z - channel_mean) / channel_std. Pixel data comes back as
 images / 127.5 - 1 in [-1, 1]. Shards are memory-mapped, opened lazily in each (worker) process.
 """
+import argparse
 import json
 import os
 import re
 import shutil
+import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -153,8 +156,9 @@ def read_manifest(path):
         got = (m.get("format"), m.get("version")) if isinstance(m, dict) else type(m).__name__
         raise DataError(f"{file}: not a {FORMAT} version {VERSION} manifest (got {got})")
     missing = [k for k in REQUIRED if k not in m]
-    if missing or m["kind"] not in ARRAYS:
-        raise DataError(f"{file}: missing keys {missing} or unknown kind {m.get('kind')!r}")
+    if missing or not isinstance(m["kind"], str) or m["kind"] not in ARRAYS:
+        raise DataError(f"{file}: missing keys {missing} or unknown kind {m.get('kind')!r} "
+                        f"(need \"latent\" or \"pixel\")")
     try:
         shape, num_classes = [int(s) for s in m["shape"]], int(m["num_classes"])
         counts = [int(s["count"]) for s in m["shards"]]
@@ -167,6 +171,10 @@ def read_manifest(path):
             or not names_ok:
         raise DataError(f"{file}: need shape [C, H, W], num_classes >= 1 and a name and a positive "
                         f"count for each shard")
+    outside = [s["name"] for s in m["shards"] if not is_plain_name(s["name"])]
+    if outside:
+        raise DataError(f"{file}: shard name {outside[0]!r} is not a plain file name in the dataset "
+                        f"directory (no '/', '..' or absolute paths); fix manifest.json")
     if m["kind"] == "latent" and (len(stats) != 2 * shape[0] or min(stats[shape[0]:]) <= 0):
         raise DataError(f"{file}: latent data needs channel_mean and channel_std (> 0), "
                         f"{shape[0]} numbers each; recompute them with ShardWriter.finish()")
@@ -174,6 +182,11 @@ def read_manifest(path):
         raise DataError(f"{file}: empty dataset or num_items ({m['num_items']}) differs from the "
                         f"sum of shard counts ({sum(counts)})")
     return m
+
+
+def is_plain_name(name):
+    """A file name inside the directory: no separator, not '', '.' or '..'."""
+    return name not in ("", ".", "..") and os.path.basename(name) == name and not (os.altsep and os.altsep in name)
 
 
 def denormalize(x, manifest):
@@ -246,6 +259,10 @@ class LatentDataset(torch.utils.data.Dataset):
         i = range(len(self))[i]  # IndexError past the end, negative indices count from it
         shard = int(np.searchsorted(self._starts, i, side="right")) - 1
         arrays = [torch.from_numpy(np.array(a[i - self._starts[shard]])) for a in self._arrays(shard)]
+        if self.kind == "latent" and not all(torch.isfinite(a).all() for a in arrays):
+            file = shard_file(self.path, self._names[shard], "mean")
+            raise DataError(f"{file}: item {i - self._starts[shard]} holds NaN or inf (in its mean or std); "
+                            f"re-encode the shard (`python data.py verify {self.path}` lists every bad one)")
         raw = torch.stack(arrays).float() if self.kind == "latent" else arrays[0]
         return raw, int(self.labels[i])
 
@@ -328,23 +345,82 @@ def _render_demo(label, rng, image_size, scale=4):
 
 
 def make_demo_dataset(out_dir, num_items=10000, image_size=32, seed=0):
-    """Write the procedural 10-class demo pixel dataset to out_dir (reused if already there)."""
-    out_dir = str(out_dir)
+    """Write the procedural 10-class demo pixel dataset to out_dir (reused if already there). It is
+    built in a temporary directory of its own and renamed into place, so processes that build it at
+    the same time do not disturb each other: the first rename wins, the others reuse its result."""
+    out_dir = str(out_dir).rstrip("/") or "/"
     source = f"make_demo_dataset(num_items={num_items}, image_size={image_size}, seed={seed})"
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        if os.path.isfile(os.path.join(out_dir, "manifest.json")) and \
-                read_manifest(out_dir).get("source") == source:
-            return out_dir
-        raise DataError(f"{out_dir}: not empty and not {source}; remove it or pick another directory")
-    partial = out_dir.rstrip("/") + ".partial"  # renamed to out_dir when complete
-    shutil.rmtree(partial, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(num_items) % len(demo_class_names))
-    writer = ShardWriter(partial, "pixel", (3, image_size, image_size), len(demo_class_names))
-    for index, start in enumerate(range(0, num_items, writer.shard_size)):
-        part = labels[start:start + writer.shard_size]
-        images = np.stack([_render_demo(k, rng, image_size) for k in part])
-        writer.write_shard(index, part, images=images.transpose(0, 3, 1, 2))
-    writer.finish(class_names=list(demo_class_names), source=source)
-    os.replace(partial, out_dir)
+    if _holds_demo(out_dir, source):
+        return out_dir
+    parent = os.path.dirname(out_dir) or "."
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial-", dir=parent)
+    try:
+        rng = np.random.default_rng(seed)
+        labels = rng.permutation(np.arange(num_items) % len(demo_class_names))
+        writer = ShardWriter(partial, "pixel", (3, image_size, image_size), len(demo_class_names))
+        for index, start in enumerate(range(0, num_items, writer.shard_size)):
+            part = labels[start:start + writer.shard_size]
+            images = np.stack([_render_demo(k, rng, image_size) for k in part])
+            writer.write_shard(index, part, images=images.transpose(0, 3, 1, 2))
+        writer.finish(class_names=list(demo_class_names), source=source)
+        os.chmod(partial, 0o755)  # mkdtemp makes it private
+        try:
+            os.rename(partial, out_dir)  # fails if another process put a non-empty out_dir there first
+        except OSError:
+            if not _holds_demo(out_dir, source):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out_dir
+
+
+def _holds_demo(out_dir, source):
+    """True if out_dir is the demo dataset made by source, False if absent or empty; DataError otherwise."""
+    if not (os.path.isdir(out_dir) and os.listdir(out_dir)):
+        return False
+    if os.path.isfile(os.path.join(out_dir, "manifest.json")) and read_manifest(out_dir).get("source") == source:
+        return True
+    raise DataError(f"{out_dir}: not empty and not {source}; remove it or pick another directory")
+
+
+def verify(path, chunk=1024):
+    """Read every value of the dataset at path; return one line per shard array holding NaN or inf
+    (after the header checks LatentDataset makes, which raise DataError)."""
+    dataset = LatentDataset(path)
+    problems = []
+    for name in dataset._names:
+        for array in ARRAYS[dataset.kind]:
+            if DTYPES[array] == np.uint8:
+                continue  # pixels are always finite
+            file = shard_file(dataset.path, name, array)
+            a, bad = np.load(file, mmap_mode="r"), []
+            for j in range(0, len(a), chunk):
+                block = np.asarray(a[j:j + chunk])
+                bad.extend(j + np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(1)))
+            if len(bad):
+                problems.append(f"{file}: {len(bad)} item(s) with NaN or inf, the first at index {bad[0]}")
+    return problems
+
+
+def main(argv=None):
+    """`python data.py verify DIR`: exit 0 if every value is finite, 1 naming each bad shard, 2 on bad input."""
+    p = argparse.ArgumentParser(description="Check a dataset directory (data.py format).")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="read every value; name each shard that holds NaN or inf")
+    v.add_argument("path", help="dataset directory")
+    args = p.parse_args(argv)
+    try:
+        problems = verify(args.path)
+    except DataError as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        return 2
+    for line in problems:
+        print(line)
+    if not problems:
+        print(f"{args.path}: every value finite")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

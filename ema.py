@@ -8,6 +8,7 @@ Post-hoc reconstruction: snapshots of power EMAs with two gammas, saved at sever
 combined by least squares between the profiles into the EMA of any other sigma_rel.
 """
 import copy
+import math
 
 import numpy as np
 import torch
@@ -18,6 +19,11 @@ def sigma_rel_to_gamma(sigma_rel):
     s = float(sigma_rel) ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
     return float(roots[np.abs(roots.imag) < 1e-9].real.max())
+
+
+def valid_sigma_rel(sigma_rel):
+    """Whether a power EMA of this relative width exists (gamma > -1): 0 < sigma_rel <= about 0.3002."""
+    return 0 < sigma_rel < math.inf and sigma_rel_to_gamma(sigma_rel) > -1
 
 
 def gamma_to_sigma_rel(gamma):

@@ -32,10 +32,10 @@ from tqdm import tqdm
 from data import denormalize
 from diffusion import create_diffusion
 from download import VAES, Fail, load_vae
-from ema import posthoc_coefficients, sigma_rel_to_gamma
+from ema import posthoc_coefficients, valid_sigma_rel
 from fid import write_npz_samples
 from models import MODEL_SIZES, DiT_models
-from train import UsageError, build_model, checkpoints_in, saved_args, setup_distributed
+from runs import UsageError, build_model, checkpoints_in, saved_args, setup_distributed
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
 DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
@@ -186,7 +186,7 @@ def select_weights(ckpt, path, choice, model):
     if not match:
         raise UsageError(f"--weights {choice}: use raw, ema, or ema-<sigma_rel> such as ema-0.07")
     sigma = float(match[1])
-    if sigma <= 0 or sigma_rel_to_gamma(sigma) <= -1:
+    if not valid_sigma_rel(sigma):
         raise UsageError(f"--weights {choice}: no power EMA has sigma_rel {sigma} (about 0 < sigma_rel < 0.3)")
     if sigma in tracked:
         return tracked[sigma], choice, f"power EMA sigma_rel={sigma} (tracked) of {path}"

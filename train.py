@@ -6,10 +6,11 @@
 
 A run lives in results/NNN-<model>/: config.json, log.txt, metrics.jsonl, checkpoints/, the
 magnitude plot and (pixel data) a sample grid. Re-running the same command continues the latest
-unfinished run with the same arguments from its last checkpoint; --resume PATH picks one.
+unfinished run with the same arguments from its last checkpoint; --resume PATH picks one (a larger
+--num-steps extends it with its learning-rate schedule kept). One process writes a run at a time.
 """
 import argparse
-import glob
+import contextlib
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -28,23 +29,35 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+import runs
 from data import DataError, LatentDataset, make_demo_dataset, read_manifest
 from diffusion import create_diffusion
-from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma
+from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma, valid_sigma_rel
 from models import MODULATIONS, MP_SWITCHES, DiT_models
 from monitor import block_magnitudes, plot_magnitudes
 from mp_layers import force_normalize_
+from runs import UsageError
 
 DEFAULTS = dict(model="DiT-S/2", prediction="eps", mp=False, num_steps=400_000, global_batch_size=256,
                 log_every=100, monitor_every=1000, ckpt_every=50_000, num_workers=4)
 DEMO = dict(DEFAULTS, model="DiT-XS/4", mp=True, prediction="v", num_steps=1500, global_batch_size=64, hflip=False,
             log_every=50, monitor_every=100, ckpt_every=500, num_workers=0)
-SAVED_ARG_DEFAULTS = dict(prediction="eps")  # arguments added later, as checkpoints from before them had them
 DEMO_SIZE = dict(depth=4, hidden_size=128, num_heads=4)  # for the demo's default model only
-
-
-class UsageError(Exception):
-    """Bad arguments, data or checkpoint: reported as one line, exit code 2."""
+AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
+AT_LEAST_0 = ("at least 0", lambda v: v >= 0)
+RANGES = dict(  # every numeric flag: (its valid range in words, the test); floats must be finite too
+    depth=AT_LEAST_1, hidden_size=AT_LEAST_1, num_heads=AT_LEAST_1, num_steps=AT_LEAST_1,
+    global_batch_size=AT_LEAST_1, grad_accum=AT_LEAST_1, snapshot_every=AT_LEAST_1, log_every=AT_LEAST_1,
+    monitor_every=AT_LEAST_1, ckpt_every=AT_LEAST_1, warmup_steps=AT_LEAST_0, decay_steps=AT_LEAST_0,
+    num_workers=AT_LEAST_0,
+    lr=("a finite number above 0", lambda v: 0 < v < math.inf),
+    grad_clip=("a finite number, at least 0 (0 = off)", lambda v: 0 <= v < math.inf),
+    seed=("in [0, 2**32) (numpy's seeds)", lambda v: 0 <= v < 2 ** 32),
+    ema_decay=("in [0, 1)", lambda v: 0 <= v < 1),
+    ema_sigma_rels=("in (0, 0.3002] (the relative widths a power EMA can have)", valid_sigma_rel),
+    sample_steps=("in [1, 1000] (the training diffusion steps)", lambda v: 1 <= v <= 1000),
+)
+STEP_DERIVED = ("warmup_steps", "decay_steps", "snapshot_every")  # defaults computed from --num-steps
 
 
 def parse_args(argv=None):
@@ -89,25 +102,31 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute activations in backward (DiT-XL/2 at batch 256 on one 80 GB GPU)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="all randomness of the run, in [0, 2**32) (default 0)")
     g = p.add_argument_group("EMA")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="classic constant-decay EMA (DiT)")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="classic constant-decay EMA (DiT), in [0, 1)")
     g.add_argument("--ema-sigma-rels", type=float, nargs="*", default=[0.05, 0.10],
-                   help="power-function EMAs (EDM2) by relative width")
+                   help="power-function EMAs (EDM2) by relative width, each in (0, 0.3002]")
     g.add_argument("--snapshot-every", type=int, help="save power-EMA snapshots for post-hoc EMA (default num_steps / 10)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, help="steps between log lines (default 100; demo 50)")
     g.add_argument("--monitor-every", type=int,
                    help="steps between activation / weight RMS records (default 1000; demo 100)")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (default 50000; demo 500)")
-    g.add_argument("--resume", help="run directory or checkpoint file to continue")
+    g.add_argument("--resume", nargs="?", const=runs.LATEST, metavar="PATH",
+                   help="continue a run: its directory or a checkpoint file (a larger --num-steps extends it, "
+                        "keeping its lr schedule); bare --resume: the latest unfinished run in --results-dir "
+                        "with these arguments, refused if there is none (without --resume, such a run is "
+                        "continued too, and a new one started if there is none)")
     g.add_argument("--num-workers", type=int, help="data loader processes (default 4; demo 0)")
-    g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the final sample grid (pixel data)")
+    g.add_argument("--sample-steps", type=int, default=50,
+                   help="DDIM steps for the final sample grid (pixel data), at most 1000")
     return fill_defaults(p.parse_args(argv))
 
 
 def fill_defaults(args):
-    """Defaults that depend on other arguments (demo or not, MP or vanilla), then sanity checks."""
+    """Defaults that depend on other arguments (demo or not, MP or vanilla), then sanity checks.
+    args._derived names the step-derived defaults filled here (a resumed run keeps its own)."""
     if args.data_path is None and args.model is None:
         for k, v in DEMO_SIZE.items():
             if getattr(args, k) is None:
@@ -119,7 +138,9 @@ def fill_defaults(args):
         args.hflip = read_manifest(args.data_path)["kind"] == "pixel"
     if args.model not in DiT_models:
         raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(DiT_models)}")
+    check_ranges(args)
     weight_norm = args.mp or args.use_weight_normalization
+    args._derived = [k for k in STEP_DERIVED if getattr(args, k) is None]
     if args.lr is None:  # the demo's short run learns faster at 2e-2 (tried: 1e-2 gives blurrier shapes)
         args.lr = (2e-2 if args.data_path is None else 1e-2) if weight_norm else 1e-4
     if args.warmup_steps is None:
@@ -131,11 +152,16 @@ def fill_defaults(args):
     if args.use_forced_weight_normalization and not weight_norm:
         raise UsageError("--use-forced-weight-normalization needs --use-weight-normalization (or --mp): "
                          "forced normalisation alone leaves rows at norm sqrt(fan_in) and activations explode")
-    for k in ("num_steps", "global_batch_size", "grad_accum", "log_every", "monitor_every", "ckpt_every",
-              "snapshot_every"):
-        if getattr(args, k) < 1:
-            raise UsageError(f"--{k.replace('_', '-')} must be at least 1")
     return args
+
+
+def check_ranges(args):
+    """Every numeric flag in its range (RANGES): one line naming the flag, its value and the range."""
+    for name, (valid, ok) in RANGES.items():
+        value = getattr(args, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not ok(v):
+                raise UsageError(f"--{name.replace('_', '-')} {v}: must be {valid}")
 
 
 def learning_rate(step, args):
@@ -144,107 +170,17 @@ def learning_rate(step, args):
     return lr / math.sqrt(max(step / args.decay_steps, 1.0)) if args.decay_steps else lr
 
 
-#################################################################################
-#                           Distributed set-up and I/O                          #
-#################################################################################
-
-def setup_distributed():
-    """(rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; the local rank picks
-    the GPU, so multi-node runs work. NCCL on GPUs, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def unwrap(model):
-    """The bare nn.Module under DDP and torch.compile (no "module." or "_orig_mod." key prefixes)."""
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)
-
-
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def checkpoints_in(run_dir):
-    return sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-            "numpy_pos": int(np.random.get_state()[2]), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    missing = {"model", "opt", "step", "args", "ema", "ema_power", "rng", "noise"} - set(ckpt)
-    if missing:
-        raise UsageError(f"{path}: not a train.py checkpoint (missing {sorted(missing)})")
-    return ckpt
-
-
-def find_resume(args):
-    """The checkpoint to continue from: --resume, else the latest run in results-dir with the same
-    arguments that has checkpoints and has not finished. None for a new run."""
-    if args.resume:
-        if os.path.isfile(args.resume):
-            return args.resume
-        ckpts = checkpoints_in(args.resume)
-        if not ckpts:
-            raise UsageError(f"{args.resume}: no checkpoint found (expected a run directory with "
-                             f"checkpoints/NNNNNNN.pt, or a checkpoint file)")
-        return ckpts[-1]
-    runs = sorted(glob.glob(os.path.join(args.results_dir, "[0-9]" * 3 + "-*")))
-    if not runs or not checkpoints_in(runs[-1]):
-        return None
-    try:
-        with open(os.path.join(runs[-1], "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    same = all(config.get(k) == v for k, v in comparable(vars(args)).items())
-    ckpt = checkpoints_in(runs[-1])[-1]
-    return ckpt if same and int(os.path.basename(ckpt)[:7]) < args.num_steps else None
-
-
-def comparable(config):
-    return {k: v for k, v in config.items() if k not in ("resume", "num_workers")}
-
-
-def new_run_dir(args):
-    os.makedirs(args.results_dir, exist_ok=True)
-    existing = glob.glob(os.path.join(args.results_dir, "[0-9]" * 3 + "-*"))
-    index = max([int(os.path.basename(r)[:3]) for r in existing], default=-1) + 1
+def run_name(args):
     prefix = "MaP-" if args.mp else ""
     size = "".join(f"-{k[0]}{v}" for k, v in (("depth", args.depth), ("width", args.hidden_size),
                                               ("heads", args.num_heads)) if v)
-    run_dir = os.path.join(args.results_dir, f"{index:03d}-{prefix}{args.model.replace('/', '-')}{size}")
-    os.makedirs(os.path.join(run_dir, "checkpoints"))
-    return run_dir
+    return f"{prefix}{args.model.replace('/', '-')}{size}"
 
 
 def make_logger(run_dir, rank):
     logger = logging.getLogger("train")
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     if rank == 0:
@@ -264,158 +200,102 @@ def make_logger(run_dir, rank):
 
 def open_dataset(args):
     if args.data_path is None:
-        path = make_demo_dataset(os.path.join(args.results_dir, "demo-data"))
+        try:
+            path = make_demo_dataset(os.path.join(args.results_dir, "demo-data"))
+        except OSError as e:
+            raise UsageError(f"--results-dir {args.results_dir}: cannot write the demo data there "
+                             f"({e.strerror or e})") from None
     else:
         path = args.data_path
     return LatentDataset(path, hflip=args.hflip)
 
 
-def build_model(args, manifest):
-    c, h, w = manifest["shape"]
-    patch = int(args.model.split("/")[1])
-    if h != w or h % patch:
-        raise UsageError(f"{args.data_path}: data shape {manifest['shape']} does not fit {args.model} "
-                         f"(square inputs divisible by the patch size {patch} needed)")
-    if (args.hidden_size or 0) % (args.num_heads or 1) or (args.hidden_size and not args.num_heads):
-        raise UsageError("--hidden-size must be divisible by --num-heads; give both when overriding the width")
-    switches = {name: getattr(args, name) for name in MP_SWITCHES}
-    overrides = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)}
-    return DiT_models[args.model](input_size=h, in_channels=c, num_classes=manifest["num_classes"],
-                                  mp=args.mp, modulation=args.modulation, **switches, **overrides)
-
-
-def saved_args(ckpt):
-    """A checkpoint's train.py arguments, with the defaults of those added since it was written."""
-    return {**SAVED_ARG_DEFAULTS, **ckpt["args"]}
-
-
-def check_compatible(ckpt, args, manifest, path):
-    saved = saved_args(ckpt)
-    for key in ("model", "depth", "hidden_size", "num_heads", "modulation", "prediction", "mp", *MP_SWITCHES):
-        if saved.get(key) != getattr(args, key):
-            raise UsageError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has "
-                             f"{getattr(args, key)!r}; pass the same arguments or start a new run")
-    for key in ("shape", "num_classes"):
-        if ckpt["manifest"].get(key) != manifest.get(key):
-            raise UsageError(f"{path}: checkpoint was trained on data with {key} "
-                             f"{ckpt['manifest'].get(key)} but the dataset has {manifest.get(key)}")
-
-
 def main(args):
-    rank, world, device = setup_distributed()
-    micro, rem = divmod(args.global_batch_size, world * args.grad_accum)
-    if rem or micro == 0:
-        raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                         f"processes ({world}) x --grad-accum ({args.grad_accum})")
-    resume = find_resume(args)
-    ckpt = load_checkpoint(resume) if resume else None
-    dataset = open_dataset(args)
+    rank, world, device = runs.setup_distributed()
+    with contextlib.ExitStack() as cleanup:
+        if world > 1:
+            cleanup.callback(dist.destroy_process_group)
+        run_dir, resume, lock = runs.claim_run(args) if rank == 0 else (None, None, None)
+        if lock:
+            cleanup.callback(lock.release)
+        run_dir, resume = runs.from_rank_0((run_dir, resume), world)
+        micro, rem = divmod(args.global_batch_size, world * args.grad_accum)
+        if rem or micro == 0:
+            raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                             f"processes ({world}) x --grad-accum ({args.grad_accum})")
+        ckpt = runs.load_checkpoint(resume) if resume else None
+        dataset = open_dataset(args)
+        manifest = dataset.manifest
+        changes = runs.reconcile(args, ckpt, resume, manifest) if ckpt else {}
+        if len(dataset) < micro * world:
+            raise UsageError(f"{args.data_path}: {len(dataset)} items, fewer than one global batch ({micro * world})")
+        torch.manual_seed(args.seed)  # the same initial weights on every rank and for any world size
+        model = runs.build_model(args, manifest).to(device)
+        if rank == 0 and run_dir is None:
+            run_dir, lock = runs.create_run(args, run_name(args))
+            cleanup.callback(lock.release)
+        run_dir = runs.from_rank_0(run_dir, world)
+        return train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, micro)
+
+
+def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, micro):
+    """The training loop of main: from ckpt (or step 0) to --num-steps in run_dir; returns run_dir."""
     manifest = dataset.manifest
-    if ckpt is not None:
-        check_compatible(ckpt, args, manifest, resume)
-    if len(dataset) < micro * world:
-        raise UsageError(f"{args.data_path}: {len(dataset)} items, fewer than one global batch ({micro * world})")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and for any world size
-    model = build_model(args, manifest).to(device)
-
-    run_dir = os.path.dirname(os.path.dirname(resume)) if resume else None
-    if rank == 0 and run_dir is None:
-        run_dir = new_run_dir(args)
-    if world > 1:
-        holder = [run_dir]
-        dist.broadcast_object_list(holder, src=0)
-        run_dir = holder[0]
     logger = make_logger(run_dir, rank)
-    if rank == 0 and not resume:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-
-    torch.manual_seed(args.seed * world + rank)
-    np.random.seed(args.seed * world + rank)
-    random.seed(args.seed * world + rank)
+    seed = (args.seed * world + rank) % 2 ** 32
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
     model.grad_checkpoint = args.grad_checkpoint
-    weight_norm = model.switches.use_weight_normalization
-    ema = frozen_copy(model)
-    power_emas = {s: frozen_copy(model) for s in args.ema_sigma_rels}
-    gammas = {s: sigma_rel_to_gamma(s) for s in args.ema_sigma_rels}
+    s = SimpleNamespace(model=model, ema=frozen_copy(model), world=world, dataset=dataset,
+                        power_emas={sr: frozen_copy(model) for sr in args.ema_sigma_rels},
+                        gammas={sr: sigma_rel_to_gamma(sr) for sr in args.ema_sigma_rels},
+                        noise=BatchNoise(args.seed, rank, world, device),
+                        diffusion=create_diffusion("", prediction=args.prediction))
     kernel = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
-    if weight_norm:
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), **kernel)
+    if model.switches.use_weight_normalization:
+        s.opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), **kernel)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, **kernel)
-    noise = BatchNoise(args.seed, rank, world, device)
+        s.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, **kernel)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        for s, e in power_emas.items():
-            e.load_state_dict(ckpt["ema_power"][str(s)])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        noise.generator.set_state(ckpt["noise"])
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
-        else:
-            logger.info(f"resuming on {world} processes from a run on {len(ckpt['rng'])}: random streams reseeded")
-        logger.info(f"resumed from {resume} at step {step}")
-    diffusion = create_diffusion("", prediction=args.prediction)
+        step = load_state(s, ckpt, rank, logger)
+        for name, (old, new) in changes.items():
+            logger.info(f"resumed with --{name.replace('_', '-')} {new} (the run had {old}); config.json updated")
+        if "num_steps" in changes:
+            logger.info(f"lr schedule kept: warm-up {args.warmup_steps}, decay {args.decay_steps} steps")
+        if rank == 0 and changes:
+            runs.write_config(run_dir, args)
+    if rank == 0:
+        runs.drop_records_after(run_dir, step)  # logged after the checkpoint: they come again
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"{args.model}{' (MaP)' if args.mp else ''}: {n_params:,} parameters; data {manifest['shape']} "
                 f"x {len(dataset):,} items, {manifest['num_classes']} classes; run dir {run_dir}")
 
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    s.train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
-        train_model = torch.compile(train_model)
+        s.train_model = torch.compile(s.train_model)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    s.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
-    per_epoch = len(sampler) // micro
-    batches = endless(loader, sampler, step * args.grad_accum, per_epoch, micro)
+    s.batches = endless(loader, sampler, step * args.grad_accum, len(sampler) // micro, micro)
 
     model.train()
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    magnitude_records = read_magnitudes(run_dir) if rank == 0 else []
+    magnitude_records = runs.read_records(run_dir, "act_rms") if rank == 0 else []
     bar = tqdm(total=args.num_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     window_loss, window_steps, window_start = torch.zeros(3, device=device), 0, time.time()
     while step < args.num_steps:
-        lr = learning_rate(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        for i in range(args.grad_accum):
-            raw, y = next(batches)
-            n = raw.shape[0] * world  # per-sample randomness is drawn for the global micro-batch
-            eps = noise.randn(n, *dataset.shape) if dataset.kind == "latent" else None
-            flip = noise.rand(n) < 0.5 if dataset.hflip else None
-            x = dataset.draw(raw.to(device, non_blocking=True), eps, flip)
-            y = y.to(device, non_blocking=True)
-            t = noise.randint(diffusion.num_timesteps, n)
-            drop = (noise.rand(n) < model.y_embedder.dropout_prob).long()
-            diffusion_noise = noise.randn(n, *x.shape[1:])
-            sync = world > 1 and i < args.grad_accum - 1
-            with (train_model.no_sync() if sync else nullcontext()), autocast():
-                losses = diffusion.training_losses(train_model, x, t, dict(y=y, force_drop_ids=drop),
-                                                   noise=diffusion_noise)
-            loss = losses["loss"].mean()
-            (loss / args.grad_accum).backward()
-            window_loss += torch.stack([loss.detach(), losses["mse"].mean().detach(),
-                                        losses["vb"].mean().detach()]) / args.grad_accum
         logging_step = (step + 1) % args.log_every == 0 or step + 1 == args.num_steps
-        if args.grad_clip or logging_step:  # the norm costs a pass over the gradients: only when used
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        force_normalize_(model)
+        lr, grad_norm, (x, t, y, noise) = optimiser_step(s, args, step, window_loss, logging_step)
         step += 1
-        ema_update(ema, model, args.ema_decay)
-        for s, e in power_emas.items():
-            ema_update(e, model, power_beta(step, gammas[s]))
         window_steps += 1
         bar.update(1)
 
@@ -424,66 +304,134 @@ def main(args):
                 dist.all_reduce(window_loss)
                 window_loss /= world
             mean = (window_loss / window_steps).tolist()
-            check_finite(window_loss, world, step, run_dir)
+            check_finite([window_loss], world, step, run_dir)
             elapsed = time.time() - window_start
             record = dict(step=step, loss=mean[0], mse=mean[1], vb=mean[2], lr=lr, grad_norm=grad_norm.item(),
                           steps_per_sec=window_steps / elapsed,
                           images_per_sec=window_steps * args.global_batch_size / elapsed)
             bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{record['images_per_sec']:.1f}")
             if rank == 0:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                write_record(metrics_file, record)
                 logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             window_loss.zero_()
             window_steps, window_start = 0, time.time()
 
         if rank == 0 and (step % args.monitor_every == 0 or step == args.num_steps):
             model.eval()
-            with autocast():
-                acts, weights = block_magnitudes(model, diffusion.q_sample(x, t, diffusion_noise), t, y)  # as trained
+            with s.autocast():
+                acts, weights = block_magnitudes(model, s.diffusion.q_sample(x, t, noise), t, y)  # as trained
             model.train()
             magnitude_records.append(dict(step=step, act_rms=acts, weight_rms=weights))
-            metrics_file.write(json.dumps(magnitude_records[-1]) + "\n")
-            metrics_file.flush()
-        if rank == 0 and step % args.snapshot_every == 0:
-            atomic_save({"step": step, "ema_power": {str(s): e.state_dict() for s, e in power_emas.items()}},
-                        os.path.join(run_dir, "checkpoints", f"ema-snapshot-{step:07d}.pt"))
-        if step % args.ckpt_every == 0 or step == args.num_steps:
-            check_finite(window_loss, world, step, run_dir)
-            rngs = [rng_state()]
-            if world > 1:
-                rngs = [None] * world
-                dist.all_gather_object(rngs, rng_state())
-            if rank == 0:
-                atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(),
-                                 ema_power={str(s): e.state_dict() for s, e in power_emas.items()},
-                                 opt=opt.state_dict(), step=step, args=vars(args), manifest=manifest, rng=rngs,
-                                 noise=noise.generator.get_state()),
-                            os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
-                logger.info(f"saved checkpoint at step {step}")
+            write_record(metrics_file, magnitude_records[-1])
+        save(s, args, step, window_loss, run_dir, manifest, rank, logger)
     bar.close()
     if rank == 0:
         metrics_file.close()
         plot_magnitudes(magnitude_records, os.path.join(run_dir, "magnitudes.png"))
         logger.info(f"magnitude plot: {os.path.join(run_dir, 'magnitudes.png')}")
         if manifest["kind"] == "pixel":
-            weights = power_emas[max(power_emas)] if power_emas else ema
+            weights = s.power_emas[max(s.power_emas)] if s.power_emas else s.ema
             path = os.path.join(run_dir, "samples.png")
             sample_grid(weights, dataset, args.prediction, args.sample_steps, device, path)
             logger.info(f"sample grid (one row per class): {path}")
-    if world > 1:
-        dist.destroy_process_group()
+        runs.mark_finished(run_dir, step)
     return run_dir
 
 
-def check_finite(window_loss, world, step, run_dir):
-    """Stop (on every rank) before a non-finite loss reaches a checkpoint."""
-    finite = torch.isfinite(window_loss).all().float()
+def load_state(s, ckpt, rank, logger):
+    """Model, EMAs, optimiser, noise and RNG states from a checkpoint; returns its step."""
+    s.model.load_state_dict(ckpt["model"])
+    s.ema.load_state_dict(ckpt["ema"])
+    for sr, e in s.power_emas.items():
+        e.load_state_dict(ckpt["ema_power"][str(sr)])
+    s.opt.load_state_dict(ckpt["opt"])
+    s.noise.generator.set_state(ckpt["noise"])
+    if len(ckpt["rng"]) == s.world:
+        runs.set_rng_state(ckpt["rng"][rank])
+    else:
+        logger.info(f"resuming on {s.world} processes from a run on {len(ckpt['rng'])}: random streams reseeded")
+    logger.info(f"resumed at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def optimiser_step(s, args, step, window_loss, need_norm):
+    """Optimiser step step + 1 over --grad-accum micro-batches (their mean [loss, mse, vb] added to
+    window_loss), then the EMA updates. Returns (lr, gradient norm or None, the last micro-batch's
+    (x0, t, y, noise), so the monitor can see x_t = q_sample(x0, t, noise) as the model did)."""
+    lr = learning_rate(step, args)
+    for group in s.opt.param_groups:
+        group["lr"] = lr
+    world, dataset = s.world, s.dataset
+    for i in range(args.grad_accum):
+        raw, y = next(s.batches)
+        n = raw.shape[0] * world  # per-sample randomness is drawn for the global micro-batch
+        eps = s.noise.randn(n, *dataset.shape) if dataset.kind == "latent" else None
+        flip = s.noise.rand(n) < 0.5 if dataset.hflip else None
+        x = dataset.draw(raw.to(s.noise.device, non_blocking=True), eps, flip)
+        y = y.to(s.noise.device, non_blocking=True)
+        t = s.noise.randint(s.diffusion.num_timesteps, n)
+        drop = (s.noise.rand(n) < s.model.y_embedder.dropout_prob).long()
+        noise = s.noise.randn(n, *x.shape[1:])
+        sync = world > 1 and i < args.grad_accum - 1
+        with (s.train_model.no_sync() if sync else contextlib.nullcontext()), s.autocast():
+            losses = s.diffusion.training_losses(s.train_model, x, t, dict(y=y, force_drop_ids=drop), noise=noise)
+        loss = losses["loss"].mean()
+        (loss / args.grad_accum).backward()
+        window_loss += torch.stack([loss.detach(), losses["mse"].mean().detach(),
+                                    losses["vb"].mean().detach()]) / args.grad_accum
+    grad_norm = None
+    if args.grad_clip or need_norm:  # the norm costs a pass over the gradients: only when used
+        grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), args.grad_clip or float("inf"))
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    force_normalize_(s.model)
+    ema_update(s.ema, s.model, args.ema_decay)
+    for sr, e in s.power_emas.items():
+        ema_update(e, s.model, power_beta(step + 1, s.gammas[sr]))
+    return lr, grad_norm, (x, t, y, noise)
+
+
+def save(s, args, step, window_loss, run_dir, manifest, rank, logger):
+    """At --snapshot-every steps a power-EMA snapshot, at --ckpt-every steps and the last a checkpoint;
+    both only after the loss and the weights are checked finite (no NaN reaches disk)."""
+    snapshot = step % args.snapshot_every == 0
+    checkpoint = step % args.ckpt_every == 0 or step == args.num_steps
+    if not (snapshot or checkpoint):
+        return
+    modules = [s.model, s.ema, *s.power_emas.values()]
+    check_finite([window_loss, *(p for m in modules for p in m.parameters())], s.world, step, run_dir)
+    power_emas = {str(sr): e.state_dict() for sr, e in s.power_emas.items()}
+    if rank == 0 and snapshot:
+        runs.atomic_save({"step": step, "ema_power": power_emas},
+                         os.path.join(run_dir, "checkpoints", f"ema-snapshot-{step:07d}.pt"))
+    if checkpoint:
+        rngs = [runs.rng_state()]
+        if s.world > 1:
+            rngs = [None] * s.world
+            dist.all_gather_object(rngs, runs.rng_state())
+        if rank == 0:
+            runs.atomic_save(dict(model=s.model.state_dict(), ema=s.ema.state_dict(), ema_power=power_emas,
+                                  opt=s.opt.state_dict(), step=step, args=runs.config_of(args), manifest=manifest,
+                                  rng=rngs, noise=s.noise.generator.get_state()),
+                             os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
+            logger.info(f"saved checkpoint at step {step}")
+
+
+def check_finite(tensors, world, step, run_dir):
+    """Stop (on every rank) before a non-finite loss or weight reaches the disk."""
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
-        raise FloatingPointError(f"the loss became non-finite by step {step}; the last good checkpoint is "
-                                 f"kept in {run_dir}/checkpoints (try a lower --lr or --grad-clip)")
+        ckpts = runs.checkpoints_in(run_dir)
+        kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written before it"
+        raise FloatingPointError(f"the loss became non-finite by step {step}; {kept} (try a lower --lr or "
+                                 f"--grad-clip; `python data.py verify DATA` checks a dataset for NaN and inf)")
+
+
+def write_record(metrics_file, record):
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
 
 
 class BatchNoise:
@@ -528,14 +476,6 @@ def endless(loader, sampler, consumed, per_epoch, micro):
         sampler.start, offset, epoch = 0, 0, epoch + 1
 
 
-def read_magnitudes(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [r for r in map(json.loads, f) if "act_rms" in r]
-
-
 @torch.no_grad()
 def sample_grid(model, dataset, prediction, diffusion_steps, device, path, per_class=8, cfg_scale=4.0, seed=0):
     """A PNG grid with one row per class: DDIM with classifier-free guidance on all channels."""
@@ -559,10 +499,10 @@ def cli(argv=None):
     try:
         main(parse_args(argv))
     except (UsageError, DataError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        print(f"train.py: error: {runs.one_line(e)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
-        print(f"train.py: stopped: {e}", file=sys.stderr)
+        print(f"train.py: stopped: {runs.one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -44,6 +44,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import fid  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from data import DataError  # noqa: E402
 from experiments.evaluate import (AblateError, add_missing_fid, evaluate_run, prepare_data,  # noqa: E402
@@ -215,13 +216,13 @@ def parse_train(argv):
     except SystemExit:
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
         return None, lines[-1] if lines else "train.py refused the arguments"
-    except train.UsageError as e:
+    except runs.UsageError as e:
         return None, str(e)
 
 
 def find_run(root, args):
     """The latest run directory under root whose config.json matches args (as train.py compares)."""
-    want = train.comparable(vars(args))
+    want = runs.comparable(vars(args))
     found = None
     for run_dir in sorted(glob.glob(os.path.join(root, "[0-9]" * 3 + "-*"))):
         config = read_json(os.path.join(run_dir, "config.json"))
@@ -254,7 +255,7 @@ def run_state(run_dir, argv, num_steps, key):
         return "done"
     if trained:
         return "evaluate"
-    return "resume" if train.checkpoints_in(run_dir) else "new"
+    return "resume" if runs.checkpoints_in(run_dir) else "new"
 
 
 def run_one(opts, data, ctx, cfg, seed, position=""):
@@ -351,7 +352,7 @@ def main(argv=None):
                 print(f"{cfg:32s} {' '.join(flags) or '(no flags)':58s} {label}")
             return 0
         return run_grid(opts, argv)
-    except (AblateError, train.UsageError, DataError, fid.FIDError) as e:
+    except (AblateError, runs.UsageError, DataError, fid.FIDError) as e:
         print(f"ablate.py: error: {e}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import fid
-import train
+import runs
 from data import DataError, LatentDataset, denormalize, make_demo_dataset
 from diffusion import create_diffusion
 from experiments import metrics
@@ -137,7 +137,7 @@ def prepare_eval(opts, data):
                      ref_mu=torch.from_numpy(ref_stats[0]), ref_sigma=torch.from_numpy(ref_stats[1]),
                      real_fd=metrics.frechet_to_stats(feats[:n_base], ref_stats), inception=None)
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        train.atomic_save(cache, cache_path)
+        runs.atomic_save(cache, cache_path)
         say(f"classifier: held-out accuracy {cache['accuracy']:.4f}, real-data FD floor {cache['real_fd']:.4g} "
             f"({time.time() - start:.0f} s)")
     else:
@@ -160,7 +160,7 @@ def prepare_eval(opts, data):
             base = metrics.inception_stats(inception_fn, held_u8[:n_base])
             cache["inception"] = dict(weights=path, ref_mu=torch.from_numpy(ref[0]),
                                       ref_sigma=torch.from_numpy(ref[1]), real_fid=fid.frechet_distance(*base, *ref))
-            train.atomic_save(cache, cache_path)
+            runs.atomic_save(cache, cache_path)
         if inception_fn is None:
             fid_note = f"n/a ({fid_note})"
     n_loss = min(opts.loss_batch, len(held_idx))
@@ -257,8 +257,8 @@ def training_record(run_dir, global_batch):
 
 def evaluate_run(run_dir, ckpt_path, opts, ctx):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    args = argparse.Namespace(**train.saved_args(ckpt))
-    model = train.build_model(args, ckpt["manifest"])
+    args = argparse.Namespace(**runs.saved_args(ckpt))
+    model = runs.build_model(args, ckpt["manifest"])
     if ckpt["ema_power"]:  # the weights train.py samples its grid from: the widest power EMA
         sigma = max(ckpt["ema_power"], key=float)
         ema_name, ema_state = f"ema-{sigma}", ckpt["ema_power"][sigma]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import runs
 import train
 from data import ShardWriter
 from diffusion import create_diffusion
@@ -122,7 +123,7 @@ def test_resume_reproduces_the_uninterrupted_run(pixels, tmp_path):
 
 def test_rerunning_the_same_command_continues_the_unfinished_run(pixels, tmp_path, monkeypatch):
     args = base_args(pixels, tmp_path, "--num-steps", "4", "--ckpt-every", "2")
-    real_save = train.atomic_save
+    real_save = runs.atomic_save
     calls = []
 
     def crash_after_first_checkpoint(obj, path):
@@ -130,10 +131,10 @@ def test_rerunning_the_same_command_continues_the_unfinished_run(pixels, tmp_pat
         calls.append(path)
         if os.path.basename(path) == "0000002.pt":
             raise KeyboardInterrupt
-    monkeypatch.setattr(train, "atomic_save", crash_after_first_checkpoint)
+    monkeypatch.setattr(runs, "atomic_save", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train.main(train.parse_args(args))
-    monkeypatch.setattr(train, "atomic_save", real_save)
+    monkeypatch.setattr(runs, "atomic_save", real_save)
     run_dir = train.main(train.parse_args(args))
     assert os.path.basename(run_dir).startswith("000-")
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "0000004.pt"))

@@ -1,0 +1,344 @@
+"""The run format that train.py writes and sample.py and experiments/ read: run directories, their
+checkpoints and arguments, and the lock that keeps one writer per run.
+
+    RESULTS/NNN-<model>/config.json         the run's arguments (a resume that changes one rewrites it)
+                        log.txt, metrics.jsonl
+                        checkpoints/NNNNNNN.pt  model, EMAs, optimiser, step, args, manifest, RNG states
+                        checkpoints/ema-snapshot-NNNNNNN.pt   power EMAs, for post-hoc EMA
+                        lock                 flock()ed by the process writing the run (its pid and host inside);
+                                             the kernel drops the lock when that process dies
+                        finished             the step at which the run wrote its last plot and grid
+
+Every bad argument, file or state ends as a UsageError: one line, exit code 2.
+"""
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from models import MP_SWITCHES, DiT_models
+
+SAVED_ARG_DEFAULTS = dict(prediction="eps")  # arguments added later, as checkpoints from before them had them
+NOT_COMPARED = ("resume", "num_workers", "results_dir")  # where a run is, not what it is
+FREE_ON_RESUME = (*NOT_COMPARED, "data_path", "num_steps", "log_every", "monitor_every", "ckpt_every",
+                  "snapshot_every", "sample_steps", "compile", "grad_checkpoint")  # the weights do not depend on them
+LATEST = "latest"  # a bare --resume: the latest unfinished run with the same arguments
+CKPT_KEYS = {"model", "opt", "step", "args", "ema", "ema_power", "rng", "noise"}
+
+
+class UsageError(Exception):
+    """Bad arguments, data, checkpoint or run state: reported as one line, exit code 2."""
+
+
+def one_line(error):
+    """An error's message on one line; for an error re-raised from a DataLoader worker (whose message
+    is the worker's traceback), the original message."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(line.strip() for line in lines)
+
+
+#################################################################################
+#                         Arguments and checkpoints                             #
+#################################################################################
+
+def config_of(args):
+    """The arguments a run records (config.json, checkpoints): vars(args) without private (_) keys."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def saved_args(ckpt):
+    """A checkpoint's train.py arguments, with the defaults of those added since it was written."""
+    return {**SAVED_ARG_DEFAULTS, **ckpt["args"]}
+
+
+def atomic_save(obj, path):
+    """torch.save to path.tmp, then rename: path is either the old file or the complete new one. A
+    failed write (full disk) removes the partial file and raises UsageError."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path}: cannot write ({reason}); nothing was replaced and the files already in "
+                         f"{os.path.dirname(path) or '.'} are intact: free space (or fix the permissions) and "
+                         f"rerun the same command to continue from the last checkpoint") from None
+
+
+def checkpoints_in(run_dir):
+    return sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))
+
+
+def load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise UsageError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    missing = CKPT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CKPT_KEYS
+    if missing:
+        raise UsageError(f"{path}: not a train.py checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+            "numpy_pos": int(np.random.get_state()[2]), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def build_model(args, manifest):
+    """The DiT of a run's arguments (train.py's, or a checkpoint's saved_args) for its dataset manifest."""
+    c, h, w = manifest["shape"]
+    patch = int(args.model.split("/")[1])
+    if h != w or h % patch:
+        raise UsageError(f"{args.data_path}: data shape {manifest['shape']} does not fit {args.model} "
+                         f"(square inputs divisible by the patch size {patch} needed)")
+    if (args.hidden_size or 0) % (args.num_heads or 1) or (args.hidden_size and not args.num_heads):
+        raise UsageError("--hidden-size must be divisible by --num-heads; give both when overriding the width")
+    switches = {name: getattr(args, name) for name in MP_SWITCHES}
+    overrides = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)}
+    return DiT_models[args.model](input_size=h, in_channels=c, num_classes=manifest["num_classes"],
+                                  mp=args.mp, modulation=args.modulation, **switches, **overrides)
+
+
+def reconcile(args, ckpt, path, manifest):
+    """Check a resume against the run's checkpoint and return {name: (run's value, new value)} of the
+    arguments it changes. Step-derived defaults this command did not set (args._derived: warm-up,
+    decay, snapshots) take the run's values, so an extended run keeps its lr schedule. A change to an
+    argument the weights depend on (anything outside FREE_ON_RESUME) or to the data's shape is refused."""
+    saved = saved_args(ckpt)
+    for key in getattr(args, "_derived", ()):
+        if key in saved:
+            setattr(args, key, saved[key])
+    changed = {k: (saved[k], v) for k, v in config_of(args).items() if k in saved and saved[k] != v}
+    refused = {k: c for k, c in changed.items() if k not in FREE_ON_RESUME}
+    if refused:
+        raise UsageError(f"{path}: the run has {', '.join(f'{k}={old!r}' for k, (old, _) in refused.items())} "
+                         f"but this command asks for {', '.join(f'{k}={new!r}' for k, (_, new) in refused.items())}; "
+                         f"these decide the run's result: pass the run's values, or start a new run")
+    for key in ("shape", "num_classes"):
+        if ckpt["manifest"].get(key) != manifest.get(key):
+            raise UsageError(f"{path}: checkpoint was trained on data with {key} "
+                             f"{ckpt['manifest'].get(key)} but the dataset has {manifest.get(key)}")
+    if args.num_steps < ckpt["step"]:
+        raise UsageError(f"{path}: --num-steps {args.num_steps} is below the checkpoint's step {ckpt['step']}")
+    return {k: c for k, c in changed.items() if k not in NOT_COMPARED}
+
+
+#################################################################################
+#                         Run directories and their lock                        #
+#################################################################################
+
+def list_runs(results_dir):
+    return sorted(glob.glob(os.path.join(results_dir, "[0-9]" * 3 + "-*")))
+
+
+def read_config(run_dir):
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_config(run_dir, args):
+    path = os.path.join(run_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(config_of(args), f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def comparable(config):
+    """The arguments two runs must share to be the same run (the directory they live in aside)."""
+    return {k: v for k, v in config.items() if k not in NOT_COMPARED and not k.startswith("_")}
+
+
+def finished(run_dir, num_steps):
+    """Whether the run wrote its plots and grid at num_steps or later."""
+    try:
+        with open(os.path.join(run_dir, "finished")) as f:
+            return int(f.read()) >= num_steps
+    except (OSError, ValueError):
+        return False
+
+
+def mark_finished(run_dir, step):
+    with open(os.path.join(run_dir, "finished.tmp"), "w") as f:
+        f.write(f"{step}\n")
+    os.replace(os.path.join(run_dir, "finished.tmp"), os.path.join(run_dir, "finished"))
+
+
+def find_run(args):
+    """(run directory, checkpoint to continue from or None), or (None, None) for a new run. --resume
+    PATH names a run directory or checkpoint; otherwise (and for a bare --resume) the latest run in
+    --results-dir with the same arguments that has not finished, with or without checkpoints."""
+    if args.resume not in (None, LATEST):
+        if os.path.isfile(args.resume):
+            folder = os.path.dirname(os.path.abspath(args.resume))
+            if os.path.basename(folder) != "checkpoints":
+                raise UsageError(f"{args.resume}: not in a run's checkpoints/ folder; name the run directory "
+                                 f"or a checkpoint inside it")
+            return os.path.dirname(folder), args.resume
+        ckpts = checkpoints_in(args.resume)
+        if not ckpts:
+            raise UsageError(f"{args.resume}: no checkpoint found (expected a run directory with "
+                             f"checkpoints/NNNNNNN.pt, or a checkpoint file)")
+        return args.resume, ckpts[-1]
+    want = comparable(vars(args))
+    for run_dir in reversed(list_runs(args.results_dir)):
+        config = read_config(run_dir)
+        if config is not None and comparable(config) == want and not finished(run_dir, args.num_steps):
+            ckpts = checkpoints_in(run_dir)
+            return run_dir, ckpts[-1] if ckpts else None
+    if args.resume == LATEST:
+        raise UsageError(f"--resume: no unfinished run with these arguments in {args.results_dir}; "
+                         f"name one (--resume RUN_DIR) or drop --resume to start a new run")
+    return None, None
+
+
+class RunLock:
+    """An exclusive flock on RUN/lock, held while a process writes the run. A second writer gets a
+    UsageError naming the holder; a lock left by a killed process does not block (the kernel releases
+    it with the process)."""
+
+    def __init__(self, run_dir):
+        path = os.path.join(run_dir, "lock")
+        try:
+            self.file = open(path, "a+")
+        except OSError as e:
+            raise UsageError(f"{run_dir}: cannot lock the run ({e.strerror})") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UsageError(f"{run_dir}: in use by {holder} (it holds {path}); wait for it to finish, "
+                             f"or stop it and rerun the same command to continue the run") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self):
+        self.file.close()  # closing drops the flock
+
+
+@contextlib.contextmanager
+def results_lock(results_dir, create=False):
+    """Serialise finding and creating runs in results_dir between processes (an flock on the directory
+    itself). Without create, a results_dir that does not exist yet is left so."""
+    try:
+        if create:
+            os.makedirs(results_dir, exist_ok=True)
+        fd = os.open(results_dir, os.O_RDONLY | os.O_DIRECTORY) if os.path.exists(results_dir) else None
+    except OSError as e:
+        raise UsageError(f"--results-dir {results_dir}: cannot create runs there ({e.strerror or e})") from None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def claim_run(args):
+    """(run directory, checkpoint or None, RunLock) of the run to continue, or (None, None, None)."""
+    with results_lock(args.results_dir):
+        run_dir, ckpt = find_run(args)
+        return run_dir, ckpt, RunLock(run_dir) if run_dir else None
+
+
+def create_run(args, name):
+    """A new run directory RESULTS/NNN-name with checkpoints/ and config.json, and its RunLock. Refused
+    if a run with the same arguments appeared since claim_run (the same command started twice)."""
+    with results_lock(args.results_dir, create=True):
+        run_dir, _ = find_run(args)
+        if run_dir is not None:
+            RunLock(run_dir).release()  # raises if its writer is alive
+            raise UsageError(f"{run_dir}: a run with these arguments appeared while this one started; "
+                             f"rerun the same command to continue it")
+        index = max([int(os.path.basename(r)[:3]) for r in list_runs(args.results_dir)], default=-1) + 1
+        run_dir = os.path.join(args.results_dir, f"{index:03d}-{name}")
+        try:
+            os.makedirs(os.path.join(run_dir, "checkpoints"))
+            write_config(run_dir, args)
+        except OSError as e:
+            raise UsageError(f"--results-dir {args.results_dir}: cannot create a run there ({e.strerror or e})") from None
+        return run_dir, RunLock(run_dir)
+
+
+def drop_records_after(run_dir, step):
+    """Rewrite metrics.jsonl without the records past step (logged after the checkpoint a resume
+    starts from, so they will be logged again) and without a line torn by a kill."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def read_records(run_dir, key):
+    """The metrics.jsonl records that hold key (e.g. "act_rms" for the magnitude records)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if key in r]
+
+
+#################################################################################
+#                                  Processes                                    #
+#################################################################################
+
+def setup_distributed():
+    """(rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; the local rank picks
+    the GPU, so multi-node runs work. NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def from_rank_0(obj, world):
+    """obj as rank 0 has it, on every rank."""
+    if world == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
