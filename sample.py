@@ -215,14 +215,18 @@ def posthoc_ema(ckpt, path, sigma_rel, model):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     state = dict(ckpt["ema_power"][keys[0]])
     total = {n: torch.zeros_like(state[n], dtype=torch.float64) for n in trainable}
-    for (_, file), row in zip(sources, weights):
+    for (s, file), row in zip(sources, weights):
         try:
             snapshot = ckpt if file == path else torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling errors come in many types
             raise UsageError(f"{file}: cannot read snapshot ({type(e).__name__})") from None
         for k, w in zip(keys, row):
             for n in trainable:
-                total[n] += w * snapshot["ema_power"][k][n].double()
+                value = snapshot["ema_power"][k][n]
+                if not torch.isfinite(value).all():
+                    raise UsageError(f"{file}: power EMA {k} holds NaN or inf ({n}); a post-hoc EMA cannot use "
+                                     f"it: the run diverged by step {s}, sample from an earlier checkpoint")
+                total[n] += w * value.double()
     state.update({n: total[n].to(state[n].dtype) for n in trainable})
     lines = [f"  step {s:>7} sigma_rel {k}: {w:+.4f}"
              for (s, _), row in zip(sources, weights) for k, w in zip(keys, row)]
@@ -360,12 +364,42 @@ def write_fid_npz(args, generate, shape, num_classes, path, settings, rank, worl
             bar.update(sizes[k])
     barrier(world)
     if rank == 0:
-        write_npz_samples(path, np.concatenate([np.load(f)["images"] for f in files]))
+        images = np.concatenate([read_chunk(f) for f in files])
+        try:  # through a temporary file: a full disk leaves no truncated .npz behind
+            os.replace(write_npz_samples(path[: -len(".npz")] + ".tmp.npz", images), path)
+        except OSError as e:
+            raise UsageError(f"{path}: cannot write ({e.strerror or e}); the chunks in {folder} are kept: "
+                             f"free space and rerun the same command to merge them") from None
+
+
+def read_chunk(path):
+    try:
+        return np.load(path)["images"]
+    except Exception as e:  # a truncated or foreign file fails in many ways (zip, pickle, key errors)
+        raise UsageError(f"{path}: corrupt chunk file ({type(e).__name__}); delete it and rerun the same "
+                         f"command to sample it again") from None
 
 
 def save_chunk(path, images, labels):
-    np.savez(path[: -len(".npz")] + ".tmp.npz", images=images, labels=labels)
-    os.replace(path[: -len(".npz")] + ".tmp.npz", path)
+    try:
+        np.savez(path[: -len(".npz")] + ".tmp.npz", images=images, labels=labels)
+        os.replace(path[: -len(".npz")] + ".tmp.npz", path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write ({e.strerror or e}); the finished chunks are kept: free "
+                         f"space and rerun the same command to continue") from None
+
+
+def check_writable(out):
+    """Refuse an output path that cannot be written before sampling starts."""
+    if os.path.isdir(out):
+        raise UsageError(f"--out {out}: is a directory; give a file name (.png, or .npz with --fid)")
+    probe = f"{out}.{os.getpid()}.probe"
+    try:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 def barrier(world):
@@ -401,7 +435,7 @@ def main(args):
             out += ".npz"
         if rank == 0:
             print(f"sampling {manifest['shape']} ({manifest['kind']}) with {note}")
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        check_writable(out)
         if args.fid:
             settings = {**vars(args), "out": None, "compile": None, "source": stem}
             write_fid_npz(args, generate, tuple(manifest["shape"]), model.num_classes, out, settings, rank, world)
