@@ -16,6 +16,7 @@ where an interrupted one stopped and gives the same array. Every bad input print
 stderr and exits with code 2.
 """
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -364,10 +365,12 @@ def write_fid_npz(args, generate, shape, num_classes, path, settings, rank, worl
             bar.update(sizes[k])
     barrier(world)
     if rank == 0:
-        images = np.concatenate([read_chunk(f) for f in files])
+        images, tmp = np.concatenate([read_chunk(f) for f in files]), path[: -len(".npz")] + ".tmp.npz"
         try:  # through a temporary file: a full disk leaves no truncated .npz behind
-            os.replace(write_npz_samples(path[: -len(".npz")] + ".tmp.npz", images), path)
+            os.replace(write_npz_samples(tmp, images), path)
         except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
             raise UsageError(f"{path}: cannot write ({e.strerror or e}); the chunks in {folder} are kept: "
                              f"free space and rerun the same command to merge them") from None
 

@@ -3,6 +3,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -203,6 +205,13 @@ BAD_DATASETS = {
     "label out of range": (lambda p: np.save(p / "shard-00000.labels.npy", np.array([0] * 6 + [3])),
                            "shard-00000.labels.npy: labels"),
     "empty dataset": (lambda p: edit_manifest(p, num_items=0, shards=[]), "manifest.json: empty"),
+    "kind not a string": (lambda p: edit_manifest(p, kind=["latent"]), r"unknown kind \['latent'\]"),
+    "shard outside the directory": (lambda p: edit_manifest(p, shards=[
+        {"name": "../../shard-00000", "count": 7}, {"name": "shard-00001", "count": 5}]),
+        "'../../shard-00000' is not a plain file name"),
+    "absolute shard path": (lambda p: edit_manifest(p, shards=[
+        {"name": str(p / "shard-00000"), "count": 7}, {"name": "shard-00001", "count": 5}]),
+        "is not a plain file name"),
 }
 
 
@@ -240,3 +249,29 @@ def test_demo_dataset(tmp_path):
     assert make_demo_dataset(path, num_items=300, seed=1) == path  # reused as it is
     with pytest.raises(DataError, match="not empty"):
         make_demo_dataset(path, num_items=100, seed=1)
+
+
+def test_demo_dataset_built_twice_at_once(tmp_path, monkeypatch):
+    """A second build of the same demo data starting while the first is half-way (a second process,
+    here re-entered in the middle of the first's shard writing) leaves both with the complete dataset."""
+    real_write, inner = ShardWriter.write_shard, []
+
+    def write_and_race(self, *a, **k):
+        if not inner:
+            inner.append("started")
+            inner.append(make_demo_dataset(tmp_path / "demo", num_items=60, seed=3))
+        return real_write(self, *a, **k)
+    monkeypatch.setattr(ShardWriter, "write_shard", write_and_race)
+    assert make_demo_dataset(tmp_path / "demo", num_items=60, seed=3) == str(tmp_path / "demo") == inner[1]
+    assert len(LatentDataset(tmp_path / "demo")) == 60 and os.listdir(tmp_path) == ["demo"]
+
+
+def test_demo_dataset_built_by_two_processes(tmp_path):
+    """Two real processes building the demo data into one empty directory both succeed, with one result."""
+    code = f"import data; data.make_demo_dataset({str(tmp_path / 'demo')!r}, num_items=400, seed=4)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert len(LatentDataset(tmp_path / "demo")) == 400 and os.listdir(tmp_path) == ["demo"]

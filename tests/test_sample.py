@@ -2,6 +2,9 @@
 random AutoencoderKL (downsampling 8) for the SD VAE, and a synthetic state dict with the official
 DiT key names."""
 import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -397,3 +400,61 @@ def test_missing_vae_offline_in_a_real_process(latent_run, tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "--vae-path" in result.stderr
+
+
+def test_posthoc_ema_refuses_a_non_finite_snapshot(pixel_run, tmp_path, capsys):
+    """Issue 12 item 3: a NaN in a snapshot is named in one line, never averaged into black images."""
+    run = shutil.copytree(pixel_run, tmp_path / "run")
+    snapshot = os.path.join(run, "checkpoints", "ema-snapshot-0000002.pt")
+    state = load(snapshot)
+    name = next(n for n in state["ema_power"]["0.05"] if n.startswith("blocks.0.") and n.endswith("weight"))
+    state["ema_power"]["0.05"][name] = torch.full_like(state["ema_power"]["0.05"][name], float("nan"))
+    torch.save(state, snapshot)
+    out = tmp_path / "grid.png"
+    code, _, err = run_cli(["--result-dir", run, "--class-label", 0, "--num-samples", 1, "--weights", "ema-0.07",
+                            "--sampler", "ddim", "--num-sampling-steps", 2, "--out", out], capsys)
+    assert code == 2 and snapshot in err and "NaN or inf" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_unusable_out_and_corrupt_chunks_are_one_line(pixel_run, tmp_path, capsys, monkeypatch):
+    """Issue 12 item 8: --out that is a directory or cannot be created is refused before any sampling;
+    a corrupt chunk file is named, with how to regenerate it."""
+    calls, real_denoise = [], sample.denoise
+    monkeypatch.setattr(sample, "denoise", lambda *a, **k: calls.append(1) or real_denoise(*a, **k))
+    (tmp_path / "file").write_text("x")
+    grid = ["--result-dir", pixel_run, "--class-label", 0, "--num-samples", 1, "--sampler", "ddim",
+            "--num-sampling-steps", 2]
+    for out, needle in ((tmp_path, "is a directory"), (tmp_path / "file" / "grid.png", "cannot write")):
+        code, _, err = run_cli([*grid, "--out", out], capsys)
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert calls == []  # refused before sampling
+    fid = ["--result-dir", pixel_run, "--fid", 8, "--batch-size", 4, "--sampler", "ddim", "--num-sampling-steps", 2,
+           "--out", tmp_path / "fid.npz"]
+    assert run_cli(fid, capsys)[0] == 0
+    chunk = tmp_path / "fid-chunks" / "000001.npz"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    os.remove(tmp_path / "fid.npz")
+    code, _, err = run_cli(fid, capsys)
+    lines = [line for line in err.splitlines() if "sample.py:" in line]  # after the progress bar
+    assert code == 2 and len(lines) == 1 and f"{chunk}: corrupt chunk file" in lines[0], err
+
+
+def test_the_fid_npz_is_written_atomically(pixel_run, tmp_path):
+    """Issue 12 item 8: in a process whose files may not grow past 6 kB (the chunks are about 2 kB, the
+    .npz 12 kB), as on a full disk, the merge fails in one line and leaves no .npz; the chunks are kept
+    and the rerun writes the whole file."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+    out = tmp_path / "fid.npz"
+    argv = [sys.executable, "sample.py", "--result-dir", pixel_run, "--fid", "64", "--batch-size", "8",
+            "--sampler", "ddim", "--num-sampling-steps", "2", "--out", str(out)]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    err = [line for line in result.stderr.splitlines() if "sample.py:" in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(err) == 1 and "cannot write" in err[0] and "chunks" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["fid-chunks"] and len(os.listdir(tmp_path / "fid-chunks")) == 9
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert np.load(out)["arr_0"].shape == (64, 8, 8, 3)
