@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import runs
 import train
 from data import ShardWriter
 from test_train import ROOT, base_args, load, write_pixels
@@ -55,6 +56,18 @@ def interrupt_at(monkeypatch, module, name, when, after=False):
         return result
     monkeypatch.setattr(module, name, wrapped)
     return calls
+
+
+def killed_run(monkeypatch, args, module, name, when, after=False):
+    """train.py with args, killed (Interrupt) at the call of module.name where when(call number, args)."""
+    interrupt_at(monkeypatch, module, name, when, after)
+    with pytest.raises(Interrupt):
+        train.main(train.parse_args(args))
+    monkeypatch.undo()
+
+
+def after_checkpoint(n, a):
+    return os.path.basename(a[1]) == "0000002.pt"
 
 
 BAD_NUMBERS = [  # (flags, the flag the one-line error names)
@@ -145,11 +158,7 @@ def test_a_run_in_use_is_refused_and_a_stale_lock_does_not_block(pixels, tmp_pat
     """Item 4: a second writer of a live run gets one line naming it; once the writer is killed (its
     lock left behind), the same command continues the run."""
     args = base_args(pixels, tmp_path, "--num-steps", "4", "--ckpt-every", "2")
-    import runs
-    interrupt_at(monkeypatch, runs, "atomic_save", lambda n, a: os.path.basename(a[1]) == "0000002.pt", after=True)
-    with pytest.raises(Interrupt):
-        train.main(train.parse_args(args))
-    monkeypatch.undo()
+    killed_run(monkeypatch, args, runs, "atomic_save", after_checkpoint, after=True)
     (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, run_dir], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -180,7 +189,6 @@ except runs.UsageError as e:
 
 def test_a_training_run_holds_its_lock(pixels, tmp_path, monkeypatch):
     """Item 4: while train.py writes a run, another process cannot take the run's lock; afterwards it can."""
-    import runs
     seen = []
     real_save = runs.atomic_save
 
@@ -201,12 +209,8 @@ def test_a_training_run_holds_its_lock(pixels, tmp_path, monkeypatch):
 def test_the_unfinished_run_is_found_among_all_runs(pixels, tmp_path, capsys, monkeypatch):
     """Item 5: a run killed after its first checkpoint is continued though another run came after it,
     with --results-dir spelled with a trailing slash."""
-    import runs
     args = base_args(pixels, tmp_path, "--num-steps", "4", "--ckpt-every", "2")
-    interrupt_at(monkeypatch, runs, "atomic_save", lambda n, a: os.path.basename(a[1]) == "0000002.pt", after=True)
-    with pytest.raises(Interrupt):
-        train.main(train.parse_args(args))
-    monkeypatch.undo()
+    killed_run(monkeypatch, args, runs, "atomic_save", after_checkpoint, after=True)
     other = train.main(train.parse_args(base_args(pixels, tmp_path, "--num-steps", "2", "--seed", "1")))
     assert os.path.basename(other).startswith("001-")
     resumed = train.main(train.parse_args(base_args(pixels, str(tmp_path) + "/", "--num-steps", "4",
@@ -218,10 +222,7 @@ def test_the_unfinished_run_is_found_among_all_runs(pixels, tmp_path, capsys, mo
 def test_a_run_killed_before_its_first_checkpoint_is_continued_in_its_directory(pixels, tmp_path, monkeypatch):
     """Item 5: no checkpoint yet: the rerun starts over in the same directory, not in a new one."""
     args = base_args(pixels, tmp_path, "--num-steps", "2", "--ckpt-every", "2", "--monitor-every", "1")
-    interrupt_at(monkeypatch, train, "block_magnitudes", lambda n, a: n == 1)
-    with pytest.raises(Interrupt):
-        train.main(train.parse_args(args))
-    monkeypatch.undo()
+    killed_run(monkeypatch, args, train, "block_magnitudes", lambda n, a: n == 1)
     (first,) = os.listdir(tmp_path)
     assert train.main(train.parse_args(args)) == os.path.join(tmp_path, first)
     assert os.listdir(tmp_path) == [first]
@@ -230,10 +231,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_continued_in_its_directory(
 def test_a_run_killed_after_its_last_checkpoint_gets_its_plots_without_retraining(pixels, tmp_path, monkeypatch):
     """Item 5: the rerun writes the magnitude plot and grid from the final checkpoint; no step runs again."""
     args = base_args(pixels, tmp_path, "--num-steps", "2", "--ckpt-every", "2", "--log-every", "1")
-    interrupt_at(monkeypatch, train, "plot_magnitudes", lambda n, a: n == 1)
-    with pytest.raises(Interrupt):
-        train.main(train.parse_args(args))
-    monkeypatch.undo()
+    killed_run(monkeypatch, args, train, "plot_magnitudes", lambda n, a: n == 1)
     (name,) = os.listdir(tmp_path)
     run_dir = os.path.join(tmp_path, name)
     final = os.path.join(run_dir, "checkpoints", "0000002.pt")
@@ -248,14 +246,10 @@ def test_a_run_killed_after_its_last_checkpoint_gets_its_plots_without_retrainin
 
 def test_bare_resume_continues_the_latest_unfinished_run(pixels, tmp_path, capsys, monkeypatch):
     """Item 6: a bare --resume continues the unfinished run, and refuses (one line) when there is none."""
-    import runs
     args = base_args(pixels, tmp_path, "--num-steps", "4", "--ckpt-every", "2")
     code, err = cli([*args, "--resume"], capsys)
     assert code == 2 and "no unfinished run" in err and len(err.splitlines()) == 1
-    interrupt_at(monkeypatch, runs, "atomic_save", lambda n, a: os.path.basename(a[1]) == "0000002.pt", after=True)
-    with pytest.raises(Interrupt):
-        train.main(train.parse_args(args))
-    monkeypatch.undo()
+    killed_run(monkeypatch, args, runs, "atomic_save", after_checkpoint, after=True)
     (name,) = os.listdir(tmp_path)
     assert train.main(train.parse_args([*args, "--resume"])) == os.path.join(tmp_path, name)
     assert os.path.isfile(os.path.join(tmp_path, name, "checkpoints", "0000004.pt"))
@@ -266,10 +260,7 @@ def test_resume_drops_the_records_logged_after_its_checkpoint(pixels, tmp_path, 
     each step once, loss and magnitude records alike."""
     args = base_args(pixels, tmp_path, "--num-steps", "4", "--ckpt-every", "2", "--log-every", "1",
                      "--monitor-every", "1")
-    interrupt_at(monkeypatch, train, "block_magnitudes", lambda n, a: n == 3)
-    with pytest.raises(Interrupt):
-        train.main(train.parse_args(args))
-    monkeypatch.undo()
+    killed_run(monkeypatch, args, train, "block_magnitudes", lambda n, a: n == 3)
     (name,) = os.listdir(tmp_path)
     assert [r["step"] for r in records(os.path.join(tmp_path, name)) if "loss" in r] == [1, 2, 3]
     run_dir = train.main(train.parse_args(args))
@@ -286,7 +277,7 @@ def test_resume_refuses_changes_that_change_the_result_and_records_the_others(pi
                           (["--ema-sigma-rels", "0.05", "0.2"], "ema_sigma_rels=[0.05, 0.1]")):
         code, err = cli(base_args(pixels, tmp_path, "--num-steps", "4", *resume, *flags), capsys)
         assert code == 2 and needle in err and len(err.splitlines()) == 1, err
-    assert config(run_dir)["num_steps"] == 2 and len(train.runs.checkpoints_in(run_dir)) == 1
+    assert config(run_dir)["num_steps"] == 2 and len(runs.checkpoints_in(run_dir)) == 1
     code, err = cli(base_args(pixels, tmp_path, "--num-steps", "4", *resume, "--log-every", "1"), capsys)
     assert code == 0, err
     assert config(run_dir)["log_every"] == 1 and config(run_dir)["num_steps"] == 4
