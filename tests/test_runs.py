@@ -176,6 +176,37 @@ def test_a_run_in_use_is_refused_and_a_stale_lock_does_not_block(pixels, tmp_pat
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "0000004.pt"))
 
 
+def test_the_same_command_started_twice_trains_once(pixels, tmp_path):
+    """Item 4: two real train.py processes with one command in an empty results dir: whichever comes
+    second is refused in one line naming the other's pid, and only one run directory exists."""
+    argv = [sys.executable, "train.py", *base_args(pixels, tmp_path / "res", "--num-steps", "100000",
+                                                   "--ckpt-every", "100000", "--log-every", "1000")]
+    logs = [open(tmp_path / f"err{i}.txt", "w+") for i in range(2)]
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+                              env=dict(os.environ, OMP_NUM_THREADS="1")) for log in logs]
+    try:
+        waited = 0
+        while all(p.poll() is None for p in procs) and waited < 240:  # the refused one ends; the other trains on
+            waited += 1
+            try:
+                procs[0].wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        assert any(p.poll() is not None for p in procs), "both still running after 2 minutes"
+        (refused, log), (running, _) = sorted(zip(procs, logs), key=lambda pl: pl[0].poll() is None)
+        log.seek(0)
+        err = [line for line in log.read().splitlines() if "train.py:" in line]
+        assert refused.returncode == 2 and running.poll() is None, err
+        assert len(err) == 1 and f"in use by pid {running.pid}" in err[0], err
+        assert len(os.listdir(tmp_path / "res")) == 1
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for log in logs:
+            log.close()
+
+
 TRY_LOCK = """
 import sys
 import runs
