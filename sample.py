@@ -34,7 +34,7 @@ from data import denormalize
 from diffusion import create_diffusion
 from download import VAES, Fail, load_vae
 from ema import posthoc_coefficients, valid_sigma_rel
-from fid import write_npz_samples
+from evaluation import write_npz_samples
 from models import MODEL_SIZES, DiT_models
 from runs import UsageError, build_model, checkpoints_in, saved_args, setup_distributed
 

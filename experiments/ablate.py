@@ -43,7 +43,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-import fid  # noqa: E402
+import evaluation  # noqa: E402
+import feature_nets  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from data import DataError  # noqa: E402
@@ -136,7 +137,7 @@ def build_parser():
     g.add_argument("--classifier-epochs", type=int, default=4,
                    help="epochs of the FD classifier, at least 300 steps (default 4)")
     g.add_argument("--inception-weights", metavar="PATH",
-                   help=f"{fid.INCEPTION_FILE} (default ${fid.WEIGHTS_ENV}, then the torch hub cache; never "
+                   help=f"{feature_nets.INCEPTION_FILE} (default ${feature_nets.INCEPTION_ENV}, then the torch hub cache; never "
                    "downloaded: FID is n/a without it)")
     p.add_argument("--only", help=argparse.SUPPRESS)  # CONFIG:SEED, the subprocess of --parallel
     return p
@@ -352,7 +353,7 @@ def main(argv=None):
                 print(f"{cfg:32s} {' '.join(flags) or '(no flags)':58s} {label}")
             return 0
         return run_grid(opts, argv)
-    except (AblateError, runs.UsageError, DataError, fid.FIDError) as e:
+    except (AblateError, runs.UsageError, DataError, evaluation.EvalError) as e:
         print(f"ablate.py: error: {e}", file=sys.stderr)
         return 2
 

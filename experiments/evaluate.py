@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import fid
+import evaluation
 import runs
 from data import DataError, LatentDataset, denormalize, make_demo_dataset
 from diffusion import create_diffusion
@@ -131,7 +131,7 @@ def prepare_eval(opts, data):
         net.load_state_dict({k: v.cpu() for k, v in trained.state_dict().items()})
         net.to(device).eval()
         feats = metrics.extract_features(net, held_x)
-        ref_stats = fid.feature_stats(feats[n_base:])
+        ref_stats = evaluation.feature_stats(feats[n_base:])
         cache = dict(key=key, classifier=net.state_dict(), seconds=time.time() - start, created=time.time(),
                      accuracy=metrics.class_consistency(net, held_x, held_y),
                      ref_mu=torch.from_numpy(ref_stats[0]), ref_sigma=torch.from_numpy(ref_stats[1]),
@@ -148,18 +148,14 @@ def prepare_eval(opts, data):
     if manifest["kind"] != "pixel" or ds.shape[0] != 3:
         fid_note = "n/a (FID-Inception needs RGB pixel data; latent runs: decode with sample.py --fid)"
     else:
-        path, fid_note = metrics.inception_weights(opts.inception_weights)
-        if path:
-            try:
-                inception_fn = fid.inception_feature_fn(path, device)
-            except fid.FIDError as e:
-                fid_note = str(e)
+        inception_fn, fid_note = metrics.inception_network(opts.inception_weights, device)
+        path = inception_fn and inception_fn.key
         if inception_fn is not None and (cache["inception"] or {}).get("weights") != path:
             say(f"Inception statistics of {len(held_idx) - n_base} held-out real images")
             ref = metrics.inception_stats(inception_fn, held_u8[n_base:])
             base = metrics.inception_stats(inception_fn, held_u8[:n_base])
             cache["inception"] = dict(weights=path, ref_mu=torch.from_numpy(ref[0]),
-                                      ref_sigma=torch.from_numpy(ref[1]), real_fid=fid.frechet_distance(*base, *ref))
+                                      ref_sigma=torch.from_numpy(ref[1]), real_fid=evaluation.frechet_distance(*base, *ref))
             runs.atomic_save(cache, cache_path)
         if inception_fn is None:
             fid_note = f"n/a ({fid_note})"
@@ -220,7 +216,7 @@ def score_samples(samples, labels, ctx, run_dir, cfg_scale):
 
 def inception_fid(ctx, images_nchw_uint8):
     stats = metrics.inception_stats(ctx.inception_fn, images_nchw_uint8)
-    return fid.frechet_distance(*stats, ctx.inception["ref_mu"].numpy(), ctx.inception["ref_sigma"].numpy())
+    return evaluation.frechet_distance(*stats, ctx.inception["ref_mu"].numpy(), ctx.inception["ref_sigma"].numpy())
 
 
 def add_missing_fid(run_dir, ctx):

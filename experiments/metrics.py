@@ -6,23 +6,23 @@ Every number names the feature network it comes from:
   SmallClassifier, a small conv net that ablate.py trains on the dataset itself (once per dataset),
   for generated samples against held-out real images. Comparable only within one dataset and one
   classifier (ablate.py caches it, so a grid and its reruns share it).
-- FID-Inception: the standard FID (pytorch-fid's port of the TF Inception, 2048-d pool3 features,
-  fid.py) when its weights file is already on disk; never downloaded here, "n/a" without it.
+- FID-Inception: the standard FID (pool_3 features of the 2015 TF Inception, evaluation.py and
+  feature_nets.py) when its weights file is already on disk; never downloaded, "n/a" without it.
 - Class-consistency accuracy: the fraction of the samples generated for class k that the
   classifier labels k (for real held-out images: the classifier's own accuracy).
 - Held-out loss: the training loss (MSE + VB, DiT's hybrid loss) of a model on a fixed batch with
   fixed timesteps and fixed noise, so that every configuration is scored on the same terms.
 
-The Frechet distance itself is fid.frechet_distance of fid.feature_stats (float64).
+Features come from evaluation.extract_features (the classifier is one more feature network,
+ClassifierFeatures); the Frechet distance is evaluation.frechet_distance of evaluation.feature_stats.
 """
-import os
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fid
+import evaluation
+import feature_nets
 
 FEATURE_DIM = 128
 CLASSIFIER_RECIPE = "Adam 2e-3, cosine decay, batch 128, cross-entropy with label smoothing 0.1"  # in cache keys
@@ -88,15 +88,31 @@ def train_classifier(x, y, num_classes, epochs=4, batch_size=128, lr=2e-3, seed=
     return net.eval()
 
 
-@torch.no_grad()
-def _batched(fn, x, batch_size, device):
-    return torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+class ClassifierFeatures:
+    """A SmallClassifier as an evaluation feature network: model-space batches (B, C, H, W) ->
+    {"features": (B, feature_dim)} on the classifier's device."""
+
+    name, key = "classifier", "SmallClassifier"
+
+    def __init__(self, net):
+        self.net = net
+        self.device = next(net.parameters()).device
+        self.outputs = {"features": net.config["feature_dim"] if hasattr(net, "config") else None}
+
+    @torch.no_grad()
+    def __call__(self, x):
+        return {"features": self.net.features(torch.as_tensor(x).to(self.device))}
 
 
 def extract_features(net, x, batch_size=500):
     """Penultimate-layer features (N, feature_dim) of model-space inputs x, float64 numpy."""
-    device = next(net.parameters()).device
-    return _batched(net.features, x, batch_size, device).double().numpy()
+    features = evaluation.extract_features(ClassifierFeatures(net), x, batch_size=batch_size, progress=False)
+    return features["features"].astype(np.float64)
+
+
+@torch.no_grad()
+def _batched(fn, x, batch_size, device):
+    return torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
 def predict(net, x, batch_size=500):
@@ -112,33 +128,29 @@ def class_consistency(net, x, labels, batch_size=500):
 
 
 def frechet_from_features(features_a, features_b):
-    """The Frechet distance between Gaussians fitted to two feature sets (N, D): fid.feature_stats
-    (mean, unbiased covariance) then fid.frechet_distance, in float64."""
-    return fid.frechet_distance(*fid.feature_stats(features_a), *fid.feature_stats(features_b))
+    """The Frechet distance between Gaussians fitted to two feature sets (N, D), in float64."""
+    return evaluation.frechet_distance(*evaluation.feature_stats(features_a), *evaluation.feature_stats(features_b))
 
 
 def frechet_to_stats(features, stats):
     """The Frechet distance between the Gaussian of features (N, D) and reference (mu, sigma)."""
-    return fid.frechet_distance(*fid.feature_stats(features), *stats)
+    return evaluation.frechet_distance(*evaluation.feature_stats(features), *stats)
 
 
-def inception_weights(path=None):
-    """(path, None) of the FID Inception weights if they are on disk: path, else
-    $MAPDIT_INCEPTION_WEIGHTS, else the torch hub cache; else (None, reason). Never downloads."""
-    candidates = [p for p in (path, os.environ.get(fid.WEIGHTS_ENV)) if p]
-    candidates.append(os.path.join(torch.hub.get_dir(), "checkpoints", fid.INCEPTION_FILE))
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate, None
-    if path or os.environ.get(fid.WEIGHTS_ENV):
-        return None, f"{candidates[0]} not found"
-    return None, f"no {fid.INCEPTION_FILE} (pass --inception-weights or set {fid.WEIGHTS_ENV})"
+def inception_network(path=None, device="cpu"):
+    """(Inception feature network, None) if its weights are on disk (path, else
+    $MAPDIT_INCEPTION_WEIGHTS, else the torch hub cache), else (None, reason). Never downloads."""
+    try:
+        return feature_nets.InceptionNet(path, device), None
+    except feature_nets.WeightsError as e:
+        return None, str(e)
 
 
-def inception_stats(feature_fn, images_nchw_uint8, batch_size=50):
-    """(mu, sigma) of Inception features of uint8 images (N, 3, H, W) through fid.compute_statistics."""
-    return fid.compute_statistics(torch.as_tensor(images_nchw_uint8).permute(0, 2, 3, 1).contiguous(),
-                                  feature_fn, batch_size)
+def inception_stats(network, images_nchw_uint8, batch_size=50):
+    """(mu, sigma) of the pool_3 features of uint8 images (N, 3, H, W)."""
+    images = torch.as_tensor(images_nchw_uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    features = evaluation.extract_features(network, images, batch_size=batch_size, progress=False)
+    return evaluation.feature_stats(features["pool"])
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import fid
+import evaluation
+import feature_nets
 import train
 from data import ShardWriter
 from experiments import ablate, evaluate, metrics
@@ -75,7 +76,7 @@ def test_runner_frechet_distance_matches_the_gaussian_closed_form(tmp_path):
     # Sampling error with n = 200k: the mean terms move by about 2 |mu1 - mu2| sqrt((var1 + var2) / n)
     # <= 0.005 per dimension, the variance terms by about 2 |sqrt(v1) - sqrt(v2)| sqrt(v / 2n) <= 0.007;
     # 0.05 is more than 5 standard deviations of the total (and the seed is fixed).
-    ctx = SimpleNamespace(kind="latent", classifier=FeaturesAreInputs(), ref_stats=fid.feature_stats(b),
+    ctx = SimpleNamespace(kind="latent", classifier=FeaturesAreInputs(), ref_stats=evaluation.feature_stats(b),
                           fd_name="FD-test", fid_note="n/a (test)", inception_fn=None)
     samples = torch.from_numpy(a).float().view(n, 4, 1, 1)
     labels = torch.zeros(n, dtype=torch.long)
@@ -84,7 +85,7 @@ def test_runner_frechet_distance_matches_the_gaussian_closed_form(tmp_path):
     assert entry["fd_network"] == "FD-test" and entry["fid"] is None
     assert metrics.frechet_from_features(a, b) == pytest.approx(want, abs=0.05)
     # identical sets score ~0 (float32 features, float64 statistics)
-    ctx.ref_stats = fid.feature_stats(samples.view(n, 4).double().numpy())
+    ctx.ref_stats = evaluation.feature_stats(samples.view(n, 4).double().numpy())
     assert abs(evaluate.score_samples(samples, labels, ctx, str(tmp_path), 1.0)["fd"]) < 1e-6
     assert abs(metrics.frechet_from_features(a, a)) < 1e-9
 
@@ -137,7 +138,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
 
 
 def test_tiny_grid_writes_table_and_figures_skips_finished_and_continues_interrupted(tmp_path, monkeypatch):
-    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(feature_nets.INCEPTION_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no Inception weights here
     monkeypatch.setattr(evaluate, "CLASSIFIER_MIN_STEPS", 10)  # its quality is not under test here
     data = write_colours(tmp_path / "data", 96, seed=0)

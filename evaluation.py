@@ -1,0 +1,610 @@
+"""Evaluation as papers report it, in PyTorch: FID, sFID, IS, precision and recall with the ADM
+evaluator's definitions (guided-diffusion evaluations/evaluator.py) and FD-DINOv2 as EDM2 has it.
+
+    from evaluation import evaluate
+    evaluate("samples.npz", "VIRTUAL_imagenet256_labeled.npz")
+    # {"fid": ..., "sfid": ..., "is": ..., "precision": ..., "recall": ..., "fd_dinov2": ...,
+    #  "num_samples": 50000, "num_reference": 10000}
+
+Samples: uint8 N x H x W x 3 (an array, or arr_0 of an .npz: the ADM format). Reference: an ADM
+reference batch (.npz with arr_0 images and/or precomputed mu, sigma, mu_s, sigma_s, used as the
+ADM evaluator uses them), a folder of images, a data.py pixel dataset directory, or statistics
+{metric: (mu, sigma)}. Metrics, on the networks of feature_nets.py:
+    fid        Frechet distance of pool features (2048)
+    sfid       Frechet distance of spatial features (2023)
+    is         exp(E KL(p(y|x) || p(y))) of the 1008-way softmax, on splits of 5000, averaged
+    pr         precision and recall of k = 3 nearest-neighbour manifolds of pool features
+    fd_dinov2  Frechet distance of DINOv2 ViT-L/14 CLS features (1024)
+    fd_<name>  Frechet distance of any other feature network passed in `networks`
+Reference statistics are cached per (reference, network); features are extracted in batches, in
+resumable chunk files, shared over torch.distributed ranks. Frechet distances are in float64.
+"""
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import feature_nets
+
+METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
+SOURCES = {"fid": ("inception", "pool"), "sfid": ("inception", "spatial"), "is": ("inception", "logits"),
+           "pr": ("inception", "pool"), "fd_dinov2": ("dinov2", "cls")}
+ADM_STATS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}  # precomputed in ADM's ref batches
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+IS_SPLIT, PR_K, PR_ROWS = 5000, 3, 10000
+CACHE_VERSION = 1
+
+
+class EvalError(Exception):
+    """Bad input or missing weights: reported as one line, exit code 2."""
+
+
+#################################################################################
+#                                The metrics                                    #
+#################################################################################
+
+def _sqrt_psd(a):
+    """Square root of a symmetric positive semi-definite matrix (round-off negatives clamped)."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2) between two
+    Gaussians, in float64. tr((S1 S2)^1/2), the sum of the square roots of the eigenvalues of
+    S1^1/2 S2 S1^1/2, is the sum of the singular values of S2^1/2 S1^1/2 (the square roots from
+    symmetric eigendecompositions): unlike square roots of eigenvalues, singular values do not
+    magnify round-off, which keeps the distance of singular covariances (N < D) at ~0, not ~1e-4.
+    (The ADM evaluator's scipy sqrtm, with 1e-6 on the diagonal when it fails, agrees where it
+    succeeds; this never fails.)"""
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"need means (D,) and covariances (D, D) of one D, got {mu1.shape}, "
+                         f"{s1.shape}, {mu2.shape}, {s2.shape}")
+    tr_root = np.linalg.svd(_sqrt_psd(s2) @ _sqrt_psd(s1), compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_root)
+
+
+def feature_stats(features):
+    """(mu, sigma) in float64 numpy of features (N, D), numpy or torch (computed on the tensor's
+    device): the mean and the unbiased covariance (np.cov, as the ADM evaluator and EDM2 use)."""
+    f = torch.as_tensor(features)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need features (N, D) with N >= 2, got shape {tuple(f.shape)}")
+    f = f.double()
+    mu = f.mean(0)
+    centred = f - mu
+    sigma = centred.T @ centred / (len(f) - 1)
+    return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def inception_score(probs, split_size=IS_SPLIT):
+    """exp(mean_x KL(p(y|x) || p(y))) on consecutive splits of split_size rows of probs (N, C)
+    (the last split may be shorter, as in the ADM evaluator), averaged over splits; 0 log 0 = 0."""
+    p = np.asarray(probs, np.float64)
+    scores = []
+    for i in range(0, len(p), split_size):
+        part = p[i:i + split_size]
+        marginal = part.mean(0, keepdims=True)
+        safe = np.where(part > 0, part, 1.0)
+        kl = (part * (np.log(safe) - np.log(np.where(part > 0, marginal, 1.0)))).sum(1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores))
+
+
+def softmax64(logits):
+    """Softmax over all columns, in float64 numpy."""
+    return torch.softmax(torch.as_tensor(logits).double(), dim=1).cpu().numpy()
+
+
+def _sq_distances(a, b):
+    """Squared Euclidean distances (len(a), len(b)), clamped at 0, as the ADM evaluator's."""
+    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)[None]).clamp_min(0)
+
+
+def manifold_radii(features, k=PR_K, rows=PR_ROWS):
+    """Squared distance of each feature (N, D) torch tensor to its k-th nearest neighbour, the
+    feature itself counting as the 0-th (the ADM evaluator's k-NN radii)."""
+    if len(features) <= k:
+        raise ValueError(f"precision/recall need more than k = {k} features on each side, got {len(features)}")
+    return torch.cat([_sq_distances(features[i:i + rows], features).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(features), rows)])
+
+
+def _covered(points, centres, radii, rows=PR_ROWS):
+    """Fraction of points within radii[j] (squared) of some centres[j]."""
+    inside = [(_sq_distances(points[i:i + rows], centres) <= radii[None]).any(1)
+              for i in range(0, len(points), rows)]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(reference, samples, k=PR_K, device=None):
+    """(precision, recall) after Kynkaanniemi et al. 2019 as the ADM evaluator computes them:
+    precision is the fraction of samples inside the k-NN manifold of the reference features,
+    recall the fraction of reference features inside the samples' manifold (float32 distances)."""
+    ref, sam = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (reference, samples))
+    return (_covered(sam, ref, manifold_radii(ref, k)), _covered(ref, sam, manifold_radii(sam, k)))
+
+
+#################################################################################
+#                                Image sources                                  #
+#################################################################################
+
+def _npz_array(path, name="arr_0"):
+    """Array `name` of an .npz, memory-mapped when stored uncompressed (np.savez), else loaded."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with z.open(info) as f:
+                return np.lib.format.read_array(f)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{name}.npy: bad local header")
+        f.seek(info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30])))
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if offset + int(np.prod(shape)) * dtype.itemsize > os.path.getsize(path):
+        raise ValueError(f"{name}.npy is cut short")
+    return np.memmap(path, dtype, "r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+class ImageFolder:
+    """The images under a folder (recursively, sorted by path) as uint8 (N, H, W, 3) batches."""
+
+    def __init__(self, path):
+        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.files:
+            raise EvalError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        self.image_shape = self._load(self.files[0]).shape
+
+    def _load(self, file):
+        try:
+            with Image.open(file) as im:
+                return np.asarray(im.convert("RGB"))
+        except OSError as e:
+            raise EvalError(f"{file}: unreadable image ({e})")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        images = [self._load(f) for f in self.files[index]]
+        for f, im in zip(self.files[index], images):
+            if im.shape != self.image_shape:
+                raise EvalError(f"{f}: {im.shape[1]}x{im.shape[0]} pixels, but {self.files[0]} is "
+                                f"{self.image_shape[1]}x{self.image_shape[0]}; give images of one size")
+        return np.stack(images)
+
+
+class PixelDataset:
+    """A data.py pixel dataset (3 channels) as uint8 (N, H, W, 3) batches."""
+
+    def __init__(self, path):
+        from data import DataError, LatentDataset
+        try:
+            self.ds = LatentDataset(path)
+        except DataError as e:
+            raise EvalError(str(e))
+        if self.ds.kind != "pixel" or self.ds.shape[0] != 3:
+            raise EvalError(f"{path}: a {self.ds.kind} dataset of shape {list(self.ds.shape)}; evaluation "
+                            f"needs RGB pixel data (decode latent samples with sample.py --fid)")
+        self.image_shape = (*self.ds.shape[1:], 3)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, index):
+        return np.stack([self.ds[i][0].numpy().transpose(1, 2, 0) for i in range(len(self))[index]])
+
+
+def path_key(path):
+    """What a file or folder holds, cheaply: its real path and the sizes and modification times of
+    its files (a changed, added or removed file changes the key)."""
+    path = os.path.realpath(path)
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    h = hashlib.sha256(path.encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _check_images(images, what):
+    shape = tuple(images.shape) if hasattr(images, "shape") else None
+    if shape is None or len(shape) != 4 or shape[-1] != 3 or getattr(images, "dtype", None) != np.uint8 \
+            or shape[0] < 2:
+        got = f"{getattr(images, 'dtype', type(images).__name__)}{list(shape or [])}"
+        raise EvalError(f"{what}: need uint8 images N x H x W x 3 with N >= 2 (the ADM format), got {got}")
+
+
+class Side:
+    """One side of a comparison: images (an array-like of uint8 N x H x W x 3 batches, or None),
+    precomputed statistics {metric: (mu, sigma)}, a cache key (None: never cached) and a label."""
+
+    def __init__(self, source, what):
+        self.label, self.images, self.stats, self.key, self.path = what, None, {}, None, None
+        if isinstance(source, dict):
+            self.stats = {m: tuple(np.asarray(v, np.float64) for v in s) for m, s in source.items()}
+        elif isinstance(source, (np.ndarray, torch.Tensor)):
+            self.images = np.asarray(source)
+            _check_images(self.images, what)
+        else:
+            self._open(os.fspath(source))
+        if self.images is None and not self.stats:
+            raise EvalError(f"{self.label}: holds neither images nor statistics")
+
+    def _open(self, path):
+        self.label, self.path = path, path
+        if os.path.isdir(path):
+            self.images = PixelDataset(path) if os.path.isfile(os.path.join(path, "manifest.json")) else ImageFolder(path)
+        elif not os.path.isfile(path):
+            raise EvalError(f"{path}: no such file or folder")
+        else:
+            self._open_npz(path)
+        self.key = path_key(path)
+
+    def _open_npz(self, path):
+        try:
+            with np.load(path) as npz:
+                names = list(npz.files)
+                for metric, (m, s) in ADM_STATS.items():
+                    if m in names and s in names:
+                        self.stats[metric] = (npz[m].astype(np.float64), npz[s].astype(np.float64))
+            if "arr_0" in names:
+                self.images = _npz_array(path)
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
+            raise EvalError(f"{path}: not a readable .npz ({_first_line(e)}); truncated? write it again")
+        if self.images is None and not self.stats:
+            raise EvalError(f"{path}: holds neither arr_0 images nor mu and sigma ({names})")
+        if self.images is not None:
+            _check_images(self.images, f"{path}: arr_0")
+
+    @property
+    def image_shape(self):
+        return None if self.images is None else tuple(getattr(self.images, "image_shape", None) or self.images.shape[1:])
+
+    def __len__(self):
+        return 0 if self.images is None else len(self.images)
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def write_npz_samples(path, images):
+    """Write uint8 images (N, H, W, 3) as arr_0 of an .npz (the ADM format), atomically; return the
+    path written (.npz is appended when missing)."""
+    images = np.asarray(images)
+    _check_images(images, "write_npz_samples")
+    path = str(path) if str(path).endswith(".npz") else f"{path}.npz"
+    tmp = path[: -len(".npz")] + ".tmp.npz"
+    np.savez(tmp, arr_0=images)
+    os.replace(tmp, path)
+    return path
+
+
+#################################################################################
+#                                Feature extraction                             #
+#################################################################################
+
+class Progress:
+    """A progress bar: tqdm on a terminal, plain lines (every 10% or 60 s) when stderr is not one."""
+
+    def __init__(self, total, initial=0, desc="", enabled=True):
+        self.total, self.done, self.desc, self.enabled = total, initial, desc, enabled
+        self.start, self.last_line, self.last_done = time.time(), time.time(), initial
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="img", dynamic_ncols=True)
+
+    def update(self, n):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and (self.done >= self.total or time.time() - self.last_line > 60
+                               or self.done - self.last_done >= self.total / 10):
+            rate = (self.done - self.last_done) / max(time.time() - self.last_line, 1e-9)
+            print(f"{self.desc}: {self.done}/{self.total} images ({rate:.1f} img/s)", file=sys.stderr, flush=True)
+            self.last_line, self.last_done = time.time(), self.done
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def rank_world():
+    """(rank, world size) of torch.distributed, (0, 1) when it is not initialised."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _barrier():
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def _save_npz(path, arrays):
+    tmp = path[: -len(".npz")] + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _prepare_chunks(work_dir, settings):
+    """Make work_dir hold chunks of these settings only: older chunks of other settings go."""
+    rank, _ = rank_world()
+    file = os.path.join(work_dir, "settings.json")
+    if rank == 0:
+        os.makedirs(work_dir, exist_ok=True)
+        try:
+            with open(file) as f:
+                same = json.load(f) == settings
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            for name in os.listdir(work_dir):
+                os.remove(os.path.join(work_dir, name))
+            with open(file + ".tmp", "w") as f:
+                json.dump(settings, f)
+            os.replace(file + ".tmp", file)
+    _barrier()
+
+
+def extract_features(network, images, *, batch_size=100, chunk_size=None, work_dir=None, progress=True,
+                     desc=None, key=None):
+    """{output: float32 numpy (N, dim)} of network over images (len() and [i:j] batches).
+
+    Chunk k holds images [k * chunk_size, (k + 1) * chunk_size); rank r of torch.distributed does the
+    chunks with k % world == r. With work_dir (a folder all ranks share) each chunk is written there
+    as it finishes and a rerun with the same network, images (key) and sizes skips finished chunks;
+    without it the ranks exchange their features with all_gather_object."""
+    rank, world = rank_world()
+    n = len(images)
+    chunk_size = chunk_size or 10 * batch_size
+    chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    mine = list(range(rank, len(chunks), world))
+    files = None
+    if work_dir:
+        _prepare_chunks(work_dir, dict(network=network.key, images=key, n=n, chunk_size=chunk_size))
+        files = [os.path.join(work_dir, f"{k:06d}.npz") for k in range(len(chunks))]
+    todo = [k for k in mine if files is None or not os.path.exists(files[k])]
+    size = lambda ks: sum(chunks[k][1] - chunks[k][0] for k in ks)  # noqa: E731
+    bar = Progress(size(mine), size(mine) - size(todo), desc or f"features {network.name}",
+                   enabled=progress and rank == 0)
+    local = {}
+    try:
+        for k in todo:
+            parts = []
+            for i in range(chunks[k][0], chunks[k][1], batch_size):
+                out = network(images[i:min(i + batch_size, chunks[k][1])])
+                parts.append({o: v.float().cpu().numpy() for o, v in out.items()})
+                bar.update(len(next(iter(parts[-1].values()))))
+            local[k] = {o: np.concatenate([p[o] for p in parts]) for o in parts[0]}
+            if files:
+                _save_npz(files[k], local[k])
+    finally:
+        bar.close()
+    if files:
+        _barrier()
+        local = {}
+        for k, f in enumerate(files):
+            with np.load(f) as z:
+                local[k] = {o: z[o] for o in z.files}
+    elif world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, local)
+        local = {k: v for g in gathered for k, v in g.items()}
+    return {o: np.concatenate([local[k][o] for k in range(len(chunks))]) for o in network.outputs}
+
+
+#################################################################################
+#                        Reference statistics and their cache                   #
+#################################################################################
+
+def cache_path(side, network, cache):
+    """Where side's statistics under network are cached: beside the reference (cache=True), in the
+    folder `cache`, or nowhere (cache falsy, or a reference that is not on disk)."""
+    if not cache or side.key is None:
+        return None
+    real = os.path.realpath(side.path).rstrip(os.sep)
+    if cache is True:
+        return f"{real}.{network.name}-stats.npz"
+    name = os.path.basename(real) + "-" + hashlib.sha256(real.encode()).hexdigest()[:8]
+    return os.path.join(os.fspath(cache), f"{name}.{network.name}-stats.npz")
+
+
+def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress):
+    """{output: (mu, sigma)} and {output in keep: features} of side's images under network,
+    read from / written to the cache when the side is a file or folder."""
+    path = cache_path(side, network, cache)
+    key = json.dumps(dict(version=CACHE_VERSION, images=side.key, network=network.key, keep=sorted(keep)))
+    if path and os.path.isfile(path):
+        try:
+            with np.load(path) as z:
+                if str(z["key"]) == key:
+                    return ({o: (z[f"{o}_mu"], z[f"{o}_sigma"]) for o in network.outputs},
+                            {o: z[f"{o}_features"] for o in keep})
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # unreadable or of another version: computed again
+    chunk_dir = f"{path}.chunks" if path else work_dir
+    features = extract_features(network, side.images, batch_size=batch_size, work_dir=chunk_dir, key=side.key,
+                                progress=progress, desc=f"{network.name} features of {side.label}")
+    device = getattr(network, "device", None)
+    stats = {o: feature_stats(torch.as_tensor(f, device=device)) for o, f in features.items()}
+    if path and rank_world()[0] == 0:
+        arrays = {f"{o}_{s}": v for o, (mu, sigma) in stats.items() for s, v in (("mu", mu), ("sigma", sigma))}
+        arrays.update({f"{o}_features": features[o] for o in keep})
+        try:
+            _save_npz(path, dict(arrays, key=np.array(key)))
+        except OSError as e:
+            print(f"evaluation: cannot cache statistics at {path} ({e}); they are computed again next time",
+                  file=sys.stderr)
+    _barrier()
+    if chunk_dir and rank_world()[0] == 0:
+        shutil.rmtree(chunk_dir, ignore_errors=True)
+    return stats, {o: features[o] for o in keep}
+
+
+def reference_statistics(reference, network, *, cache=True, batch_size=100, progress=True):
+    """{output: (mu, sigma)} of a reference (as evaluate takes it) under network, cached."""
+    side = Side(reference, "reference")
+    if side.images is None:
+        raise EvalError(f"{side.label}: holds no images to compute {network.name} statistics from")
+    return _side_features(side, network, keep=(), cache=cache, work_dir=None, batch_size=batch_size,
+                          progress=progress)[0]
+
+
+#################################################################################
+#                                   evaluate                                    #
+#################################################################################
+
+def _default_device(device):
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_network(name, device, inception_weights=None, dinov2_weights=None):
+    """The built-in feature network `name` ("inception" or "dinov2"); EvalError for missing weights."""
+    try:
+        if name == "inception":
+            return feature_nets.InceptionNet(inception_weights, device)
+        return feature_nets.DINOv2Net(dinov2_weights, device)
+    except feature_nets.WeightsError as e:
+        raise EvalError(str(e))
+
+
+def available_metrics(inception_weights=None, dinov2_weights=None):
+    """The metrics whose weights can be found (the default list)."""
+    found = []
+    for metric_names, args in ((("fid", "sfid", "is", "pr"), (inception_weights, feature_nets.INCEPTION_ENV,
+                                feature_nets.INCEPTION_FILE, feature_nets.INCEPTION_URL, "--inception-weights")),
+                               (("fd_dinov2",), (dinov2_weights, feature_nets.DINOV2_ENV, feature_nets.DINOV2_FILE,
+                                                 feature_nets.DINOV2_URL, "--dinov2-weights"))):
+        try:
+            feature_nets.find_weights(*args)
+            found += metric_names
+        except feature_nets.WeightsError:
+            pass
+    return found
+
+
+def parse_metrics(metrics, networks=()):
+    """A list of metric names from a list or a comma-separated string; raises EvalError."""
+    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    known = (*METRICS, *(f"fd_{n}" for n in networks))
+    bad = [m for m in names if m not in known]
+    if bad or not names:
+        raise EvalError((f"unknown metric {bad[0]!r}" if bad else "empty metric list")
+                        + f" (choose from {', '.join(known)})")
+    return list(dict.fromkeys(names))
+
+
+def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, inception_weights=None,
+             dinov2_weights=None, networks=None, cache=True, work_dir=None, progress=True):
+    """The metrics of samples against reference (see the module docstring for both) as a dict with
+    the keys fid, sfid, is, precision, recall, fd_dinov2, fd_<name> (those computed), num_samples and
+    num_reference (None for statistics alone).
+
+    metrics: names or "fid,sfid,..."; default: every metric whose weights are found (and that the
+    inputs allow). networks: {name: feature network} adds the metric fd_<name> on its first output.
+    cache: True (a file beside the reference), a folder, or False. work_dir: where an in-memory
+    samples array keeps its resumable feature chunks (an .npz's go beside it). Under torchrun every
+    rank calls evaluate and gets the results. Raises EvalError."""
+    networks = dict(networks or {})
+    default = metrics is None
+    metrics = parse_metrics(metrics if not default else
+                            available_metrics(inception_weights, dinov2_weights) + [f"fd_{n}" for n in networks]
+                            or ["fid"], networks)
+    sides = Side(samples, "samples"), Side(reference, "reference")
+    metrics = _feasible(metrics, sides, default)
+    shapes = [s.image_shape for s in sides]
+    if None not in shapes and shapes[0] != shapes[1]:
+        raise EvalError(f"samples are {shapes[0][1]}x{shapes[0][0]}, the reference {shapes[1][1]}x{shapes[1][0]}: "
+                        f"compare images of one resolution (sample at the reference's size or pick its batch)")
+    device = _default_device(device)
+    sources = dict(SOURCES, **{f"fd_{n}": (n, next(iter(net.outputs))) for n, net in networks.items()})
+    results = {}
+    for name in dict.fromkeys(sources[m][0] for m in metrics):
+        wanted = [m for m in metrics if sources[m][0] == name]
+        needs = [_needs(side, wanted, side is sides[0]) for side in sides]
+        net = None
+        if any(needs):
+            net = networks.get(name) or load_network(name, device, inception_weights, dinov2_weights)
+        stats, feats = [{}, {}], [{}, {}]
+        for i, side in enumerate(sides):
+            if needs[i]:
+                keep = [o for m, o in (("pr", "pool"), ("is", "logits")) if m in needs[i]]
+                chunks = _chunk_dir(side, name, work_dir) if i == 0 else None
+                stats[i], feats[i] = _side_features(side, net, keep=keep, cache=cache if i == 1 else False,
+                                                    work_dir=chunks, batch_size=batch_size, progress=progress)
+        for m in wanted:
+            if m == "is":
+                results["is"] = inception_score(softmax64(feats[0]["logits"]))
+            elif m == "pr":
+                results["precision"], results["recall"] = precision_recall(feats[1]["pool"], feats[0]["pool"],
+                                                                         device=device)
+            else:
+                a, b = (side.stats.get(m) or st[sources[m][1]] for side, st in zip(sides, stats))
+                results[m] = frechet_distance(*a, *b)
+        for metric, output in (("fid", "pool"), ("sfid", "spatial")):  # the ADM tensor check, when both exist
+            if name == "inception" and metric in sides[1].stats and output in stats[1]:
+                results[f"reference_self_{metric}"] = frechet_distance(*sides[1].stats[metric], *stats[1][output])
+    return dict(results, num_samples=len(sides[0]) or None, num_reference=len(sides[1]) or None)
+
+
+def _needs(side, wanted, is_samples):
+    """The metrics for which side's images must go through the network: IS (samples), precision and
+    recall, and Frechet distances without precomputed statistics."""
+    if side.images is None:
+        return []
+    return [m for m in wanted if m == "pr" or (m == "is" and is_samples) or (m not in ("is", "pr") and m not in side.stats)]
+
+
+def _chunk_dir(side, network_name, work_dir):
+    """Where the samples' feature chunks go: beside an .npz or folder, else under work_dir (or nowhere)."""
+    if side.path:
+        return f"{side.path[:-4] if side.path.endswith('.npz') else side.path.rstrip(os.sep)}-features/{network_name}"
+    return work_dir and os.path.join(work_dir, network_name)
+
+
+def _feasible(metrics, sides, default):
+    """The metrics the inputs allow: IS needs sample images, precision/recall images on both sides,
+    a Frechet distance images or statistics on each side. Dropped from a default list, else an error."""
+    kept = []
+    for m in metrics:
+        if m == "is":
+            missing = [sides[0]] if sides[0].images is None else []
+        elif m == "pr":
+            missing = [s for s in sides if s.images is None]
+        else:
+            missing = [s for s in sides if s.images is None and m not in s.stats]
+        if not missing:
+            kept.append(m)
+        elif not default:
+            raise EvalError(f"{m}: {missing[0].label} holds no images"
+                            + ("" if m in ("is", "pr") else f" and no {m} statistics"))
+    if not kept:
+        raise EvalError("none of the metrics can be computed from these inputs")
+    return kept

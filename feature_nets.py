@@ -1,0 +1,185 @@
+"""Feature networks for evaluation.py: the 2015 TF Inception (FID, sFID, IS, precision/recall) and
+DINOv2 ViT-L/14 (FD-DINOv2), loaded from local weight files, never downloaded.
+
+A feature network is any object with
+    name      short, file-safe: it names cache files ("inception", "dinov2", ...)
+    key       what its features depend on (architecture, weights file); part of every cache key
+    outputs   {output name: feature dimension}
+    __call__(batch) -> {output name: float32 tensor (B, dim)}, batch as the image source yields it
+              (uint8 N x H x W x 3 numpy for the networks here)
+experiments/metrics.py adds its small classifier as one more.
+
+Tensor mapping (see the README's evaluation section for how it was checked):
+- pool: "pool_3:0" of the TF graph = the 2048-d global average pool after Mixed_7c.
+- spatial: "mixed_6/conv:0"[..., :7] = the output (ReLU after batch norm) of Mixed_6d.branch1x1,
+  the first 7 of its 192 channels, flattened in the TF graph's H, W, C order: 17 * 17 * 7 = 2023.
+- logits: the pool features times "softmax/weights" (pytorch-fid's fc.weight), without the bias, as
+  the ADM evaluator's IS graph does; the softmax is over all 1008 outputs.
+- Input: TF 1.x bilinear resize to 299 (no half-pixel offset), then (x - 128) / 128, as the graph does.
+"""
+import math
+import os
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
+INCEPTION_ENV = "MAPDIT_INCEPTION_WEIGHTS"
+DINOV2_FILE = "dinov2_vitl14_pretrain.pth"
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/" + DINOV2_FILE
+DINOV2_ENV = "MAPDIT_DINOV2_WEIGHTS"
+DINOV2_ARCH = "vit_large_patch14_dinov2"  # timm's build of the hub model 'dinov2_vitl14'
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class WeightsError(Exception):
+    """A weights file is missing or is not what it should be (one line, names the fix)."""
+
+
+def find_weights(path, env, filename, url, flag):
+    """The weights file: path, else $env, else the torch hub cache's checkpoints/filename (where
+    torch.hub puts it). Raises WeightsError naming where to get it; never downloads."""
+    path = path or os.environ.get(env)
+    if path:
+        if not os.path.isfile(path):
+            raise WeightsError(f"{path}: weights file not found (want {filename}, from {url})")
+        return path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if not os.path.isfile(cached):
+        raise WeightsError(f"{filename} not found: download {url} to {cached}, or pass {flag} FILE "
+                           f"(or set ${env})")
+    return cached
+
+
+def weights_key(path):
+    """What a weights file is, for cache keys: its real path, size and modification time."""
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _load_state(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise WeightsError(f"{path}: does not load as a state dict ({_first_line(e)})")
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _nhwc_uint8(batch, device):
+    """uint8 (B, H, W, 3) numpy or tensor -> float32 (B, 3, H, W) on device, values 0..255."""
+    x = torch.as_tensor(np.asarray(batch) if not isinstance(batch, torch.Tensor) else batch)
+    return x.to(device).permute(0, 3, 1, 2).float()
+
+
+def tf1_resize_matrix(in_size, out_size):
+    """(out_size, in_size) weights of TF 1.x's bilinear resize (align_corners=False, no half-pixel
+    centres): output i samples input position i * in_size / out_size, clamped at the last pixel."""
+    pos = np.arange(out_size) * (in_size / out_size)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = pos - lo
+    m = np.zeros((out_size, in_size))
+    np.add.at(m, (np.arange(out_size), lo), 1 - frac)
+    np.add.at(m, (np.arange(out_size), hi), frac)
+    return torch.from_numpy(m).float()
+
+
+def tf1_resize(x, size):
+    """TF 1.x bilinear resize of x (B, C, H, W) to (size, size): R_h x R_w^T per channel."""
+    rh = tf1_resize_matrix(x.shape[-2], size).to(x.device)
+    rw = tf1_resize_matrix(x.shape[-1], size).to(x.device)
+    return rh @ x @ rw.T
+
+
+class InceptionNet(torch.nn.Module):
+    """pytorch-fid's port of the 2015 TF Inception with the ADM evaluator's three outputs: pool
+    (2048), spatial (2023) and logits (1008, unbiased). Weights: pt_inception-2015-12-05."""
+
+    name = "inception"
+    outputs = {"pool": 2048, "spatial": 2023, "logits": 1008}
+
+    def __init__(self, weights=None, device="cpu"):
+        super().__init__()
+        path = find_weights(weights, INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, "--inception-weights")
+        from pytorch_fid import inception  # a slow import: only once the weights are there
+        state = _load_state(path)
+        try:
+            with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: state):
+                self.net = inception.fid_inception_v3()
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise WeightsError(f"{path}: not the FID Inception weights {INCEPTION_FILE} ({_first_line(e)})")
+        self.key = f"inception-2015-12-05/adm-tensors/{weights_key(path)}"
+        self.device = torch.device(device)
+        self.eval().requires_grad_(False).to(self.device)
+
+    @torch.no_grad()
+    def forward(self, batch):
+        n = self.net
+        x = tf1_resize(_nhwc_uint8(batch, self.device), 299)
+        x = (x - 128) / 128
+        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
+                      n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a,
+                      n.Mixed_6b, n.Mixed_6c):
+            x = layer(x)
+        spatial = n.Mixed_6d.branch1x1(x)[:, :7]  # "mixed_6/conv:0"[..., :7]
+        for layer in (n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+            x = layer(x)
+        pool = x.mean((2, 3))  # "pool_3:0"
+        return {"pool": pool, "spatial": spatial.permute(0, 2, 3, 1).flatten(1),
+                "logits": pool @ n.fc.weight.T}
+
+
+def dinov2_pos_embed(pos_embed, grid):
+    """DINOv2's positional embedding (1, 1 + M * M, D) resampled to a grid x grid patch grid as the
+    hub model does on the fly: bicubic without antialias, at scale (grid + 0.1) / M."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:].float()
+    m = math.isqrt(patches.shape[1])
+    patches = patches.reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    scale = (grid + 0.1) / m
+    patches = F.interpolate(patches, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(cls.dtype)], 1)
+
+
+class DINOv2Net(torch.nn.Module):
+    """DINOv2 ViT-L/14 as EDM2's FD-DINOv2 uses it: 224 x 224 (bicubic, antialias), ImageNet mean
+    and std, the output of the hub model 'dinov2_vitl14' (the CLS token after the final norm).
+    Built by timm, weights from the hub checkpoint (or timm's copy of it)."""
+
+    name = "dinov2"
+    outputs = {"cls": 1024}
+    image_size = 224
+
+    def __init__(self, weights=None, device="cpu", arch=DINOV2_ARCH):
+        super().__init__()
+        path = find_weights(weights, DINOV2_ENV, DINOV2_FILE, DINOV2_URL, "--dinov2-weights")
+        import timm
+        state = dict(_load_state(path))
+        self.model = timm.create_model(arch, pretrained=False, img_size=self.image_size, num_classes=0)
+        self.outputs = {"cls": self.model.num_features}
+        state.pop("mask_token", None)  # used in training only
+        try:
+            grid = self.image_size // self.model.patch_embed.patch_size[0]
+            state["pos_embed"] = dinov2_pos_embed(state["pos_embed"], grid)
+            self.model.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise WeightsError(f"{path}: not {arch} weights in the DINOv2 hub format ({_first_line(e)})")
+        self.key = f"{arch}/224-bicubic-antialias/{weights_key(path)}"
+        self.device = torch.device(device)
+        self.eval().requires_grad_(False).to(self.device)
+
+    @torch.no_grad()
+    def forward(self, batch):
+        x = _nhwc_uint8(batch, self.device)
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return {"cls": self.model((x / 255 - mean) / std)}
