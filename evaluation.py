@@ -245,9 +245,8 @@ class Side:
         self.label, self.images, self.stats, self.key, self.path = what, None, {}, None, None
         if isinstance(source, dict):
             self.stats = {m: tuple(np.asarray(v, np.float64) for v in s) for m, s in source.items()}
-        elif isinstance(source, (np.ndarray, torch.Tensor)):
-            self.images = np.asarray(source)
-            _check_images(self.images, what)
+        elif isinstance(source, (np.ndarray, torch.Tensor)):  # checked by the network that reads it
+            self.images = source
         else:
             self._open(os.fspath(source))
         if self.images is None and not self.stats:
@@ -555,6 +554,8 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
         stats, feats = [{}, {}], [{}, {}]
         for i, side in enumerate(sides):
             if needs[i]:
+                if name not in networks:
+                    _check_images(side.images, side.label)
                 keep = [o for m, o in (("pr", "pool"), ("is", "logits")) if m in needs[i]]
                 chunks = _chunk_dir(side, name, work_dir) if i == 0 else None
                 stats[i], feats[i] = _side_features(side, net, keep=keep, cache=cache if i == 1 else False,

@@ -76,7 +76,7 @@ def _first_line(error):
 
 def _nhwc_uint8(batch, device):
     """uint8 (B, H, W, 3) numpy or tensor -> float32 (B, 3, H, W) on device, values 0..255."""
-    x = torch.as_tensor(np.asarray(batch) if not isinstance(batch, torch.Tensor) else batch)
+    x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.array(batch))  # a copy: memmaps are read-only
     return x.to(device).permute(0, 3, 1, 2).float()
 
 
@@ -130,12 +130,18 @@ class InceptionNet(torch.nn.Module):
                       n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a,
                       n.Mixed_6b, n.Mixed_6c):
             x = layer(x)
-        spatial = n.Mixed_6d.branch1x1(x)[:, :7]  # "mixed_6/conv:0"[..., :7]
+        spatial = n.Mixed_6d.branch1x1(x)  # "mixed_6/conv:0"
         for layer in (n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
             x = layer(x)
-        pool = x.mean((2, 3))  # "pool_3:0"
-        return {"pool": pool, "spatial": spatial.permute(0, 2, 3, 1).flatten(1),
-                "logits": pool @ n.fc.weight.T}
+        return adm_outputs(spatial, x, n.fc.weight)
+
+
+def adm_outputs(spatial_map, final_map, fc_weight):
+    """The ADM evaluator's readouts: pool = the global average of final_map (B, C, h, w) ("pool_3");
+    spatial = the first 7 channels of spatial_map (B, C', H, W) in H, W, C order; logits = pool times
+    fc_weight (classes, C), without a bias."""
+    pool = final_map.mean((2, 3))
+    return {"pool": pool, "spatial": spatial_map[:, :7].permute(0, 2, 3, 1).flatten(1), "logits": pool @ fc_weight.T}
 
 
 def dinov2_pos_embed(pos_embed, grid):

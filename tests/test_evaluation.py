@@ -1,0 +1,353 @@
+"""Tests of evaluation.py and feature_nets.py: IS, precision/recall and Frechet distances against hand
+computations and closed forms; the Inception tensors (pool, spatial, logits) against torchvision's own
+forward of the same network; DINOv2's CLS features; caching, sharding over 2 processes and resuming.
+Networks are built from the real architectures with random weights (nothing is downloaded)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import evaluation
+import feature_nets
+
+
+def random_inception_weights(path):
+    """A state dict with the keys and shapes of pytorch-fid's FID Inception and random weights
+    (He-initialised convolutions, so that activations neither vanish nor explode over 94 layers)."""
+    from unittest import mock
+    from pytorch_fid import inception
+    captured = {}
+
+    def capture(module, state_dict, *args, **kwargs):
+        captured.update(module.state_dict())
+
+    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(torch.nn.Module, "load_state_dict", capture):
+        inception.fid_inception_v3()
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for k, v in captured.items():
+        if k.endswith("conv.weight"):
+            v = torch.randn(v.shape, generator=gen) * (2 / v[0].numel()) ** 0.5
+        elif k == "fc.weight":
+            v = torch.randn(v.shape, generator=gen) / v.shape[1] ** 0.5
+        state[k] = v.half() if v.is_floating_point() else v
+    torch.save(state, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    return random_inception_weights(tmp_path_factory.mktemp("weights") / feature_nets.INCEPTION_FILE)
+
+
+@pytest.fixture(scope="module")
+def inception(inception_weights):
+    return feature_nets.InceptionNet(inception_weights)
+
+
+class TinyNet:
+    """A small random conv net as a feature network (uint8 NHWC -> 8 features), counting its calls."""
+
+    name, key, outputs = "tiny", "tiny-v1", {"features": 8}
+
+    def __init__(self, fail_after=None):
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.Tanh(),
+                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.calls, self.fail_after = 0, fail_after
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("stopped")
+        self.calls += 1
+        return {"features": self.net(torch.as_tensor(np.array(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1)}
+
+
+def random_images(n, size=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+#################################################################################
+#                               Metric definitions                              #
+#################################################################################
+
+def test_inception_score_closed_forms_and_split_averaging():
+    k = 7
+    uniform = np.tile(np.eye(k), (3, 1))  # one-hot predictions spread evenly over k classes
+    assert evaluation.inception_score(uniform) == pytest.approx(k, rel=1e-12)
+    same = np.tile(np.eye(k)[2], (10, 1))  # every sample predicts one class: KL = 0
+    assert evaluation.inception_score(same) == pytest.approx(1.0, abs=1e-12)
+    # Split averaging: split 1 = one-hot over 2 classes (IS 2), split 2 = one class only (IS 1):
+    # the mean over splits is 1.5, while the whole set at once would give exp(H(p(y))) of
+    # p(y) = (2/4, 1/4, 1/4) against ... = a different number.
+    probs = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]], float)
+    assert evaluation.inception_score(probs, split_size=2) == pytest.approx(1.5, abs=1e-12)
+    whole = np.exp(-(0.25 * np.log(0.25) * 2 + 0.5 * np.log(0.5)))  # KL(onehot || p) = -log p_y, averaged
+    assert evaluation.inception_score(probs, split_size=4) == pytest.approx(whole, rel=1e-12)
+    # a soft case by hand: p(y|x) = (0.8, 0.2) and (0.2, 0.8); p(y) = (0.5, 0.5);
+    # KL = 0.8 log 1.6 + 0.2 log 0.4 for both
+    soft = np.array([[0.8, 0.2], [0.2, 0.8]])
+    want = np.exp(0.8 * np.log(1.6) + 0.2 * np.log(0.4))
+    assert evaluation.inception_score(soft) == pytest.approx(want, rel=1e-12)
+    assert np.allclose(evaluation.softmax64(np.log(soft)), soft)
+
+
+def test_precision_recall_identical_far_apart_and_a_hand_computed_case():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 6))
+    assert evaluation.precision_recall(a, a) == (1.0, 1.0)
+    assert evaluation.precision_recall(a, a + 100.0) == (0.0, 0.0)
+    # 1-d, k = 1 (the nearest other point; the point itself is the 0-th neighbour).
+    # reference 0, 1, 3, 7: squared radii 1, 1, 4, 16.  samples 0.5, 2.9, 10, 10.5: squared radii
+    # 5.76, 5.76, 0.25, 0.25.  Precision: 0.5 (0.25 from 0 <= 1) yes, 2.9 (0.01 from 3 <= 4) yes,
+    # 10 (9 from 7 <= 16) yes, 10.5 (12.25 <= 16) yes -> 1.  Recall: 0 (0.25 from 0.5 <= 5.76) yes,
+    # 1 (0.25 <= 5.76) yes, 3 (0.01 <= 5.76) yes, 7 (9 from 10 > 0.25; 16.81 from 2.9 > 5.76) no -> 3/4.
+    ref = np.array([[0.0], [1.0], [3.0], [7.0]])
+    sam = np.array([[0.5], [2.9], [10.0], [10.5]])
+    assert evaluation.precision_recall(ref, sam, k=1) == pytest.approx((1.0, 0.75))
+    # swapping the roles swaps the numbers
+    assert evaluation.precision_recall(sam, ref, k=1) == pytest.approx((0.75, 1.0))
+    # k = 3 radii by hand for the reference: distances from 7 are 49, 36, 16: the 3rd is 49
+    radii = evaluation.manifold_radii(torch.tensor(ref, dtype=torch.float32), k=3)
+    assert radii.tolist() == pytest.approx([49.0, 36.0, 16.0, 49.0])
+
+
+def test_frechet_distance_closed_form_through_the_sfid_and_dinov2_paths():
+    rng = np.random.default_rng(1)
+    d = 5
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    v1, v2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    samples = {m: (mu1, np.diag(v1)) for m in ("sfid", "fd_dinov2", "fid")}
+    reference = {m: (mu2, np.diag(v2)) for m in ("sfid", "fd_dinov2", "fid")}
+    out = evaluation.evaluate(samples, reference, ["sfid", "fd_dinov2", "fid"])
+    for m in ("sfid", "fd_dinov2", "fid"):
+        assert out[m] == pytest.approx(want, rel=1e-12)
+    assert out["num_samples"] is None and out["num_reference"] is None
+
+
+class GaussianRows:
+    """A feature network whose features are its inputs (rows of floats)."""
+    name, key, outputs = "rows", "rows", {"x": None}
+
+    def __call__(self, batch):
+        return {"x": torch.as_tensor(np.asarray(batch))}
+
+
+def test_frechet_distance_of_extracted_gaussian_features_approaches_the_closed_form():
+    rng = np.random.default_rng(2)
+    n = 100_000
+    mu1, mu2, v1, v2 = np.zeros(3), np.array([1.0, 0, -1]), np.array([1.0, 2, 0.5]), np.array([1.0, 1, 1])
+    a, b = mu1 + np.sqrt(v1) * rng.standard_normal((n, 3)), mu2 + np.sqrt(v2) * rng.standard_normal((n, 3))
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    # sampling error at n = 1e5: < 0.01 at 3 standard deviations for these moments; 0.03 is safe
+    out = evaluation.evaluate(a, b, ["fd_rows"], networks={"rows": GaussianRows()}, batch_size=20_000,
+                              progress=False)
+    assert out["fd_rows"] == pytest.approx(want, abs=0.03)
+
+
+#################################################################################
+#                      Inception: the ADM evaluator's tensors                   #
+#################################################################################
+
+def test_tf1_resize_by_hand():
+    # 2 -> 4: output i samples input i / 2 (no half-pixel offset), clamped: x0, (x0+x1)/2, x1, x1
+    x = torch.tensor([[[[10.0, 30.0]]]])
+    out = feature_nets.tf1_resize(x.expand(1, 1, 2, 2), 4)
+    assert out[0, 0, 0].tolist() == pytest.approx([10, 20, 30, 30])
+    # 4 -> 2 picks inputs 0 and 2 (no averaging: TF 1.x's resize_bilinear)
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert feature_nets.tf1_resize(x, 2)[0, 0].tolist() == [[0, 2], [8, 10]]
+
+
+def test_inception_outputs_are_the_adm_tensors_of_torchvision_forward(inception):
+    """pool, spatial and logits equal, for the same preprocessed input, torchvision's Inception3
+    forward of the same modules: pool = the avgpool output, spatial = Mixed_6d.branch1x1's output
+    (first 7 channels, H W C order: 17 * 17 * 7 = 2023), logits = fc without its bias."""
+    images = random_images(2, size=40, seed=3)
+    out = inception(images)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"pool": (2, 2048), "spatial": (2, 2023),
+                                                            "logits": (2, 1008)}
+    net, seen = inception.net, {}
+    hooks = [net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.update(spatial=o)),
+             net.avgpool.register_forward_hook(lambda m, i, o: seen.update(pool=o))]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = (feature_nets.tf1_resize(x, 299) - 128) / 128
+    with torch.no_grad():
+        logits_with_bias = net(x)
+    for h in hooks:
+        h.remove()
+    assert seen["spatial"].shape == (2, 192, 17, 17)
+    want_spatial = seen["spatial"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)
+    torch.testing.assert_close(out["spatial"], want_spatial)
+    torch.testing.assert_close(out["pool"], seen["pool"].flatten(1))
+    torch.testing.assert_close(out["logits"], logits_with_bias - net.fc.bias, rtol=1e-4, atol=1e-4)
+    assert out["pool"].std(0).mean() > 1e-3  # the random weights give features that vary
+
+
+class CircularNet:
+    """A random conv net with circular padding, read out as InceptionNet is (adm_outputs): exactly
+    equivariant to circular shifts, so its pooled features are exactly invariant to them."""
+
+    def __init__(self):
+        torch.manual_seed(1)
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular"), torch.nn.Tanh(),
+                                        torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"), torch.nn.Tanh())
+        self.fc = torch.randn(10, 8)
+
+    @torch.no_grad()
+    def __call__(self, images):
+        fmap = self.conv(torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        return feature_nets.adm_outputs(fmap, fmap, self.fc)
+
+
+def test_sfid_sees_a_spatial_rearrangement_that_fid_does_not():
+    """Rolling each image by half its size moves its content to another place: the pooled features
+    (FID's) do not change, the spatial ones (sFID's) do, by about as much as another draw of images."""
+    a, b = random_images(20, size=8, seed=0), random_images(20, size=8, seed=1)
+    a[:, :4, :4] = 255  # a bright corner: a spatial layout shared by the set
+    b[:, :4, :4] = 255
+    rolled = np.roll(a, (4, 4), axis=(1, 2))
+    net = CircularNet()
+    fa, fb, fr = net(a), net(b), net(rolled)
+    assert fa["spatial"].shape == (20, 8 * 8 * 7)
+
+    def fd(out, f1, f2):
+        return evaluation.frechet_distance(*evaluation.feature_stats(f1[out]), *evaluation.feature_stats(f2[out]))
+
+    assert fd("pool", fa, fr) < 1e-6 * fd("pool", fa, fb)
+    assert fd("spatial", fa, fr) > 0.5 * fd("spatial", fa, fb) > 0
+
+
+#################################################################################
+#                                     DINOv2                                    #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def dinov2_weights(tmp_path_factory):
+    """Random ViT-S/14 DINOv2 weights in the hub checkpoint's format: 518 px positional embedding
+    (1 + 37 * 37 tokens) and the training-only mask_token."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0)
+    state = dict(model.state_dict(), mask_token=torch.zeros(1, model.embed_dim))
+    path = tmp_path_factory.mktemp("dinov2") / "dinov2_vits14_pretrain.pth"
+    torch.save(state, path)
+    return str(path), state
+
+
+def test_dinov2_features_are_the_hub_models_cls_output(dinov2_weights):
+    path, state = dinov2_weights
+    net = feature_nets.DINOv2Net(path, arch="vit_small_patch14_dinov2")
+    m = net.model
+    assert m.pos_embed.shape == (1, 1 + 16 * 16, 384)
+    # the hub model's on-the-fly resampling: bicubic, no antialias, scale (16 + 0.1) / 37
+    grid = state["pos_embed"][:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, scale_factor=16.1 / 37, mode="bicubic", antialias=False)
+    torch.testing.assert_close(m.pos_embed[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 256, -1))
+    torch.testing.assert_close(m.pos_embed[:, :1], state["pos_embed"][:, :1])
+    images = random_images(2, size=48, seed=4)
+    out = net(images)["cls"]
+    # the hub forward, written out: EDM2's preprocessing, patches + CLS + positions, blocks, norm, CLS
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", antialias=True) / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        tokens = m.patch_embed(x)
+        tokens = torch.cat([m.cls_token.expand(2, -1, -1), tokens.flatten(1, 2) if tokens.ndim == 4 else tokens], 1)
+        tokens = tokens + m.pos_embed
+        for block in m.blocks:
+            tokens = block(tokens)
+        want = m.norm(tokens)[:, 0]
+    assert out.shape == (2, 384)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    # through evaluate (the network passed in place of ViT-L): the distance of these CLS features
+    fd = lambda a, b: evaluation.evaluate(a, b, ["fd_dinov2"], networks={"dinov2": net},  # noqa: E731
+                                          progress=False)["fd_dinov2"]
+    other = random_images(2, size=48, seed=5)
+    direct = evaluation.frechet_distance(*evaluation.feature_stats(out), *evaluation.feature_stats(net(other)["cls"]))
+    assert fd(images, other) == pytest.approx(direct, rel=1e-6) and direct > 1e6 * abs(fd(images, images))
+
+
+#################################################################################
+#                   Extraction: cache, resume, 2 processes                      #
+#################################################################################
+
+def test_reference_statistics_are_cached_and_recomputed_when_the_reference_changes(tmp_path):
+    samples = random_images(12, seed=5)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=random_images(20, seed=6))
+    net = TinyNet()
+    run = lambda **kw: evaluation.evaluate(samples, str(ref), ["fd_tiny"], networks={"tiny": net},  # noqa: E731
+                                           batch_size=8, progress=False, **kw)
+    first = run()
+    cache = tmp_path / "ref.npz.tiny-stats.npz"
+    assert cache.is_file() and first["num_reference"] == 20 and first["num_samples"] == 12
+    calls = net.calls
+    again = run()
+    assert net.calls == calls + 2  # the samples' 2 batches only: the reference came from the cache
+    assert again["fd_tiny"] == first["fd_tiny"]
+    fresh = run(cache=False)
+    assert fresh["fd_tiny"] == pytest.approx(first["fd_tiny"], rel=1e-9)
+    stats = evaluation.reference_statistics(str(ref), net, cache=False, progress=False)["features"]
+    with np.load(cache) as z:
+        np.testing.assert_allclose(z["features_mu"], stats[0], rtol=1e-12)
+        np.testing.assert_allclose(z["features_sigma"], stats[1], rtol=1e-12)
+    np.savez(ref, arr_0=random_images(20, seed=7))  # the reference changes: recomputed
+    changed = run()
+    assert net.calls == calls + 2 + 5 + 1 + 5 and changed["fd_tiny"] != first["fd_tiny"]
+    folder_cache = tmp_path / "named"
+    run(cache=str(folder_cache))
+    assert len(list(folder_cache.iterdir())) == 1
+
+
+def test_interrupted_extraction_resumes_to_the_same_features(tmp_path):
+    images = random_images(50, seed=8)
+    straight = evaluation.extract_features(TinyNet(), images, batch_size=5, chunk_size=10, progress=False)
+    work = tmp_path / "chunks"
+    with pytest.raises(KeyboardInterrupt):  # stopped after 7 batches: chunks 0-2 done, chunk 3 half
+        evaluation.extract_features(TinyNet(fail_after=7), images, batch_size=5, chunk_size=10,
+                                    work_dir=str(work), key="k", progress=False)
+    assert sorted(f for f in os.listdir(work) if f.endswith(".npz")) == [f"{k:06d}.npz" for k in range(3)]
+    net = TinyNet()
+    resumed = evaluation.extract_features(net, images, batch_size=5, chunk_size=10, work_dir=str(work),
+                                          key="k", progress=False)
+    assert net.calls == 4  # chunks 3 and 4 only
+    np.testing.assert_array_equal(resumed["features"], straight["features"])
+    net = TinyNet()  # other images (another key): the old chunks are not used
+    evaluation.extract_features(net, images, batch_size=5, chunk_size=10, work_dir=str(work), key="other",
+                                progress=False)
+    assert net.calls == 10
+
+
+def _sharded_worker(rank, world, init_file, out_dir, work_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        images = random_images(45, seed=9)
+        net = TinyNet()
+        on_disk = evaluation.extract_features(net, images, batch_size=4, chunk_size=8, work_dir=work_dir,
+                                              key="k", progress=False)
+        in_memory = evaluation.extract_features(net, images, batch_size=4, chunk_size=8, progress=False)
+        np.savez(os.path.join(out_dir, f"{rank}.npz"), on_disk=on_disk["features"], in_memory=in_memory["features"],
+                 calls=net.calls)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path):
+    images = random_images(45, seed=9)
+    single = evaluation.extract_features(TinyNet(), images, batch_size=4, chunk_size=8, progress=False)
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(tmp_path / "work")), nprocs=2)
+    calls = []
+    for rank in range(2):
+        with np.load(tmp_path / f"{rank}.npz") as z:
+            np.testing.assert_allclose(z["on_disk"], single["features"], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(z["in_memory"], single["features"], rtol=1e-6, atol=1e-7)
+            calls.append(int(z["calls"]))
+    # 6 chunks of 8 (the last of 5): ranks 0 and 1 take 3 each, 2 batches a chunk, twice over
+    assert calls == [12, 12]
