@@ -3,6 +3,7 @@ ImageNet (or any ImageFolder) encoded into the shard format of data.py.
 
     python download.py vae [--vae ema|mse] [--vae-path DIR]
     python download.py dit [--image-size 256|512] [--out pretrained_models]
+    python download.py ref-batch [--image-size 64|128|256] [--out reference_batches]
     python download.py imagenet --src IMAGENET/train --out data/imagenet128 [--image-size 128]
     torchrun --nproc_per_node=8 download.py imagenet ...   (the shards are shared out over ranks)
 
@@ -31,6 +32,8 @@ from data import DataError, ShardWriter
 
 VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{0}x{0}.pt"
+REF_BATCH_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/{0}/"
+                 "VIRTUAL_imagenet{0}_labeled.npz")  # ADM's ImageNet reference batches (fid.py REFERENCE)
 _BLOCK_KEYS = [f"{layer}.{p}" for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2",
                                              "adaLN_modulation.1") for p in ("weight", "bias")]
 DIT_KEYS = frozenset(  # the DiT-XL/2 state dict: 12 keys + 28 blocks x 10 = 292
@@ -141,17 +144,16 @@ def verify_dit(path, image_size):
                    f"{image_size} px; delete it, run again")
 
 
-def get_dit(image_size, out_dir, url=None):
-    """Path of the verified DiT-XL/2 checkpoint for image_size in out_dir, downloaded if needed
-    through a .part file that a later call resumes; only a verified file gets the final name."""
-    dest = os.path.join(out_dir, f"DiT-XL-2-{image_size}x{image_size}.pt")
+def get_file(dest, url, verify):
+    """Path of dest once verify(path) passes, downloaded from url if needed through a .part file
+    that a later call resumes; only a verified file gets the final name."""
     if os.path.exists(dest):
-        verify_dit(dest, image_size)
+        verify(dest)
         return dest
-    os.makedirs(out_dir, exist_ok=True)
-    fetch(url or DIT_URL.format(image_size), dest + ".part")
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    fetch(url, dest + ".part")
     try:
-        verify_dit(dest + ".part", image_size)
+        verify(dest + ".part")
     except Fail:
         os.remove(dest + ".part")  # complete but wrong: start afresh next time
         raise
@@ -159,10 +161,43 @@ def get_dit(image_size, out_dir, url=None):
     return dest
 
 
+def get_dit(image_size, out_dir, url=None):
+    """Path of the verified DiT-XL/2 checkpoint for image_size in out_dir (downloaded if needed)."""
+    return get_file(os.path.join(out_dir, f"DiT-XL-2-{image_size}x{image_size}.pt"),
+                    url or DIT_URL.format(image_size), lambda path: verify_dit(path, image_size))
+
+
 def cmd_dit(args):
     """Download (or reuse) and verify the official DiT-XL/2 checkpoint."""
     path = get_dit(args.image_size, args.out)
     print(f"DiT-XL/2 {args.image_size} px checkpoint verified: {path}")
+
+
+def verify_ref_batch(path, image_size):
+    """Check that path is ADM's reference batch for image_size: arr_0 uint8 (N, size, size, 3), and
+    the precomputed Inception statistics mu (2048), sigma (2048 x 2048), mu_s (2023), sigma_s."""
+    from evaluation import EvalError, Side
+    try:
+        side = Side(path, "reference batch")
+    except EvalError as e:
+        raise Fail(f"{e}; delete it, run again")
+    problems = [] if side.image_shape == (image_size, image_size, 3) else [f"arr_0 images {side.image_shape}"]
+    for metric, d in (("fid", 2048), ("sfid", 2023)):
+        mu, sigma = side.stats.get(metric, (np.zeros(0), np.zeros(0)))
+        if mu.shape != (d,) or sigma.shape != (d, d):
+            problems.append(f"{metric} statistics {mu.shape}, {sigma.shape}")
+    if problems:
+        raise Fail(f"{path}: not ADM's {image_size} px reference batch ({'; '.join(problems)}); delete it, run again")
+    return len(side)
+
+
+def cmd_ref_batch(args):
+    """Download (or reuse) and verify ADM's ImageNet reference batch."""
+    url = REF_BATCH_URL.format(args.image_size)
+    path = get_file(os.path.join(args.out, os.path.basename(url)), url,
+                    lambda p: verify_ref_batch(p, args.image_size))
+    print(f"ADM reference batch, {verify_ref_batch(path, args.image_size)} images of {args.image_size} px "
+          f"with mu, sigma, mu_s, sigma_s, verified: {path}")
 
 
 def center_crop_arr(image, size):
@@ -354,7 +389,7 @@ def _at_least(minimum):
 
 def build_parser():
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{vae,dit,imagenet}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{vae,dit,ref-batch,imagenet}")
 
     def vae_options(p, choices):
         p.add_argument("--vae", choices=choices, default="ema",
@@ -369,6 +404,10 @@ def build_parser():
     p.add_argument("--image-size", type=int, choices=[256, 512], default=256)
     p.add_argument("--out", default="pretrained_models", help="folder (default: pretrained_models)")
     p.set_defaults(run=cmd_dit)
+    p = commands.add_parser("ref-batch", help="download and verify ADM's ImageNet reference batch (for fid.py)")
+    p.add_argument("--image-size", type=int, choices=[64, 128, 256], default=256)
+    p.add_argument("--out", default="reference_batches", help="folder (default: reference_batches)")
+    p.set_defaults(run=cmd_ref_batch)
     p = commands.add_parser(
         "imagenet", help="encode an ImageFolder into the data.py format (resumable)",
         description="Encode an ImageFolder (one sub-folder per class, in sorted order) into the "

@@ -253,3 +253,35 @@ def test_dit_download_resumes_replaces_and_verifies(tmp_path):
         assert os.listdir(out) == []  # the wrong file is not kept
     finally:
         server.httpd.shutdown()
+
+
+def fake_ref_batch(path, size=64, n=3, spatial=2023):
+    np.savez(path, arr_0=np.zeros((n, size, size, 3), np.uint8), mu=np.zeros(2048, np.float16),
+             sigma=np.zeros((2048, 2048), np.float16), mu_s=np.zeros(spatial, np.float16),
+             sigma_s=np.zeros((spatial, spatial), np.float16))
+    return open(path, "rb").read()
+
+
+def test_ref_batch_download_verifies_and_fails_offline_in_one_line(tmp_path, capsys, monkeypatch):
+    server = Server(fake_ref_batch(tmp_path / "good.npz"))
+    try:
+        monkeypatch.setattr(download, "REF_BATCH_URL", server.url.rsplit("/", 1)[0] + "/{0}/VIRTUAL_imagenet{0}_labeled.npz")
+        out = tmp_path / "refs"
+        download.main(["ref-batch", "--image-size", "64", "--out", str(out)])
+        assert "3 images of 64 px" in capsys.readouterr().out
+        assert os.listdir(out) == ["VIRTUAL_imagenet64_labeled.npz"]
+        with pytest.raises(download.Fail, match="arr_0 images"):  # a 64 px batch is no 128 px one
+            download.verify_ref_batch(str(out / "VIRTUAL_imagenet64_labeled.npz"), 128)
+        server.payload = fake_ref_batch(tmp_path / "bad.npz", spatial=2048)  # sFID statistics of the wrong size
+        with pytest.raises(SystemExit) as exit_info:
+            download.main(["ref-batch", "--image-size", "64", "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the download's progress bar
+        assert exit_info.value.code == 2 and err.startswith("download.py ref-batch: error:") and "sfid statistics" in err
+        assert os.listdir(tmp_path / "bad") == []  # the wrong file is not kept
+    finally:
+        server.httpd.shutdown()
+    monkeypatch.setattr(download, "REF_BATCH_URL", "http://127.0.0.1:9/{0}/VIRTUAL_imagenet{0}_labeled.npz")
+    with pytest.raises(SystemExit) as exit_info:  # offline: nothing listens on port 9
+        download.main(["ref-batch", "--image-size", "128", "--out", str(tmp_path / "offline")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "cannot download" in err, err
