@@ -1,7 +1,8 @@
 """Tests of evaluation.py and feature_nets.py: IS, precision/recall and Frechet distances against hand
 computations and closed forms; the Inception tensors (pool, spatial, logits) against torchvision's own
 forward of the same network; DINOv2's CLS features; caching, sharding over 2 processes and resuming.
-Networks are built from the real architectures with random weights (nothing is downloaded)."""
+Networks are built from the real architectures with random weights (nothing is downloaded; the
+Inception weights come from conftest.py's inception_weights)."""
 import os
 
 import numpy as np
@@ -11,36 +12,6 @@ import torch.multiprocessing as mp
 
 import evaluation
 import feature_nets
-
-
-def random_inception_weights(path):
-    """A state dict with the keys and shapes of pytorch-fid's FID Inception and random weights
-    (He-initialised convolutions, so that activations neither vanish nor explode over 94 layers)."""
-    from unittest import mock
-    from pytorch_fid import inception
-    captured = {}
-
-    def capture(module, state_dict, *args, **kwargs):
-        captured.update(module.state_dict())
-
-    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(torch.nn.Module, "load_state_dict", capture):
-        inception.fid_inception_v3()
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for k, v in captured.items():
-        if k.endswith("conv.weight"):
-            v = torch.randn(v.shape, generator=gen) * (2 / v[0].numel()) ** 0.5
-        elif k == "fc.weight":
-            v = torch.randn(v.shape, generator=gen) / v.shape[1] ** 0.5
-        state[k] = v.half() if v.is_floating_point() else v
-    torch.save(state, path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    return random_inception_weights(tmp_path_factory.mktemp("weights") / feature_nets.INCEPTION_FILE)
 
 
 @pytest.fixture(scope="module")

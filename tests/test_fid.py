@@ -131,21 +131,19 @@ def test_cli_precomputed_statistics_json_and_one_line_errors(tmp_path, capsys, m
         assert needle in err, (args, err)
 
 
-def test_cli_default_metrics_are_those_whose_weights_are_found(tmp_path):
+def test_cli_default_metrics_are_those_whose_weights_are_found(tmp_path, inception_weights):
     """With Inception weights (random, the real architecture) and no DINOv2 weights, the default
-    list is fid, sfid, is and pr; asking for fd_dinov2 is one line naming its file."""
-    from test_evaluation import random_inception_weights
-    weights = random_inception_weights(tmp_path / feature_nets.INCEPTION_FILE)
+    list is fid, sfid, is and pr (fd_dinov2 alone is one line naming its file: the test above)."""
     rng = np.random.default_rng(6)
     samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
-    evaluation.write_npz_samples(samples, rng.integers(0, 256, (5, 8, 8, 3), np.uint8))
-    evaluation.write_npz_samples(ref, rng.integers(0, 256, (5, 8, 8, 3), np.uint8))
-    code, out, err = run_fid([samples, ref, "--inception-weights", weights, "--json", tmp_path / "r.json",
-                              "--batch-size", 5], home=tmp_path / "home")
+    evaluation.write_npz_samples(samples, rng.integers(0, 256, (4, 8, 8, 3), np.uint8))
+    evaluation.write_npz_samples(ref, rng.integers(0, 256, (4, 8, 8, 3), np.uint8))
+    code, out, err = run_fid([samples, ref, "--inception-weights", inception_weights, "--json",
+                              tmp_path / "r.json", "--batch-size", 4], home=tmp_path / "home")
     assert code == 0, err
     result = json.loads((tmp_path / "r.json").read_text())
     assert sorted(result) == ["fid", "is", "num_reference", "num_samples", "precision", "recall", "sfid"]
     assert [line.split(":")[0] for line in out.splitlines()] == ["FID", "sFID", "IS", "Precision", "Recall"]
-    assert (tmp_path / f"ref.npz.inception-stats.npz").is_file()  # the reference's cache
+    assert (tmp_path / "ref.npz.inception-stats.npz").is_file()  # the reference's cache
     assert not (tmp_path / "samples-features").exists() or not any((tmp_path / "samples-features").iterdir())
     assert "\r" not in err  # progress in plain lines when stderr is not a terminal
