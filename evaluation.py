@@ -19,6 +19,7 @@ ADM evaluator uses them), a folder of images, a data.py pixel dataset directory,
 Reference statistics are cached per (reference, network); features are extracted in batches, in
 resumable chunk files, shared over torch.distributed ranks. Frechet distances are in float64.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -246,7 +247,8 @@ class Side:
         if isinstance(source, dict):
             self.stats = {m: tuple(np.asarray(v, np.float64) for v in s) for m, s in source.items()}
         elif isinstance(source, (np.ndarray, torch.Tensor)):  # checked by the network that reads it
-            self.images = source
+            self.images = source.cpu().numpy() if isinstance(source, torch.Tensor) and source.dtype == torch.uint8 \
+                else source
         else:
             self._open(os.fspath(source))
         if self.images is None and not self.stats:
@@ -435,11 +437,12 @@ def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress
     """{output: (mu, sigma)} and {output in keep: features} of side's images under network,
     read from / written to the cache when the side is a file or folder."""
     path = cache_path(side, network, cache)
-    key = json.dumps(dict(version=CACHE_VERSION, images=side.key, network=network.key, keep=sorted(keep)))
+    keep = sorted(set(keep) | set(getattr(network, "cache_features", ()) if path else ()))
+    key = json.dumps(dict(version=CACHE_VERSION, images=side.key, network=network.key))
     if path and os.path.isfile(path):
         try:
             with np.load(path) as z:
-                if str(z["key"]) == key:
+                if str(z["key"]) == key and all(f"{o}_features" in z.files for o in keep):
                     return ({o: (z[f"{o}_mu"], z[f"{o}_sigma"]) for o in network.outputs},
                             {o: z[f"{o}_features"] for o in keep})
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
@@ -460,6 +463,8 @@ def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress
     _barrier()
     if chunk_dir and rank_world()[0] == 0:
         shutil.rmtree(chunk_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # SAMPLES-features/ once its last network is done
+            os.rmdir(os.path.dirname(chunk_dir))
     return stats, {o: features[o] for o in keep}
 
 

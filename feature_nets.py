@@ -106,6 +106,7 @@ class InceptionNet(torch.nn.Module):
 
     name = "inception"
     outputs = {"pool": 2048, "spatial": 2023, "logits": 1008}
+    cache_features = ("pool",)  # a reference's cache keeps these features (precision/recall), not only statistics
 
     def __init__(self, weights=None, device="cpu"):
         super().__init__()
@@ -189,3 +190,24 @@ class DINOv2Net(torch.nn.Module):
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         return {"cls": self.model((x / 255 - mean) / std)}
+
+
+def random_inception_weights(path, seed=0):
+    """Write a stand-in for INCEPTION_FILE to path: the real keys and shapes, random weights (He-
+    initialised convolutions, so activations neither vanish nor explode over 94 layers), float16.
+    For tests and speed measurements where the real file cannot be had; returns path."""
+    from pytorch_fid import inception
+    shapes = {}
+    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(torch.nn.Module, "load_state_dict", lambda module, *a, **k: shapes.update(module.state_dict())):
+        inception.fid_inception_v3()
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in shapes.items():
+        if k.endswith("conv.weight"):
+            v = torch.randn(v.shape, generator=gen) * (2 / v[0].numel()) ** 0.5
+        elif k == "fc.weight":
+            v = torch.randn(v.shape, generator=gen) / v.shape[1] ** 0.5
+        state[k] = v.half() if v.is_floating_point() else v
+    torch.save(state, path)
+    return str(path)

@@ -22,26 +22,6 @@ def tiny_vae(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
-    """A weights file with the keys and shapes of pytorch-fid's FID Inception and random weights
-    (He-initialised convolutions, so that activations neither vanish nor explode over 94 layers)."""
-    from unittest import mock
-    from pytorch_fid import inception
-    captured = {}
-
-    def capture(module, state_dict, *args, **kwargs):
-        captured.update(module.state_dict())
-
-    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(torch.nn.Module, "load_state_dict", capture):
-        inception.fid_inception_v3()
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for k, v in captured.items():
-        if k.endswith("conv.weight"):
-            v = torch.randn(v.shape, generator=gen) * (2 / v[0].numel()) ** 0.5
-        elif k == "fc.weight":
-            v = torch.randn(v.shape, generator=gen) / v.shape[1] ** 0.5
-        state[k] = v.half() if v.is_floating_point() else v
-    path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(state, path)
-    return str(path)
+    """A stand-in Inception weights file: the real keys and shapes, random weights."""
+    import feature_nets
+    return feature_nets.random_inception_weights(tmp_path_factory.mktemp("inception") / feature_nets.INCEPTION_FILE)
