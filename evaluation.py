@@ -559,7 +559,7 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
         stats, feats = [{}, {}], [{}, {}]
         for i, side in enumerate(sides):
             if needs[i]:
-                if name not in networks:
+                if name not in networks and isinstance(side.images, np.ndarray):  # folders, datasets: by construction
                     _check_images(side.images, side.label)
                 keep = [o for m, o in (("pr", "pool"), ("is", "logits")) if m in needs[i]]
                 chunks = _chunk_dir(side, name, work_dir) if i == 0 else None

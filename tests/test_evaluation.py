@@ -276,6 +276,44 @@ def test_reference_statistics_are_cached_and_recomputed_when_the_reference_chang
     assert len(list(folder_cache.iterdir())) == 1
 
 
+class TinyInception(TinyNet):
+    """TinyNet in Inception's place (its three outputs all the same 8 features)."""
+    name, outputs = "inception", {"pool": 8, "spatial": 8, "logits": 8}
+
+    def __call__(self, batch):
+        features = super().__call__(batch)["features"]
+        return {o: features for o in self.outputs}
+
+
+def test_folder_and_pixel_dataset_references_equal_the_npz_of_their_images(tmp_path, monkeypatch):
+    from PIL import Image
+    from data import ShardWriter
+    images = random_images(10, seed=10)
+    np.savez(tmp_path / "ref.npz", arr_0=images)
+    folder = tmp_path / "folder"
+    os.makedirs(folder / "sub")
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / ("sub" if i % 2 else "") / f"{i:03d}.png")
+    writer = ShardWriter(tmp_path / "pixels", "pixel", (3, 16, 16), 1, shard_size=4)
+    writer.write_shard(0, np.zeros(6, np.int64), images=images[:6].transpose(0, 3, 1, 2))
+    writer.write_shard(1, np.zeros(4, np.int64), images=images[6:].transpose(0, 3, 1, 2))
+    writer.finish()
+    samples = random_images(6, seed=11)
+    fd = lambda ref: evaluation.evaluate(samples, str(ref), ["fd_tiny"], networks={"tiny": TinyNet()},  # noqa: E731
+                                         progress=False, cache=False)
+    want = fd(tmp_path / "ref.npz")
+    # the folder is read in sorted path order (000, 002, ..., sub/001, ...): another order, the same set
+    assert fd(folder)["fd_tiny"] == pytest.approx(want["fd_tiny"], rel=1e-9)
+    assert fd(tmp_path / "pixels") == pytest.approx(want)
+    monkeypatch.setattr(evaluation, "load_network", lambda *args: TinyInception())  # the built-in metrics' path
+    for ref in (folder, tmp_path / "pixels"):
+        out = evaluation.evaluate(samples, str(ref), ["fid"], progress=False, cache=False)
+        assert out["fid"] == pytest.approx(want["fd_tiny"], rel=1e-6)  # float32 features: batch-dependent kernels
+    Image.fromarray(random_images(1, size=8)[0]).save(folder / "zz-small.png")
+    with pytest.raises(evaluation.EvalError, match="zz-small.png: 8x8 pixels"):
+        fd(folder)
+
+
 def test_interrupted_extraction_resumes_to_the_same_features(tmp_path):
     images = random_images(50, seed=8)
     straight = evaluation.extract_features(TinyNet(), images, batch_size=5, chunk_size=10, progress=False)
