@@ -176,7 +176,7 @@ def cmd_dit(args):
 def verify_ref_batch(path, image_size):
     """Check that path is ADM's reference batch for image_size: arr_0 uint8 (N, size, size, 3), and
     the precomputed Inception statistics mu (2048), sigma (2048 x 2048), mu_s (2023), sigma_s."""
-    from evaluation import EvalError, Side
+    from eval_inputs import EvalError, Side
     try:
         side = Side(path, "reference batch")
     except EvalError as e:

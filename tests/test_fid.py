@@ -131,19 +131,35 @@ def test_cli_precomputed_statistics_json_and_one_line_errors(tmp_path, capsys, m
         assert needle in err, (args, err)
 
 
-def test_cli_default_metrics_are_those_whose_weights_are_found(tmp_path, inception_weights):
-    """With Inception weights (random, the real architecture) and no DINOv2 weights, the default
-    list is fid, sfid, is and pr (fd_dinov2 alone is one line naming its file: the test above)."""
+def test_cli_default_metrics_are_those_whose_weights_are_found(tmp_path, capsys, monkeypatch):
+    """With an Inception weights file and no DINOv2 weights the default list is fid, sfid, is and pr
+    (fd_dinov2 alone is one line naming its file: the test above). The network is a small stand-in
+    in Inception's place (the real one on 2048-d features is tested in test_evaluation.py)."""
+    from test_evaluation import TinyInception
+    weights = tmp_path / feature_nets.INCEPTION_FILE
+    weights.write_bytes(b"")  # found is enough: load_network is replaced
+    monkeypatch.setattr(evaluation, "load_network", lambda *args: TinyInception())
+    monkeypatch.delenv(feature_nets.DINOV2_ENV, raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     rng = np.random.default_rng(6)
     samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
-    evaluation.write_npz_samples(samples, rng.integers(0, 256, (4, 8, 8, 3), np.uint8))
-    evaluation.write_npz_samples(ref, rng.integers(0, 256, (4, 8, 8, 3), np.uint8))
-    code, out, err = run_fid([samples, ref, "--inception-weights", inception_weights, "--json",
-                              tmp_path / "r.json", "--batch-size", 4], home=tmp_path / "home")
-    assert code == 0, err
+    evaluation.write_npz_samples(samples, rng.integers(0, 256, (40, 8, 8, 3), np.uint8))
+    evaluation.write_npz_samples(ref, rng.integers(0, 256, (30, 8, 8, 3), np.uint8))
+    fid.main([str(samples), str(ref), "--inception-weights", str(weights), "--json", str(tmp_path / "r.json"),
+              "--batch-size", "4"])
+    captured = capsys.readouterr()
     result = json.loads((tmp_path / "r.json").read_text())
     assert sorted(result) == ["fid", "is", "num_reference", "num_samples", "precision", "recall", "sfid"]
-    assert [line.split(":")[0] for line in out.splitlines()] == ["FID", "sFID", "IS", "Precision", "Recall"]
+    assert (result["num_samples"], result["num_reference"]) == (40, 30)
+    assert [line.split(":")[0] for line in captured.out.splitlines()] == ["FID", "sFID", "IS", "Precision", "Recall"]
     assert (tmp_path / "ref.npz.inception-stats.npz").is_file()  # the reference's cache
     assert not (tmp_path / "samples-features").exists()  # the feature chunks go once done
-    assert "\r" not in err  # progress in plain lines when stderr is not a terminal
+    progress = captured.err.splitlines()  # plain lines when stderr is not a terminal
+    assert "\r" not in captured.err and progress[-1].startswith("inception features of") and "30/30" in progress[-1]
+
+
+def test_missing_weights_in_a_real_process_is_one_line(tmp_path):
+    samples = evaluation.write_npz_samples(tmp_path / "s.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    code, out, err = run_fid([samples, samples, "--metrics", "fid"], home=tmp_path / "home")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert feature_nets.INCEPTION_FILE in err and feature_nets.INCEPTION_URL in err

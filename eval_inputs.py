@@ -1,0 +1,171 @@
+"""The inputs of evaluation.py: samples and references as image sources (arrays, .npz files read
+memory-mapped, image folders, data.py pixel datasets) or precomputed statistics, with the cache key
+of what is on disk.
+
+An image source has len() and [i:j] -> uint8 (B, H, W, 3) numpy; Side wraps one side of a comparison.
+"""
+import hashlib
+import os
+import struct
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+ADM_STATS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}  # precomputed in ADM's ref batches
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+class EvalError(Exception):
+    """Bad input or missing weights: reported as one line, exit code 2."""
+
+
+
+def _npz_array(path, name="arr_0"):
+    """Array `name` of an .npz, memory-mapped when stored uncompressed (np.savez), else loaded."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with z.open(info) as f:
+                return np.lib.format.read_array(f)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{name}.npy: bad local header")
+        f.seek(info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30])))
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if offset + int(np.prod(shape)) * dtype.itemsize > os.path.getsize(path):
+        raise ValueError(f"{name}.npy is cut short")
+    return np.memmap(path, dtype, "r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+class ImageFolder:
+    """The images under a folder (recursively, sorted by path) as uint8 (N, H, W, 3) batches."""
+
+    def __init__(self, path):
+        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.files:
+            raise EvalError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        self.image_shape = self._load(self.files[0]).shape
+
+    def _load(self, file):
+        try:
+            with Image.open(file) as im:
+                return np.asarray(im.convert("RGB"))
+        except OSError as e:
+            raise EvalError(f"{file}: unreadable image ({e})")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        images = [self._load(f) for f in self.files[index]]
+        for f, im in zip(self.files[index], images):
+            if im.shape != self.image_shape:
+                raise EvalError(f"{f}: {im.shape[1]}x{im.shape[0]} pixels, but {self.files[0]} is "
+                                f"{self.image_shape[1]}x{self.image_shape[0]}; give images of one size")
+        return np.stack(images)
+
+
+class PixelDataset:
+    """A data.py pixel dataset (3 channels) as uint8 (N, H, W, 3) batches."""
+
+    def __init__(self, path):
+        from data import DataError, LatentDataset
+        try:
+            self.ds = LatentDataset(path)
+        except DataError as e:
+            raise EvalError(str(e))
+        if self.ds.kind != "pixel" or self.ds.shape[0] != 3:
+            raise EvalError(f"{path}: a {self.ds.kind} dataset of shape {list(self.ds.shape)}; evaluation "
+                            f"needs RGB pixel data (decode latent samples with sample.py --fid)")
+        self.image_shape = (*self.ds.shape[1:], 3)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, index):
+        return np.stack([self.ds[i][0].numpy().transpose(1, 2, 0) for i in range(len(self))[index]])
+
+
+def path_key(path):
+    """What a file or folder holds, cheaply: its real path and the sizes and modification times of
+    its files (a changed, added or removed file changes the key)."""
+    path = os.path.realpath(path)
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    h = hashlib.sha256(path.encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def check_images(images, what):
+    shape = tuple(images.shape) if hasattr(images, "shape") else None
+    if shape is None or len(shape) != 4 or shape[-1] != 3 or getattr(images, "dtype", None) != np.uint8 \
+            or shape[0] < 2:
+        got = f"{getattr(images, 'dtype', type(images).__name__)}{list(shape or [])}"
+        raise EvalError(f"{what}: need uint8 images N x H x W x 3 with N >= 2 (the ADM format), got {got}")
+
+
+class Side:
+    """One side of a comparison: images (an array-like of uint8 N x H x W x 3 batches, or None),
+    precomputed statistics {metric: (mu, sigma)}, a cache key (None: never cached) and a label."""
+
+    def __init__(self, source, what):
+        self.label, self.images, self.stats, self.key, self.path = what, None, {}, None, None
+        if isinstance(source, dict):
+            self.stats = {m: tuple(np.asarray(v, np.float64) for v in s) for m, s in source.items()}
+        elif isinstance(source, (np.ndarray, torch.Tensor)):  # checked by the network that reads it
+            self.images = source.cpu().numpy() if isinstance(source, torch.Tensor) and source.dtype == torch.uint8 \
+                else source
+        else:
+            self._open(os.fspath(source))
+        if self.images is None and not self.stats:
+            raise EvalError(f"{self.label}: holds neither images nor statistics")
+
+    def _open(self, path):
+        self.label, self.path = path, path
+        if os.path.isdir(path):
+            self.images = PixelDataset(path) if os.path.isfile(os.path.join(path, "manifest.json")) else ImageFolder(path)
+        elif not os.path.isfile(path):
+            raise EvalError(f"{path}: no such file or folder")
+        else:
+            self._open_npz(path)
+        self.key = path_key(path)
+
+    def _open_npz(self, path):
+        try:
+            with np.load(path) as npz:
+                names = list(npz.files)
+                for metric, (m, s) in ADM_STATS.items():
+                    if m in names and s in names:
+                        self.stats[metric] = (npz[m].astype(np.float64), npz[s].astype(np.float64))
+            if "arr_0" in names:
+                self.images = _npz_array(path)
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
+            raise EvalError(f"{path}: not a readable .npz ({_first_line(e)}); truncated? write it again")
+        if self.images is None and not self.stats:
+            raise EvalError(f"{path}: holds neither arr_0 images nor mu and sigma ({names})")
+        if self.images is not None:
+            check_images(self.images, f"{path}: arr_0")
+
+    @property
+    def image_shape(self):
+        return None if self.images is None else tuple(getattr(self.images, "image_shape", None) or self.images.shape[1:])
+
+    def __len__(self):
+        return 0 if self.images is None else len(self.images)
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
