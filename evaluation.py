@@ -133,15 +133,12 @@ def precision_recall(reference, samples, k=PR_K, device=None):
 
 
 def write_npz_samples(path, images):
-    """Write uint8 images (N, H, W, 3) as arr_0 of an .npz (the ADM format), atomically; return the
-    path written (.npz is appended when missing)."""
+    """Write uint8 images (N, H, W, 3) as arr_0 of an .npz (the ADM format); return the path written
+    (np.savez appends .npz when missing). Not atomic by itself: sample.py writes a temporary name."""
     images = np.asarray(images)
     check_images(images, "write_npz_samples")
-    path = str(path) if str(path).endswith(".npz") else f"{path}.npz"
-    tmp = path[: -len(".npz")] + ".tmp.npz"
-    np.savez(tmp, arr_0=images)
-    os.replace(tmp, path)
-    return path
+    np.savez(path, arr_0=images)
+    return str(path) if str(path).endswith(".npz") else f"{path}.npz"
 
 
 #################################################################################
