@@ -4,11 +4,15 @@
     python sample.py --result-dir RUN --class-label 1 2 --weights ema-0.07 --sampler dpm++
     python sample.py --result-dir RUN --fid 50000 --cfg-scale 1.5          # resumable
     torchrun --nproc_per_node=8 sample.py --result-dir RUN --fid 50000     # chunks shared by ranks
+    python sample.py --result-dir RUN --fid 50000 --cfg-scale 1.8 --guidance-interval 0 0.7
+    python sample.py --result-dir RUN --class-label 1 2 --cfg-scale 2 --guide RUN/checkpoints/0000500.pt
     python sample.py --ckpt pretrained_models/DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \\
         --class-label 207 360 --cfg-scale 4
 
 The model is rebuilt from the checkpoint's arguments and dataset manifest; latent runs are decoded
-with the VAE the manifest names (or --vae-path). Classifier-free guidance acts on all channels;
+with the VAE the manifest names (or --vae-path). Classifier-free guidance acts on all channels
+(--cfg-channels 3: the first three, as the original DiT code); --guide replaces the null label by a
+guide model (autoguidance); --guidance-interval limits either to a range of timesteps (guidance.py);
 --cfg-scale 1 runs the conditional model alone. With --fid N the samples (labels uniform over the
 classes) go to an ADM-evaluator .npz (arr_0: uint8 N x H x W x 3) through chunk files of
 --batch-size samples; chunk k's labels and noise depend only on (--seed, k), so a rerun resumes
@@ -35,6 +39,7 @@ from diffusion import create_diffusion
 from download import VAES, Fail, load_vae
 from ema import posthoc_coefficients, valid_sigma_rel
 from evaluation import write_npz_samples
+from guidance import Guided
 from models import MODEL_SIZES, DiT_models
 from runs import UsageError, build_model, checkpoints_in, saved_args, setup_distributed
 
@@ -72,7 +77,21 @@ def parse_args(argv=None):
     g.add_argument("--num-sampling-steps", type=int, metavar="N",
                    help=f"default {', '.join(f'{s} for {k}' for k, s in DEFAULT_STEPS.items())}")
     g.add_argument("--cfg-scale", type=float, default=4.0, metavar="S",
-                   help="classifier-free guidance; 1 = none (default 4)")
+                   help="guidance scale w: classifier-free, or autoguidance with --guide; 1 = none (default 4)")
+    g.add_argument("--cfg-channels", type=int, metavar="K",
+                   help="guide only the first K latent channels; 3 = the original DiT code, to reproduce its "
+                        "published numbers (default: all)")
+    g.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                   help="guide only at timesteps t with LO <= t/T <= HI (t: the training timestep 0..T-1 the "
+                        "model sees, T = 1000), the conditional prediction elsewhere (default 0 1: every step)")
+    g.add_argument("--guide", metavar="RUN_OR_CKPT",
+                   help="autoguidance: D = D_guide + w (D_main - D_guide), w = --cfg-scale, with this guide "
+                        "(a smaller or less trained model of the same data, classes and prediction) given "
+                        "the same labels instead of the null label")
+    g.add_argument("--guide-weights", metavar="W", help="the guide's --weights (default: as for --weights)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the model's forward in float32 or bf16 autocast; guidance and the sampler run in "
+                        "float32 either way (default auto: bf16 on a GPU, fp32 on the CPU)")
     g.add_argument("--seed", type=int, default=0, help="grid and FID noise and labels (default 0)")
     g.add_argument("--batch-size", type=int, default=64, metavar="N",
                    help="samples per model batch and per FID chunk")
@@ -97,6 +116,15 @@ def parse_args(argv=None):
         raise UsageError("give --result-dir RUN (a train.py run) or --ckpt FILE")
     if args.vae_path and not os.path.isdir(args.vae_path):
         raise UsageError(f"--vae-path {args.vae_path}: not a directory")
+    lo, hi = args.guidance_interval
+    if not 0 <= lo <= hi <= 1:
+        raise UsageError(f"--guidance-interval {lo:g} {hi:g}: need 0 <= LO <= HI <= 1 (fractions of T)")
+    if args.cfg_channels is not None and args.cfg_channels < 1:
+        raise UsageError("--cfg-channels must be at least 1")
+    if args.guide_weights and not args.guide:
+        raise UsageError("--guide-weights needs --guide")
+    if args.guide and not os.path.exists(args.guide):
+        raise UsageError(f"--guide {args.guide}: no such run directory or checkpoint")
     return args
 
 
@@ -146,6 +174,26 @@ def load_model(args):
     except RuntimeError:
         raise UsageError(f"{path}: does not fit {what}: it holds {describe(state)}") from None
     return model, manifest, note, stem, prediction
+
+
+def load_guide(args, manifest, prediction, num_classes):
+    """(guide model on the CPU, a note on its weights, its name for the output file) for --guide, a
+    run directory or checkpoint read with --guide-weights; it must share the main model's data
+    (kind and shape), classes and prediction type."""
+    run = os.path.isdir(args.guide)
+    source = argparse.Namespace(**{**vars(args), "result_dir": args.guide if run else None,
+                                   "ckpt": None if run else args.guide, "weights": args.guide_weights})
+    try:
+        guide, guide_manifest, note, stem, guide_prediction = load_model(source)
+    except UsageError as e:
+        raise UsageError(f"--guide: {e}") from None
+    pairs = (("data", (guide_manifest["kind"], list(guide_manifest["shape"])), (manifest["kind"], list(manifest["shape"]))),
+             ("number of classes", guide.num_classes, num_classes), ("prediction", guide_prediction, prediction))
+    for what, theirs, ours in pairs:
+        if theirs != ours:
+            raise UsageError(f"--guide {args.guide}: its {what} is {theirs}, the model's {ours}; "
+                             f"guide with a model of the same data, classes and prediction")
+    return guide, note, os.path.basename(stem)
 
 
 def official_model(args):
@@ -281,17 +329,12 @@ def dpm_timesteps(steps, num_timesteps=1000):
 
 
 @torch.no_grad()
-def denoise(model, sampler, z, y, cfg_scale, clip_denoised=False):
-    """Noise z (N, C, H, W) and labels y (N,) -> x_0 (N, C, H, W) in model space. Guidance runs
-    [cond; uncond] (y = null class) as one batch of 2N; cfg_scale 1 runs the conditional model alone."""
-    n = len(z)
-    if cfg_scale == 1:
-        model_fn, kwargs = model, dict(y=y)
-    else:
-        z, model_fn = torch.cat([z, z]), model.forward_with_cfg
-        kwargs = dict(y=torch.cat([y, torch.full_like(y, model.num_classes)]), cfg_scale=cfg_scale)
-    with torch.autocast(z.device.type, torch.bfloat16, enabled=z.is_cuda):
-        return sampler(model_fn, z, kwargs, clip_denoised)[:n].float()
+def denoise(guided, sampler, z, y, bf16=False, clip_denoised=False):
+    """Noise z (N, C, H, W) and labels y (N,) -> x_0 (N, C, H, W) float32 in model space, with guided a
+    guidance.Guided (it calls the model, and the guide or the null label where it guides). bf16: the
+    forward passes in bf16 autocast; the guidance and the sampler's arithmetic stay float32."""
+    with torch.autocast(z.device.type, torch.bfloat16, enabled=bf16):
+        return sampler(guided, z, dict(y=y), clip_denoised).float()
 
 
 @torch.no_grad()
@@ -301,6 +344,14 @@ def decode(x, manifest, vae):
     if manifest["kind"] == "latent":
         images = ((vae.decode(images).sample + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def guidance_tag(args, guide_stem):
+    """The guidance options other than --cfg-scale for the default output name, e.g.
+    '-ch3-int0-0.7-guide-0000500-ema-0.05' ('' for plain classifier-free guidance)."""
+    lo, hi = args.guidance_interval
+    return ((f"-ch{args.cfg_channels}" if args.cfg_channels else "") + (f"-int{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else "")
+            + (f"-guide-{guide_stem}" if guide_stem else ""))
 
 
 def chunk_inputs(seed, k, n, shape, num_classes=None):
@@ -417,27 +468,37 @@ def main(args):
         bad = [y for y in args.class_label or [] if not 0 <= y < model.num_classes]
         if bad:
             raise UsageError(f"--class-label {bad[0]}: outside [0, {model.num_classes})")
+        if (args.cfg_channels or 0) > manifest["shape"][0]:
+            raise UsageError(f"--cfg-channels {args.cfg_channels}: the model has {manifest['shape'][0]} channels")
         sampler = make_sampler(args.sampler, args.num_sampling_steps, prediction)
+        guide, guide_note, guide_stem = (load_guide(args, manifest, prediction, model.num_classes) if args.guide
+                                         else (None, None, None))
         vae = load_decoder(args, manifest, device)
-        model = model.to(device).eval().requires_grad_(False)  # frozen: MPLinear caches its weights
-        if args.compile:  # forward_with_cfg calls self.forward, so guidance runs compiled too
-            model.forward = torch.compile(model.forward, fullgraph=True)
+        models = [m.to(device).eval().requires_grad_(False)  # frozen: MPLinear caches its weights
+                  for m in (model, guide) if m is not None]
+        if args.compile:  # Guided calls the modules, so guidance runs compiled too
+            for m in models:
+                m.forward = torch.compile(m.forward, fullgraph=True)
+        guided = Guided(model, args.cfg_scale, guide, tuple(args.guidance_interval), args.cfg_channels)
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
         def generate(z, y):
-            x = denoise(model, sampler, z.to(device), y.to(device), args.cfg_scale, manifest["kind"] == "pixel")
+            x = denoise(guided, sampler, z.to(device), y.to(device), bf16, manifest["kind"] == "pixel")
             if not torch.isfinite(x).all():  # would be saved as black images
                 raise UsageError(f"the samples came out non-finite (NaN or inf) with {note.splitlines()[0]}; "
                                  f"nothing of this batch was written: check the weights (--weights) and the settings")
             return decode(x, manifest, vae)
 
-        out = args.out or (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}-seed{args.seed}"
+        out = args.out or (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}"
+                           f"{guidance_tag(args, guide_stem)}-seed{args.seed}"
                            + (f"-fid{args.fid}.npz" if args.fid else ".png"))
         if args.fid and not out.endswith(".npz"):
             out += ".npz"
         if rank == 0:
-            print(f"sampling {manifest['shape']} ({manifest['kind']}) with {note}")
+            print(f"sampling {manifest['shape']} ({manifest['kind']}) with {note}"
+                  + (f"\nguided by {guide_note}" if guide is not None else ""))
         check_writable(out)
         if args.fid:
             settings = {**vars(args), "out": None, "compile": None, "source": stem}

@@ -19,6 +19,7 @@ import train
 from data import ShardWriter
 from download import DIT_KEYS
 from ema import posthoc_coefficients
+from guidance import Guided
 from models import DiT_models
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # in diffusers
@@ -139,13 +140,13 @@ def test_cfg_scale_one_runs_the_conditional_model_alone(pixel_run):
     model.x_embedder.register_forward_pre_hook(lambda module, inputs: batches.append(len(inputs[0])))
     sampler = sample.make_sampler("ddim", 5)
     z, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3])
-    plain = sample.denoise(model, sampler, z, y, cfg_scale=1.0)
+    plain = sample.denoise(Guided(model, 1.0), sampler, z, y)
     assert set(batches) == {3}  # no doubled batch
     guided_at_one = sampler(model.forward_with_cfg, torch.cat([z, z]),
                             dict(y=torch.cat([y, torch.full_like(y, 4)]), cfg_scale=1.0), False)[:3]
     torch.testing.assert_close(plain, guided_at_one, rtol=1e-5, atol=1e-5)
     batches.clear()
-    sample.denoise(model, sampler, z, y, cfg_scale=4.0)
+    sample.denoise(Guided(model, 4.0), sampler, z, y)
     assert set(batches) == {6}
 
 
@@ -458,3 +459,40 @@ def test_the_fid_npz_is_written_atomically(pixel_run, tmp_path):
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert np.load(out)["arr_0"].shape == (64, 8, 8, 3)
+
+
+def test_guide_interval_and_channels_on_the_cli(pixel_run, latent_run, tmp_path, capsys):
+    """Autoguidance by the run's own step-3 checkpoint (its classic EMA), with an interval, to a grid
+    and to an .npz; guides of other data or another prediction type, bad intervals and channel
+    counts: one line, exit code 2, nothing written."""
+    early = os.path.join(pixel_run, "checkpoints", "0000003.pt")
+    grid = ["--result-dir", pixel_run, "--class-label", 1, "--num-samples", 2, "--sampler", "ddim",
+            "--num-sampling-steps", 4]
+    guided = [*grid, "--guide", early, "--guide-weights", "ema", "--cfg-scale", 2, "--guidance-interval", 0, 0.7]
+    code, out, err = run_cli(guided, capsys)
+    default = os.path.join(pixel_run, "samples", "0000006-ema-0.1-ddim4-cfg2-int0-0.7-guide-0000003-ema-seed0.png")
+    assert code == 0 and f"wrote {default}" in out and "guided by classic EMA" in out, err
+    code, _, err = run_cli(["--result-dir", pixel_run, "--fid", 3, "--sampler", "ddim", "--num-sampling-steps", 4,
+                            "--guide", early, "--guidance-interval", 0, 0.7, "--out", tmp_path / "g.npz"], capsys)
+    assert code == 0 and np.load(tmp_path / "g.npz")["arr_0"].shape == (3, 8, 8, 3), err
+
+    ckpt = load(os.path.join(pixel_run, "checkpoints", "0000006.pt"))
+    torch.save({**ckpt, "args": {**ckpt["args"], "prediction": "eps"}}, tmp_path / "eps.pt")
+    cases = [
+        ([*grid, "--guide", latent_run], "its data is ('latent', [4, 4, 4]), the model's ('pixel', [3, 8, 8])"),
+        ([*grid, "--guide", tmp_path / "eps.pt"], "its prediction is eps, the model's v"),
+        ([*grid, "--guide", tmp_path / "nope.pt"], "no such run directory or checkpoint"),
+        ([*grid, "--guide", early, "--guide-weights", "ema-x"], "--guide: --weights ema-x"),
+        ([*grid, "--guide-weights", "ema"], "--guide-weights needs --guide"),
+        ([*grid, "--guidance-interval", 0.8, 0.2], "need 0 <= LO <= HI <= 1"),
+        ([*grid, "--guidance-interval", 0.5, 1.5], "need 0 <= LO <= HI <= 1"),
+        ([*grid, "--guidance-interval", -0.1, 0.5], "need 0 <= LO <= HI <= 1"),
+        ([*grid, "--guidance-interval", 0.5], "expected 2 arguments"),
+        ([*grid, "--cfg-channels", 4], "--cfg-channels 4: the model has 3 channels"),
+        ([*grid, "--cfg-channels", 0], "at least 1"),
+        ([*grid, "--precision", "fp16"], "invalid choice"),
+    ]
+    for argv, needle in cases:
+        code, _, err = run_cli([*argv, "--out", tmp_path / "bad.png"], capsys)
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, (argv, err)
+    assert not os.path.exists(tmp_path / "bad.png")

@@ -1,0 +1,68 @@
+"""Guidance for sampling: classifier-free guidance, autoguidance and the guidance interval, as one
+model function for the samplers.
+
+Every method is D = D_ref + w (D_main - D_ref) with the main model's conditional output D_main:
+- classifier-free guidance (DiT): D_ref is the same model given the null label;
+- autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): D_ref
+  is a guide model, smaller and/or less trained, given the same labels (EDM2: ref_Dx.lerp(Dx, w)).
+The combination is taken in the model's prediction space (eps, v or x0). At fixed x_t and t each of
+them is affine in the denoised output D = x_0-estimate (eps = (x_t - sqrt(abar) D) / sqrt(1 - abar),
+v = (sqrt(abar) x_t - D) / sqrt(1 - abar), x0 = D), and the weights (1 - w, w) sum to one, so the
+guided prediction is exactly the prediction of the guided D: combining eps, v or x0 is the same.
+
+Guidance interval (Kynkaenniemi et al. 2024): guidance only at timesteps t with lo <= t / T <= hi,
+the main model's conditional prediction elsewhere, where t is the training timestep (0 .. T-1) the
+model is called with: for respaced DDPM and DDIM and for DPM-Solver++ the original timestep of the
+step, not its index. [0, 1] guides every step; [1, 1] none (t / T < 1). Outside the interval the
+reference (the unconditional half, or the guide) is not evaluated.
+"""
+import torch
+
+
+def combine(cond, ref, scale, channels):
+    """ref + scale (cond - ref) on the first `channels` channels, in float32 whatever the inputs'
+    dtype; cond's other channels (a learned variance; with DiT's 3-channel guidance also the fourth
+    latent channel) are kept as they are. cond (N, C', H, W), ref (N, >= channels, H, W) -> (N, C', H, W)."""
+    cond, ref = cond.float(), ref[:, :channels].float()
+    return torch.cat([ref + scale * (cond[:, :channels] - ref), cond[:, channels:]], dim=1)
+
+
+class Guided:
+    """model_fn(x (N, C, H, W), t (N,), y (N,)) -> guided output (N, C', H, W), float32, for the samplers.
+
+    model: the main (conditional) model; num_classes is its null label. scale: w (1 runs the main
+    model alone, at every t). guide: None for classifier-free guidance, else the guide model
+    (autoguidance). interval: (lo, hi) fractions of num_timesteps (T). channels: the number of
+    leading prediction channels guided (None = all; 3 = the original DiT code's choice for 4-channel
+    latents). Model calls per step: one of batch N where no row is guided; else one of batch N + M
+    ([main rows; null-label rows], M rows guided) for CFG, or the main model on N rows and the
+    guide on the M guided rows for autoguidance.
+    """
+
+    def __init__(self, model, scale, guide=None, interval=(0.0, 1.0), channels=None, num_timesteps=1000):
+        self.model, self.scale, self.guide, self.channels = model, scale, guide, channels
+        self.interval, self.num_timesteps = interval, num_timesteps
+
+    def guided_at(self, t):
+        """Bool (N,): lo <= t / T <= hi, the division in float64 (exact for t / T = lo or hi as written)."""
+        if self.scale == 1:
+            return torch.zeros_like(t, dtype=torch.bool)
+        frac = t.double() / self.num_timesteps
+        return (frac >= self.interval[0]) & (frac <= self.interval[1])
+
+    def __call__(self, x, t, y):
+        rows = self.guided_at(t).nonzero().squeeze(1)
+        if len(rows) == 0:
+            return self.model(x, t, y).float()
+        if self.guide is None:
+            null = torch.full_like(y[rows], self.model.num_classes)
+            out = self.model(torch.cat([x, x[rows]]), torch.cat([t, t[rows]]), torch.cat([y, null]))
+            cond, ref = out[: len(x)], out[len(x):]
+        else:
+            cond, ref = self.model(x, t, y), self.guide(x[rows], t[rows], y[rows])
+        k = self.channels or x.shape[1]
+        if len(rows) == len(x):
+            return combine(cond, ref, self.scale, k)
+        out = cond.float()
+        out[rows] = combine(cond[rows], ref, self.scale, k)
+        return out
