@@ -1,0 +1,283 @@
+"""EMA width x guidance scale (x guidance interval) for one train.py run: sample every cell with
+sample.py, score it, and write a table, a plot of the metric against sigma_rel (one line per guidance
+scale) and the best cell. The best EMA width moves with the guidance scale (EDM2), so the two are
+tuned together; widths the run did not track are reconstructed post hoc by sample.py.
+
+    python experiments/sweep.py --result-dir RUN --reference VIRTUAL_imagenet128_labeled.npz \\
+        --weights ema-0.05 ema-0.07 ema-0.1 ema-0.15 --cfg-scales 1.25 1.5 2 --num-samples 10000
+    python experiments/sweep.py --result-dir RUN ... --intervals 0 1 0 0.7     # also guided on t/T <= 0.7 only
+    python experiments/sweep.py --result-dir RUN ... --guide RUN/checkpoints/0000500.pt   # autoguidance
+    python experiments/sweep.py --result-dir RUN ... --launcher "torchrun --nproc_per_node=8"
+    python experiments/sweep.py --result-dir results/000-MaP-DiT-XS-4-d4-w128-h4 --metric fd-classifier
+
+A cell is `sample.py --fid N` with its --weights, --cfg-scale and --guidance-interval and the shared
+options, written to OUT/cells/<cell>.npz and scored into OUT/cells/<cell>.json. A rerun skips scored
+cells and sample.py resumes a half-sampled one; the grid may grow between runs, the shared options
+(recorded in OUT/sweep.json) may not. Metrics:
+    fid            FID (fid.py: the TF-matching Inception) against --reference, an ADM .npz
+    fd-classifier  Frechet distance in the features of experiments/metrics.py's small classifier,
+                   trained on the run's pixel data (cached in OUT/eval/), against held-out images:
+                   no download, comparable only within one dataset; the demo's metric
+Outputs: OUT/sweep.md (tables), OUT/sweep.png. Every bad input: one line on stderr, exit code 2.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import fid  # noqa: E402
+from experiments import evaluate, metrics  # noqa: E402
+from train import checkpoints_in  # noqa: E402
+
+SHARED = ("result_dir", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
+          "guide_weights", "precision", "metric", "reference")
+
+
+class SweepError(Exception):
+    """Bad input: one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise SweepError(f"{message} (see --help)")
+
+
+def parse_args(argv=None):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--result-dir", required=True, metavar="RUN", help="the train.py run: its latest checkpoint")
+    p.add_argument("--weights", nargs="+", default=["ema-0.05", "ema-0.07", "ema-0.1", "ema-0.15", "ema-0.2"],
+                   metavar="ema-S", help="EMA widths ema-<sigma_rel> (default ema-0.05 ema-0.07 ema-0.1 ema-0.15 "
+                                         "ema-0.2)")
+    p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], metavar="S",
+                   help="guidance scales (default 1 1.5 2 3)")
+    p.add_argument("--intervals", type=float, nargs="+", metavar="LO HI",
+                   help="guidance intervals as pairs, e.g. 0 1 0 0.7 (default: 0 1, every step)")
+    p.add_argument("--guide", metavar="RUN_OR_CKPT", help="autoguidance in every cell (sample.py --guide)")
+    p.add_argument("--guide-weights", metavar="W", help="the guide's weights (sample.py --guide-weights)")
+    p.add_argument("--num-samples", type=int, default=1000, metavar="N", help="images per cell (default 1000)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="dpm++", help="default dpm++")
+    p.add_argument("--num-sampling-steps", type=int, metavar="N", help="default: sample.py's for the sampler")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="sample.py --batch-size (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="the same labels and noise in every cell (default 0)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="sample.py --precision")
+    p.add_argument("--metric", choices=["fid", "fd-classifier"], default="fid", help="the score (default fid)")
+    p.add_argument("--reference", metavar="NPZ", help="fid: the reference .npz (mu and sigma, or arr_0 images)")
+    p.add_argument("--inception-weights", metavar="PATH", help="fid: a local pt_inception-2015-12-05 file")
+    p.add_argument("--out", metavar="DIR", help="default RUN/sweep")
+    p.add_argument("--launcher", default="", metavar="CMD",
+                   help='what runs sample.py, e.g. "torchrun --nproc_per_node=8" (default: this Python)')
+    args = p.parse_args(argv)
+    args.sigma_rels = [sigma_rel(w) for w in args.weights]
+    intervals = args.intervals or [0.0, 1.0]
+    if len(intervals) % 2:
+        raise SweepError("--intervals: give pairs LO HI")
+    args.intervals = [tuple(intervals[i:i + 2]) for i in range(0, len(intervals), 2)]
+    if any(not 0 <= lo <= hi <= 1 for lo, hi in args.intervals):
+        raise SweepError(f"--intervals {' '.join(f'{v:g}' for v in intervals)}: each pair needs 0 <= LO <= HI <= 1")
+    if args.metric == "fid" and not args.reference:
+        raise SweepError("--metric fid needs --reference NPZ (an ADM reference batch)")
+    if args.metric == "fid":
+        args.reference = os.path.abspath(args.reference)
+    if args.num_samples < 2:
+        raise SweepError("--num-samples must be at least 2 (a covariance)")
+    if not checkpoints_in(args.result_dir):
+        raise SweepError(f"--result-dir {args.result_dir}: no checkpoints/NNNNNNN.pt")
+    args.out = args.out or os.path.join(args.result_dir, "sweep")
+    return args
+
+
+def sigma_rel(weights):
+    try:
+        assert weights.startswith("ema-")
+        return float(weights[4:])
+    except (AssertionError, ValueError):
+        raise SweepError(f"--weights {weights}: use ema-<sigma_rel> such as ema-0.07 (the plot's axis)") from None
+
+
+def cell_name(weights, scale, interval):
+    lo, hi = interval
+    return f"{weights}-cfg{scale:g}" + (f"-int{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else "")
+
+
+#################################################################################
+#                              Sampling and scoring                             #
+#################################################################################
+
+def sample_argv(args, weights, scale, interval, path):
+    argv = ["--result-dir", args.result_dir, "--weights", weights, "--cfg-scale", f"{scale:g}",
+            "--guidance-interval", f"{interval[0]:g}", f"{interval[1]:g}", "--fid", str(args.num_samples),
+            "--sampler", args.sampler, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+            "--precision", args.precision, "--out", path]
+    if args.num_sampling_steps:
+        argv += ["--num-sampling-steps", str(args.num_sampling_steps)]
+    if args.guide:
+        argv += ["--guide", args.guide] + (["--guide-weights", args.guide_weights] if args.guide_weights else [])
+    return argv
+
+
+def run_sample(launcher, argv):
+    """sample.py in its own process (under the launcher); its errors are its own lines above."""
+    cmd = (shlex.split(launcher) or [sys.executable]) + [os.path.join(ROOT, "sample.py"), *argv]
+    code = subprocess.run(cmd).returncode
+    if code:
+        raise SweepError(f"sample.py exited with code {code} (its message is above): {shlex.join(cmd)}")
+
+
+def make_scorer(args):
+    """(feature_fn for fid.compute_statistics, reference (mu, sigma), a note on the real-data floor)."""
+    if args.metric == "fid":
+        try:
+            feature_fn = fid.inception_feature_fn(args.inception_weights)
+            return feature_fn, fid.load_statistics(args.reference, lambda: feature_fn), None
+        except fid.FIDError as e:
+            raise SweepError(str(e)) from None
+    ckpt = torch.load(checkpoints_in(args.result_dir)[-1], map_location="cpu", weights_only=True)
+    if ckpt["manifest"]["kind"] != "pixel":
+        raise SweepError("--metric fd-classifier: pixel runs only (score a latent run with --metric fid)")
+    num_classes = ckpt["manifest"]["num_classes"]
+    opts = SimpleNamespace(data_path=ckpt["args"].get("data_path"), results_dir=args.out, eval_data_path=None,
+                           samples_per_class=math.ceil(args.num_samples / num_classes), classifier_epochs=4,
+                           inception_weights=None, loss_batch=1)
+    try:
+        ctx = evaluate.prepare_eval(opts, evaluate.prepare_data(opts))
+    except evaluate.AblateError as e:
+        raise SweepError(str(e)) from None
+    net = ctx.classifier
+
+    def feature_fn(images):
+        x = images.to(ctx.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return net.features(x)
+    floor = f"{ctx.n_base} real held-out images score {ctx.real_fd:.4g} ({ctx.fd_name}; the floor at this size)"
+    return feature_fn, ctx.ref_stats, floor
+
+
+def score(path, scorer):
+    feature_fn, ref, _ = scorer
+    images = np.load(path)["arr_0"]
+    return fid.frechet_distance(*fid.compute_statistics(images, feature_fn, batch_size=250), *ref)
+
+
+#################################################################################
+#                                 Table and plot                                #
+#################################################################################
+
+def write_table(args, results, best, floor):
+    """OUT/sweep.md: one table per interval, sigma_rel down, guidance scale across, the best in bold."""
+    label = {"fid": "FID", "fd-classifier": "FD (small classifier)"}[args.metric]
+    lines = [f"{label}, {args.num_samples} samples per cell, {args.sampler} "
+             f"{args.num_sampling_steps or 'default'} steps, seed {args.seed}"
+             + (f", autoguidance by {args.guide}" if args.guide else "") + f"; run {args.result_dir}", ""]
+    for interval in args.intervals:
+        lines += [f"guidance interval {interval[0]:g} <= t/T <= {interval[1]:g}:", "",
+                  "| sigma_rel | " + " | ".join(f"w = {s:g}" for s in args.cfg_scales) + " |",
+                  "|---|" + "---|" * len(args.cfg_scales)]
+        for w, sr in zip(args.weights, args.sigma_rels):
+            cells = [results[(w, s, interval)] for s in args.cfg_scales]
+            cells = [f"**{v:.4g}**" if (w, s, interval) == best else f"{v:.4g}" for s, v in zip(args.cfg_scales, cells)]
+            lines.append(f"| {sr:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    w, s, interval = best
+    lines.append(f"Best: {cell_name(w, s, interval)} ({label} {results[best]:.4g}).")
+    if floor:
+        lines.append(f"Real data: {floor}.")
+    write_atomic(os.path.join(args.out, "sweep.md"), "\n".join(lines) + "\n")
+
+
+def write_plot(args, results, best):
+    """OUT/sweep.png: the metric against sigma_rel, one line per guidance scale (dashed etc. per interval)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    styles = ["-", "--", ":", "-."]
+    for j, interval in enumerate(args.intervals):
+        for i, s in enumerate(args.cfg_scales):
+            label = f"w = {s:g}" + (f", t/T in [{interval[0]:g}, {interval[1]:g}]" if len(args.intervals) > 1 else "")
+            ax.plot(args.sigma_rels, [results[(w, s, interval)] for w in args.weights], styles[j % 4], marker="o",
+                    color=f"C{i}", label=label)
+    ax.plot([sigma_rel(best[0])], [results[best]], "k*", markersize=14, label=f"best: {cell_name(*best)}")
+    ax.set_xlabel("EMA width sigma_rel")
+    ax.set_ylabel({"fid": "FID", "fd-classifier": "FD (small classifier)"}[args.metric])
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = os.path.join(args.out, "sweep.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(args.out, "sweep.png"))
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def check_settings(args):
+    """OUT/sweep.json records the options every cell shares; a rerun must repeat them."""
+    settings = {k: getattr(args, k) for k in SHARED}
+    path = os.path.join(args.out, "sweep.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            changed = sorted(k for k, v in json.load(f).items() if settings.get(k) != v)
+        if changed:
+            raise SweepError(f"{args.out}: holds cells made with other {', '.join(changed)} (see sweep.json); "
+                             f"use the same options, or another --out")
+    else:
+        write_atomic(path, json.dumps(settings, indent=1))
+
+
+def main(args):
+    os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
+    check_settings(args)
+    scorer, results, floor = None, {}, None
+    grid = [(w, s, i) for i in args.intervals for s in args.cfg_scales for w in args.weights]
+    for k, (w, s, interval) in enumerate(grid):
+        name = cell_name(w, s, interval)
+        npz, record = (os.path.join(args.out, "cells", f"{name}.{ext}") for ext in ("npz", "json"))
+        if os.path.exists(record):
+            with open(record) as f:
+                done = json.load(f)
+            results[(w, s, interval)], floor = done["score"], done["floor"]
+            continue
+        print(f"[sweep] cell {k + 1}/{len(grid)}: {name}", file=sys.stderr, flush=True)
+        if not os.path.exists(npz):
+            run_sample(args.launcher, sample_argv(args, w, s, interval, npz))
+        scorer = scorer or make_scorer(args)
+        results[(w, s, interval)], floor = score(npz, scorer), scorer[2]
+        write_atomic(record, json.dumps(dict(cell=name, score=results[(w, s, interval)], floor=floor)))
+        shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
+    best = min(results, key=results.get)
+    write_table(args, results, best, floor)
+    write_plot(args, results, best)
+    print(f"best: {cell_name(*best)} ({args.metric} {results[best]:.4g}); wrote {args.out}/sweep.md and sweep.png")
+    return best, results
+
+
+def cli(argv=None):
+    try:
+        main(parse_args(argv))
+    except SweepError as e:
+        print(f"sweep.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
