@@ -14,7 +14,7 @@ A cell is `sample.py --fid N` with its --weights, --cfg-scale and --guidance-int
 options, written to OUT/cells/<cell>.npz and scored into OUT/cells/<cell>.json. A rerun skips scored
 cells and sample.py resumes a half-sampled one; the grid may grow between runs, the shared options
 (recorded in OUT/sweep.json) may not. Metrics:
-    fid            FID (fid.py: the TF-matching Inception) against --reference, an ADM .npz
+    fid            FID (evaluation.py: the 2015 TF Inception) against --reference, an ADM reference batch
     fd-classifier  Frechet distance in the features of experiments/metrics.py's small classifier,
                    trained on the run's pixel data (cached in OUT/eval/), against held-out images:
                    no download, comparable only within one dataset; the demo's metric
@@ -37,7 +37,8 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import fid  # noqa: E402
+import evaluation  # noqa: E402
+import feature_nets  # noqa: E402
 from experiments import evaluate, metrics  # noqa: E402
 from train import checkpoints_in  # noqa: E402
 
@@ -107,8 +108,9 @@ def sigma_rel(weights):
 
 
 def cell_name(weights, scale, interval):
+    """e.g. ema-0.1-cfg2-int0-0.7; at scale 1 (no guidance) the interval changes nothing: one cell for all."""
     lo, hi = interval
-    return f"{weights}-cfg{scale:g}" + (f"-int{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else "")
+    return f"{weights}-cfg{scale:g}" + (f"-int{lo:g}-{hi:g}" if (lo, hi) != (0, 1) and scale != 1 else "")
 
 
 #################################################################################
@@ -135,14 +137,26 @@ def run_sample(launcher, argv):
         raise SweepError(f"sample.py exited with code {code} (its message is above): {shlex.join(cmd)}")
 
 
+class ImageClassifierFeatures(metrics.ClassifierFeatures):
+    """The small classifier as an evaluation.evaluate feature network on uint8 images (B, H, W, 3):
+    model space x = u / 127.5 - 1, (B, 3, H, W). key names the trained classifier."""
+
+    def __init__(self, net, classifier_id):
+        super().__init__(net)
+        self.key = f"SmallClassifier-{classifier_id}-uint8"
+
+    def __call__(self, images):
+        return super().__call__(torch.tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1)
+
+
 def make_scorer(args):
-    """(feature_fn for fid.compute_statistics, reference (mu, sigma), a note on the real-data floor)."""
+    """(the metric's name in evaluation.evaluate, the reference, extra feature networks, a note on the
+    real-data floor or None)."""
     if args.metric == "fid":
-        try:
-            feature_fn = fid.inception_feature_fn(args.inception_weights)
-            return feature_fn, fid.load_statistics(args.reference, lambda: feature_fn), None
-        except fid.FIDError as e:
-            raise SweepError(str(e)) from None
+        if "fid" not in evaluation.available_metrics(args.inception_weights):
+            raise SweepError(f"--metric fid: no Inception weights ({feature_nets.INCEPTION_FILE}); pass "
+                             f"--inception-weights FILE or set {feature_nets.INCEPTION_ENV}")
+        return "fid", args.reference, {}, None
     ckpt = torch.load(checkpoints_in(args.result_dir)[-1], map_location="cpu", weights_only=True)
     if ckpt["manifest"]["kind"] != "pixel":
         raise SweepError("--metric fd-classifier: pixel runs only (score a latent run with --metric fid)")
@@ -154,19 +168,21 @@ def make_scorer(args):
         ctx = evaluate.prepare_eval(opts, evaluate.prepare_data(opts))
     except evaluate.AblateError as e:
         raise SweepError(str(e)) from None
-    net = ctx.classifier
-
-    def feature_fn(images):
-        x = images.to(ctx.device).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return net.features(x)
     floor = f"{ctx.n_base} real held-out images score {ctx.real_fd:.4g} ({ctx.fd_name}; the floor at this size)"
-    return feature_fn, ctx.ref_stats, floor
+    network = ImageClassifierFeatures(ctx.classifier, ctx.classifier_id)
+    return "fd_classifier", {"fd_classifier": ctx.ref_stats}, {"classifier": network}, floor
 
 
-def score(path, scorer):
-    feature_fn, ref, _ = scorer
-    images = np.load(path)["arr_0"]
-    return fid.frechet_distance(*fid.compute_statistics(images, feature_fn, batch_size=250), *ref)
+def score(path, args, scorer):
+    """The cell's .npz scored by evaluation.evaluate; its feature chunks are removed once it is."""
+    metric, reference, networks, _ = scorer
+    try:
+        result = evaluation.evaluate(path, reference, [metric], networks=networks,
+                                     inception_weights=args.inception_weights, progress=False)[metric]
+    except evaluation.EvalError as e:
+        raise SweepError(str(e)) from None
+    shutil.rmtree(path[: -len(".npz")] + "-features", ignore_errors=True)
+    return result
 
 
 #################################################################################
@@ -246,11 +262,13 @@ def check_settings(args):
 def main(args):
     os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
     check_settings(args)
-    scorer, results, floor = None, {}, None
+    results, floor = {}, None
     grid = [(w, s, i) for i in args.intervals for s in args.cfg_scales for w in args.weights]
+    record_of = lambda cell: os.path.join(args.out, "cells", f"{cell_name(*cell)}.json")  # noqa: E731
+    scorer = make_scorer(args) if not all(os.path.exists(record_of(cell)) for cell in grid) else None
     for k, (w, s, interval) in enumerate(grid):
-        name = cell_name(w, s, interval)
-        npz, record = (os.path.join(args.out, "cells", f"{name}.{ext}") for ext in ("npz", "json"))
+        name, record = cell_name(w, s, interval), record_of((w, s, interval))
+        npz = record[: -len(".json")] + ".npz"
         if os.path.exists(record):
             with open(record) as f:
                 done = json.load(f)
@@ -259,8 +277,7 @@ def main(args):
         print(f"[sweep] cell {k + 1}/{len(grid)}: {name}", file=sys.stderr, flush=True)
         if not os.path.exists(npz):
             run_sample(args.launcher, sample_argv(args, w, s, interval, npz))
-        scorer = scorer or make_scorer(args)
-        results[(w, s, interval)], floor = score(npz, scorer), scorer[2]
+        results[(w, s, interval)], floor = score(npz, args, scorer), scorer[3]
         write_atomic(record, json.dumps(dict(cell=name, score=results[(w, s, interval)], floor=floor)))
         shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
     best = min(results, key=results.get)

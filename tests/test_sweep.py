@@ -41,7 +41,7 @@ def test_sweep_writes_table_and_plot_and_skips_finished_cells(run, tmp_path, mon
             "--num-sampling-steps", "2", "--batch-size", "8", "--out", str(tmp_path / "sw"),
             "--guide", os.path.join(run, "checkpoints", "0000002.pt")]
     assert sweep.cli(argv) == 0
-    assert len(cells) == 8
+    assert len(cells) == 6  # 2 widths x (scale 1 + scale 2 on each interval): scale 1 has no interval
     first = cells[-1]
     assert first[first.index("--guidance-interval") + 1:][:2] == ["0", "0.5"] and "--guide" in first
     table = (tmp_path / "sw" / "sweep.md").read_text()
@@ -50,7 +50,7 @@ def test_sweep_writes_table_and_plot_and_skips_finished_cells(run, tmp_path, mon
     assert "real held-out images score" in table
     scores = {f: json.loads((tmp_path / "sw" / "cells" / f).read_text())["score"]
               for f in os.listdir(tmp_path / "sw" / "cells") if f.endswith(".json")}
-    assert len(scores) == 8 and all(np.isfinite(v) and v >= 0 for v in scores.values())
+    assert len(scores) == 6 and all(np.isfinite(v) and v >= 0 for v in scores.values())
     best = table.split("Best: ")[1].split(" ")[0]
     assert scores[f"{best}.json"] == min(scores.values())
     assert not any(f.endswith("-chunks") for f in os.listdir(tmp_path / "sw" / "cells"))
@@ -63,7 +63,7 @@ def test_sweep_writes_table_and_plot_and_skips_finished_cells(run, tmp_path, mon
     assert (tmp_path / "sw" / "sweep.md").read_text() == table
     monkeypatch.setattr(sweep, "make_scorer", make_scorer)
     grown = [*argv[: argv.index("--weights") + 1], "ema-0.05", "ema-0.08", "ema-0.12", *argv[argv.index("--cfg-scales"):]]
-    assert sweep.cli(grown) == 0 and len(cells) == 4  # only the new width's cells are sampled
+    assert sweep.cli(grown) == 0 and len(cells) == 3  # only the new width's cells are sampled
     assert "| 0.12 |" in (tmp_path / "sw" / "sweep.md").read_text()
     capsys.readouterr()
 
