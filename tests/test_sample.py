@@ -129,6 +129,13 @@ def test_compile_captures_the_guided_model_in_one_graph_and_changes_no_pixel(pix
     assert calls == [dict(fullgraph=True)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # dynamo traced the forward
     assert (tmp_path / "eager.png").read_bytes() == (tmp_path / "compiled.png").read_bytes()
+    guided = [*grid, "--guide", os.path.join(pixel_run, "checkpoints", "0000003.pt"), "--guidance-interval", 0.5, 1]
+    assert run_cli([*guided, "--out", tmp_path / "guided.png"], capsys)[0] == 0
+    calls.clear()
+    assert run_cli([*guided, "--compile", "--out", tmp_path / "guided-compiled.png"], capsys)[0] == 0
+    assert calls == [dict(fullgraph=True)] * 2  # the model and the guide
+    assert (tmp_path / "guided.png").read_bytes() == (tmp_path / "guided-compiled.png").read_bytes()
+    assert (tmp_path / "guided.png").read_bytes() != (tmp_path / "eager.png").read_bytes()
     torch._dynamo.reset()
 
 
