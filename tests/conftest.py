@@ -2,6 +2,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: thread start-up and contention on a busy machine cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory):
     """make(levels, channels, layers_per_block=2) -> directory of a saved AutoencoderKL with random

@@ -22,7 +22,8 @@ from ema import posthoc_coefficients
 from guidance import Guided
 from models import DiT_models
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # in diffusers
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # in diffusers
+              pytest.mark.usefixtures("one_thread")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "DiT-XS/4", "--global-batch-size", "8", "--num-workers", "0", "--log-every", "3",
         "--monitor-every", "100", "--sample-steps", "2"]
@@ -30,15 +31,6 @@ TINY = ["--model", "DiT-XS/4", "--global-batch-size", "8", "--num-workers", "0",
 
 def train_run(data, results, *extra):
     return train.main(train.parse_args(["--data-path", data, "--results-dir", str(results), *TINY, *extra]))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: thread start-up and contention on a busy machine cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import sample
@@ -13,10 +12,12 @@ import train
 from data import ShardWriter
 from experiments import sweep
 
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # in diffusers
+              pytest.mark.usefixtures("one_thread")]
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("sweep")
     writer = ShardWriter(root / "data", "pixel", (3, 8, 8), 4)
     rng = np.random.default_rng(0)
