@@ -81,7 +81,7 @@ def parse_args(argv=None):
     g.add_argument("--cfg-channels", type=int, metavar="K",
                    help="guide only the first K latent channels; 3 = the original DiT code, to reproduce its "
                         "published numbers (default: all)")
-    g.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+    g.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
                    help="guide only at timesteps t with LO <= t/T <= HI (t: the training timestep 0..T-1 the "
                         "model sees, T = 1000), the conditional prediction elsewhere (default 0 1: every step)")
     g.add_argument("--guide", metavar="RUN_OR_CKPT",
