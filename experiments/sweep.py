@@ -16,7 +16,7 @@ cells and sample.py resumes a half-sampled one; the grid may grow between runs, 
 (recorded in OUT/sweep.json) may not. Metrics:
     fid            FID (evaluation.py: the 2015 TF Inception) against --reference, an ADM reference batch
     fd-classifier  Frechet distance in the features of experiments/metrics.py's small classifier,
-                   trained on the run's pixel data (cached in OUT/eval/), against held-out images:
+                   trained on the run's pixel data (cached in --eval-dir), against held-out images:
                    no download, comparable only within one dataset; the demo's metric
 Outputs: OUT/sweep.md (tables), OUT/sweep.png. Every bad input: one line on stderr, exit code 2.
 """
@@ -43,7 +43,7 @@ from experiments import evaluate, metrics  # noqa: E402
 from train import checkpoints_in  # noqa: E402
 
 SHARED = ("result_dir", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
-          "guide_weights", "precision", "metric", "reference")
+          "guide_weights", "precision", "metric", "reference", "eval_dir")
 
 
 class SweepError(Exception):
@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", metavar="NPZ", help="fid: the reference .npz (mu and sigma, or arr_0 images)")
     p.add_argument("--inception-weights", metavar="PATH", help="fid: a local pt_inception-2015-12-05 file")
     p.add_argument("--out", metavar="DIR", help="default RUN/sweep")
+    p.add_argument("--eval-dir", metavar="DIR", help="fd-classifier: where its data and classifier are cached "
+                                                     "(default OUT); sweeps that share it share the metric")
     p.add_argument("--launcher", default="", metavar="CMD",
                    help='what runs sample.py, e.g. "torchrun --nproc_per_node=8" (default: this Python)')
     args = p.parse_args(argv)
@@ -96,6 +98,7 @@ def parse_args(argv=None):
     if not checkpoints_in(args.result_dir):
         raise SweepError(f"--result-dir {args.result_dir}: no checkpoints/NNNNNNN.pt")
     args.out = args.out or os.path.join(args.result_dir, "sweep")
+    args.eval_dir = args.eval_dir or args.out
     return args
 
 
@@ -161,7 +164,7 @@ def make_scorer(args):
     if ckpt["manifest"]["kind"] != "pixel":
         raise SweepError("--metric fd-classifier: pixel runs only (score a latent run with --metric fid)")
     num_classes = ckpt["manifest"]["num_classes"]
-    opts = SimpleNamespace(data_path=ckpt["args"].get("data_path"), results_dir=args.out, eval_data_path=None,
+    opts = SimpleNamespace(data_path=ckpt["args"].get("data_path"), results_dir=args.eval_dir, eval_data_path=None,
                            samples_per_class=math.ceil(args.num_samples / num_classes), classifier_epochs=4,
                            inception_weights=None, loss_batch=1)
     try:
