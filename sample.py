@@ -187,8 +187,9 @@ def load_guide(args, manifest, prediction, num_classes):
         guide, guide_manifest, note, stem, guide_prediction = load_model(source)
     except UsageError as e:
         raise UsageError(f"--guide: {e}") from None
-    pairs = (("data", (guide_manifest["kind"], list(guide_manifest["shape"])), (manifest["kind"], list(manifest["shape"]))),
-             ("number of classes", guide.num_classes, num_classes), ("prediction", guide_prediction, prediction))
+    data = lambda m: (m["kind"], list(m["shape"]))  # noqa: E731
+    pairs = (("data", data(guide_manifest), data(manifest)), ("number of classes", guide.num_classes, num_classes),
+             ("prediction", guide_prediction, prediction))
     for what, theirs, ours in pairs:
         if theirs != ours:
             raise UsageError(f"--guide {args.guide}: its {what} is {theirs}, the model's {ours}; "
@@ -350,8 +351,8 @@ def guidance_tag(args, guide_stem):
     """The guidance options other than --cfg-scale for the default output name, e.g.
     '-ch3-int0-0.7-guide-0000500-ema-0.05' ('' for plain classifier-free guidance)."""
     lo, hi = args.guidance_interval
-    return ((f"-ch{args.cfg_channels}" if args.cfg_channels else "") + (f"-int{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else "")
-            + (f"-guide-{guide_stem}" if guide_stem else ""))
+    return ((f"-ch{args.cfg_channels}" if args.cfg_channels else "")
+            + (f"-int{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else "") + (f"-guide-{guide_stem}" if guide_stem else ""))
 
 
 def chunk_inputs(seed, k, n, shape, num_classes=None):

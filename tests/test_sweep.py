@@ -63,7 +63,8 @@ def test_sweep_writes_table_and_plot_and_skips_finished_cells(run, tmp_path, mon
     assert sweep.cli(argv) == 0 and cells == []
     assert (tmp_path / "sw" / "sweep.md").read_text() == table
     monkeypatch.setattr(sweep, "make_scorer", make_scorer)
-    grown = [*argv[: argv.index("--weights") + 1], "ema-0.05", "ema-0.08", "ema-0.12", *argv[argv.index("--cfg-scales"):]]
+    grown = [*argv[: argv.index("--weights") + 1], "ema-0.05", "ema-0.08", "ema-0.12",
+             *argv[argv.index("--cfg-scales"):]]
     assert sweep.cli(grown) == 0 and len(cells) == 3  # only the new width's cells are sampled
     assert "| 0.12 |" in (tmp_path / "sw" / "sweep.md").read_text()
     capsys.readouterr()
