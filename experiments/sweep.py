@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import evaluation  # noqa: E402
 import feature_nets  # noqa: E402
 from experiments import evaluate, metrics  # noqa: E402
-from train import checkpoints_in  # noqa: E402
+from runs import checkpoints_in  # noqa: E402
 
 SHARED = ("result_dir", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
           "guide_weights", "precision", "metric", "reference", "eval_dir")
