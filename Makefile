@@ -3,12 +3,15 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Test-only packages: wandb (optional, not in requirements.txt; train.py --wandb) so that the W&B test runs
+# offline (WANDB_MODE=offline) instead of being skipped.
+TEST_PACKAGES := "pytest>=8" "wandb>=0.19,<1"
 
 .PHONY: demo test
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt "pytest>=8"
+	$(PY) -m pip install --quiet -r requirements.txt $(TEST_PACKAGES)
 	touch $@
 
 demo: $(VENV)/installed

@@ -6,8 +6,8 @@ import os
 import shutil
 
 import numpy as np
-from PIL import Image, ImageDraw
 
+import plots
 from experiments import metrics
 from experiments.evaluate import say
 
@@ -146,11 +146,6 @@ def render_table(summary):
     return "\n".join(lines)
 
 
-def _text_width(draw, text):
-    left, _, right, _ = draw.textbbox((0, 0), text)
-    return right - left
-
-
 def make_figures(opts, summary, ctx):
     """ablation_samples.png and ablation_magnitudes.png: the --compare configurations side by side,
     from the first seed both finished; copied to --visuals."""
@@ -170,10 +165,10 @@ def make_figures(opts, summary, ctx):
         sample_figure([r["samples"][head]["npz"] for r in runs], titles, names, path,
                       f"same classes and noise, DDIM-{opts.sample_steps}, cfg {head}")
         written.append(path)
-    plots = [os.path.join(r["run_dir"], "magnitudes.png") for r in runs]
-    if all(os.path.isfile(p) for p in plots):
+    records = [plots.read_metrics(os.path.join(r["run_dir"], "metrics.jsonl")) for r in runs]
+    if all(any("act_rms" in rec for rec in run) for run in records):
         path = os.path.join(opts.results_dir, "ablation_magnitudes.png")
-        magnitude_figure(plots, titles, path)
+        plots.compare_magnitudes(list(zip(titles, records)), path)
         written.append(path)
     if opts.visuals:
         os.makedirs(opts.visuals, exist_ok=True)
@@ -183,46 +178,10 @@ def make_figures(opts, summary, ctx):
 
 
 def sample_figure(npz_paths, titles, class_names, path, subtitle):
-    """One row per class; left block the first run's samples, right block the second's."""
+    """One row per class (the first FIGURE_COLUMNS samples of it); one panel per run."""
     blocks = []
     for npz_path in npz_paths:
         with np.load(npz_path) as npz:
             images, labels = npz["arr_0"], npz["labels"]
-        rows = [images[np.flatnonzero(labels == k)[:FIGURE_COLUMNS]] for k in range(len(class_names))]
-        blocks.append(rows)
-    h, w = blocks[0][0].shape[1:3]
-    zoom = max(1, 64 // max(h, w))
-    cell, gap, pad, header = zoom * w, 24, 2, 40
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    margin = max(_text_width(probe, n) for n in class_names) + 12
-    block_w = FIGURE_COLUMNS * (cell + pad)
-    width = margin + 2 * block_w + gap
-    canvas = Image.new("RGB", (width, header + len(class_names) * (zoom * h + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((margin, 4), subtitle, fill="black")
-    for j, (rows, title) in enumerate(zip(blocks, titles)):
-        x0 = margin + j * (block_w + gap)
-        draw.text((x0, 22), title, fill="black")
-        for k, row in enumerate(rows):
-            y0 = header + k * (zoom * h + pad)
-            for i, image in enumerate(row):
-                tile = Image.fromarray(image).resize((cell, zoom * h), Image.NEAREST)
-                canvas.paste(tile, (x0 + i * (cell + pad), y0))
-    for k, name in enumerate(class_names):
-        draw.text((4, header + k * (zoom * h + pad) + zoom * h // 2 - 6), name, fill="black")
-    canvas.save(path)
-
-
-def magnitude_figure(plot_paths, titles, path):
-    """The two runs' magnitudes.png, each under its title, one above the other: each plot is
-    already two panels wide (activation RMS, weight RMS), so the same panels line up."""
-    plots = [Image.open(p).convert("RGB") for p in plot_paths]
-    gap, header = 16, 26
-    canvas = Image.new("RGB", (max(p.width for p in plots), sum(header + p.height for p in plots) + gap), "white")
-    draw = ImageDraw.Draw(canvas)
-    y = 0
-    for plot, title in zip(plots, titles):
-        draw.text((70, y + 8), title, fill="black")
-        canvas.paste(plot, (0, y + header))
-        y += header + plot.height + gap
-    canvas.save(path)
+        blocks.append([images[np.flatnonzero(labels == k)[:FIGURE_COLUMNS]] for k in range(len(class_names))])
+    plots.compare_samples(blocks, titles, class_names, path, subtitle)

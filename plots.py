@@ -1,0 +1,138 @@
+"""The figures of a run and of the ablation grid, drawn with matplotlib (Agg: no display needed).
+
+- magnitudes.png: activation RMS after each block and RMS of each block's weights against step,
+  one line per block with a legend;
+- curves.png: training loss (with its MSE and VB terms), learning rate, gradient norm and every
+  evaluation metric against step;
+- compare_magnitudes: the magnitude panels of several runs side by side on shared y-axes;
+- compare_samples: sample grids of several runs side by side, one row per class.
+
+Records are the rows of a run's metrics.jsonl (read_metrics).
+"""
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+import numpy as np  # noqa: E402
+
+MAGNITUDES = (("act_rms", "activation RMS after the block"), ("weight_rms", "RMS of the block's weights"))
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl (a list of dicts); [] if the file does not exist."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _save(fig, path):
+    """Write the PNG and release the figure from pyplot; the figure is returned for inspection."""
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return fig
+
+
+def _block_lines(ax, records, key, legend=True):
+    """One line per block of records[i][key] against records[i]["step"], dark blue (first block)
+    to yellow (last)."""
+    steps = [r["step"] for r in records]
+    series = np.array([r[key] for r in records])  # (records, blocks)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, series.shape[1]))
+    for b in range(series.shape[1]):
+        ax.plot(steps, series[:, b], color=colors[b], marker="." if len(steps) < 30 else None,
+                label=f"block {b}")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize="small", ncol=2 if series.shape[1] > 8 else 1)
+
+
+def plot_magnitudes(records, path, title=None):
+    """records: [{"step", "act_rms": [per block], "weight_rms": [per block]}] -> a two-panel PNG."""
+    records = [r for r in records if "act_rms" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, (key, label) in zip(axes, MAGNITUDES):
+        _block_lines(ax, records, key)
+        ax.set_ylabel(label)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def eval_metric_names(records):
+    return sorted({k for r in records for k in r.get("eval", {})})
+
+
+def plot_curves(records, path, title=None):
+    """Loss (and its MSE and VB terms), learning rate, gradient norm and each evaluation metric
+    (records' "eval": {name: value}) against step: one panel each, two columns."""
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval" in r]
+    names = eval_metric_names(evals)
+    panels = 3 + len(names)
+    rows = (panels + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.2 * rows), constrained_layout=True, squeeze=False)
+    axes = axes.ravel()
+    steps = [r["step"] for r in train]
+    ax = axes[0]
+    for key, style in (("loss", "-"), ("mse", "--"), ("vb", ":")):
+        ax.plot(steps, [r[key] for r in train], style, label=key)
+    ax.set_yscale("log")
+    ax.set_ylabel("training loss (log scale)")
+    ax.legend(fontsize="small")
+    for ax, key, label in ((axes[1], "lr", "learning rate"), (axes[2], "grad_norm", "gradient norm")):
+        ax.plot(steps, [r[key] for r in train])
+        ax.set_ylabel(label)
+    for ax, name in zip(axes[3:], names):
+        points = [(r["step"], r["eval"][name]) for r in evals if name in r["eval"]]
+        ax.plot(*zip(*points), marker="o")
+        samples, network = (next((r[k] for r in reversed(evals) if r.get(k)), None)
+                            for k in ("samples", "feature_network"))
+        ax.set_ylabel(name)
+        ax.set_title(", ".join(s for s in (samples and f"{samples} samples", network) if s), fontsize="small")
+    for ax in axes[:panels]:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def compare_magnitudes(runs, path):
+    """runs: [(title, records)]: one column per run, a row per magnitude, y-axes shared along a row
+    so the runs read on the same scale."""
+    fig, axes = plt.subplots(2, len(runs), figsize=(5.5 * len(runs), 7), sharey="row", squeeze=False,
+                             constrained_layout=True)
+    for j, (title, records) in enumerate(runs):
+        records = [r for r in records if "act_rms" in r]
+        for i, (key, label) in enumerate(MAGNITUDES):
+            _block_lines(axes[i, j], records, key, legend=j == len(runs) - 1)
+            if j == 0:
+                axes[i, j].set_ylabel(label)
+        axes[0, j].set_title(title, fontsize="medium")
+    return _save(fig, path)
+
+
+def compare_samples(blocks, titles, class_names, path, subtitle):
+    """blocks: per run, a list of uint8 (n, H, W, 3) arrays, one per class (rows, left to right
+    runs), shown as one image per run with the class names on the left."""
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5 * len(blocks), 0.6 * len(class_names) + 1.2),
+                             squeeze=False, constrained_layout=True)
+    for ax, rows, title in zip(axes[0], blocks, titles):
+        columns = max(len(r) for r in rows)
+        h, w, c = rows[0].shape[1:]
+        grid = np.full((len(rows), h, columns, w, c), 255, np.uint8)
+        for k, row in enumerate(rows):
+            grid[k, :, : len(row)] = row.transpose(1, 0, 2, 3)
+        ax.imshow(grid.reshape(len(rows) * h, columns * w, c), interpolation="nearest")
+        ax.set_yticks(np.arange(len(rows)) * h + (h - 1) / 2, class_names)
+        ax.set_xticks([])
+        ax.set_title(title, fontsize="medium")
+    fig.suptitle(subtitle, fontsize="medium")
+    return _save(fig, path)
