@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import DataError, ShardWriter
+from progress import progress
 
 VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{0}x{0}.pt"
@@ -95,7 +96,7 @@ def cmd_vae(args):
     print(f"{source}: AutoencoderKL with {vae.config.latent_channels} latent channels, at {where}")
 
 
-def fetch(url, part):
+def fetch(url, part, show_progress=True):
     """Stream url into the file part, resuming it with an HTTP Range request if it exists (when
     the server ignores the range, it sends everything and part is rewritten)."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
@@ -114,9 +115,9 @@ def fetch(url, part):
         length = response.headers.get("Content-Length")
         total = have + int(length) if length else None
         try:
-            with open(part, "ab" if have else "wb") as f, tqdm(
+            with open(part, "ab" if have else "wb") as f, progress(
                     total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=os.path.basename(part)) as bar:
+                    desc=os.path.basename(part), enabled=show_progress) as bar:
                 while chunk := response.read(1 << 20):
                     bar.update(f.write(chunk))
         except OSError as e:
@@ -144,14 +145,14 @@ def verify_dit(path, image_size):
                    f"{image_size} px; delete it, run again")
 
 
-def get_file(dest, url, verify):
+def get_file(dest, url, verify, show_progress=True):
     """Path of dest once verify(path) passes, downloaded from url if needed through a .part file
     that a later call resumes; only a verified file gets the final name."""
     if os.path.exists(dest):
         verify(dest)
         return dest
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    fetch(url, dest + ".part")
+    fetch(url, dest + ".part", show_progress)
     try:
         verify(dest + ".part")
     except Fail:
@@ -161,15 +162,15 @@ def get_file(dest, url, verify):
     return dest
 
 
-def get_dit(image_size, out_dir, url=None):
+def get_dit(image_size, out_dir, url=None, show_progress=True):
     """Path of the verified DiT-XL/2 checkpoint for image_size in out_dir (downloaded if needed)."""
     return get_file(os.path.join(out_dir, f"DiT-XL-2-{image_size}x{image_size}.pt"),
-                    url or DIT_URL.format(image_size), lambda path: verify_dit(path, image_size))
+                    url or DIT_URL.format(image_size), lambda path: verify_dit(path, image_size), show_progress)
 
 
 def cmd_dit(args):
     """Download (or reuse) and verify the official DiT-XL/2 checkpoint."""
-    path = get_dit(args.image_size, args.out)
+    path = get_dit(args.image_size, args.out, show_progress=not args.no_progress)
     print(f"DiT-XL/2 {args.image_size} px checkpoint verified: {path}")
 
 
@@ -195,7 +196,7 @@ def cmd_ref_batch(args):
     """Download (or reuse) and verify ADM's ImageNet reference batch."""
     url = REF_BATCH_URL.format(args.image_size)
     path = get_file(os.path.join(args.out, os.path.basename(url)), url,
-                    lambda p: verify_ref_batch(p, args.image_size))
+                    lambda p: verify_ref_batch(p, args.image_size), not args.no_progress)
     print(f"ADM reference batch, {verify_ref_batch(path, args.image_size)} images of {args.image_size} px "
           f"with mu, sigma, mu_s, sigma_s, verified: {path}")
 
@@ -348,7 +349,7 @@ def cmd_imagenet(args):
     shards = [items[i:i + args.shard_size] for i in range(0, len(items), args.shard_size)]
     todo = [i for i in range(rank, len(shards), world) if not writer.shard_done(i)]
     pending, start = sum(len(shards[i]) for i in todo), time.time()
-    with tqdm(total=pending, unit="img", disable=rank != 0) as bar:
+    with progress(total=pending, unit="img", enabled=rank == 0 and not args.no_progress) as bar:
         for i in todo:
             labels, data, skipped = encode_shard(shards[i], args, vae, device, bar)
             _json(_skip_file(args.out, i), {"skipped": len(skipped), "files": skipped})
@@ -390,6 +391,9 @@ def _at_least(minimum):
 def build_parser():
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{vae,dit,ref-batch,imagenet}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (with the output redirected, the bar is a plain line every 30 s)")
 
     def vae_options(p, choices):
         p.add_argument("--vae", choices=choices, default="ema",
@@ -397,20 +401,20 @@ def build_parser():
         p.add_argument("--vae-path", metavar="DIR", help="load the VAE from this save_pretrained "
                        "directory, not the Hugging Face cache (the manifest still records --vae)")
 
-    p = commands.add_parser("vae", help="download the SD VAE into the Hugging Face cache")
+    p = commands.add_parser("vae", parents=[common], help="download the SD VAE into the Hugging Face cache")
     vae_options(p, ["ema", "mse"])
     p.set_defaults(run=cmd_vae)
-    p = commands.add_parser("dit", help="download and verify an official DiT-XL/2 checkpoint")
+    p = commands.add_parser("dit", parents=[common], help="download and verify an official DiT-XL/2 checkpoint")
     p.add_argument("--image-size", type=int, choices=[256, 512], default=256)
     p.add_argument("--out", default="pretrained_models", help="folder (default: pretrained_models)")
     p.set_defaults(run=cmd_dit)
-    p = commands.add_parser("ref-batch", help="download and verify ADM's ImageNet reference batch (for fid.py)")
+    p = commands.add_parser("ref-batch", parents=[common], help="download and verify ADM's ImageNet reference batch (for fid.py)")
     p.add_argument("--image-size", type=int, choices=[64, 128, 256], default=256,
                    help="the resolution of the samples it will score (default: 256)")
     p.add_argument("--out", default="reference_batches", help="folder (default: reference_batches)")
     p.set_defaults(run=cmd_ref_batch)
     p = commands.add_parser(
-        "imagenet", help="encode an ImageFolder into the data.py format (resumable)",
+        "imagenet", parents=[common], help="encode an ImageFolder into the data.py format (resumable)",
         description="Encode an ImageFolder (one sub-folder per class, in sorted order) into the "
                     "data.py format: ADM centre crop, then the SD VAE posterior mean and std "
                     "(float16), or uint8 pixels with --vae none. Unreadable images are skipped and "

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from tqdm import tqdm
 
 from data import denormalize
 from diffusion import create_diffusion
@@ -41,6 +40,7 @@ from ema import posthoc_coefficients, valid_sigma_rel
 from evaluation import write_npz_samples
 from guidance import Guided
 from models import MODEL_SIZES, DiT_models
+from progress import progress
 from runs import UsageError, build_model, checkpoints_in, saved_args, setup_distributed
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
@@ -97,6 +97,8 @@ def parse_args(argv=None):
                    help="samples per model batch and per FID chunk")
     g.add_argument("--fid", type=int, metavar="N", help="write N samples to an .npz instead of a grid")
     g.add_argument("--out", help="output .png (grid) or .npz (--fid); default under RUN/samples/")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar for --fid (with the output redirected, it is a plain line every 30 s)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward as one graph (the first batch, and a smaller last "
                         "one, pay for compiling)")
@@ -409,8 +411,8 @@ def write_fid_npz(args, generate, shape, num_classes, path, settings, rank, worl
     files = [os.path.join(folder, f"{k:06d}.npz") for k in range(len(sizes))]
     mine = list(range(rank, len(sizes), world))
     todo = [k for k in mine if not os.path.exists(files[k])]
-    with tqdm(total=sum(sizes[k] for k in mine), initial=sum(sizes[k] for k in mine if k not in todo),
-              unit="img", disable=rank != 0, dynamic_ncols=True) as bar:
+    with progress(total=sum(sizes[k] for k in mine), initial=sum(sizes[k] for k in mine if k not in todo),
+                  unit="img", enabled=rank == 0 and not args.no_progress) as bar:
         for k in todo:
             z, y = chunk_inputs(args.seed, k, sizes[k], shape, num_classes)
             save_chunk(files[k], generate(z, y), y.numpy())

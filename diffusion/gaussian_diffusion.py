@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from progress import progress as progress_bar
 
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
@@ -193,7 +194,7 @@ class GaussianDiffusion:
             device = noise.device if noise is not None else next(model.parameters()).device
         x = torch.randn(*shape, device=device) if noise is None else noise.to(device)
         steps = range(self.num_timesteps - 1, -1, -1)
-        for i in tqdm(steps) if progress else steps:
+        for i in progress_bar(steps, desc="sampling") if progress else steps:
             x = step(x, torch.full((shape[0],), i, device=device, dtype=torch.long))["sample"]
         return x
 

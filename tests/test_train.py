@@ -47,7 +47,7 @@ def load(path):
 
 def test_end_to_end_run_writes_its_artifacts(pixels, tmp_path):
     run_dir = train.main(train.parse_args(base_args(pixels, tmp_path, "--num-steps", "4", "--ckpt-every", "2", "--mp")))
-    for name in ("config.json", "log.txt", "metrics.jsonl", "magnitudes.png", "samples.png",
+    for name in ("config.json", "log.txt", "metrics.jsonl", "magnitudes.png", "curves.png", "samples/0000004.png",
                  "checkpoints/0000002.pt", "checkpoints/0000004.pt"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     with open(os.path.join(run_dir, "config.json")) as f:
