@@ -63,7 +63,7 @@ def latent_run(tmp_path_factory):
                        std=np.full((16, 4, 4, 4), 0.1, np.float16))
     writer.finish(vae="stabilityai/sd-vae-ft-ema")
     return train_run(str(root / "data"), root / "results", "--depth", "1", "--hidden-size", "32",
-                     "--num-heads", "2", "--num-steps", "2", "--ckpt-every", "2")
+                     "--num-heads", "2", "--num-steps", "2", "--ckpt-every", "2", "--sample-every", "0")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,162 @@
+"""Watching a train.py run: TensorBoard events, sample grids over training (watch.py), logs without
+carriage returns, and the demo's switch handling. Tiny runs on 8x8 pixels (DiT-XS/4 at depth 2, width 64)."""
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+import watch
+from data import ShardWriter
+from plots import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "DiT-XS/4", "--depth", "2", "--hidden-size", "64", "--num-heads", "4", "--global-batch-size", "8",
+        "--num-workers", "0", "--sample-steps", "3", "--mp"]
+
+
+@pytest.fixture(scope="module")
+def pixels(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    writer = ShardWriter(path, "pixel", (3, 8, 8), 4)
+    rng = np.random.default_rng(0)
+    writer.write_shard(0, np.arange(32) % 4, images=rng.integers(0, 256, (32, 3, 8, 8), dtype=np.uint8))
+    writer.finish()
+    return str(path)
+
+
+def run(data, results, *extra):
+    return train.main(train.parse_args(["--data-path", data, "--results-dir", str(results), *TINY, *extra]))
+
+
+def pixels_of(path):
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def watched_run(pixels, tmp_path_factory):
+    """Steps 1..5: logs at 2 and 4 (and 5, the last), magnitudes at 2 and 4 (and 5), grids at 2 and 4 (and 5)."""
+    return run(pixels, tmp_path_factory.mktemp("watched"), "--num-steps", "5", "--log-every", "2",
+               "--monitor-every", "2", "--sample-every", "2", "--ckpt-every", "5")
+
+
+def test_tensorboard_holds_the_logged_scalars_magnitudes_and_grids(watched_run):
+    events = EventAccumulator(os.path.join(watched_run, "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    records = read_metrics(os.path.join(watched_run, "metrics.jsonl"))
+    logged = [r for r in records if "loss" in r]
+    for key in ("loss", "mse", "vb", "lr", "grad_norm", "images_per_sec"):
+        scalars = events.Scalars(f"train/{key}")
+        assert [e.step for e in scalars] == [r["step"] for r in logged] == [2, 4, 5]
+        np.testing.assert_allclose([e.value for e in scalars], [r[key] for r in logged], rtol=1e-6)
+    magnitudes = [r for r in records if "act_rms" in r]
+    for key in ("act_rms", "weight_rms"):
+        for block in (0, 1):
+            scalars = events.Scalars(f"{key}/block{block:02d}")
+            assert [e.step for e in scalars] == [2, 4, 5]
+            np.testing.assert_allclose([e.value for e in scalars], [r[key][block] for r in magnitudes], rtol=1e-6)
+    images = events.Images("samples")
+    assert [i.step for i in images] == [2, 4, 5]
+    grid = pixels_of(os.path.join(watched_run, "samples", "0000005.png"))
+    assert (images[-1].height, images[-1].width) == grid.shape[:2]
+
+
+def test_grids_come_at_the_right_steps_from_the_sampling_weights(watched_run):
+    assert sorted(os.listdir(os.path.join(watched_run, "samples"))) == ["0000002.png", "0000004.png", "0000005.png"]
+    grids = [pixels_of(os.path.join(watched_run, "samples", f"{s:07d}.png")) for s in (2, 4, 5)]
+    assert grids[0].shape == (4 * 8 * 2, watch.GRID_COLUMNS * 8 * 2, 3)  # a row per class, 8x8 shown at 2x
+    assert not np.array_equal(grids[0], grids[1])  # training changed the weights, and so the grid
+    # the final grid again from the checkpoint's widest power EMA (what sample.py uses by default)
+    ckpt = torch.load(os.path.join(watched_run, "checkpoints", "0000005.pt"), map_location="cpu", weights_only=True)
+    model = train.build_model(argparse.Namespace(**ckpt["args"]), ckpt["manifest"]).eval()
+    model.load_state_dict(ckpt["ema_power"]["0.1"])
+    grids_again = watch.SampleGrids(str(watched_run) + "-again", ckpt["manifest"], "eps", 3, seed=0)
+    grid, _ = grids_again(model, 5)
+    np.testing.assert_array_equal(grid, grids[2])
+    model.load_state_dict(ckpt["ema"])  # another set of weights gives another grid
+    assert not np.array_equal(grids_again(model, 5)[0], grids[2])
+
+
+def test_same_seed_same_grids_and_sample_every_0_writes_none(watched_run, pixels, tmp_path):
+    again = run(pixels, tmp_path / "a", "--num-steps", "4", "--log-every", "2", "--monitor-every", "2",
+                "--sample-every", "4", "--ckpt-every", "5")
+    np.testing.assert_array_equal(pixels_of(os.path.join(again, "samples", "0000004.png")),
+                                  pixels_of(os.path.join(watched_run, "samples", "0000004.png")))
+    none = run(pixels, tmp_path / "b", "--num-steps", "2", "--sample-every", "0", "--log-every", "2",
+               "--ckpt-every", "2")
+    assert not os.path.exists(os.path.join(none, "samples"))
+    assert os.path.isfile(os.path.join(none, "curves.png")) and os.path.isfile(os.path.join(none, "magnitudes.png"))
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    """4x4x4 latents, 2 classes; make(vae) writes a dataset whose manifest names that VAE."""
+    def make(vae):
+        path = tmp_path_factory.mktemp("latents")
+        writer = ShardWriter(path, "latent", (4, 4, 4), 2)
+        rng = np.random.default_rng(0)
+        writer.write_shard(0, np.arange(16) % 2, mean=rng.normal(size=(16, 4, 4, 4)).astype(np.float16),
+                           std=np.full((16, 4, 4, 4), 0.1, np.float16))
+        writer.finish(vae=vae)
+        return str(path)
+    return make
+
+
+def test_latent_grids_are_decoded_by_the_manifests_vae_or_one_line_says_why_not(latents, tiny_vae, tmp_path):
+    vae = tiny_vae(levels=4, channels=(8,) * 4, layers_per_block=1)  # downsampling 8: 4x4 latents -> 32x32
+    argv = ["--num-steps", "2", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "2"]
+    decoded = run(latents(vae), tmp_path / "a", *argv)
+    grid = pixels_of(os.path.join(decoded, "samples", "0000002.png"))
+    assert grid.shape == (2 * 64, watch.GRID_COLUMNS * 64, 3)  # 2 classes of 32x32 images, shown at 2x
+    missing = run(latents(str(tmp_path / "no-such-vae")), tmp_path / "b", *argv)
+    assert not os.path.exists(os.path.join(missing, "samples"))
+    with open(os.path.join(missing, "log.txt")) as f:
+        lines = [line for line in f if "no sample grids" in line]
+    assert len(lines) == 1 and "no-such-vae" in lines[0]
+
+
+def train_process(pixels, results, env_extra, *extra):
+    """train.py in a real process with stdout and stderr redirected to one file; returns its text."""
+    results.mkdir()
+    out = results / "output.txt"
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    env.update(env_extra)
+    with open(out, "w") as f:
+        subprocess.run([sys.executable, "train.py", "--data-path", pixels, "--results-dir", str(results), *TINY,
+                        "--num-steps", "3", "--log-every", "3", "--ckpt-every", "3", "--sample-every", "0", *extra],
+                       cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300, check=True)
+    return out.read_text()
+
+
+def test_redirected_output_has_no_carriage_return_and_tqdm_disable_has_no_bar(pixels, tmp_path):
+    text = train_process(pixels, tmp_path / "plain", {})
+    assert "\r" not in text and "3/3 [" in text  # the bar as plain lines: its final count
+    assert "step=3 loss=" in text
+    for env, flags in (({"TQDM_DISABLE": "1"}, ()), ({}, ("--no-progress",))):
+        text = train_process(pixels, tmp_path / env.get("TQDM_DISABLE", "flag"), env, *flags)
+        assert "\r" not in text and "3/3 [" not in text and "step/s" not in text
+        assert "step=3 loss=" in text  # the log lines stay
+
+
+def test_the_demo_with_switches_trains_those_switches_alone():
+    assert train.parse_args([]).mp is True  # the demo is MaP-DiT
+    args = train.parse_args(["--use-cosine-attention"])
+    assert args.mp is False and args.use_cosine_attention and not args.use_weight_normalization
+    assert args.lr == 1e-4  # the vanilla recipe: no weight normalisation among the switches
+    assert train.parse_args(["--use-weight-normalization"]).lr == 2e-2  # the demo's weight-norm lr
+    assert train.parse_args(["--use-cosine-attention", "--mp"]).mp is True  # explicit --mp wins
+    assert train.parse_args(["--data-path", "x", "--use-cosine-attention"]).mp is False
+
+
+def test_wandb_missing_is_one_line_and_no_run_directory(pixels, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "wandb_installed", lambda: False)
+    code = train.cli(["--data-path", pixels, "--results-dir", str(tmp_path / "res"), *TINY, "--wandb", "proj"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "pip install wandb" in err
+    assert not os.path.exists(tmp_path / "res")
