@@ -46,6 +46,7 @@ from runs import UsageError, build_model, checkpoints_in, saved_args, setup_dist
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
 DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+EMA_INIT_WARNING = 0.1  # warn when the classic EMA still gives its initial weights this share or more
 
 
 class _Parser(argparse.ArgumentParser):
@@ -233,7 +234,12 @@ def select_weights(ckpt, path, choice, model):
     if choice == "raw":
         return ckpt["model"], choice, f"raw weights of {path}"
     if choice == "ema":
-        return ckpt["ema"], choice, f"classic EMA (decay {ckpt['args'].get('ema_decay')}) of {path}"
+        decay, step = ckpt["args"].get("ema_decay"), ckpt["step"]
+        if decay is not None and decay ** step >= EMA_INIT_WARNING:  # ema = decay^step init + sum of updates
+            warn(f"the classic EMA (decay {decay}) at step {step} still holds {decay ** step:.0%} of the initial "
+                 f"(random) weights (decay^steps), so its samples are mostly noise; use --weights ema-<sigma_rel> "
+                 f"(a power EMA) or raw, or train past ~{math.log(1 / EMA_INIT_WARNING) / (1 - decay):.0f} steps")
+        return ckpt["ema"], choice, f"classic EMA (decay {decay}) of {path}"
     match = re.fullmatch(r"ema-(\d+\.?\d*|\.\d+)", choice)
     if not match:
         raise UsageError(f"--weights {choice}: use raw, ema, or ema-<sigma_rel> such as ema-0.07")
@@ -243,7 +249,18 @@ def select_weights(ckpt, path, choice, model):
     if sigma in tracked:
         return tracked[sigma], choice, f"power EMA sigma_rel={sigma} (tracked) of {path}"
     state, note = posthoc_ema(ckpt, path, sigma, model)
+    low, high = min(tracked, default=sigma), max(tracked, default=sigma)
+    if not low <= sigma <= high:
+        warn(f"--weights {choice}: sigma_rel {sigma} is outside the tracked range [{low}, {high}] "
+             f"(--ema-sigma-rels of the run), so the post-hoc EMA extrapolates and need not resemble an EMA of "
+             f"that width (its weights are listed below); choose a sigma_rel in [{low}, {high}]")
     return state, choice, note
+
+
+def warn(message):
+    """A warning on stderr, from rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"sample.py: warning: {message}", file=sys.stderr)
 
 
 def posthoc_ema(ckpt, path, sigma_rel, model):

@@ -495,3 +495,27 @@ def test_guide_interval_and_channels_on_the_cli(pixel_run, latent_run, tmp_path,
         code, _, err = run_cli([*argv, "--out", tmp_path / "bad.png"], capsys)
         assert code == 2 and needle in err and len(err.splitlines()) == 1, (argv, err)
     assert not os.path.exists(tmp_path / "bad.png")
+
+
+def test_classic_ema_dominated_by_its_initialisation_warns(pixel_run, tmp_path, capsys):
+    argv = ["--result-dir", pixel_run, "--class-label", 0, "--num-samples", 1, "--sampler", "ddim",
+            "--num-sampling-steps", 2, "--out", tmp_path / "g.png"]
+    code, _, err = run_cli([*argv, "--weights", "ema"], capsys)
+    # 0.9999^6 = 0.9994 of the classic EMA is still the initialisation
+    assert code == 0 and "warning" in err and "100% of the initial" in err and "ema-<sigma_rel>" in err
+    code, _, err = run_cli([*argv, "--weights", "ema-0.1"], capsys)
+    assert code == 0 and "warning" not in err
+    ckpt = load(os.path.join(pixel_run, "checkpoints", "0000006.pt"))
+    ckpt["args"]["ema_decay"] = 0.5  # 0.5^6 = 1.6%: the initialisation is forgotten
+    sample.select_weights(ckpt, "x.pt", "ema", None)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_posthoc_ema_outside_the_tracked_range_warns_with_the_range(pixel_run, tmp_path, capsys):
+    argv = ["--result-dir", pixel_run, "--class-label", 0, "--num-samples", 1, "--sampler", "ddim",
+            "--num-sampling-steps", 2, "--out", tmp_path / "g.png"]
+    for weights, warned in (("ema-0.07", False), ("ema-0.0001", True), ("ema-0.2", True)):
+        code, _, err = run_cli([*argv, "--weights", weights], capsys)
+        assert code == 0 and ("warning" in err) == warned, (weights, err)
+        if warned:
+            assert "outside the tracked range [0.05, 0.1]" in err and len(err.splitlines()) == 1
