@@ -1,4 +1,5 @@
-"""What train.py shows of a run's samples while it trains: sample grids from fixed noise and labels.
+"""What train.py shows of a run's samples while it trains: sample grids from fixed noise and labels
+(SampleGrids), and evaluation metrics of a fixed set of samples (Evaluation, on evaluation.py).
 
 Grids are drawn with DDIM (--sample-steps) and classifier-free guidance (scale 4, on all channels)
 from the weights sample.py uses by default (the widest tracked power EMA, else the classic EMA);
@@ -6,12 +7,16 @@ latent samples are decoded with the VAE the dataset's manifest names. The noise 
 drawn once from the run's seed, so consecutive grids differ only by training, and the same seed and
 weights give the same pixels.
 """
+import hashlib
+import json
 import os
+import time
 
 import numpy as np
 import torch
 from PIL import Image
 
+import evaluation
 from data import denormalize
 from diffusion import create_diffusion
 from download import Fail, load_vae
@@ -19,6 +24,7 @@ from download import Fail, load_vae
 GRID_COLUMNS = 8
 GRID_MAX_ROWS = 10  # classes shown: all of them up to 10, else 10 spread over the label range
 GRID_CFG = 4.0
+CLASSIFIER_ITEMS, CLASSIFIER_STEPS = 2000, 100  # the fallback evaluation classifier's images and optimiser steps
 
 
 def sampling_weights(ema, power_emas):
@@ -108,3 +114,120 @@ class SampleGrids:
             log(f"no sample grids: the VAE to decode them did not load ({why_not})")
             return None
         return cls(run_dir, manifest, args.prediction, args.sample_steps, args.seed, vae)
+
+
+#################################################################################
+#                           Evaluation during training                          #
+#################################################################################
+
+class ImageClassifier:
+    """experiments/metrics.py's SmallClassifier, trained on the run's pixel data, as an evaluation
+    feature network on uint8 images (B, H, W, 3): {"features": its 128-d penultimate layer}. Its key
+    names the cached weights file, so reference statistics are recomputed when it is retrained."""
+
+    name = "classifier"
+
+    def __init__(self, net, key):
+        self.net, self.key = net.eval(), key
+        self.device = next(net.parameters()).device
+        self.outputs = {"features": net.config["feature_dim"]}
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        x = torch.as_tensor(np.asarray(batch)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return {"features": self.net.features(x)}
+
+
+def demo_classifier(dataset, cache_dir, device, log, items=CLASSIFIER_ITEMS):
+    """An ImageClassifier trained on up to `items` images of a pixel dataset with metrics.train_classifier
+    (cached in cache_dir, keyed by the dataset's manifest and the recipe; rank 0 trains, the others wait)."""
+    from experiments import metrics  # the classifier and its recipe live with the ablation metrics
+    rank, world = evaluation.rank_world()
+    recipe = dict(manifest=dataset.manifest, items=items, steps=CLASSIFIER_STEPS, recipe=metrics.CLASSIFIER_RECIPE,
+                  arch=metrics.SmallClassifier(dataset.shape[0], dataset.num_classes).config)
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"classifier-{digest}.pt")
+    if rank == 0 and not os.path.isfile(path):
+        start = time.time()
+        index = np.random.default_rng(0).permutation(len(dataset))[:items]
+        x = torch.stack([dataset[int(i)][0] for i in index]).float() / 127.5 - 1
+        net = metrics.train_classifier(x, torch.as_tensor(dataset.labels[index]), dataset.num_classes,
+                                       min_steps=CLASSIFIER_STEPS)
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save(net.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+        log(f"trained the evaluation classifier on {len(index)} images in {time.time() - start:.0f} s: {path}")
+    if world > 1:
+        torch.distributed.barrier()
+    net = metrics.SmallClassifier(**recipe["arch"])
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return ImageClassifier(net.to(device), f"SmallClassifier/{digest}")
+
+
+class Evaluation:
+    """--eval-every: `samples` images from fixed noise and labels (uniform over the classes) drawn
+    from the sampling weights, scored by evaluation.evaluate against `reference` (the training data
+    for pixel runs) with its statistics cached in cache_dir. Every rank draws rows rank::world and
+    calls evaluate (which shares the feature extraction); every rank gets the results."""
+
+    def __init__(self, manifest, prediction, sample_steps, seed, samples, metrics, reference, cache_dir,
+                 cfg_scale=1.0, vae=None, networks=None):
+        self.manifest, self.vae, self.cfg_scale = manifest, vae, cfg_scale
+        self.metrics, self.reference, self.cache_dir, self.networks = metrics, reference, cache_dir, networks or {}
+        self.diffusion = create_diffusion(f"ddim{sample_steps}", prediction=prediction)
+        generator = torch.Generator().manual_seed(seed + 1)  # not the grids' noise
+        self.y = torch.arange(samples) % int(manifest["num_classes"])
+        self.z = torch.randn(samples, *manifest["shape"], generator=generator)
+
+    def images(self, model):
+        """All `samples` images (N, H, W, 3) uint8, each rank drawing its rows and all ranks gathering them."""
+        rank, world = evaluation.rank_world()
+        mine = generate(model, self.z[rank::world], self.y[rank::world], self.manifest, self.vae, self.diffusion,
+                        self.cfg_scale)
+        if world == 1:
+            return mine
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+        images = np.empty((len(self.y), *mine.shape[1:]), np.uint8)
+        for r, part in enumerate(parts):
+            images[r::world] = part
+        return images
+
+    def __call__(self, model):
+        """{metric: value} of model's samples (the keys evaluation.evaluate returns)."""
+        return evaluation.evaluate(self.images(model), self.reference, self.metrics, networks=self.networks,
+                                   cache=self.cache_dir, progress=False)
+
+    @classmethod
+    def for_run(cls, args, dataset, cache_dir, device, log, vae=None):
+        """The evaluation of a train.py run (args: eval_samples, eval_metrics, eval_reference,
+        eval_cfg_scale, prediction, sample_steps, seed); logs what it measures and with which network."""
+        networks = {}
+        if "fd_classifier" in args.eval_metrics:
+            networks["classifier"] = demo_classifier(dataset, cache_dir, device, log)
+            log("evaluation: fd_classifier is the Frechet distance of the 128-d features of a small classifier "
+                "trained on this data (experiments/metrics.py; not comparable to FID)")
+        reference = args.eval_reference or dataset.path
+        log(f"evaluation every {args.eval_every} steps: {', '.join(args.eval_metrics)} of {args.eval_samples} "
+            f"samples (DDIM-{args.sample_steps}, cfg {args.eval_cfg_scale:g}) against {reference}")
+        return cls(dataset.manifest, args.prediction, args.sample_steps, args.seed, args.eval_samples,
+                   args.eval_metrics, reference, cache_dir, args.eval_cfg_scale, vae, networks)
+
+
+def eval_metrics_for(requested, kind):
+    """The --eval-metrics to use: those requested, else fid when the Inception weights are found,
+    else fd_classifier for pixel data. Raises ValueError with the reason when they cannot be computed."""
+    if requested is None:
+        if "fid" in evaluation.available_metrics():
+            return ["fid"]
+        if kind != "pixel":
+            raise ValueError("FID needs the Inception weights (pt_inception-2015-12-05-6726825d.pth; see "
+                             "fid.py --help) and the fallback fd_classifier needs pixel data")
+        return ["fd_classifier"]
+    names = evaluation.parse_metrics(requested, networks=("classifier",))
+    missing = [m for m in names if m in evaluation.METRICS and m not in evaluation.available_metrics()]
+    if missing:
+        raise ValueError(f"{missing[0]} needs weights that are not found (see fid.py --help for where they go)")
+    if "fd_classifier" in names and kind != "pixel":
+        raise ValueError("fd_classifier needs pixel data")
+    return names

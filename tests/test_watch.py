@@ -1,6 +1,7 @@
 """Watching a train.py run: TensorBoard events, sample grids over training (watch.py), logs without
 carriage returns, and the demo's switch handling. Tiny runs on 8x8 pixels (DiT-XS/4 at depth 2, width 64)."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -160,3 +161,43 @@ def test_wandb_missing_is_one_line_and_no_run_directory(pixels, tmp_path, monkey
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install wandb" in err
     assert not os.path.exists(tmp_path / "res")
+
+
+def eval_records(run_dir):
+    return [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "eval" in r]
+
+
+def test_in_run_evaluation_equals_the_evaluation_cli(pixels, tmp_path, inception_weights, monkeypatch):
+    monkeypatch.setenv("MAPDIT_INCEPTION_WEIGHTS", inception_weights)
+    run_dir = run(pixels, tmp_path / "res", "--num-steps", "2", "--log-every", "2", "--ckpt-every", "2",
+                  "--sample-every", "0", "--eval-every", "2", "--eval-samples", "8", "--eval-metrics", "fid")
+    (record,) = eval_records(run_dir)
+    assert record["step"] == 2 and record["samples"] == 8 and set(record["eval"]) == {"fid"}
+    # the same 8 samples again from the checkpoint's sampling weights, scored by fid.py in its own process
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "0000002.pt"), map_location="cpu", weights_only=True)
+    model = train.build_model(argparse.Namespace(**ckpt["args"]), ckpt["manifest"]).eval()
+    model.load_state_dict(ckpt["ema_power"]["0.1"])
+    images = watch.Evaluation(ckpt["manifest"], "eps", 3, 0, 8, ["fid"], pixels, None).images(model)
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    subprocess.run([sys.executable, "fid.py", str(tmp_path / "samples.npz"), pixels, "--metrics", "fid", "--no-cache",
+                    "--quiet", "--json", str(tmp_path / "cli.json"), "--inception-weights", inception_weights],
+                   cwd=ROOT, check=True, timeout=600, capture_output=True)
+    with open(tmp_path / "cli.json") as f:
+        cli = json.load(f)
+    assert cli["fid"] == pytest.approx(record["eval"]["fid"], rel=1e-9) and cli["num_samples"] == 8
+
+
+def test_the_fallback_classifier_gives_an_fd_curve_and_is_trained_once(pixels, tmp_path):
+    argv = ["--num-steps", "4", "--log-every", "2", "--ckpt-every", "4", "--sample-every", "0", "--eval-every", "2",
+            "--eval-samples", "8", "--eval-metrics", "fd_classifier"]
+    first = run(pixels, tmp_path, *argv)
+    records = eval_records(first)
+    assert [r["step"] for r in records] == [2, 4] and all(r["eval"]["fd_classifier"] > 0 for r in records)
+    events = EventAccumulator(os.path.join(first, "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/fd_classifier")] == \
+        [(r["step"], pytest.approx(r["eval"]["fd_classifier"], rel=1e-6)) for r in records]
+    assert len(os.listdir(tmp_path / "eval-cache")) >= 2  # the classifier and the reference statistics
+    second = run(pixels, tmp_path, *argv, "--seed", "1")
+    with open(os.path.join(first, "log.txt")) as f1, open(os.path.join(second, "log.txt")) as f2:
+        assert "trained the evaluation classifier" in f1.read() and "trained the evaluation" not in f2.read()
