@@ -4,8 +4,8 @@
     python train.py --data-path LATENTS --model DiT-S/2 --mp
     torchrun --nproc_per_node=8 train.py --data-path LATENTS --model DiT-XL/2 --mp
 
-A run lives in results/NNN-<model>/: config.json, log.txt, metrics.jsonl, checkpoints/, the
-magnitude plot and (pixel data) a sample grid. Re-running the same command continues the latest
+A run lives in results/NNN-<model>/: config.json, log.txt, metrics.jsonl, checkpoints/, tb/ (TensorBoard:
+`tensorboard --logdir results`), samples/ (a grid every --sample-every steps), magnitudes.png and curves.png. Re-running the same command continues the latest
 unfinished run with the same arguments from its last checkpoint; --resume PATH picks one (a larger
 --num-steps extends it with its learning-rate schedule kept). One process writes a run at a time.
 """
@@ -23,25 +23,30 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
 import runs
 from data import DataError, LatentDataset, make_demo_dataset, read_manifest
 from diffusion import create_diffusion
 from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma, valid_sigma_rel
 from models import MODULATIONS, MP_SWITCHES, DiT_models
-from monitor import block_magnitudes, plot_magnitudes
+from evaluation import EvalError
+from monitor import block_magnitudes
 from mp_layers import force_normalize_
+from plots import plot_curves, plot_magnitudes, read_metrics
+from progress import progress
 from runs import UsageError
+from trackers import Trackers, wandb_installed
+from watch import Evaluation, SampleGrids, eval_metrics_for, sampling_weights
 
 DEFAULTS = dict(model="DiT-S/2", prediction="eps", mp=False, num_steps=400_000, global_batch_size=256,
-                log_every=100, monitor_every=1000, ckpt_every=50_000, num_workers=4)
+                log_every=100, monitor_every=1000, ckpt_every=50_000, num_workers=4, sample_every=10_000,
+                eval_every=0, eval_samples=10_000)
 DEMO = dict(DEFAULTS, model="DiT-XS/4", mp=True, prediction="v", num_steps=1500, global_batch_size=64, hflip=False,
-            log_every=50, monitor_every=100, ckpt_every=500, num_workers=0)
+            log_every=50, monitor_every=100, ckpt_every=500, num_workers=0, sample_every=300,
+            eval_every=300, eval_samples=256)
 DEMO_SIZE = dict(depth=4, hidden_size=128, num_heads=4)  # for the demo's default model only
 AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
 AT_LEAST_0 = ("at least 0", lambda v: v >= 0)
@@ -56,6 +61,8 @@ RANGES = dict(  # every numeric flag: (its valid range in words, the test); floa
     ema_decay=("in [0, 1)", lambda v: 0 <= v < 1),
     ema_sigma_rels=("in (0, 0.3002] (the relative widths a power EMA can have)", valid_sigma_rel),
     sample_steps=("in [1, 1000] (the training diffusion steps)", lambda v: 1 <= v <= 1000),
+    sample_every=("at least 0 (0 = no grids)", lambda v: v >= 0), eval_every=("at least 0 (0 = off)", lambda v: v >= 0),
+    eval_samples=("at least 2", lambda v: v >= 2), eval_cfg_scale=("a finite number", lambda v: abs(v) < math.inf),
 )
 STEP_DERIVED = ("warmup_steps", "decay_steps", "snapshot_every")  # defaults computed from --num-steps
 
@@ -119,14 +126,42 @@ def parse_args(argv=None):
                         "with these arguments, refused if there is none (without --resume, such a run is "
                         "continued too, and a new one started if there is none)")
     g.add_argument("--num-workers", type=int, help="data loader processes (default 4; demo 0)")
+    g.add_argument("--sample-every", type=int, metavar="N",
+                   help="steps between sample grids (fixed noise and labels, from the weights sample.py uses) in "
+                        "RUN/samples/ and the trackers, and one at the end; 0 = no grids (default 10000; demo 300)")
     g.add_argument("--sample-steps", type=int, default=50,
-                   help="DDIM steps for the final sample grid (pixel data), at most 1000")
+                   help="DDIM steps of the sample grids and evaluation samples, at most 1000")
+    g = p.add_argument_group("evaluation during training (FID curve)")
+    g.add_argument("--eval-every", type=int, metavar="N",
+                   help="steps between evaluations of the sampling weights, and one at the end; 0 = none (default 0; "
+                        "demo 300)")
+    g.add_argument("--eval-samples", type=int, metavar="K",
+                   help="samples per evaluation, fixed noise and labels uniform over the classes (default 10000; "
+                        "demo 256)")
+    g.add_argument("--eval-metrics", nargs="+", metavar="M",
+                   help="metrics of evaluation.py: fid sfid is pr fd_dinov2, or fd_classifier (a small classifier "
+                        "trained on the pixel data, cached); default fid if the Inception weights are found, else "
+                        "fd_classifier (pixel data)")
+    g.add_argument("--eval-reference", metavar="PATH",
+                   help="reference images: ADM reference batch .npz, image folder or pixel dataset (default: the "
+                        "training data; needed for latent data); statistics cached in RESULTS/eval-cache/")
+    g.add_argument("--eval-cfg-scale", type=float, default=1.0, metavar="S",
+                   help="guidance of the evaluation samples (default 1: none)")
+    g = p.add_argument_group("watching the run")
+    g.add_argument("--wandb", metavar="PROJECT",
+                   help="also log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline "
+                        "works without a network); TensorBoard events always go to RUN/tb/")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (also TQDM_DISABLE=1; with the output redirected it is a plain line "
+                        "every 30 s)")
     return fill_defaults(p.parse_args(argv))
 
 
 def fill_defaults(args):
     """Defaults that depend on other arguments (demo or not, MP or vanilla), then sanity checks.
     args._derived names the step-derived defaults filled here (a resumed run keeps its own)."""
+    if args.data_path is None and args.mp is None and any(getattr(args, name) for name in MP_SWITCHES):
+        args.mp = False  # the demo with --use-... switches trains those switches, not all of them (--mp)
     if args.data_path is None and args.model is None:
         for k, v in DEMO_SIZE.items():
             if getattr(args, k) is None:
@@ -139,6 +174,10 @@ def fill_defaults(args):
     if args.model not in DiT_models:
         raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(DiT_models)}")
     check_ranges(args)
+    if args.wandb and not wandb_installed():
+        raise UsageError("--wandb needs the optional package wandb: pip install wandb (or drop --wandb)")
+    if args.eval_every:
+        check_evaluation(args)
     weight_norm = args.mp or args.use_weight_normalization
     args._derived = [k for k in STEP_DERIVED if getattr(args, k) is None]
     if args.lr is None:  # the demo's short run learns faster at 2e-2 (tried: 1e-2 gives blurrier shapes)
@@ -153,6 +192,20 @@ def fill_defaults(args):
         raise UsageError("--use-forced-weight-normalization needs --use-weight-normalization (or --mp): "
                          "forced normalisation alone leaves rows at norm sqrt(fan_in) and activations explode")
     return args
+
+
+def check_evaluation(args):
+    """--eval-*: a reference and metrics that can be computed (their default filled in)."""
+    kind = "pixel" if args.data_path is None else read_manifest(args.data_path)["kind"]
+    if kind != "pixel" and not args.eval_reference:
+        raise UsageError("--eval-every on latent data needs --eval-reference (an ADM reference batch .npz or a "
+                         "folder of images)")
+    if args.eval_reference and not os.path.exists(args.eval_reference):
+        raise UsageError(f"--eval-reference {args.eval_reference}: no such file or folder")
+    try:
+        args.eval_metrics = eval_metrics_for(args.eval_metrics, kind)
+    except (ValueError, EvalError) as e:
+        raise UsageError(f"--eval-metrics: {e}") from None
 
 
 def check_ranges(args):
@@ -274,6 +327,13 @@ def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, mic
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"{args.model}{' (MaP)' if args.mp else ''}: {n_params:,} parameters; data {manifest['shape']} "
                 f"x {len(dataset):,} items, {manifest['num_classes']} classes; run dir {run_dir}")
+    if not args.mp and any(getattr(args, name) for name in MP_SWITCHES):
+        logger.info("switches on: " + " ".join("--" + n.replace("_", "-") for n in MP_SWITCHES if getattr(args, n)))
+    trackers = Trackers(run_dir, runs.config_of(args), args.wandb, start_step=step, enabled=rank == 0)
+    grids = SampleGrids.for_run(run_dir, manifest, args, logger.info) if args.sample_every and rank == 0 else None
+    cache = os.path.join(args.results_dir, "eval-cache")
+    evaluator = Evaluation.for_run(args, dataset, cache, device, logger.info, grids and grids.vae) if args.eval_every \
+        else None
 
     s.train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
@@ -290,7 +350,7 @@ def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, mic
     model.train()
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank == 0 else None
     magnitude_records = runs.read_records(run_dir, "act_rms") if rank == 0 else []
-    bar = tqdm(total=args.num_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    bar = progress(total=args.num_steps, initial=step, unit="step", enabled=rank == 0 and not args.no_progress)
     window_loss, window_steps, window_start = torch.zeros(3, device=device), 0, time.time()
     while step < args.num_steps:
         logging_step = (step + 1) % args.log_every == 0 or step + 1 == args.num_steps
@@ -313,6 +373,7 @@ def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, mic
             if rank == 0:
                 write_record(metrics_file, record)
                 logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                trackers.scalars({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
             window_loss.zero_()
             window_steps, window_start = 0, time.time()
 
@@ -323,17 +384,22 @@ def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, mic
             model.train()
             magnitude_records.append(dict(step=step, act_rms=acts, weight_rms=weights))
             write_record(metrics_file, magnitude_records[-1])
+            trackers.scalars({f"{key}/block{b:02d}": v for key in ("act_rms", "weight_rms")
+                              for b, v in enumerate(magnitude_records[-1][key])}, step)
         save(s, args, step, window_loss, run_dir, manifest, rank, logger)
+        paused = time.time()
+        watch_step(args, step, s, grids, evaluator, trackers, metrics_file, logger)
+        window_start += time.time() - paused  # grids and evaluations do not count against images/s
     bar.close()
+    if grids and not os.path.exists(grids.path(step)):  # killed after its last checkpoint, before the grid
+        watch_step(args, step, s, grids, None, trackers, metrics_file, logger)
+    trackers.close()
     if rank == 0:
         metrics_file.close()
         plot_magnitudes(magnitude_records, os.path.join(run_dir, "magnitudes.png"))
-        logger.info(f"magnitude plot: {os.path.join(run_dir, 'magnitudes.png')}")
-        if manifest["kind"] == "pixel":
-            weights = s.power_emas[max(s.power_emas)] if s.power_emas else s.ema
-            path = os.path.join(run_dir, "samples.png")
-            sample_grid(weights, dataset, args.prediction, args.sample_steps, device, path)
-            logger.info(f"sample grid (one row per class): {path}")
+        plot_curves(read_metrics(os.path.join(run_dir, "metrics.jsonl")), os.path.join(run_dir, "curves.png"))
+        logger.info(f"plots: {os.path.join(run_dir, 'magnitudes.png')}, {os.path.join(run_dir, 'curves.png')}; "
+                    f"TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tb')}")
         runs.mark_finished(run_dir, step)
     return run_dir
 
@@ -389,6 +455,29 @@ def optimiser_step(s, args, step, window_loss, need_norm):
     for sr, e in s.power_emas.items():
         ema_update(e, s.model, power_beta(step + 1, s.gammas[sr]))
     return lr, grad_norm, (x, t, y, noise)
+
+
+def watch_step(args, step, s, grids, evaluator, trackers, metrics_file, logger):
+    """At --sample-every steps and the last a sample grid (rank 0), at --eval-every steps and the last an
+    evaluation (every rank samples and extracts features; rank 0 records), both from the sampling weights."""
+    last = step == args.num_steps
+    if grids and (step % args.sample_every == 0 or last):
+        start = time.time()
+        grid, path = grids(sampling_weights(s.ema, s.power_emas), step)
+        trackers.image("samples", grid, step)
+        logger.info(f"sample grid: {path} ({time.time() - start:.1f} s)")
+    if evaluator and (step % args.eval_every == 0 or last):
+        start = time.time()
+        results = evaluator(sampling_weights(s.ema, s.power_emas))
+        if metrics_file is not None:
+            record = dict(step=step, eval={k: v for k, v in results.items()
+                                           if k in args.eval_metrics or k in ("precision", "recall")},
+                          samples=args.eval_samples, seconds=time.time() - start)
+            write_record(metrics_file, record)
+            logger.info(f"evaluation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in record["eval"].items())
+                        + f" ({args.eval_samples} samples, {record['seconds']:.0f} s)")
+            trackers.scalars({f"eval/{k}": v for k, v in record["eval"].items()}, step)
+    trackers.flush()
 
 
 def save(s, args, step, window_loss, run_dir, manifest, rank, logger):
@@ -474,24 +563,6 @@ def endless(loader, sampler, consumed, per_epoch, micro):
         sampler.start = offset * micro
         yield from loader
         sampler.start, offset, epoch = 0, 0, epoch + 1
-
-
-@torch.no_grad()
-def sample_grid(model, dataset, prediction, diffusion_steps, device, path, per_class=8, cfg_scale=4.0, seed=0):
-    """A PNG grid with one row per class: DDIM with classifier-free guidance on all channels."""
-    num_classes = dataset.num_classes
-    diffusion = create_diffusion(f"ddim{diffusion_steps}", prediction=prediction)
-    generator = torch.Generator(device).manual_seed(seed)
-    y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
-    z = torch.randn(len(y), *dataset.shape, generator=generator, device=device)
-    z = torch.cat([z, z])
-    y = torch.cat([y, torch.full_like(y, num_classes)])
-    samples = diffusion.ddim_sample_loop(model.forward_with_cfg, z.shape, noise=z, clip_denoised=True,
-                                         model_kwargs=dict(y=y, cfg_scale=cfg_scale), device=device)
-    images = dataset.denormalize(samples[: len(samples) // 2].clamp(-1, 1)).cpu()
-    c, h, w = images.shape[1:]
-    grid = images.view(num_classes, per_class, c, h, w).permute(0, 3, 1, 4, 2).reshape(num_classes * h, per_class * w, c)
-    Image.fromarray(grid.numpy()).resize((per_class * w * 2, num_classes * h * 2), Image.NEAREST).save(path)
 
 
 def cli(argv=None):

@@ -100,10 +100,13 @@ class SampleGrids:
         if grid.shape[0] < 64 * self.rows:  # small images: shown at twice their size
             grid = grid.repeat(2, 0).repeat(2, 1)
         os.makedirs(self.folder, exist_ok=True)
-        path = os.path.join(self.folder, f"{step:07d}.png")
+        path = self.path(step)
         Image.fromarray(grid).save(path + ".tmp.png")
         os.replace(path + ".tmp.png", path)
         return grid, path
+
+    def path(self, step):
+        return os.path.join(self.folder, f"{step:07d}.png")
 
     @classmethod
     def for_run(cls, run_dir, manifest, args, log):

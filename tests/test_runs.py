@@ -270,7 +270,8 @@ def test_a_run_killed_after_its_last_checkpoint_gets_its_plots_without_retrainin
     assert not os.path.exists(os.path.join(run_dir, "magnitudes.png"))
     assert train.main(train.parse_args(args)) == run_dir and os.listdir(tmp_path) == [name]
     assert open(final, "rb").read() == before[0] and records(run_dir) == before[1]  # nothing retrained
-    assert os.path.isfile(os.path.join(run_dir, "magnitudes.png")) and os.path.isfile(os.path.join(run_dir, "samples.png"))
+    assert os.path.isfile(os.path.join(run_dir, "magnitudes.png")) and os.path.isfile(os.path.join(run_dir, "curves.png"))
+    assert os.path.isfile(os.path.join(run_dir, "samples", "0000002.png"))
     again = train.main(train.parse_args(args))  # finished now: the same command starts a new run
     assert os.path.basename(again).startswith("001-")
 
