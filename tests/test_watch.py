@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import runs
 import train
 import watch
 from data import ShardWriter
@@ -75,7 +76,7 @@ def test_grids_come_at_the_right_steps_from_the_sampling_weights(watched_run):
     assert not np.array_equal(grids[0], grids[1])  # training changed the weights, and so the grid
     # the final grid again from the checkpoint's widest power EMA (what sample.py uses by default)
     ckpt = torch.load(os.path.join(watched_run, "checkpoints", "0000005.pt"), map_location="cpu", weights_only=True)
-    model = train.build_model(argparse.Namespace(**ckpt["args"]), ckpt["manifest"]).eval()
+    model = runs.build_model(argparse.Namespace(**runs.saved_args(ckpt)), ckpt["manifest"]).eval()
     model.load_state_dict(ckpt["ema_power"]["0.1"])
     grids_again = watch.SampleGrids(str(watched_run) + "-again", ckpt["manifest"], "eps", 3, seed=0)
     grid, _ = grids_again(model, 5)
@@ -145,14 +146,14 @@ def test_redirected_output_has_no_carriage_return_and_tqdm_disable_has_no_bar(pi
         assert "step=3 loss=" in text  # the log lines stay
 
 
-def test_the_demo_with_switches_trains_those_switches_alone():
+def test_the_demo_with_switches_trains_those_switches_alone(pixels):
     assert train.parse_args([]).mp is True  # the demo is MaP-DiT
     args = train.parse_args(["--use-cosine-attention"])
     assert args.mp is False and args.use_cosine_attention and not args.use_weight_normalization
     assert args.lr == 1e-4  # the vanilla recipe: no weight normalisation among the switches
     assert train.parse_args(["--use-weight-normalization"]).lr == 2e-2  # the demo's weight-norm lr
     assert train.parse_args(["--use-cosine-attention", "--mp"]).mp is True  # explicit --mp wins
-    assert train.parse_args(["--data-path", "x", "--use-cosine-attention"]).mp is False
+    assert train.parse_args(["--data-path", pixels, "--use-cosine-attention"]).mp is False
 
 
 def test_wandb_missing_is_one_line_and_no_run_directory(pixels, tmp_path, monkeypatch, capsys):
@@ -175,7 +176,7 @@ def test_in_run_evaluation_equals_the_evaluation_cli(pixels, tmp_path, inception
     assert record["step"] == 2 and record["samples"] == 8 and set(record["eval"]) == {"fid"}
     # the same 8 samples again from the checkpoint's sampling weights, scored by fid.py in its own process
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "0000002.pt"), map_location="cpu", weights_only=True)
-    model = train.build_model(argparse.Namespace(**ckpt["args"]), ckpt["manifest"]).eval()
+    model = runs.build_model(argparse.Namespace(**runs.saved_args(ckpt)), ckpt["manifest"]).eval()
     model.load_state_dict(ckpt["ema_power"]["0.1"])
     images = watch.Evaluation(ckpt["manifest"], "eps", 3, 0, 8, ["fid"], pixels, None).images(model)
     np.savez(tmp_path / "samples.npz", arr_0=images)
