@@ -202,3 +202,19 @@ def test_the_fallback_classifier_gives_an_fd_curve_and_is_trained_once(pixels, t
     second = run(pixels, tmp_path, *argv, "--seed", "1")
     with open(os.path.join(first, "log.txt")) as f1, open(os.path.join(second, "log.txt")) as f2:
         assert "trained the evaluation classifier" in f1.read() and "trained the evaluation" not in f2.read()
+
+
+def test_evaluation_arguments_that_cannot_work_are_one_line(pixels, latents, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MAPDIT_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))  # no Inception weights
+    res = tmp_path / "res"
+    cases = [(["--data-path", latents(str(tmp_path / "vae")), "--eval-every", "2"], "needs --eval-reference"),
+             (["--data-path", pixels, "--eval-every", "2", "--eval-metrics", "fid"], "fid needs weights"),
+             (["--data-path", pixels, "--eval-every", "2", "--eval-metrics", "fd_nope"], "unknown metric"),
+             (["--data-path", pixels, "--eval-every", "2", "--eval-samples", "1"], "--eval-samples 1"),
+             (["--data-path", pixels, "--sample-every", "-1"], "--sample-every -1")]
+    for argv, needle in cases:
+        code = train.cli([*argv, "--results-dir", str(res), *TINY])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, (argv, err)
+    assert not os.path.exists(res)
+    assert train.parse_args(["--data-path", pixels, "--eval-every", "2"]).eval_metrics == ["fd_classifier"]
