@@ -22,6 +22,7 @@ fresh eps on every call, and returns (z - channel_mean) / channel_std. Pixel dat
 images / 127.5 - 1 in [-1, 1]. Shards are memory-mapped, opened lazily in each (worker) process.
 """
 import argparse
+import colorsys
 import json
 import os
 import re
@@ -327,14 +328,32 @@ def _demo_shapes():
 _DEMO_SHAPES = _demo_shapes()
 
 
-def _render_demo(label, rng, image_size, scale=4):
-    """One demo image, (size, size, 3) uint8: drawn at scale x the size, then averaged down."""
+DEMO_VARIANTS = ("colours", "shapes")  # class = shape and colour | class = shape alone
+
+
+def _demo_pose(rng, size, variant):
+    """Radius, centre and rotation of one shape: wider ranges when the class must be read from shape."""
+    radius, turn = ((0.28, 0.42), 0.35) if variant == "colours" else ((0.22, 0.45), np.pi / 6)
+    r = rng.uniform(*radius) * size
+    return r, rng.uniform(r, size - r, 2), rng.uniform(-turn, turn)
+
+
+def _demo_colour(label, rng, variant):
+    """The class's own colour, jittered ("colours"), or any bright colour, whatever the class ("shapes")."""
+    if variant == "colours":
+        return tuple(np.clip(np.add(_DEMO_COLOURS[label], rng.integers(-25, 26, 3)), 0, 255).tolist())
+    rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.4, 1), rng.uniform(0.7, 1))
+    return tuple(round(255 * v) for v in rgb)
+
+
+def _render_demo(label, rng, image_size, variant="colours", scale=4):
+    """One demo image, (size, size, 3) uint8: drawn at scale x the size, then averaged down.
+
+    Rotations stay within +-30 degrees, so horizontal and vertical bars remain two classes."""
     size = image_size * scale
-    r = rng.uniform(0.28, 0.42) * size
-    cx, cy = rng.uniform(r, size - r, 2)
-    angle = rng.uniform(-0.35, 0.35)
+    r, (cx, cy), angle = _demo_pose(rng, size, variant)
     c, s = np.cos(angle), np.sin(angle)
-    colour = tuple(np.clip(np.add(_DEMO_COLOURS[label], rng.integers(-25, 26, 3)), 0, 255).tolist())
+    colour = _demo_colour(label, rng, variant)
     background = (int(rng.integers(0, 35)),) * 3
     img = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(img)
@@ -344,12 +363,18 @@ def _render_demo(label, rng, image_size, scale=4):
     return np.asarray(img.reduce(scale))  # box-filter supersampling: antialiased edges
 
 
-def make_demo_dataset(out_dir, num_items=10000, image_size=32, seed=0):
+def make_demo_dataset(out_dir, num_items=10000, image_size=32, seed=0, variant="colours"):
     """Write the procedural 10-class demo pixel dataset to out_dir (reused if already there). It is
     built in a temporary directory of its own and renamed into place, so processes that build it at
-    the same time do not disturb each other: the first rename wins, the others reuse its result."""
+    the same time do not disturb each other: the first rename wins, the others reuse its result.
+
+    variant "colours": each class a shape in its own colour (the demo). "shapes": random colour, size,
+    position and rotation, so only the shape tells the class (the MP study's dataset)."""
+    if variant not in DEMO_VARIANTS:
+        raise DataError(f"unknown demo variant {variant!r}; choose one of {', '.join(DEMO_VARIANTS)}")
     out_dir = str(out_dir).rstrip("/") or "/"
-    source = f"make_demo_dataset(num_items={num_items}, image_size={image_size}, seed={seed})"
+    source = f"make_demo_dataset(num_items={num_items}, image_size={image_size}, seed={seed}" + \
+        ("" if variant == "colours" else f", variant={variant}") + ")"
     if _holds_demo(out_dir, source):
         return out_dir
     parent = os.path.dirname(out_dir) or "."
@@ -361,7 +386,7 @@ def make_demo_dataset(out_dir, num_items=10000, image_size=32, seed=0):
         writer = ShardWriter(partial, "pixel", (3, image_size, image_size), len(demo_class_names))
         for index, start in enumerate(range(0, num_items, writer.shard_size)):
             part = labels[start:start + writer.shard_size]
-            images = np.stack([_render_demo(k, rng, image_size) for k in part])
+            images = np.stack([_render_demo(k, rng, image_size, variant) for k in part])
             writer.write_shard(index, part, images=images.transpose(0, 3, 1, 2))
         writer.finish(class_names=list(demo_class_names), source=source)
         os.chmod(partial, 0o755)  # mkdtemp makes it private

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-from data import DataError, LatentDataset, ShardWriter, demo_class_names, make_demo_dataset
+from data import DataError, LatentDataset, ShardWriter, demo_class_names, make_demo_dataset, read_manifest
 
 SHAPE = (4, 4, 4)
 
@@ -275,3 +275,71 @@ def test_demo_dataset_built_by_two_processes(tmp_path):
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     assert len(LatentDataset(tmp_path / "demo")) == 400 and os.listdir(tmp_path) == ["demo"]
+
+
+def _foreground(images):
+    """(n, H, W) bool: pixels clearly brighter than the image's (uniform, dark) background."""
+    brightness = images.max(1)
+    return brightness > brightness.min((1, 2), keepdims=True) + 0.15
+
+
+def _colour_features(images):
+    """(n, 6): mean shape colour and background colour, nothing of the shape's outline."""
+    mask = _foreground(images)[:, None]
+    shape_colour = (images * mask).sum((2, 3)) / mask.sum((2, 3))
+    return np.concatenate([shape_colour, images.min((2, 3))], 1).astype(np.float32)
+
+
+def _silhouettes(images):
+    return _foreground(images)[:, None].astype(np.float32)
+
+
+def _held_out_accuracy(net, train, test, steps, lr, batch=None):
+    (x, y), (x_test, y_test) = [(torch.as_tensor(a), torch.as_tensor(b)) for a, b in (train, test)]
+    opt = torch.optim.Adam(net.parameters(), lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        i = torch.randint(len(x), (batch,), generator=g) if batch else slice(None)
+        loss = torch.nn.functional.cross_entropy(net(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return (net(x_test).argmax(1) == y_test).float().mean().item()
+
+
+def test_shape_variant_class_is_shape_alone(tmp_path):
+    """A colour-only classifier is at chance on the shapes variant (but near 100% on the colour demo, so it
+    can read colour); a silhouette classifier is near 100%. Chance is 10%; with 600 test items its
+    standard deviation is 1.2%, so 20% is far outside it."""
+    torch.manual_seed(0)
+
+    def load(variant, n, seed):
+        path = make_demo_dataset(tmp_path / f"{variant}-{seed}", num_items=n, seed=seed, variant=variant)
+        return (np.load(os.path.join(path, "shard-00000.images.npy")).astype(np.float32) / 255,
+                np.load(os.path.join(path, "shard-00000.labels.npy")))
+
+    def colour_accuracy(variant):
+        (x, y), (x_test, y_test) = load(variant, 1200, 1), load(variant, 600, 2)
+        mlp = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        return _held_out_accuracy(mlp, (_colour_features(x), y), (_colour_features(x_test), y_test), 200, 1e-2)
+
+    assert colour_accuracy("colours") > 0.9
+    assert colour_accuracy("shapes") < 0.2
+    (x, y), (x_test, y_test) = load("shapes", 1200, 1), load("shapes", 600, 2)
+    cnn = torch.nn.Sequential(
+        torch.nn.AvgPool2d(2), torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    assert _held_out_accuracy(cnn, (_silhouettes(x), y), (_silhouettes(x_test), y_test), 250, 3e-3, 64) > 0.9
+
+
+def test_shape_variant_is_its_own_dataset(tmp_path):
+    colours = make_demo_dataset(tmp_path / "c", num_items=100, seed=1)
+    shapes = make_demo_dataset(tmp_path / "s", num_items=100, seed=1, variant="shapes")
+    assert read_manifest(shapes)["source"] != read_manifest(colours)["source"]
+    assert read_manifest(colours)["source"] == "make_demo_dataset(num_items=100, image_size=32, seed=1)"  # old demo data dirs stay valid
+    with pytest.raises(DataError, match="not empty"):
+        make_demo_dataset(shapes, num_items=100, seed=1)
+    with pytest.raises(DataError, match="unknown demo variant"):
+        make_demo_dataset(tmp_path / "x", num_items=100, variant="texture")
