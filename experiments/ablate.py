@@ -27,13 +27,8 @@ RESULTS/results.json aggregate the seeds; RESULTS/ablation_samples.png and
 ablation_magnitudes.png compare vanilla DiT with MaP-DiT. Bad input: one line, exit code 2.
 """
 import argparse
-import contextlib
-import glob
-import io
-import logging
 import os
 import shlex
-import subprocess
 import sys
 import time
 
@@ -46,34 +41,17 @@ import torch  # noqa: E402
 import evaluation  # noqa: E402
 import feature_nets  # noqa: E402
 import runs  # noqa: E402
-import train  # noqa: E402
 from data import DataError  # noqa: E402
 from experiments.evaluate import (AblateError, add_missing_fid, evaluate_run, prepare_data,  # noqa: E402
                                   prepare_eval, read_json, say, write_json)
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
-from models import MP_SWITCHES  # noqa: E402
+from experiments.runner import (CONFIGS, final_checkpoint, find_run, parse_train, run_state,  # noqa: E402
+                                run_subprocesses, train_run)
 
 DEFAULT_MODEL, DEFAULT_SIZE = "DiT-XS/4", dict(depth=4, hidden_size=128, num_heads=4)
 DEFAULT_STEPS, DEFAULT_BATCH = 800, 64  # the default grid: about an hour on a 2-core CPU
 
 
-def _configs():
-    """name -> (label, train.py flags): vanilla, each switch alone, all MP, all MP + rotation."""
-    configs = {"vanilla": ("DiT (vanilla)", []),
-               "vanilla-lr1e-3": ("DiT (vanilla) at 10x DiT's learning rate", ["--lr", "1e-3"])}
-    for switch in MP_SWITCHES:
-        name, flags = switch[len("use_"):].replace("_", "-"), ["--" + switch.replace("_", "-")]
-        label = "+ " + switch[len("use_"):].replace("_", " ")
-        if switch == "use_forced_weight_normalization":  # forced alone is refused: it needs weight norm
-            name, flags = "weight-normalization+forced", ["--use-weight-normalization"] + flags
-            label = "+ weight normalization + forced weight normalization (run together)"
-        configs[name] = (label, flags)
-    configs["mp"] = ("MaP-DiT (all MP switches)", ["--mp"])
-    configs["mp-rotation"] = ("MaP-DiT + rotation-scale modulation", ["--mp", "--modulation", "rotation-scale"])
-    return configs
-
-
-CONFIGS = _configs()
 GRIDS = {"default": list(CONFIGS), "tiny": ["vanilla", "mp"]}
 
 
@@ -208,55 +186,11 @@ def train_argv(opts, data, cfg, seed):
     return argv + CONFIGS[cfg][1] + shlex.split(opts.train_args)
 
 
-def parse_train(argv):
-    """(train.py's parsed arguments, None), or (None, why train.py refuses them)."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return train.parse_args(argv), None
-    except SystemExit:
-        lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        return None, lines[-1] if lines else "train.py refused the arguments"
-    except runs.UsageError as e:
-        return None, str(e)
-
-
-def find_run(root, args):
-    """The latest run directory under root whose config.json matches args (as train.py compares)."""
-    want = runs.comparable(vars(args))
-    found = None
-    for run_dir in sorted(glob.glob(os.path.join(root, "[0-9]" * 3 + "-*"))):
-        config = read_json(os.path.join(run_dir, "config.json"))
-        if config is not None and all(config.get(k) == v for k, v in want.items()):
-            found = run_dir
-    return found
-
-
-def final_checkpoint(run_dir, num_steps):
-    return os.path.join(run_dir, "checkpoints", f"{num_steps:07d}.pt")
-
-
 def eval_key(opts, ctx):
     """What a run's scores depend on besides its weights: a change re-scores, never retrains."""
     return dict(samples_per_class=opts.samples_per_class, sample_steps=opts.sample_steps,
                 cfg_scales=opts.cfg_scales, sample_seed=opts.sample_seed, loss_batch=opts.loss_batch,
                 classifier=ctx.classifier_id)
-
-
-def run_state(run_dir, argv, num_steps, key):
-    """done (results.json for these arguments and evaluation settings), evaluate (trained, not
-    scored as asked), resume (checkpoints short of the last), or new."""
-    if run_dir is None:
-        return "new"
-    result = read_json(os.path.join(run_dir, "results.json")) or {}
-    trained = os.path.isfile(final_checkpoint(run_dir, num_steps))
-    if result.get("train_argv") == argv and result.get("status") == "diverged":
-        return "done"
-    if result.get("train_argv") == argv and result.get("eval_key") == key and trained:
-        return "done"
-    if trained:
-        return "evaluate"
-    return "resume" if runs.checkpoints_in(run_dir) else "new"
 
 
 def run_one(opts, data, ctx, cfg, seed, position=""):
@@ -277,20 +211,14 @@ def run_one(opts, data, ctx, cfg, seed, position=""):
                 train_command="python train.py " + shlex.join(argv))
     train_seconds = None
     if state in ("new", "resume"):
-        extra = ["--resume", run_dir] if state == "resume" else []
-        say(f"{tag}: {'continuing ' + run_dir if extra else 'training'}: {base['train_command']}")
+        say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}: {base['train_command']}")
         start = time.time()
-        try:
-            run_dir = train.main(train.parse_args(argv + extra))
-        except FloatingPointError as e:
-            run_dir = find_run(root, args)
+        run_dir, diverged = train_run(argv, root, run_dir if state == "resume" else None)
+        if diverged:
             write_json(os.path.join(run_dir, "results.json"),
-                       dict(base, status="diverged", message=str(e), run_dir=run_dir))
-            say(f"{tag}: diverged: {e}")
+                       dict(base, status="diverged", message=diverged, run_dir=run_dir))
+            say(f"{tag}: diverged: {diverged}")
             return
-        finally:
-            for handler in logging.getLogger("train").handlers:
-                handler.close()
         train_seconds = time.time() - start
     say(f"{tag}: evaluating {run_dir}")
     start = time.time()
@@ -321,26 +249,9 @@ def collect(opts, data, ctx, cfg, seed):
 
 def run_parallel(opts, argv, pending):
     """Each (configuration, seed) as `ablate.py ARGV --only CFG:SEED`, N at once; returns failures."""
-    queue, running, failures = list(pending), {}, []
-    while queue or running:
-        while queue and len(running) < opts.parallel:
-            cfg, seed = queue.pop(0)
-            os.makedirs(run_root(opts, cfg, seed), exist_ok=True)
-            log_path = os.path.join(run_root(opts, cfg, seed), "ablate.log")
-            log = open(log_path, "a")
-            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--only", f"{cfg}:{seed}"]
-            running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)] = (cfg, seed, log, log_path)
-            say(f"started {cfg} seed {seed} (log: {log_path})")
-        time.sleep(0.5)
-        for proc in [p for p in running if p.poll() is not None]:
-            cfg, seed, log, log_path = running.pop(proc)
-            log.close()
-            if proc.returncode:
-                failures.append(f"{cfg} seed {seed} (exit code {proc.returncode}; see {log_path})")
-                say(f"FAILED {failures[-1]}")
-            else:
-                say(f"finished {cfg} seed {seed}")
-    return failures
+    jobs = [(f"{cfg} seed {seed}", [sys.executable, os.path.abspath(__file__), *argv, "--only", f"{cfg}:{seed}"],
+             os.path.join(run_root(opts, cfg, seed), "ablate.log")) for cfg, seed in pending]
+    return run_subprocesses(jobs, opts.parallel)
 
 
 def main(argv=None):

@@ -50,23 +50,23 @@ def write_json(path, obj):
 #                     Evaluation data, classifier and reference                 #
 #################################################################################
 
-def prepare_data(opts):
-    """Where the training data and the held-out data live (rendering the demo if needed)."""
+def prepare_data(opts, variant="colours"):
+    """Where the training data and the held-out data live (rendering the demo `variant` if needed)."""
     demo = opts.data_path is None
     try:
         if demo:
-            path = make_demo_dataset(os.path.join(opts.results_dir, "demo-data"))
+            path = make_demo_dataset(os.path.join(opts.results_dir, "demo-data"), variant=variant)
             heldout = opts.eval_data_path
             if heldout is None:  # the same generator with another seed: images no run trained on
                 n = max(6 * 10 * opts.samples_per_class, 2000)
                 heldout = make_demo_dataset(os.path.join(opts.results_dir, f"demo-heldout-{n}"),
-                                            num_items=n, seed=1)
+                                            num_items=n, seed=1, variant=variant)
         else:
             path, heldout = opts.data_path, opts.eval_data_path
         manifest = LatentDataset(path).manifest
     except DataError as e:
         raise AblateError(str(e))
-    name = "demo" if demo else os.path.basename(os.path.normpath(path))
+    name = ("demo" if variant == "colours" else f"demo-{variant}") if demo else os.path.basename(os.path.normpath(path))
     return SimpleNamespace(path=os.path.abspath(path), heldout=heldout and os.path.abspath(heldout), demo=demo,
                            name=name, manifest=manifest)
 

@@ -1,0 +1,116 @@
+"""What experiments/ablate.py and experiments/study.py share to run train.py many times: the MP
+configurations (CONFIGS), train.py's arguments checked without starting it, finding a run's
+directory and its state (done, evaluate, resume, new), training one run with divergence recorded
+rather than raised, and running many runs as subprocesses N at once.
+"""
+import contextlib
+import glob
+import io
+import logging
+import os
+import subprocess
+import time
+
+import runs
+import train
+from experiments.evaluate import read_json, say
+from models import MP_SWITCHES
+
+
+def _configs():
+    """name -> (label, train.py flags): vanilla, each switch alone, all MP, all MP + rotation."""
+    configs = {"vanilla": ("DiT (vanilla)", []),
+               "vanilla-lr1e-3": ("DiT (vanilla) at 10x DiT's learning rate", ["--lr", "1e-3"])}
+    for switch in MP_SWITCHES:
+        name, flags = switch[len("use_"):].replace("_", "-"), ["--" + switch.replace("_", "-")]
+        label = "+ " + switch[len("use_"):].replace("_", " ")
+        if switch == "use_forced_weight_normalization":  # forced alone is refused: it needs weight norm
+            name, flags = "weight-normalization+forced", ["--use-weight-normalization"] + flags
+            label = "+ weight normalization + forced weight normalization (run together)"
+        configs[name] = (label, flags)
+    configs["mp"] = ("MaP-DiT (all MP switches)", ["--mp"])
+    configs["mp-rotation"] = ("MaP-DiT + rotation-scale modulation", ["--mp", "--modulation", "rotation-scale"])
+    return configs
+
+
+CONFIGS = _configs()
+
+
+def parse_train(argv):
+    """(train.py's parsed arguments, None), or (None, why train.py refuses them)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return train.parse_args(argv), None
+    except SystemExit:
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        return None, lines[-1] if lines else "train.py refused the arguments"
+    except runs.UsageError as e:
+        return None, str(e)
+
+
+def find_run(root, args):
+    """The latest run directory under root whose config.json matches args (as train.py compares)."""
+    want = runs.comparable(vars(args))
+    found = None
+    for run_dir in sorted(glob.glob(os.path.join(root, "[0-9]" * 3 + "-*"))):
+        config = read_json(os.path.join(run_dir, "config.json"))
+        if config is not None and all(config.get(k) == v for k, v in want.items()):
+            found = run_dir
+    return found
+
+
+def final_checkpoint(run_dir, num_steps):
+    return os.path.join(run_dir, "checkpoints", f"{num_steps:07d}.pt")
+
+
+def run_state(run_dir, argv, num_steps, key):
+    """done (results.json for these arguments and evaluation settings `key`, or recorded as
+    diverged), evaluate (trained, not scored as asked), resume (checkpoints short of the last), or new."""
+    if run_dir is None:
+        return "new"
+    result = read_json(os.path.join(run_dir, "results.json")) or {}
+    trained = os.path.isfile(final_checkpoint(run_dir, num_steps))
+    if result.get("train_argv") == argv and result.get("status") == "diverged":
+        return "done"
+    if result.get("train_argv") == argv and result.get("eval_key") == key and trained:
+        return "done"
+    if trained:
+        return "evaluate"
+    return "resume" if runs.checkpoints_in(run_dir) else "new"
+
+
+def train_run(argv, root, resume_dir=None):
+    """Train train.py's argv (continuing resume_dir if given) in this process: (run_dir, None), or
+    (run_dir, why) when the loss became non-finite (train.py stops before saving it)."""
+    extra = ["--resume", resume_dir] if resume_dir else []
+    try:
+        return train.main(train.parse_args(argv + extra)), None
+    except FloatingPointError as e:
+        return find_run(root, train.parse_args(argv)), str(e)
+    finally:
+        for handler in logging.getLogger("train").handlers:
+            handler.close()
+
+
+def run_subprocesses(jobs, parallel):
+    """jobs: [(name, command, log path)], run `parallel` at once, each logging to its file;
+    returns the failures, one line each."""
+    queue, running, failures = list(jobs), {}, []
+    while queue or running:
+        while queue and len(running) < parallel:
+            name, cmd, log_path = queue.pop(0)
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            log = open(log_path, "a")
+            running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)] = (name, log, log_path)
+            say(f"started {name} (log: {log_path})")
+        time.sleep(0.5)
+        for proc in [p for p in running if p.poll() is not None]:
+            name, log, log_path = running.pop(proc)
+            log.close()
+            if proc.returncode:
+                failures.append(f"{name} (exit code {proc.returncode}; see {log_path})")
+                say(f"FAILED {failures[-1]}")
+            else:
+                say(f"finished {name}")
+    return failures

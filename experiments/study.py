@@ -1,0 +1,414 @@
+"""A fair test of magnitude preservation: each arm at its own best learning rate, several seeds,
+curves over training, on data whose classes are shapes.
+
+    python experiments/study.py --estimate          # the plan and its expected duration, nothing run
+    python experiments/study.py --parallel 2 --threads 1   # the default study (2-core CPU)
+    python experiments/study.py --profile gpu --parallel 4 # a bigger model, longer budgets (a GPU)
+
+For each arm (vanilla DiT, MaP-DiT, MaP-DiT with rotation-scale modulation, weight normalisation
+alone, MP embedding alone): an lr sweep of --sweep-points log-spaced values spanning --sweep-span x
+around train.py's default lr for the arm, --sweep-steps each with seed --sweep-seed; the best lr
+is the one whose sampled weights score lowest on the metric (train.py's in-run evaluation at the
+sweep's last step, against held-out images). Then --seeds at that lr for --steps each, evaluated
+every --eval-every steps (the curves), and scored at the end as experiments/ablate.py scores its
+runs (FD of the ablation classifier, class consistency, EMA held-out loss, fixed-noise samples).
+A run whose loss becomes non-finite is recorded as diverged, never dropped.
+
+Default data: the demo's "shapes" variant (random colour, size, position and rotation: the class
+is the shape alone), 32x32 pixels, rendered into RESULTS/demo-data. Runs are train.py runs in
+RESULTS/sweep/<arm>-lr<lr>-seed<s>/ and RESULTS/full/<arm>-lr<lr>-seed<s>/; rerunning the same
+command skips finished runs and continues interrupted ones. The report (RESULTS/study.md, a
+markdown section the README can include; RESULTS/study.json; curves, samples and magnitude
+figures) is written at the end of every invocation. Bad input: one line, exit code 2.
+"""
+import argparse
+import math
+import os
+import shlex
+import sys
+import time
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import evaluation  # noqa: E402
+import plots  # noqa: E402
+import train  # noqa: E402
+import watch  # noqa: E402
+from data import DataError, LatentDataset  # noqa: E402
+from experiments.evaluate import (AblateError, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
+                                  say, training_record, write_json)
+from experiments.runner import (CONFIGS, final_checkpoint, find_run, parse_train, run_state,  # noqa: E402
+                                run_subprocesses, train_run)
+from experiments.study_report import write_report  # noqa: E402
+
+ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
+# Budgets. cpu: sized for about 2.5 hours on an idle 2-core CPU with --parallel 2 --threads 1
+# (experiments/README.md has the arithmetic); its seconds are measured there. gpu: not yet measured.
+PROFILES = {
+    "cpu": dict(model="DiT-XS/4", depth=4, hidden_size=128, num_heads=4, global_batch_size=64,
+                sweep_steps=400, steps=1200, eval_every=150, eval_samples=256, sample_steps=25,
+                samples_per_class=50, step_s=0.38, sample_forward_s=0.0012, classifier_s=120),
+    "gpu": dict(model="DiT-S/4", depth=None, hidden_size=None, num_heads=None, global_batch_size=256,
+                sweep_steps=3000, steps=15000, eval_every=1000, eval_samples=2000, sample_steps=50,
+                samples_per_class=200, step_s=None, sample_forward_s=None, classifier_s=None),
+}
+PROFILE_KEYS = ("model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps", "steps",
+                "eval_every", "eval_samples", "sample_steps", "samples_per_class")
+
+
+#################################################################################
+#                                   Arguments                                   #
+#################################################################################
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise AblateError(f"{message} (see --help)")
+
+
+def build_parser():
+    p = _Parser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("the study")
+    g.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
+                   help="budgets and model: cpu (default; DiT-XS/4 at depth 4, width 128, 400-step sweep, 1200-step "
+                   "runs, about 2.5 h with --parallel 2) or gpu (DiT-S/4, 3000-step sweep, 15000-step runs)")
+    g.add_argument("--arms", nargs="+", metavar="NAME", default=ARMS,
+                   help=f"configurations of experiments/ablate.py --list (default {' '.join(ARMS)})")
+    g.add_argument("--sweep-points", type=int, default=5, help="learning rates per arm (default 5)")
+    g.add_argument("--sweep-span", type=float, default=100.0,
+                   help="highest / lowest lr of the sweep, log-spaced around train.py's default for the arm "
+                   "(default 100: default x 10^-1, 10^-0.5, 1, 10^0.5, 10)")
+    g.add_argument("--sweep-steps", type=int, help="steps of each sweep run (default: the profile's)")
+    g.add_argument("--sweep-seed", type=int, default=0, help="seed of the sweep runs (default 0)")
+    g.add_argument("--steps", type=int, help="steps of each full run (default: the profile's)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S",
+                   help="seeds of the full runs at each arm's best lr (default 0 1 2)")
+    g.add_argument("--results-dir", default="results/study", metavar="DIR", help="default results/study")
+    g.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at once, each a subprocess (default 1)")
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: all cores; "
+                   "on a 2-core CPU use 1 with --parallel 2)")
+    g.add_argument("--estimate", action="store_true", help="print the plan and its expected duration, run nothing")
+    g.add_argument("--visuals", metavar="DIR", help="also copy the report's figures here (e.g. visuals/)")
+    g = p.add_argument_group("training and evaluation")
+    g.add_argument("--data-path", metavar="DIR", help="a data.py pixel dataset (default: the demo's shapes variant)")
+    g.add_argument("--eval-data-path", metavar="DIR", help="held-out data (default: a second demo rendering)")
+    for key, text in (("model", "model name"), ("depth", "blocks"), ("hidden_size", "width"), ("num_heads", "heads"),
+                      ("global_batch_size", "batch"), ("eval_every", "steps between in-run evaluations of full runs"),
+                      ("eval_samples", "samples per in-run evaluation"),
+                      ("sample_steps", "DDIM steps of every evaluation"),
+                      ("samples_per_class", "samples per class scored at the end of a full run")):
+        g.add_argument("--" + key.replace("_", "-"), type=str if key == "model" else int,
+                       help=f"{text} (default: the profile's)")
+    g.add_argument("--metric", help="train.py --eval-metrics metric that picks the lr and draws the curves "
+                   "(default fid with the Inception weights on disk, else fd_classifier)")
+    g.add_argument("--target", type=float, help="the metric value for 'steps to reach' (default: the worst arm's "
+                   "final mean, which every arm reaches)")
+    g.add_argument("--train-args", default="", metavar="'ARGS'", help="more train.py arguments for every run")
+    p.add_argument("--only", help=argparse.SUPPRESS)  # PHASE:ARM:LR:SEED, the subprocess of --parallel
+    return p
+
+
+def parse(argv):
+    opts = build_parser().parse_args(argv)
+    profile = PROFILES[opts.profile]
+    for key in PROFILE_KEYS:
+        if getattr(opts, key) is None:
+            setattr(opts, key, profile[key])
+    unknown = [a for a in opts.arms if a not in CONFIGS]
+    if unknown:
+        raise AblateError(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
+    if len(set(opts.arms)) != len(opts.arms) or len(set(opts.seeds)) != len(opts.seeds):
+        raise AblateError("--arms and --seeds must not repeat")
+    for key in ("sweep_points", "sweep_steps", "steps", "parallel", "threads", "global_batch_size", "eval_every",
+                "eval_samples", "sample_steps", "samples_per_class"):
+        if getattr(opts, key) is not None and getattr(opts, key) < 1:
+            raise AblateError(f"--{key.replace('_', '-')} must be at least 1")
+    if not opts.sweep_span >= 1 or (opts.sweep_points > 1 and opts.sweep_span == 1):
+        raise AblateError("--sweep-span must be above 1 for more than one point")
+    try:
+        shlex.split(opts.train_args)
+    except ValueError as e:
+        raise AblateError(f"--train-args: {e}")
+    # what experiments/evaluate.py's scoring reads: fixed here, as in ablate.py's defaults
+    opts.cfg_scales, opts.sample_seed, opts.loss_batch, opts.eval_batch_size = [1.0], 0, 256, 250
+    opts.classifier_epochs, opts.inception_weights = 4, None
+    opts.results_dir = os.path.abspath(opts.results_dir)
+    return opts
+
+
+#################################################################################
+#                                 The plan                                      #
+#################################################################################
+
+def sweep_lrs(default, points, span):
+    """points log-spaced values from default / sqrt(span) to default * sqrt(span), 3 significant digits."""
+    if points == 1:
+        return [default]
+    return [float(f"{default * span ** (i / (points - 1) - 0.5):.3g}") for i in range(points)]
+
+
+def job_root(opts, phase, arm, lr, seed):
+    return os.path.join(opts.results_dir, phase, f"{arm}-lr{lr:g}-seed{seed}")
+
+
+def train_argv(opts, data, phase, arm, lr, seed):
+    """train.py's arguments of one run: the arm's flags at lr; in-run evaluation against the
+    held-out data every --eval-every steps (full runs) or once at the end (sweep runs)."""
+    steps = opts.steps if phase == "full" else opts.sweep_steps
+    argv = ["--data-path", data.path, "--results-dir", job_root(opts, phase, arm, lr, seed), "--model", opts.model,
+            "--num-steps", str(steps), "--global-batch-size", str(opts.global_batch_size), "--seed", str(seed),
+            "--lr", repr(lr), "--prediction", "v", "--num-workers", "0", "--no-hflip" if data.demo else "--hflip",
+            "--log-every", str(max(1, min(50, steps // 10))), "--monitor-every", str(max(1, steps // 15)),
+            "--ckpt-every", str(max(1, -(-steps // 5))), "--sample-every", "0", "--no-progress",
+            "--eval-every", str(opts.eval_every if phase == "full" else steps), "--eval-samples", str(opts.eval_samples),
+            "--eval-metrics", opts.metric, "--eval-reference", data.heldout, "--sample-steps", str(opts.sample_steps)]
+    for key in ("depth", "hidden_size", "num_heads"):
+        if getattr(opts, key) is not None:
+            argv += ["--" + key.replace("_", "-"), str(getattr(opts, key))]
+    return argv + CONFIGS[arm][1] + shlex.split(opts.train_args)
+
+
+def default_lr(opts, data, arm):
+    """train.py's lr for the arm's flags, or (None, why train.py refuses them)."""
+    argv = train_argv(opts, data, "sweep", arm, 1.0, 0)
+    i = argv.index("--lr")
+    args, why = parse_train(argv[:i] + argv[i + 2:])
+    return (args.lr, None) if args else (None, why)
+
+
+def make_plan(opts, data):
+    """{arm: its sweep lrs} for the arms train.py accepts, and {arm: why not} for the others."""
+    plan, refused = {}, {}
+    for arm in opts.arms:
+        lr, why = default_lr(opts, data, arm)
+        if lr is None:
+            refused[arm] = why
+        else:
+            plan[arm] = dict(default_lr=lr, lrs=sweep_lrs(lr, opts.sweep_points, opts.sweep_span))
+    if not plan:
+        raise AblateError(f"train.py refuses every arm: {next(iter(refused.values()))}")
+    return plan, refused
+
+
+def sweep_key(opts):
+    return dict(metric=opts.metric)
+
+
+def full_key(opts, ctx):
+    return dict(metric=opts.metric, samples_per_class=opts.samples_per_class, sample_steps=opts.sample_steps,
+                cfg_scales=opts.cfg_scales, sample_seed=opts.sample_seed, loss_batch=opts.loss_batch,
+                classifier=ctx.classifier_id)
+
+
+def job_state(opts, data, ctx, phase, arm, lr, seed):
+    """(run_dir or None, state as runner.run_state, train argv)."""
+    argv = train_argv(opts, data, phase, arm, lr, seed)
+    run_dir = find_run(job_root(opts, phase, arm, lr, seed), parse_train(argv)[0])
+    steps = opts.steps if phase == "full" else opts.sweep_steps
+    key = full_key(opts, ctx) if phase == "full" else sweep_key(opts)
+    return run_dir, run_state(run_dir, argv, steps, key), argv
+
+
+#################################################################################
+#                                 Running                                       #
+#################################################################################
+
+def eval_curve(run_dir, metric):
+    """[(step, value)] of the in-run evaluations in metrics.jsonl."""
+    records = plots.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return [(r["step"], r["eval"][metric]) for r in records if metric in r.get("eval", {})]
+
+
+def run_job(opts, data, ctx, phase, arm, lr, seed):
+    """Train (or continue) one run, score it, write its results.json (diverged runs too)."""
+    run_dir, state, argv = job_state(opts, data, ctx, phase, arm, lr, seed)
+    tag = f"{phase} {arm} lr {lr:g} seed {seed}"
+    if state == "done":
+        say(f"{tag}: finished, skipped ({run_dir})")
+        return
+    base = dict(phase=phase, arm=arm, label=CONFIGS[arm][0], flags=CONFIGS[arm][1], lr=lr, seed=seed,
+                train_argv=argv, train_command="python train.py " + shlex.join(argv))
+    if state in ("new", "resume"):
+        say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}")
+        os.makedirs(job_root(opts, phase, arm, lr, seed), exist_ok=True)
+        share_eval_cache(opts, job_root(opts, phase, arm, lr, seed))
+        run_dir, diverged = train_run(argv, job_root(opts, phase, arm, lr, seed), run_dir if state == "resume" else None)
+        if diverged:
+            write_json(os.path.join(run_dir, "results.json"),
+                       dict(base, status="diverged", message=diverged, run_dir=run_dir,
+                            curve=eval_curve(run_dir, opts.metric)))
+            say(f"{tag}: diverged: {diverged}")
+            return
+    steps = opts.steps if phase == "full" else opts.sweep_steps
+    curve = eval_curve(run_dir, opts.metric)
+    if not curve or curve[-1][0] != steps:
+        raise AblateError(f"{run_dir}: no in-run evaluation of {opts.metric} at step {steps} in metrics.jsonl")
+    _, _, step_time = training_record(run_dir, opts.global_batch_size)
+    result = dict(base, status="ok", run_dir=run_dir, curve=curve, final=curve[-1][1], step_time_s=step_time)
+    if phase == "full":
+        say(f"{tag}: scoring {run_dir}")
+        result.update(evaluate_run(run_dir, final_checkpoint(run_dir, steps), opts, ctx), eval_key=full_key(opts, ctx))
+    else:
+        result["eval_key"] = sweep_key(opts)
+    result.update(base, status="ok", run_dir=run_dir)
+    write_json(os.path.join(run_dir, "results.json"), result)
+    say(f"{tag}: {opts.metric} {curve[-1][1]:.4g} at step {steps}")
+
+
+def share_eval_cache(opts, root):
+    """train.py caches its evaluation classifier and reference statistics in ROOT/eval-cache: every
+    run links it to the study's one, filled once before any run starts (warm_eval_cache)."""
+    link = os.path.join(root, "eval-cache")
+    if not os.path.lexists(link):
+        os.symlink(os.path.join(opts.results_dir, "eval-cache"), link)
+
+
+def warm_eval_cache(opts, data):
+    """Train train.py's evaluation classifier and cache the held-out statistics once, in this
+    process, so that parallel runs only read them. Returns the metric of eval_samples training
+    images against the held-out data: what a perfect model would score (the floor of the curves)."""
+    cache = os.path.join(opts.results_dir, "eval-cache")
+    path = os.path.join(opts.results_dir, "floor.json")
+    key = dict(data=data.path, heldout=data.heldout, metric=opts.metric, samples=opts.eval_samples)
+    saved = read_json(path)
+    if saved and saved.get("key") == key and os.path.isdir(cache):
+        return saved["value"]
+    dataset = LatentDataset(data.path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    networks = {"classifier": watch.demo_classifier(dataset, cache, device, say)} if opts.metric == "fd_classifier" \
+        else {}
+    index = np.random.default_rng(0).permutation(len(dataset))[:opts.eval_samples]
+    images = np.stack([dataset[int(i)][0].permute(1, 2, 0).numpy() for i in index])
+    value = evaluation.evaluate(images, data.heldout, [opts.metric], networks=networks, cache=cache,
+                                progress=False)[opts.metric]
+    write_json(path, dict(key=key, value=value))
+    return value
+
+
+def run_phase(opts, argv, data, ctx, phase, jobs):
+    """jobs: [(arm, lr, seed)], in this process or as `study.py ARGV --only PHASE:ARM:LR:SEED` subprocesses."""
+    todo = [job for job in jobs if job_state(opts, data, ctx, phase, *job)[1] != "done"]
+    say(f"{phase}: {len(jobs) - len(todo)} of {len(jobs)} runs finished before, {len(todo)} to run")
+    if opts.parallel == 1:
+        for job in todo:
+            run_job(opts, data, ctx, phase, *job)
+        return []
+    cmds = []
+    for arm, lr, seed in todo:
+        root = job_root(opts, phase, arm, lr, seed)
+        os.makedirs(root, exist_ok=True)
+        share_eval_cache(opts, root)
+        cmds.append((f"{phase} {arm} lr {lr:g} seed {seed}",
+                     [sys.executable, os.path.abspath(__file__), *argv, "--only", f"{phase}:{arm}:{lr!r}:{seed}"],
+                     os.path.join(root, "study.log")))
+    return run_subprocesses(cmds, opts.parallel)
+
+
+def collect(opts, data, ctx, phase, arm, lr, seed):
+    run_dir, state, _ = job_state(opts, data, ctx, phase, arm, lr, seed)
+    if state == "done":
+        return read_json(os.path.join(run_dir, "results.json"))
+    return dict(phase=phase, arm=arm, lr=lr, seed=seed, status="missing")
+
+
+def best_lr(sweep):
+    """The lr of the sweep run with the lowest final metric among those that finished (None if none did)."""
+    ok = [r for r in sweep if r["status"] == "ok" and math.isfinite(r["final"])]
+    return min(ok, key=lambda r: r["final"])["lr"] if ok else None
+
+
+#################################################################################
+#                                 Budget                                        #
+#################################################################################
+
+def estimate(opts, pending_sweep, pending_full):
+    """(seconds or None, the arithmetic in words) for the pending runs, from the profile's measured
+    seconds: steps x s/step + evaluations x samples x DDIM steps x s per sample-forward, over --parallel."""
+    p = PROFILES[opts.profile]
+    same = all(getattr(opts, k) == p[k] for k in ("model", "depth", "hidden_size", "num_heads", "global_batch_size"))
+    if p["step_s"] is None or not same:
+        return None, ("no measured step time for this model and batch on this profile: the duration is "
+                      "unknown until the first runs finish (their s/step is in the report)")
+    eval_s = opts.eval_samples * opts.sample_steps * p["sample_forward_s"]
+    score_s = 10 * opts.samples_per_class * opts.sample_steps * p["sample_forward_s"]  # 10 classes, cfg 1
+    sweep_s = opts.sweep_steps * p["step_s"] + eval_s
+    full_s = opts.steps * p["step_s"] + (opts.steps // opts.eval_every + (opts.steps % opts.eval_every > 0)) * eval_s \
+        + score_s
+    total = (pending_sweep * sweep_s + pending_full * full_s) / opts.parallel + p["classifier_s"]
+    words = (f"{pending_sweep} sweep runs x {sweep_s:.0f} s ({opts.sweep_steps} steps x {p['step_s']} s + one "
+             f"evaluation {eval_s:.0f} s) + {pending_full} full runs x {full_s:.0f} s ({opts.steps} steps, "
+             f"{-(-opts.steps // opts.eval_every)} evaluations, final scoring {score_s:.0f} s), over {opts.parallel} "
+             f"at once, + {p['classifier_s']} s for the classifiers")
+    return total, words
+
+
+#################################################################################
+#                                   Main                                        #
+#################################################################################
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = parse(argv)
+        return run_study(opts, argv)
+    except (AblateError, train.UsageError, DataError, evaluation.EvalError) as e:
+        print(f"study.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_study(opts, argv):
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    data = prepare_data(opts, variant="shapes")
+    try:
+        opts.metric = opts.metric or watch.eval_metrics_for(None, data.manifest["kind"])[0]
+        watch.eval_metrics_for([opts.metric], data.manifest["kind"])
+    except ValueError as e:
+        raise AblateError(f"--metric: {e}")
+    plan, refused = make_plan(opts, data)
+    if opts.only:
+        phase, arm, lr, seed = opts.only.split(":")
+        ctx = prepare_eval(opts, data) if phase == "full" else None
+        run_job(opts, data, ctx, phase, arm, float(lr), int(seed))
+        return 0
+    sweep_jobs = [(arm, lr, opts.sweep_seed) for arm in plan for lr in plan[arm]["lrs"]]
+    pending_sweep = sum(job_state(opts, data, None, "sweep", *job)[1] != "done" for job in sweep_jobs)
+    pending_full = len(plan) * len(opts.seeds)  # at most: finished ones are skipped
+    seconds, words = estimate(opts, pending_sweep, pending_full)
+    for arm, why in refused.items():
+        say(f"skipping {arm}: {why}")
+    for arm, p in plan.items():
+        say(f"{arm}: sweep lr {' '.join(f'{lr:g}' for lr in p['lrs'])} (train.py's default {p['default_lr']:g})")
+    say(f"expected duration: {'unknown' if seconds is None else f'{seconds / 3600:.1f} h'} ({words})")
+    if opts.estimate:
+        return 0
+    start = time.time()
+    floor = warm_eval_cache(opts, data)
+    failures = run_phase(opts, argv, data, None, "sweep", sweep_jobs)
+    sweeps = {arm: [collect(opts, data, None, "sweep", arm, lr, opts.sweep_seed) for lr in plan[arm]["lrs"]]
+              for arm in plan}
+    best = {arm: best_lr(sweeps[arm]) for arm in plan}
+    for arm, lr in best.items():
+        say(f"{arm}: best lr {lr:g}" if lr is not None else f"{arm}: no sweep run finished; no full runs")
+    ctx = prepare_eval(opts, data)
+    full_jobs = [(arm, best[arm], seed) for arm in plan if best[arm] is not None for seed in opts.seeds]
+    failures += run_phase(opts, argv, data, ctx, "full", full_jobs)
+    fulls = {arm: [collect(opts, data, ctx, "full", arm, best[arm], s) for s in opts.seeds] if best[arm] else []
+             for arm in plan}
+    study = SimpleNamespace(opts=opts, data=data, ctx=ctx, plan=plan, refused=refused, sweeps=sweeps, best=best,
+                            fulls=fulls, floor=floor, wall_s=time.time() - start, estimate_s=seconds)
+    for path in write_report(study):
+        say(f"wrote {path}")
+    if failures:
+        say(f"{len(failures)} run(s) failed: " + "; ".join(failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
