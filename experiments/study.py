@@ -52,7 +52,7 @@ ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
 # (experiments/README.md has the arithmetic); its seconds are measured there. gpu: not yet measured.
 PROFILES = {
     "cpu": dict(model="DiT-XS/4", depth=4, hidden_size=128, num_heads=4, global_batch_size=64,
-                sweep_steps=400, steps=1200, eval_every=150, eval_samples=256, sample_steps=25,
+                sweep_steps=400, steps=1500, eval_every=150, eval_samples=256, sample_steps=25,
                 samples_per_class=50, step_s=0.38, sample_forward_s=0.0012, classifier_s=120),
     "gpu": dict(model="DiT-S/4", depth=None, hidden_size=None, num_heads=None, global_batch_size=256,
                 sweep_steps=3000, steps=15000, eval_every=1000, eval_samples=2000, sample_steps=50,
@@ -75,7 +75,7 @@ def build_parser():
     p = _Parser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the study")
     g.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
-                   help="budgets and model: cpu (default; DiT-XS/4 at depth 4, width 128, 400-step sweep, 1200-step "
+                   help="budgets and model: cpu (default; DiT-XS/4 at depth 4, width 128, 400-step sweep, 1500-step "
                    "runs, about 2.5 h with --parallel 2) or gpu (DiT-S/4, 3000-step sweep, 15000-step runs)")
     g.add_argument("--arms", nargs="+", metavar="NAME", default=ARMS,
                    help=f"configurations of experiments/ablate.py --list (default {' '.join(ARMS)})")
@@ -219,9 +219,10 @@ def job_state(opts, data, ctx, phase, arm, lr, seed):
 #################################################################################
 
 def eval_curve(run_dir, metric):
-    """[(step, value)] of the in-run evaluations in metrics.jsonl."""
+    """[(step, value)] of the in-run evaluations in metrics.jsonl, by step; a step evaluated twice
+    (a run interrupted after it and resumed from an earlier checkpoint) keeps its last value."""
     records = plots.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    return [(r["step"], r["eval"][metric]) for r in records if metric in r.get("eval", {})]
+    return sorted({r["step"]: r["eval"][metric] for r in records if metric in r.get("eval", {})}.items())
 
 
 def run_job(opts, data, ctx, phase, arm, lr, seed):
@@ -291,13 +292,14 @@ def warm_eval_cache(opts, data):
 
 
 def run_phase(opts, argv, data, ctx, phase, jobs):
-    """jobs: [(arm, lr, seed)], in this process or as `study.py ARGV --only PHASE:ARM:LR:SEED` subprocesses."""
+    """jobs: [(arm, lr, seed)], in this process or as `study.py ARGV --only PHASE:ARM:LR:SEED` subprocesses;
+    returns (the number of runs it had to do, the failures)."""
     todo = [job for job in jobs if job_state(opts, data, ctx, phase, *job)[1] != "done"]
     say(f"{phase}: {len(jobs) - len(todo)} of {len(jobs)} runs finished before, {len(todo)} to run")
     if opts.parallel == 1:
         for job in todo:
             run_job(opts, data, ctx, phase, *job)
-        return []
+        return len(todo), []
     cmds = []
     for arm, lr, seed in todo:
         root = job_root(opts, phase, arm, lr, seed)
@@ -306,7 +308,7 @@ def run_phase(opts, argv, data, ctx, phase, jobs):
         cmds.append((f"{phase} {arm} lr {lr:g} seed {seed}",
                      [sys.executable, os.path.abspath(__file__), *argv, "--only", f"{phase}:{arm}:{lr!r}:{seed}"],
                      os.path.join(root, "study.log")))
-    return run_subprocesses(cmds, opts.parallel)
+    return len(todo), run_subprocesses(cmds, opts.parallel)
 
 
 def collect(opts, data, ctx, phase, arm, lr, seed):
@@ -314,6 +316,20 @@ def collect(opts, data, ctx, phase, arm, lr, seed):
     if state == "done":
         return read_json(os.path.join(run_dir, "results.json"))
     return dict(phase=phase, arm=arm, lr=lr, seed=seed, status="missing")
+
+
+def sweep_results(opts, data, plan):
+    """({arm: its sweep runs' results}, {arm: best lr or None})."""
+    sweeps = {arm: [collect(opts, data, None, "sweep", arm, lr, opts.sweep_seed) for lr in plan[arm]["lrs"]]
+              for arm in plan}
+    return sweeps, {arm: best_lr(runs) for arm, runs in sweeps.items()}
+
+
+def trained(opts, data, phase, arm, lr, seed):
+    """Whether the run has its final checkpoint (it may still need scoring)."""
+    argv = train_argv(opts, data, phase, arm, lr, seed)
+    run_dir = find_run(job_root(opts, phase, arm, lr, seed), parse_train(argv)[0])
+    return run_dir is not None and os.path.isfile(final_checkpoint(run_dir, opts.steps))
 
 
 def best_lr(sweep):
@@ -325,6 +341,18 @@ def best_lr(sweep):
 #################################################################################
 #                                 Budget                                        #
 #################################################################################
+
+def add_wall_time(opts, seconds, ran):
+    """The study's wall time over its invocations (RESULTS/wall.json): this one's seconds are added
+    when it had runs to do (`ran` of them), so a rerun that only rewrites the report does not
+    count. Returns {"seconds", "invocations"}."""
+    path = os.path.join(opts.results_dir, "wall.json")
+    wall = read_json(path) or dict(seconds=0.0, invocations=0)
+    if ran:
+        wall = dict(seconds=wall["seconds"] + seconds, invocations=wall["invocations"] + 1)
+        write_json(path, wall)
+    return wall
+
 
 def estimate(opts, pending_sweep, pending_full):
     """(seconds or None, the arithmetic in words) for the pending runs, from the profile's measured
@@ -378,7 +406,11 @@ def run_study(opts, argv):
         return 0
     sweep_jobs = [(arm, lr, opts.sweep_seed) for arm in plan for lr in plan[arm]["lrs"]]
     pending_sweep = sum(job_state(opts, data, None, "sweep", *job)[1] != "done" for job in sweep_jobs)
-    pending_full = len(plan) * len(opts.seeds)  # at most: finished ones are skipped
+    pending_full = len(plan) * len(opts.seeds)  # before the sweep has chosen the lrs: all of them
+    if not pending_sweep:
+        best = sweep_results(opts, data, plan)[1]
+        pending_full = sum(not trained(opts, data, "full", arm, best[arm], seed)
+                           for arm in plan if best[arm] is not None for seed in opts.seeds)
     seconds, words = estimate(opts, pending_sweep, pending_full)
     for arm, why in refused.items():
         say(f"skipping {arm}: {why}")
@@ -389,19 +421,20 @@ def run_study(opts, argv):
         return 0
     start = time.time()
     floor = warm_eval_cache(opts, data)
-    failures = run_phase(opts, argv, data, None, "sweep", sweep_jobs)
-    sweeps = {arm: [collect(opts, data, None, "sweep", arm, lr, opts.sweep_seed) for lr in plan[arm]["lrs"]]
-              for arm in plan}
-    best = {arm: best_lr(sweeps[arm]) for arm in plan}
+    ran, failures = run_phase(opts, argv, data, None, "sweep", sweep_jobs)
+    sweeps, best = sweep_results(opts, data, plan)
     for arm, lr in best.items():
         say(f"{arm}: best lr {lr:g}" if lr is not None else f"{arm}: no sweep run finished; no full runs")
     ctx = prepare_eval(opts, data)
     full_jobs = [(arm, best[arm], seed) for arm in plan if best[arm] is not None for seed in opts.seeds]
-    failures += run_phase(opts, argv, data, ctx, "full", full_jobs)
+    ran_full, failed = run_phase(opts, argv, data, ctx, "full", full_jobs)
+    ran, failures = ran + ran_full, failures + failed
     fulls = {arm: [collect(opts, data, ctx, "full", arm, best[arm], s) for s in opts.seeds] if best[arm] else []
              for arm in plan}
     study = SimpleNamespace(opts=opts, data=data, ctx=ctx, plan=plan, refused=refused, sweeps=sweeps, best=best,
-                            fulls=fulls, floor=floor, wall_s=time.time() - start, estimate_s=seconds)
+                            fulls=fulls, floor=floor, estimate_s=seconds,
+                            command="python experiments/study.py " + shlex.join(argv),
+                            wall=add_wall_time(opts, time.time() - start, ran))
     for path in write_report(study):
         say(f"wrote {path}")
     if failures:

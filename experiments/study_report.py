@@ -90,9 +90,12 @@ def summarise_study(study):
             reached = {s: steps_to(c, target) for s, c in row["curves"].items()}
             row["steps_to_target"] = dict(per_seed=reached, summary=summarise([v for v in reached.values() if v]))
     baseline = "vanilla" if "vanilla" in rows else next(iter(rows))
-    return dict(metric=o.metric, target=target, target_source="--target" if o.target is not None else
+    data = "the demo's shapes variant (random colour, size, position and rotation: class = shape alone)" \
+        if study.data.demo else f"`{os.path.basename(study.data.path)}`"
+    return dict(metric=o.metric, data=data, target=target, target_source="--target" if o.target is not None else
                 "the worst arm's final mean", baseline=baseline, gaps=compare(rows, baseline), floor=study.floor,
-                refused=study.refused, wall_s=study.wall_s, estimate_s=study.estimate_s,
+                refused=study.refused, wall=study.wall, estimate_s=study.estimate_s,
+                command=study.command,
                 settings=dict(profile=o.profile, data=study.data.path, heldout=study.data.heldout, model=o.model,
                               depth=o.depth, hidden_size=o.hidden_size, num_heads=o.num_heads,
                               batch=o.global_batch_size, sweep_steps=o.sweep_steps, sweep_seed=o.sweep_seed,
@@ -120,7 +123,7 @@ def render(summary):
     rows = summary["rows"]
     lines = ["## Does magnitude preservation help? Each arm at its own best learning rate", "",
              f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), batch "
-             f"{s['batch']}, v-prediction, on `{os.path.basename(s['data'])}` (class = shape alone). "
+             f"{s['batch']}, v-prediction, on {summary['data']}. "
              f"lr sweep: {s['sweep_points']} log-spaced values over {s['sweep_span']:g}x around train.py's default "
              f"per arm, {s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr by `{m}` of "
              f"{s['eval_samples']} samples (DDIM-{s['sample_steps']}) against held-out images. Then seeds "
@@ -167,9 +170,10 @@ def render(summary):
               "**lr within 10% of best**: the contiguous sweep points around the best whose final metric is at "
               "most 1.1x the best's (how forgiving the arm is). **steps to**: the first evaluation at or below "
               f"the target ({summary['target_source']}), mean over the seeds that reached it.", ""]
-    wall = summary["wall_s"] / 3600
-    est = "unknown" if summary["estimate_s"] is None else f"{summary['estimate_s'] / 3600:.1f} h"
-    lines += [f"Wall time of the invocation that wrote this report: {wall:.2f} h (estimated before it: {est}).", ""]
+    wall, est = summary["wall"], summary["estimate_s"]
+    lines += [f"Wall time of the study: {wall['seconds'] / 3600:.2f} h over {wall['invocations']} invocation(s) "
+              f"with runs to do (the last one estimated {'n/a' if est is None else f'{est / 3600:.1f} h'} before "
+              f"it started); command: `{summary['command']}`.", ""]
     return "\n".join(lines)
 
 
