@@ -53,10 +53,10 @@ ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
 PROFILES = {
     "cpu": dict(model="DiT-XS/4", depth=4, hidden_size=128, num_heads=4, global_batch_size=64,
                 sweep_steps=400, steps=1500, eval_every=150, eval_samples=256, sample_steps=25,
-                samples_per_class=50, step_s=0.38, sample_forward_s=0.0012, classifier_s=120),
+                samples_per_class=50, step_s=0.38, sample_forward_s=0.0023, run_overhead_s=10, classifier_s=120),
     "gpu": dict(model="DiT-S/4", depth=None, hidden_size=None, num_heads=None, global_batch_size=256,
                 sweep_steps=3000, steps=15000, eval_every=1000, eval_samples=2000, sample_steps=50,
-                samples_per_class=200, step_s=None, sample_forward_s=None, classifier_s=None),
+                samples_per_class=200, step_s=None, sample_forward_s=None, run_overhead_s=None, classifier_s=None),
 }
 PROFILE_KEYS = ("model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps", "steps",
                 "eval_every", "eval_samples", "sample_steps", "samples_per_class")
@@ -364,13 +364,13 @@ def estimate(opts, pending_sweep, pending_full):
                       "unknown until the first runs finish (their s/step is in the report)")
     eval_s = opts.eval_samples * opts.sample_steps * p["sample_forward_s"]
     score_s = 10 * opts.samples_per_class * opts.sample_steps * p["sample_forward_s"]  # 10 classes, cfg 1
-    sweep_s = opts.sweep_steps * p["step_s"] + eval_s
-    full_s = opts.steps * p["step_s"] + (opts.steps // opts.eval_every + (opts.steps % opts.eval_every > 0)) * eval_s \
-        + score_s
+    evals = -(-opts.steps // opts.eval_every)
+    sweep_s = opts.sweep_steps * p["step_s"] + eval_s + p["run_overhead_s"]
+    full_s = opts.steps * p["step_s"] + evals * eval_s + score_s + p["run_overhead_s"]
     total = (pending_sweep * sweep_s + pending_full * full_s) / opts.parallel + p["classifier_s"]
-    words = (f"{pending_sweep} sweep runs x {sweep_s:.0f} s ({opts.sweep_steps} steps x {p['step_s']} s + one "
-             f"evaluation {eval_s:.0f} s) + {pending_full} full runs x {full_s:.0f} s ({opts.steps} steps, "
-             f"{-(-opts.steps // opts.eval_every)} evaluations, final scoring {score_s:.0f} s), over {opts.parallel} "
+    words = (f"{pending_sweep} sweep runs x {sweep_s:.0f} s ({opts.sweep_steps} steps x {p['step_s']} s, one "
+             f"evaluation {eval_s:.0f} s, start {p['run_overhead_s']} s) + {pending_full} full runs x {full_s:.0f} s "
+             f"({opts.steps} steps, {evals} evaluations, final scoring {score_s:.0f} s, start), over {opts.parallel} "
              f"at once, + {p['classifier_s']} s for the classifiers")
     return total, words
 
