@@ -52,7 +52,7 @@ ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
 # (experiments/README.md has the arithmetic); its seconds are measured there. gpu: not yet measured.
 PROFILES = {
     "cpu": dict(model="DiT-XS/4", depth=4, hidden_size=128, num_heads=4, global_batch_size=64,
-                sweep_steps=400, steps=1500, eval_every=150, eval_samples=256, sample_steps=25,
+                sweep_steps=400, steps=1200, eval_every=150, eval_samples=256, sample_steps=25,
                 samples_per_class=50, step_s=0.38, sample_forward_s=0.0023, run_overhead_s=10, classifier_s=120),
     "gpu": dict(model="DiT-S/4", depth=None, hidden_size=None, num_heads=None, global_batch_size=256,
                 sweep_steps=3000, steps=15000, eval_every=1000, eval_samples=2000, sample_steps=50,
@@ -79,10 +79,11 @@ def build_parser():
                    "runs, about 2.5 h with --parallel 2) or gpu (DiT-S/4, 3000-step sweep, 15000-step runs)")
     g.add_argument("--arms", nargs="+", metavar="NAME", default=ARMS,
                    help=f"configurations of experiments/ablate.py --list (default {' '.join(ARMS)})")
-    g.add_argument("--sweep-points", type=int, default=5, help="learning rates per arm (default 5)")
-    g.add_argument("--sweep-span", type=float, default=100.0,
+    g.add_argument("--sweep-points", type=int, default=7, help="learning rates per arm (default 7)")
+    g.add_argument("--sweep-span", type=float, default=1000.0,
                    help="highest / lowest lr of the sweep, log-spaced around train.py's default for the arm "
-                   "(default 100: default x 10^-1, 10^-0.5, 1, 10^0.5, 10)")
+                   "(default 1000: default x 10^-1.5, 10^-1, ..., 10^1.5, half-decade steps, so that a wider "
+                   "sweep of the same step reuses these runs)")
     g.add_argument("--sweep-steps", type=int, help="steps of each sweep run (default: the profile's)")
     g.add_argument("--sweep-seed", type=int, default=0, help="seed of the sweep runs (default 0)")
     g.add_argument("--steps", type=int, help="steps of each full run (default: the profile's)")
