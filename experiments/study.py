@@ -97,7 +97,8 @@ def build_parser():
     g.add_argument("--visuals", metavar="DIR", help="also copy the report's figures here (e.g. visuals/)")
     g = p.add_argument_group("training and evaluation")
     g.add_argument("--data-path", metavar="DIR", help="a data.py pixel dataset (default: the demo's shapes variant)")
-    g.add_argument("--eval-data-path", metavar="DIR", help="held-out data (default: a second demo rendering)")
+    g.add_argument("--eval-data-path", metavar="DIR", help="held-out images of the same kind (default: a second demo "
+                   "rendering; needed with --data-path)")
     for key, text in (("model", "model name"), ("depth", "blocks"), ("hidden_size", "width"), ("num_heads", "heads"),
                       ("global_batch_size", "batch"), ("eval_every", "steps between in-run evaluations of full runs"),
                       ("eval_samples", "samples per in-run evaluation"),
@@ -394,6 +395,8 @@ def run_study(opts, argv):
     if opts.threads:
         torch.set_num_threads(opts.threads)
     data = prepare_data(opts, variant="shapes")
+    if data.manifest["kind"] != "pixel" or not data.heldout:
+        raise AblateError("--data-path: the study needs a pixel dataset and held-out images of it (--eval-data-path)")
     try:
         opts.metric = opts.metric or watch.eval_metrics_for(None, data.manifest["kind"])[0]
         watch.eval_metrics_for([opts.metric], data.manifest["kind"])
