@@ -3,7 +3,9 @@ divergences), the full runs at the best lr (metric with seed spread, best-vs-bes
 target value, parameters, s/step, the ablation scores), written as RESULTS/study.md (a markdown
 section the README can include) and RESULTS/study.json, with the figures study_curves.png (metric
 against step per arm, mean and seed range), study_sweep.png (final metric against lr),
-study_samples.png (the best run of each arm, same classes and noise) and study_magnitudes.png.
+study_samples.png (the best run of each arm, same classes and noise) and study_magnitudes.png;
+the report links them from --visuals (relative to the working directory, e.g. visuals/ for the
+README) when given, else from beside it.
 """
 import math
 import os
@@ -15,6 +17,8 @@ import plots
 from experiments.evaluate import write_json
 from experiments.report import sample_figure, summarise
 
+FIGURES = (("metric against step", "study_curves.png"), ("final metric against lr", "study_sweep.png"),
+           ("samples of the best runs", "study_samples.png"), ("magnitudes of the best runs", "study_magnitudes.png"))
 WITHIN = 0.10  # "forgiving": the lrs whose metric is within 10% of the arm's best
 
 
@@ -92,7 +96,9 @@ def summarise_study(study):
     baseline = "vanilla" if "vanilla" in rows else next(iter(rows))
     data = "the demo's shapes variant (random colour, size, position and rotation: class = shape alone)" \
         if study.data.demo else f"`{os.path.basename(study.data.path)}`"
-    return dict(metric=o.metric, data=data, target=target, target_source="--target" if o.target is not None else
+    figure_dir = os.path.relpath(o.visuals) if o.visuals else "."
+    return dict(metric=o.metric, data=data, target=target, figure_dir=figure_dir,
+                target_source="--target" if o.target is not None else
                 "the worst arm's final mean", baseline=baseline, gaps=compare(rows, baseline), floor=study.floor,
                 refused=study.refused, wall=study.wall, estimate_s=study.estimate_s,
                 command=study.command,
@@ -101,7 +107,8 @@ def summarise_study(study):
                               batch=o.global_batch_size, sweep_steps=o.sweep_steps, sweep_seed=o.sweep_seed,
                               sweep_points=o.sweep_points, sweep_span=o.sweep_span, steps=o.steps, seeds=o.seeds,
                               eval_every=o.eval_every, eval_samples=o.eval_samples, sample_steps=o.sample_steps,
-                              samples_per_class=o.samples_per_class, parallel=o.parallel, threads=o.threads),
+                              samples_per_class=o.samples_per_class, num_classes=int(study.data.manifest["num_classes"]),
+                              parallel=o.parallel, threads=o.threads),
                 rows={arm: {k: v for k, v in row.items() if k != "best_run"} for arm, row in rows.items()}), rows
 
 
@@ -159,11 +166,10 @@ def render(summary):
                  for p in sorted(r["sweep"], key=lambda p: p["lr"])]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "What the data shows:", ""] + [f"- {line}" for line in findings(summary)]
-    lines += ["", "![metric against step](study_curves.png)", "", "![final metric against lr](study_sweep.png)", "",
-              "![samples](study_samples.png)", "", "![magnitudes](study_magnitudes.png)", "",
-              "Columns: **FD** is experiments/ablate.py's Frechet distance in its classifier's features "
+    lines += [""] + [f"![{alt}]({os.path.join(summary['figure_dir'], name)})\n" for alt, name in FIGURES]
+    lines += ["Columns: **FD** is experiments/ablate.py's Frechet distance in its classifier's features "
               f"({next((r['fd_network'] for r in rows.values() if 'fd_network' in r), 'n/a')}) of "
-              f"{10 * s['samples_per_class']} samples from fixed noise against held-out images, **class "
+              f"{s['num_classes'] * s['samples_per_class']} samples from fixed noise against held-out images, **class "
               "consistency** the fraction of samples that classifier labels with their class, **EMA held-out "
               "loss** the sampled weights' loss on held-out images: the final scores of ablate.py, at the end of "
               f"each full run. **s/step**: median over training log windows, {s['parallel']} run(s) at once. "
@@ -256,17 +262,17 @@ def write_report(study):
         f.write(render(summary))
     os.replace(written[0] + ".tmp", written[0])
     write_json(written[1], summary)
-    figures = [os.path.join(out, name) for name in ("study_curves.png", "study_sweep.png")]
+    figures = [os.path.join(out, name) for _, name in FIGURES[:2]]
     curves_figure(rows, o.metric, summary["floor"], figures[0])
     sweep_figure(rows, o.metric, figures[1])
     best = [(f"{arm} (lr {r['best_lr']:g}, seed {r['best_run']['seed']})", r["best_run"])
             for arm, r in rows.items() if "best_run" in r]
     if best:
         names = study.data.manifest.get("class_names") or [str(k) for k in range(study.ctx.num_classes)]
-        figures.append(os.path.join(out, "study_samples.png"))
+        figures.append(os.path.join(out, FIGURES[2][1]))
         sample_figure([r["samples"]["1"]["npz"] for _, r in best], [t for t, _ in best], names, figures[-1],
                       f"the best run of each arm: same classes and noise, DDIM-{o.sample_steps}")
-        figures.append(os.path.join(out, "study_magnitudes.png"))
+        figures.append(os.path.join(out, FIGURES[3][1]))
         plots.compare_magnitudes([(t, plots.read_metrics(os.path.join(r["run_dir"], "metrics.jsonl")))
                                   for t, r in best], figures[-1])
     if o.visuals:

@@ -151,7 +151,8 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
         assert row["parameters"] > 0 and row["step_time_s"]["n"] == 2
     report = (out / "study.md").read_text()
     for needle in ("| vanilla |", "| mp |", "lr within 10% of best", "steps to fd_classifier", "mp vs vanilla",
-                   "the seed spread", "study_curves.png"):
+                   "the seed spread", "of 12 samples from fixed noise",
+                   f"({os.path.relpath(tmp_path / 'visuals' / 'study_curves.png')})"):
         assert needle in report, needle
     for name in ("study_curves.png", "study_sweep.png", "study_samples.png", "study_magnitudes.png"):
         assert (out / name).is_file() and (tmp_path / "visuals" / name).is_file(), name
