@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 import evaluation  # noqa: E402
 import plots  # noqa: E402
-import train  # noqa: E402
+import runs  # noqa: E402
 import watch  # noqa: E402
 from data import DataError, LatentDataset  # noqa: E402
 from experiments.evaluate import (AblateError, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
@@ -221,10 +221,10 @@ def job_state(opts, data, ctx, phase, arm, lr, seed):
 #################################################################################
 
 def eval_curve(run_dir, metric):
-    """[(step, value)] of the in-run evaluations in metrics.jsonl, by step; a step evaluated twice
-    (a run interrupted after it and resumed from an earlier checkpoint) keeps its last value."""
+    """[(step, value)] of the in-run evaluations in metrics.jsonl (a resumed run's train.py drops the
+    records logged after its checkpoint, so each step appears once)."""
     records = plots.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    return sorted({r["step"]: r["eval"][metric] for r in records if metric in r.get("eval", {})}.items())
+    return [(r["step"], r["eval"][metric]) for r in records if metric in r.get("eval", {})]
 
 
 def run_job(opts, data, ctx, phase, arm, lr, seed):
@@ -386,7 +386,7 @@ def main(argv=None):
     try:
         opts = parse(argv)
         return run_study(opts, argv)
-    except (AblateError, train.UsageError, DataError, evaluation.EvalError) as e:
+    except (AblateError, runs.UsageError, DataError, evaluation.EvalError) as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2
 

@@ -173,4 +173,4 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
     assert len(calls) == 1 and calls[0].resume == victim
     result = json.loads(open(os.path.join(victim, "results.json")).read())
     assert result["status"] == "ok"
-    assert [s for s, _ in result["curve"]] == [2, 4]  # step 4 evaluated twice in metrics.jsonl: once in the curve
+    assert [s for s, _ in result["curve"]] == [2, 4]  # step 4 evaluated again after the resume: once in the curve
