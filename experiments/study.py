@@ -45,7 +45,7 @@ from experiments.evaluate import (AblateError, evaluate_run, prepare_data, prepa
                                   say, training_record, write_json)
 from experiments.runner import (CONFIGS, final_checkpoint, find_run, parse_train, run_state,  # noqa: E402
                                 run_subprocesses, train_run)
-from experiments.study_report import write_report  # noqa: E402
+from experiments.study_report import README_END, README_START, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
 # Budgets. cpu: sized for about 2.5 hours on an idle 2-core CPU with --parallel 2 --threads 1
@@ -94,7 +94,10 @@ def build_parser():
     g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: all cores; "
                    "on a 2-core CPU use 1 with --parallel 2)")
     g.add_argument("--estimate", action="store_true", help="print the plan and its expected duration, run nothing")
-    g.add_argument("--visuals", metavar="DIR", help="also copy the report's figures here (e.g. visuals/)")
+    g.add_argument("--visuals", metavar="DIR", help="also copy the report's figures here (e.g. visuals/); the report "
+                   "then links them there")
+    g.add_argument("--readme", metavar="FILE", help="also write the report into FILE (e.g. README.md) between its "
+                   f"'{README_START}' and '{README_END}' lines")
     g = p.add_argument_group("training and evaluation")
     g.add_argument("--data-path", metavar="DIR", help="a data.py pixel dataset (default: the demo's shapes variant)")
     g.add_argument("--eval-data-path", metavar="DIR", help="held-out images of the same kind (default: a second demo "
@@ -132,6 +135,15 @@ def parse(argv):
             raise AblateError(f"--{key.replace('_', '-')} must be at least 1")
     if not opts.sweep_span >= 1 or (opts.sweep_points > 1 and opts.sweep_span == 1):
         raise AblateError("--sweep-span must be above 1 for more than one point")
+    if opts.readme:
+        try:
+            with open(opts.readme) as f:
+                text = f.read()
+        except OSError as e:
+            raise AblateError(f"--readme: {e}")
+        if README_START not in text or README_END not in text:
+            raise AblateError(f"--readme {opts.readme}: add the lines '{README_START}' and '{README_END}' where the "
+                              "report goes")
     try:
         shlex.split(opts.train_args)
     except ValueError as e:

@@ -5,7 +5,8 @@ section the README can include) and RESULTS/study.json, with the figures study_c
 against step per arm, mean and seed range), study_sweep.png (final metric against lr),
 study_samples.png (the best run of each arm, same classes and noise) and study_magnitudes.png;
 the report links them from --visuals (relative to the working directory, e.g. visuals/ for the
-README) when given, else from beside it.
+README) when given, else from beside it. --readme FILE also puts the report between the markers
+README_START and README_END of FILE.
 """
 import math
 import os
@@ -252,6 +253,22 @@ def sweep_figure(rows, metric, path):
     return plots._save(fig, path)
 
 
+README_START, README_END = "<!-- study.py results: start -->", "<!-- study.py results: end -->"
+
+
+def include_in_readme(path, section):
+    """Replace what lies between README_START and README_END in the markdown file `path` with section."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path}: no '{README_START}' ... '{README_END}' block to replace")
+    text = text[:start + len(README_START)] + "\n" + section + "\n" + text[end:]
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_report(study):
     """study.md, study.json and the figures under the study's results dir (copied to --visuals)."""
     o = study.opts
@@ -275,6 +292,9 @@ def write_report(study):
         figures.append(os.path.join(out, FIGURES[3][1]))
         plots.compare_magnitudes([(t, plots.read_metrics(os.path.join(r["run_dir"], "metrics.jsonl")))
                                   for t, r in best], figures[-1])
+    if o.readme:
+        include_in_readme(o.readme, render(summary))
+        written.append(o.readme)
     if o.visuals:
         os.makedirs(o.visuals, exist_ok=True)
         for path in figures:

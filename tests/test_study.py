@@ -102,7 +102,8 @@ def test_default_study_fits_the_cpu_budget_and_other_models_are_unknown(tmp_path
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     for argv in (["--arms", "nope"], ["--sweep-points", "0"], ["--seeds", "1", "1"], ["--sweep-span", "0.5"],
                  ["--data-path", str(tmp_path / "missing")], ["--metric", "fid"],
-                 ["--data-path", write_colours(tmp_path / "no-heldout", 8, seed=0)]):
+                 ["--data-path", write_colours(tmp_path / "no-heldout", 8, seed=0)], ["--readme", str(tmp_path)],
+                 ["--readme", write_colours(tmp_path / "d", 8, seed=0) + "/manifest.json"]):
         assert study.main(argv + ["--results-dir", str(tmp_path / "r"), "--estimate"]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("study.py: error:"), err
@@ -130,9 +131,11 @@ def test_a_diverged_sweep_run_is_recorded_and_reported_not_chosen(tmp_path, data
 
 def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_runs(tmp_path, data, monkeypatch):
     out = tmp_path / "study"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# before\n{study_report.README_START}\nold\n{study_report.README_END}\nafter\n")
     argv = data + TINY + ["--results-dir", str(out), "--arms", "vanilla", "mp", "--sweep-points", "2",
                           "--sweep-span", "10", "--sweep-steps", "2", "--steps", "4", "--eval-every", "2",
-                          "--seeds", "0", "1", "--visuals", str(tmp_path / "visuals")]
+                          "--seeds", "0", "1", "--visuals", str(tmp_path / "visuals"), "--readme", str(readme)]
     calls = count_training(monkeypatch)
     assert study.main(argv) == 0
     assert len(calls) == 2 * 2 + 2 * 2  # 2 arms x 2 lrs, then 2 arms x 2 seeds
@@ -154,6 +157,8 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
                    "the seed spread", "of 12 samples from fixed noise",
                    f"({os.path.relpath(tmp_path / 'visuals' / 'study_curves.png')})"):
         assert needle in report, needle
+    assert readme.read_text() == (f"# before\n{study_report.README_START}\n{report}\n{study_report.README_END}"
+                                  "\nafter\n")
     for name in ("study_curves.png", "study_sweep.png", "study_samples.png", "study_magnitudes.png"):
         assert (out / name).is_file() and (tmp_path / "visuals" / name).is_file(), name
 
