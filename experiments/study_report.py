@@ -129,7 +129,7 @@ def _sweep_cell(point):
 def render(summary):
     s, m = summary["settings"], summary["metric"]
     rows = summary["rows"]
-    lines = ["## Does magnitude preservation help? Each arm at its own best learning rate", "",
+    lines = ["### Does magnitude preservation help? Each arm at its own best learning rate", "",
              f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), batch "
              f"{s['batch']}, v-prediction, on {summary['data']}. "
              f"lr sweep: {s['sweep_points']} log-spaced values over {s['sweep_span']:g}x around train.py's default "
