@@ -48,12 +48,12 @@ from experiments.runner import (CONFIGS, final_checkpoint, find_run, parse_train
 from experiments.study_report import README_END, README_START, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
-# Budgets. cpu: sized for about 2.5 hours on an idle 2-core CPU with --parallel 2 --threads 1
+# Budgets. cpu: sized for about 2 hours on an idle 2-core CPU with --parallel 2 --threads 1
 # (experiments/README.md has the arithmetic); its seconds are measured there. gpu: not yet measured.
 PROFILES = {
     "cpu": dict(model="DiT-XS/4", depth=4, hidden_size=128, num_heads=4, global_batch_size=64,
-                sweep_steps=400, steps=1200, eval_every=150, eval_samples=256, sample_steps=25,
-                samples_per_class=50, step_s=0.38, sample_forward_s=0.0023, run_overhead_s=10, classifier_s=120),
+                sweep_steps=150, steps=400, eval_every=100, eval_samples=256, sample_steps=25,
+                samples_per_class=50, step_s=0.77, sample_forward_s=0.0046, run_overhead_s=10, classifier_s=120),
     "gpu": dict(model="DiT-S/4", depth=None, hidden_size=None, num_heads=None, global_batch_size=256,
                 sweep_steps=3000, steps=15000, eval_every=1000, eval_samples=2000, sample_steps=50,
                 samples_per_class=200, step_s=None, sample_forward_s=None, run_overhead_s=None, classifier_s=None),
@@ -75,8 +75,8 @@ def build_parser():
     p = _Parser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the study")
     g.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
-                   help="budgets and model: cpu (default; DiT-XS/4 at depth 4, width 128, 400-step sweep, 1500-step "
-                   "runs, about 2.5 h with --parallel 2) or gpu (DiT-S/4, 3000-step sweep, 15000-step runs)")
+                   help="budgets and model: cpu (default; DiT-XS/4 at depth 4, width 128, 150-step sweep, 400-step "
+                   "runs, about 2 h with --parallel 2) or gpu (DiT-S/4, 3000-step sweep, 15000-step runs)")
     g.add_argument("--arms", nargs="+", metavar="NAME", default=ARMS,
                    help=f"configurations of experiments/ablate.py --list (default {' '.join(ARMS)})")
     g.add_argument("--sweep-points", type=int, default=7, help="learning rates per arm (default 7)")
