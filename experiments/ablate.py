@@ -38,15 +38,12 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-import evaluation  # noqa: E402
 import feature_nets  # noqa: E402
-import runs  # noqa: E402
-from data import DataError  # noqa: E402
 from experiments.evaluate import (AblateError, add_missing_fid, evaluate_run, prepare_data,  # noqa: E402
                                   prepare_eval, read_json, say, write_json)
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
-from experiments.runner import (CONFIGS, final_checkpoint, find_run, parse_train, run_state,  # noqa: E402
-                                run_subprocesses, train_run)
+from experiments.runner import (CONFIGS, Parser, cli, final_checkpoint, find_run, parse_train,  # noqa: E402
+                                run_state, run_subprocesses, train_run)
 
 DEFAULT_MODEL, DEFAULT_SIZE = "DiT-XS/4", dict(depth=4, hidden_size=128, num_heads=4)
 DEFAULT_STEPS, DEFAULT_BATCH = 800, 64  # the default grid: about an hour on a 2-core CPU
@@ -59,13 +56,8 @@ GRIDS = {"default": list(CONFIGS), "tiny": ["vanilla", "mp"]}
 #                                   Arguments                                   #
 #################################################################################
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise AblateError(f"{message} (see --help)")
-
-
 def build_parser():
-    p = _Parser(prog="ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("grid")
     g.add_argument("--grid", choices=sorted(GRIDS), default="default", help="which grid (default: default)")
     g.add_argument("--configs", nargs="+", metavar="NAME", help="run only these configurations of the grid (--list)")
@@ -255,18 +247,17 @@ def run_parallel(opts, argv, pending):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        opts = parse(argv)
-        if opts.list:
-            for cfg in opts.configs:
-                label, flags = CONFIGS[cfg]
-                print(f"{cfg:32s} {' '.join(flags) or '(no flags)':58s} {label}")
-            return 0
-        return run_grid(opts, argv)
-    except (AblateError, runs.UsageError, DataError, evaluation.EvalError) as e:
-        print(f"ablate.py: error: {e}", file=sys.stderr)
-        return 2
+    return cli("ablate.py", list_or_run, list(sys.argv[1:] if argv is None else argv))
+
+
+def list_or_run(argv):
+    opts = parse(argv)
+    if opts.list:
+        for cfg in opts.configs:
+            label, flags = CONFIGS[cfg]
+            print(f"{cfg:32s} {' '.join(flags) or '(no flags)':58s} {label}")
+        return 0
+    return run_grid(opts, argv)
 
 
 def run_grid(opts, argv):

@@ -1,19 +1,24 @@
 """What experiments/ablate.py and experiments/study.py share to run train.py many times: the MP
 configurations (CONFIGS), train.py's arguments checked without starting it, finding a run's
 directory and its state (done, evaluate, resume, new), training one run with divergence recorded
-rather than raised, and running many runs as subprocesses N at once.
+rather than raised, running many runs as subprocesses N at once, and their command lines' error
+handling (bad input: one line, exit code 2).
 """
+import argparse
 import contextlib
 import glob
 import io
 import logging
 import os
 import subprocess
+import sys
 import time
 
+import evaluation
 import runs
 import train
-from experiments.evaluate import read_json, say
+from data import DataError
+from experiments.evaluate import AblateError, read_json, say
 from models import MP_SWITCHES
 
 
@@ -34,6 +39,22 @@ def _configs():
 
 
 CONFIGS = _configs()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are raised as AblateError, for cli() to report in one line."""
+    def error(self, message):
+        raise AblateError(f"{message} (see --help)")
+
+
+def cli(prog, run, argv):
+    """run(argv) -> exit code, with bad input (arguments, data, runs, evaluation) reported as
+    'prog: error: ...' on one line and exit code 2."""
+    try:
+        return run(argv)
+    except (AblateError, runs.UsageError, DataError, evaluation.EvalError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def parse_train(argv):

@@ -38,13 +38,12 @@ import torch  # noqa: E402
 
 import evaluation  # noqa: E402
 import plots  # noqa: E402
-import runs  # noqa: E402
 import watch  # noqa: E402
-from data import DataError, LatentDataset  # noqa: E402
+from data import LatentDataset  # noqa: E402
 from experiments.evaluate import (AblateError, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
                                   say, training_record, write_json)
-from experiments.runner import (CONFIGS, final_checkpoint, find_run, parse_train, run_state,  # noqa: E402
-                                run_subprocesses, train_run)
+from experiments.runner import (CONFIGS, Parser, cli, final_checkpoint, find_run, parse_train,  # noqa: E402
+                                run_state, run_subprocesses, train_run)
 from experiments.study_report import README_END, README_START, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
@@ -66,13 +65,8 @@ PROFILE_KEYS = ("model", "depth", "hidden_size", "num_heads", "global_batch_size
 #                                   Arguments                                   #
 #################################################################################
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise AblateError(f"{message} (see --help)")
-
-
 def build_parser():
-    p = _Parser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the study")
     g.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
                    help="budgets and model: cpu (default; DiT-XS/4 at depth 4, width 128, 150-step sweep, 400-step "
@@ -336,7 +330,7 @@ def sweep_results(opts, data, plan):
     """({arm: its sweep runs' results}, {arm: best lr or None})."""
     sweeps = {arm: [collect(opts, data, None, "sweep", arm, lr, opts.sweep_seed) for lr in plan[arm]["lrs"]]
               for arm in plan}
-    return sweeps, {arm: best_lr(runs) for arm, runs in sweeps.items()}
+    return sweeps, {arm: best_lr(results) for arm, results in sweeps.items()}
 
 
 def trained(opts, data, phase, arm, lr, seed):
@@ -394,16 +388,11 @@ def estimate(opts, pending_sweep, pending_full):
 #################################################################################
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        opts = parse(argv)
-        return run_study(opts, argv)
-    except (AblateError, runs.UsageError, DataError, evaluation.EvalError) as e:
-        print(f"study.py: error: {e}", file=sys.stderr)
-        return 2
+    return cli("study.py", run_study, list(sys.argv[1:] if argv is None else argv))
 
 
-def run_study(opts, argv):
+def run_study(argv):
+    opts = parse(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     data = prepare_data(opts, variant="shapes")
