@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import time
 import zipfile
 
 import numpy as np
@@ -34,6 +33,7 @@ import torch.distributed as dist
 
 import feature_nets
 from eval_inputs import EvalError, Side, check_images
+from progress import progress as progress_bar
 
 METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
 SOURCES = {"fid": ("inception", "pool"), "sfid": ("inception", "spatial"), "is": ("inception", "logits"),
@@ -145,32 +145,6 @@ def write_npz_samples(path, images):
 #                                Feature extraction                             #
 #################################################################################
 
-class Progress:
-    """A progress bar: tqdm on a terminal, plain lines (every 10% or 60 s) when stderr is not one."""
-
-    def __init__(self, total, initial=0, desc="", enabled=True):
-        self.total, self.done, self.desc, self.enabled = total, initial, desc, enabled
-        self.start, self.last_line, self.last_done = time.time(), time.time(), initial
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="img", dynamic_ncols=True)
-
-    def update(self, n):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and (self.done >= self.total or time.time() - self.last_line > 60
-                               or self.done - self.last_done >= self.total / 10):
-            rate = (self.done - self.last_done) / max(time.time() - self.last_line, 1e-9)
-            print(f"{self.desc}: {self.done}/{self.total} images ({rate:.1f} img/s)", file=sys.stderr, flush=True)
-            self.last_line, self.last_done = time.time(), self.done
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def rank_world():
     """(rank, world size) of torch.distributed, (0, 1) when it is not initialised."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
@@ -226,8 +200,8 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
         files = [os.path.join(work_dir, f"{k:06d}.npz") for k in range(len(chunks))]
     todo = [k for k in mine if files is None or not os.path.exists(files[k])]
     size = lambda ks: sum(chunks[k][1] - chunks[k][0] for k in ks)  # noqa: E731
-    bar = Progress(size(mine), size(mine) - size(todo), desc or f"features {network.name}",
-                   enabled=progress and rank == 0)
+    bar = progress_bar(total=size(mine), initial=size(mine) - size(todo), desc=desc or f"features {network.name}",
+                       unit="img", enabled=progress and rank == 0)
     local = {}
     try:
         for k in todo:

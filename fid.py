@@ -58,7 +58,8 @@ def build_parser():
     parser.add_argument("--cache-dir", metavar="DIR", help="keep reference statistics here, not beside the reference")
     parser.add_argument("--no-cache", action="store_true", help="compute reference statistics afresh, keep nothing")
     parser.add_argument("--device", help="torch device (default: cuda when there is one, else cpu)")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (with the output redirected, it "
+                        "is a plain line every 30 s)")
     return parser
 
 
@@ -73,7 +74,7 @@ def main(argv=None):
         metrics = parse_metrics(args.metrics) if args.metrics else None
         results = evaluate(args.samples, args.reference, metrics, batch_size=args.batch_size, device=args.device,
                            inception_weights=args.inception_weights, dinov2_weights=args.dinov2_weights,
-                           cache=False if args.no_cache else (args.cache_dir or True), progress=not args.quiet)
+                           cache=False if args.no_cache else (args.cache_dir or True), progress=not args.no_progress)
         if dist.is_initialized() and dist.get_rank() != 0:
             return
         for key, name in NAMES.items():

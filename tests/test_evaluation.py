@@ -314,7 +314,8 @@ def test_folder_and_pixel_dataset_references_equal_the_npz_of_their_images(tmp_p
         fd(folder)
 
 
-def test_interrupted_extraction_resumes_to_the_same_features(tmp_path):
+def test_interrupted_extraction_resumes_to_the_same_features(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     images = random_images(50, seed=8)
     straight = evaluation.extract_features(TinyNet(), images, batch_size=5, chunk_size=10, progress=False)
     work = tmp_path / "chunks"
@@ -323,9 +324,12 @@ def test_interrupted_extraction_resumes_to_the_same_features(tmp_path):
                                     work_dir=str(work), key="k", progress=False)
     assert sorted(f for f in os.listdir(work) if f.endswith(".npz")) == [f"{k:06d}.npz" for k in range(3)]
     net = TinyNet()
+    capsys.readouterr()
     resumed = evaluation.extract_features(net, images, batch_size=5, chunk_size=10, work_dir=str(work),
-                                          key="k", progress=False)
+                                          key="k", progress=True)
     assert net.calls == 4  # chunks 3 and 4 only
+    log = capsys.readouterr().err  # not a terminal: plain lines, counting on from the 30 images already done
+    assert "\r" not in log and "30/50" in log.splitlines()[0] and "50/50" in log.splitlines()[-1], log
     np.testing.assert_array_equal(resumed["features"], straight["features"])
     net = TinyNet()  # other images (another key): the old chunks are not used
     evaluation.extract_features(net, images, batch_size=5, chunk_size=10, work_dir=str(work), key="other",

@@ -181,7 +181,7 @@ def test_in_run_evaluation_equals_the_evaluation_cli(pixels, tmp_path, inception
     images = watch.Evaluation(ckpt["manifest"], "eps", 3, 0, 8, ["fid"], pixels, None).images(model)
     np.savez(tmp_path / "samples.npz", arr_0=images)
     subprocess.run([sys.executable, "fid.py", str(tmp_path / "samples.npz"), pixels, "--metrics", "fid", "--no-cache",
-                    "--quiet", "--json", str(tmp_path / "cli.json"), "--inception-weights", inception_weights],
+                    "--no-progress", "--json", str(tmp_path / "cli.json"), "--inception-weights", inception_weights],
                    cwd=ROOT, check=True, timeout=600, capture_output=True)
     with open(tmp_path / "cli.json") as f:
         cli = json.load(f)
