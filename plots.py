@@ -5,7 +5,8 @@
 - curves.png: training loss (with its MSE and VB terms), learning rate, gradient norm and every
   evaluation metric against step;
 - compare_magnitudes: the magnitude panels of several runs side by side on shared y-axes;
-- compare_samples: sample grids of several runs side by side, one row per class.
+- compare_samples: sample grids of several runs side by side, one row per class;
+- plot_sweep: experiments/sweep.py's metric against the EMA width, a line per guidance setting.
 
 Records are the rows of a run's metrics.jsonl (read_metrics).
 """
@@ -30,9 +31,12 @@ def read_metrics(path):
 
 
 def _save(fig, path):
-    """Write the PNG and release the figure from pyplot; the figure is returned for inspection."""
-    fig.savefig(path, dpi=100)
+    """Write the PNG (atomically: a reader never sees half a file) and release the figure from
+    pyplot; the figure is returned for inspection."""
+    tmp = f"{path}.tmp"
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
     return fig
 
 
@@ -135,4 +139,19 @@ def compare_samples(blocks, titles, class_names, path, subtitle):
         ax.set_xticks([])
         ax.set_title(title, fontsize="medium")
     fig.suptitle(subtitle, fontsize="medium")
+    return _save(fig, path)
+
+
+def plot_sweep(sigma_rels, lines, best, ylabel, path):
+    """The metric against the EMA width sigma_rel. lines: [(label, values, interval index, scale
+    index)], the line style per interval (solid, dashed, ...) and the colour per guidance scale;
+    best: (sigma_rel, value, label), drawn as a star."""
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for label, values, interval, scale in lines:
+        ax.plot(sigma_rels, values, ("-", "--", ":", "-.")[interval % 4], marker="o", color=f"C{scale}", label=label)
+    ax.plot([best[0]], [best[1]], "k*", markersize=14, label=f"best: {best[2]}")
+    ax.set_xlabel("EMA width sigma_rel")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     return _save(fig, path)

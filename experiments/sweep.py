@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 import evaluation  # noqa: E402
 import feature_nets  # noqa: E402
+import plots  # noqa: E402
 from experiments import evaluate, metrics  # noqa: E402
 from runs import checkpoints_in  # noqa: E402
 
@@ -216,26 +217,13 @@ def write_table(args, results, best, floor):
 
 def write_plot(args, results, best):
     """OUT/sweep.png: the metric against sigma_rel, one line per guidance scale (dashed etc. per interval)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    styles = ["-", "--", ":", "-."]
-    for j, interval in enumerate(args.intervals):
-        for i, s in enumerate(args.cfg_scales):
-            label = f"w = {s:g}" + (f", t/T in [{interval[0]:g}, {interval[1]:g}]" if len(args.intervals) > 1 else "")
-            ax.plot(args.sigma_rels, [results[(w, s, interval)] for w in args.weights], styles[j % 4], marker="o",
-                    color=f"C{i}", label=label)
-    ax.plot([sigma_rel(best[0])], [results[best]], "k*", markersize=14, label=f"best: {cell_name(*best)}")
-    ax.set_xlabel("EMA width sigma_rel")
-    ax.set_ylabel({"fid": "FID", "fd-classifier": "FD (small classifier)"}[args.metric])
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = os.path.join(args.out, "sweep.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, os.path.join(args.out, "sweep.png"))
+    several = len(args.intervals) > 1
+    lines = [(f"w = {s:g}" + (f", t/T in [{lo:g}, {hi:g}]" if several else ""),
+              [results[(w, s, (lo, hi))] for w in args.weights], j, i)
+             for j, (lo, hi) in enumerate(args.intervals) for i, s in enumerate(args.cfg_scales)]
+    plots.plot_sweep(args.sigma_rels, lines, (sigma_rel(best[0]), results[best], cell_name(*best)),
+                     {"fid": "FID", "fd-classifier": "FD (small classifier)"}[args.metric],
+                     os.path.join(args.out, "sweep.png"))
 
 
 def write_atomic(path, text):
