@@ -391,8 +391,13 @@ def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, mic
         watch_step(args, step, s, grids, evaluator, trackers, metrics_file, logger)
         window_start += time.time() - paused  # grids and evaluations do not count against images/s
     bar.close()
-    if grids and not os.path.exists(grids.path(step)):  # killed after its last checkpoint, before the grid
-        watch_step(args, step, s, grids, None, trackers, metrics_file, logger)
+    # killed after its last checkpoint, before its final grid or evaluation: they are made now
+    missing_grid = grids is not None and not os.path.exists(grids.path(step))
+    evaluated = rank == 0 and any(r["step"] == step for r in runs.read_records(run_dir, "eval"))
+    missing_eval = evaluator is not None and not runs.from_rank_0(evaluated, world)
+    if missing_grid or missing_eval:
+        watch_step(args, step, s, grids if missing_grid else None, evaluator if missing_eval else None, trackers,
+                   metrics_file, logger)
     trackers.close()
     if rank == 0:
         metrics_file.close()

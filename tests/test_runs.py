@@ -276,6 +276,39 @@ def test_a_run_killed_after_its_last_checkpoint_gets_its_plots_without_retrainin
     assert os.path.basename(again).startswith("001-")
 
 
+class CountingEvaluation:
+    """train.Evaluation's stand-in: records the call, returns a fixed metric, or is killed at call kill_at."""
+    calls, kill_at = 0, None
+
+    @classmethod
+    def for_run(cls, *args):
+        return cls()
+
+    def __call__(self, weights):
+        CountingEvaluation.calls += 1
+        if CountingEvaluation.calls == CountingEvaluation.kill_at:
+            raise Interrupt()
+        return {"fd_classifier": 1.0}
+
+
+def test_a_run_killed_before_its_final_evaluation_gets_it_on_rerun(pixels, tmp_path, monkeypatch):
+    """A kill after the final checkpoint, in the final evaluation: the rerun evaluates once, trains nothing."""
+    args = base_args(pixels, tmp_path, "--num-steps", "2", "--ckpt-every", "2", "--log-every", "1",
+                     "--sample-every", "0", "--eval-every", "1", "--eval-samples", "4", "--eval-metrics", "fd_classifier")
+    monkeypatch.setattr(train, "Evaluation", CountingEvaluation)
+    monkeypatch.setattr(CountingEvaluation, "kill_at", 2)  # step 1 evaluated, killed evaluating step 2
+    with pytest.raises(Interrupt):
+        train.main(train.parse_args(args))
+    (name,) = os.listdir(tmp_path)
+    run_dir = os.path.join(tmp_path, name)
+    final = open(os.path.join(run_dir, "checkpoints", "0000002.pt"), "rb").read()
+    monkeypatch.setattr(CountingEvaluation, "calls", 0)
+    assert train.main(train.parse_args(args)) == run_dir
+    assert CountingEvaluation.calls == 1 and open(os.path.join(run_dir, "checkpoints", "0000002.pt"), "rb").read() == final
+    assert [r["step"] for r in records(run_dir) if "eval" in r] == [1, 2]
+    assert [r["step"] for r in records(run_dir) if "loss" in r] == [1, 2]  # nothing retrained
+
+
 def test_bare_resume_continues_the_latest_unfinished_run(pixels, tmp_path, capsys, monkeypatch):
     """Item 6: a bare --resume continues the unfinished run, and refuses (one line) when there is none."""
     args = base_args(pixels, tmp_path, "--num-steps", "4", "--ckpt-every", "2")
