@@ -6,7 +6,9 @@
   evaluation metric against step;
 - compare_magnitudes: the magnitude panels of several runs side by side on shared y-axes;
 - compare_samples: sample grids of several runs side by side, one row per class;
-- plot_sweep: experiments/sweep.py's metric against the EMA width, a line per guidance setting.
+- plot_sweep: experiments/sweep.py's metric against the EMA width, a line per guidance setting;
+- plot_seed_curves, plot_lr_sweep: experiments/study.py's metric against step (mean and seed range
+  per arm) and final metric against learning rate (diverged runs marked).
 
 Records are the rows of a run's metrics.jsonl (read_metrics).
 """
@@ -38,6 +40,15 @@ def _save(fig, path):
     plt.close(fig)
     os.replace(tmp, path)
     return fig
+
+
+def _finish(fig, ax, xlabel, ylabel, path, legend_size="small"):
+    """Axis labels, a light grid and the legend, then _save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    return _save(fig, path)
 
 
 def _block_lines(ax, records, key, legend=True):
@@ -150,8 +161,30 @@ def plot_sweep(sigma_rels, lines, best, ylabel, path):
     for label, values, interval, scale in lines:
         ax.plot(sigma_rels, values, ("-", "--", ":", "-.")[interval % 4], marker="o", color=f"C{scale}", label=label)
     ax.plot([best[0]], [best[1]], "k*", markersize=14, label=f"best: {best[2]}")
-    ax.set_xlabel("EMA width sigma_rel")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish(fig, ax, "EMA width sigma_rel", ylabel, path, legend_size=7)
+
+
+def plot_seed_curves(lines, floor, ylabel, path):
+    """lines: [(label, steps, values (seeds, steps))]: the mean over seeds as a line, the seed range
+    as a band, log y; floor: a dashed line (the metric of real images)."""
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    for label, steps, values in lines:
+        line, = ax.plot(steps, values.mean(0), marker=".", label=label)
+        ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+    ax.axhline(floor, color="gray", linestyle="--", label="real images (floor)")
+    ax.set_yscale("log")
+    return _finish(fig, ax, "step", ylabel, path)
+
+
+def plot_lr_sweep(lines, ylabel, path):
+    """lines: [(label, [(lr, final metric)], [lrs that diverged])]: log-log, diverged runs as x at the top."""
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    finals = [v for _, points, _ in lines for _, v in points]
+    top = max(finals) * 1.5 if finals else 1.0
+    for label, points, diverged in lines:
+        line, = ax.plot(*zip(*sorted(points)), marker="o", label=label) if points else ax.plot([], [], label=label)
+        if diverged:
+            ax.plot(diverged, [top] * len(diverged), "x", color=line.get_color(), markersize=10)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    return _finish(fig, ax, "peak learning rate", ylabel, path)

@@ -42,8 +42,8 @@ import feature_nets  # noqa: E402
 from experiments.evaluate import (AblateError, add_missing_fid, evaluate_run, prepare_data,  # noqa: E402
                                   prepare_eval, read_json, say, write_json)
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
-from experiments.runner import (CONFIGS, Parser, cli, final_checkpoint, find_run, parse_train,  # noqa: E402
-                                run_state, run_subprocesses, train_run)
+from experiments.runner import (CONFIGS, Parser, cli, final_checkpoint, find_run, finish,  # noqa: E402
+                                parse_train, run_state, run_subprocesses, train_run)
 
 DEFAULT_MODEL, DEFAULT_SIZE = "DiT-XS/4", dict(depth=4, hidden_size=128, num_heads=4)
 DEFAULT_STEPS, DEFAULT_BATCH = 800, 64  # the default grid: about an hour on a 2-core CPU
@@ -303,14 +303,7 @@ def run_grid(opts, argv):
     write_json(os.path.join(opts.results_dir, "results.json"), summary)
     with open(os.path.join(opts.results_dir, "table.md"), "w") as f:
         f.write(render_table(summary))
-    figures = make_figures(opts, summary, ctx)
-    say(f"table: {os.path.join(opts.results_dir, 'table.md')}")
-    for path in figures:
-        say(f"figure: {path}")
-    if failures:
-        say(f"{len(failures)} run(s) failed: " + "; ".join(failures))
-        return 1
-    return 0
+    return finish([os.path.join(opts.results_dir, "table.md"), *make_figures(opts, summary, ctx)], failures)
 
 
 if __name__ == "__main__":

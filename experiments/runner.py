@@ -135,3 +135,13 @@ def run_subprocesses(jobs, parallel):
             else:
                 say(f"finished {name}")
     return failures
+
+
+def finish(paths, failures):
+    """Say what was written and which runs failed; the exit code: 1 if any run failed, else 0."""
+    for path in paths:
+        say(f"wrote {path}")
+    if failures:
+        say(f"{len(failures)} run(s) failed: " + "; ".join(failures))
+        return 1
+    return 0

@@ -42,8 +42,8 @@ import watch  # noqa: E402
 from data import LatentDataset  # noqa: E402
 from experiments.evaluate import (AblateError, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
                                   say, training_record, write_json)
-from experiments.runner import (CONFIGS, Parser, cli, final_checkpoint, find_run, parse_train,  # noqa: E402
-                                run_state, run_subprocesses, train_run)
+from experiments.runner import (CONFIGS, Parser, cli, final_checkpoint, find_run, finish,  # noqa: E402
+                                parse_train, run_state, run_subprocesses, train_run)
 from experiments.study_report import README_END, README_START, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
@@ -440,12 +440,7 @@ def run_study(argv):
                             fulls=fulls, floor=floor, estimate_s=seconds,
                             command="python experiments/study.py " + shlex.join(argv),
                             wall=add_wall_time(opts, time.time() - start, ran))
-    for path in write_report(study):
-        say(f"wrote {path}")
-    if failures:
-        say(f"{len(failures)} run(s) failed: " + "; ".join(failures))
-        return 1
-    return 0
+    return finish(write_report(study), failures)
 
 
 if __name__ == "__main__":

@@ -215,42 +215,21 @@ def findings(summary):
 
 def curves_figure(rows, metric, floor, path):
     """Metric against step: per arm the mean over seeds (line) and the seed range (band)."""
-    fig, ax = plots.plt.subplots(figsize=(8, 5), constrained_layout=True)
+    lines = []
     for arm, r in rows.items():
         curves = list(r.get("curves", {}).values())
-        if not curves:
-            continue
-        steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
-        values = np.array([[dict(c)[s] for s in steps] for c in curves])
-        line, = ax.plot(steps, values.mean(0), marker=".", label=f"{arm} (lr {r['best_lr']:g}, {len(curves)} seeds)")
-        ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
-    ax.axhline(floor, color="gray", linestyle="--", label="real images (floor)")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{metric} (log scale), mean and seed range")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return plots._save(fig, path)
+        if curves:
+            steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+            lines.append((f"{arm} (lr {r['best_lr']:g}, {len(curves)} seeds)", steps,
+                          np.array([[dict(c)[s] for s in steps] for c in curves])))
+    return plots.plot_seed_curves(lines, floor, f"{metric} (log scale), mean and seed range", path)
 
 
 def sweep_figure(rows, metric, path):
     """Final sweep metric against lr per arm (log-log); diverged points as x at the top."""
-    fig, ax = plots.plt.subplots(figsize=(8, 5), constrained_layout=True)
-    finals = [p["final"] for r in rows.values() for p in r["sweep"] if p["status"] == "ok"]
-    top = max(finals) * 1.5 if finals else 1.0
-    for arm, r in rows.items():
-        ok = sorted((p["lr"], p["final"]) for p in r["sweep"] if p["status"] == "ok")
-        line, = ax.plot(*zip(*ok), marker="o", label=arm) if ok else ax.plot([], [], label=arm)
-        bad = [p["lr"] for p in r["sweep"] if p["status"] == "diverged"]
-        if bad:
-            ax.plot(bad, [top] * len(bad), "x", color=line.get_color(), markersize=10)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel(f"final {metric} (x: diverged)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return plots._save(fig, path)
+    lines = [(arm, [(p["lr"], p["final"]) for p in r["sweep"] if p["status"] == "ok"],
+              [p["lr"] for p in r["sweep"] if p["status"] == "diverged"]) for arm, r in rows.items()]
+    return plots.plot_lr_sweep(lines, f"final {metric} (x: diverged)", path)
 
 
 README_START, README_END = "<!-- study.py results: start -->", "<!-- study.py results: end -->"
