@@ -43,10 +43,10 @@ from watch import Evaluation, SampleGrids, eval_metrics_for, sampling_weights
 
 DEFAULTS = dict(model="DiT-S/2", prediction="eps", mp=False, num_steps=400_000, global_batch_size=256,
                 log_every=100, monitor_every=1000, ckpt_every=50_000, num_workers=4, sample_every=10_000,
-                eval_every=0, eval_samples=10_000)
-DEMO = dict(DEFAULTS, model="DiT-XS/4", mp=True, prediction="v", num_steps=1500, global_batch_size=64, hflip=False,
-            log_every=50, monitor_every=100, ckpt_every=500, num_workers=0, sample_every=300,
-            eval_every=300, eval_samples=256)
+                sample_steps=50, eval_every=0, eval_samples=10_000)
+DEMO = dict(DEFAULTS, model="DiT-XS/4", mp=True, prediction="v", num_steps=1000, global_batch_size=64, hflip=False,
+            log_every=50, monitor_every=100, ckpt_every=500, num_workers=0, sample_every=250, sample_steps=25,
+            eval_every=250, eval_samples=256)
 DEMO_SIZE = dict(depth=4, hidden_size=128, num_heads=4)  # for the demo's default model only
 AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
 AT_LEAST_0 = ("at least 0", lambda v: v >= 0)
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     for name, description in MP_SWITCHES.items():
         g.add_argument("--" + name.replace("_", "-"), action="store_true", help=description)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--num-steps", type=int, help="optimiser steps (default 400000; demo 1500)")
+    g.add_argument("--num-steps", type=int, help="optimiser steps (default 400000; demo 1000)")
     g.add_argument("--global-batch-size", type=int, help="images per step over all processes (default 256)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     g.add_argument("--lr", type=float,
@@ -128,13 +128,13 @@ def parse_args(argv=None):
     g.add_argument("--num-workers", type=int, help="data loader processes (default 4; demo 0)")
     g.add_argument("--sample-every", type=int, metavar="N",
                    help="steps between sample grids (fixed noise and labels, from the weights sample.py uses) in "
-                        "RUN/samples/ and the trackers, and one at the end; 0 = no grids (default 10000; demo 300)")
-    g.add_argument("--sample-steps", type=int, default=50,
-                   help="DDIM steps of the sample grids and evaluation samples, at most 1000")
+                        "RUN/samples/ and the trackers, and one at the end; 0 = no grids (default 10000; demo 250)")
+    g.add_argument("--sample-steps", type=int,
+                   help="DDIM steps of the sample grids and evaluation samples, at most 1000 (default 50; demo 25)")
     g = p.add_argument_group("evaluation during training (FID curve)")
     g.add_argument("--eval-every", type=int, metavar="N",
                    help="steps between evaluations of the sampling weights, and one at the end; 0 = none (default 0; "
-                        "demo 300)")
+                        "demo 250)")
     g.add_argument("--eval-samples", type=int, metavar="K",
                    help="samples per evaluation, fixed noise and labels uniform over the classes (default 10000; "
                         "demo 256)")
