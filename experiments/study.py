@@ -79,6 +79,9 @@ def build_parser():
                    "(default 1000: default x 10^-1.5, 10^-1, ..., 10^1.5, half-decade steps, so that a wider "
                    "sweep of the same step reuses these runs)")
     g.add_argument("--sweep-steps", type=int, help="steps of each sweep run (default: the profile's)")
+    g.add_argument("--sweep-extend", type=int, default=2, metavar="N",
+                   help="when an arm's best lr is the highest (lowest) of its sweep, sweep one step further, "
+                   "up to N steps past each end (default 2; 0 = never)")
     g.add_argument("--sweep-seed", type=int, default=0, help="seed of the sweep runs (default 0)")
     g.add_argument("--steps", type=int, help="steps of each full run (default: the profile's)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S",
@@ -123,6 +126,8 @@ def parse(argv):
         raise AblateError(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     if len(set(opts.arms)) != len(opts.arms) or len(set(opts.seeds)) != len(opts.seeds):
         raise AblateError("--arms and --seeds must not repeat")
+    if opts.sweep_extend < 0:
+        raise AblateError("--sweep-extend must be at least 0")
     for key in ("sweep_points", "sweep_steps", "steps", "parallel", "threads", "global_batch_size", "eval_every",
                 "eval_samples", "sample_steps", "samples_per_class"):
         if getattr(opts, key) is not None and getattr(opts, key) < 1:
@@ -157,7 +162,28 @@ def sweep_lrs(default, points, span):
     """points log-spaced values from default / sqrt(span) to default * sqrt(span), 3 significant digits."""
     if points == 1:
         return [default]
-    return [float(f"{default * span ** (i / (points - 1) - 0.5):.3g}") for i in range(points)]
+    return [grid_lr(default, points, span, i) for i in range(points)]
+
+
+def grid_lr(default, points, span, i):
+    """Point i of that grid, 3 significant digits; i < 0 or i >= points continue it past its ends."""
+    return float(f"{default * span ** (i / (points - 1) - 0.5):.3g}")
+
+
+def edge_lr(opts, arm_plan, best):
+    """The next lr past the end of the arm's sweep when its best lies at that end and fewer than
+    --sweep-extend points lie past the original grid there, else None: a best at the edge says only
+    that the optimum may lie further out. Diverged points are never best, so a divergence stops it."""
+    grid, lrs = sweep_lrs(arm_plan["default_lr"], opts.sweep_points, opts.sweep_span), arm_plan["lrs"]
+    if best is None or len(grid) < 2:
+        return None
+    above, below = sum(lr > max(grid) for lr in lrs), sum(lr < min(grid) for lr in lrs)
+    point = lambda i: grid_lr(arm_plan["default_lr"], opts.sweep_points, opts.sweep_span, i)  # noqa: E731
+    if best == max(lrs) and above < opts.sweep_extend:
+        return point(len(grid) + above)
+    if best == min(lrs) and below < opts.sweep_extend:
+        return point(-1 - below)
+    return None
 
 
 def job_root(opts, phase, arm, lr, seed):
@@ -421,12 +447,24 @@ def run_study(argv):
         say(f"skipping {arm}: {why}")
     for arm, p in plan.items():
         say(f"{arm}: sweep lr {' '.join(f'{lr:g}' for lr in p['lrs'])} (train.py's default {p['default_lr']:g})")
-    say(f"expected duration: {'unknown' if seconds is None else f'{seconds / 3600:.1f} h'} ({words})")
+    say(f"expected duration: {'unknown' if seconds is None else f'{seconds / 3600:.1f} h'} ({words}; "
+        f"plus one sweep run per step an arm's sweep is extended past an edge best, --sweep-extend)")
     if opts.estimate:
         return 0
     start = time.time()
     floor = warm_eval_cache(opts, data)
     ran, failures = run_phase(opts, argv, data, None, "sweep", sweep_jobs)
+    for _ in range(2 * opts.sweep_extend):  # each round moves every arm at most one step past its grid
+        best = sweep_results(opts, data, plan)[1]
+        extra = {arm: edge_lr(opts, plan[arm], best[arm]) for arm in plan}
+        extra = {arm: lr for arm, lr in extra.items() if lr is not None}
+        if not extra:
+            break
+        for arm, lr in extra.items():
+            say(f"{arm}: best lr {best[arm]:g} at the edge of its sweep; extending it to {lr:g}")
+            plan[arm]["lrs"] = sorted(plan[arm]["lrs"] + [lr])
+        more, failed = run_phase(opts, argv, data, None, "sweep", [(a, lr, opts.sweep_seed) for a, lr in extra.items()])
+        ran, failures = ran + more, failures + failed
     sweeps, best = sweep_results(opts, data, plan)
     for arm, lr in best.items():
         say(f"{arm}: best lr {lr:g}" if lr is not None else f"{arm}: no sweep run finished; no full runs")

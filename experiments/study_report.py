@@ -106,7 +106,8 @@ def summarise_study(study):
                 settings=dict(profile=o.profile, data=study.data.path, heldout=study.data.heldout, model=o.model,
                               depth=o.depth, hidden_size=o.hidden_size, num_heads=o.num_heads,
                               batch=o.global_batch_size, sweep_steps=o.sweep_steps, sweep_seed=o.sweep_seed,
-                              sweep_points=o.sweep_points, sweep_span=o.sweep_span, steps=o.steps, seeds=o.seeds,
+                              sweep_points=o.sweep_points, sweep_span=o.sweep_span, sweep_extend=o.sweep_extend,
+                              steps=o.steps, seeds=o.seeds,
                               eval_every=o.eval_every, eval_samples=o.eval_samples, sample_steps=o.sample_steps,
                               samples_per_class=o.samples_per_class, num_classes=int(study.data.manifest["num_classes"]),
                               parallel=o.parallel, threads=o.threads),
@@ -133,7 +134,8 @@ def render(summary):
              f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), batch "
              f"{s['batch']}, v-prediction, on {summary['data']}. "
              f"lr sweep: {s['sweep_points']} log-spaced values over {s['sweep_span']:g}x around train.py's default "
-             f"per arm, {s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr by `{m}` of "
+             f"per arm (extended one step at a time past an end holding the best, up to {s['sweep_extend']} steps), "
+             f"{s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr by `{m}` of "
              f"{s['eval_samples']} samples (DDIM-{s['sample_steps']}) against held-out images. Then seeds "
              f"{s['seeds']} at that lr for {s['steps']} steps, evaluated every {s['eval_every']} steps. "
              f"Cells: mean ± sample standard deviation over seeds; lower {m} is better. Real training images "
@@ -159,13 +161,13 @@ def render(summary):
         lines.append(f"| {arm} | {lr} | {span} | {_cell(r['final'])} | {reached} | {_cell(r['fd'], '.3g')} "
                      f"| {_cell(r['class_consistency'], '.1f', 100)} | {_cell(r['ema_heldout_loss'])} "
                      f"| {r['parameters']:,} | {_cell(r['step_time_s'], '.3g')} | {seeds} |")
+    columns = max(len(r["sweep"]) for r in rows.values())
     lines += ["", f"The lr sweeps (final `{m}` after {s['sweep_steps']} steps; **bold** = best):", "",
-              "| arm | " + " | ".join(f"lr {i + 1}" for i in range(s["sweep_points"])) + " |",
-              "|---|" + "---:|" * s["sweep_points"]]
+              "| arm | " + " | ".join(f"lr {i + 1}" for i in range(columns)) + " |", "|---|" + "---:|" * columns]
     for arm, r in rows.items():
         cells = [f"{p['lr']:g}: " + (f"**{_sweep_cell(p)}**" if p["lr"] == r["best_lr"] else _sweep_cell(p))
                  for p in sorted(r["sweep"], key=lambda p: p["lr"])]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arm} | " + " | ".join(cells + [""] * (columns - len(cells))) + " |")
     lines += ["", "What the data shows:", ""] + [f"- {line}" for line in findings(summary)]
     lines += [""] + [f"![{alt}]({os.path.join(summary['figure_dir'], name)})\n" for alt, name in FIGURES]
     lines += ["Columns: **FD** is experiments/ablate.py's Frechet distance in its classifier's features "

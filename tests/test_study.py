@@ -65,6 +65,21 @@ def test_best_lr_is_the_lowest_metric_of_the_runs_that_finished():
     assert study.best_lr([dict(sweep_point(1e-3, status="diverged"))]) is None
 
 
+def test_a_best_lr_at_an_edge_extends_the_sweep_one_half_decade_at_a_time(tmp_path):
+    opts = study.parse(["--results-dir", str(tmp_path), "--sweep-points", "3", "--sweep-span", "10",
+                        "--sweep-extend", "2"])
+    arm = dict(default_lr=1e-2, lrs=[0.00316, 0.01, 0.0316])
+    assert study.edge_lr(opts, arm, 0.01) is None  # inside: nothing to extend
+    assert study.edge_lr(opts, arm, 0.0316) == 0.1 and study.edge_lr(opts, arm, 0.00316) == 0.001
+    arm["lrs"] = [0.00316, 0.01, 0.0316, 0.1, 0.316]
+    assert study.edge_lr(opts, arm, 0.316) is None  # two steps past the grid already: --sweep-extend 2
+    assert study.edge_lr(opts, arm, 0.00316) == 0.001  # the other end has its own two
+    assert study.edge_lr(opts, arm, 0.1) is None  # 0.316 beyond it was worse (or diverged): stop
+    assert study.edge_lr(opts, arm, None) is None  # every run diverged
+    opts.sweep_extend = 0
+    assert study.edge_lr(opts, dict(default_lr=1e-2, lrs=[0.00316, 0.01, 0.0316]), 0.0316) is None
+
+
 def test_lr_range_is_the_contiguous_run_within_10_percent_of_the_best():
     # best 5.0 at lr 2: 5.4 (lr 3) is within 10%, 5.6 (lr 4) is not, nor is 10 (lr 1); 5.2 at lr 5
     # lies beyond lr 4, outside the contiguous run
@@ -113,7 +128,7 @@ def test_a_diverged_sweep_run_is_recorded_and_reported_not_chosen(tmp_path, data
     # vanilla's default lr is 1e-4; a span of 1e68 puts the sweep at 1e-38 and 1e30: at 1e30 the
     # first Adam step moves every weight by about 1e30 and the next loss is not finite
     out = tmp_path / "study"
-    argv = data + TINY + ["--results-dir", str(out), "--arms", "vanilla", "--sweep-points", "2",
+    argv = data + TINY + ["--results-dir", str(out), "--arms", "vanilla", "--sweep-points", "2", "--sweep-extend", "0",
                           "--sweep-span", "1e68", "--sweep-steps", "2", "--steps", "2", "--eval-every", "2",
                           "--seeds", "0"]
     assert study.main(argv) == 0
@@ -134,7 +149,7 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
     readme = tmp_path / "README.md"
     readme.write_text(f"# before\n{study_report.README_START}\nold\n{study_report.README_END}\nafter\n")
     argv = data + TINY + ["--results-dir", str(out), "--arms", "vanilla", "mp", "--sweep-points", "2",
-                          "--sweep-span", "10", "--sweep-steps", "2", "--steps", "4", "--eval-every", "2",
+                          "--sweep-extend", "0", "--sweep-span", "10", "--sweep-steps", "2", "--steps", "4", "--eval-every", "2",
                           "--seeds", "0", "1", "--visuals", str(tmp_path / "visuals"), "--readme", str(readme)]
     calls = count_training(monkeypatch)
     assert study.main(argv) == 0
