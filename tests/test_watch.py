@@ -150,7 +150,7 @@ def test_the_demo_with_switches_trains_those_switches_alone(pixels):
     assert train.parse_args([]).mp is True  # the demo is MaP-DiT
     args = train.parse_args(["--use-cosine-attention"])
     assert args.mp is False and args.use_cosine_attention and not args.use_weight_normalization
-    assert args.lr == 1e-4  # the vanilla recipe: no weight normalisation among the switches
+    assert args.lr == 3e-3  # the demo's vanilla recipe: no weight normalisation among the switches
     assert train.parse_args(["--use-weight-normalization"]).lr == 2e-2  # the demo's weight-norm lr
     assert train.parse_args(["--use-cosine-attention", "--mp"]).mp is True  # explicit --mp wins
     assert train.parse_args(["--data-path", pixels, "--use-cosine-attention"]).mp is False
