@@ -199,6 +199,15 @@ def denormalize(x, manifest):
     return x * std + mean
 
 
+@torch.no_grad()
+def decode(x, manifest, vae):
+    """Model space (N, C, h, w) -> uint8 images (N, H, W, 3), numpy: the VAE (fp32) for latent runs."""
+    images = denormalize(x, manifest)
+    if manifest["kind"] == "latent":
+        images = ((vae.decode(images).sample + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """The items of a dataset directory: raw arrays and labels; `draw` maps a batch to model space."""
 

@@ -195,9 +195,10 @@ def verify_ref_batch(path, image_size):
 def cmd_ref_batch(args):
     """Download (or reuse) and verify ADM's ImageNet reference batch."""
     url = REF_BATCH_URL.format(args.image_size)
+    count = []  # verify_ref_batch's image count, from get_file's one verification
     path = get_file(os.path.join(args.out, os.path.basename(url)), url,
-                    lambda p: verify_ref_batch(p, args.image_size), not args.no_progress)
-    print(f"ADM reference batch, {verify_ref_batch(path, args.image_size)} images of {args.image_size} px "
+                    lambda p: count.append(verify_ref_batch(p, args.image_size)), not args.no_progress)
+    print(f"ADM reference batch, {count[-1]} images of {args.image_size} px "
           f"with mu, sigma, mu_s, sigma_s, verified: {path}")
 
 

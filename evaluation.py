@@ -207,9 +207,10 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
         for k in todo:
             parts = []
             for i in range(chunks[k][0], chunks[k][1], batch_size):
-                out = network(images[i:min(i + batch_size, chunks[k][1])])
+                end = min(i + batch_size, chunks[k][1])
+                out = network(images[i:end])
                 parts.append({o: v.float().cpu().numpy() for o, v in out.items()})
-                bar.update(len(next(iter(parts[-1].values()))))
+                bar.update(end - i)
             local[k] = {o: np.concatenate([p[o] for p in parts]) for o in parts[0]}
             if files:
                 _save_npz(files[k], local[k])

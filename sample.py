@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from data import denormalize
+from data import decode
 from diffusion import create_diffusion
 from download import VAES, Fail, load_vae
 from ema import posthoc_coefficients, valid_sigma_rel
@@ -42,6 +42,7 @@ from guidance import Guided
 from models import MODEL_SIZES, DiT_models
 from progress import progress
 from runs import UsageError, build_model, checkpoints_in, saved_args, setup_distributed
+from watch import tile
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
 DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
@@ -357,15 +358,6 @@ def denoise(guided, sampler, z, y, bf16=False, clip_denoised=False):
         return sampler(guided, z, dict(y=y), clip_denoised).float()
 
 
-@torch.no_grad()
-def decode(x, manifest, vae):
-    """Model space (N, C, h, w) -> uint8 images (N, H, W, 3), numpy: the VAE (fp32) for latent runs."""
-    images = denormalize(x, manifest)
-    if manifest["kind"] == "latent":
-        images = ((vae.decode(images).sample + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def guidance_tag(args, guide_stem):
     """The guidance options other than --cfg-scale for the default output name, e.g.
     '-ch3-int0-0.7-guide-0000500-ema-0.05' ('' for plain classifier-free guidance)."""
@@ -400,11 +392,7 @@ def write_grid(args, generate, shape, path):
     images = []
     for k, y in enumerate(labels.split(args.batch_size)):
         images.append(generate(chunk_inputs(args.seed, k, len(y), shape)[0], y))
-    images = np.concatenate(images)
-    n, h, w, c = images.shape
-    rows = len(args.class_label)
-    grid = images.reshape(rows, n // rows, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, -1, c)
-    Image.fromarray(grid).save(path)
+    Image.fromarray(tile(np.concatenate(images), len(args.class_label))).save(path)
 
 
 def write_fid_npz(args, generate, shape, num_classes, path, settings, rank, world):

@@ -375,6 +375,7 @@ def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, mic
                 write_record(metrics_file, record)
                 logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
                 trackers.scalars({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
+                trackers.flush()  # TensorBoard shows each log line's values while the run trains
             window_loss.zero_()
             window_steps, window_start = 0, time.time()
 
@@ -467,12 +468,16 @@ def watch_step(args, step, s, grids, evaluator, trackers, metrics_file, logger):
     """At --sample-every steps and the last a sample grid (rank 0), at --eval-every steps and the last an
     evaluation (every rank samples and extracts features; rank 0 records), both from the sampling weights."""
     last = step == args.num_steps
-    if grids and (step % args.sample_every == 0 or last):
+    draw = grids and (step % args.sample_every == 0 or last)
+    score = evaluator and (step % args.eval_every == 0 or last)
+    if not (draw or score):
+        return
+    if draw:
         start = time.time()
         grid, path = grids(sampling_weights(s.ema, s.power_emas), step)
         trackers.image("samples", grid, step)
         logger.info(f"sample grid: {path} ({time.time() - start:.1f} s)")
-    if evaluator and (step % args.eval_every == 0 or last):
+    if score:
         start = time.time()
         results = evaluator(sampling_weights(s.ema, s.power_emas))
         if metrics_file is not None:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import evaluation
-from data import denormalize
+from data import decode
 from diffusion import create_diffusion
 from download import Fail, load_vae
 
@@ -50,6 +50,7 @@ def generate(model, z, y, manifest, vae, diffusion, cfg_scale, batch_size=256):
     """uint8 images (N, H, W, 3), numpy, from noise z (N, C, h, w) and labels y (N,): DDIM with
     guidance (cfg_scale 1: the conditional model alone), denormalised, decoded by the VAE for latents."""
     device = next(model.parameters()).device
+    vae = vae.to(device) if vae is not None else None
     out = []
     for zb, yb in zip(z.split(batch_size), y.split(batch_size)):
         zb, yb = zb.to(device), yb.to(device)
@@ -62,10 +63,7 @@ def generate(model, z, y, manifest, vae, diffusion, cfg_scale, batch_size=256):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             x = diffusion.ddim_sample_loop(model_fn, zb.shape, noise=zb, clip_denoised=manifest["kind"] == "pixel",
                                            model_kwargs=kwargs, device=device)[: len(yb)].float()
-        images = denormalize(x, manifest)
-        if manifest["kind"] == "latent":
-            images = ((vae.to(device).decode(images).sample + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        out.append(images.permute(0, 2, 3, 1).cpu().numpy())
+        out.append(decode(x, manifest, vae))
     return np.concatenate(out)
 
 

@@ -6,7 +6,6 @@ handling (bad input: one line, exit code 2).
 """
 import argparse
 import contextlib
-import glob
 import io
 import logging
 import os
@@ -74,8 +73,8 @@ def find_run(root, args):
     """The latest run directory under root whose config.json matches args (as train.py compares)."""
     want = runs.comparable(vars(args))
     found = None
-    for run_dir in sorted(glob.glob(os.path.join(root, "[0-9]" * 3 + "-*"))):
-        config = read_json(os.path.join(run_dir, "config.json"))
+    for run_dir in runs.list_runs(root):
+        config = runs.read_config(run_dir)
         if config is not None and all(config.get(k) == v for k, v in want.items()):
             found = run_dir
     return found

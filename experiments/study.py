@@ -270,9 +270,10 @@ def run_job(opts, data, ctx, phase, arm, lr, seed):
                 train_argv=argv, train_command="python train.py " + shlex.join(argv))
     if state in ("new", "resume"):
         say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}")
-        os.makedirs(job_root(opts, phase, arm, lr, seed), exist_ok=True)
-        share_eval_cache(opts, job_root(opts, phase, arm, lr, seed))
-        run_dir, diverged = train_run(argv, job_root(opts, phase, arm, lr, seed), run_dir if state == "resume" else None)
+        root = job_root(opts, phase, arm, lr, seed)
+        os.makedirs(root, exist_ok=True)
+        share_eval_cache(opts, root)
+        run_dir, diverged = train_run(argv, root, run_dir if state == "resume" else None)
         if diverged:
             write_json(os.path.join(run_dir, "results.json"),
                        dict(base, status="diverged", message=diverged, run_dir=run_dir,
@@ -290,7 +291,6 @@ def run_job(opts, data, ctx, phase, arm, lr, seed):
         result.update(evaluate_run(run_dir, final_checkpoint(run_dir, steps), opts, ctx), eval_key=full_key(opts, ctx))
     else:
         result["eval_key"] = sweep_key(opts)
-    result.update(base, status="ok", run_dir=run_dir)
     write_json(os.path.join(run_dir, "results.json"), result)
     say(f"{tag}: {opts.metric} {curve[-1][1]:.4g} at step {steps}")
 
@@ -454,8 +454,8 @@ def run_study(argv):
     start = time.time()
     floor = warm_eval_cache(opts, data)
     ran, failures = run_phase(opts, argv, data, None, "sweep", sweep_jobs)
+    sweeps, best = sweep_results(opts, data, plan)
     for _ in range(2 * opts.sweep_extend):  # each round moves every arm at most one step past its grid
-        best = sweep_results(opts, data, plan)[1]
         extra = {arm: edge_lr(opts, plan[arm], best[arm]) for arm in plan}
         extra = {arm: lr for arm, lr in extra.items() if lr is not None}
         if not extra:
@@ -465,7 +465,7 @@ def run_study(argv):
             plan[arm]["lrs"] = sorted(plan[arm]["lrs"] + [lr])
         more, failed = run_phase(opts, argv, data, None, "sweep", [(a, lr, opts.sweep_seed) for a, lr in extra.items()])
         ran, failures = ran + more, failures + failed
-    sweeps, best = sweep_results(opts, data, plan)
+        sweeps, best = sweep_results(opts, data, plan)
     for arm, lr in best.items():
         say(f"{arm}: best lr {lr:g}" if lr is not None else f"{arm}: no sweep run finished; no full runs")
     ctx = prepare_eval(opts, data)

@@ -256,8 +256,9 @@ def write_report(study):
     summary, rows = summarise_study(study)
     out = o.results_dir
     written = [os.path.join(out, "study.md"), os.path.join(out, "study.json")]
+    text = render(summary)
     with open(written[0] + ".tmp", "w") as f:
-        f.write(render(summary))
+        f.write(text)
     os.replace(written[0] + ".tmp", written[0])
     write_json(written[1], summary)
     figures = [os.path.join(out, name) for _, name in FIGURES[:2]]
@@ -274,7 +275,7 @@ def write_report(study):
         plots.compare_magnitudes([(t, plots.read_metrics(os.path.join(r["run_dir"], "metrics.jsonl")))
                                   for t, r in best], figures[-1])
     if o.readme:
-        include_in_readme(o.readme, render(summary))
+        include_in_readme(o.readme, text)
         written.append(o.readme)
     if o.visuals:
         os.makedirs(o.visuals, exist_ok=True)

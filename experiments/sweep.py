@@ -34,13 +34,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import evaluation  # noqa: E402
 import feature_nets  # noqa: E402
 import plots  # noqa: E402
-from experiments import evaluate, metrics  # noqa: E402
+import watch  # noqa: E402
+from experiments import evaluate  # noqa: E402
 from runs import checkpoints_in  # noqa: E402
 
 SHARED = ("result_dir", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
@@ -141,18 +141,6 @@ def run_sample(launcher, argv):
         raise SweepError(f"sample.py exited with code {code} (its message is above): {shlex.join(cmd)}")
 
 
-class ImageClassifierFeatures(metrics.ClassifierFeatures):
-    """The small classifier as an evaluation.evaluate feature network on uint8 images (B, H, W, 3):
-    model space x = u / 127.5 - 1, (B, 3, H, W). key names the trained classifier."""
-
-    def __init__(self, net, classifier_id):
-        super().__init__(net)
-        self.key = f"SmallClassifier-{classifier_id}-uint8"
-
-    def __call__(self, images):
-        return super().__call__(torch.tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1)
-
-
 def make_scorer(args):
     """(the metric's name in evaluation.evaluate, the reference, extra feature networks, a note on the
     real-data floor or None)."""
@@ -173,7 +161,7 @@ def make_scorer(args):
     except evaluate.AblateError as e:
         raise SweepError(str(e)) from None
     floor = f"{ctx.n_base} real held-out images score {ctx.real_fd:.4g} ({ctx.fd_name}; the floor at this size)"
-    network = ImageClassifierFeatures(ctx.classifier, ctx.classifier_id)
+    network = watch.ImageClassifier(ctx.classifier, f"SmallClassifier-{ctx.classifier_id}-uint8")
     return "fd_classifier", {"fd_classifier": ctx.ref_stats}, {"classifier": network}, floor
 
 
