@@ -97,7 +97,7 @@ class ClassifierFeatures:
     def __init__(self, net):
         self.net = net
         self.device = next(net.parameters()).device
-        self.outputs = {"features": net.config["feature_dim"]}
+        self.outputs = {"features": net.config["feature_dim"] if hasattr(net, "config") else None}
 
     @torch.no_grad()
     def __call__(self, x):
