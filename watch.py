@@ -135,7 +135,7 @@ class ImageClassifier:
 
     @torch.no_grad()
     def __call__(self, batch):
-        x = torch.as_tensor(np.asarray(batch)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = torch.tensor(np.asarray(batch)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1  # a copy: memmaps are read-only
         return {"features": self.net.features(x)}
 
 
