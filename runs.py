@@ -18,6 +18,7 @@ import json
 import os
 import random
 import socket
+import sys
 
 import numpy as np
 import torch
@@ -245,18 +246,25 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def results_lock(results_dir, create=False):
-    """Serialise finding and creating runs in results_dir between processes (an flock on the directory
-    itself). Without create, a results_dir that does not exist yet is left so."""
+def folder_lock(folder, create=False):
+    """An exclusive flock on the folder itself while the block runs: processes that share a folder
+    (a results dir, an evaluation cache, a sweep's or study's output) take turns at what they
+    write there. A process that has to wait says once on stderr for what. The kernel drops the lock
+    of a process that dies. Without create, a folder that does not exist yet is not locked (nothing
+    there to share). Not reentrant: a process must not lock one folder twice."""
     try:
         if create:
-            os.makedirs(results_dir, exist_ok=True)
-        fd = os.open(results_dir, os.O_RDONLY | os.O_DIRECTORY) if os.path.exists(results_dir) else None
+            os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY) if os.path.isdir(folder) else None
     except OSError as e:
-        raise UsageError(f"--results-dir {results_dir}: cannot create runs there ({e.strerror or e})") from None
+        raise UsageError(f"{folder}: cannot create or open it ({e.strerror or e})") from None
     try:
         if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process that writes in {folder}", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         if fd is not None:
@@ -265,7 +273,7 @@ def results_lock(results_dir, create=False):
 
 def claim_run(args):
     """(run directory, checkpoint or None, RunLock) of the run to continue, or (None, None, None)."""
-    with results_lock(args.results_dir):
+    with folder_lock(args.results_dir):
         run_dir, ckpt = find_run(args)
         return run_dir, ckpt, RunLock(run_dir) if run_dir else None
 
@@ -273,7 +281,7 @@ def claim_run(args):
 def create_run(args, name):
     """A new run directory RESULTS/NNN-name with checkpoints/ and config.json, and its RunLock. Refused
     if a run with the same arguments appeared since claim_run (the same command started twice)."""
-    with results_lock(args.results_dir, create=True):
+    with folder_lock(args.results_dir, create=True):
         run_dir, _ = find_run(args)
         if run_dir is not None:
             RunLock(run_dir).release()  # raises if its writer is alive
