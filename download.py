@@ -81,6 +81,22 @@ def load_vae(name_or_path):
                f"copy saved by save_pretrained")
 
 
+def open_decoder(manifest, vae_path=None):
+    """The VAE that decodes samples of a latent dataset (None for pixel data): from vae_path, else the
+    folder the manifest names when it exists, else the manifest's hub id. Raises Fail naming why not."""
+    if manifest["kind"] != "latent":
+        return None
+    saved = manifest.get("vae_path")
+    source = vae_path or (saved if saved and os.path.isdir(saved) else manifest.get("vae"))
+    if not source:
+        raise Fail("the dataset's manifest names no VAE; pass --vae-path DIR (a save_pretrained folder)")
+    vae = load_vae(source)
+    if vae.config.latent_channels != manifest["shape"][0]:
+        raise Fail(f"{source}: the VAE has {vae.config.latent_channels} latent channels, the data "
+                   f"{manifest['shape'][0]}; pass the data's VAE with --vae-path DIR")
+    return vae
+
+
 def _vae_source(args):
     if args.vae_path and not os.path.isdir(args.vae_path):
         raise Fail(f"--vae-path {args.vae_path}: not a directory")

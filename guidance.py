@@ -10,13 +10,24 @@ them is affine in the denoised output D = x_0-estimate (eps = (x_t - sqrt(abar) 
 v = (sqrt(abar) x_t - D) / sqrt(1 - abar), x0 = D), and the weights (1 - w, w) sum to one, so the
 guided prediction is exactly the prediction of the guided D: combining eps, v or x0 is the same.
 
-Guidance interval (Kynkaenniemi et al. 2024): guidance only at timesteps t with lo <= t / T <= hi,
-the main model's conditional prediction elsewhere, where t is the training timestep (0 .. T-1) the
-model is called with: for respaced DDPM and DDIM and for DPM-Solver++ the original timestep of the
-step, not its index. [0, 1] guides every step; [1, 1] none (t / T < 1). Outside the interval the
-reference (the unconditional half, or the guide) is not evaluated.
+Guidance interval (Kynkaenniemi et al. 2024): guidance only where the noise level of the model's
+input lies in (lo, hi], the main model's conditional prediction elsewhere. The noise level is EDM's
+sigma = sqrt((1 - abar_t) / abar_t) of x_t / sqrt(abar_t) = x_0 + sigma eps, the unit the paper and
+EDM2 state it in and the only one that transfers between schedules and objectives: EDM2's (0.28,
+5.42] is t/T in about [0.08, 0.58] of DiT's linear schedule; REPA's "t <= 0.7" (its flow time, t = 1
+noise, sigma = t / (1 - t)) is sigma <= 2.33, t/T about 0.43 here. t is the training timestep
+(0 .. T-1) the model is called with: for respaced DDPM and DDIM and for DPM-Solver++ the original
+timestep of the step, not its index. (0, inf] guides every step; lo = hi none. Outside the interval
+the reference (the unconditional half, or the guide) is not evaluated.
 """
+import math
+
+import numpy as np
 import torch
+
+from diffusion import get_named_beta_schedule
+
+EVERY_STEP = (0.0, math.inf)  # the guidance interval that guides every step
 
 
 def combine(cond, ref, scale, channels):
@@ -27,28 +38,35 @@ def combine(cond, ref, scale, channels):
     return torch.cat([ref + scale * (cond[:, :channels] - ref), cond[:, channels:]], dim=1)
 
 
+def ddpm_sigmas(num_timesteps=1000):
+    """Noise level sigma_t = sqrt((1 - abar_t) / abar_t) at each training timestep t of DiT's linear
+    beta schedule, float64 (T,): 0.0100 at t = 0, 157 at t = T - 1."""
+    abar = np.cumprod(1 - get_named_beta_schedule("linear", num_timesteps))
+    return torch.from_numpy(np.sqrt((1 - abar) / abar))
+
+
 class Guided:
     """model_fn(x (N, C, H, W), t (N,), y (N,)) -> guided output (N, C', H, W), float32, for the samplers.
 
     model: the main (conditional) model; num_classes is its null label. scale: w (1 runs the main
     model alone, at every t). guide: None for classifier-free guidance, else the guide model
-    (autoguidance). interval: (lo, hi) fractions of num_timesteps (T). channels: the number of
-    leading prediction channels guided (None = all; 3 = the original DiT code's choice for 4-channel
-    latents). Model calls per step: one of batch N where no row is guided; else one of batch N + M
-    ([main rows; null-label rows], M rows guided) for CFG, or the main model on N rows and the
-    guide on the M guided rows for autoguidance.
+    (autoguidance). interval: (lo, hi], noise levels sigma (module docstring). channels: the number
+    of leading prediction channels guided (None = all; 3 = the original DiT code's choice for
+    4-channel latents). Model calls per step: one of batch N where no row is guided; else one of
+    batch N + M ([main rows; null-label rows], M rows guided) for CFG, or the main model on N rows
+    and the guide on the M guided rows for autoguidance.
     """
 
-    def __init__(self, model, scale, guide=None, interval=(0.0, 1.0), channels=None, num_timesteps=1000):
+    def __init__(self, model, scale, guide=None, interval=EVERY_STEP, channels=None, num_timesteps=1000):
         self.model, self.scale, self.guide, self.channels = model, scale, guide, channels
-        self.interval, self.num_timesteps = interval, num_timesteps
+        self.interval, self.sigmas = interval, ddpm_sigmas(num_timesteps)
 
     def guided_at(self, t):
-        """Bool (N,): lo <= t / T <= hi, the division in float64 (exact for t / T = lo or hi as written)."""
+        """Bool (N,): lo < sigma_t <= hi, in float64."""
         if self.scale == 1:
             return torch.zeros_like(t, dtype=torch.bool)
-        frac = t.double() / self.num_timesteps
-        return (frac >= self.interval[0]) & (frac <= self.interval[1])
+        sigma = self.sigmas.to(t.device)[t.long()]
+        return (sigma > self.interval[0]) & (sigma <= self.interval[1])
 
     def __call__(self, x, t, y):
         rows = self.guided_at(t).nonzero().squeeze(1)

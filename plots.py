@@ -25,11 +25,12 @@ MAGNITUDES = (("act_rms", "activation RMS after the block"), ("weight_rms", "RMS
 
 
 def read_metrics(path):
-    """The records of a metrics.jsonl (a list of dicts); [] if the file does not exist."""
+    """The records of a metrics.jsonl (a list of dicts) in step order (an evaluation made on resume
+    for an earlier step comes after later records in the file); [] if the file does not exist."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r.get("step", 0))
 
 
 def _save(fig, path):

@@ -27,10 +27,11 @@ import torch.distributed as dist
 from models import MP_SWITCHES, DiT_models
 
 SAVED_ARG_DEFAULTS = dict(prediction="eps")  # arguments added later, as checkpoints from before them had them
-NOT_COMPARED = ("resume", "num_workers", "results_dir", "no_progress", "wandb")  # where a run is and how it shows
+NOT_COMPARED = ("resume", "num_workers", "results_dir", "no_progress", "wandb", "vae_path")  # where a run is and how it shows
 FREE_ON_RESUME = (*NOT_COMPARED, "data_path", "num_steps", "log_every", "monitor_every", "ckpt_every",
                   "snapshot_every", "sample_steps", "compile", "grad_checkpoint", "sample_every", "eval_every",
                   "eval_samples", "eval_metrics", "eval_reference", "eval_cfg_scale")  # the weights do not depend on them
+SEED_RANGE = "in [0, 2**32) (numpy's seeds)"  # every seed flag: 0 <= seed < 2**32
 LATEST = "latest"  # a bare --resume: the latest unfinished run with the same arguments
 CKPT_KEYS = {"model", "opt", "step", "args", "ema", "ema_power", "rng", "noise"}
 

@@ -4,7 +4,7 @@
     python sample.py --result-dir RUN --class-label 1 2 --weights ema-0.07 --sampler dpm++
     python sample.py --result-dir RUN --fid 50000 --cfg-scale 1.5          # resumable
     torchrun --nproc_per_node=8 sample.py --result-dir RUN --fid 50000     # chunks shared by ranks
-    python sample.py --result-dir RUN --fid 50000 --cfg-scale 1.8 --guidance-interval 0 0.7
+    python sample.py --result-dir RUN --fid 50000 --cfg-scale 1.8 --guidance-interval 0 2.33
     python sample.py --result-dir RUN --class-label 1 2 --cfg-scale 2 --guide RUN/checkpoints/0000500.pt
     python sample.py --ckpt pretrained_models/DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \\
         --class-label 207 360 --cfg-scale 4
@@ -12,7 +12,7 @@
 The model is rebuilt from the checkpoint's arguments and dataset manifest; latent runs are decoded
 with the VAE the manifest names (or --vae-path). Classifier-free guidance acts on all channels
 (--cfg-channels 3: the first three, as the original DiT code); --guide replaces the null label by a
-guide model (autoguidance); --guidance-interval limits either to a range of timesteps (guidance.py);
+guide model (autoguidance); --guidance-interval limits either to a range of noise levels (guidance.py);
 --cfg-scale 1 runs the conditional model alone. With --fid N the samples (labels uniform over the
 classes) go to an ADM-evaluator .npz (arr_0: uint8 N x H x W x 3) through chunk files of
 --batch-size samples; chunk k's labels and noise depend only on (--seed, k), so a rerun resumes
@@ -31,22 +31,19 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
-from data import decode
-from diffusion import create_diffusion
-from download import VAES, Fail, load_vae
+from download import VAES, Fail, open_decoder
 from ema import posthoc_coefficients, valid_sigma_rel
 from evaluation import write_npz_samples
-from guidance import Guided
+from guidance import EVERY_STEP, Guided
 from models import MODEL_SIZES, DiT_models
 from progress import progress
-from runs import UsageError, build_model, checkpoints_in, saved_args, setup_distributed
-from watch import tile
+from runs import SEED_RANGE, UsageError, build_model, checkpoints_in, saved_args, setup_distributed
+from sampling import DEFAULT_STEPS, chunk_inputs, chunk_sizes, make_sampler, sample_images
+from watch import tile, write_png
 
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
 DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
-DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+NOT_SAMPLE_SETTINGS = ("out", "compile", "no_progress", "num_samples", "class_label")  # --fid resumes across them
 EMA_INIT_WARNING = 0.1  # warn when the classic EMA still gives its initial weights this share or more
 
 
@@ -83,9 +80,10 @@ def parse_args(argv=None):
     g.add_argument("--cfg-channels", type=int, metavar="K",
                    help="guide only the first K latent channels; 3 = the original DiT code, to reproduce its "
                         "published numbers (default: all)")
-    g.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
-                   help="guide only at timesteps t with LO <= t/T <= HI (t: the training timestep 0..T-1 the "
-                        "model sees, T = 1000), the conditional prediction elsewhere (default 0 1: every step)")
+    g.add_argument("--guidance-interval", type=float, nargs=2, default=list(EVERY_STEP), metavar=("LO", "HI"),
+                   help="guide only where the noise level sigma = sqrt((1 - abar_t) / abar_t) of the model's input "
+                        "lies in (LO, HI], the conditional prediction elsewhere (default 0 inf: every step; EDM2's "
+                        "0.28 5.42; REPA's t <= 0.7 is 0 2.33)")
     g.add_argument("--guide", metavar="RUN_OR_CKPT",
                    help="autoguidance: D = D_guide + w (D_main - D_guide), w = --cfg-scale, with this guide "
                         "(a smaller or less trained model of the same data, classes and prediction) given "
@@ -94,7 +92,7 @@ def parse_args(argv=None):
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the model's forward in float32 or bf16 autocast; guidance and the sampler run in "
                         "float32 either way (default auto: bf16 on a GPU, fp32 on the CPU)")
-    g.add_argument("--seed", type=int, default=0, help="grid and FID noise and labels (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="grid and FID noise and labels, in [0, 2**32) (default 0)")
     g.add_argument("--batch-size", type=int, default=64, metavar="N",
                    help="samples per model batch and per FID chunk")
     g.add_argument("--fid", type=int, metavar="N", help="write N samples to an .npz instead of a grid")
@@ -121,8 +119,10 @@ def parse_args(argv=None):
     if args.vae_path and not os.path.isdir(args.vae_path):
         raise UsageError(f"--vae-path {args.vae_path}: not a directory")
     lo, hi = args.guidance_interval
-    if not 0 <= lo <= hi <= 1:
-        raise UsageError(f"--guidance-interval {lo:g} {hi:g}: need 0 <= LO <= HI <= 1 (fractions of T)")
+    if not 0 <= lo <= hi:  # False for NaN
+        raise UsageError(f"--guidance-interval {lo:g} {hi:g}: need noise levels 0 <= LO <= HI (HI may be inf)")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed {args.seed}: must be {SEED_RANGE}")
     if args.cfg_channels is not None and args.cfg_channels < 1:
         raise UsageError("--cfg-channels must be at least 1")
     if args.guide_weights and not args.guide:
@@ -309,81 +309,13 @@ def posthoc_ema(ckpt, path, sigma_rel, model):
 #                               Sampling and decoding                           #
 #################################################################################
 
-def make_sampler(name, steps, prediction="eps"):
-    """A function (model_fn, z (N, C, H, W), model_kwargs, clip_denoised) -> x_0 (N, C, H, W) for a
-    model predicting eps, v or x0; model_fn(x, t, **model_kwargs) gets the original integer timesteps t (N,)."""
-    if name == "dpm++":
-        from diffusers import DPMSolverMultistepScheduler  # a slow import: only where it is used
-        betas = create_diffusion("").betas.tolist()
-        timesteps = dpm_timesteps(steps, len(betas))
-
-        def dpm_solver(model_fn, z, model_kwargs, clip_denoised):
-            """DPM-Solver++(2M) on the model's prediction (its first C channels; learned sigmas and
-            clip_denoised unused: the library's thresholding is off, as for latents)."""
-            scheduler = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas,
-                                                    solver_order=2, algorithm_type="dpmsolver++",
-                                                    prediction_type=DIFFUSERS_PREDICTION[prediction])
-            scheduler.set_timesteps(timesteps=timesteps, device=z.device)
-            x = z
-            for t in scheduler.timesteps:
-                out = model_fn(x, t.expand(len(x)), **model_kwargs)[:, : x.shape[1]]
-                x = scheduler.step(out.float(), t, x).prev_sample
-            return x
-        return dpm_solver
-    try:
-        diffusion = create_diffusion(f"ddim{steps}" if name == "ddim" else str(steps), prediction=prediction)
-    except ValueError as e:
-        raise UsageError(f"--num-sampling-steps {steps}: {e}") from None
-    loop = diffusion.ddim_sample_loop if name == "ddim" else diffusion.p_sample_loop
-    return lambda model_fn, z, model_kwargs, clip_denoised: loop(
-        model_fn, z.shape, noise=z, clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=z.device)
-
-
-def dpm_timesteps(steps, num_timesteps=1000):
-    """The `steps` timesteps DPM-Solver++ visits, highest first: diffusers' "linspace" spacing,
-    round(linspace(0, T - 1, steps + 1))[steps:0:-1]. At steps = T its spacing (T - 1) / T < 1
-    rounds two neighbours to one timestep, a step of length 0 that makes the solver divide 0 by 0
-    (NaN); there every timestep is taken once, T - 1 .. 0."""
-    if steps == num_timesteps:
-        return list(range(num_timesteps - 1, -1, -1))
-    return np.linspace(0, num_timesteps - 1, steps + 1).round()[:0:-1].astype(int).tolist()
-
-
-@torch.no_grad()
-def denoise(guided, sampler, z, y, bf16=False, clip_denoised=False):
-    """Noise z (N, C, H, W) and labels y (N,) -> x_0 (N, C, H, W) float32 in model space, with guided a
-    guidance.Guided (it calls the model, and the guide or the null label where it guides). bf16: the
-    forward passes in bf16 autocast; the guidance and the sampler's arithmetic stay float32."""
-    with torch.autocast(z.device.type, torch.bfloat16, enabled=bf16):
-        return sampler(guided, z, dict(y=y), clip_denoised).float()
-
-
 def guidance_tag(args, guide_stem):
     """The guidance options other than --cfg-scale for the default output name, e.g.
-    '-ch3-int0-0.7-guide-0000500-ema-0.05' ('' for plain classifier-free guidance)."""
+    '-ch3-sigma0-2.33-guide-0000500-ema-0.05' ('' for plain classifier-free guidance)."""
     lo, hi = args.guidance_interval
     return ((f"-ch{args.cfg_channels}" if args.cfg_channels else "")
-            + (f"-int{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else "") + (f"-guide-{guide_stem}" if guide_stem else ""))
-
-
-def chunk_inputs(seed, k, n, shape, num_classes=None):
-    """Noise (n, *shape) and, given num_classes, uniform labels (n,) of chunk k: they depend only on
-    (seed, k). The global torch RNG (DDPM's step noise) is seeded from (seed, k) as well."""
-    chunk_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
-    torch.manual_seed(chunk_seed)
-    generator = torch.Generator().manual_seed(chunk_seed)
-    y = None if num_classes is None else torch.randint(num_classes, (n,), generator=generator)
-    return torch.randn((n, *shape), generator=generator), y
-
-
-def load_decoder(args, manifest, device):
-    if manifest["kind"] != "latent":
-        return None
-    vae = load_vae(args.vae_path or manifest["vae"]).to(device)
-    if vae.config.latent_channels != manifest["shape"][0]:
-        raise UsageError(f"the VAE has {vae.config.latent_channels} latent channels, the model "
-                         f"{manifest['shape'][0]}; pass the run's VAE with --vae-path")
-    return vae
+            + (f"-sigma{lo:g}-{hi:g}" if (lo, hi) != EVERY_STEP else "")
+            + (f"-guide-{guide_stem}" if guide_stem else ""))
 
 
 def write_grid(args, generate, shape, path):
@@ -392,7 +324,7 @@ def write_grid(args, generate, shape, path):
     images = []
     for k, y in enumerate(labels.split(args.batch_size)):
         images.append(generate(chunk_inputs(args.seed, k, len(y), shape)[0], y))
-    Image.fromarray(tile(np.concatenate(images), len(args.class_label))).save(path)
+    write_png(tile(np.concatenate(images), len(args.class_label)), path)
 
 
 def write_fid_npz(args, generate, shape, num_classes, path, settings, rank, world):
@@ -412,7 +344,7 @@ def write_fid_npz(args, generate, shape, num_classes, path, settings, rank, worl
     if changed:
         raise UsageError(f"{folder}: holds chunks made with other {', '.join(changed)} (see settings.json); "
                          f"use the same options to resume, or another --out")
-    sizes = [min(args.batch_size, args.fid - i) for i in range(0, args.fid, args.batch_size)]
+    sizes = chunk_sizes(args.fid, args.batch_size)
     files = [os.path.join(folder, f"{k:06d}.npz") for k in range(len(sizes))]
     mine = list(range(rank, len(sizes), world))
     todo = [k for k in mine if not os.path.exists(files[k])]
@@ -443,10 +375,13 @@ def read_chunk(path):
 
 
 def save_chunk(path, images, labels):
+    tmp = path[: -len(".npz")] + ".tmp.npz"
     try:
-        np.savez(path[: -len(".npz")] + ".tmp.npz", images=images, labels=labels)
-        os.replace(path[: -len(".npz")] + ".tmp.npz", path)
+        np.savez(tmp, images=images, labels=labels)
+        os.replace(tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         raise UsageError(f"{path}: cannot write ({e.strerror or e}); the finished chunks are kept: free "
                          f"space and rerun the same command to continue") from None
 
@@ -481,7 +416,8 @@ def main(args):
         sampler = make_sampler(args.sampler, args.num_sampling_steps, prediction)
         guide, guide_note, guide_stem = (load_guide(args, manifest, prediction, model.num_classes) if args.guide
                                          else (None, None, None))
-        vae = load_decoder(args, manifest, device)
+        vae = open_decoder(manifest, args.vae_path)
+        vae = vae and vae.to(device)
         models = [m.to(device).eval().requires_grad_(False)  # frozen: MPLinear caches its weights
                   for m in (model, guide) if m is not None]
         if args.compile:  # Guided calls the modules, so guidance runs compiled too
@@ -493,11 +429,11 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = True
 
         def generate(z, y):
-            x = denoise(guided, sampler, z.to(device), y.to(device), bf16, manifest["kind"] == "pixel")
-            if not torch.isfinite(x).all():  # would be saved as black images
-                raise UsageError(f"the samples came out non-finite (NaN or inf) with {note.splitlines()[0]}; "
-                                 f"nothing of this batch was written: check the weights (--weights) and the settings")
-            return decode(x, manifest, vae)
+            try:
+                return sample_images(guided, sampler, z.to(device), y, manifest, vae, bf16)
+            except FloatingPointError as e:  # they would be saved as black images
+                raise UsageError(f"{e} with {note.splitlines()[0]}; nothing of this batch was written: check "
+                                 f"the weights (--weights) and the settings") from None
 
         out = args.out or (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}"
                            f"{guidance_tag(args, guide_stem)}-seed{args.seed}"
@@ -509,7 +445,8 @@ def main(args):
                   + (f"\nguided by {guide_note}" if guide is not None else ""))
         check_writable(out)
         if args.fid:
-            settings = {**vars(args), "out": None, "compile": None, "source": stem}
+            settings = {k: v for k, v in vars(args).items() if k not in NOT_SAMPLE_SETTINGS}
+            settings["source"] = stem
             write_fid_npz(args, generate, tuple(manifest["shape"]), model.num_classes, out, settings, rank, world)
         elif rank == 0:
             write_grid(args, generate, tuple(manifest["shape"]), out)

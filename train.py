@@ -39,6 +39,8 @@ from plots import plot_curves, plot_magnitudes, read_metrics
 from progress import progress
 from runs import UsageError
 from trackers import Trackers, wandb_installed
+import watch
+from download import Fail, open_decoder
 from watch import Evaluation, SampleGrids, eval_metrics_for, sampling_weights
 
 DEFAULTS = dict(model="DiT-S/2", prediction="eps", mp=False, num_steps=400_000, global_batch_size=256,
@@ -57,7 +59,7 @@ RANGES = dict(  # every numeric flag: (its valid range in words, the test); floa
     num_workers=AT_LEAST_0,
     lr=("a finite number above 0", lambda v: 0 < v < math.inf),
     grad_clip=("a finite number, at least 0 (0 = off)", lambda v: 0 <= v < math.inf),
-    seed=("in [0, 2**32) (numpy's seeds)", lambda v: 0 <= v < 2 ** 32),
+    seed=(runs.SEED_RANGE, lambda v: 0 <= v < 2 ** 32),
     ema_decay=("in [0, 1)", lambda v: 0 <= v < 1),
     ema_sigma_rels=("in (0, 0.3002] (the relative widths a power EMA can have)", valid_sigma_rel),
     sample_steps=("in [1, 1000] (the training diffusion steps)", lambda v: 1 <= v <= 1000),
@@ -83,6 +85,9 @@ def parse_args(argv=None):
     g.add_argument("--prediction", choices=["eps", "v", "x0"],
                    help="what the model predicts: eps (DiT; the default) or v (the demo: well posed at high "
                         "noise, where eps-prediction needs many steps to learn) or x0")
+    g.add_argument("--vae-path", metavar="DIR",
+                   help="latent data: the VAE (a save_pretrained folder) that decodes the grids' and evaluations' "
+                        "samples (default: the one the dataset's manifest names, else its hub id)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on for pixel datasets; off for latent datasets, "
                         "where a mirrored latent only approximates the latent of the mirrored image, and for "
@@ -171,6 +176,8 @@ def fill_defaults(args):
             setattr(args, k, v)
     if args.hflip is None:  # a mirrored latent only approximates the latent of the mirrored image
         args.hflip = read_manifest(args.data_path)["kind"] == "pixel"
+    if args.vae_path and not os.path.isdir(args.vae_path):
+        raise UsageError(f"--vae-path {args.vae_path}: not a directory (a VAE saved with save_pretrained)")
     if args.model not in DiT_models:
         raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(DiT_models)}")
     check_ranges(args)
@@ -285,14 +292,59 @@ def main(args):
             raise UsageError(f"{args.data_path}: {len(dataset)} items, fewer than one global batch ({micro * world})")
         torch.manual_seed(args.seed)  # the same initial weights on every rank and for any world size
         model = runs.build_model(args, manifest).to(device)
+        vae = open_vae(args, manifest, rank, world, device)
+        if args.eval_every:
+            check_reference(args, dataset, vae, rank, world)
         if rank == 0 and run_dir is None:
             run_dir, lock = runs.create_run(args, run_name(args))
             cleanup.callback(lock.release)
         run_dir = runs.from_rank_0(run_dir, world)
-        return train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, micro)
+        return train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, micro, vae)
 
 
-def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, micro):
+def first_error(error, world):
+    """The first rank's error message (or None) on every rank, so that all ranks refuse together."""
+    if world == 1:
+        return error
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def open_vae(args, manifest, rank, world, device):
+    """The VAE that decodes a latent run's samples, on the ranks that decode: rank 0 for the grids,
+    every rank for the evaluations (None elsewhere and for pixel data). A VAE that cannot be opened
+    is refused on every rank before training, in one line."""
+    needed = manifest["kind"] == "latent" and (args.eval_every or (args.sample_every and rank == 0))
+    vae, error = None, None
+    if needed:
+        try:
+            vae = open_decoder(manifest, args.vae_path).to(device)
+        except Fail as e:
+            error = str(e)
+    error = first_error(error, world)
+    if error:
+        raise UsageError(f"cannot decode the run's samples for its grids and evaluations: {error} (or train "
+                         f"without them: --sample-every 0 --eval-every 0)")
+    return vae
+
+
+def check_reference(args, dataset, vae, rank, world):
+    """Refuse on every rank, before training, an evaluation whose reference cannot serve it (rank 0 looks)."""
+    c, h, w = dataset.manifest["shape"]
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    error = None
+    if rank == 0:
+        try:
+            watch.check_reference(args.eval_reference or dataset.path, args.eval_metrics, args.eval_samples, (h * scale, w * scale, 3))
+        except ValueError as e:
+            error = str(e)
+    error = first_error(error, world)
+    if error:
+        raise UsageError(error)
+
+
+def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, micro, vae):
     """The training loop of main: from ckpt (or step 0) to --num-steps in run_dir; returns run_dir."""
     manifest = dataset.manifest
     logger = make_logger(run_dir, rank)
@@ -331,10 +383,10 @@ def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, mic
     if not args.mp and any(getattr(args, name) for name in MP_SWITCHES):
         logger.info("switches on: " + " ".join("--" + n.replace("_", "-") for n in MP_SWITCHES if getattr(args, n)))
     trackers = Trackers(run_dir, runs.config_of(args), args.wandb, start_step=step, enabled=rank == 0)
-    grids = SampleGrids.for_run(run_dir, manifest, args, logger.info) if args.sample_every and rank == 0 else None
+    grids = SampleGrids(run_dir, manifest, args.prediction, args.sample_steps, args.seed, vae) \
+        if args.sample_every and rank == 0 else None
     cache = os.path.join(args.results_dir, "eval-cache")
-    evaluator = Evaluation.for_run(args, dataset, cache, device, logger.info, grids and grids.vae) if args.eval_every \
-        else None
+    evaluator = Evaluation.for_run(args, dataset, cache, device, logger.info, vae) if args.eval_every else None
 
     s.train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
@@ -352,6 +404,7 @@ def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, mic
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank == 0 else None
     magnitude_records = runs.read_records(run_dir, "act_rms") if rank == 0 else []
     bar = progress(total=args.num_steps, initial=step, unit="step", enabled=rank == 0 and not args.no_progress)
+    catch_up(args, step, s, grids, evaluator, trackers, metrics_file, logger, run_dir)
     window_loss, window_steps, window_start = torch.zeros(3, device=device), 0, time.time()
     while step < args.num_steps:
         logging_step = (step + 1) % args.log_every == 0 or step + 1 == args.num_steps
@@ -393,13 +446,6 @@ def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, mic
         watch_step(args, step, s, grids, evaluator, trackers, metrics_file, logger)
         window_start += time.time() - paused  # grids and evaluations do not count against images/s
     bar.close()
-    # killed after its last checkpoint, before its final grid or evaluation: they are made now
-    missing_grid = grids is not None and not os.path.exists(grids.path(step))
-    evaluated = rank == 0 and any(r["step"] == step for r in runs.read_records(run_dir, "eval"))
-    missing_eval = evaluator is not None and not runs.from_rank_0(evaluated, world)
-    if missing_grid or missing_eval:
-        watch_step(args, step, s, grids if missing_grid else None, evaluator if missing_eval else None, trackers,
-                   metrics_file, logger)
     trackers.close()
     if rank == 0:
         metrics_file.close()
@@ -468,26 +514,59 @@ def watch_step(args, step, s, grids, evaluator, trackers, metrics_file, logger):
     """At --sample-every steps and the last a sample grid (rank 0), at --eval-every steps and the last an
     evaluation (every rank samples and extracts features; rank 0 records), both from the sampling weights."""
     last = step == args.num_steps
-    draw = grids and (step % args.sample_every == 0 or last)
-    score = evaluator and (step % args.eval_every == 0 or last)
-    if not (draw or score):
+    weights = sampling_weights(s.ema, s.power_emas)
+    if grids and (step % args.sample_every == 0 or last):
+        draw_grid(step, weights, grids, trackers, logger)
+    if evaluator and (step % args.eval_every == 0 or last):
+        evaluate_at(args, step, weights, evaluator, trackers, metrics_file, logger)
+
+
+def catch_up(args, step, s, grids, evaluator, trackers, metrics_file, logger, run_dir):
+    """On resume at step, what a run killed during its grids or evaluations missed: the grid of step,
+    and every evaluation due at or before step without a record, made from step's weights or from the
+    checkpoint of its own step when that is on disk (else said in the log)."""
+    weights = sampling_weights(s.ema, s.power_emas)
+    due = lambda every: step % every == 0 or step == args.num_steps  # noqa: E731
+    if grids is not None and step and due(args.sample_every) and not os.path.exists(grids.path(step)):
+        draw_grid(step, weights, grids, trackers, logger)
+    if evaluator is None or not step:
         return
-    if draw:
-        start = time.time()
-        grid, path = grids(sampling_weights(s.ema, s.power_emas), step)
-        trackers.image("samples", grid, step)
-        logger.info(f"sample grid: {path} ({time.time() - start:.1f} s)")
-    if score:
-        start = time.time()
-        results = evaluator(sampling_weights(s.ema, s.power_emas))
-        if metrics_file is not None:
-            record = dict(step=step, eval={k: v for k, v in results.items()
-                                           if k in args.eval_metrics or k in ("precision", "recall")},
-                          samples=args.eval_samples, seconds=time.time() - start)
-            write_record(metrics_file, record)
-            logger.info(f"evaluation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in record["eval"].items())
-                        + f" ({args.eval_samples} samples, {record['seconds']:.0f} s)")
-            trackers.scalars({f"eval/{k}": v for k, v in record["eval"].items()}, step)
+    wanted = set(range(args.eval_every, step + 1, args.eval_every)) | ({step} if due(args.eval_every) else set())
+    done = {r["step"] for r in runs.read_records(run_dir, "eval")} if metrics_file is not None else set()
+    for k in runs.from_rank_0(sorted(wanted - done), s.world):
+        path = os.path.join(run_dir, "checkpoints", f"{k:07d}.pt")
+        if k == step:
+            evaluate_at(args, k, weights, evaluator, trackers, metrics_file, logger)
+        elif os.path.isfile(path):
+            ckpt = runs.load_checkpoint(path)
+            old = frozen_copy(weights)
+            old.load_state_dict(ckpt["ema_power"][str(max(s.power_emas))] if s.power_emas else ckpt["ema"])
+            evaluate_at(args, k, old, evaluator, trackers, metrics_file, logger)
+        else:
+            logger.info(f"the evaluation at step {k} was interrupted and no checkpoint of step {k} is left to "
+                        f"make it from; its point of the curve stays missing")
+
+
+def draw_grid(step, weights, grids, trackers, logger):
+    start = time.time()
+    grid, path = grids(weights, step)
+    trackers.image("samples", grid, step)
+    trackers.flush()
+    logger.info(f"sample grid: {path} ({time.time() - start:.1f} s)")
+
+
+def evaluate_at(args, step, weights, evaluator, trackers, metrics_file, logger):
+    """Evaluate weights (every rank); rank 0 records the metrics as step's in metrics.jsonl and the trackers."""
+    start = time.time()
+    results = evaluator(weights)
+    if metrics_file is None:
+        return
+    record = dict(step=step, eval={k: v for k, v in results.items() if k in args.eval_metrics or k in
+                                   ("precision", "recall")}, samples=args.eval_samples, seconds=time.time() - start)
+    write_record(metrics_file, record)
+    logger.info(f"evaluation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in record["eval"].items())
+                + f" ({args.eval_samples} samples, {record['seconds']:.0f} s)")
+    trackers.scalars({f"eval/{k}": v for k, v in record["eval"].items()}, step)
     trackers.flush()
 
 

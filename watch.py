@@ -1,11 +1,14 @@
 """What train.py shows of a run's samples while it trains: sample grids from fixed noise and labels
-(SampleGrids), and evaluation metrics of a fixed set of samples (Evaluation, on evaluation.py).
+(SampleGrids), and evaluation metrics of samples drawn as `sample.py --fid` draws them (Evaluation).
 
-Grids are drawn with DDIM (--sample-steps) and classifier-free guidance (scale 4, on all channels)
-from the weights sample.py uses by default (the widest tracked power EMA, else the classic EMA);
-latent samples are decoded with the VAE the dataset's manifest names. The noise and labels are
-drawn once from the run's seed, so consecutive grids differ only by training, and the same seed and
-weights give the same pixels.
+Both sample with DDIM (--sample-steps) through sampling.py, from the weights sample.py uses by
+default (the widest tracked power EMA, else the classic EMA); latent samples are decoded by the VAE
+train.py opens (download.open_decoder) on every process that decodes. Grids use classifier-free
+guidance (scale 4, all channels) on noise and labels drawn once from the run's seed, so consecutive
+grids differ only by training. An evaluation at step s draws exactly the images of
+`sample.py --result-dir RUN --fid K --sampler ddim --num-sampling-steps S --cfg-scale C --seed SEED`
+at that step's checkpoint (chunks of EVAL_BATCH, chunk k's noise and labels from (seed, k)), so its
+numbers can be checked with fid.py.
 """
 import hashlib
 import json
@@ -17,13 +20,15 @@ import torch
 from PIL import Image
 
 import evaluation
-from data import decode
-from diffusion import create_diffusion
-from download import Fail, load_vae
+from eval_inputs import EvalError, Side
+from guidance import Guided
+from runs import UsageError, folder_lock
+from sampling import chunk_inputs, chunk_sizes, make_sampler, sample_images
 
 GRID_COLUMNS = 8
 GRID_MAX_ROWS = 10  # classes shown: all of them up to 10, else 10 spread over the label range
 GRID_CFG = 4.0
+EVAL_BATCH = 64  # samples per chunk of an evaluation: sample.py's default --batch-size
 CLASSIFIER_ITEMS, CLASSIFIER_STEPS = 2000, 100  # the fallback evaluation classifier's images and optimiser steps
 
 
@@ -32,39 +37,9 @@ def sampling_weights(ema, power_emas):
     return power_emas[max(power_emas)] if power_emas else ema
 
 
-def open_decoder(manifest):
-    """(VAE or None, None) for latent data, or (None, why not) when it cannot be loaded; (None, None) for pixels."""
-    if manifest["kind"] == "pixel":
-        return None, None
-    source = manifest.get("vae_path") if os.path.isdir(manifest.get("vae_path") or "") else manifest.get("vae")
-    if not source:
-        return None, "the dataset's manifest names no VAE"
-    try:
-        return load_vae(source), None
-    except Fail as e:
-        return None, str(e)
-
-
-@torch.no_grad()
-def generate(model, z, y, manifest, vae, diffusion, cfg_scale, batch_size=256):
-    """uint8 images (N, H, W, 3), numpy, from noise z (N, C, h, w) and labels y (N,): DDIM with
-    guidance (cfg_scale 1: the conditional model alone), denormalised, decoded by the VAE for latents."""
-    device = next(model.parameters()).device
-    vae = vae.to(device) if vae is not None else None
-    out = []
-    for zb, yb in zip(z.split(batch_size), y.split(batch_size)):
-        zb, yb = zb.to(device), yb.to(device)
-        if cfg_scale == 1:
-            model_fn, kwargs = model, dict(y=yb)
-        else:
-            zb = torch.cat([zb, zb])
-            model_fn = model.forward_with_cfg
-            kwargs = dict(y=torch.cat([yb, torch.full_like(yb, model.num_classes)]), cfg_scale=cfg_scale)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            x = diffusion.ddim_sample_loop(model_fn, zb.shape, noise=zb, clip_denoised=manifest["kind"] == "pixel",
-                                           model_kwargs=kwargs, device=device)[: len(yb)].float()
-        out.append(decode(x, manifest, vae))
-    return np.concatenate(out)
+def sampling_weights_name(sigma_rels):
+    """sample.py's --weights for sampling_weights: ema-<widest sigma_rel>, else ema."""
+    return f"ema-{max(sigma_rels)}" if sigma_rels else "ema"
 
 
 def grid_labels(num_classes, rows=GRID_MAX_ROWS):
@@ -80,13 +55,27 @@ def tile(images, rows):
     return images.reshape(rows, n // rows, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, -1, c)
 
 
+def write_png(image, path):
+    """uint8 (H, W, 3) -> PNG at path, atomically; a failed write (full disk) leaves nothing and raises
+    UsageError."""
+    tmp = f"{path}.tmp.png"
+    try:
+        Image.fromarray(image).save(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UsageError(f"{path}: cannot write ({e.strerror or e}); free space and rerun the same command "
+                         f"(a training run continues from its last checkpoint)") from None
+
+
 class SampleGrids:
     """Grids of the same noise and labels: one row per class (grid_labels), GRID_COLUMNS columns.
     grids(model, step) writes samples/NNNNNNN.png under run_dir and returns the grid (H, W, 3)."""
 
     def __init__(self, run_dir, manifest, prediction, sample_steps, seed, vae=None):
         self.folder, self.manifest, self.vae = os.path.join(run_dir, "samples"), manifest, vae
-        self.diffusion = create_diffusion(f"ddim{sample_steps}", prediction=prediction)
+        self.sampler = make_sampler("ddim", sample_steps, prediction)
         labels = grid_labels(int(manifest["num_classes"]))
         self.rows = len(labels)
         self.y = labels.repeat_interleave(GRID_COLUMNS)
@@ -94,27 +83,18 @@ class SampleGrids:
         self.z = torch.randn(len(self.y), *manifest["shape"], generator=generator)
 
     def __call__(self, model, step):
-        grid = tile(generate(model, self.z, self.y, self.manifest, self.vae, self.diffusion, GRID_CFG), self.rows)
+        device = next(model.parameters()).device
+        images = sample_images(Guided(model, GRID_CFG), self.sampler, self.z.to(device), self.y, self.manifest,
+                               self.vae, bf16=device.type == "cuda")
+        grid = tile(images, self.rows)
         if grid.shape[0] < 64 * self.rows:  # small images: shown at twice their size
             grid = grid.repeat(2, 0).repeat(2, 1)
         os.makedirs(self.folder, exist_ok=True)
-        path = self.path(step)
-        Image.fromarray(grid).save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
-        return grid, path
+        write_png(grid, self.path(step))
+        return grid, self.path(step)
 
     def path(self, step):
         return os.path.join(self.folder, f"{step:07d}.png")
-
-    @classmethod
-    def for_run(cls, run_dir, manifest, args, log):
-        """The grids of a train.py run (args: prediction, sample_steps, seed), or None with one log
-        line when latent samples cannot be decoded."""
-        vae, why_not = open_decoder(manifest)
-        if manifest["kind"] == "latent" and vae is None:
-            log(f"no sample grids: the VAE to decode them did not load ({why_not})")
-            return None
-        return cls(run_dir, manifest, args.prediction, args.sample_steps, args.seed, vae)
 
 
 #################################################################################
@@ -141,23 +121,26 @@ class ImageClassifier:
 
 def demo_classifier(dataset, cache_dir, device, log, items=CLASSIFIER_ITEMS):
     """An ImageClassifier trained on up to `items` images of a pixel dataset with metrics.train_classifier
-    (cached in cache_dir, keyed by the dataset's manifest and the recipe; rank 0 trains, the others wait)."""
+    (cached in cache_dir, keyed by the dataset's manifest and the recipe; rank 0 trains under the
+    cache's lock, so runs sharing the cache train it once; the other ranks wait)."""
     from experiments import metrics  # the classifier and its recipe live with the ablation metrics
     rank, world = evaluation.rank_world()
     recipe = dict(manifest=dataset.manifest, items=items, steps=CLASSIFIER_STEPS, recipe=metrics.CLASSIFIER_RECIPE,
                   arch=metrics.SmallClassifier(dataset.shape[0], dataset.num_classes).config)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"classifier-{digest}.pt")
-    if rank == 0 and not os.path.isfile(path):
-        start = time.time()
-        index = np.random.default_rng(0).permutation(len(dataset))[:items]
-        x = torch.stack([dataset[int(i)][0] for i in index]).float() / 127.5 - 1
-        net = metrics.train_classifier(x, torch.as_tensor(dataset.labels[index]), dataset.num_classes,
-                                       min_steps=CLASSIFIER_STEPS)
-        os.makedirs(cache_dir, exist_ok=True)
-        torch.save(net.state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)
-        log(f"trained the evaluation classifier on {len(index)} images in {time.time() - start:.0f} s: {path}")
+    if rank == 0:
+        with folder_lock(cache_dir, create=True):
+            if not os.path.isfile(path):
+                start = time.time()
+                index = np.random.default_rng(0).permutation(len(dataset))[:items]
+                x = torch.stack([dataset[int(i)][0] for i in index]).float() / 127.5 - 1
+                net = metrics.train_classifier(x, torch.as_tensor(dataset.labels[index]), dataset.num_classes,
+                                               min_steps=CLASSIFIER_STEPS)
+                torch.save(net.state_dict(), f"{path}.{os.getpid()}.tmp")
+                os.replace(f"{path}.{os.getpid()}.tmp", path)
+                log(f"trained the evaluation classifier on {len(index)} images in {time.time() - start:.0f} s: "
+                    f"{path}")
     if world > 1:
         torch.distributed.barrier()
     net = metrics.SmallClassifier(**recipe["arch"])
@@ -166,33 +149,37 @@ def demo_classifier(dataset, cache_dir, device, log, items=CLASSIFIER_ITEMS):
 
 
 class Evaluation:
-    """--eval-every: `samples` images from fixed noise and labels (uniform over the classes) drawn
-    from the sampling weights, scored by evaluation.evaluate against `reference` (the training data
-    for pixel runs) with its statistics cached in cache_dir. Every rank draws rows rank::world and
-    calls evaluate (which shares the feature extraction); every rank gets the results."""
+    """--eval-every: `samples` images drawn from the sampling weights as `sample.py --fid` draws them
+    (chunks of EVAL_BATCH; chunk k's noise and uniform labels from (seed, k); DDIM), scored by
+    evaluation.evaluate against `reference` (the training data for pixel runs) with its statistics
+    cached in cache_dir. Rank r draws the chunks k with k % world == r, as sample.py does, and every
+    rank calls evaluate (which shares the feature extraction); every rank gets the results."""
 
     def __init__(self, manifest, prediction, sample_steps, seed, samples, metrics, reference, cache_dir,
                  cfg_scale=1.0, vae=None, networks=None):
-        self.manifest, self.vae, self.cfg_scale = manifest, vae, cfg_scale
+        self.manifest, self.vae, self.cfg_scale, self.seed = manifest, vae, cfg_scale, seed
         self.metrics, self.reference, self.cache_dir, self.networks = metrics, reference, cache_dir, networks or {}
-        self.diffusion = create_diffusion(f"ddim{sample_steps}", prediction=prediction)
-        generator = torch.Generator().manual_seed(seed + 1)  # not the grids' noise
-        self.y = torch.arange(samples) % int(manifest["num_classes"])
-        self.z = torch.randn(samples, *manifest["shape"], generator=generator)
+        self.sampler = make_sampler("ddim", sample_steps, prediction)
+        self.sizes = chunk_sizes(samples, EVAL_BATCH)
 
+    @torch.no_grad()
     def images(self, model):
-        """All `samples` images (N, H, W, 3) uint8, each rank drawing its rows and all ranks gathering them."""
+        """All the samples (N, H, W, 3) uint8, in chunk order on every rank. The global RNG, which
+        chunk_inputs seeds, is the training's again afterwards."""
         rank, world = evaluation.rank_world()
-        mine = generate(model, self.z[rank::world], self.y[rank::world], self.manifest, self.vae, self.diffusion,
-                        self.cfg_scale)
-        if world == 1:
-            return mine
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, mine)
-        images = np.empty((len(self.y), *mine.shape[1:]), np.uint8)
-        for r, part in enumerate(parts):
-            images[r::world] = part
-        return images
+        device = next(model.parameters()).device
+        shape, classes = tuple(self.manifest["shape"]), int(self.manifest["num_classes"])
+        chunks = {}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for k in range(rank, len(self.sizes), world):
+                z, y = chunk_inputs(self.seed, k, self.sizes[k], shape, classes)
+                chunks[k] = sample_images(Guided(model, self.cfg_scale), self.sampler, z.to(device), y, self.manifest,
+                                          self.vae, bf16=device.type == "cuda")
+        if world > 1:
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, chunks)
+            chunks = {k: v for part in parts for k, v in part.items()}
+        return np.concatenate([chunks[k] for k in range(len(self.sizes))])
 
     def __call__(self, model):
         """{metric: value} of model's samples (the keys evaluation.evaluate returns)."""
@@ -202,7 +189,8 @@ class Evaluation:
     @classmethod
     def for_run(cls, args, dataset, cache_dir, device, log, vae=None):
         """The evaluation of a train.py run (args: eval_samples, eval_metrics, eval_reference,
-        eval_cfg_scale, prediction, sample_steps, seed); logs what it measures and with which network."""
+        eval_cfg_scale, prediction, sample_steps, seed, ema_sigma_rels); logs what it measures, with
+        which network, and the sample.py command that draws the same images."""
         networks = {}
         if "fd_classifier" in args.eval_metrics:
             networks["classifier"] = demo_classifier(dataset, cache_dir, device, log)
@@ -210,9 +198,33 @@ class Evaluation:
                 "trained on this data (experiments/metrics.py; not comparable to FID)")
         reference = args.eval_reference or dataset.path
         log(f"evaluation every {args.eval_every} steps: {', '.join(args.eval_metrics)} of {args.eval_samples} "
-            f"samples (DDIM-{args.sample_steps}, cfg {args.eval_cfg_scale:g}) against {reference}")
+            f"samples against {reference}, the images of `python sample.py --result-dir RUN --weights "
+            f"{sampling_weights_name(args.ema_sigma_rels)} --fid {args.eval_samples} --sampler ddim "
+            f"--num-sampling-steps {args.sample_steps} --cfg-scale {args.eval_cfg_scale:g} --seed {args.seed}` "
+            f"at that step's checkpoint")
         return cls(dataset.manifest, args.prediction, args.sample_steps, args.seed, args.eval_samples,
                    args.eval_metrics, reference, cache_dir, args.eval_cfg_scale, vae, networks)
+
+
+def check_reference(reference, metrics, num_samples, image_shape):
+    """Refuse (ValueError, one line) before training an evaluation that would fail at its first step:
+    a reference that is not an image source or ADM batch, images of another size than the samples
+    (H, W, 3), a metric without what it needs from the reference, too few images for a statistic."""
+    try:
+        side = Side(reference, f"--eval-reference {reference}")
+    except EvalError as e:
+        raise ValueError(str(e)) from None
+    if side.image_shape is not None and tuple(side.image_shape) != tuple(image_shape):
+        (h, w, _), (rh, rw, _) = image_shape, side.image_shape
+        raise ValueError(f"--eval-reference {reference}: {rw}x{rh} images, but the run's samples are {w}x{h}; "
+                         f"give reference images of the samples' size")
+    for m in metrics:
+        if m != "is" and (m == "pr" or m not in side.stats) and side.images is None:
+            raise ValueError(f"--eval-metrics {m}: --eval-reference {reference} holds no images to compare with")
+    least = evaluation.PR_K + 1 if "pr" in metrics else 2
+    if num_samples < least or (side.images is not None and len(side) < least):
+        raise ValueError(f"--eval-metrics {' '.join(metrics)}: needs at least {least} samples and reference "
+                         f"images (got --eval-samples {num_samples}, {len(side) or 'no'} reference images)")
 
 
 def eval_metrics_for(requested, kind):

@@ -185,14 +185,14 @@ def tail(completed):
 @torch.no_grad()
 def sampling_rows(args, device):
     """Guided sampling images/s with sample.py's sampler and bf16 autocast on a GPU, vanilla and MaP."""
-    import sample  # noqa: E402  (sample.py: its sampler, the one sampling runs)
+    import sampling  # noqa: E402  (sample.py's sampler, the one sampling runs)
     try:
         import diffusers  # noqa: F401
         name, steps = "dpm++", 25
     except ImportError:
         name, steps = "ddim", 25
     steps = 5 if args.tiny else steps
-    sampler = sample.make_sampler(name, steps)
+    sampler = sampling.make_sampler(name, steps)
     rows = ["| config | sampler | images | images/s |", "|---|---|---|---|"]
     for config, kwargs in CONFIGS.items():
         ctx = context(args, device, args.sample_batch)

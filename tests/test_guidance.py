@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-import sample
+import sampling
 from diffusion import create_diffusion
-from guidance import Guided
+from guidance import EVERY_STEP, Guided, ddpm_sigmas
 from models import DiT
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -25,7 +25,7 @@ def model():
 
 
 def run(sampler_name, steps, fn, z, y):
-    return sample.denoise(fn, sample.make_sampler(sampler_name, steps), z, y)
+    return sampling.denoise(fn, sampling.make_sampler(sampler_name, steps), z, y)
 
 
 def inputs(seed=0):
@@ -45,32 +45,33 @@ class Recorder:
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++"])
-def test_interval_0_1_is_plain_cfg_and_1_1_the_conditional_model(model, name, monkeypatch):
+def test_interval_0_inf_is_plain_cfg_and_an_empty_one_the_conditional_model(model, name, monkeypatch):
     """Plain CFG is DiT's path (forward_with_cfg on [cond; uncond] batches of 2N); DDPM's step noise
     is set to zero so that batches of N and 2N sample alike."""
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
     z, y = inputs()
-    sampler = sample.make_sampler(name, 6)
+    sampler = sampling.make_sampler(name, 6)
     with torch.no_grad():
         dit = sampler(model.forward_with_cfg, torch.cat([z, z]),
                       dict(y=torch.cat([y, torch.full_like(y, 10)]), cfg_scale=4.0), False)[:N]
         conditional = sampler(model, z, dict(y=y), False)
     full, empty = Recorder(model), Recorder(model)
-    torch.testing.assert_close(run(name, 6, Guided(full, 4.0, interval=(0.0, 1.0)), z, y), dit, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(run(name, 6, Guided(empty, 4.0, interval=(1.0, 1.0)), z, y), conditional,
+    torch.testing.assert_close(run(name, 6, Guided(full, 4.0, interval=EVERY_STEP), z, y), dit, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(name, 6, Guided(empty, 4.0, interval=(5.0, 5.0)), z, y), conditional,
                                rtol=1e-5, atol=1e-5)
     assert [b for b, *_ in full.log] == [2 * N] * 6 and [b for b, *_ in empty.log] == [N] * 6
     assert not torch.allclose(dit, conditional, atol=1e-2)  # guidance does change the samples
 
 
 def test_half_interval_changes_only_the_steps_inside(model):
-    """DDIM-10 calls the model at t = 900, 800, ..., 0. Guided on [0.5, 1] (t = 900 .. 500), the model
-    sees the same x_t as under plain CFG up to and including t = 400 and other ones after; guided on
-    [0, 0.45] (t = 400 .. 0), the same x_t as the conditional model up to t = 400."""
+    """DDIM-10 calls the model at t = 900, 800, ..., 0. Guided above the noise level of t = 450
+    (t = 900 .. 500), the model sees the same x_t as under plain CFG up to and including t = 400 and
+    other ones after; guided at or below it (t = 400 .. 0), the same x_t as the conditional model up
+    to t = 400."""
     z, y = inputs(1)
-    logs = {}
-    for key, scale, interval in (("cfg", 4.0, (0, 1)), ("cond", 1.0, (0, 1)), ("high", 4.0, (0.5, 1)),
-                                 ("low", 4.0, (0, 0.45))):
+    logs, middle = {}, ddpm_sigmas()[450].item()
+    for key, scale, interval in (("cfg", 4.0, EVERY_STEP), ("cond", 1.0, EVERY_STEP),
+                                 ("high", 4.0, (middle, float("inf"))), ("low", 4.0, (0, middle))):
         rec = Recorder(model)
         run("ddim", 10, Guided(rec, scale, interval=interval), z, y)
         logs[key] = rec.log
@@ -86,10 +87,11 @@ def test_half_interval_changes_only_the_steps_inside(model):
                                             ("dpm++", {300, 400, 500})])
 def test_interval_reads_the_original_timestep(model, name, guided_t):
     """10 steps: DDPM keeps t = 0, 111, ..., 999, DDIM t = 0, 100, ..., 900, DPM-Solver++ t = 999, 899,
-    ..., 500, 400, ..., 100. [0.3, 0.5] guides the steps whose original t lies in [300, 500], not those
-    whose step index does (that would be 3 steps for DDPM)."""
+    ..., 500, 400, ..., 100. (sigma_299, sigma_500] guides the steps whose original t lies in [300, 500],
+    not those whose step index does (that would be 3 steps for DDPM)."""
     rec = Recorder(model)
-    run(name, 10, Guided(rec, 2.0, interval=(0.3, 0.5)), *inputs())
+    sigmas = ddpm_sigmas()
+    run(name, 10, Guided(rec, 2.0, interval=(sigmas[299].item(), sigmas[500].item())), *inputs())
     assert {t for b, t, _ in rec.log if b == 2 * N} == guided_t
     assert len(rec.log) == 10 and all(b == N for b, t, _ in rec.log if t not in guided_t)
 
@@ -131,11 +133,12 @@ class GaussianOracle:
 def test_autoguidance_is_the_formula_on_the_denoised_output(prediction):
     """D = D_guide + w (D_main - D_guide) in closed form for two Gaussian oracles (data std 0.5 and
     0.8), read back from the guided eps / v / x0 output by the diffusion's own conversion: combining
-    in prediction space is the formula on D. Rows of a batch at different t: only the row inside the
-    interval [0.3, 0.7] is guided, and only that row is given to the guide."""
+    in prediction space is the formula on D. Rows of a batch at t = 100, 500, 900: only the row inside
+    the interval (1, 10] of noise levels (t = 500, sigma 4.2) is guided, and only that row is given to
+    the guide."""
     main, guide = GaussianOracle(0.5, prediction), GaussianOracle(0.8, prediction)
     x, t = torch.randn(3, 4, 2, 2, dtype=torch.float64), torch.tensor([100, 500, 900])
-    out = Guided(main, 2.5, guide=guide, interval=(0.3, 0.7))(x, t, torch.zeros(3, dtype=torch.long))
+    out = Guided(main, 2.5, guide=guide, interval=(1.0, 10.0))(x, t, torch.zeros(3, dtype=torch.long))
     diffusion = create_diffusion("", prediction=prediction)
     denoised = diffusion._predict_xstart(x, t, out[:, :4].double())
     want = main.denoised(x, t)
@@ -196,8 +199,25 @@ def test_guidance_arithmetic_is_float32_under_bf16_autocast(model):
         assert not torch.equal((uncond + scale * (cond - uncond)).float(), want)
         assert cfg.dtype == torch.float32 and torch.equal(cfg[:N, :4], want)
         outputs.clear()
-        sampled = sample.denoise(Guided(model, scale), sample.make_sampler("ddim", 2), x, y, bf16=True)
+        sampled = sampling.denoise(Guided(model, scale), sampling.make_sampler("ddim", 2), x, y, bf16=True)
         assert sampled.dtype == torch.float32 and {o.dtype for o in outputs} == {torch.bfloat16}
     finally:
         handle.remove()
 
+
+
+def test_the_interval_is_in_noise_levels_as_the_papers_state_it():
+    """guided_at(t) is lo < sigma_t <= hi with sigma_t = sqrt((1 - abar_t) / abar_t), abar from DiT's
+    betas written out here (linspace(1e-4, 0.02, 1000)): EDM2's (0.28, 5.42] guides t/T in about
+    [0.08, 0.58] of this schedule, and REPA's "t <= 0.7" (sigma <= 0.7 / 0.3 = 2.33) t/T up to about
+    0.43, not 0.7 (REFERENCE section 9)."""
+    sigma = np.sqrt((1 - ABAR.numpy()) / ABAR.numpy())
+    t = torch.arange(1000)
+    for lo, hi in ((0.28, 5.42), (0.0, 0.7 / 0.3), (3.0, 3.0)):
+        got = Guided(None, 2.0, interval=(lo, hi)).guided_at(t).numpy()
+        np.testing.assert_array_equal(got, (sigma > lo) & (sigma <= hi))
+    edm2 = np.flatnonzero(Guided(None, 2.0, interval=(0.28, 5.42)).guided_at(t).numpy())
+    assert abs(edm2[0] / 1000 - 0.08) < 0.005 and abs((edm2[-1] + 1) / 1000 - 0.58) < 0.005
+    repa = np.flatnonzero(Guided(None, 2.0, interval=(0.0, 0.7 / 0.3)).guided_at(t).numpy())
+    assert repa[0] == 0 and abs((repa[-1] + 1) / 1000 - 0.43) < 0.005
+    assert Guided(None, 2.0).guided_at(t).all() and not Guided(None, 1.0).guided_at(t).any()

@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import sample
+import sampling
 import train
 from data import ShardWriter
 from download import DIT_KEYS
@@ -121,7 +123,7 @@ def test_compile_captures_the_guided_model_in_one_graph_and_changes_no_pixel(pix
     assert calls == [dict(fullgraph=True)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # dynamo traced the forward
     assert (tmp_path / "eager.png").read_bytes() == (tmp_path / "compiled.png").read_bytes()
-    guided = [*grid, "--guide", os.path.join(pixel_run, "checkpoints", "0000003.pt"), "--guidance-interval", 0.5, 1]
+    guided = [*grid, "--guide", os.path.join(pixel_run, "checkpoints", "0000003.pt"), "--guidance-interval", 1, 10]
     assert run_cli([*guided, "--out", tmp_path / "guided.png"], capsys)[0] == 0
     calls.clear()
     assert run_cli([*guided, "--compile", "--out", tmp_path / "guided-compiled.png"], capsys)[0] == 0
@@ -137,15 +139,15 @@ def test_cfg_scale_one_runs_the_conditional_model_alone(pixel_run):
     model.eval()
     batches = []
     model.x_embedder.register_forward_pre_hook(lambda module, inputs: batches.append(len(inputs[0])))
-    sampler = sample.make_sampler("ddim", 5)
+    sampler = sampling.make_sampler("ddim", 5)
     z, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3])
-    plain = sample.denoise(Guided(model, 1.0), sampler, z, y)
+    plain = sampling.denoise(Guided(model, 1.0), sampler, z, y)
     assert set(batches) == {3}  # no doubled batch
     guided_at_one = sampler(model.forward_with_cfg, torch.cat([z, z]),
                             dict(y=torch.cat([y, torch.full_like(y, 4)]), cfg_scale=1.0), False)[:3]
     torch.testing.assert_close(plain, guided_at_one, rtol=1e-5, atol=1e-5)
     batches.clear()
-    sample.denoise(Guided(model, 4.0), sampler, z, y)
+    sampling.denoise(Guided(model, 4.0), sampler, z, y)
     assert set(batches) == {6}
 
 
@@ -170,7 +172,7 @@ def test_dpm_solver_matches_the_gaussian_oracle():
     errors = {}
     for steps in (25, 50):
         seen.clear()
-        x = sample.make_sampler("dpm++", steps)(oracle, z, {}, False)
+        x = sampling.make_sampler("dpm++", steps)(oracle, z, {}, False)
         errors[steps] = x.std().item() / S - 1
         assert len(seen) == steps and seen[0].dtype == torch.long and seen[0][0] == 999
     assert abs(errors[50]) < 0.01 and abs(errors[25]) < 0.03 and abs(errors[50]) < abs(errors[25]), errors
@@ -186,14 +188,14 @@ def test_dpm_solver_at_every_training_timestep_stays_finite():
     """At 1000 steps diffusers' linspace spacing rounds timesteps 499.5 and 500.5 both to 500: a step
     of length 0 and NaN samples (999 steps were fine). The 1000 steps must be 999 .. 0, once each,
     and sample the oracle's data as finely as 50 steps do (within 1% in std)."""
-    assert sample.dpm_timesteps(1000) == list(range(999, -1, -1))
-    assert sample.dpm_timesteps(25)[:3] == [999, 959, 919] and len(set(sample.dpm_timesteps(999))) == 999
+    assert sampling.dpm_timesteps(1000) == list(range(999, -1, -1))
+    assert sampling.dpm_timesteps(25)[:3] == [999, 959, 919] and len(set(sampling.dpm_timesteps(999))) == 999
     z = torch.randn(1024, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    x = sample.make_sampler("dpm++", 1000)(gaussian_eps_oracle, (z - z.mean()) / z.std(), {}, False)
+    x = sampling.make_sampler("dpm++", 1000)(gaussian_eps_oracle, (z - z.mean()) / z.std(), {}, False)
     assert torch.isfinite(x).all() and abs(x.std().item() / S - 1) < 0.01
 
 
-@pytest.mark.parametrize("name", list(sample.DEFAULT_STEPS))
+@pytest.mark.parametrize("name", list(sampling.DEFAULT_STEPS))
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_every_sampler_at_few_steps_works_or_refuses(name, steps):
     """ddpm and ddim need two timesteps (one step would keep t = 0 alone, or no stride fits); the
@@ -201,15 +203,15 @@ def test_every_sampler_at_few_steps_works_or_refuses(name, steps):
     z = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     if steps == 1 and name != "dpm++":
         with pytest.raises(train.UsageError, match=f"--num-sampling-steps 1: .*{'at least 2' if name == 'ddpm' else ''}"):
-            sample.make_sampler(name, steps)
+            sampling.make_sampler(name, steps)
         return
-    x = sample.make_sampler(name, steps)(gaussian_eps_oracle, z, {}, False)
+    x = sampling.make_sampler(name, steps)(gaussian_eps_oracle, z, {}, False)
     assert x.shape == z.shape and torch.isfinite(x).all()
 
 
 def test_non_finite_samples_are_refused_not_saved(pixel_run, tmp_path, capsys, monkeypatch):
     """NaN samples would be written as black images with exit code 0: one line and exit 2 instead."""
-    monkeypatch.setattr(sample, "denoise", lambda model, sampler, z, *rest: torch.full_like(z, float("nan")))
+    monkeypatch.setattr(sampling, "denoise", lambda model, sampler, z, *rest, **kw: torch.full_like(z, float("nan")))
     out = tmp_path / "nan.png"
     code, _, err = run_cli(["--result-dir", pixel_run, "--class-label", 0, "--num-samples", 2, "--out", out], capsys)
     assert code == 2 and "non-finite" in err and len(err.splitlines()) == 1, err
@@ -238,9 +240,9 @@ def test_every_sampler_reads_the_models_prediction_type(prediction):
     z = torch.randn(512, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     for name, steps in (("dpm++", 10), ("ddim", 10), ("ddpm", 10)):
         torch.manual_seed(1)
-        want = sample.make_sampler(name, steps)(eps_oracle, z, {}, False)
+        want = sampling.make_sampler(name, steps)(eps_oracle, z, {}, False)
         torch.manual_seed(1)
-        got = sample.make_sampler(name, steps, prediction)(oracle, z, {}, False)
+        got = sampling.make_sampler(name, steps, prediction)(oracle, z, {}, False)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=name)
 
 
@@ -349,7 +351,7 @@ def test_official_state_dict_loads_into_vanilla_dit(official_ckpt, vae_dir, tmp_
     stub = types.SimpleNamespace(decode=lambda z: decoded.append(z) or types.SimpleNamespace(
         sample=torch.zeros(len(z), 3, 64, 64)))
     x = torch.randn(2, 4, 8, 8)
-    images = sample.decode(x, manifest, stub)
+    images = data.decode(x, manifest, stub)
     torch.testing.assert_close(decoded[0], x / 0.18215)  # DiT's latent scale
     assert images.shape == (2, 64, 64, 3) and (images == 128).all()  # 0 in [-1, 1] is grey
 
@@ -420,8 +422,8 @@ def test_posthoc_ema_refuses_a_non_finite_snapshot(pixel_run, tmp_path, capsys):
 def test_unusable_out_and_corrupt_chunks_are_one_line(pixel_run, tmp_path, capsys, monkeypatch):
     """Issue 12 item 8: --out that is a directory or cannot be created is refused before any sampling;
     a corrupt chunk file is named, with how to regenerate it."""
-    calls, real_denoise = [], sample.denoise
-    monkeypatch.setattr(sample, "denoise", lambda *a, **k: calls.append(1) or real_denoise(*a, **k))
+    calls, real_denoise = [], sampling.denoise
+    monkeypatch.setattr(sampling, "denoise", lambda *a, **k: calls.append(1) or real_denoise(*a, **k))
     (tmp_path / "file").write_text("x")
     grid = ["--result-dir", pixel_run, "--class-label", 0, "--num-samples", 1, "--sampler", "ddim",
             "--num-sampling-steps", 2]
@@ -467,12 +469,12 @@ def test_guide_interval_and_channels_on_the_cli(pixel_run, latent_run, tmp_path,
     early = os.path.join(pixel_run, "checkpoints", "0000003.pt")
     grid = ["--result-dir", pixel_run, "--class-label", 1, "--num-samples", 2, "--sampler", "ddim",
             "--num-sampling-steps", 4]
-    guided = [*grid, "--guide", early, "--guide-weights", "ema", "--cfg-scale", 2, "--guidance-interval", 0, 0.7]
+    guided = [*grid, "--guide", early, "--guide-weights", "ema", "--cfg-scale", 2, "--guidance-interval", 0, 2.33]
     code, out, err = run_cli(guided, capsys)
-    default = os.path.join(pixel_run, "samples", "0000006-ema-0.1-ddim4-cfg2-int0-0.7-guide-0000003-ema-seed0.png")
+    default = os.path.join(pixel_run, "samples", "0000006-ema-0.1-ddim4-cfg2-sigma0-2.33-guide-0000003-ema-seed0.png")
     assert code == 0 and f"wrote {default}" in out and "guided by classic EMA" in out, err
     code, _, err = run_cli(["--result-dir", pixel_run, "--fid", 3, "--sampler", "ddim", "--num-sampling-steps", 4,
-                            "--guide", early, "--guidance-interval", 0, 0.7, "--out", tmp_path / "g.npz"], capsys)
+                            "--guide", early, "--guidance-interval", 0, 2.33, "--out", tmp_path / "g.npz"], capsys)
     assert code == 0 and np.load(tmp_path / "g.npz")["arr_0"].shape == (3, 8, 8, 3), err
 
     ckpt = load(os.path.join(pixel_run, "checkpoints", "0000006.pt"))
@@ -483,9 +485,9 @@ def test_guide_interval_and_channels_on_the_cli(pixel_run, latent_run, tmp_path,
         ([*grid, "--guide", tmp_path / "nope.pt"], "no such run directory or checkpoint"),
         ([*grid, "--guide", early, "--guide-weights", "ema-x"], "--guide: --weights ema-x"),
         ([*grid, "--guide-weights", "ema"], "--guide-weights needs --guide"),
-        ([*grid, "--guidance-interval", 0.8, 0.2], "need 0 <= LO <= HI <= 1"),
-        ([*grid, "--guidance-interval", 0.5, 1.5], "need 0 <= LO <= HI <= 1"),
-        ([*grid, "--guidance-interval", -0.1, 0.5], "need 0 <= LO <= HI <= 1"),
+        ([*grid, "--guidance-interval", 0.8, 0.2], "need noise levels 0 <= LO <= HI"),
+        ([*grid, "--guidance-interval", "nan", 1.5], "need noise levels 0 <= LO <= HI"),
+        ([*grid, "--guidance-interval", -0.1, 0.5], "need noise levels 0 <= LO <= HI"),
         ([*grid, "--guidance-interval", 0.5], "expected 2 arguments"),
         ([*grid, "--cfg-channels", 4], "--cfg-channels 4: the model has 3 channels"),
         ([*grid, "--cfg-channels", 0], "at least 1"),

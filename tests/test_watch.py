@@ -110,17 +110,24 @@ def latents(tmp_path_factory):
     return make
 
 
-def test_latent_grids_are_decoded_by_the_manifests_vae_or_one_line_says_why_not(latents, tiny_vae, tmp_path):
+def test_latent_grids_are_decoded_by_the_manifests_vae_or_the_run_is_refused(latents, tiny_vae, tmp_path, capsys):
+    """A VAE that cannot be opened is refused before training (one line, exit 2, no run directory):
+    once grids or evaluations would need it, it is too late (the run dies mid-way and loses its work).
+    --vae-path gives the VAE the manifest does not have; without grids or evaluations none is needed."""
     vae = tiny_vae(levels=4, channels=(8,) * 4, layers_per_block=1)  # downsampling 8: 4x4 latents -> 32x32
     argv = ["--num-steps", "2", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "2"]
     decoded = run(latents(vae), tmp_path / "a", *argv)
     grid = pixels_of(os.path.join(decoded, "samples", "0000002.png"))
     assert grid.shape == (2 * 64, watch.GRID_COLUMNS * 64, 3)  # 2 classes of 32x32 images, shown at 2x
-    missing = run(latents(str(tmp_path / "no-such-vae")), tmp_path / "b", *argv)
-    assert not os.path.exists(os.path.join(missing, "samples"))
-    with open(os.path.join(missing, "log.txt")) as f:
-        lines = [line for line in f if "no sample grids" in line]
-    assert len(lines) == 1 and "no-such-vae" in lines[0]
+    lost = latents(str(tmp_path / "no-such-vae"))
+    capsys.readouterr()
+    code = train.cli(["--data-path", lost, "--results-dir", str(tmp_path / "b"), *TINY, *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no-such-vae" in err and "--vae-path" in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "b") or os.listdir(tmp_path / "b") == []
+    given = run(lost, tmp_path / "c", *argv, "--vae-path", vae)
+    assert np.array_equal(pixels_of(os.path.join(given, "samples", "0000002.png")), grid)
+    assert run(lost, tmp_path / "d", *argv[:-1], "0")  # no grids: no VAE needed
 
 
 def train_process(pixels, results, env_extra, *extra):

@@ -1,0 +1,95 @@
+"""One sampling path for sample.py and the in-run grids and evaluation of train.py: noise and labels
+-> x_0 in model space by a sampler (ancestral DDPM, DDIM, DPM-Solver++) calling a guided model
+function (guidance.Guided) -> uint8 images (data.decode).
+
+    sampler = make_sampler("ddim", 50, prediction="v")
+    z, y = chunk_inputs(seed, k, 64, (4, 16, 16), num_classes=1000)    # chunk k: depends on (seed, k) only
+    images = sample_images(Guided(model, 1.5), sampler, z, y, manifest, vae)   # uint8 (64, 128, 128, 3)
+
+An --fid run of N samples is chunks k = 0, 1, ... of chunk_size(N, batch, k) samples each; any
+process that samples chunk k with the same model and settings draws the same images.
+"""
+import numpy as np
+import torch
+
+from data import decode
+from diffusion import create_diffusion
+from runs import UsageError
+
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def make_sampler(name, steps, prediction="eps"):
+    """A function (model_fn, z (N, C, H, W), model_kwargs, clip_denoised) -> x_0 (N, C, H, W) for a
+    model predicting eps, v or x0; model_fn(x, t, **model_kwargs) gets the original integer timesteps t (N,)."""
+    if name == "dpm++":
+        from diffusers import DPMSolverMultistepScheduler  # a slow import: only where it is used
+        betas = create_diffusion("").betas.tolist()
+        timesteps = dpm_timesteps(steps, len(betas))
+
+        def dpm_solver(model_fn, z, model_kwargs, clip_denoised):
+            """DPM-Solver++(2M) on the model's prediction (its first C channels; learned sigmas and
+            clip_denoised unused: the library's thresholding is off, as for latents)."""
+            scheduler = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas,
+                                                    solver_order=2, algorithm_type="dpmsolver++",
+                                                    prediction_type=DIFFUSERS_PREDICTION[prediction])
+            scheduler.set_timesteps(timesteps=timesteps, device=z.device)
+            x = z
+            for t in scheduler.timesteps:
+                out = model_fn(x, t.expand(len(x)), **model_kwargs)[:, : x.shape[1]]
+                x = scheduler.step(out.float(), t, x).prev_sample
+            return x
+        return dpm_solver
+    try:
+        diffusion = create_diffusion(f"ddim{steps}" if name == "ddim" else str(steps), prediction=prediction)
+    except ValueError as e:
+        raise UsageError(f"--num-sampling-steps {steps}: {e}") from None
+    loop = diffusion.ddim_sample_loop if name == "ddim" else diffusion.p_sample_loop
+    return lambda model_fn, z, model_kwargs, clip_denoised: loop(
+        model_fn, z.shape, noise=z, clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=z.device)
+
+
+def dpm_timesteps(steps, num_timesteps=1000):
+    """The `steps` timesteps DPM-Solver++ visits, highest first: diffusers' "linspace" spacing,
+    round(linspace(0, T - 1, steps + 1))[steps:0:-1]. At steps = T its spacing (T - 1) / T < 1
+    rounds two neighbours to one timestep, a step of length 0 that makes the solver divide 0 by 0
+    (NaN); there every timestep is taken once, T - 1 .. 0."""
+    if steps == num_timesteps:
+        return list(range(num_timesteps - 1, -1, -1))
+    return np.linspace(0, num_timesteps - 1, steps + 1).round()[:0:-1].astype(int).tolist()
+
+
+@torch.no_grad()
+def denoise(guided, sampler, z, y, bf16=False, clip_denoised=False):
+    """Noise z (N, C, H, W) and labels y (N,) -> x_0 (N, C, H, W) float32 in model space, with guided a
+    guidance.Guided (it calls the model, and the guide or the null label where it guides). bf16: the
+    forward passes in bf16 autocast; the guidance and the sampler's arithmetic stay float32."""
+    with torch.autocast(z.device.type, torch.bfloat16, enabled=bf16):
+        return sampler(guided, z, dict(y=y), clip_denoised).float()
+
+
+def chunk_inputs(seed, k, n, shape, num_classes=None):
+    """Noise (n, *shape) and, given num_classes, uniform labels (n,) of chunk k: they depend only on
+    (seed, k). The global torch RNG (DDPM's step noise) is seeded from (seed, k) as well."""
+    chunk_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+    torch.manual_seed(chunk_seed)
+    generator = torch.Generator().manual_seed(chunk_seed)
+    y = None if num_classes is None else torch.randint(num_classes, (n,), generator=generator)
+    return torch.randn((n, *shape), generator=generator), y
+
+
+def chunk_sizes(total, batch_size):
+    """The sizes of the chunks of `total` samples: batch_size each, the last one what is left."""
+    return [min(batch_size, total - i) for i in range(0, total, batch_size)]
+
+
+@torch.no_grad()
+def sample_images(guided, sampler, z, y, manifest, vae=None, bf16=False):
+    """uint8 images (N, H, W, 3), numpy, from noise z (N, C, h, w) and labels y (N,) on z's device:
+    denoise, then denormalise and decode (the VAE for latents; pixel runs clip x_0 to [-1, 1] at
+    each step). Raises FloatingPointError when a sample comes out non-finite (it would be black)."""
+    x = denoise(guided, sampler, z, y.to(z.device), bf16, clip_denoised=manifest["kind"] == "pixel")
+    if not torch.isfinite(x).all():
+        raise FloatingPointError("the samples came out non-finite (NaN or inf)")
+    return decode(x, manifest, vae)
