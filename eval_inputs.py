@@ -109,6 +109,15 @@ def path_key(path):
     return h.hexdigest()
 
 
+def array_key(images):
+    """What an in-memory image array holds: a sha256 of its dtype, shape and bytes (read in slices)."""
+    a = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    for i in range(0, len(a), 1000):
+        h.update(np.ascontiguousarray(a[i:i + 1000]).data)
+    return h.hexdigest()
+
+
 def check_images(images, what):
     shape = tuple(images.shape) if hasattr(images, "shape") else None
     if shape is None or len(shape) != 4 or shape[-1] != 3 or getattr(images, "dtype", None) != np.uint8 \

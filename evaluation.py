@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 import feature_nets
-from eval_inputs import EvalError, Side, check_images
+from eval_inputs import EvalError, Side, array_key, check_images
 from progress import progress as progress_bar
 
 METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
@@ -188,7 +188,9 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
     Chunk k holds images [k * chunk_size, (k + 1) * chunk_size); rank r of torch.distributed does the
     chunks with k % world == r. With work_dir (a folder all ranks share) each chunk is written there
     as it finishes and a rerun with the same network, images (key) and sizes skips finished chunks;
-    without it the ranks exchange their features with all_gather_object."""
+    without it the ranks exchange their features with all_gather_object. A work_dir needs a key."""
+    if work_dir and key is None:
+        raise ValueError("extract_features: a work_dir needs a key saying which images its chunks hold")
     rank, world = rank_world()
     n = len(images)
     chunk_size = chunk_size or 10 * batch_size
@@ -260,7 +262,8 @@ def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # unreadable or of another version: computed again
     chunk_dir = f"{path}.chunks" if path else work_dir
-    features = extract_features(network, side.images, batch_size=batch_size, work_dir=chunk_dir, key=side.key,
+    images_key = side.key or (chunk_dir and array_key(side.images))  # in-memory images: by content
+    features = extract_features(network, side.images, batch_size=batch_size, work_dir=chunk_dir, key=images_key,
                                 progress=progress, desc=f"{network.name} features of {side.label}")
     device = getattr(network, "device", None)
     stats = {o: feature_stats(torch.as_tensor(f, device=device)) for o, f in features.items()}
@@ -346,7 +349,8 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
     metrics: names or "fid,sfid,..."; default: every metric whose weights are found (and that the
     inputs allow). networks: {name: feature network} adds the metric fd_<name> on its first output.
     cache: True (a file beside the reference), a folder, or False. work_dir: where an in-memory
-    samples array keeps its resumable feature chunks (an .npz's go beside it). Under torchrun every
+    samples array keeps its resumable feature chunks, keyed by a sha256 of its bytes (an .npz's go
+    beside it). Under torchrun every
     rank calls evaluate and gets the results. Raises EvalError."""
     networks = dict(networks or {})
     default = metrics is None

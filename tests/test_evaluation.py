@@ -364,3 +364,21 @@ def test_two_processes_equal_one(tmp_path):
             calls.append(int(z["calls"]))
     # 6 chunks of 8 (the last of 5): ranks 0 and 1 take 3 each, 2 batches a chunk, twice over
     assert calls == [12, 12]
+
+
+def test_in_memory_samples_with_a_work_dir_are_keyed_by_their_content(tmp_path):
+    """Chunks left in work_dir by an interrupted evaluation of other samples of the same length are
+    not theirs (they were keyed by None: the other samples' features came back); the same samples
+    resume from them."""
+    ref, a, b = random_images(20, seed=12), random_images(40, seed=13), random_images(40, seed=14)
+    run = lambda samples, net, **kw: evaluation.evaluate(samples, ref, ["fd_tiny"], networks={"tiny": net},  # noqa: E731
+                                                         batch_size=2, progress=False, **kw)["fd_tiny"]
+    with pytest.raises(KeyboardInterrupt):  # a's first chunk (10 batches of 2) done, the second begun
+        run(a, TinyNet(fail_after=12), work_dir=str(tmp_path))
+    assert os.listdir(tmp_path / "tiny")
+    assert run(b, TinyNet(), work_dir=str(tmp_path)) == pytest.approx(run(b, TinyNet()), rel=1e-12)
+    with pytest.raises(KeyboardInterrupt):
+        run(a, TinyNet(fail_after=12), work_dir=str(tmp_path))
+    net = TinyNet()
+    assert run(a, net, work_dir=str(tmp_path)) == pytest.approx(run(a, TinyNet()), rel=1e-12)
+    assert net.calls == 10 + 10  # a's second chunk and the reference: the first chunk came from work_dir
