@@ -17,7 +17,8 @@ ADM evaluator uses them), a folder of images, a data.py pixel dataset directory,
     fd_dinov2  Frechet distance of DINOv2 ViT-L/14 CLS features (1024)
     fd_<name>  Frechet distance of any other feature network passed in `networks`
 Reference statistics are cached per (reference, network); features are extracted in batches, in
-resumable chunk files, shared over torch.distributed ranks. Frechet distances are in float64.
+resumable chunk files, shared over torch.distributed ranks, with TF32 off whatever the caller set
+(EDM2's setting; train.py turns it on). Frechet distances are in float64.
 """
 import contextlib
 import hashlib
@@ -235,6 +236,18 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
 #                        Reference statistics and their cache                   #
 #################################################################################
 
+@contextlib.contextmanager
+def _tf32_off():
+    """TF32 off for matmuls and cuDNN while the block runs, as EDM2 evaluates (train.py and sample.py
+    turn it on for their process); the caller's flags come back afterwards, also after an error."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def cache_path(side, network, cache):
     """Where side's statistics under network are cached: beside the reference (cache=True), in the
     folder `cache`, or nowhere (cache falsy, or a reference that is not on disk)."""
@@ -283,6 +296,7 @@ def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress
     return stats, {o: features[o] for o in keep}
 
 
+@_tf32_off()
 def reference_statistics(reference, network, *, cache=True, batch_size=100, progress=True):
     """{output: (mu, sigma)} of a reference (as evaluate takes it) under network, cached."""
     side = Side(reference, "reference")
@@ -340,6 +354,7 @@ def parse_metrics(metrics, networks=()):
     return list(dict.fromkeys(names))
 
 
+@_tf32_off()
 def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, inception_weights=None,
              dinov2_weights=None, networks=None, cache=True, work_dir=None, progress=True):
     """The metrics of samples against reference (see the module docstring for both) as a dict with

@@ -382,3 +382,37 @@ def test_in_memory_samples_with_a_work_dir_are_keyed_by_their_content(tmp_path):
     net = TinyNet()
     assert run(a, net, work_dir=str(tmp_path)) == pytest.approx(run(a, TinyNet()), rel=1e-12)
     assert net.calls == 10 + 10  # a's second chunk and the reference: the first chunk came from work_dir
+
+
+class FlagsSeen(TinyNet):
+    """TinyNet noting the TF32 flags (matmul, cuDNN) in force when it runs."""
+
+    def __call__(self, batch):
+        self.seen = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        return super().__call__(batch)
+
+
+def test_evaluation_runs_without_tf32_and_gives_the_callers_flags_back(tmp_path):
+    """train.py and sample.py turn TF32 on for the process; evaluate and reference_statistics turn it
+    off while they run, as fid.py has it (and EDM2), and restore the caller's flags, also on an error."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        net = FlagsSeen()
+        evaluation.evaluate(random_images(4), random_images(4, seed=1), ["fd_tiny"], networks={"tiny": net},
+                            progress=False)
+        assert net.seen == (False, False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        np.savez(tmp_path / "ref.npz", arr_0=random_images(4))
+        net.seen = None
+        evaluation.reference_statistics(str(tmp_path / "ref.npz"), net, progress=False)
+        assert net.seen == (False, False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        net.fail_after, net.seen = 0, None
+        with pytest.raises(KeyboardInterrupt):
+            evaluation.evaluate(random_images(4), random_images(4, seed=1), ["fd_tiny"], networks={"tiny": net},
+                                progress=False)
+        assert net.seen == (False, False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
