@@ -17,7 +17,8 @@ ADM evaluator uses them), a folder of images, a data.py pixel dataset directory,
     fd_dinov2  Frechet distance of DINOv2 ViT-L/14 CLS features (1024)
     fd_<name>  Frechet distance of any other feature network passed in `networks`
 Reference statistics are cached per (reference, network); features are extracted in batches, in
-resumable chunk files, shared over torch.distributed ranks, with TF32 off whatever the caller set
+resumable chunk files, shared over torch.distributed ranks; processes sharing a cache or a chunk
+folder take turns (runs.folder_lock), with TF32 off whatever the caller set
 (EDM2's setting; train.py turns it on). Frechet distances are in float64.
 """
 import contextlib
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import feature_nets
+import runs
 from eval_inputs import EvalError, Side, array_key, check_images
 from progress import progress as progress_bar
 
@@ -157,9 +159,14 @@ def _barrier():
 
 
 def _save_npz(path, arrays):
-    tmp = path[: -len(".npz")] + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """np.savez to path through a temporary name of this process's own, removed if the write fails."""
+    tmp = f"{path[: -len('.npz')]}.tmp{os.getpid()}.npz"
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def _prepare_chunks(work_dir, settings):
@@ -176,9 +183,9 @@ def _prepare_chunks(work_dir, settings):
         if not same:
             for name in os.listdir(work_dir):
                 os.remove(os.path.join(work_dir, name))
-            with open(file + ".tmp", "w") as f:
+            with open(f"{file}.tmp{os.getpid()}", "w") as f:
                 json.dump(settings, f)
-            os.replace(file + ".tmp", file)
+            os.replace(f"{file}.tmp{os.getpid()}", file)
     _barrier()
 
 
@@ -262,38 +269,84 @@ def cache_path(side, network, cache):
 
 def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress):
     """{output: (mu, sigma)} and {output in keep: features} of side's images under network,
-    read from / written to the cache when the side is a file or folder."""
+    read from / written to the cache when the side is a file or folder. Processes sharing the cache
+    or the chunk folder take turns: the folder holding the chunks is locked from the look at the
+    cache to the removal of the chunks."""
     path = cache_path(side, network, cache)
     keep = sorted(set(keep) | set(getattr(network, "cache_features", ()) if path else ()))
     key = json.dumps(dict(version=CACHE_VERSION, images=side.key, network=network.key))
-    if path and os.path.isfile(path):
-        try:
-            with np.load(path) as z:
-                if str(z["key"]) == key and all(f"{o}_features" in z.files for o in keep):
-                    return ({o: (z[f"{o}_mu"], z[f"{o}_sigma"]) for o in network.outputs},
-                            {o: z[f"{o}_features"] for o in keep})
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # unreadable or of another version: computed again
     chunk_dir = f"{path}.chunks" if path else work_dir
-    images_key = side.key or (chunk_dir and array_key(side.images))  # in-memory images: by content
-    features = extract_features(network, side.images, batch_size=batch_size, work_dir=chunk_dir, key=images_key,
-                                progress=progress, desc=f"{network.name} features of {side.label}")
-    device = getattr(network, "device", None)
-    stats = {o: feature_stats(torch.as_tensor(f, device=device)) for o, f in features.items()}
-    if path and rank_world()[0] == 0:
-        arrays = {f"{o}_{s}": v for o, (mu, sigma) in stats.items() for s, v in (("mu", mu), ("sigma", sigma))}
-        arrays.update({f"{o}_features": features[o] for o in keep})
-        try:
-            _save_npz(path, dict(arrays, key=np.array(key)))
-        except OSError as e:
-            print(f"evaluation: cannot cache statistics at {path} ({e}); they are computed again next time",
-                  file=sys.stderr)
-    _barrier()
-    if chunk_dir and rank_world()[0] == 0:
-        shutil.rmtree(chunk_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):  # SAMPLES-features/ once its last network is done
-            os.rmdir(os.path.dirname(chunk_dir))
-    return stats, {o: features[o] for o in keep}
+    with _turn(chunk_dir and os.path.dirname(chunk_dir)):
+        cached = path and _read_cache(path, key, network.outputs, keep)
+        if cached:
+            return cached
+        images_key = side.key or (chunk_dir and array_key(side.images))  # in-memory images: by content
+        features = extract_features(network, side.images, batch_size=batch_size, work_dir=chunk_dir,
+                                    key=images_key, progress=progress, desc=f"{network.name} features of {side.label}")
+        device = getattr(network, "device", None)
+        stats = {o: feature_stats(torch.as_tensor(f, device=device)) for o, f in features.items()}
+        kept = {o: features[o] for o in keep}
+        if path and rank_world()[0] == 0:
+            _write_cache(path, key, stats, kept)
+        _barrier()
+        if chunk_dir and rank_world()[0] == 0:
+            shutil.rmtree(chunk_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # SAMPLES-features/ once its last network is done
+                os.rmdir(os.path.dirname(chunk_dir))
+    return stats, kept
+
+
+def _read_cache(path, key, outputs, keep):
+    """(statistics, features) cached at path under key, or None (missing, unreadable, another key)."""
+    try:
+        with np.load(path) as z:
+            if str(z["key"]) == key and all(f"{o}_features" in z.files for o in keep):
+                return {o: (z[f"{o}_mu"], z[f"{o}_sigma"]) for o in outputs}, {o: z[f"{o}_features"] for o in keep}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass  # missing, unreadable or of another version: computed again
+    return None
+
+
+def _write_cache(path, key, stats, features):
+    arrays = {f"{o}_{s}": v for o, (mu, sigma) in stats.items() for s, v in (("mu", mu), ("sigma", sigma))}
+    arrays.update({f"{o}_features": f for o, f in features.items()})
+    try:
+        _save_npz(path, dict(arrays, key=np.array(key)))
+    except OSError as e:
+        print(f"evaluation: cannot cache statistics at {path} ({e}); they are computed again next time",
+              file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _turn(folder):
+    """The block run by one process at a time among those sharing folder (created if missing; None:
+    no turns): rank 0 of torch.distributed holds runs.folder_lock on it, the other ranks enter with it."""
+    if not folder:
+        yield
+        return
+    with _folder_lock(folder) if rank_world()[0] == 0 else contextlib.nullcontext():
+        _barrier()
+        yield
+
+
+@contextlib.contextmanager
+def _folder_lock(folder):
+    """runs.folder_lock on folder, created if missing; taken again when the process before removed the
+    folder while this one waited (its lock, on the removed folder, excludes no one)."""
+    while True:
+        with contextlib.ExitStack() as lock:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                before = os.stat(folder)
+                lock.enter_context(runs.folder_lock(folder))
+                same = os.path.samestat(before, os.stat(folder))
+            except FileNotFoundError:
+                same = False
+            except (OSError, runs.UsageError) as e:
+                raise EvalError(f"{folder}: cannot create or lock it ({getattr(e, 'strerror', None) or e})") from None
+            if same:
+                yield
+                return
 
 
 @_tf32_off()

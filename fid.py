@@ -81,9 +81,10 @@ def main(argv=None):
             if key in results:
                 print(f"{name}: {results[key]:.4f}")
         if args.json:
-            with open(args.json + ".tmp", "w") as f:
+            tmp = f"{args.json}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
                 json.dump(results, f, indent=1)
-            os.replace(args.json + ".tmp", args.json)
+            os.replace(tmp, args.json)
     except (EvalError, OSError) as e:
         print(f"fid.py: error: {e}", file=sys.stderr)
         sys.exit(2)

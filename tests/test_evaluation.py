@@ -3,7 +3,9 @@ computations and closed forms; the Inception tensors (pool, spatial, logits) aga
 forward of the same network; DINOv2's CLS features; caching, sharding over 2 processes and resuming.
 Networks are built from the real architectures with random weights (nothing is downloaded; the
 Inception weights come from conftest.py's inception_weights)."""
+import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -416,3 +418,55 @@ def test_evaluation_runs_without_tf32_and_gives_the_callers_flags_back(tmp_path)
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class SlowTinyNet(TinyNet):
+    """TinyNet taking a little time per batch, so that processes started together overlap."""
+
+    def __call__(self, batch):
+        time.sleep(0.01)
+        return super().__call__(batch)
+
+
+def _evaluate_at_once(rank, world, init_file, start, samples, ref, out):
+    import torch.distributed as dist
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        start.wait()
+        result = evaluation.evaluate(samples, ref, ["fd_tiny"], networks={"tiny": SlowTinyNet()}, batch_size=2,
+                                     progress=False)
+        with open(f"{out}-{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_processes_sharing_an_uncached_reference_and_samples_get_the_numbers_of_one(tmp_path):
+    """A 2-rank torch.distributed job and a third process, started together on the same samples .npz
+    and the same uncached reference, take turns at the cache and at SAMPLES-features/ (unlocked, they
+    deleted each other's chunks): each gets the numbers of one process alone, and nothing is left but
+    the cache."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    os.makedirs(data)
+    os.makedirs(out)
+    samples, ref = str(data / "samples.npz"), str(data / "ref.npz")
+    np.savez(samples, arr_0=random_images(30, seed=15))
+    np.savez(ref, arr_0=random_images(50, seed=16))
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(3)
+    jobs = [ctx.Process(target=_evaluate_at_once, args=(r, 2, str(out / "init"), start, samples, ref, str(out / "job")))
+            for r in range(2)]
+    jobs.append(ctx.Process(target=_evaluate_at_once, args=(0, 1, None, start, samples, ref, str(out / "alone"))))
+    for p in jobs:
+        p.start()
+    for p in jobs:
+        p.join(300)
+    assert [p.exitcode for p in jobs] == [0, 0, 0]
+    want = evaluation.evaluate(samples, ref, ["fd_tiny"], networks={"tiny": TinyNet()}, batch_size=2,
+                               cache=False, progress=False)["fd_tiny"]
+    for name in ("job-0", "job-1", "alone-0"):
+        with open(out / f"{name}.json") as f:
+            assert json.load(f)["fd_tiny"] == pytest.approx(want, rel=1e-9), name
+    assert sorted(os.listdir(data)) == ["ref.npz", "ref.npz.tiny-stats.npz", "samples.npz"]
