@@ -281,19 +281,30 @@ def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress
         if cached:
             return cached
         images_key = side.key or (chunk_dir and array_key(side.images))  # in-memory images: by content
-        features = extract_features(network, side.images, batch_size=batch_size, work_dir=chunk_dir,
-                                    key=images_key, progress=progress, desc=f"{network.name} features of {side.label}")
+        try:
+            features = extract_features(network, side.images, batch_size=batch_size, work_dir=chunk_dir,
+                                        key=images_key, progress=progress,
+                                        desc=f"{network.name} features of {side.label}")
+        except EvalError:  # a refusal (an unreadable image, one of another size) leaves nothing behind;
+            _remove_chunks(chunk_dir)  # an interruption keeps the finished chunks for the rerun
+            raise
         device = getattr(network, "device", None)
         stats = {o: feature_stats(torch.as_tensor(f, device=device)) for o, f in features.items()}
         kept = {o: features[o] for o in keep}
         if path and rank_world()[0] == 0:
             _write_cache(path, key, stats, kept)
         _barrier()
-        if chunk_dir and rank_world()[0] == 0:
-            shutil.rmtree(chunk_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):  # SAMPLES-features/ once its last network is done
-                os.rmdir(os.path.dirname(chunk_dir))
+        _remove_chunks(chunk_dir)
     return stats, kept
+
+
+def _remove_chunks(chunk_dir):
+    """Rank 0 removes chunk_dir, and the folder holding it once empty (SAMPLES-features/ once its
+    last network is done)."""
+    if chunk_dir and rank_world()[0] == 0:
+        shutil.rmtree(chunk_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(chunk_dir))
 
 
 def _read_cache(path, key, outputs, keep):

@@ -470,3 +470,31 @@ def test_processes_sharing_an_uncached_reference_and_samples_get_the_numbers_of_
         with open(out / f"{name}.json") as f:
             assert json.load(f)["fd_tiny"] == pytest.approx(want, rel=1e-9), name
     assert sorted(os.listdir(data)) == ["ref.npz", "ref.npz.tiny-stats.npz", "samples.npz"]
+
+
+def test_a_refusal_leaves_nothing_and_an_interruption_keeps_the_finished_chunks(tmp_path):
+    """A folder reference with an image of another size, read in the second chunk, is refused after
+    the first chunk was written: its chunks go. Stopped (KeyboardInterrupt), the finished chunks stay
+    and the rerun does only the rest."""
+    from PIL import Image
+    folder = tmp_path / "ref"
+    os.makedirs(folder)
+    for i, im in enumerate(random_images(30, seed=17)):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    Image.fromarray(random_images(1, size=8)[0]).save(folder / "zz-small.png")
+    samples = random_images(6, seed=18)
+    run = lambda net: evaluation.evaluate(samples, str(folder), ["fd_tiny"], networks={"tiny": net},  # noqa: E731
+                                          batch_size=2, progress=False)["fd_tiny"]
+    with pytest.raises(evaluation.EvalError, match="zz-small.png: 8x8 pixels"):
+        run(TinyNet())
+    assert sorted(os.listdir(tmp_path)) == ["ref"]
+    os.remove(folder / "zz-small.png")
+    with pytest.raises(KeyboardInterrupt):  # the samples' 3 batches, the reference's first chunk, 2 batches
+        run(TinyNet(fail_after=3 + 10 + 2))
+    assert sorted(os.listdir(tmp_path / "ref.tiny-stats.npz.chunks")) == ["000000.npz", "settings.json"]
+    want = evaluation.evaluate(samples, str(folder), ["fd_tiny"], networks={"tiny": TinyNet()}, cache=False,
+                               progress=False)["fd_tiny"]
+    net = TinyNet()
+    assert run(net) == pytest.approx(want, rel=1e-12)
+    assert net.calls == 3 + 5  # the samples and the reference's second chunk
+    assert sorted(os.listdir(tmp_path)) == ["ref", "ref.tiny-stats.npz"]
