@@ -126,6 +126,14 @@ def check_images(images, what):
         raise EvalError(f"{what}: need uint8 images N x H x W x 3 with N >= 2 (the ADM format), got {got}")
 
 
+def check_stats(mu, sigma, what, fix="compute them again"):
+    """EvalError unless mu (D,) and sigma (D, D) are finite: Frechet statistics."""
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise EvalError(f"{what}: need a mean (D,) and a covariance (D, D), got shapes {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvalError(f"{what} hold non-finite values (NaN or inf); {fix}")
+
+
 class Side:
     """One side of a comparison: images (an array-like of uint8 N x H x W x 3 batches, or None),
     precomputed statistics {metric: (mu, sigma)}, a cache key (None: never cached) and a label."""
@@ -141,6 +149,10 @@ class Side:
             self._open(os.fspath(source))
         if self.images is None and not self.stats:
             raise EvalError(f"{self.label}: holds neither images nor statistics")
+        for metric, (mu, sigma) in self.stats.items():
+            check_stats(mu, sigma, f"{self.label}: its {metric} statistics")
+        if self.images is not None and len(self.images) < 2:
+            raise EvalError(f"{self.label}: holds {len(self.images)} image; statistics need 2 or more")
 
     def _open(self, path):
         self.label, self.path = path, path

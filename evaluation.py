@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 import feature_nets
 import runs
-from eval_inputs import EvalError, Side, array_key, check_images
+from eval_inputs import EvalError, Side, array_key, check_images, check_stats
 from progress import progress as progress_bar
 
 METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
@@ -285,11 +285,14 @@ def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress
             features = extract_features(network, side.images, batch_size=batch_size, work_dir=chunk_dir,
                                         key=images_key, progress=progress,
                                         desc=f"{network.name} features of {side.label}")
+            device = getattr(network, "device", None)
+            stats = {o: feature_stats(torch.as_tensor(f, device=device)) for o, f in features.items()}
+            for o, (mu, sigma) in stats.items():
+                check_stats(mu, sigma, f"{side.label}: its {network.name} {o} features",
+                            fix=f"are the weights ({network.key}) sound?")
         except EvalError:  # a refusal (an unreadable image, one of another size) leaves nothing behind;
             _remove_chunks(chunk_dir)  # an interruption keeps the finished chunks for the rerun
             raise
-        device = getattr(network, "device", None)
-        stats = {o: feature_stats(torch.as_tensor(f, device=device)) for o, f in features.items()}
         kept = {o: features[o] for o in keep}
         if path and rank_world()[0] == 0:
             _write_cache(path, key, stats, kept)
@@ -375,11 +378,17 @@ def reference_statistics(reference, network, *, cache=True, batch_size=100, prog
 #################################################################################
 
 def _default_device(device):
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    """device, checked (EvalError for a name torch does not know or a device this machine lacks); by
+    default cuda:LOCAL_RANK where there is a GPU, else cpu."""
+    if device is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, AssertionError, NotImplementedError) as e:  # unknown, not built in, no driver
+        raise EvalError(f"device {device}: not usable here ({runs.one_line(e)}); use cpu, or cuda[:N] where "
+                        f"there is a GPU") from None
+    return torch.device(device)
 
 
 def load_network(name, device, inception_weights=None, dinov2_weights=None):
@@ -451,6 +460,9 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
         net = None
         if any(needs):
             net = networks.get(name) or load_network(name, device, inception_weights, dinov2_weights)
+        for m in wanted:
+            if m not in ("is", "pr"):
+                _check_dimensions(m, sides, net, sources[m][1])
         stats, feats = [{}, {}], [{}, {}]
         for i, side in enumerate(sides):
             if needs[i]:
@@ -491,21 +503,38 @@ def _chunk_dir(side, network_name, work_dir):
 
 
 def _feasible(metrics, sides, default):
-    """The metrics the inputs allow: IS needs sample images, precision/recall images on both sides,
-    a Frechet distance images or statistics on each side. Dropped from a default list, else an error."""
+    """The metrics the inputs allow: IS needs sample images, precision/recall more than k images on
+    both sides, a Frechet distance images or statistics on each side. Dropped from a default list,
+    else an error."""
     kept = []
     for m in metrics:
-        if m == "is":
-            missing = [sides[0]] if sides[0].images is None else []
-        elif m == "pr":
-            missing = [s for s in sides if s.images is None]
-        else:
-            missing = [s for s in sides if s.images is None and m not in s.stats]
-        if not missing:
+        reason = _why_not(m, sides)
+        if reason is None:
             kept.append(m)
         elif not default:
-            raise EvalError(f"{m}: {missing[0].label} holds no images"
-                            + ("" if m in ("is", "pr") else f" and no {m} statistics"))
+            raise EvalError(f"{m}: {reason}")
     if not kept:
         raise EvalError("none of the metrics can be computed from these inputs")
     return kept
+
+
+def _why_not(metric, sides):
+    """Why the inputs do not allow metric (None: they do)."""
+    users = [sides[0]] if metric == "is" else sides if metric == "pr" else [s for s in sides if metric not in s.stats]
+    for side in users:
+        if side.images is None:
+            return f"{side.label} holds no images" + ("" if metric in ("is", "pr") else f" and no {metric} statistics")
+        if metric == "pr" and len(side) <= PR_K:
+            return f"{side.label} holds {len(side)} images; precision/recall need more than k = {PR_K} on each side"
+    return None
+
+
+def _check_dimensions(metric, sides, net, output):
+    """EvalError unless the two sides of the Frechet distance `metric` have one dimension: that of the
+    statistics a side gives, else of the network's features (net.outputs[output], where it says)."""
+    dims = [(len(s.stats[metric][0]), f"the {metric} statistics of {s.label}") if metric in s.stats
+            else (net.outputs[output], f"the {net.name} {output} features of {s.label}") for s in sides]
+    (d1, what1), (d2, what2) = dims
+    if d1 and d2 and d1 != d2:
+        raise EvalError(f"{metric}: {what1} are {d1}-d, {what2} {d2}-d: statistics of another feature network? "
+                        f"(give images, or statistics of one network)")

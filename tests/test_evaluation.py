@@ -498,3 +498,19 @@ def test_a_refusal_leaves_nothing_and_an_interruption_keeps_the_finished_chunks(
     assert run(net) == pytest.approx(want, rel=1e-12)
     assert net.calls == 3 + 5  # the samples and the reference's second chunk
     assert sorted(os.listdir(tmp_path)) == ["ref", "ref.tiny-stats.npz"]
+
+
+class NaNAfter(TinyNet):
+    """TinyNet whose features turn NaN from its 3rd batch on (a broken network)."""
+
+    def __call__(self, batch):
+        out = super().__call__(batch)["features"]
+        return {"features": out * np.nan if self.calls >= 3 else out}
+
+
+def test_non_finite_features_are_refused_not_reported_or_cached(tmp_path):
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(30, seed=19))
+    with pytest.raises(evaluation.EvalError, match="ref.npz: its tiny features features hold non-finite values"):
+        evaluation.evaluate(random_images(4, seed=20), str(tmp_path / "ref.npz"), ["fd_tiny"],
+                            networks={"tiny": NaNAfter()}, batch_size=2, progress=False)
+    assert os.listdir(tmp_path) == ["ref.npz"]

@@ -163,3 +163,37 @@ def test_missing_weights_in_a_real_process_is_one_line(tmp_path):
     code, out, err = run_fid([samples, samples, "--metrics", "fid"], home=tmp_path / "home")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert feature_nets.INCEPTION_FILE in err and feature_nets.INCEPTION_URL in err
+
+
+def test_cli_bad_inputs_are_one_line_errors_not_tracebacks_or_nan(tmp_path, capsys, monkeypatch, inception_weights):
+    """Each is refused before any feature is extracted, as one line naming the problem, exit code 2
+    (they were a ValueError or RuntimeError traceback, or exit 0 with "FID: nan")."""
+    from PIL import Image
+    rng = np.random.default_rng(7)
+    three, ref = tmp_path / "three.npz", tmp_path / "ref.npz"
+    evaluation.write_npz_samples(three, rng.integers(0, 256, (3, 8, 8, 3), np.uint8))
+    evaluation.write_npz_samples(ref, rng.integers(0, 256, (8, 8, 8, 3), np.uint8))
+    one = tmp_path / "one"
+    os.makedirs(one)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(one / "0.png")
+    s8, s16 = random_spd(rng, 8), random_spd(rng, 16)
+    stats8, stats16, nan = (str(tmp_path / f) for f in ("stats8.npz", "stats16.npz", "nan.npz"))
+    np.savez(stats8, mu=np.zeros(8), sigma=s8)
+    np.savez(stats16, mu=np.zeros(16), sigma=s16)
+    np.savez(nan, mu=np.full(8, np.nan), sigma=s8)
+    weights = ["--inception-weights", inception_weights]
+    cases = [([three, ref, "--metrics", "pr", *weights], "three.npz holds 3 images; precision/recall need more than k = 3"),
+             ([one, ref, "--metrics", "fid", *weights], "one: holds 1 image; statistics need 2 or more"),
+             ([three, stats8, "--metrics", "fid", *weights], "the fid statistics of"),  # 2048-d features, 8-d mu
+             ([stats16, stats8, "--metrics", "fid"], "16-d"),
+             ([stats8, nan, "--metrics", "fid"], "nan.npz: its fid statistics hold non-finite values"),
+             ([three, ref, "--metrics", "fid", "--device", "bogus", *weights], "device bogus: not usable here")]
+    if not torch.cuda.is_available():
+        cases.append(([three, ref, "--metrics", "fid", "--device", "cuda", *weights], "device cuda: not usable here"))
+    for args, needle in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            fid.main([str(x) for x in args])
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2 and len(captured.err.strip().splitlines()) == 1, (args, captured.err)
+        assert needle in captured.err and captured.out == "", (args, captured.err)
+    assert sorted(os.listdir(tmp_path)) == ["nan.npz", "one", "ref.npz", "stats16.npz", "stats8.npz", "three.npz"]
