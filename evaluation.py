@@ -429,62 +429,81 @@ def parse_metrics(metrics, networks=()):
 
 @_tf32_off()
 def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, inception_weights=None,
-             dinov2_weights=None, networks=None, cache=True, work_dir=None, progress=True):
+             dinov2_weights=None, networks=None, cache=True, work_dir=None, progress=True, dinov2_reference=None):
     """The metrics of samples against reference (see the module docstring for both) as a dict with
     the keys fid, sfid, is, precision, recall, fd_dinov2, fd_<name> (those computed), num_samples and
-    num_reference (None for statistics alone).
+    num_reference (None for statistics alone), and num_dinov2_reference with a dinov2_reference.
 
     metrics: names or "fid,sfid,..."; default: every metric whose weights are found (and that the
     inputs allow). networks: {name: feature network} adds the metric fd_<name> on its first output.
+    dinov2_reference: the reference of fd_dinov2 alone (a reference as above; EDM2 compares with the
+    whole training set's statistics, while an ADM batch holds 10,000 images), cached like the other.
     cache: True (a file beside the reference), a folder, or False. work_dir: where an in-memory
     samples array keeps its resumable feature chunks, keyed by a sha256 of its bytes (an .npz's go
-    beside it). Under torchrun every
-    rank calls evaluate and gets the results. Raises EvalError."""
+    beside it). Under torchrun every rank calls evaluate and gets the results. Raises EvalError."""
     networks = dict(networks or {})
     default = metrics is None
     metrics = parse_metrics(metrics if not default else
                             available_metrics(inception_weights, dinov2_weights) + [f"fd_{n}" for n in networks]
-                            or ["fid"], networks)
-    sides = Side(samples, "samples"), Side(reference, "reference")
-    metrics = _feasible(metrics, sides, default)
-    shapes = [s.image_shape for s in sides]
-    if None not in shapes and shapes[0] != shapes[1]:
-        raise EvalError(f"samples are {shapes[0][1]}x{shapes[0][0]}, the reference {shapes[1][1]}x{shapes[1][0]}: "
-                        f"compare images of one resolution (sample at the reference's size or pick its batch)")
+                            + (["fd_dinov2"] if dinov2_reference is not None else []) or ["fid"], networks)
+    if dinov2_reference is not None and "fd_dinov2" not in metrics:
+        raise EvalError("a DINOv2 reference is given, but fd_dinov2 is not among the metrics: add it")
+    samples, reference = Side(samples, "samples"), Side(reference, "reference")
+    dinov2_side = None if dinov2_reference is None else Side(dinov2_reference, "DINOv2 reference")
+    pairs = {m: (samples, reference if m != "fd_dinov2" or dinov2_side is None else dinov2_side) for m in metrics}
+    metrics = _feasible(metrics, pairs, default)
+    for name, side in (("the reference", reference), ("the DINOv2 reference", dinov2_side)):
+        shapes = samples.image_shape, None if side is None else side.image_shape
+        if None not in shapes and shapes[0] != shapes[1]:
+            raise EvalError(f"samples are {shapes[0][1]}x{shapes[0][0]}, {name} {shapes[1][1]}x{shapes[1][0]}: "
+                            f"compare images of one resolution (sample at the reference's size or pick its batch)")
     device = _default_device(device)
     sources = dict(SOURCES, **{f"fd_{n}": (n, next(iter(net.outputs))) for n, net in networks.items()})
     results = {}
     for name in dict.fromkeys(sources[m][0] for m in metrics):
         wanted = [m for m in metrics if sources[m][0] == name]
-        needs = [_needs(side, wanted, side is sides[0]) for side in sides]
-        net = None
-        if any(needs):
-            net = networks.get(name) or load_network(name, device, inception_weights, dinov2_weights)
-        for m in wanted:
-            if m not in ("is", "pr"):
-                _check_dimensions(m, sides, net, sources[m][1])
-        stats, feats = [{}, {}], [{}, {}]
-        for i, side in enumerate(sides):
-            if needs[i]:
-                if name not in networks and isinstance(side.images, np.ndarray):  # folders, datasets: by construction
-                    check_images(side.images, side.label)
-                keep = [o for m, o in (("pr", "pool"), ("is", "logits")) if m in needs[i]]
-                chunks = _chunk_dir(side, name, work_dir) if i == 0 else None
-                stats[i], feats[i] = _side_features(side, net, keep=keep, cache=cache if i == 1 else False,
-                                                    work_dir=chunks, batch_size=batch_size, progress=progress)
-        for m in wanted:
-            if m == "is":
-                results["is"] = inception_score(softmax64(feats[0]["logits"]))
-            elif m == "pr":
-                results["precision"], results["recall"] = precision_recall(feats[1]["pool"], feats[0]["pool"],
-                                                                         device=device)
-            else:
-                a, b = (side.stats.get(m) or st[sources[m][1]] for side, st in zip(sides, stats))
-                results[m] = frechet_distance(*a, *b)
-        for metric, output in (("fid", "pool"), ("sfid", "spatial")):  # the ADM tensor check, when both exist
-            if name == "inception" and metric in sides[1].stats and output in stats[1]:
-                results[f"reference_self_{metric}"] = frechet_distance(*sides[1].stats[metric], *stats[1][output])
-    return dict(results, num_samples=len(sides[0]) or None, num_reference=len(sides[1]) or None)
+        sides = pairs[wanted[0]]  # one reference per network
+        results.update(_network_results(name, wanted, sides, networks, sources, device, inception_weights,
+                                        dinov2_weights, cache, work_dir, batch_size, progress))
+    results.update(num_samples=len(samples) or None, num_reference=len(reference) or None)
+    if dinov2_side is not None:
+        results["num_dinov2_reference"] = len(dinov2_side) or None
+    return results
+
+
+def _network_results(name, wanted, sides, networks, sources, device, inception_weights, dinov2_weights, cache,
+                     work_dir, batch_size, progress):
+    """{result: value} of the metrics `wanted` of the feature network `name` on sides (samples, reference)."""
+    needs = [_needs(side, wanted, side is sides[0]) for side in sides]
+    net = None
+    if any(needs):
+        net = networks.get(name) or load_network(name, device, inception_weights, dinov2_weights)
+    for m in wanted:
+        if m not in ("is", "pr"):
+            _check_dimensions(m, sides, net, sources[m][1])
+    stats, feats = [{}, {}], [{}, {}]
+    for i, side in enumerate(sides):
+        if needs[i]:
+            if name not in networks and isinstance(side.images, np.ndarray):  # folders, datasets: by construction
+                check_images(side.images, side.label)
+            keep = [o for m, o in (("pr", "pool"), ("is", "logits")) if m in needs[i]]
+            chunks = _chunk_dir(side, name, work_dir) if i == 0 else None
+            stats[i], feats[i] = _side_features(side, net, keep=keep, cache=cache if i == 1 else False,
+                                                work_dir=chunks, batch_size=batch_size, progress=progress)
+    results = {}
+    for m in wanted:
+        if m == "is":
+            results["is"] = inception_score(softmax64(feats[0]["logits"]))
+        elif m == "pr":
+            results["precision"], results["recall"] = precision_recall(feats[1]["pool"], feats[0]["pool"],
+                                                                     device=device)
+        else:
+            a, b = (side.stats.get(m) or st[sources[m][1]] for side, st in zip(sides, stats))
+            results[m] = frechet_distance(*a, *b)
+    for metric, output in (("fid", "pool"), ("sfid", "spatial")):  # the ADM tensor check, when both exist
+        if name == "inception" and metric in sides[1].stats and output in stats[1]:
+            results[f"reference_self_{metric}"] = frechet_distance(*sides[1].stats[metric], *stats[1][output])
+    return results
 
 
 def _needs(side, wanted, is_samples):
@@ -502,13 +521,13 @@ def _chunk_dir(side, network_name, work_dir):
     return work_dir and os.path.join(work_dir, network_name)
 
 
-def _feasible(metrics, sides, default):
-    """The metrics the inputs allow: IS needs sample images, precision/recall more than k images on
-    both sides, a Frechet distance images or statistics on each side. Dropped from a default list,
-    else an error."""
+def _feasible(metrics, pairs, default):
+    """The metrics the inputs allow (pairs: {metric: (samples, its reference)}): IS needs sample
+    images, precision/recall more than k images on both sides, a Frechet distance images or
+    statistics on each side. Dropped from a default list, else an error."""
     kept = []
     for m in metrics:
-        reason = _why_not(m, sides)
+        reason = _why_not(m, pairs[m])
         if reason is None:
             kept.append(m)
         elif not default:

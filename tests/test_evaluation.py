@@ -373,8 +373,11 @@ def test_in_memory_samples_with_a_work_dir_are_keyed_by_their_content(tmp_path):
     not theirs (they were keyed by None: the other samples' features came back); the same samples
     resume from them."""
     ref, a, b = random_images(20, seed=12), random_images(40, seed=13), random_images(40, seed=14)
-    run = lambda samples, net, **kw: evaluation.evaluate(samples, ref, ["fd_tiny"], networks={"tiny": net},  # noqa: E731
-                                                         batch_size=2, progress=False, **kw)["fd_tiny"]
+
+    def run(samples, net, **kw):
+        return evaluation.evaluate(samples, ref, ["fd_tiny"], networks={"tiny": net}, batch_size=2, progress=False,
+                                   **kw)["fd_tiny"]
+
     with pytest.raises(KeyboardInterrupt):  # a's first chunk (10 batches of 2) done, the second begun
         run(a, TinyNet(fail_after=12), work_dir=str(tmp_path))
     assert os.listdir(tmp_path / "tiny")
