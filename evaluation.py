@@ -270,14 +270,17 @@ def cache_path(side, network, cache):
 def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress):
     """{output: (mu, sigma)} and {output in keep: features} of side's images under network,
     read from / written to the cache when the side is a file or folder. Processes sharing the cache
-    or the chunk folder take turns: the folder holding the chunks is locked from the look at the
-    cache to the removal of the chunks."""
+    or the chunk folder take turns: unless the cache is there, the folder holding the chunks is
+    locked from a second look at the cache to the removal of the chunks."""
     path = cache_path(side, network, cache)
     keep = sorted(set(keep) | set(getattr(network, "cache_features", ()) if path else ()))
     key = json.dumps(dict(version=CACHE_VERSION, images=side.key, network=network.key))
+    cached = path and _read_cache(path, key, network.outputs, keep)
+    if path and _everywhere(cached):
+        return cached
     chunk_dir = f"{path}.chunks" if path else work_dir
     with _turn(chunk_dir and os.path.dirname(chunk_dir)):
-        cached = path and _read_cache(path, key, network.outputs, keep)
+        cached = path and _read_cache(path, key, network.outputs, keep)  # written while this process waited?
         if cached:
             return cached
         images_key = side.key or (chunk_dir and array_key(side.images))  # in-memory images: by content
@@ -329,6 +332,16 @@ def _write_cache(path, key, stats, features):
     except OSError as e:
         print(f"evaluation: cannot cache statistics at {path} ({e}); they are computed again next time",
               file=sys.stderr)
+
+
+def _everywhere(flag):
+    """Whether flag holds on every rank of torch.distributed (so that all ranks take one path)."""
+    _, world = rank_world()
+    if world == 1:
+        return bool(flag)
+    flags = [None] * world
+    dist.all_gather_object(flags, bool(flag))
+    return all(flags)
 
 
 @contextlib.contextmanager
@@ -463,46 +476,37 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
     for name in dict.fromkeys(sources[m][0] for m in metrics):
         wanted = [m for m in metrics if sources[m][0] == name]
         sides = pairs[wanted[0]]  # one reference per network
-        results.update(_network_results(name, wanted, sides, networks, sources, device, inception_weights,
-                                        dinov2_weights, cache, work_dir, batch_size, progress))
+        needs = [_needs(side, wanted, side is samples) for side in sides]
+        net = None
+        if any(needs):
+            net = networks.get(name) or load_network(name, device, inception_weights, dinov2_weights)
+        for m in wanted:
+            if m not in ("is", "pr"):
+                _check_dimensions(m, sides, net, sources[m][1])
+        stats, feats = [{}, {}], [{}, {}]
+        for i, side in enumerate(sides):
+            if needs[i]:
+                if name not in networks and isinstance(side.images, np.ndarray):  # folders, datasets: by construction
+                    check_images(side.images, side.label)
+                keep = [o for m, o in (("pr", "pool"), ("is", "logits")) if m in needs[i]]
+                chunks = _chunk_dir(side, name, work_dir) if i == 0 else None
+                stats[i], feats[i] = _side_features(side, net, keep=keep, cache=cache if i == 1 else False,
+                                                    work_dir=chunks, batch_size=batch_size, progress=progress)
+        for m in wanted:
+            if m == "is":
+                results["is"] = inception_score(softmax64(feats[0]["logits"]))
+            elif m == "pr":
+                results["precision"], results["recall"] = precision_recall(feats[1]["pool"], feats[0]["pool"],
+                                                                         device=device)
+            else:
+                a, b = (side.stats.get(m) or st[sources[m][1]] for side, st in zip(sides, stats))
+                results[m] = frechet_distance(*a, *b)
+        for metric, output in (("fid", "pool"), ("sfid", "spatial")):  # the ADM tensor check, when both exist
+            if name == "inception" and metric in sides[1].stats and output in stats[1]:
+                results[f"reference_self_{metric}"] = frechet_distance(*sides[1].stats[metric], *stats[1][output])
     results.update(num_samples=len(samples) or None, num_reference=len(reference) or None)
     if dinov2_side is not None:
         results["num_dinov2_reference"] = len(dinov2_side) or None
-    return results
-
-
-def _network_results(name, wanted, sides, networks, sources, device, inception_weights, dinov2_weights, cache,
-                     work_dir, batch_size, progress):
-    """{result: value} of the metrics `wanted` of the feature network `name` on sides (samples, reference)."""
-    needs = [_needs(side, wanted, side is sides[0]) for side in sides]
-    net = None
-    if any(needs):
-        net = networks.get(name) or load_network(name, device, inception_weights, dinov2_weights)
-    for m in wanted:
-        if m not in ("is", "pr"):
-            _check_dimensions(m, sides, net, sources[m][1])
-    stats, feats = [{}, {}], [{}, {}]
-    for i, side in enumerate(sides):
-        if needs[i]:
-            if name not in networks and isinstance(side.images, np.ndarray):  # folders, datasets: by construction
-                check_images(side.images, side.label)
-            keep = [o for m, o in (("pr", "pool"), ("is", "logits")) if m in needs[i]]
-            chunks = _chunk_dir(side, name, work_dir) if i == 0 else None
-            stats[i], feats[i] = _side_features(side, net, keep=keep, cache=cache if i == 1 else False,
-                                                work_dir=chunks, batch_size=batch_size, progress=progress)
-    results = {}
-    for m in wanted:
-        if m == "is":
-            results["is"] = inception_score(softmax64(feats[0]["logits"]))
-        elif m == "pr":
-            results["precision"], results["recall"] = precision_recall(feats[1]["pool"], feats[0]["pool"],
-                                                                     device=device)
-        else:
-            a, b = (side.stats.get(m) or st[sources[m][1]] for side, st in zip(sides, stats))
-            results[m] = frechet_distance(*a, *b)
-    for metric, output in (("fid", "pool"), ("sfid", "spatial")):  # the ADM tensor check, when both exist
-        if name == "inception" and metric in sides[1].stats and output in stats[1]:
-            results[f"reference_self_{metric}"] = frechet_distance(*sides[1].stats[metric], *stats[1][output])
     return results
 
 

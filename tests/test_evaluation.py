@@ -423,6 +423,21 @@ def test_evaluation_runs_without_tf32_and_gives_the_callers_flags_back(tmp_path)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def test_a_cached_reference_is_read_without_taking_the_lock(tmp_path, monkeypatch):
+    """A process that finds the cache does not wait for another one computing the statistics of some
+    other reference in the same folder: it takes no lock."""
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(10, seed=24))
+    run = lambda: evaluation.evaluate(random_images(6, seed=25), str(tmp_path / "ref.npz"), ["fd_tiny"],  # noqa: E731
+                                      networks={"tiny": TinyNet()}, progress=False)["fd_tiny"]
+    first = run()
+
+    def no_lock(folder, create=False):
+        raise AssertionError(f"locked {folder}")
+
+    monkeypatch.setattr(evaluation.runs, "folder_lock", no_lock)
+    assert run() == first
+
+
 class SlowTinyNet(TinyNet):
     """TinyNet taking a little time per batch, so that processes started together overlap."""
 
