@@ -57,8 +57,8 @@ def build_parser():
                         "(default: $MAPDIT_INCEPTION_WEIGHTS, then the torch hub cache)")
     parser.add_argument("--dinov2-weights", metavar="FILE", help="dinov2_vitl14_pretrain.pth "
                         "(default: $MAPDIT_DINOV2_WEIGHTS, then the torch hub cache)")
-    parser.add_argument("--dinov2-reference", metavar="TRAIN", help="the reference of FD-DINOv2 alone: the training "
-                        "images (folder or pixel dataset), as EDM2 compares (default: REFERENCE)")
+    parser.add_argument("--dinov2-reference", metavar="TRAIN_IMAGES", help="the reference of FD-DINOv2 alone: the "
+                        "training images (folder or pixel dataset), as EDM2 compares (default: REFERENCE)")
     parser.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     parser.add_argument("--batch-size", type=_positive, default=100, help="images per network batch (default 100)")
     parser.add_argument("--cache-dir", metavar="DIR", help="keep reference statistics here, not beside the reference")
