@@ -109,12 +109,29 @@ def path_key(path):
     return h.hexdigest()
 
 
+def array_key(images):
+    """What an in-memory image array holds: a sha256 of its dtype, shape and bytes (read in slices)."""
+    a = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    for i in range(0, len(a), 1000):
+        h.update(np.ascontiguousarray(a[i:i + 1000]).data)
+    return h.hexdigest()
+
+
 def check_images(images, what):
     shape = tuple(images.shape) if hasattr(images, "shape") else None
     if shape is None or len(shape) != 4 or shape[-1] != 3 or getattr(images, "dtype", None) != np.uint8 \
             or shape[0] < 2:
         got = f"{getattr(images, 'dtype', type(images).__name__)}{list(shape or [])}"
         raise EvalError(f"{what}: need uint8 images N x H x W x 3 with N >= 2 (the ADM format), got {got}")
+
+
+def check_stats(mu, sigma, what, fix="compute them again"):
+    """EvalError unless mu (D,) and sigma (D, D) are finite: Frechet statistics."""
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise EvalError(f"{what}: need a mean (D,) and a covariance (D, D), got shapes {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvalError(f"{what} hold non-finite values (NaN or inf); {fix}")
 
 
 class Side:
@@ -132,6 +149,10 @@ class Side:
             self._open(os.fspath(source))
         if self.images is None and not self.stats:
             raise EvalError(f"{self.label}: holds neither images nor statistics")
+        for metric, (mu, sigma) in self.stats.items():
+            check_stats(mu, sigma, f"{self.label}: its {metric} statistics")
+        if self.images is not None and len(self.images) < 2:
+            raise EvalError(f"{self.label}: holds {len(self.images)} image; statistics need 2 or more")
 
     def _open(self, path):
         self.label, self.path = path, path

@@ -17,7 +17,9 @@ ADM evaluator uses them), a folder of images, a data.py pixel dataset directory,
     fd_dinov2  Frechet distance of DINOv2 ViT-L/14 CLS features (1024)
     fd_<name>  Frechet distance of any other feature network passed in `networks`
 Reference statistics are cached per (reference, network); features are extracted in batches, in
-resumable chunk files, shared over torch.distributed ranks. Frechet distances are in float64.
+resumable chunk files, shared over torch.distributed ranks; processes sharing a cache or a chunk
+folder take turns (runs.folder_lock), with TF32 off whatever the caller set
+(EDM2's setting; train.py turns it on). Frechet distances are in float64.
 """
 import contextlib
 import hashlib
@@ -32,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 import feature_nets
-from eval_inputs import EvalError, Side, check_images
+import runs
+from eval_inputs import EvalError, Side, array_key, check_images, check_stats
 from progress import progress as progress_bar
 
 METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
@@ -156,9 +159,14 @@ def _barrier():
 
 
 def _save_npz(path, arrays):
-    tmp = path[: -len(".npz")] + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """np.savez to path through a temporary name of this process's own, removed if the write fails."""
+    tmp = f"{path[: -len('.npz')]}.tmp{os.getpid()}.npz"
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def _prepare_chunks(work_dir, settings):
@@ -175,9 +183,9 @@ def _prepare_chunks(work_dir, settings):
         if not same:
             for name in os.listdir(work_dir):
                 os.remove(os.path.join(work_dir, name))
-            with open(file + ".tmp", "w") as f:
+            with open(f"{file}.tmp{os.getpid()}", "w") as f:
                 json.dump(settings, f)
-            os.replace(file + ".tmp", file)
+            os.replace(f"{file}.tmp{os.getpid()}", file)
     _barrier()
 
 
@@ -188,7 +196,9 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
     Chunk k holds images [k * chunk_size, (k + 1) * chunk_size); rank r of torch.distributed does the
     chunks with k % world == r. With work_dir (a folder all ranks share) each chunk is written there
     as it finishes and a rerun with the same network, images (key) and sizes skips finished chunks;
-    without it the ranks exchange their features with all_gather_object."""
+    without it the ranks exchange their features with all_gather_object. A work_dir needs a key."""
+    if work_dir and key is None:
+        raise ValueError("extract_features: a work_dir needs a key saying which images its chunks hold")
     rank, world = rank_world()
     n = len(images)
     chunk_size = chunk_size or 10 * batch_size
@@ -233,6 +243,18 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
 #                        Reference statistics and their cache                   #
 #################################################################################
 
+@contextlib.contextmanager
+def _tf32_off():
+    """TF32 off for matmuls and cuDNN while the block runs, as EDM2 evaluates (train.py and sample.py
+    turn it on for their process); the caller's flags come back afterwards, also after an error."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def cache_path(side, network, cache):
     """Where side's statistics under network are cached: beside the reference (cache=True), in the
     folder `cache`, or nowhere (cache falsy, or a reference that is not on disk)."""
@@ -247,39 +269,114 @@ def cache_path(side, network, cache):
 
 def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress):
     """{output: (mu, sigma)} and {output in keep: features} of side's images under network,
-    read from / written to the cache when the side is a file or folder."""
+    read from / written to the cache when the side is a file or folder. Processes sharing the cache
+    or the chunk folder take turns: unless the cache is there, the folder holding the chunks is
+    locked from a second look at the cache to the removal of the chunks."""
     path = cache_path(side, network, cache)
     keep = sorted(set(keep) | set(getattr(network, "cache_features", ()) if path else ()))
     key = json.dumps(dict(version=CACHE_VERSION, images=side.key, network=network.key))
-    if path and os.path.isfile(path):
-        try:
-            with np.load(path) as z:
-                if str(z["key"]) == key and all(f"{o}_features" in z.files for o in keep):
-                    return ({o: (z[f"{o}_mu"], z[f"{o}_sigma"]) for o in network.outputs},
-                            {o: z[f"{o}_features"] for o in keep})
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # unreadable or of another version: computed again
+    cached = path and _read_cache(path, key, network.outputs, keep)
+    if path and _everywhere(cached):
+        return cached
     chunk_dir = f"{path}.chunks" if path else work_dir
-    features = extract_features(network, side.images, batch_size=batch_size, work_dir=chunk_dir, key=side.key,
-                                progress=progress, desc=f"{network.name} features of {side.label}")
-    device = getattr(network, "device", None)
-    stats = {o: feature_stats(torch.as_tensor(f, device=device)) for o, f in features.items()}
-    if path and rank_world()[0] == 0:
-        arrays = {f"{o}_{s}": v for o, (mu, sigma) in stats.items() for s, v in (("mu", mu), ("sigma", sigma))}
-        arrays.update({f"{o}_features": features[o] for o in keep})
+    with _turn(chunk_dir and os.path.dirname(chunk_dir)):
+        cached = path and _read_cache(path, key, network.outputs, keep)  # written while this process waited?
+        if cached:
+            return cached
+        images_key = side.key or (chunk_dir and array_key(side.images))  # in-memory images: by content
         try:
-            _save_npz(path, dict(arrays, key=np.array(key)))
-        except OSError as e:
-            print(f"evaluation: cannot cache statistics at {path} ({e}); they are computed again next time",
-                  file=sys.stderr)
-    _barrier()
+            features = extract_features(network, side.images, batch_size=batch_size, work_dir=chunk_dir,
+                                        key=images_key, progress=progress,
+                                        desc=f"{network.name} features of {side.label}")
+            device = getattr(network, "device", None)
+            stats = {o: feature_stats(torch.as_tensor(f, device=device)) for o, f in features.items()}
+            for o, (mu, sigma) in stats.items():
+                check_stats(mu, sigma, f"{side.label}: its {network.name} {o} features",
+                            fix=f"are the weights ({network.key}) sound?")
+        except EvalError:  # a refusal (an unreadable image, one of another size) leaves nothing behind;
+            _remove_chunks(chunk_dir)  # an interruption keeps the finished chunks for the rerun
+            raise
+        kept = {o: features[o] for o in keep}
+        if path and rank_world()[0] == 0:
+            _write_cache(path, key, stats, kept)
+        _barrier()
+        _remove_chunks(chunk_dir)
+    return stats, kept
+
+
+def _remove_chunks(chunk_dir):
+    """Rank 0 removes chunk_dir, and the folder holding it once empty (SAMPLES-features/ once its
+    last network is done)."""
     if chunk_dir and rank_world()[0] == 0:
         shutil.rmtree(chunk_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):  # SAMPLES-features/ once its last network is done
+        with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(chunk_dir))
-    return stats, {o: features[o] for o in keep}
 
 
+def _read_cache(path, key, outputs, keep):
+    """(statistics, features) cached at path under key, or None (missing, unreadable, another key)."""
+    try:
+        with np.load(path) as z:
+            if str(z["key"]) == key and all(f"{o}_features" in z.files for o in keep):
+                return {o: (z[f"{o}_mu"], z[f"{o}_sigma"]) for o in outputs}, {o: z[f"{o}_features"] for o in keep}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass  # missing, unreadable or of another version: computed again
+    return None
+
+
+def _write_cache(path, key, stats, features):
+    arrays = {f"{o}_{s}": v for o, (mu, sigma) in stats.items() for s, v in (("mu", mu), ("sigma", sigma))}
+    arrays.update({f"{o}_features": f for o, f in features.items()})
+    try:
+        _save_npz(path, dict(arrays, key=np.array(key)))
+    except OSError as e:
+        print(f"evaluation: cannot cache statistics at {path} ({e}); they are computed again next time",
+              file=sys.stderr)
+
+
+def _everywhere(flag):
+    """Whether flag holds on every rank of torch.distributed (so that all ranks take one path)."""
+    _, world = rank_world()
+    if world == 1:
+        return bool(flag)
+    flags = [None] * world
+    dist.all_gather_object(flags, bool(flag))
+    return all(flags)
+
+
+@contextlib.contextmanager
+def _turn(folder):
+    """The block run by one process at a time among those sharing folder (created if missing; None:
+    no turns): rank 0 of torch.distributed holds runs.folder_lock on it, the other ranks enter with it."""
+    if not folder:
+        yield
+        return
+    with _folder_lock(folder) if rank_world()[0] == 0 else contextlib.nullcontext():
+        _barrier()
+        yield
+
+
+@contextlib.contextmanager
+def _folder_lock(folder):
+    """runs.folder_lock on folder, created if missing; taken again when the process before removed the
+    folder while this one waited (its lock, on the removed folder, excludes no one)."""
+    while True:
+        with contextlib.ExitStack() as lock:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                before = os.stat(folder)
+                lock.enter_context(runs.folder_lock(folder))
+                same = os.path.samestat(before, os.stat(folder))
+            except FileNotFoundError:
+                same = False
+            except (OSError, runs.UsageError) as e:
+                raise EvalError(f"{folder}: cannot create or lock it ({getattr(e, 'strerror', None) or e})") from None
+            if same:
+                yield
+                return
+
+
+@_tf32_off()
 def reference_statistics(reference, network, *, cache=True, batch_size=100, progress=True):
     """{output: (mu, sigma)} of a reference (as evaluate takes it) under network, cached."""
     side = Side(reference, "reference")
@@ -294,11 +391,17 @@ def reference_statistics(reference, network, *, cache=True, batch_size=100, prog
 #################################################################################
 
 def _default_device(device):
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    """device, checked (EvalError for a name torch does not know or a device this machine lacks); by
+    default cuda:LOCAL_RANK where there is a GPU, else cpu."""
+    if device is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, AssertionError, NotImplementedError) as e:  # unknown, not built in, no driver
+        raise EvalError(f"device {device}: not usable here ({runs.one_line(e)}); use cpu, or cuda[:N] where "
+                        f"there is a GPU") from None
+    return torch.device(device)
 
 
 def load_network(name, device, inception_weights=None, dinov2_weights=None):
@@ -337,37 +440,49 @@ def parse_metrics(metrics, networks=()):
     return list(dict.fromkeys(names))
 
 
+@_tf32_off()
 def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, inception_weights=None,
-             dinov2_weights=None, networks=None, cache=True, work_dir=None, progress=True):
+             dinov2_weights=None, networks=None, cache=True, work_dir=None, progress=True, dinov2_reference=None):
     """The metrics of samples against reference (see the module docstring for both) as a dict with
     the keys fid, sfid, is, precision, recall, fd_dinov2, fd_<name> (those computed), num_samples and
-    num_reference (None for statistics alone).
+    num_reference (None for statistics alone), and num_dinov2_reference with a dinov2_reference.
 
     metrics: names or "fid,sfid,..."; default: every metric whose weights are found (and that the
     inputs allow). networks: {name: feature network} adds the metric fd_<name> on its first output.
+    dinov2_reference: the reference of fd_dinov2 alone (a reference as above; EDM2 compares with the
+    whole training set's statistics, while an ADM batch holds 10,000 images), cached like the other.
     cache: True (a file beside the reference), a folder, or False. work_dir: where an in-memory
-    samples array keeps its resumable feature chunks (an .npz's go beside it). Under torchrun every
-    rank calls evaluate and gets the results. Raises EvalError."""
+    samples array keeps its resumable feature chunks, keyed by a sha256 of its bytes (an .npz's go
+    beside it). Under torchrun every rank calls evaluate and gets the results. Raises EvalError."""
     networks = dict(networks or {})
     default = metrics is None
     metrics = parse_metrics(metrics if not default else
                             available_metrics(inception_weights, dinov2_weights) + [f"fd_{n}" for n in networks]
-                            or ["fid"], networks)
-    sides = Side(samples, "samples"), Side(reference, "reference")
-    metrics = _feasible(metrics, sides, default)
-    shapes = [s.image_shape for s in sides]
-    if None not in shapes and shapes[0] != shapes[1]:
-        raise EvalError(f"samples are {shapes[0][1]}x{shapes[0][0]}, the reference {shapes[1][1]}x{shapes[1][0]}: "
-                        f"compare images of one resolution (sample at the reference's size or pick its batch)")
+                            + (["fd_dinov2"] if dinov2_reference is not None else []) or ["fid"], networks)
+    if dinov2_reference is not None and "fd_dinov2" not in metrics:
+        raise EvalError("a DINOv2 reference is given, but fd_dinov2 is not among the metrics: add it")
+    samples, reference = Side(samples, "samples"), Side(reference, "reference")
+    dinov2_side = None if dinov2_reference is None else Side(dinov2_reference, "DINOv2 reference")
+    pairs = {m: (samples, reference if m != "fd_dinov2" or dinov2_side is None else dinov2_side) for m in metrics}
+    metrics = _feasible(metrics, pairs, default)
+    for name, side in (("the reference", reference), ("the DINOv2 reference", dinov2_side)):
+        shapes = samples.image_shape, None if side is None else side.image_shape
+        if None not in shapes and shapes[0] != shapes[1]:
+            raise EvalError(f"samples are {shapes[0][1]}x{shapes[0][0]}, {name} {shapes[1][1]}x{shapes[1][0]}: "
+                            f"compare images of one resolution (sample at the reference's size or pick its batch)")
     device = _default_device(device)
     sources = dict(SOURCES, **{f"fd_{n}": (n, next(iter(net.outputs))) for n, net in networks.items()})
     results = {}
     for name in dict.fromkeys(sources[m][0] for m in metrics):
         wanted = [m for m in metrics if sources[m][0] == name]
-        needs = [_needs(side, wanted, side is sides[0]) for side in sides]
+        sides = pairs[wanted[0]]  # one reference per network
+        needs = [_needs(side, wanted, side is samples) for side in sides]
         net = None
         if any(needs):
             net = networks.get(name) or load_network(name, device, inception_weights, dinov2_weights)
+        for m in wanted:
+            if m not in ("is", "pr"):
+                _check_dimensions(m, sides, net, sources[m][1])
         stats, feats = [{}, {}], [{}, {}]
         for i, side in enumerate(sides):
             if needs[i]:
@@ -389,7 +504,10 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
         for metric, output in (("fid", "pool"), ("sfid", "spatial")):  # the ADM tensor check, when both exist
             if name == "inception" and metric in sides[1].stats and output in stats[1]:
                 results[f"reference_self_{metric}"] = frechet_distance(*sides[1].stats[metric], *stats[1][output])
-    return dict(results, num_samples=len(sides[0]) or None, num_reference=len(sides[1]) or None)
+    results.update(num_samples=len(samples) or None, num_reference=len(reference) or None)
+    if dinov2_side is not None:
+        results["num_dinov2_reference"] = len(dinov2_side) or None
+    return results
 
 
 def _needs(side, wanted, is_samples):
@@ -407,22 +525,39 @@ def _chunk_dir(side, network_name, work_dir):
     return work_dir and os.path.join(work_dir, network_name)
 
 
-def _feasible(metrics, sides, default):
-    """The metrics the inputs allow: IS needs sample images, precision/recall images on both sides,
-    a Frechet distance images or statistics on each side. Dropped from a default list, else an error."""
+def _feasible(metrics, pairs, default):
+    """The metrics the inputs allow (pairs: {metric: (samples, its reference)}): IS needs sample
+    images, precision/recall more than k images on both sides, a Frechet distance images or
+    statistics on each side. Dropped from a default list, else an error."""
     kept = []
     for m in metrics:
-        if m == "is":
-            missing = [sides[0]] if sides[0].images is None else []
-        elif m == "pr":
-            missing = [s for s in sides if s.images is None]
-        else:
-            missing = [s for s in sides if s.images is None and m not in s.stats]
-        if not missing:
+        reason = _why_not(m, pairs[m])
+        if reason is None:
             kept.append(m)
         elif not default:
-            raise EvalError(f"{m}: {missing[0].label} holds no images"
-                            + ("" if m in ("is", "pr") else f" and no {m} statistics"))
+            raise EvalError(f"{m}: {reason}")
     if not kept:
         raise EvalError("none of the metrics can be computed from these inputs")
     return kept
+
+
+def _why_not(metric, sides):
+    """Why the inputs do not allow metric (None: they do)."""
+    users = [sides[0]] if metric == "is" else sides if metric == "pr" else [s for s in sides if metric not in s.stats]
+    for side in users:
+        if side.images is None:
+            return f"{side.label} holds no images" + ("" if metric in ("is", "pr") else f" and no {metric} statistics")
+        if metric == "pr" and len(side) <= PR_K:
+            return f"{side.label} holds {len(side)} images; precision/recall need more than k = {PR_K} on each side"
+    return None
+
+
+def _check_dimensions(metric, sides, net, output):
+    """EvalError unless the two sides of the Frechet distance `metric` have one dimension: that of the
+    statistics a side gives, else of the network's features (net.outputs[output], where it says)."""
+    dims = [(len(s.stats[metric][0]), f"the {metric} statistics of {s.label}") if metric in s.stats
+            else (net.outputs[output], f"the {net.name} {output} features of {s.label}") for s in sides]
+    (d1, what1), (d2, what2) = dims
+    if d1 and d2 and d1 != d2:
+        raise EvalError(f"{metric}: {what1} are {d1}-d, {what2} {d2}-d: statistics of another feature network? "
+                        f"(give images, or statistics of one network)")

@@ -3,11 +3,15 @@ without TensorFlow (evaluation.py holds the definitions; this is its command lin
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --json out.json
     python fid.py samples.npz REF --metrics fid,sfid,is,pr,fd_dinov2 --inception-weights FILE --dinov2-weights FILE
+    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --dinov2-reference TRAIN_IMAGES   # EDM2's FD-DINOv2
     torchrun --nproc_per_node=8 fid.py samples.npz REF          # feature extraction shared by the ranks
 
 SAMPLES: an .npz with arr_0 uint8 N x H x W x 3 (the ADM format; or precomputed mu and sigma).
 REFERENCE: an ADM reference batch .npz (arr_0 and/or mu, sigma, mu_s, sigma_s: the precomputed
 statistics are used, as the ADM evaluator does), a folder of images or a data.py pixel dataset.
+FD-DINOv2 as EDM2 reports it is against the whole training set's statistics: --dinov2-reference
+names the training images (a folder or pixel dataset; its statistics are cached too); against an
+ADM batch's 10,000 images it is another number, and the output line says so.
 The default metric list is every metric whose weights are found. Weights are never downloaded:
 Inception from --inception-weights, $MAPDIT_INCEPTION_WEIGHTS or the torch hub cache
 (checkpoints/pt_inception-2015-12-05-6726825d.pth); DINOv2 from --dinov2-weights,
@@ -53,6 +57,8 @@ def build_parser():
                         "(default: $MAPDIT_INCEPTION_WEIGHTS, then the torch hub cache)")
     parser.add_argument("--dinov2-weights", metavar="FILE", help="dinov2_vitl14_pretrain.pth "
                         "(default: $MAPDIT_DINOV2_WEIGHTS, then the torch hub cache)")
+    parser.add_argument("--dinov2-reference", metavar="TRAIN_IMAGES", help="the reference of FD-DINOv2 alone: the "
+                        "training images (folder or pixel dataset), as EDM2 compares (default: REFERENCE)")
     parser.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     parser.add_argument("--batch-size", type=_positive, default=100, help="images per network batch (default 100)")
     parser.add_argument("--cache-dir", metavar="DIR", help="keep reference statistics here, not beside the reference")
@@ -61,6 +67,14 @@ def build_parser():
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (with the output redirected, it "
                         "is a plain line every 30 s)")
     return parser
+
+
+def _caveat(key, args, results):
+    """What to know beside a number: FD-DINOv2 against an .npz batch is not EDM2's (training-set statistics)."""
+    if key != "fd_dinov2" or args.dinov2_reference or not args.reference.endswith(".npz"):
+        return ""
+    return (f" (against the {results['num_reference']} images of {args.reference}, not the training set's statistics "
+            f"EDM2's numbers use: not comparable to them; --dinov2-reference TRAIN_IMAGES gives those)")
 
 
 def main(argv=None):
@@ -74,16 +88,18 @@ def main(argv=None):
         metrics = parse_metrics(args.metrics) if args.metrics else None
         results = evaluate(args.samples, args.reference, metrics, batch_size=args.batch_size, device=args.device,
                            inception_weights=args.inception_weights, dinov2_weights=args.dinov2_weights,
-                           cache=False if args.no_cache else (args.cache_dir or True), progress=not args.no_progress)
+                           cache=False if args.no_cache else (args.cache_dir or True), progress=not args.no_progress,
+                           dinov2_reference=args.dinov2_reference)
         if dist.is_initialized() and dist.get_rank() != 0:
             return
         for key, name in NAMES.items():
             if key in results:
-                print(f"{name}: {results[key]:.4f}")
+                print(f"{name}: {results[key]:.4f}{_caveat(key, args, results)}")
         if args.json:
-            with open(args.json + ".tmp", "w") as f:
+            tmp = f"{args.json}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
                 json.dump(results, f, indent=1)
-            os.replace(args.json + ".tmp", args.json)
+            os.replace(tmp, args.json)
     except (EvalError, OSError) as e:
         print(f"fid.py: error: {e}", file=sys.stderr)
         sys.exit(2)

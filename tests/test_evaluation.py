@@ -3,7 +3,9 @@ computations and closed forms; the Inception tensors (pool, spatial, logits) aga
 forward of the same network; DINOv2's CLS features; caching, sharding over 2 processes and resuming.
 Networks are built from the real architectures with random weights (nothing is downloaded; the
 Inception weights come from conftest.py's inception_weights)."""
+import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -364,3 +366,169 @@ def test_two_processes_equal_one(tmp_path):
             calls.append(int(z["calls"]))
     # 6 chunks of 8 (the last of 5): ranks 0 and 1 take 3 each, 2 batches a chunk, twice over
     assert calls == [12, 12]
+
+
+def test_in_memory_samples_with_a_work_dir_are_keyed_by_their_content(tmp_path):
+    """Chunks left in work_dir by an interrupted evaluation of other samples of the same length are
+    not theirs (they were keyed by None: the other samples' features came back); the same samples
+    resume from them."""
+    ref, a, b = random_images(20, seed=12), random_images(40, seed=13), random_images(40, seed=14)
+
+    def run(samples, net, **kw):
+        return evaluation.evaluate(samples, ref, ["fd_tiny"], networks={"tiny": net}, batch_size=2, progress=False,
+                                   **kw)["fd_tiny"]
+
+    with pytest.raises(KeyboardInterrupt):  # a's first chunk (10 batches of 2) done, the second begun
+        run(a, TinyNet(fail_after=12), work_dir=str(tmp_path))
+    assert os.listdir(tmp_path / "tiny")
+    assert run(b, TinyNet(), work_dir=str(tmp_path)) == pytest.approx(run(b, TinyNet()), rel=1e-12)
+    with pytest.raises(KeyboardInterrupt):
+        run(a, TinyNet(fail_after=12), work_dir=str(tmp_path))
+    net = TinyNet()
+    assert run(a, net, work_dir=str(tmp_path)) == pytest.approx(run(a, TinyNet()), rel=1e-12)
+    assert net.calls == 10 + 10  # a's second chunk and the reference: the first chunk came from work_dir
+
+
+class FlagsSeen(TinyNet):
+    """TinyNet noting the TF32 flags (matmul, cuDNN) in force when it runs."""
+
+    def __call__(self, batch):
+        self.seen = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        return super().__call__(batch)
+
+
+def test_evaluation_runs_without_tf32_and_gives_the_callers_flags_back(tmp_path):
+    """train.py and sample.py turn TF32 on for the process; evaluate and reference_statistics turn it
+    off while they run, as fid.py has it (and EDM2), and restore the caller's flags, also on an error."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        net = FlagsSeen()
+        evaluation.evaluate(random_images(4), random_images(4, seed=1), ["fd_tiny"], networks={"tiny": net},
+                            progress=False)
+        assert net.seen == (False, False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        np.savez(tmp_path / "ref.npz", arr_0=random_images(4))
+        net.seen = None
+        evaluation.reference_statistics(str(tmp_path / "ref.npz"), net, progress=False)
+        assert net.seen == (False, False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        net.fail_after, net.seen = 0, None
+        with pytest.raises(KeyboardInterrupt):
+            evaluation.evaluate(random_images(4), random_images(4, seed=1), ["fd_tiny"], networks={"tiny": net},
+                                progress=False)
+        assert net.seen == (False, False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_a_cached_reference_is_read_without_taking_the_lock(tmp_path, monkeypatch):
+    """A process that finds the cache does not wait for another one computing the statistics of some
+    other reference in the same folder: it takes no lock."""
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(10, seed=24))
+    run = lambda: evaluation.evaluate(random_images(6, seed=25), str(tmp_path / "ref.npz"), ["fd_tiny"],  # noqa: E731
+                                      networks={"tiny": TinyNet()}, progress=False)["fd_tiny"]
+    first = run()
+
+    def no_lock(folder, create=False):
+        raise AssertionError(f"locked {folder}")
+
+    monkeypatch.setattr(evaluation.runs, "folder_lock", no_lock)
+    assert run() == first
+
+
+class SlowTinyNet(TinyNet):
+    """TinyNet taking a little time per batch, so that processes started together overlap."""
+
+    def __call__(self, batch):
+        time.sleep(0.01)
+        return super().__call__(batch)
+
+
+def _evaluate_at_once(rank, world, init_file, start, samples, ref, out):
+    import torch.distributed as dist
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        start.wait()
+        result = evaluation.evaluate(samples, ref, ["fd_tiny"], networks={"tiny": SlowTinyNet()}, batch_size=2,
+                                     progress=False)
+        with open(f"{out}-{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_processes_sharing_an_uncached_reference_and_samples_get_the_numbers_of_one(tmp_path):
+    """A 2-rank torch.distributed job and a third process, started together on the same samples .npz
+    and the same uncached reference, take turns at the cache and at SAMPLES-features/ (unlocked, they
+    deleted each other's chunks): each gets the numbers of one process alone, and nothing is left but
+    the cache."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    os.makedirs(data)
+    os.makedirs(out)
+    samples, ref = str(data / "samples.npz"), str(data / "ref.npz")
+    np.savez(samples, arr_0=random_images(30, seed=15))
+    np.savez(ref, arr_0=random_images(50, seed=16))
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(3)
+    jobs = [ctx.Process(target=_evaluate_at_once, args=(r, 2, str(out / "init"), start, samples, ref, str(out / "job")))
+            for r in range(2)]
+    jobs.append(ctx.Process(target=_evaluate_at_once, args=(0, 1, None, start, samples, ref, str(out / "alone"))))
+    for p in jobs:
+        p.start()
+    for p in jobs:
+        p.join(300)
+    assert [p.exitcode for p in jobs] == [0, 0, 0]
+    want = evaluation.evaluate(samples, ref, ["fd_tiny"], networks={"tiny": TinyNet()}, batch_size=2,
+                               cache=False, progress=False)["fd_tiny"]
+    for name in ("job-0", "job-1", "alone-0"):
+        with open(out / f"{name}.json") as f:
+            assert json.load(f)["fd_tiny"] == pytest.approx(want, rel=1e-9), name
+    assert sorted(os.listdir(data)) == ["ref.npz", "ref.npz.tiny-stats.npz", "samples.npz"]
+
+
+def test_a_refusal_leaves_nothing_and_an_interruption_keeps_the_finished_chunks(tmp_path):
+    """A folder reference with an image of another size, read in the second chunk, is refused after
+    the first chunk was written: its chunks go. Stopped (KeyboardInterrupt), the finished chunks stay
+    and the rerun does only the rest."""
+    from PIL import Image
+    folder = tmp_path / "ref"
+    os.makedirs(folder)
+    for i, im in enumerate(random_images(30, seed=17)):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    Image.fromarray(random_images(1, size=8)[0]).save(folder / "zz-small.png")
+    samples = random_images(6, seed=18)
+    run = lambda net: evaluation.evaluate(samples, str(folder), ["fd_tiny"], networks={"tiny": net},  # noqa: E731
+                                          batch_size=2, progress=False)["fd_tiny"]
+    with pytest.raises(evaluation.EvalError, match="zz-small.png: 8x8 pixels"):
+        run(TinyNet())
+    assert sorted(os.listdir(tmp_path)) == ["ref"]
+    os.remove(folder / "zz-small.png")
+    with pytest.raises(KeyboardInterrupt):  # the samples' 3 batches, the reference's first chunk, 2 batches
+        run(TinyNet(fail_after=3 + 10 + 2))
+    assert sorted(os.listdir(tmp_path / "ref.tiny-stats.npz.chunks")) == ["000000.npz", "settings.json"]
+    want = evaluation.evaluate(samples, str(folder), ["fd_tiny"], networks={"tiny": TinyNet()}, cache=False,
+                               progress=False)["fd_tiny"]
+    net = TinyNet()
+    assert run(net) == pytest.approx(want, rel=1e-12)
+    assert net.calls == 3 + 5  # the samples and the reference's second chunk
+    assert sorted(os.listdir(tmp_path)) == ["ref", "ref.tiny-stats.npz"]
+
+
+class NaNAfter(TinyNet):
+    """TinyNet whose features turn NaN from its 3rd batch on (a broken network)."""
+
+    def __call__(self, batch):
+        out = super().__call__(batch)["features"]
+        return {"features": out * np.nan if self.calls >= 3 else out}
+
+
+def test_non_finite_features_are_refused_not_reported_or_cached(tmp_path):
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(30, seed=19))
+    with pytest.raises(evaluation.EvalError, match="ref.npz: its tiny features features hold non-finite values"):
+        evaluation.evaluate(random_images(4, seed=20), str(tmp_path / "ref.npz"), ["fd_tiny"],
+                            networks={"tiny": NaNAfter()}, batch_size=2, progress=False)
+    assert os.listdir(tmp_path) == ["ref.npz"]

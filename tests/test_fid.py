@@ -163,3 +163,83 @@ def test_missing_weights_in_a_real_process_is_one_line(tmp_path):
     code, out, err = run_fid([samples, samples, "--metrics", "fid"], home=tmp_path / "home")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert feature_nets.INCEPTION_FILE in err and feature_nets.INCEPTION_URL in err
+
+
+def test_cli_bad_inputs_are_one_line_errors_not_tracebacks_or_nan(tmp_path, capsys, monkeypatch, inception_weights):
+    """Each is refused before any feature is extracted, as one line naming the problem, exit code 2
+    (they were a ValueError or RuntimeError traceback, or exit 0 with "FID: nan")."""
+    from PIL import Image
+    rng = np.random.default_rng(7)
+    three, ref = tmp_path / "three.npz", tmp_path / "ref.npz"
+    evaluation.write_npz_samples(three, rng.integers(0, 256, (3, 8, 8, 3), np.uint8))
+    evaluation.write_npz_samples(ref, rng.integers(0, 256, (8, 8, 8, 3), np.uint8))
+    one = tmp_path / "one"
+    os.makedirs(one)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(one / "0.png")
+    s8, s16 = random_spd(rng, 8), random_spd(rng, 16)
+    stats8, stats16, nan = (str(tmp_path / f) for f in ("stats8.npz", "stats16.npz", "nan.npz"))
+    np.savez(stats8, mu=np.zeros(8), sigma=s8)
+    np.savez(stats16, mu=np.zeros(16), sigma=s16)
+    np.savez(nan, mu=np.full(8, np.nan), sigma=s8)
+    weights = ["--inception-weights", inception_weights]
+    cases = [([three, ref, "--metrics", "pr", *weights], "three.npz holds 3 images; precision/recall need more"),
+             ([one, ref, "--metrics", "fid", *weights], "one: holds 1 image; statistics need 2 or more"),
+             ([three, stats8, "--metrics", "fid", *weights], "the fid statistics of"),  # 2048-d features, 8-d mu
+             ([stats16, stats8, "--metrics", "fid"], "16-d"),
+             ([stats8, nan, "--metrics", "fid"], "nan.npz: its fid statistics hold non-finite values"),
+             ([three, ref, "--metrics", "fid", "--device", "bogus", *weights], "device bogus: not usable here")]
+    if not torch.cuda.is_available():
+        cases.append(([three, ref, "--metrics", "fid", "--device", "cuda", *weights], "device cuda: not usable here"))
+    for args, needle in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            fid.main([str(x) for x in args])
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2 and len(captured.err.strip().splitlines()) == 1, (args, captured.err)
+        assert needle in captured.err and captured.out == "", (args, captured.err)
+    assert sorted(os.listdir(tmp_path)) == ["nan.npz", "one", "ref.npz", "stats16.npz", "stats8.npz", "three.npz"]
+
+
+def test_cli_fd_dinov2_against_training_images_beside_fid_against_the_batch(tmp_path, capsys, monkeypatch):
+    """--dinov2-reference: FID against the ADM batch and FD-DINOv2 against the training images in one
+    call, each equal to a call against that reference alone; the training images' statistics are
+    cached. Against the batch's images, the FD-DINOv2 line says it is not EDM2's number. Small
+    stand-ins in place of Inception and DINOv2."""
+    from PIL import Image
+    from test_evaluation import TinyInception, TinyNet, random_images
+
+    class TinyDINOv2(TinyNet):
+        name, outputs = "dinov2", {"cls": 8}
+
+        def __call__(self, batch):
+            return {"cls": super().__call__(batch)["features"]}
+
+    dinov2 = TinyDINOv2()
+    monkeypatch.setattr(evaluation, "load_network", lambda name, *a: TinyInception() if name == "inception" else dinov2)
+    samples, batch, train = str(tmp_path / "samples.npz"), str(tmp_path / "batch.npz"), tmp_path / "train"
+    evaluation.write_npz_samples(samples, random_images(12, seed=21))
+    evaluation.write_npz_samples(batch, random_images(10, seed=22))
+    os.makedirs(train)
+    for i, im in enumerate(random_images(14, seed=23)):
+        Image.fromarray(im).save(train / f"{i:02d}.png")
+    argv = [samples, batch, "--metrics", "fid,fd_dinov2", "--dinov2-reference", str(train), "--batch-size", "4",
+            "--no-progress"]
+    fid.main(argv + ["--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out.splitlines()
+    result = json.loads((tmp_path / "r.json").read_text())
+    alone = lambda ref, metric: evaluation.evaluate(samples, ref, [metric], cache=False, progress=False)[metric]  # noqa: E731
+    assert result["fid"] == pytest.approx(alone(batch, "fid"), rel=1e-9)
+    assert result["fd_dinov2"] == pytest.approx(alone(str(train), "fd_dinov2"), rel=1e-9)
+    assert abs(result["fd_dinov2"] - alone(batch, "fd_dinov2")) > 1e-3 * result["fd_dinov2"]  # not the batch's
+    assert (result["num_reference"], result["num_dinov2_reference"]) == (10, 14)
+    assert out == [f"FID: {result['fid']:.4f}", f"FD-DINOv2: {result['fd_dinov2']:.4f}"]
+    assert (tmp_path / "train.dinov2-stats.npz").is_file() and not (tmp_path / "batch.npz.dinov2-stats.npz").exists()
+    calls = dinov2.calls
+    fid.main(argv)
+    assert dinov2.calls == calls + 3 and capsys.readouterr().out.splitlines() == out  # the samples' 3 batches only
+    fid.main([samples, batch, "--metrics", "fd_dinov2", "--no-progress"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("FD-DINOv2: ") and f"against the 10 images of {batch}" in line and "not comparable" in line
+    with pytest.raises(SystemExit) as exit_info:
+        fid.main([samples, batch, "--metrics", "fid", "--dinov2-reference", str(train)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "fd_dinov2 is not among" in err
