@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 import evaluation  # noqa: E402
 import plots  # noqa: E402
+import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset  # noqa: E402
 from experiments.evaluate import (AblateError, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
@@ -128,12 +129,15 @@ def parse(argv):
         raise AblateError("--arms and --seeds must not repeat")
     if opts.sweep_extend < 0:
         raise AblateError("--sweep-extend must be at least 0")
+    in_range, check = train.RANGES["seed"]
+    if not all(check(s) for s in [opts.sweep_seed, *opts.seeds]):
+        raise AblateError(f"--sweep-seed and --seeds must be {in_range}")
     for key in ("sweep_points", "sweep_steps", "steps", "parallel", "threads", "global_batch_size", "eval_every",
                 "eval_samples", "sample_steps", "samples_per_class"):
         if getattr(opts, key) is not None and getattr(opts, key) < 1:
             raise AblateError(f"--{key.replace('_', '-')} must be at least 1")
-    if not opts.sweep_span >= 1 or (opts.sweep_points > 1 and opts.sweep_span == 1):
-        raise AblateError("--sweep-span must be above 1 for more than one point")
+    if not 1 <= opts.sweep_span < math.inf or (opts.sweep_points > 1 and opts.sweep_span == 1):
+        raise AblateError("--sweep-span must be finite, and above 1 for more than one point")
     if opts.readme:
         try:
             with open(opts.readme) as f:
@@ -186,6 +190,21 @@ def edge_lr(opts, arm_plan, best):
     return None
 
 
+def check_reach(opts, default):
+    """Refuse a sweep whose farthest lrs (the grid extended --sweep-extend steps past each end) are not
+    positive finite floats, before any run starts."""
+    if opts.sweep_points == 1:
+        return
+    try:
+        ends = [grid_lr(default, opts.sweep_points, opts.sweep_span, i)
+                for i in (-opts.sweep_extend, opts.sweep_points - 1 + opts.sweep_extend)]
+    except OverflowError:
+        ends = [math.inf]
+    if not all(0 < lr < math.inf for lr in ends):
+        raise AblateError(f"--sweep-span {opts.sweep_span:g}: the sweep around {default:g} (extended up to "
+                          f"{opts.sweep_extend} steps past each end) leaves the positive floats; narrow it")
+
+
 def job_root(opts, phase, arm, lr, seed):
     return os.path.join(opts.results_dir, phase, f"{arm}-lr{lr:g}-seed{seed}")
 
@@ -223,6 +242,7 @@ def make_plan(opts, data):
         if lr is None:
             refused[arm] = why
         else:
+            check_reach(opts, lr)
             plan[arm] = dict(default_lr=lr, lrs=sweep_lrs(lr, opts.sweep_points, opts.sweep_span))
     if not plan:
         raise AblateError(f"train.py refuses every arm: {next(iter(refused.values()))}")

@@ -174,7 +174,9 @@ def test_default_study_fits_the_cpu_budget_and_other_models_are_unknown(tmp_path
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     for argv in (["--arms", "nope"], ["--sweep-points", "0"], ["--seeds", "1", "1"], ["--sweep-span", "0.5"],
-                 ["--sweep-extend", "-1"],
+                 ["--sweep-extend", "-1"], ["--sweep-span", "inf"], ["--sweep-span", "1e400"], ["--sweep-span", "nan"],
+                 ["--sweep-span", "1e300", "--sweep-points", "2"],  # finite, but its extension overflows
+                 ["--sweep-seed", "-1"], ["--seeds", "-1"], ["--seeds", str(2 ** 32)],
                  ["--data-path", str(tmp_path / "missing")], ["--metric", "fid"],
                  ["--data-path", write_colours(tmp_path / "no-heldout", 8, seed=0)], ["--readme", str(tmp_path)],
                  ["--readme", write_colours(tmp_path / "d", 8, seed=0) + "/manifest.json"]):
