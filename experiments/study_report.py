@@ -138,7 +138,8 @@ def summarise_study(study):
                 floor=study.floor,
                 refused=study.refused, wall=study.wall, estimate_s=study.estimate_s,
                 command=study.command,
-                settings=dict(profile=o.profile, data=study.data.path, heldout=study.data.heldout, model=o.model,
+                settings=dict(profile=o.profile, data=study.data.path, heldout=study.data.heldout,
+                              validation=study.data.validation, test=study.data.test, model=o.model,
                               depth=o.depth, hidden_size=o.hidden_size, num_heads=o.num_heads,
                               batch=o.global_batch_size, sweep_steps=o.sweep_steps, sweep_seed=o.sweep_seed,
                               sweep_points=o.sweep_points, sweep_span=o.sweep_span, sweep_extend=o.sweep_extend,
@@ -171,14 +172,15 @@ def render(summary):
              f"lr sweep: {s['sweep_points']} log-spaced values over {s['sweep_span']:g}x around train.py's default "
              f"per arm (extended one step at a time past an end holding the best, up to {s['sweep_extend']} steps), "
              f"{s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr by `{m}` of "
-             f"{s['eval_samples']} samples (DDIM-{s['sample_steps']}) against held-out images. Then seeds "
-             f"{s['seeds']} at that lr for {s['steps']} steps, evaluated every {s['eval_every']} steps. "
-             f"Cells: mean ± sample standard deviation over the "
+             f"{s['eval_samples']} samples (DDIM-{s['sample_steps']}) against the validation half of the held-out "
+             f"images. Then seeds {s['seeds']} at that lr for {s['steps']} steps, evaluated every "
+             f"{s['eval_every']} steps against the test half, which gives every number below (the lr is not "
+             f"chosen on the images, seed or noise reported). Cells: mean ± sample standard deviation over the "
              f"seeds that finished (seeds: finished/run; a diverged seed is a failure of its arm); lower {m} is "
              f"better. Each arm is compared with {summary['baseline']} by Welch's t-test (two-sided) on the final "
              f"{m} of the finished seeds, significant when its p-value after Holm's correction over the arms "
              f"compared is below {ALPHA:g}; no verdict with fewer than 2 finished seeds on a side. Real training "
-             f"images score {summary['floor']:.4g} (the floor).", "",
+             f"images score {summary['floor']:.4g} against the test half (the floor).", "",
              f"| arm | best lr (train.py default) | lr within 10% of best | final {m} ↓ | steps to {m} ≤ "
              f"{'n/a' if summary['target'] is None else format(summary['target'], '.4g')} | FD ↓ "
              "| class consistency % ↑ | EMA held-out loss ↓ | parameters | s/step | seeds |",
@@ -213,9 +215,9 @@ def render(summary):
     lines += [""] + [f"![{alt}]({os.path.join(summary['figure_dir'], name)})\n" for alt, name in FIGURES]
     lines += ["Columns: **FD** is experiments/ablate.py's Frechet distance in its classifier's features "
               f"({next((r['fd_network'] for r in rows.values() if 'fd_network' in r), 'n/a')}) of "
-              f"{s['num_classes'] * s['samples_per_class']} samples from fixed noise against held-out images, **class "
+              f"{s['num_classes'] * s['samples_per_class']} samples from fixed noise against the test half, **class "
               "consistency** the fraction of samples that classifier labels with their class, **EMA held-out "
-              "loss** the sampled weights' loss on held-out images: the final scores of ablate.py, at the end of "
+              "loss** the sampled weights' loss on test-half images: the final scores of ablate.py, at the end of "
               f"each full run. **s/step**: median over training log windows, {s['parallel']} run(s) at once. "
               "**lr within 10% of best**: the contiguous sweep points around the best whose final metric is at "
               "most 1.1x the best's (how forgiving the arm is). **steps to**: the first evaluation at or below "

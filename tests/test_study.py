@@ -1,7 +1,8 @@
 """experiments/study.py and study_report.py: the lr grid, the choice of the best lr and the range
 within 10% of it, steps to a target, best-vs-best comparisons by Welch's t-test with Holm's
 correction (no verdict from one seed), the budget, and tiny studies end to end (a real divergence
-carried into the report; a diverged full run reported as a failure; table, curves and figures
+carried into the report; a diverged full run reported as a failure; the lr chosen on the validation
+half of the held-out data and a sweep seed the final runs do not use; table, curves and figures
 written; a rerun skipping finished runs and continuing an interrupted one; one-line errors)."""
 import json
 import math
@@ -13,6 +14,7 @@ import torch
 import feature_nets
 import train
 import watch
+from data import LatentDataset
 from experiments import evaluate, study, study_report
 from experiments.report import summarise
 from tests.test_ablate import write_colours
@@ -172,11 +174,17 @@ def test_default_study_fits_the_cpu_budget_and_other_models_are_unknown(tmp_path
     assert study.estimate(study.parse(["--depth", "8", "--results-dir", str(tmp_path)]), *runs)[0] is None
 
 
+def test_default_final_seeds_are_not_the_sweep_seed(tmp_path):
+    opts = study.parse(["--results-dir", str(tmp_path)])
+    assert opts.sweep_seed not in opts.seeds and len(opts.seeds) >= 3
+
+
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     for argv in (["--arms", "nope"], ["--sweep-points", "0"], ["--seeds", "1", "1"], ["--sweep-span", "0.5"],
                  ["--sweep-extend", "-1"], ["--sweep-span", "inf"], ["--sweep-span", "1e400"], ["--sweep-span", "nan"],
                  ["--sweep-span", "1e300", "--sweep-points", "2"],  # finite, but its extension overflows
                  ["--sweep-seed", "-1"], ["--seeds", "-1"], ["--seeds", str(2 ** 32)],
+                 ["--seeds", "0", "1"],  # the sweep seed (0) among the final seeds
                  ["--data-path", str(tmp_path / "missing")], ["--metric", "fid"],
                  ["--data-path", write_colours(tmp_path / "no-heldout", 8, seed=0)], ["--readme", str(tmp_path)],
                  ["--readme", write_colours(tmp_path / "d", 8, seed=0) + "/manifest.json"]):
@@ -259,12 +267,27 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
     report = (out / "study.md").read_text()
     for needle in ("| vanilla |", "| mp |", "lr within 10% of best", "steps to fd_classifier", "mp vs vanilla",
                    "by Welch's t-test (two-sided)", "Holm's correction", "of 12 samples from fixed noise",
+                   "against the validation half", "against the test half",
                    f"({os.path.relpath(tmp_path / 'visuals' / 'study_curves.png')})"):
         assert needle in report, needle
     assert readme.read_text() == (f"# before\n{study_report.README_START}\n{report}\n{study_report.README_END}"
                                   "\nafter\n")
     for name in ("study_curves.png", "study_sweep.png", "study_samples.png", "study_magnitudes.png"):
         assert (out / name).is_file() and (tmp_path / "visuals" / name).is_file(), name
+
+    # the sweep runs evaluate against one half of the held-out images, the full runs (curves, final
+    # metric, the final scoring's reference) against the other: the two halves partition it
+    references = {phase: {json.loads((p.parent / "config.json").read_text())["eval_reference"]
+                          for p in out.glob(f"{phase}/*/*/results.json")} for phase in ("sweep", "full")}
+    (validation,), (test,) = references["sweep"], references["full"]
+    assert (summary["settings"]["validation"], summary["settings"]["test"]) == (validation, test)
+    assert torch.load(out / "eval" / "reference.pt", weights_only=True)["key"]["heldout"].startswith(test)
+
+    def images(path):
+        ds = LatentDataset(path)
+        return sorted(ds[i][0].numpy().tobytes() for i in range(len(ds)))
+    assert len(images(validation)) == len(images(test)) == 24
+    assert sorted(images(validation) + images(test)) == images(data[3])
 
     # a rerun skips every finished run: no training, results untouched
     results = sorted(str(p) for p in out.glob("*/*/*/results.json"))
