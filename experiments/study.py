@@ -21,7 +21,9 @@ is the shape alone), 32x32 pixels, rendered into RESULTS/demo-data. Runs are tra
 RESULTS/sweep/<arm>-lr<lr>-seed<s>/ and RESULTS/full/<arm>-lr<lr>-seed<s>/; rerunning the same
 command skips finished runs and continues interrupted ones. The report (RESULTS/study.md, a
 markdown section the README can include; RESULTS/study.json; curves, samples and magnitude
-figures) is written at the end of every invocation. Bad input: one line, exit code 2.
+figures) is written at the end of every invocation. An invocation holds a lock on RESULTS while it
+runs, so a second one on the same folder waits and then finds the work done. Bad input: one line,
+exit code 2.
 """
 import argparse
 import math
@@ -40,6 +42,7 @@ import torch  # noqa: E402
 
 import evaluation  # noqa: E402
 import plots  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset  # noqa: E402
@@ -447,24 +450,42 @@ def main(argv=None):
     return cli("study.py", run_study, list(sys.argv[1:] if argv is None else argv))
 
 
-def on_test_half(data):
-    """data with the test half as its held-out images: what prepare_eval scores the full runs against."""
-    return SimpleNamespace(**dict(vars(data), heldout=data.test))
-
-
 def run_study(argv):
+    """The study under a lock on its results dir, taken once the data is ready (two invocations take
+    turns; the second finds the work done); --estimate and the --only subprocesses of --parallel,
+    whose parent holds it, run free."""
     opts = parse(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    data = study_data(opts)
+    if opts.only or opts.estimate:
+        return conduct(opts, argv, data)
+    with runs.folder_lock(opts.results_dir, create=True):
+        return conduct(opts, argv, data)
+
+
+def study_data(opts):
+    """The training data and its held-out images cut in halves (data.validation, data.test), with the
+    metric (opts.metric) checked against them. Demo renderings and halves are made so that processes
+    may make them at the same time."""
     data = prepare_data(opts, variant="shapes", heldout_parts=2)
     if data.manifest["kind"] != "pixel" or not data.heldout:
         raise AblateError("--data-path: the study needs a pixel dataset and held-out images of it (--eval-data-path)")
-    data.validation, data.test = split_heldout(data.heldout, opts.results_dir)
     try:
         opts.metric = opts.metric or watch.eval_metrics_for(None, data.manifest["kind"])[0]
         watch.eval_metrics_for([opts.metric], data.manifest["kind"])
     except ValueError as e:
         raise AblateError(f"--metric: {e}")
+    data.validation, data.test = split_heldout(data.heldout, opts.results_dir)
+    return data
+
+
+def on_test_half(data):
+    """data with the test half as its held-out images: what prepare_eval scores the full runs against."""
+    return SimpleNamespace(**dict(vars(data), heldout=data.test))
+
+
+def conduct(opts, argv, data):
     plan, refused = make_plan(opts, data)
     if opts.only:
         phase, arm, lr, seed = opts.only.split(":")

@@ -3,15 +3,19 @@ within 10% of it, steps to a target, best-vs-best comparisons by Welch's t-test 
 correction (no verdict from one seed), the budget, and tiny studies end to end (a real divergence
 carried into the report; a diverged full run reported as a failure; the lr chosen on the validation
 half of the held-out data and a sweep seed the final runs do not use; table, curves and figures
-written; a rerun skipping finished runs and continuing an interrupted one; one-line errors)."""
+written; a rerun skipping finished runs and continuing an interrupted one; two invocations on one
+results dir at once; one-line errors)."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import feature_nets
+import runs
 import train
 import watch
 from data import LatentDataset
@@ -19,6 +23,7 @@ from experiments import evaluate, study, study_report
 from experiments.report import summarise
 from tests.test_ablate import write_colours
 
+STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "study.py")
 TINY = ["--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "8",
         "--eval-samples", "8", "--sample-steps", "2", "--samples-per-class", "3"]
 
@@ -191,6 +196,9 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         assert study.main(argv + ["--results-dir", str(tmp_path / "r"), "--estimate"]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("study.py: error:"), err
+    # refused before its results dir is made (or locked)
+    assert study.main(["--data-path", str(tmp_path / "missing"), "--results-dir", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_diverged_sweep_run_is_recorded_and_reported_not_chosen(tmp_path, data, monkeypatch):
@@ -307,3 +315,38 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
     assert result["status"] == "ok"
     assert [s for s, _ in result["curve"]] == [2, 4]  # step 4 evaluated again after the resume: once in the curve
 
+
+def test_two_invocations_on_one_results_dir_take_turns_and_the_second_finds_the_work_done(tmp_path, data):
+    # two real study.py processes (the classifiers at their real budgets: a few seconds here), each
+    # running its runs as --parallel subprocesses, which work under their parent's lock
+    out = tmp_path / "study"
+    argv = data + TINY + ["--results-dir", str(out), "--arms", "vanilla", "--sweep-points", "1", "--sweep-steps", "2",
+                          "--steps", "2", "--eval-every", "2", "--seeds", "1", "2", "--threads", "1", "--parallel", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_HOME=str(tmp_path / "hub"))
+    env.pop(feature_nets.INCEPTION_ENV, None)
+    logs = [tmp_path / f"stderr-{i}.txt" for i in range(2)]
+    with runs.folder_lock(str(out), create=True):  # both start while the folder is held: they meet at its lock
+        procs = []
+        for log in logs:
+            with open(log, "w") as f:
+                procs.append(subprocess.Popen([sys.executable, STUDY, *argv], env=env, stdout=subprocess.DEVNULL,
+                                              stderr=f))
+        for proc, log in zip(procs, logs):  # until each waits for the lock (or, without one, has ended)
+            while "waiting for another process" not in log.read_text():
+                try:
+                    proc.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+    codes = [proc.wait(timeout=600) for proc in procs]
+    errs = [log.read_text() for log in logs]
+    assert codes == [0, 0] and not any("Traceback" in e for e in errs), errs
+    # one invocation ran the three runs; the other found them finished and ran nothing
+    assert sorted(e.count("[ablate] started ") for e in errs) == [0, 3], errs
+    run_dirs = [d for d in out.glob("*/vanilla-*/*") if d.name[:3].isdigit()]
+    assert len(run_dirs) == 3  # one run directory per run: no run was started twice
+    assert all("waiting for another process" in e for e in errs)
+    summary = json.loads((out / "study.json").read_text())
+    finals = {r["seed"]: r["final"] for r in (json.loads(p.read_text()) for p in out.glob("full/*/*/results.json"))}
+    assert summary["rows"]["vanilla"]["final"]["values"] == [finals[1], finals[2]]
+    assert json.loads((out / "wall.json").read_text())["invocations"] == 1
