@@ -4,9 +4,12 @@ run (held-out loss, fixed-noise samples, FD, class consistency, FID). Also the s
 ablate.py and report.py share: AblateError, say, read_json, write_json.
 """
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -15,7 +18,7 @@ import torch
 
 import evaluation
 import runs
-from data import DataError, LatentDataset, denormalize, make_demo_dataset
+from data import DataError, LatentDataset, ShardWriter, denormalize, make_demo_dataset, read_manifest
 from diffusion import create_diffusion
 from experiments import metrics
 
@@ -50,15 +53,16 @@ def write_json(path, obj):
 #                     Evaluation data, classifier and reference                 #
 #################################################################################
 
-def prepare_data(opts, variant="colours"):
-    """Where the training data and the held-out data live (rendering the demo `variant` if needed)."""
+def prepare_data(opts, variant="colours", heldout_parts=1):
+    """Where the training data and the held-out data live (rendering the demo `variant` if needed; its
+    held-out rendering heldout_parts x the usual size, for a caller that splits it)."""
     demo = opts.data_path is None
     try:
         if demo:
             path = make_demo_dataset(os.path.join(opts.results_dir, "demo-data"), variant=variant)
             heldout = opts.eval_data_path
             if heldout is None:  # the same generator with another seed: images no run trained on
-                n = max(6 * 10 * opts.samples_per_class, 2000)
+                n = heldout_parts * max(6 * 10 * opts.samples_per_class, 2000)
                 heldout = make_demo_dataset(os.path.join(opts.results_dir, f"demo-heldout-{n}"),
                                             num_items=n, seed=1, variant=variant)
         else:
@@ -69,6 +73,51 @@ def prepare_data(opts, variant="colours"):
     name = ("demo" if variant == "colours" else f"demo-{variant}") if demo else os.path.basename(os.path.normpath(path))
     return SimpleNamespace(path=os.path.abspath(path), heldout=heldout and os.path.abspath(heldout), demo=demo,
                            name=name, manifest=manifest)
+
+
+def split_heldout(heldout, out_dir):
+    """(validation, test): the pixel dataset `heldout` cut in two halves by a fixed permutation, written
+    as data.py datasets OUT_DIR/<name>-<hash of its path>-validation and -test, so that one half can
+    choose what the other reports. Reused when already there; each is built in a private folder and
+    renamed into place, so processes that split at the same time do not disturb each other."""
+    heldout = os.path.abspath(heldout)
+    try:
+        ds = LatentDataset(heldout)
+    except DataError as e:
+        raise AblateError(str(e))
+    if ds.kind != "pixel" or len(ds) < 8:
+        raise AblateError(f"{heldout}: the validation / test split needs pixel images, at least 8 ({len(ds)} "
+                          f"{ds.kind} items)")
+    order = np.random.default_rng(0).permutation(len(ds))
+    name = f"{os.path.basename(heldout)}-{hashlib.sha256(heldout.encode()).hexdigest()[:8]}"
+    halves = (("validation", order[:len(ds) // 2]), ("test", order[len(ds) // 2:]))
+    return tuple(write_part(ds, np.sort(index), os.path.join(out_dir, f"{name}-{part}"),
+                            f"split_heldout({heldout}, {len(ds)} items): {part} half") for part, index in halves)
+
+
+def write_part(ds, index, path, source):
+    """The items `index` of the pixel dataset ds as a data.py dataset at path, made by `source`."""
+    if os.path.isdir(path):
+        if read_manifest(path).get("source") == source:
+            return path
+        raise AblateError(f"{path}: holds another dataset than {source}; remove it")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=os.path.basename(path) + ".partial-", dir=os.path.dirname(path))
+    try:
+        writer = ShardWriter(partial, "pixel", ds.shape, ds.num_classes)
+        for shard, start in enumerate(range(0, len(index), writer.shard_size)):
+            images, _, labels = load_items(ds, index[start:start + writer.shard_size])
+            writer.write_shard(shard, labels.numpy(), images=images.numpy())
+        writer.finish(class_names=ds.manifest.get("class_names"), source=source)
+        os.chmod(partial, 0o755)  # mkdtemp makes it private
+        try:
+            os.rename(partial, path)  # fails if another process put it there first
+        except OSError:
+            if read_manifest(path).get("source") != source:
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
 
 
 def load_items(ds, indices, seed=0):

@@ -19,10 +19,12 @@ FIGURE_COLUMNS = 8
 #################################################################################
 
 def summarise(values):
+    """dict(mean, std, n, values) of the values that are not None (None if none is): std is the sample
+    standard deviation (ddof 1), None for a single value, whose spread one value cannot tell."""
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+    return dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
                 n=len(values), values=values)
 
 

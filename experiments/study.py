@@ -9,17 +9,21 @@ For each arm (vanilla DiT, MaP-DiT, MaP-DiT with rotation-scale modulation, weig
 alone, MP embedding alone): an lr sweep of --sweep-points log-spaced values spanning --sweep-span x
 around train.py's default lr for the arm, --sweep-steps each with seed --sweep-seed; the best lr
 is the one whose sampled weights score lowest on the metric (train.py's in-run evaluation at the
-sweep's last step, against held-out images). Then --seeds at that lr for --steps each, evaluated
-every --eval-every steps (the curves), and scored at the end as experiments/ablate.py scores its
-runs (FD of the ablation classifier, class consistency, EMA held-out loss, fixed-noise samples).
-A run whose loss becomes non-finite is recorded as diverged, never dropped.
+sweep's last step, against the validation half of the held-out images). Then --seeds (disjoint
+from the sweep seed) at that lr for --steps each, evaluated every --eval-every steps (the curves),
+and scored at the end as experiments/ablate.py scores its runs (FD of the ablation classifier,
+class consistency, EMA held-out loss, fixed-noise samples), all against the test half: the lr is
+never chosen on the images, noise or seed that the report compares. A run whose loss becomes
+non-finite is recorded as diverged, a failure of its arm, never dropped.
 
 Default data: the demo's "shapes" variant (random colour, size, position and rotation: the class
 is the shape alone), 32x32 pixels, rendered into RESULTS/demo-data. Runs are train.py runs in
 RESULTS/sweep/<arm>-lr<lr>-seed<s>/ and RESULTS/full/<arm>-lr<lr>-seed<s>/; rerunning the same
 command skips finished runs and continues interrupted ones. The report (RESULTS/study.md, a
 markdown section the README can include; RESULTS/study.json; curves, samples and magnitude
-figures) is written at the end of every invocation. Bad input: one line, exit code 2.
+figures) is written at the end of every invocation. An invocation holds a lock on RESULTS while it
+runs, so a second one on the same folder waits and then finds the work done. Bad input: one line,
+exit code 2.
 """
 import argparse
 import math
@@ -38,10 +42,12 @@ import torch  # noqa: E402
 
 import evaluation  # noqa: E402
 import plots  # noqa: E402
+import runs  # noqa: E402
+import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset  # noqa: E402
 from experiments.evaluate import (AblateError, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
-                                  say, training_record, write_json)
+                                  say, split_heldout, training_record, write_json)
 from experiments.runner import (CONFIGS, Parser, cli, final_checkpoint, find_run, finish,  # noqa: E402
                                 parse_train, run_state, run_subprocesses, train_run)
 from experiments.study_report import README_END, README_START, write_report  # noqa: E402
@@ -84,8 +90,8 @@ def build_parser():
                    "up to N steps past each end (default 2; 0 = never)")
     g.add_argument("--sweep-seed", type=int, default=0, help="seed of the sweep runs (default 0)")
     g.add_argument("--steps", type=int, help="steps of each full run (default: the profile's)")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S",
-                   help="seeds of the full runs at each arm's best lr (default 0 1 2)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="S",
+                   help="seeds of the full runs at each arm's best lr, not the sweep seed (default 1 2 3)")
     g.add_argument("--results-dir", default="results/study", metavar="DIR", help="default results/study")
     g.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at once, each a subprocess (default 1)")
     g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: all cores; "
@@ -98,7 +104,8 @@ def build_parser():
     g = p.add_argument_group("training and evaluation")
     g.add_argument("--data-path", metavar="DIR", help="a data.py pixel dataset (default: the demo's shapes variant)")
     g.add_argument("--eval-data-path", metavar="DIR", help="held-out images of the same kind (default: a second demo "
-                   "rendering; needed with --data-path)")
+                   "rendering; needed with --data-path), split in halves: validation (chooses the lr) and test "
+                   "(the curves and final scores)")
     for key, text in (("model", "model name"), ("depth", "blocks"), ("hidden_size", "width"), ("num_heads", "heads"),
                       ("global_batch_size", "batch"), ("eval_every", "steps between in-run evaluations of full runs"),
                       ("eval_samples", "samples per in-run evaluation"),
@@ -128,12 +135,18 @@ def parse(argv):
         raise AblateError("--arms and --seeds must not repeat")
     if opts.sweep_extend < 0:
         raise AblateError("--sweep-extend must be at least 0")
+    in_range, check = train.RANGES["seed"]
+    if not all(check(s) for s in [opts.sweep_seed, *opts.seeds]):
+        raise AblateError(f"--sweep-seed and --seeds must be {in_range}")
+    if opts.sweep_seed in opts.seeds:
+        raise AblateError(f"--seeds must not include the sweep seed {opts.sweep_seed}: the lr would be chosen on "
+                          "the run it reports")
     for key in ("sweep_points", "sweep_steps", "steps", "parallel", "threads", "global_batch_size", "eval_every",
                 "eval_samples", "sample_steps", "samples_per_class"):
         if getattr(opts, key) is not None and getattr(opts, key) < 1:
             raise AblateError(f"--{key.replace('_', '-')} must be at least 1")
-    if not opts.sweep_span >= 1 or (opts.sweep_points > 1 and opts.sweep_span == 1):
-        raise AblateError("--sweep-span must be above 1 for more than one point")
+    if not 1 <= opts.sweep_span < math.inf or (opts.sweep_points > 1 and opts.sweep_span == 1):
+        raise AblateError("--sweep-span must be finite, and above 1 for more than one point")
     if opts.readme:
         try:
             with open(opts.readme) as f:
@@ -186,13 +199,29 @@ def edge_lr(opts, arm_plan, best):
     return None
 
 
+def check_reach(opts, default):
+    """Refuse a sweep whose farthest lrs (the grid extended --sweep-extend steps past each end) are not
+    positive finite floats, before any run starts."""
+    if opts.sweep_points == 1:
+        return
+    try:
+        ends = [grid_lr(default, opts.sweep_points, opts.sweep_span, i)
+                for i in (-opts.sweep_extend, opts.sweep_points - 1 + opts.sweep_extend)]
+    except OverflowError:
+        ends = [math.inf]
+    if not all(0 < lr < math.inf for lr in ends):
+        raise AblateError(f"--sweep-span {opts.sweep_span:g}: the sweep around {default:g} (extended up to "
+                          f"{opts.sweep_extend} steps past each end) leaves the positive floats; narrow it")
+
+
 def job_root(opts, phase, arm, lr, seed):
     return os.path.join(opts.results_dir, phase, f"{arm}-lr{lr:g}-seed{seed}")
 
 
 def train_argv(opts, data, phase, arm, lr, seed):
-    """train.py's arguments of one run: the arm's flags at lr; in-run evaluation against the
-    held-out data every --eval-every steps (full runs) or once at the end (sweep runs)."""
+    """train.py's arguments of one run: the arm's flags at lr; in-run evaluation every --eval-every
+    steps against the test half of the held-out data (full runs), or once at the end against its
+    validation half (sweep runs: the lr is chosen on data the report does not use)."""
     steps = opts.steps if phase == "full" else opts.sweep_steps
     argv = ["--data-path", data.path, "--results-dir", job_root(opts, phase, arm, lr, seed), "--model", opts.model,
             "--num-steps", str(steps), "--global-batch-size", str(opts.global_batch_size), "--seed", str(seed),
@@ -200,7 +229,8 @@ def train_argv(opts, data, phase, arm, lr, seed):
             "--log-every", str(max(1, min(50, steps // 10))), "--monitor-every", str(max(1, steps // 15)),
             "--ckpt-every", str(max(1, -(-steps // 5))), "--sample-every", "0", "--no-progress",
             "--eval-every", str(opts.eval_every if phase == "full" else steps), "--eval-samples", str(opts.eval_samples),
-            "--eval-metrics", opts.metric, "--eval-reference", data.heldout, "--sample-steps", str(opts.sample_steps)]
+            "--eval-metrics", opts.metric, "--eval-reference", data.test if phase == "full" else data.validation,
+            "--sample-steps", str(opts.sample_steps)]
     for key in ("depth", "hidden_size", "num_heads"):
         if getattr(opts, key) is not None:
             argv += ["--" + key.replace("_", "-"), str(getattr(opts, key))]
@@ -223,6 +253,7 @@ def make_plan(opts, data):
         if lr is None:
             refused[arm] = why
         else:
+            check_reach(opts, lr)
             plan[arm] = dict(default_lr=lr, lrs=sweep_lrs(lr, opts.sweep_points, opts.sweep_span))
     if not plan:
         raise AblateError(f"train.py refuses every arm: {next(iter(refused.values()))}")
@@ -304,12 +335,13 @@ def share_eval_cache(opts, root):
 
 
 def warm_eval_cache(opts, data):
-    """Train train.py's evaluation classifier and cache the held-out statistics once, in this
-    process, so that parallel runs only read them. Returns the metric of eval_samples training
-    images against the held-out data: what a perfect model would score (the floor of the curves)."""
+    """Train train.py's evaluation classifier and cache the statistics of both held-out halves once,
+    in this process, so that parallel runs only read them. Returns the metric of eval_samples training
+    images against the test half: what a perfect model would score (the floor of the curves)."""
     cache = os.path.join(opts.results_dir, "eval-cache")
     path = os.path.join(opts.results_dir, "floor.json")
-    key = dict(data=data.path, heldout=data.heldout, metric=opts.metric, samples=opts.eval_samples)
+    key = dict(data=data.path, validation=data.validation, test=data.test, metric=opts.metric,
+               samples=opts.eval_samples)
     saved = read_json(path)
     if saved and saved.get("key") == key and os.path.isdir(cache):
         return saved["value"]
@@ -319,8 +351,9 @@ def warm_eval_cache(opts, data):
         else {}
     index = np.random.default_rng(0).permutation(len(dataset))[:opts.eval_samples]
     images = np.stack([dataset[int(i)][0].permute(1, 2, 0).numpy() for i in index])
-    value = evaluation.evaluate(images, data.heldout, [opts.metric], networks=networks, cache=cache,
-                                progress=False)[opts.metric]
+    for reference in (data.validation, data.test):  # the test half's value, the last, is the floor
+        value = evaluation.evaluate(images, reference, [opts.metric], networks=networks, cache=cache,
+                                    progress=False)[opts.metric]
     write_json(path, dict(key=key, value=value))
     return value
 
@@ -418,10 +451,24 @@ def main(argv=None):
 
 
 def run_study(argv):
+    """The study under a lock on its results dir, taken once the data is ready (two invocations take
+    turns; the second finds the work done); --estimate and the --only subprocesses of --parallel,
+    whose parent holds it, run free."""
     opts = parse(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    data = prepare_data(opts, variant="shapes")
+    data = study_data(opts)
+    if opts.only or opts.estimate:
+        return conduct(opts, argv, data)
+    with runs.folder_lock(opts.results_dir, create=True):
+        return conduct(opts, argv, data)
+
+
+def study_data(opts):
+    """The training data and its held-out images cut in halves (data.validation, data.test), with the
+    metric (opts.metric) checked against them. Demo renderings and halves are made so that processes
+    may make them at the same time."""
+    data = prepare_data(opts, variant="shapes", heldout_parts=2)
     if data.manifest["kind"] != "pixel" or not data.heldout:
         raise AblateError("--data-path: the study needs a pixel dataset and held-out images of it (--eval-data-path)")
     try:
@@ -429,10 +476,20 @@ def run_study(argv):
         watch.eval_metrics_for([opts.metric], data.manifest["kind"])
     except ValueError as e:
         raise AblateError(f"--metric: {e}")
+    data.validation, data.test = split_heldout(data.heldout, opts.results_dir)
+    return data
+
+
+def on_test_half(data):
+    """data with the test half as its held-out images: what prepare_eval scores the full runs against."""
+    return SimpleNamespace(**dict(vars(data), heldout=data.test))
+
+
+def conduct(opts, argv, data):
     plan, refused = make_plan(opts, data)
     if opts.only:
         phase, arm, lr, seed = opts.only.split(":")
-        ctx = prepare_eval(opts, data) if phase == "full" else None
+        ctx = prepare_eval(opts, on_test_half(data)) if phase == "full" else None
         run_job(opts, data, ctx, phase, arm, float(lr), int(seed))
         return 0
     sweep_jobs = [(arm, lr, opts.sweep_seed) for arm in plan for lr in plan[arm]["lrs"]]
@@ -468,7 +525,7 @@ def run_study(argv):
         sweeps, best = sweep_results(opts, data, plan)
     for arm, lr in best.items():
         say(f"{arm}: best lr {lr:g}" if lr is not None else f"{arm}: no sweep run finished; no full runs")
-    ctx = prepare_eval(opts, data)
+    ctx = prepare_eval(opts, on_test_half(data))
     full_jobs = [(arm, best[arm], seed) for arm in plan if best[arm] is not None for seed in opts.seeds]
     ran_full, failed = run_phase(opts, argv, data, ctx, "full", full_jobs)
     ran, failures = ran + ran_full, failures + failed

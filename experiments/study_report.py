@@ -1,7 +1,8 @@
 """The report of experiments/study.py: the lr sweeps (best lr, the range within 10% of it,
-divergences), the full runs at the best lr (metric with seed spread, best-vs-best gaps, steps to a
-target value, parameters, s/step, the ablation scores), written as RESULTS/study.md (a markdown
-section the README can include) and RESULTS/study.json, with the figures study_curves.png (metric
+divergences), the full runs at the best lr (metric with seed spread, best-vs-best gaps with Welch's
+t-test, steps to a target value, parameters, s/step, the ablation scores), written as
+RESULTS/study.md (a markdown section the README can include) and RESULTS/study.json, with the
+figures study_curves.png (metric
 against step per arm, mean and seed range), study_sweep.png (final metric against lr),
 study_samples.png (the best run of each arm, same classes and noise) and study_magnitudes.png;
 the report links them from --visuals (relative to the working directory, e.g. visuals/ for the
@@ -13,6 +14,7 @@ import os
 import shutil
 
 import numpy as np
+from scipy import stats
 
 import plots
 from experiments.evaluate import write_json
@@ -21,6 +23,7 @@ from experiments.report import sample_figure, summarise
 FIGURES = (("metric against step", "study_curves.png"), ("final metric against lr", "study_sweep.png"),
            ("samples of the best runs", "study_samples.png"), ("magnitudes of the best runs", "study_magnitudes.png"))
 WITHIN = 0.10  # "forgiving": the lrs whose metric is within 10% of the arm's best
+ALPHA = 0.05  # significance level of the best-vs-best comparisons, family-wise (Holm over the arms compared)
 
 
 def lr_range(sweep, best):
@@ -55,7 +58,8 @@ def arm_summary(arm, plan, sweep, best, runs):
     lrs = sorted(r["lr"] for r in sweep)
     row.update(range=lr_range(sweep, best), at_edge=best in (lrs[0], lrs[-1]) and len(lrs) > 1)
     ok = [r for r in runs if r["status"] == "ok"]
-    row.update(seeds_ok=[r["seed"] for r in ok], diverged=[r["seed"] for r in runs if r["status"] == "diverged"],
+    row.update(seeds=[r["seed"] for r in runs], seeds_ok=[r["seed"] for r in ok],
+               diverged=[r["seed"] for r in runs if r["status"] == "diverged"],
                missing=[r["seed"] for r in runs if r["status"] == "missing"])
     if ok:
         head = ok[0]["samples"]["1"]
@@ -69,18 +73,48 @@ def arm_summary(arm, plan, sweep, best, runs):
     return row
 
 
+def welch(a, b):
+    """Welch's two-sided t-test of mean(a) = mean(b), variances not assumed equal: dict(t, df, p) with
+    t = (mean a - mean b) / sqrt(v_a + v_b), v = s^2 / n (s the sample std), and the Welch-Satterthwaite
+    df = (v_a + v_b)^2 / (v_a^2 / (n_a - 1) + v_b^2 / (n_b - 1)); None with fewer than 2 values on a
+    side, no spread at all, or a non-finite value (the test is undefined there)."""
+    if min(len(a), len(b)) < 2 or not (np.std(a) or np.std(b)):
+        return None
+    result = stats.ttest_ind(a, b, equal_var=False)
+    test = dict(t=float(result.statistic), df=float(result.df), p=float(result.pvalue))
+    return test if all(math.isfinite(v) for v in test.values()) else None
+
+
+def holm(p_values):
+    """Holm's adjusted p-values, in the given order: the i-th smallest of m becomes the largest of
+    min(1, (m - j) p_(j)) over j <= i (0-based). Calling those below ALPHA significant makes any false
+    'significant' among the m comparisons at most ALPHA likely."""
+    adjusted, worst = [None] * len(p_values), 0.0
+    for j, i in enumerate(sorted(range(len(p_values)), key=lambda i: p_values[i])):
+        worst = max(worst, min(1.0, (len(p_values) - j) * p_values[i]))
+        adjusted[i] = worst
+    return adjusted
+
+
 def compare(rows, baseline):
-    """Each arm's best-vs-best gap to the baseline arm: gap = mean - baseline mean (negative: lower
-    metric, better), relative to the baseline, and whether |gap| exceeds the spread, the sum of the
-    two seed standard deviations (the mean +- std intervals do not overlap)."""
-    base = rows.get(baseline, {}).get("final")
+    """Each arm's best-vs-best comparison with the baseline arm on the final metric of the seeds that
+    finished: gap = mean - baseline mean (negative: lower metric, better), relative to the baseline,
+    Welch's t-test (None: fewer than 2 finished seeds on a side, no verdict), and whether it is
+    significant at ALPHA after Holm's correction over the arms tested. n: the seeds that finished,
+    of the seeds run (a diverged seed is a failure of its arm, not part of its mean)."""
+    base = rows.get(baseline, {})
     out = {}
     for arm, row in rows.items():
-        if arm == baseline or not base or "final" not in row:
+        if arm == baseline or row.get("best_lr") is None:
             continue
-        gap, spread = row["final"]["mean"] - base["mean"], row["final"]["std"] + base["std"]
-        out[arm] = dict(gap=gap, relative=gap / base["mean"], spread=spread, exceeds=abs(gap) > spread,
-                        n=(row["final"]["n"], base["n"]))
+        a, b = (r["final"]["values"] if "final" in r else [] for r in (row, base))
+        gap = float(np.mean(a) - np.mean(b)) if a and b else None
+        out[arm] = dict(gap=gap, relative=None if gap is None else gap / float(np.mean(b)), n=(len(a), len(b)),
+                        of=(len(row["seeds"]), len(base.get("seeds", []))), test=welch(a, b), p_holm=None,
+                        significant=None)
+    tested = [arm for arm, c in out.items() if c["test"]]
+    for arm, p in zip(tested, holm([out[arm]["test"]["p"] for arm in tested])):
+        out[arm].update(p_holm=p, significant=p < ALPHA)
     return out
 
 
@@ -100,10 +134,12 @@ def summarise_study(study):
     figure_dir = os.path.relpath(o.visuals) if o.visuals else "."
     return dict(metric=o.metric, data=data, target=target, figure_dir=figure_dir,
                 target_source="--target" if o.target is not None else
-                "the worst arm's final mean", baseline=baseline, gaps=compare(rows, baseline), floor=study.floor,
+                "the worst arm's final mean", baseline=baseline, gaps=compare(rows, baseline), alpha=ALPHA,
+                floor=study.floor,
                 refused=study.refused, wall=study.wall, estimate_s=study.estimate_s,
                 command=study.command,
-                settings=dict(profile=o.profile, data=study.data.path, heldout=study.data.heldout, model=o.model,
+                settings=dict(profile=o.profile, data=study.data.path, heldout=study.data.heldout,
+                              validation=study.data.validation, test=study.data.test, model=o.model,
                               depth=o.depth, hidden_size=o.hidden_size, num_heads=o.num_heads,
                               batch=o.global_batch_size, sweep_steps=o.sweep_steps, sweep_seed=o.sweep_seed,
                               sweep_points=o.sweep_points, sweep_span=o.sweep_span, sweep_extend=o.sweep_extend,
@@ -136,10 +172,15 @@ def render(summary):
              f"lr sweep: {s['sweep_points']} log-spaced values over {s['sweep_span']:g}x around train.py's default "
              f"per arm (extended one step at a time past an end holding the best, up to {s['sweep_extend']} steps), "
              f"{s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr by `{m}` of "
-             f"{s['eval_samples']} samples (DDIM-{s['sample_steps']}) against held-out images. Then seeds "
-             f"{s['seeds']} at that lr for {s['steps']} steps, evaluated every {s['eval_every']} steps. "
-             f"Cells: mean ± sample standard deviation over seeds; lower {m} is better. Real training images "
-             f"score {summary['floor']:.4g} (the floor).", "",
+             f"{s['eval_samples']} samples (DDIM-{s['sample_steps']}) against the validation half of the held-out "
+             f"images. Then seeds {s['seeds']} at that lr for {s['steps']} steps, evaluated every "
+             f"{s['eval_every']} steps against the test half, which gives every number below (the lr is not "
+             f"chosen on the images, seed or noise reported). Cells: mean ± sample standard deviation over the "
+             f"seeds that finished (seeds: finished/run; a diverged seed is a failure of its arm); lower {m} is "
+             f"better. Each arm is compared with {summary['baseline']} by Welch's t-test (two-sided) on the final "
+             f"{m} of the finished seeds, significant when its p-value after Holm's correction over the arms "
+             f"compared is below {ALPHA:g}; no verdict with fewer than 2 finished seeds on a side. Real training "
+             f"images score {summary['floor']:.4g} against the test half (the floor).", "",
              f"| arm | best lr (train.py default) | lr within 10% of best | final {m} ↓ | steps to {m} ≤ "
              f"{'n/a' if summary['target'] is None else format(summary['target'], '.4g')} | FD ↓ "
              "| class consistency % ↑ | EMA held-out loss ↓ | parameters | s/step | seeds |",
@@ -151,13 +192,15 @@ def render(summary):
         lr = f"{r['best_lr']:g}{' (edge of the sweep)' if r['at_edge'] else ''} ({r['default_lr']:g})"
         span = f"{r['range'][0]:g} – {r['range'][1]:g} ({r['range'][1] / r['range'][0]:.3g}x)"
         if "final" not in r:
-            lines.append(f"| {arm} | {lr} | {span} | no full run finished |" + " |" * 7)
+            why = f"every full run diverged (seeds {r['diverged']})" if r["diverged"] and not r["missing"] else \
+                f"no full run finished (diverged: {r['diverged']}, missing: {r['missing']})"
+            lines.append(f"| {arm} | {lr} | {span} | {why} |" + " |" * 7)
             continue
         reach = r.get("steps_to_target", {})
         n_reached = sum(v is not None for v in reach.get("per_seed", {}).values())
         reached = f"{_cell(reach.get('summary'), '.0f')} ({n_reached}/{len(r['seeds_ok'])} seeds)"
-        seeds = f"{len(r['seeds_ok'])}" + (f", diverged: {r['diverged']}" if r["diverged"] else "") + \
-            (f", missing: {r['missing']}" if r["missing"] else "")
+        seeds = f"{len(r['seeds_ok'])}/{len(r['seeds'])}" + (f", diverged: {r['diverged']}" if r["diverged"] else "") \
+            + (f", missing: {r['missing']}" if r["missing"] else "")
         lines.append(f"| {arm} | {lr} | {span} | {_cell(r['final'])} | {reached} | {_cell(r['fd'], '.3g')} "
                      f"| {_cell(r['class_consistency'], '.1f', 100)} | {_cell(r['ema_heldout_loss'])} "
                      f"| {r['parameters']:,} | {_cell(r['step_time_s'], '.3g')} | {seeds} |")
@@ -172,9 +215,9 @@ def render(summary):
     lines += [""] + [f"![{alt}]({os.path.join(summary['figure_dir'], name)})\n" for alt, name in FIGURES]
     lines += ["Columns: **FD** is experiments/ablate.py's Frechet distance in its classifier's features "
               f"({next((r['fd_network'] for r in rows.values() if 'fd_network' in r), 'n/a')}) of "
-              f"{s['num_classes'] * s['samples_per_class']} samples from fixed noise against held-out images, **class "
+              f"{s['num_classes'] * s['samples_per_class']} samples from fixed noise against the test half, **class "
               "consistency** the fraction of samples that classifier labels with their class, **EMA held-out "
-              "loss** the sampled weights' loss on held-out images: the final scores of ablate.py, at the end of "
+              "loss** the sampled weights' loss on test-half images: the final scores of ablate.py, at the end of "
               f"each full run. **s/step**: median over training log windows, {s['parallel']} run(s) at once. "
               "**lr within 10% of best**: the contiguous sweep points around the best whose final metric is at "
               "most 1.1x the best's (how forgiving the arm is). **steps to**: the first evaluation at or below "
@@ -186,22 +229,37 @@ def render(summary):
     return "\n".join(lines)
 
 
+def comparison(arm, base, g, metric, tested):
+    """The finding of one best-vs-best comparison (g: an entry of compare; tested: how many had a test)."""
+    head = f"{arm} vs {base}, each at its best lr"
+    seeds = f"finished seeds {g['n'][0]}/{g['of'][0]} vs {g['n'][1]}/{g['of'][1]}"
+    if g["gap"] is None:
+        return f"{head}: no comparison ({seeds})."
+    direction = "lower (better)" if g["gap"] < 0 else "higher (worse)"
+    head += f": {metric} {100 * abs(g['relative']):.1f}% {direction} (gap {g['gap']:+.4g}, {seeds})"
+    t = g["test"]
+    if t is None:
+        why = "fewer than 2 finished seeds on a side" if min(g["n"]) < 2 else "the seeds show no spread"
+        return f"{head}; no verdict: {why}."
+    verdict = f"significant at {ALPHA:g}." if g["significant"] else \
+        f"not significant at {ALPHA:g}: the two are not distinguished by this study."
+    return (f"{head}; Welch's t-test t = {t['t']:.3g}, df = {t['df']:.3g}, p = {t['p']:.3g}, Holm-adjusted over "
+            f"{tested} comparison{'s' if tested > 1 else ''} {g['p_holm']:.3g}: {verdict}")
+
+
 def findings(summary):
-    """Plain sentences from the numbers: each gap to the baseline and whether it exceeds the spread,
+    """Plain sentences from the numbers: each best-vs-best comparison with the baseline and its test,
     divergences, sweeps whose best lr lies at an edge, and train.py's default lr against the evidence."""
     m, base, out = summary["metric"], summary["baseline"], []
-    for arm, g in summary["gaps"].items():
-        verdict = "exceeds" if g["exceeds"] else "does not exceed"
-        direction = "lower (better)" if g["gap"] < 0 else "higher (worse)"
-        out.append(f"{arm} vs {base}, each at its best lr: {m} {100 * abs(g['relative']):.1f}% {direction} "
-                   f"(gap {g['gap']:+.4g}); this {verdict} the seed spread ({g['spread']:.4g}, seeds {g['n']})"
-                   + ("." if g["exceeds"] else ": the two are not distinguished by this study."))
+    tested = sum(g["test"] is not None for g in summary["gaps"].values())
+    out += [comparison(arm, base, g, m, tested) for arm, g in summary["gaps"].items()]
     for arm, r in summary["rows"].items():
         diverged = [p["lr"] for p in r["sweep"] if p["status"] == "diverged"]
         if diverged:
             out.append(f"{arm}: the sweep diverged at lr {', '.join(f'{lr:g}' for lr in diverged)}.")
         if r.get("diverged"):
-            out.append(f"{arm}: full runs diverged for seeds {r['diverged']}.")
+            out.append(f"{arm}: the full runs of seeds {r['diverged']} (of {r['seeds']}) diverged: a failure of the "
+                       "arm at its best lr, outside its mean and test.")
         if r.get("at_edge"):
             out.append(f"{arm}: the best lr {r['best_lr']:g} is at the edge of its sweep; a wider sweep may find "
                        "a better one.")
