@@ -8,11 +8,16 @@
 Only rank 0 writes (enabled=False gives a tracker that does nothing). W&B is an optional
 dependency: wandb_installed() says whether --wandb can work; WANDB_MODE=offline writes the run
 under RUN/wandb/ for a later `wandb sync`. A resumed run continues the same W&B run (its id is kept
-in RUN/wandb-id.txt) and drops the TensorBoard events past the step it resumes from.
+in RUN/wandb-id.txt) and drops the TensorBoard events past the step it resumes from. W&B plots
+against the training step logged as the metric "train_step", and its own step only counts the log
+calls: W&B ignores a log(step=s) below its current step, which after a resume is the run's last
+logged step + 1, so the re-trained steps would go missing there.
 """
 import importlib.util
 import os
 import uuid
+
+WANDB_STEP = "train_step"  # the x-axis of every W&B chart
 
 
 def wandb_installed():
@@ -30,6 +35,8 @@ class Trackers:
             import wandb
             self.wandb = wandb.init(project=wandb_project, dir=run_dir, config=config, id=wandb_run_id(run_dir),
                                     name=os.path.basename(os.path.normpath(run_dir)), resume="allow")
+            self.wandb.define_metric(WANDB_STEP)
+            self.wandb.define_metric("*", step_metric=WANDB_STEP)
 
     def scalars(self, values, step):
         """values: {tag: number}, e.g. {"train/loss": 0.12}."""
@@ -38,7 +45,7 @@ class Trackers:
         for tag, value in values.items():
             self.tb.add_scalar(tag, value, step)
         if self.wandb is not None:
-            self.wandb.log(dict(values), step=step)
+            self.wandb.log({**values, WANDB_STEP: step})
 
     def image(self, tag, image, step):
         """image: uint8 numpy (H, W, 3)."""
@@ -47,7 +54,7 @@ class Trackers:
         self.tb.add_image(tag, image, step, dataformats="HWC")
         if self.wandb is not None:
             import wandb
-            self.wandb.log({tag: wandb.Image(image)}, step=step)
+            self.wandb.log({tag: wandb.Image(image), WANDB_STEP: step})
 
     def flush(self):
         if self.tb is not None:

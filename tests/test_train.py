@@ -14,6 +14,7 @@ import train
 from data import ShardWriter
 from diffusion import create_diffusion
 from ema import ema_update, frozen_copy, gamma_to_sigma_rel, power_beta, sigma_rel_to_gamma
+from helpers import torchrun
 from models import DiT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,11 +145,7 @@ def test_rerunning_the_same_command_continues_the_unfinished_run(pixels, tmp_pat
 def test_two_process_ddp_matches_one_process(pixels, tmp_path):
     common = base_args(pixels, tmp_path, "--num-steps", "3", "--ckpt-every", "3", "--mp", "--hflip")
     single = train.main(train.parse_args(common))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           os.path.join(ROOT, "train.py"), *common]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    torchrun([os.path.join(ROOT, "train.py"), *common], 2, ROOT, dict(os.environ, OMP_NUM_THREADS="1"))
     double = os.path.join(tmp_path, "001-MaP-DiT-XS-4-d2-w64-h4")
     a, b = (load(os.path.join(d, "checkpoints", "0000003.pt")) for d in (single, double))
     assert b["args"]["global_batch_size"] == 8 and len(b["rng"]) == 2
