@@ -6,7 +6,7 @@ function (guidance.Guided) -> uint8 images (data.decode).
     z, y = chunk_inputs(seed, k, 64, (4, 16, 16), num_classes=1000)    # chunk k: depends on (seed, k) only
     images = sample_images(Guided(model, 1.5), sampler, z, y, manifest, vae)   # uint8 (64, 128, 128, 3)
 
-An --fid run of N samples is chunks k = 0, 1, ... of chunk_size(N, batch, k) samples each; any
+An --fid run of N samples is chunks k = 0, 1, ... of chunk_sizes(N, batch)[k] samples each; any
 process that samples chunk k with the same model and settings draws the same images.
 """
 import numpy as np
