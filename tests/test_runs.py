@@ -278,18 +278,24 @@ def test_a_run_killed_after_its_last_checkpoint_gets_its_plots_without_retrainin
 
 
 class CountingEvaluation:
-    """train.Evaluation's stand-in: records the call, returns a fixed metric, or is killed at call kill_at."""
-    calls, kill_at = 0, None
+    """train.Evaluation's stand-in: counts the calls, returns a fixed metric, or is killed at call kill_at;
+    seen holds a fingerprint (the sum of every parameter) of the weights of each call."""
+    calls, kill_at, seen = 0, None, []
 
     @classmethod
-    def for_run(cls, *args):
+    def for_run(cls, *args, **kwargs):
         return cls()
 
     def __call__(self, weights):
         CountingEvaluation.calls += 1
+        CountingEvaluation.seen.append(fingerprint(weights.state_dict()))
         if CountingEvaluation.calls == CountingEvaluation.kill_at:
             raise Interrupt()
         return {"fd_classifier": 1.0}
+
+
+def fingerprint(state_dict):
+    return sum(v.double().sum().item() for v in state_dict.values())
 
 
 def test_a_run_killed_before_its_final_evaluation_gets_it_on_rerun(pixels, tmp_path, monkeypatch):
@@ -308,6 +314,42 @@ def test_a_run_killed_before_its_final_evaluation_gets_it_on_rerun(pixels, tmp_p
     assert CountingEvaluation.calls == 1 and open(os.path.join(run_dir, "checkpoints", "0000002.pt"), "rb").read() == final
     assert [r["step"] for r in records(run_dir) if "eval" in r] == [1, 2]
     assert [r["step"] for r in records(run_dir) if "loss" in r] == [1, 2]  # nothing retrained
+
+
+def test_an_evaluation_interrupted_mid_run_is_made_on_resume(pixels, tmp_path, monkeypatch):
+    """Issue 21: killed during the step-2 evaluation (after the step-2 checkpoint): the rerun makes the
+    step-2 evaluation before it trains on; before the fix only the final step was checked, so the step-2
+    point of the curve was lost for good."""
+    args = base_args(pixels, tmp_path, "--num-steps", "6", "--ckpt-every", "2", "--log-every", "1",
+                     "--sample-every", "0", "--eval-every", "2", "--eval-samples", "4", "--eval-metrics", "fd_classifier")
+    monkeypatch.setattr(train, "Evaluation", CountingEvaluation)
+    monkeypatch.setattr(CountingEvaluation, "calls", 0)
+    monkeypatch.setattr(CountingEvaluation, "kill_at", 1)
+    with pytest.raises(Interrupt):
+        train.main(train.parse_args(args))
+    (name,) = os.listdir(tmp_path)
+    monkeypatch.setattr(CountingEvaluation, "calls", 0)
+    monkeypatch.setattr(CountingEvaluation, "kill_at", None)
+    assert train.main(train.parse_args(args)) == os.path.join(tmp_path, name)
+    assert [r["step"] for r in records(os.path.join(tmp_path, name)) if "eval" in r] == [2, 4, 6]
+    assert CountingEvaluation.calls == 3
+
+
+def test_evaluations_added_on_resume_are_made_from_their_checkpoints(pixels, tmp_path, monkeypatch):
+    """A run resumed at step 4 with --eval-every 2 added evaluates step 2 with the sampling weights of
+    the step-2 checkpoint (not the step-4 weights it resumes with), step 4 with its own, then step 6."""
+    args = base_args(pixels, tmp_path, "--num-steps", "6", "--ckpt-every", "2", "--log-every", "1",
+                     "--sample-every", "0", "--eval-metrics", "fd_classifier", "--eval-samples", "4")
+    killed_run(monkeypatch, args, train, "watch_step", lambda n, a: a[1] == 4)  # after the step-4 checkpoint
+    (name,) = os.listdir(tmp_path)
+    run_dir = os.path.join(tmp_path, name)
+    monkeypatch.setattr(train, "Evaluation", CountingEvaluation)
+    monkeypatch.setattr(CountingEvaluation, "seen", [])
+    assert train.main(train.parse_args([*args, "--eval-every", "2", "--resume", run_dir])) == run_dir
+    assert [r["step"] for r in records(run_dir) if "eval" in r] == [2, 4, 6]
+    ckpts = [load(os.path.join(run_dir, "checkpoints", f"000000{k}.pt")) for k in (2, 4)]
+    assert CountingEvaluation.seen[:2] == [pytest.approx(fingerprint(c["ema_power"]["0.1"]), abs=1e-9) for c in ckpts]
+    assert CountingEvaluation.seen[0] != pytest.approx(CountingEvaluation.seen[1], abs=1e-6)
 
 
 def test_bare_resume_continues_the_latest_unfinished_run(pixels, tmp_path, capsys, monkeypatch):
