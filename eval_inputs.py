@@ -176,7 +176,8 @@ class Side:
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
             raise EvalError(f"{path}: not a readable .npz ({_first_line(e)}); truncated? write it again")
         if self.images is None and not self.stats:
-            raise EvalError(f"{path}: holds neither arr_0 images nor mu and sigma ({names})")
+            held = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            raise EvalError(f"{path}: holds neither arr_0 images nor mu and sigma (it holds {held or 'nothing'})")
         if self.images is not None:
             check_images(self.images, f"{path}: arr_0")
 

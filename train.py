@@ -331,12 +331,13 @@ def open_vae(args, manifest, rank, world, device):
 
 def check_reference(args, dataset, vae, rank, world):
     """Refuse on every rank, before training, an evaluation whose reference cannot serve it (rank 0 looks)."""
-    c, h, w = dataset.manifest["shape"]
-    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    _, h, w = dataset.manifest["shape"]
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1  # the VAE's downsampling
     error = None
     if rank == 0:
         try:
-            watch.check_reference(args.eval_reference or dataset.path, args.eval_metrics, args.eval_samples, (h * scale, w * scale, 3))
+            watch.check_reference(args.eval_reference or dataset.path, args.eval_metrics, args.eval_samples,
+                                  (h * scale, w * scale, 3))
         except ValueError as e:
             error = str(e)
     error = first_error(error, world)

@@ -225,3 +225,26 @@ def test_evaluation_arguments_that_cannot_work_are_one_line(pixels, latents, tmp
         assert code == 2 and needle in err and len(err.splitlines()) == 1, (argv, err)
     assert not os.path.exists(res)
     assert train.parse_args(["--data-path", pixels, "--eval-every", "2"]).eval_metrics == ["fd_classifier"]
+
+
+def test_an_evaluation_that_would_fail_mid_run_is_refused_before_training(pixels, tmp_path, inception_weights,
+                                                                         monkeypatch, capsys):
+    """Issue 21: a reference that is a weights file, an empty folder or images of another size than the
+    samples (8x8 here), or pr with fewer samples than its k + 1 neighbours, trained first and died at the
+    first evaluation with a traceback and a run directory: one line, exit 2, no run directory now."""
+    monkeypatch.setenv("MAPDIT_INCEPTION_WEIGHTS", inception_weights)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "big" / "a").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / "big" / "a" / f"{i}.png")
+    cases = [(["--eval-reference", inception_weights], inception_weights),
+             (["--eval-reference", str(tmp_path / "empty")], "empty"),
+             (["--eval-reference", str(tmp_path / "big")], "16x16 images, but the run's samples are 8x8"),
+             (["--eval-metrics", "pr", "--eval-samples", "3"], "at least 4 samples")]
+    res = tmp_path / "res"
+    for argv, needle in cases:
+        code = train.cli(["--data-path", pixels, "--results-dir", str(res), *TINY, "--eval-every", "2",
+                          "--eval-metrics", "fid", *argv])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and needle in err and len(err.splitlines()) == 1 and len(err) < 400, (argv, err)
+        assert not os.path.exists(res)
