@@ -248,3 +248,34 @@ def test_an_evaluation_that_would_fail_mid_run_is_refused_before_training(pixels
         err = capsys.readouterr().err.strip()
         assert code == 2 and needle in err and len(err.splitlines()) == 1 and len(err) < 400, (argv, err)
         assert not os.path.exists(res)
+
+
+def test_two_runs_sharing_the_evaluation_cache_both_finish(pixels, tmp_path, inception_weights):
+    """Issue 21: two runs with different seeds in one --results-dir, each evaluating, started together:
+    one died with FileNotFoundError (the reference statistics' feature chunks and the classifier were
+    written under shared names without a lock). Both finish now, with the numbers a run alone gets."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MAPDIT_INCEPTION_WEIGHTS=inception_weights)
+
+    def launch(results, seed):
+        return subprocess.Popen(
+            [sys.executable, "train.py", "--data-path", pixels, "--results-dir", str(results), *TINY, "--seed", seed,
+             "--num-steps", "2", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "0", "--eval-every", "2",
+             "--eval-samples", "8", "--eval-metrics", "fid", "fd_classifier"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def finish(*launches):
+        for launched in launches:
+            _, err = launched.communicate(timeout=600)
+            assert launched.returncode == 0, err[-3000:]
+
+    finish(launch(tmp_path / "res", "0"), launch(tmp_path / "res", "1"))
+    finish(launch(tmp_path / "alone", "1"))
+    together = {r["seed"]: r["eval"] for r in map(eval_record_and_seed, (tmp_path / "res").glob("00*"))}
+    (alone,) = map(eval_record_and_seed, (tmp_path / "alone").glob("00*"))
+    assert sorted(together) == [0, 1] and together[1] == alone["eval"]  # same process settings: bit for bit
+
+
+def eval_record_and_seed(run_dir):
+    (record,) = eval_records(run_dir)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return dict(eval=record["eval"], seed=json.load(f)["seed"])
