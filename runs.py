@@ -83,9 +83,10 @@ def checkpoints_in(run_dir):
     return sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
+    """A train.py checkpoint (CKPT_KEYS), on the CPU; mmap: its tensors memory-mapped, read where used."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # unpickling errors come in many types
         raise UsageError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     missing = CKPT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CKPT_KEYS

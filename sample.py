@@ -45,6 +45,7 @@ from watch import tile, write_png
 DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
 NOT_SAMPLE_SETTINGS = ("out", "compile", "no_progress", "num_samples", "class_label")  # --fid resumes across them
 EMA_INIT_WARNING = 0.1  # warn when the classic EMA still gives its initial weights this share or more
+POWER_EMA = re.compile(r"ema-(\d+\.?\d*|\.\d+)")  # --weights ema-<sigma_rel>: group 1 is sigma_rel
 
 
 class _Parser(argparse.ArgumentParser):
@@ -241,7 +242,7 @@ def select_weights(ckpt, path, choice, model):
                  f"(random) weights (decay^steps), so its samples are mostly noise; use --weights ema-<sigma_rel> "
                  f"(a power EMA) or raw, or train past ~{math.log(1 / EMA_INIT_WARNING) / (1 - decay):.0f} steps")
         return ckpt["ema"], choice, f"classic EMA (decay {decay}) of {path}"
-    match = re.fullmatch(r"ema-(\d+\.?\d*|\.\d+)", choice)
+    match = POWER_EMA.fullmatch(choice)
     if not match:
         raise UsageError(f"--weights {choice}: use raw, ema, or ema-<sigma_rel> such as ema-0.07")
     sigma = float(match[1])

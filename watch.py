@@ -206,21 +206,22 @@ class Evaluation:
                    args.eval_metrics, reference, cache_dir, args.eval_cfg_scale, vae, networks)
 
 
-def check_reference(reference, metrics, num_samples, image_shape):
+def check_reference(reference, metrics, num_samples, image_shape, flag="--eval-reference"):
     """Refuse (ValueError, one line) before training an evaluation that would fail at its first step:
     a reference that is not an image source or ADM batch, images of another size than the samples
-    (H, W, 3), a metric without what it needs from the reference, too few images for a statistic."""
+    (H, W, 3; None: not known), a metric without what it needs from the reference, too few images for
+    a statistic. flag: the option that gave the reference, for the messages."""
     try:
-        side = Side(reference, f"--eval-reference {reference}")
+        side = Side(reference, f"{flag} {reference}")
     except EvalError as e:
         raise ValueError(str(e)) from None
-    if side.image_shape is not None and tuple(side.image_shape) != tuple(image_shape):
+    if None not in (side.image_shape, image_shape) and tuple(side.image_shape) != tuple(image_shape):
         (h, w, _), (rh, rw, _) = image_shape, side.image_shape
-        raise ValueError(f"--eval-reference {reference}: {rw}x{rh} images, but the run's samples are {w}x{h}; "
+        raise ValueError(f"{flag} {reference}: {rw}x{rh} images, but the run's samples are {w}x{h}; "
                          f"give reference images of the samples' size")
     for m in metrics:
         if m != "is" and (m == "pr" or m not in side.stats) and side.images is None:
-            raise ValueError(f"--eval-metrics {m}: --eval-reference {reference} holds no images to compare with")
+            raise ValueError(f"--eval-metrics {m}: {flag} {reference} holds no images to compare with")
     least = evaluation.PR_K + 1 if "pr" in metrics else 2
     if num_samples < least or (side.images is not None and len(side) < least):
         raise ValueError(f"--eval-metrics {' '.join(metrics)}: needs at least {least} samples and reference "

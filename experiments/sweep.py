@@ -1,19 +1,23 @@
-"""EMA width x guidance scale (x guidance interval) for one train.py run: sample every cell with
-sample.py, score it, and write a table, a plot of the metric against sigma_rel (one line per guidance
-scale) and the best cell. The best EMA width moves with the guidance scale (EDM2), so the two are
-tuned together; widths the run did not track are reconstructed post hoc by sample.py.
+"""EMA width x guidance scale (x guidance interval) for one checkpoint of a train.py run: sample
+every cell with sample.py, score it, and write a table, a plot of the metric against sigma_rel (one
+line per guidance scale) and the best cell. The best EMA width moves with the guidance scale (EDM2),
+so the two are tuned together; widths the run did not track are reconstructed post hoc by sample.py.
 
     python experiments/sweep.py --result-dir RUN --reference VIRTUAL_imagenet128_labeled.npz \\
         --weights ema-0.05 ema-0.07 ema-0.1 ema-0.15 --cfg-scales 1.25 1.5 2 --num-samples 10000
-    python experiments/sweep.py --result-dir RUN ... --intervals 0 1 0 0.7     # also guided on t/T <= 0.7 only
+    python experiments/sweep.py --result-dir RUN ... --intervals 0 inf 0 2.33  # also REPA's interval, sigma <= 2.33
+    python experiments/sweep.py --result-dir RUN ... --ckpt RUN/checkpoints/0200000.pt   # not the newest
     python experiments/sweep.py --result-dir RUN ... --guide RUN/checkpoints/0000500.pt   # autoguidance
     python experiments/sweep.py --result-dir RUN ... --launcher "torchrun --nproc_per_node=8"
     python experiments/sweep.py --result-dir results/000-MaP-DiT-XS-4-d4-w128-h4 --metric fd-classifier
 
-A cell is `sample.py --fid N` with its --weights, --cfg-scale and --guidance-interval and the shared
-options, written to OUT/cells/<cell>.npz and scored into OUT/cells/<cell>.json. A rerun skips scored
-cells and sample.py resumes a half-sampled one; the grid may grow between runs, the shared options
-(recorded in OUT/sweep.json) may not. Metrics:
+A cell is `sample.py --ckpt CKPT --fid N` with its --weights, --cfg-scale and --guidance-interval
+(guided where lo < sigma <= hi, sigma the noise level) and the shared options, written to
+OUT/cells/<cell>.npz and scored into OUT/cells/<cell>.json. CKPT is resolved once (--ckpt, else the
+run's newest) and recorded in OUT/sweep.json with the other shared options: a rerun skips scored
+cells and resumes a half-sampled one, and the grid may grow, but they may not change (a run that
+trained on meanwhile changes nothing). The grid (duplicates merged) and the reference are checked
+before anything is written; sweeps on one OUT take turns (runs.folder_lock). Metrics:
     fid            FID (evaluation.py: the 2015 TF Inception) against --reference, an ADM reference batch
     fd-classifier  Frechet distance in the features of experiments/metrics.py's small classifier,
                    trained on the run's pixel data (cached in --eval-dir), against held-out images:
@@ -34,16 +38,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
 import evaluation  # noqa: E402
 import feature_nets  # noqa: E402
 import plots  # noqa: E402
+import sample  # noqa: E402
 import watch  # noqa: E402
+from ema import valid_sigma_rel  # noqa: E402
 from experiments import evaluate  # noqa: E402
-from runs import checkpoints_in  # noqa: E402
+from guidance import EVERY_STEP  # noqa: E402
+from runs import SEED_RANGE, UsageError, checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
 
-SHARED = ("result_dir", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
+SHARED = ("result_dir", "ckpt", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
           "guide_weights", "precision", "metric", "reference", "eval_dir")
 
 
@@ -58,14 +63,17 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--result-dir", required=True, metavar="RUN", help="the train.py run: its latest checkpoint")
+    p.add_argument("--result-dir", required=True, metavar="RUN", help="the train.py run")
+    p.add_argument("--ckpt", metavar="FILE", help="the checkpoint of RUN that every cell samples (default: the "
+                                                  "newest when the sweep is first made; then the one sweep.json records)")
     p.add_argument("--weights", nargs="+", default=["ema-0.05", "ema-0.07", "ema-0.1", "ema-0.15", "ema-0.2"],
                    metavar="ema-S", help="EMA widths ema-<sigma_rel> (default ema-0.05 ema-0.07 ema-0.1 ema-0.15 "
                                          "ema-0.2)")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], metavar="S",
                    help="guidance scales (default 1 1.5 2 3)")
     p.add_argument("--intervals", type=float, nargs="+", metavar="LO HI",
-                   help="guidance intervals as pairs, e.g. 0 1 0 0.7 (default: 0 1, every step)")
+                   help="guidance intervals in noise level sigma as pairs, guided where LO < sigma <= HI (sample.py "
+                        "--guidance-interval), e.g. 0 inf 0 2.33 (default 0 inf: every step)")
     p.add_argument("--guide", metavar="RUN_OR_CKPT", help="autoguidance in every cell (sample.py --guide)")
     p.add_argument("--guide-weights", metavar="W", help="the guide's weights (sample.py --guide-weights)")
     p.add_argument("--num-samples", type=int, default=1000, metavar="N", help="images per cell (default 1000)")
@@ -83,38 +91,92 @@ def parse_args(argv=None):
     p.add_argument("--launcher", default="", metavar="CMD",
                    help='what runs sample.py, e.g. "torchrun --nproc_per_node=8" (default: this Python)')
     args = p.parse_args(argv)
-    args.sigma_rels = [sigma_rel(w) for w in args.weights]
-    intervals = args.intervals or [0.0, 1.0]
-    if len(intervals) % 2:
-        raise SweepError("--intervals: give pairs LO HI")
-    args.intervals = [tuple(intervals[i:i + 2]) for i in range(0, len(intervals), 2)]
-    if any(not 0 <= lo <= hi <= 1 for lo, hi in args.intervals):
-        raise SweepError(f"--intervals {' '.join(f'{v:g}' for v in intervals)}: each pair needs 0 <= LO <= HI <= 1")
+    check_grid(args)
     if args.metric == "fid" and not args.reference:
         raise SweepError("--metric fid needs --reference NPZ (an ADM reference batch)")
     if args.metric == "fid":
         args.reference = os.path.abspath(args.reference)
-    if args.num_samples < 2:
-        raise SweepError("--num-samples must be at least 2 (a covariance)")
-    if not checkpoints_in(args.result_dir):
-        raise SweepError(f"--result-dir {args.result_dir}: no checkpoints/NNNNNNN.pt")
     args.out = args.out or os.path.join(args.result_dir, "sweep")
     args.eval_dir = args.eval_dir or args.out
     return args
 
 
+def check_grid(args):
+    """Refuse, before anything is sampled, every grid value and count that sample.py would refuse at its
+    cell; merge duplicate grid values (one column, one row, one table each)."""
+    widths = {}
+    for w in args.weights:
+        widths.setdefault(sigma_rel(w), w)  # ema-0.1 and ema-0.10 are one width
+    args.sigma_rels, args.weights = list(widths), list(widths.values())
+    bad = [s for s in args.cfg_scales if not math.isfinite(s)]
+    if bad:
+        raise SweepError(f"--cfg-scales {bad[0]}: must be a finite number (1 = no guidance)")
+    args.cfg_scales = list(dict.fromkeys(args.cfg_scales))
+    values = args.intervals or list(EVERY_STEP)
+    if len(values) % 2:
+        raise SweepError("--intervals: give pairs LO HI")
+    pairs = [tuple(values[i:i + 2]) for i in range(0, len(values), 2)]
+    for lo, hi in pairs:
+        if not 0 <= lo <= hi:  # False for NaN
+            raise SweepError(f"--intervals {lo:g} {hi:g}: each pair needs noise levels 0 <= LO <= HI (HI may be inf)")
+    args.intervals = list(dict.fromkeys(pairs))
+    if not 0 <= args.seed < 2 ** 32:
+        raise SweepError(f"--seed {args.seed}: must be {SEED_RANGE}")
+    for name, least, most in (("num_samples", 2, math.inf), ("batch_size", 1, math.inf),
+                              ("num_sampling_steps", 1, 1000)):  # a covariance; the training steps at most
+        value = getattr(args, name)
+        if value is not None and not least <= value <= most:  # None: sample.py's default steps
+            raise SweepError(f"--{name.replace('_', '-')} {value}: must be in [{least}, {most}]")
+    if args.guide_weights and not args.guide:
+        raise SweepError("--guide-weights needs --guide")
+    if args.guide and not os.path.exists(args.guide):
+        raise SweepError(f"--guide {args.guide}: no such run directory or checkpoint")
+
+
 def sigma_rel(weights):
-    try:
-        assert weights.startswith("ema-")
-        return float(weights[4:])
-    except (AssertionError, ValueError):
-        raise SweepError(f"--weights {weights}: use ema-<sigma_rel> such as ema-0.07 (the plot's axis)") from None
+    """sigma_rel of ema-<sigma_rel>, read as sample.py reads it, where a power EMA of that width exists."""
+    match = sample.POWER_EMA.fullmatch(weights)
+    if not match:
+        raise SweepError(f"--weights {weights}: use ema-<sigma_rel> such as ema-0.07 (the plot's axis)")
+    if not valid_sigma_rel(float(match[1])):
+        raise SweepError(f"--weights {weights}: no power EMA has sigma_rel {match[1]} (about 0 < sigma_rel < 0.3)")
+    return float(match[1])
 
 
 def cell_name(weights, scale, interval):
-    """e.g. ema-0.1-cfg2-int0-0.7; at scale 1 (no guidance) the interval changes nothing: one cell for all."""
+    """e.g. ema-0.1-cfg2-sigma0-2.33; at scale 1 (no guidance) the interval changes nothing: one cell for all."""
     lo, hi = interval
-    return f"{weights}-cfg{scale:g}" + (f"-int{lo:g}-{hi:g}" if (lo, hi) != (0, 1) and scale != 1 else "")
+    return f"{weights}-cfg{scale:g}" + (f"-sigma{lo:g}-{hi:g}" if (lo, hi) != EVERY_STEP and scale != 1 else "")
+
+
+def check_inputs(args):
+    """Resolve the checkpoint (--ckpt, else the one OUT/sweep.json records, else the run's newest) and
+    refuse what would fail once sampling began: a checkpoint that is not the run's or cannot give
+    ema-<sigma_rel> weights, a reference the metric cannot read or compare. Writes nothing."""
+    ckpts = checkpoints_in(args.result_dir)
+    if not ckpts:
+        raise SweepError(f"--result-dir {args.result_dir}: no checkpoints/NNNNNNN.pt")
+    recorded = evaluate.read_json(os.path.join(args.out, "sweep.json")) or {}
+    args.ckpt = os.path.realpath(args.ckpt or recorded.get("ckpt") or ckpts[-1])
+    if args.ckpt not in map(os.path.realpath, ckpts):
+        raise SweepError(f"--ckpt {args.ckpt}: not one of the checkpoints/NNNNNNN.pt of --result-dir {args.result_dir}")
+    ckpt = load_checkpoint(args.ckpt, mmap=True)
+    if not ckpt["ema_power"]:
+        raise SweepError(f"{args.ckpt}: the run tracked no power EMA (train.py --ema-sigma-rels), so no "
+                         f"ema-<sigma_rel> weights can be made from it")
+    manifest = ckpt["manifest"]
+    if args.metric == "fd-classifier" and manifest["kind"] != "pixel":
+        raise SweepError("--metric fd-classifier: pixel runs only (score a latent run with --metric fid)")
+    if args.metric == "fid":
+        side = manifest["shape"][1:] if manifest["kind"] == "pixel" else [manifest.get("image_size")] * 2
+        try:
+            watch.check_reference(args.reference, ["fid"], args.num_samples, None if None in side else (*side, 3),
+                                  flag="--reference")
+        except ValueError as e:
+            raise SweepError(str(e)) from None
+        if "fid" not in evaluation.available_metrics(args.inception_weights):
+            raise SweepError(f"--metric fid: no Inception weights ({feature_nets.INCEPTION_FILE}); pass "
+                             f"--inception-weights FILE or set {feature_nets.INCEPTION_ENV}")
 
 
 #################################################################################
@@ -122,7 +184,7 @@ def cell_name(weights, scale, interval):
 #################################################################################
 
 def sample_argv(args, weights, scale, interval, path):
-    argv = ["--result-dir", args.result_dir, "--weights", weights, "--cfg-scale", f"{scale:g}",
+    argv = ["--ckpt", args.ckpt, "--weights", weights, "--cfg-scale", f"{scale:g}",
             "--guidance-interval", f"{interval[0]:g}", f"{interval[1]:g}", "--fid", str(args.num_samples),
             "--sampler", args.sampler, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
             "--precision", args.precision, "--out", path]
@@ -145,13 +207,8 @@ def make_scorer(args):
     """(the metric's name in evaluation.evaluate, the reference, extra feature networks, a note on the
     real-data floor or None)."""
     if args.metric == "fid":
-        if "fid" not in evaluation.available_metrics(args.inception_weights):
-            raise SweepError(f"--metric fid: no Inception weights ({feature_nets.INCEPTION_FILE}); pass "
-                             f"--inception-weights FILE or set {feature_nets.INCEPTION_ENV}")
         return "fid", args.reference, {}, None
-    ckpt = torch.load(checkpoints_in(args.result_dir)[-1], map_location="cpu", weights_only=True)
-    if ckpt["manifest"]["kind"] != "pixel":
-        raise SweepError("--metric fd-classifier: pixel runs only (score a latent run with --metric fid)")
+    ckpt = load_checkpoint(args.ckpt, mmap=True)
     num_classes = ckpt["manifest"]["num_classes"]
     opts = SimpleNamespace(data_path=ckpt["args"].get("data_path"), results_dir=args.eval_dir, eval_data_path=None,
                            samples_per_class=math.ceil(args.num_samples / num_classes), classifier_epochs=4,
@@ -186,9 +243,9 @@ def write_table(args, results, best, floor):
     label = {"fid": "FID", "fd-classifier": "FD (small classifier)"}[args.metric]
     lines = [f"{label}, {args.num_samples} samples per cell, {args.sampler} "
              f"{args.num_sampling_steps or 'default'} steps, seed {args.seed}"
-             + (f", autoguidance by {args.guide}" if args.guide else "") + f"; run {args.result_dir}", ""]
+             + (f", autoguidance by {args.guide}" if args.guide else "") + f"; checkpoint {args.ckpt}", ""]
     for interval in args.intervals:
-        lines += [f"guidance interval {interval[0]:g} <= t/T <= {interval[1]:g}:", "",
+        lines += [f"guidance interval {interval[0]:g} < sigma <= {interval[1]:g}:", "",
                   "| sigma_rel | " + " | ".join(f"w = {s:g}" for s in args.cfg_scales) + " |",
                   "|---|" + "---|" * len(args.cfg_scales)]
         for w, sr in zip(args.weights, args.sigma_rels):
@@ -206,7 +263,7 @@ def write_table(args, results, best, floor):
 def write_plot(args, results, best):
     """OUT/sweep.png: the metric against sigma_rel, one line per guidance scale (dashed etc. per interval)."""
     several = len(args.intervals) > 1
-    lines = [(f"w = {s:g}" + (f", t/T in [{lo:g}, {hi:g}]" if several else ""),
+    lines = [(f"w = {s:g}" + (f", {lo:g} < sigma <= {hi:g}" if several else ""),
               [results[(w, s, (lo, hi))] for w in args.weights], j, i)
              for j, (lo, hi) in enumerate(args.intervals) for i, s in enumerate(args.cfg_scales)]
     plots.plot_sweep(args.sigma_rels, lines, (sigma_rel(best[0]), results[best], cell_name(*best)),
@@ -225,26 +282,36 @@ def write_atomic(path, text):
 #################################################################################
 
 def check_settings(args):
-    """OUT/sweep.json records the options every cell shares; a rerun must repeat them."""
+    """The options every cell shares, refused unless a rerun repeats those OUT/sweep.json records:
+    None where it records them, else the settings to record."""
     settings = {k: getattr(args, k) for k in SHARED}
-    path = os.path.join(args.out, "sweep.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            changed = sorted(k for k, v in json.load(f).items() if settings.get(k) != v)
-        if changed:
-            raise SweepError(f"{args.out}: holds cells made with other {', '.join(changed)} (see sweep.json); "
-                             f"use the same options, or another --out")
-    else:
-        write_atomic(path, json.dumps(settings, indent=1))
+    recorded = evaluate.read_json(os.path.join(args.out, "sweep.json")) or {}
+    if recorded.get("ckpt", args.ckpt) != args.ckpt:
+        raise SweepError(f"{args.out}: its cells sample {recorded['ckpt']}, not --ckpt {args.ckpt}; give that one "
+                         f"(or no --ckpt) to extend the sweep, or another --out")
+    changed = sorted(k for k, v in recorded.items() if settings.get(k) != v)
+    if changed:
+        raise SweepError(f"{args.out}: holds cells made with other {', '.join(changed)} (see sweep.json); "
+                         f"use the same options, or another --out")
+    return None if recorded else settings
 
 
 def main(args):
-    os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
-    check_settings(args)
+    """Check everything, then run the grid holding OUT's lock: a second sweep on OUT waits for it."""
+    check_inputs(args)
+    with folder_lock(args.out, create=True):
+        return run_grid(args)
+
+
+def run_grid(args):
+    new = check_settings(args)
     results, floor = {}, None
     grid = [(w, s, i) for i in args.intervals for s in args.cfg_scales for w in args.weights]
     record_of = lambda cell: os.path.join(args.out, "cells", f"{cell_name(*cell)}.json")  # noqa: E731
     scorer = make_scorer(args) if not all(os.path.exists(record_of(cell)) for cell in grid) else None
+    if new:
+        evaluate.write_json(os.path.join(args.out, "sweep.json"), new)
+    os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
     for k, (w, s, interval) in enumerate(grid):
         name, record = cell_name(w, s, interval), record_of((w, s, interval))
         npz = record[: -len(".json")] + ".npz"
@@ -269,7 +336,7 @@ def main(args):
 def cli(argv=None):
     try:
         main(parse_args(argv))
-    except SweepError as e:
+    except (SweepError, UsageError) as e:
         print(f"sweep.py: error: {e}", file=sys.stderr)
         return 2
     return 0
