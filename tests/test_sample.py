@@ -389,6 +389,8 @@ def test_bad_inputs_give_one_line_and_exit_code_2(pixel_run, tmp_path, capsys):
         (["--ckpt", tmp_path / "missing.pt", "--class-label", 0], "no such file"),
         (["--ckpt", tmp_path / "corrupt.pt", "--class-label", 0], "cannot read checkpoint"),
         ([*run, "--class-label", 0, "--vae-path", tmp_path / "nope"], "not a directory"),
+        ([*run, "--class-label", 0, "--seed", -1], "--seed -1: must be in [0, 2**32)"),
+        ([*run, "--class-label", 0, "--seed", 2 ** 32], "--seed 4294967296"),
     ]
     for argv, needle in cases:
         code, _, err = run_cli(argv, capsys)
@@ -460,6 +462,41 @@ def test_the_fid_npz_is_written_atomically(pixel_run, tmp_path):
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert np.load(out)["arr_0"].shape == (64, 8, 8, 3)
+
+
+@pytest.mark.parametrize("what, limit", [("grid", 200), ("fid", 1000)])
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(pixel_run, tmp_path, what, limit):
+    """Issue 21: a grid on a full disk ended in an OSError traceback, and a chunk of --fid left its
+    000000.tmp.npz behind. Files may not grow past `limit` bytes here (the grid PNG is about 600 bytes, a
+    chunk about 2 kB), as on a full disk: one line, exit 2, no file but the chunk folder's settings."""
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    out = tmp_path / ("grid.png" if what == "grid" else "fid.npz")
+    argv = [sys.executable, "sample.py", "--result-dir", pixel_run, "--sampler", "ddim", "--num-sampling-steps", "2",
+            "--out", str(out), *(["--class-label", "0", "1"] if what == "grid" else ["--fid", "8", "--batch-size", "4"])]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    err = [line for line in result.stderr.splitlines() if "sample.py:" in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(err) == 1, result.stderr[-2000:]
+    left = sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, files in os.walk(tmp_path) for f in files)
+    assert left == ([] if what == "grid" else ["fid-chunks/settings.json"]), left
+
+
+def test_fid_resumes_over_options_that_do_not_change_the_samples(pixel_run, tmp_path, capsys, monkeypatch):
+    """Issue 21: a resume was refused over --no-progress and --num-samples (grid columns, unused by --fid)."""
+    fid = ["--result-dir", pixel_run, "--fid", 8, "--batch-size", 4, "--sampler", "ddim", "--num-sampling-steps", 2,
+           "--out", tmp_path / "fid.npz"]
+    real_save = sample.save_chunk
+
+    def interrupt_after_one(*a):
+        real_save(*a)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "save_chunk", interrupt_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        sample.cli([str(a) for a in fid])
+    monkeypatch.setattr(sample, "save_chunk", real_save)
+    code, _, err = run_cli([*fid, "--no-progress", "--num-samples", 3], capsys)
+    assert code == 0 and np.load(tmp_path / "fid.npz")["arr_0"].shape == (8, 8, 8, 3), err
 
 
 def test_guide_interval_and_channels_on_the_cli(pixel_run, latent_run, tmp_path, capsys):
