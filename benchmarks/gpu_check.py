@@ -22,6 +22,7 @@ If the budget skipped sections, run them in a second call: --sections checkpoint
 import argparse
 import gc
 import glob
+import importlib.util
 import os
 import shutil
 import statistics
@@ -186,11 +187,7 @@ def tail(completed):
 def sampling_rows(args, device):
     """Guided sampling images/s with sample.py's sampler and bf16 autocast on a GPU, vanilla and MaP."""
     import sampling  # noqa: E402  (sample.py's sampler, the one sampling runs)
-    try:
-        import diffusers  # noqa: F401
-        name, steps = "dpm++", 25
-    except ImportError:
-        name, steps = "ddim", 25
+    name, steps = ("dpm++" if importlib.util.find_spec("diffusers") else "ddim"), 25
     steps = 5 if args.tiny else steps
     sampler = sampling.make_sampler(name, steps)
     rows = ["| config | sampler | images | images/s |", "|---|---|---|---|"]
@@ -207,7 +204,6 @@ def sampling_rows(args, device):
         run()  # warm-up
         seconds = min(timed(ctx, run, 1) for _ in range(2))
         rows.append(f"| {config} | {name} {steps} | {args.sample_batch} | {args.sample_batch / seconds:.2f} |")
-        del model
     return rows
 
 
