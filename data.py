@@ -21,7 +21,6 @@ z = mean + std * eps (eps ~ N(0, 1)) over all items and pixels; the loader draws
 fresh eps on every call, and returns (z - channel_mean) / channel_std. Pixel data comes back as
 images / 127.5 - 1 in [-1, 1]. Shards are memory-mapped, opened lazily in each (worker) process.
 """
-import argparse
 import colorsys
 import json
 import os
@@ -34,15 +33,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from cli import ArgumentParser, UsageError, run_command
+
 FORMAT, VERSION = "map-dit", 1
 DTYPES = {"labels": np.int64, "mean": np.float16, "std": np.float16, "images": np.uint8}
 ARRAYS = {"latent": ("mean", "std"), "pixel": ("images",)}
 REQUIRED = ("kind", "shape", "num_classes", "num_items", "shards")
 LABELS_FILE = re.compile(r"shard-(\d+)\.labels\.npy")
 
-
-class DataError(Exception):
-    """A dataset on disk (or being written) is missing, malformed or inconsistent."""
 
 
 def shard_file(directory, name, array):
@@ -64,7 +62,7 @@ class ShardWriter:
 
     def __init__(self, out_dir, kind, shape, num_classes, shard_size=10000):
         if kind not in ARRAYS or len(shape) != 3:
-            raise DataError(f"{out_dir}: need kind 'latent' or 'pixel' and shape (C, H, W), "
+            raise UsageError(f"{out_dir}: need kind 'latent' or 'pixel' and shape (C, H, W), "
                             f"got {kind!r}, {tuple(shape)}")
         self.out_dir, self.kind = str(out_dir), kind
         self.shape, self.num_classes = tuple(int(s) for s in shape), int(num_classes)
@@ -81,10 +79,10 @@ class ShardWriter:
         labels, given = np.asarray(labels), {"mean": mean, "std": std, "images": images}
         file = self._file(index, "labels")
         if labels.ndim != 1 or len(labels) == 0 or labels.dtype.kind not in "iu":
-            raise DataError(f"{file}: labels must be a non-empty 1-d integer array, "
+            raise UsageError(f"{file}: labels must be a non-empty 1-d integer array, "
                             f"got {labels.dtype}{list(labels.shape)}")
         if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise DataError(f"{file}: labels must lie in [0, {self.num_classes}), "
+            raise UsageError(f"{file}: labels must lie in [0, {self.num_classes}), "
                             f"got [{labels.min()}, {labels.max()}]")
         arrays, want = {}, (len(labels), *self.shape)
         for name in ARRAYS[self.kind]:
@@ -92,11 +90,11 @@ class ShardWriter:
             a = a if a is None else np.asarray(a)
             if a is None or a.shape != want or not np.can_cast(a.dtype, DTYPES[name], "same_kind"):
                 got = a if a is None else f"{a.dtype}{list(a.shape)}"
-                raise DataError(f"{self._file(index, name)}: need {name} of shape {list(want)} "
+                raise UsageError(f"{self._file(index, name)}: need {name} of shape {list(want)} "
                                 f"castable to {np.dtype(DTYPES[name])}, got {got}")
             arrays[name] = a.astype(DTYPES[name])
         if any(a is not None for a in given.values()):
-            raise DataError(f"{file}: {self.kind} shards take only {ARRAYS[self.kind]}")
+            raise UsageError(f"{file}: {self.kind} shards take only {ARRAYS[self.kind]}")
         if self.shard_done(index):
             os.remove(file)  # the shard is incomplete while it is being overwritten
         for name, a in [*arrays.items(), ("labels", labels.astype(np.int64))]:
@@ -106,13 +104,13 @@ class ShardWriter:
         """Write manifest.json over the completed shards 0..n-1 and return it as a dict."""
         reserved = set(manifest_extra) & {"format", "version", *REQUIRED}
         if reserved:
-            raise DataError(f"{self.out_dir}: finish() sets {sorted(reserved)} itself")
+            raise UsageError(f"{self.out_dir}: finish() sets {sorted(reserved)} itself")
         found = {int(m[1]) for f in os.listdir(self.out_dir) if (m := LABELS_FILE.fullmatch(f))}
         if not found:
-            raise DataError(f"{self.out_dir}: empty dataset, no complete shard; write_shard() first")
+            raise UsageError(f"{self.out_dir}: empty dataset, no complete shard; write_shard() first")
         missing = sorted(set(range(max(found) + 1)) - found)
         if missing:
-            raise DataError(f"{self._file(missing[0], 'labels')}: missing while later shards exist; "
+            raise UsageError(f"{self._file(missing[0], 'labels')}: missing while later shards exist; "
                             f"write shard {missing[0]} (resume the writer), then finish()")
         counts = [len(np.load(self._file(i, "labels"), mmap_mode="r")) for i in range(len(found))]
         manifest = {"format": FORMAT, "version": VERSION, "kind": self.kind, "shape": list(self.shape),
@@ -141,24 +139,24 @@ class ShardWriter:
 
 
 def read_manifest(path):
-    """Load and check the manifest.json of the dataset directory path; raises DataError."""
+    """Load and check the manifest.json of the dataset directory path; raises UsageError."""
     path = str(path)
     file = os.path.join(path, "manifest.json")
     if not os.path.isdir(path):
-        raise DataError(f"{path}: dataset directory not found; fix the path or create the dataset")
+        raise UsageError(f"{path}: dataset directory not found; fix the path or create the dataset")
     if not os.path.isfile(file):
-        raise DataError(f"{file}: missing; the writer did not finish (run ShardWriter.finish())")
+        raise UsageError(f"{file}: missing; the writer did not finish (run ShardWriter.finish())")
     try:
         with open(file) as f:
             m = json.load(f)
     except (OSError, ValueError) as e:
-        raise DataError(f"{file}: malformed JSON ({e}); rewrite it with ShardWriter.finish()") from None
+        raise UsageError(f"{file}: malformed JSON ({e}); rewrite it with ShardWriter.finish()") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         got = (m.get("format"), m.get("version")) if isinstance(m, dict) else type(m).__name__
-        raise DataError(f"{file}: not a {FORMAT} version {VERSION} manifest (got {got})")
+        raise UsageError(f"{file}: not a {FORMAT} version {VERSION} manifest (got {got})")
     missing = [k for k in REQUIRED if k not in m]
     if missing or not isinstance(m["kind"], str) or m["kind"] not in ARRAYS:
-        raise DataError(f"{file}: missing keys {missing} or unknown kind {m.get('kind')!r} "
+        raise UsageError(f"{file}: missing keys {missing} or unknown kind {m.get('kind')!r} "
                         f"(need \"latent\" or \"pixel\")")
     try:
         shape, num_classes = [int(s) for s in m["shape"]], int(m["num_classes"])
@@ -166,21 +164,21 @@ def read_manifest(path):
         names_ok = all(isinstance(s["name"], str) for s in m["shards"])
         stats = [float(v) for k in ("channel_mean", "channel_std") for v in m.get(k) or []]
     except (TypeError, KeyError, ValueError) as e:
-        raise DataError(f"{file}: malformed shape, num_classes, shards or channel statistics "
+        raise UsageError(f"{file}: malformed shape, num_classes, shards or channel statistics "
                         f"({e!r})") from None
     if len(shape) != 3 or min(shape) < 1 or num_classes < 1 or min(counts, default=1) < 1 \
             or not names_ok:
-        raise DataError(f"{file}: need shape [C, H, W], num_classes >= 1 and a name and a positive "
+        raise UsageError(f"{file}: need shape [C, H, W], num_classes >= 1 and a name and a positive "
                         f"count for each shard")
     outside = [s["name"] for s in m["shards"] if not is_plain_name(s["name"])]
     if outside:
-        raise DataError(f"{file}: shard name {outside[0]!r} is not a plain file name in the dataset "
+        raise UsageError(f"{file}: shard name {outside[0]!r} is not a plain file name in the dataset "
                         f"directory (no '/', '..' or absolute paths); fix manifest.json")
     if m["kind"] == "latent" and (len(stats) != 2 * shape[0] or min(stats[shape[0]:]) <= 0):
-        raise DataError(f"{file}: latent data needs channel_mean and channel_std (> 0), "
+        raise UsageError(f"{file}: latent data needs channel_mean and channel_std (> 0), "
                         f"{shape[0]} numbers each; recompute them with ShardWriter.finish()")
     if sum(counts) == 0 or sum(counts) != m["num_items"]:
-        raise DataError(f"{file}: empty dataset or num_items ({m['num_items']}) differs from the "
+        raise UsageError(f"{file}: empty dataset or num_items ({m['num_items']}) differs from the "
                         f"sum of shard counts ({sum(counts)})")
     return m
 
@@ -230,21 +228,21 @@ class LatentDataset(torch.utils.data.Dataset):
         for array in ("labels", *ARRAYS[self.kind]):
             file = shard_file(self.path, name, array)
             if not os.path.isfile(file):
-                raise DataError(f"{file}: missing shard file; rerun the writer (it resumes) "
+                raise UsageError(f"{file}: missing shard file; rerun the writer (it resumes) "
                                 f"or fix manifest.json")
             try:
                 a = np.load(file, mmap_mode="r")
             except (OSError, ValueError) as e:
-                raise DataError(f"{file}: unreadable .npy ({e}); rewrite this shard") from None
+                raise UsageError(f"{file}: unreadable .npy ({e}); rewrite this shard") from None
             want = (count,) if array == "labels" else (count, *self.shape)
             if a.shape != want or a.dtype != DTYPES[array]:
-                raise DataError(f"{file}: holds {a.dtype}{list(a.shape)} but manifest.json says "
+                raise UsageError(f"{file}: holds {a.dtype}{list(a.shape)} but manifest.json says "
                                 f"{np.dtype(DTYPES[array])}{list(want)}; rewrite the shard or fix "
                                 f"manifest.json")
             if array == "labels":
                 labels = np.array(a)
                 if labels.min() < 0 or labels.max() >= self.num_classes:
-                    raise DataError(f"{file}: labels in [{labels.min()}, {labels.max()}], outside "
+                    raise UsageError(f"{file}: labels in [{labels.min()}, {labels.max()}], outside "
                                     f"[0, {self.num_classes}); fix them or num_classes in "
                                     f"manifest.json")
         return labels
@@ -271,7 +269,7 @@ class LatentDataset(torch.utils.data.Dataset):
         arrays = [torch.from_numpy(np.array(a[i - self._starts[shard]])) for a in self._arrays(shard)]
         if self.kind == "latent" and not all(torch.isfinite(a).all() for a in arrays):
             file = shard_file(self.path, self._names[shard], "mean")
-            raise DataError(f"{file}: item {i - self._starts[shard]} holds NaN or inf (in its mean or std); "
+            raise UsageError(f"{file}: item {i - self._starts[shard]} holds NaN or inf (in its mean or std); "
                             f"re-encode the shard (`python data.py verify {self.path}` lists every bad one)")
         raw = torch.stack(arrays).float() if self.kind == "latent" else arrays[0]
         return raw, int(self.labels[i])
@@ -380,7 +378,7 @@ def make_demo_dataset(out_dir, num_items=10000, image_size=32, seed=0, variant="
     variant "colours": each class a shape in its own colour (the demo). "shapes": random colour, size,
     position and rotation, so only the shape tells the class (the MP study's dataset)."""
     if variant not in DEMO_VARIANTS:
-        raise DataError(f"unknown demo variant {variant!r}; choose one of {', '.join(DEMO_VARIANTS)}")
+        raise UsageError(f"unknown demo variant {variant!r}; choose one of {', '.join(DEMO_VARIANTS)}")
     out_dir = str(out_dir).rstrip("/") or "/"
     source = f"make_demo_dataset(num_items={num_items}, image_size={image_size}, seed={seed}" + \
         ("" if variant == "colours" else f", variant={variant}") + ")"
@@ -410,17 +408,17 @@ def make_demo_dataset(out_dir, num_items=10000, image_size=32, seed=0, variant="
 
 
 def _holds_demo(out_dir, source):
-    """True if out_dir is the demo dataset made by source, False if absent or empty; DataError otherwise."""
+    """True if out_dir is the demo dataset made by source, False if absent or empty; UsageError otherwise."""
     if not (os.path.isdir(out_dir) and os.listdir(out_dir)):
         return False
     if os.path.isfile(os.path.join(out_dir, "manifest.json")) and read_manifest(out_dir).get("source") == source:
         return True
-    raise DataError(f"{out_dir}: not empty and not {source}; remove it or pick another directory")
+    raise UsageError(f"{out_dir}: not empty and not {source}; remove it or pick another directory")
 
 
 def verify(path, chunk=1024):
     """Read every value of the dataset at path; return one line per shard array holding NaN or inf
-    (after the header checks LatentDataset makes, which raise DataError)."""
+    (after the header checks LatentDataset makes, which raise UsageError)."""
     dataset = LatentDataset(path)
     problems = []
     for name in dataset._names:
@@ -439,16 +437,12 @@ def verify(path, chunk=1024):
 
 def main(argv=None):
     """`python data.py verify DIR`: exit 0 if every value is finite, 1 naming each bad shard, 2 on bad input."""
-    p = argparse.ArgumentParser(description="Check a dataset directory (data.py format).")
+    p = ArgumentParser(description="Check a dataset directory (data.py format).")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="read every value; name each shard that holds NaN or inf")
     v.add_argument("path", help="dataset directory")
     args = p.parse_args(argv)
-    try:
-        problems = verify(args.path)
-    except DataError as e:
-        print(f"data.py: error: {e}", file=sys.stderr)
-        return 2
+    problems = verify(args.path)
     for line in problems:
         print(line)
     if not problems:
@@ -457,4 +451,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("data.py", main))

@@ -11,7 +11,6 @@ ImageNet (or any ImageFolder) encoded into the shard format of data.py.
 Every failure prints one line on stderr and exits with code 2.
 """
 import argparse
-import datetime
 import functools
 import hashlib
 import json
@@ -28,7 +27,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from data import DataError, ShardWriter
+from cli import LONG_WAIT, ArgumentParser, UsageError, barrier, one_line, run_command, setup_distributed
+from data import ShardWriter
 from progress import progress
 
 VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -46,17 +46,10 @@ DIT_KEYS = frozenset(  # the DiT-XL/2 state dict: 12 keys + 28 blocks x 10 = 292
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class Fail(Exception):
-    """A failure reported as one line on stderr, exit code 2."""
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
 
 def load_vae(name_or_path):
     """An AutoencoderKL in eval mode from a directory written by save_pretrained, or from a hub id
-    (the Hugging Face cache first, then a download). Raises Fail when that does not work."""
+    (the Hugging Face cache first, then a download). Raises UsageError when that does not work."""
     from diffusers import AutoencoderKL  # a slow import: only where a VAE is needed
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub import constants
@@ -73,9 +66,9 @@ def load_vae(name_or_path):
         except (OSError, ValueError, RuntimeError) as e:
             error = e
     if local:
-        raise Fail(f"{name_or_path}: not an AutoencoderKL saved by save_pretrained "
-                   f"({_first_line(error)})")
-    raise Fail(f"VAE {name_or_path} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+        raise UsageError(f"{name_or_path}: not an AutoencoderKL saved by save_pretrained "
+                   f"({one_line(error)})")
+    raise UsageError(f"VAE {name_or_path} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
                f"and could not be downloaded; run `python download.py vae` where there is internet "
                f"and copy that cache here (or point HF_HOME at it), or pass --vae-path DIR with a "
                f"copy saved by save_pretrained")
@@ -83,23 +76,23 @@ def load_vae(name_or_path):
 
 def open_decoder(manifest, vae_path=None):
     """The VAE that decodes samples of a latent dataset (None for pixel data): from vae_path, else the
-    folder the manifest names when it exists, else the manifest's hub id. Raises Fail naming why not."""
+    folder the manifest names when it exists, else the manifest's hub id. Raises UsageError naming why not."""
     if manifest["kind"] != "latent":
         return None
     saved = manifest.get("vae_path")
     source = vae_path or (saved if saved and os.path.isdir(saved) else manifest.get("vae"))
     if not source:
-        raise Fail("the dataset's manifest names no VAE; pass --vae-path DIR (a save_pretrained folder)")
+        raise UsageError("the dataset's manifest names no VAE; pass --vae-path DIR (a save_pretrained folder)")
     vae = load_vae(source)
     if vae.config.latent_channels != manifest["shape"][0]:
-        raise Fail(f"{source}: the VAE has {vae.config.latent_channels} latent channels, the data "
+        raise UsageError(f"{source}: the VAE has {vae.config.latent_channels} latent channels, the data "
                    f"{manifest['shape'][0]}; pass the data's VAE with --vae-path DIR")
     return vae
 
 
 def _vae_source(args):
     if args.vae_path and not os.path.isdir(args.vae_path):
-        raise Fail(f"--vae-path {args.vae_path}: not a directory")
+        raise UsageError(f"--vae-path {args.vae_path}: not a directory")
     return args.vae_path or VAES[args.vae]
 
 
@@ -122,9 +115,9 @@ def fetch(url, part, show_progress=True):
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing past the end: part is complete (verified next)
             return
-        raise Fail(f"{url}: HTTP {e.code} {e.reason}")
+        raise UsageError(f"{url}: HTTP {e.code} {e.reason}")
     except OSError as e:
-        raise Fail(f"{url}: cannot download ({getattr(e, 'reason', e)}); fetch it where there is "
+        raise UsageError(f"{url}: cannot download ({getattr(e, 'reason', e)}); fetch it where there is "
                    f"internet and put it at {part.removesuffix('.part')}")
     with response:
         have = have if response.status == 206 else 0
@@ -137,9 +130,9 @@ def fetch(url, part, show_progress=True):
                 while chunk := response.read(1 << 20):
                     bar.update(f.write(chunk))
         except OSError as e:
-            raise Fail(f"{url}: download broke off ({e}); run again to resume it")
+            raise UsageError(f"{url}: download broke off ({e}); run again to resume it")
     if total is not None and os.path.getsize(part) != total:
-        raise Fail(f"{url}: got {os.path.getsize(part)} of {total} bytes; run again to resume")
+        raise UsageError(f"{url}: got {os.path.getsize(part)} of {total} bytes; run again to resume")
 
 
 def verify_dit(path, image_size):
@@ -148,16 +141,16 @@ def verify_dit(path, image_size):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise Fail(f"{path}: does not load as a checkpoint ({_first_line(e)}); delete it, "
+        raise UsageError(f"{path}: does not load as a checkpoint ({one_line(e)}); delete it, "
                    f"run again")
     keys = set(state) if isinstance(state, dict) else set()
     if keys != DIT_KEYS:
-        raise Fail(f"{path}: not a DiT-XL/2 state dict ({len(keys)} keys; missing "
+        raise UsageError(f"{path}: not a DiT-XL/2 state dict ({len(keys)} keys; missing "
                    f"{sorted(DIT_KEYS - keys)[:3]}, unexpected {sorted(keys - DIT_KEYS)[:3]}); "
                    f"delete it, run again")
     want = (1, (image_size // 16) ** 2, 1152)
     if tuple(state["pos_embed"].shape) != want:
-        raise Fail(f"{path}: pos_embed is {tuple(state['pos_embed'].shape)}, want {want} for "
+        raise UsageError(f"{path}: pos_embed is {tuple(state['pos_embed'].shape)}, want {want} for "
                    f"{image_size} px; delete it, run again")
 
 
@@ -171,7 +164,7 @@ def get_file(dest, url, verify, show_progress=True):
     fetch(url, dest + ".part", show_progress)
     try:
         verify(dest + ".part")
-    except Fail:
+    except UsageError:
         os.remove(dest + ".part")  # complete but wrong: start afresh next time
         raise
     os.replace(dest + ".part", dest)
@@ -193,18 +186,18 @@ def cmd_dit(args):
 def verify_ref_batch(path, image_size):
     """Check that path is ADM's reference batch for image_size: arr_0 uint8 (N, size, size, 3), and
     the precomputed Inception statistics mu (2048), sigma (2048 x 2048), mu_s (2023), sigma_s."""
-    from eval_inputs import EvalError, Side
+    from eval_inputs import Side
     try:
         side = Side(path, "reference batch")
-    except EvalError as e:
-        raise Fail(f"{e}; delete it, run again")
+    except UsageError as e:
+        raise UsageError(f"{e}; delete it, run again")
     problems = [] if side.image_shape == (image_size, image_size, 3) else [f"arr_0 images {side.image_shape}"]
     for metric, d in (("fid", 2048), ("sfid", 2023)):
         mu, sigma = side.stats.get(metric, (np.zeros(0), np.zeros(0)))
         if mu.shape != (d,) or sigma.shape != (d, d):
             problems.append(f"{metric} statistics {mu.shape}, {sigma.shape}")
     if problems:
-        raise Fail(f"{path}: not ADM's {image_size} px reference batch ({'; '.join(problems)}); delete it, run again")
+        raise UsageError(f"{path}: not ADM's {image_size} px reference batch ({'; '.join(problems)}); delete it, run again")
     return len(side)
 
 
@@ -235,7 +228,7 @@ def list_images(src):
     """(path, label) of every image under src/<class>/ in sorted order, and the class names: the
     sorted sub-folder names, a class's label being its position."""
     if not os.path.isdir(src):
-        raise Fail(f"--src {src}: not a directory; give an ImageFolder (one sub-folder per class)")
+        raise UsageError(f"--src {src}: not a directory; give an ImageFolder (one sub-folder per class)")
     classes = sorted(entry.name for entry in os.scandir(src) if entry.is_dir())
     items = []
     for label, name in enumerate(classes):
@@ -244,7 +237,7 @@ def list_images(src):
             items += [(os.path.join(root, f), label) for f in sorted(files)
                       if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not items:
-        raise Fail(f"--src {src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders")
+        raise UsageError(f"--src {src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders")
     return items, classes
 
 
@@ -258,7 +251,7 @@ def _load_batch(items, size):
                 images.append(center_crop_arr(image.convert("RGB"), size))
             labels.append(label)
         except Exception as e:  # decoders raise many types; any of them means: skip this file
-            tqdm.write(f"warning: skipping unreadable image {path}: {_first_line(e)}", sys.stderr)
+            tqdm.write(f"warning: skipping unreadable image {path}: {one_line(e)}", sys.stderr)
             unreadable.append(path)
     if not images:
         return None, None, unreadable
@@ -294,26 +287,8 @@ def encode_shard(items, args, vae, device, bar):
         arrays.append((images,) if vae is None else encode(vae, images, device, args.bf16))
         labels.append(y)
     if not labels:
-        raise Fail(f"all {len(items)} images of a shard are unreadable, e.g. {skipped[0]}")
+        raise UsageError(f"all {len(items)} images of a shard are unreadable, e.g. {skipped[0]}")
     return torch.cat(labels).numpy(), [torch.cat(a).numpy() for a in zip(*arrays)], skipped
-
-
-def _distributed():
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join a gloo process group: it
-    only carries barriers, and its long timeout lets ranks with little left to do wait."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=2))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _json(path, obj=None):
@@ -332,10 +307,10 @@ def _check_settings(out, settings, rank):
     path = os.path.join(out, "encode.json")
     if rank == 0 and not os.path.exists(path):
         _json(path, settings)
-    _barrier()
+    barrier()
     changed = sorted(k for k, v in _json(path).items() if settings.get(k) != v)
     if changed:
-        raise Fail(f"--out {out}: holds a run with other {', '.join(changed)} (see encode.json); "
+        raise UsageError(f"--out {out}: holds a run with other {', '.join(changed)} (see encode.json); "
                    f"use the same options to resume, or a new --out")
 
 
@@ -347,7 +322,7 @@ def _skip_file(out, index):
 def cmd_imagenet(args):
     """Encode an ImageFolder into shards of VAE posteriors (or uint8 pixels with --vae none)."""
     items, classes = list_images(args.src)
-    rank, world, device = _distributed()
+    rank, world, device = setup_distributed(LONG_WAIT)
     vae, size = None, args.image_size
     if args.vae == "none":
         kind, shape, arrays = "pixel", (3, size, size), ("images",)
@@ -355,7 +330,7 @@ def cmd_imagenet(args):
         vae = load_vae(_vae_source(args)).to(device)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if size % factor:
-            raise Fail(f"--image-size {size}: not a multiple of the VAE's downsampling {factor}")
+            raise UsageError(f"--image-size {size}: not a multiple of the VAE's downsampling {factor}")
         kind, shape = "latent", (vae.config.latent_channels, size // factor, size // factor)
         arrays = ("mean", "std")
     writer = ShardWriter(args.out, kind, shape, len(classes), args.shard_size)
@@ -374,7 +349,7 @@ def cmd_imagenet(args):
     seconds = time.time() - start
     print(f"{f'rank {rank}: ' if world > 1 else ''}encoded {pending} images in {seconds:.0f} s "
           f"({pending / max(seconds, 1e-9):.1f} images/s)")
-    _barrier()
+    barrier()
     if rank == 0:
         skipped = sum(_json(_skip_file(args.out, i))["skipped"] for i in range(len(shards)))
         manifest = writer.finish(
@@ -389,13 +364,6 @@ def cmd_imagenet(args):
         dist.destroy_process_group()
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that reports a usage error as one line on stderr, exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _at_least(minimum):
     """An argparse type: an integer >= minimum."""
     def parse(text):
@@ -406,7 +374,7 @@ def _at_least(minimum):
 
 
 def build_parser():
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{vae,dit,ref-batch,imagenet}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--no-progress", action="store_true",
@@ -457,15 +425,13 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (Fail, DataError, OSError) as e:
-        print(f"download.py {args.command}: error: {_first_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"download.py {args.command}: interrupted; run it again to resume", file=sys.stderr)
-        sys.exit(130)
+    args.run(args)
+
+
+def cli(argv=None):
+    """download.py as a command: 0; bad input one line and 2; interrupted 130 (run it again to resume)."""
+    return run_command("download.py", main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -13,12 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cli import UsageError, one_line
+
 ADM_STATS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}  # precomputed in ADM's ref batches
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
-
-class EvalError(Exception):
-    """Bad input or missing weights: reported as one line, exit code 2."""
 
 
 
@@ -51,7 +50,7 @@ class ImageFolder:
         self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
                             if f.lower().endswith(IMAGE_EXTENSIONS))
         if not self.files:
-            raise EvalError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            raise UsageError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         self.image_shape = self._load(self.files[0]).shape
 
     def _load(self, file):
@@ -59,7 +58,7 @@ class ImageFolder:
             with Image.open(file) as im:
                 return np.asarray(im.convert("RGB"))
         except OSError as e:
-            raise EvalError(f"{file}: unreadable image ({e})")
+            raise UsageError(f"{file}: unreadable image ({e})")
 
     def __len__(self):
         return len(self.files)
@@ -68,7 +67,7 @@ class ImageFolder:
         images = [self._load(f) for f in self.files[index]]
         for f, im in zip(self.files[index], images):
             if im.shape != self.image_shape:
-                raise EvalError(f"{f}: {im.shape[1]}x{im.shape[0]} pixels, but {self.files[0]} is "
+                raise UsageError(f"{f}: {im.shape[1]}x{im.shape[0]} pixels, but {self.files[0]} is "
                                 f"{self.image_shape[1]}x{self.image_shape[0]}; give images of one size")
         return np.stack(images)
 
@@ -77,13 +76,13 @@ class PixelDataset:
     """A data.py pixel dataset (3 channels) as uint8 (N, H, W, 3) batches."""
 
     def __init__(self, path):
-        from data import DataError, LatentDataset
+        from data import LatentDataset
         try:
             self.ds = LatentDataset(path)
-        except DataError as e:
-            raise EvalError(str(e))
+        except UsageError as e:
+            raise UsageError(str(e))
         if self.ds.kind != "pixel" or self.ds.shape[0] != 3:
-            raise EvalError(f"{path}: a {self.ds.kind} dataset of shape {list(self.ds.shape)}; evaluation "
+            raise UsageError(f"{path}: a {self.ds.kind} dataset of shape {list(self.ds.shape)}; evaluation "
                             f"needs RGB pixel data (decode latent samples with sample.py --fid)")
         self.image_shape = (*self.ds.shape[1:], 3)
 
@@ -123,15 +122,15 @@ def check_images(images, what):
     if shape is None or len(shape) != 4 or shape[-1] != 3 or getattr(images, "dtype", None) != np.uint8 \
             or shape[0] < 2:
         got = f"{getattr(images, 'dtype', type(images).__name__)}{list(shape or [])}"
-        raise EvalError(f"{what}: need uint8 images N x H x W x 3 with N >= 2 (the ADM format), got {got}")
+        raise UsageError(f"{what}: need uint8 images N x H x W x 3 with N >= 2 (the ADM format), got {got}")
 
 
 def check_stats(mu, sigma, what, fix="compute them again"):
-    """EvalError unless mu (D,) and sigma (D, D) are finite: Frechet statistics."""
+    """UsageError unless mu (D,) and sigma (D, D) are finite: Frechet statistics."""
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise EvalError(f"{what}: need a mean (D,) and a covariance (D, D), got shapes {mu.shape} and {sigma.shape}")
+        raise UsageError(f"{what}: need a mean (D,) and a covariance (D, D), got shapes {mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise EvalError(f"{what} hold non-finite values (NaN or inf); {fix}")
+        raise UsageError(f"{what} hold non-finite values (NaN or inf); {fix}")
 
 
 class Side:
@@ -148,18 +147,18 @@ class Side:
         else:
             self._open(os.fspath(source))
         if self.images is None and not self.stats:
-            raise EvalError(f"{self.label}: holds neither images nor statistics")
+            raise UsageError(f"{self.label}: holds neither images nor statistics")
         for metric, (mu, sigma) in self.stats.items():
             check_stats(mu, sigma, f"{self.label}: its {metric} statistics")
         if self.images is not None and len(self.images) < 2:
-            raise EvalError(f"{self.label}: holds {len(self.images)} image; statistics need 2 or more")
+            raise UsageError(f"{self.label}: holds {len(self.images)} image; statistics need 2 or more")
 
     def _open(self, path):
         self.label, self.path = path, path
         if os.path.isdir(path):
             self.images = PixelDataset(path) if os.path.isfile(os.path.join(path, "manifest.json")) else ImageFolder(path)
         elif not os.path.isfile(path):
-            raise EvalError(f"{path}: no such file or folder")
+            raise UsageError(f"{path}: no such file or folder")
         else:
             self._open_npz(path)
         self.key = path_key(path)
@@ -174,10 +173,10 @@ class Side:
             if "arr_0" in names:
                 self.images = _npz_array(path)
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
-            raise EvalError(f"{path}: not a readable .npz ({_first_line(e)}); truncated? write it again")
+            raise UsageError(f"{path}: not a readable .npz ({one_line(e)}); truncated? write it again")
         if self.images is None and not self.stats:
             held = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            raise EvalError(f"{path}: holds neither arr_0 images nor mu and sigma (it holds {held or 'nothing'})")
+            raise UsageError(f"{path}: holds neither arr_0 images nor mu and sigma (it holds {held or 'nothing'})")
         if self.images is not None:
             check_images(self.images, f"{path}: arr_0")
 
@@ -187,7 +186,3 @@ class Side:
 
     def __len__(self):
         return 0 if self.images is None else len(self.images)
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

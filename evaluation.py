@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 import feature_nets
 import runs
-from eval_inputs import EvalError, Side, array_key, check_images, check_stats
+from cli import UsageError, one_line
+from eval_inputs import Side, array_key, check_images, check_stats
 from progress import progress as progress_bar
 
 METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
@@ -293,7 +294,7 @@ def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress
             for o, (mu, sigma) in stats.items():
                 check_stats(mu, sigma, f"{side.label}: its {network.name} {o} features",
                             fix=f"are the weights ({network.key}) sound?")
-        except EvalError:  # a refusal (an unreadable image, one of another size) leaves nothing behind;
+        except UsageError:  # a refusal (an unreadable image, one of another size) leaves nothing behind;
             _remove_chunks(chunk_dir)  # an interruption keeps the finished chunks for the rerun
             raise
         kept = {o: features[o] for o in keep}
@@ -369,8 +370,8 @@ def _folder_lock(folder):
                 same = os.path.samestat(before, os.stat(folder))
             except FileNotFoundError:
                 same = False
-            except (OSError, runs.UsageError) as e:
-                raise EvalError(f"{folder}: cannot create or lock it ({getattr(e, 'strerror', None) or e})") from None
+            except (OSError, UsageError) as e:
+                raise UsageError(f"{folder}: cannot create or lock it ({getattr(e, 'strerror', None) or e})") from None
             if same:
                 yield
                 return
@@ -381,7 +382,7 @@ def reference_statistics(reference, network, *, cache=True, batch_size=100, prog
     """{output: (mu, sigma)} of a reference (as evaluate takes it) under network, cached."""
     side = Side(reference, "reference")
     if side.images is None:
-        raise EvalError(f"{side.label}: holds no images to compute {network.name} statistics from")
+        raise UsageError(f"{side.label}: holds no images to compute {network.name} statistics from")
     return _side_features(side, network, keep=(), cache=cache, work_dir=None, batch_size=batch_size,
                           progress=progress)[0]
 
@@ -391,7 +392,7 @@ def reference_statistics(reference, network, *, cache=True, batch_size=100, prog
 #################################################################################
 
 def _default_device(device):
-    """device, checked (EvalError for a name torch does not know or a device this machine lacks); by
+    """device, checked (UsageError for a name torch does not know or a device this machine lacks); by
     default cuda:LOCAL_RANK where there is a GPU, else cpu."""
     if device is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
@@ -399,19 +400,19 @@ def _default_device(device):
     try:
         torch.empty(0, device=torch.device(device))
     except (RuntimeError, AssertionError, NotImplementedError) as e:  # unknown, not built in, no driver
-        raise EvalError(f"device {device}: not usable here ({runs.one_line(e)}); use cpu, or cuda[:N] where "
+        raise UsageError(f"device {device}: not usable here ({one_line(e)}); use cpu, or cuda[:N] where "
                         f"there is a GPU") from None
     return torch.device(device)
 
 
 def load_network(name, device, inception_weights=None, dinov2_weights=None):
-    """The built-in feature network `name` ("inception" or "dinov2"); EvalError for missing weights."""
+    """The built-in feature network `name` ("inception" or "dinov2"); UsageError for missing weights."""
     try:
         if name == "inception":
             return feature_nets.InceptionNet(inception_weights, device)
         return feature_nets.DINOv2Net(dinov2_weights, device)
-    except feature_nets.WeightsError as e:
-        raise EvalError(str(e))
+    except UsageError as e:
+        raise UsageError(str(e))
 
 
 def available_metrics(inception_weights=None, dinov2_weights=None):
@@ -424,18 +425,18 @@ def available_metrics(inception_weights=None, dinov2_weights=None):
         try:
             feature_nets.find_weights(*args)
             found += metric_names
-        except feature_nets.WeightsError:
+        except UsageError:
             pass
     return found
 
 
 def parse_metrics(metrics, networks=()):
-    """A list of metric names from a list or a comma-separated string; raises EvalError."""
+    """A list of metric names from a list or a comma-separated string; raises UsageError."""
     names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
     known = (*METRICS, *(f"fd_{n}" for n in networks))
     bad = [m for m in names if m not in known]
     if bad or not names:
-        raise EvalError((f"unknown metric {bad[0]!r}" if bad else "empty metric list")
+        raise UsageError((f"unknown metric {bad[0]!r}" if bad else "empty metric list")
                         + f" (choose from {', '.join(known)})")
     return list(dict.fromkeys(names))
 
@@ -453,14 +454,14 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
     whole training set's statistics, while an ADM batch holds 10,000 images), cached like the other.
     cache: True (a file beside the reference), a folder, or False. work_dir: where an in-memory
     samples array keeps its resumable feature chunks, keyed by a sha256 of its bytes (an .npz's go
-    beside it). Under torchrun every rank calls evaluate and gets the results. Raises EvalError."""
+    beside it). Under torchrun every rank calls evaluate and gets the results. Raises UsageError."""
     networks = dict(networks or {})
     default = metrics is None
     metrics = parse_metrics(metrics if not default else
                             available_metrics(inception_weights, dinov2_weights) + [f"fd_{n}" for n in networks]
                             + (["fd_dinov2"] if dinov2_reference is not None else []) or ["fid"], networks)
     if dinov2_reference is not None and "fd_dinov2" not in metrics:
-        raise EvalError("a DINOv2 reference is given, but fd_dinov2 is not among the metrics: add it")
+        raise UsageError("a DINOv2 reference is given, but fd_dinov2 is not among the metrics: add it")
     samples, reference = Side(samples, "samples"), Side(reference, "reference")
     dinov2_side = None if dinov2_reference is None else Side(dinov2_reference, "DINOv2 reference")
     pairs = {m: (samples, reference if m != "fd_dinov2" or dinov2_side is None else dinov2_side) for m in metrics}
@@ -468,7 +469,7 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
     for name, side in (("the reference", reference), ("the DINOv2 reference", dinov2_side)):
         shapes = samples.image_shape, None if side is None else side.image_shape
         if None not in shapes and shapes[0] != shapes[1]:
-            raise EvalError(f"samples are {shapes[0][1]}x{shapes[0][0]}, {name} {shapes[1][1]}x{shapes[1][0]}: "
+            raise UsageError(f"samples are {shapes[0][1]}x{shapes[0][0]}, {name} {shapes[1][1]}x{shapes[1][0]}: "
                             f"compare images of one resolution (sample at the reference's size or pick its batch)")
     device = _default_device(device)
     sources = dict(SOURCES, **{f"fd_{n}": (n, next(iter(net.outputs))) for n, net in networks.items()})
@@ -535,9 +536,9 @@ def _feasible(metrics, pairs, default):
         if reason is None:
             kept.append(m)
         elif not default:
-            raise EvalError(f"{m}: {reason}")
+            raise UsageError(f"{m}: {reason}")
     if not kept:
-        raise EvalError("none of the metrics can be computed from these inputs")
+        raise UsageError("none of the metrics can be computed from these inputs")
     return kept
 
 
@@ -553,11 +554,11 @@ def _why_not(metric, sides):
 
 
 def _check_dimensions(metric, sides, net, output):
-    """EvalError unless the two sides of the Frechet distance `metric` have one dimension: that of the
+    """UsageError unless the two sides of the Frechet distance `metric` have one dimension: that of the
     statistics a side gives, else of the network's features (net.outputs[output], where it says)."""
     dims = [(len(s.stats[metric][0]), f"the {metric} statistics of {s.label}") if metric in s.stats
             else (net.outputs[output], f"the {net.name} {output} features of {s.label}") for s in sides]
     (d1, what1), (d2, what2) = dims
     if d1 and d2 and d1 != d2:
-        raise EvalError(f"{metric}: {what1} are {d1}-d, {what2} {d2}-d: statistics of another feature network? "
+        raise UsageError(f"{metric}: {what1} are {d1}-d, {what2} {d2}-d: statistics of another feature network? "
                         f"(give images, or statistics of one network)")

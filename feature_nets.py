@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cli import UsageError, one_line
+
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 INCEPTION_ENV = "MAPDIT_INCEPTION_WEIGHTS"
@@ -35,21 +37,18 @@ DINOV2_ARCH = "vit_large_patch14_dinov2"  # timm's build of the hub model 'dinov
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class WeightsError(Exception):
-    """A weights file is missing or is not what it should be (one line, names the fix)."""
-
 
 def find_weights(path, env, filename, url, flag):
     """The weights file: path, else $env, else the torch hub cache's checkpoints/filename (where
-    torch.hub puts it). Raises WeightsError naming where to get it; never downloads."""
+    torch.hub puts it). Raises UsageError naming where to get it; never downloads."""
     path = path or os.environ.get(env)
     if path:
         if not os.path.isfile(path):
-            raise WeightsError(f"{path}: weights file not found (want {filename}, from {url})")
+            raise UsageError(f"{path}: weights file not found (want {filename}, from {url})")
         return path
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
     if not os.path.isfile(cached):
-        raise WeightsError(f"{filename} not found: download {url} to {cached}, or pass {flag} FILE "
+        raise UsageError(f"{filename} not found: download {url} to {cached}, or pass {flag} FILE "
                            f"(or set ${env})")
     return cached
 
@@ -64,14 +63,10 @@ def _load_state(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise WeightsError(f"{path}: does not load as a state dict ({_first_line(e)})")
+        raise UsageError(f"{path}: does not load as a state dict ({one_line(e)})")
     if not isinstance(state, dict):
-        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        raise UsageError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return state
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _nhwc_uint8(batch, device):
@@ -117,7 +112,7 @@ class InceptionNet(torch.nn.Module):
             with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: state):
                 self.net = inception.fid_inception_v3()
         except (RuntimeError, KeyError, ValueError) as e:
-            raise WeightsError(f"{path}: not the FID Inception weights {INCEPTION_FILE} ({_first_line(e)})")
+            raise UsageError(f"{path}: not the FID Inception weights {INCEPTION_FILE} ({one_line(e)})")
         self.key = f"inception-2015-12-05/adm-tensors/{weights_key(path)}"
         self.device = torch.device(device)
         self.eval().requires_grad_(False).to(self.device)
@@ -178,7 +173,7 @@ class DINOv2Net(torch.nn.Module):
             state["pos_embed"] = dinov2_pos_embed(state["pos_embed"], grid)
             self.model.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as e:
-            raise WeightsError(f"{path}: not {arch} weights in the DINOv2 hub format ({_first_line(e)})")
+            raise UsageError(f"{path}: not {arch} weights in the DINOv2 hub format ({one_line(e)})")
         self.key = f"{arch}/224-bicubic-antialias/{weights_key(path)}"
         self.device = torch.device(device)
         self.eval().requires_grad_(False).to(self.device)

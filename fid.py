@@ -24,21 +24,14 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 
-from evaluation import METRICS, EvalError, evaluate, parse_metrics
+from cli import LONG_WAIT, ArgumentParser, run_command, setup_distributed
+from evaluation import METRICS, evaluate, parse_metrics
 
 NAMES = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall",
          "fd_dinov2": "FD-DINOv2", "reference_self_fid": "FID of the reference's images to its own mu/sigma",
          "reference_self_sfid": "sFID of the reference's images to its own mu_s/sigma_s"}
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that reports a usage error as one line on stderr, exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive(text):
@@ -48,7 +41,7 @@ def _positive(text):
 
 
 def build_parser():
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("samples", help=".npz with arr_0 images (or mu and sigma)")
     parser.add_argument("reference", help="ADM reference batch .npz, image folder or data.py pixel dataset")
     parser.add_argument("--metrics", help=f"comma-separated, from {','.join(METRICS)} (pr = precision and "
@@ -79,18 +72,14 @@ def _caveat(key, args, results):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world, _ = setup_distributed(LONG_WAIT)
     try:
         metrics = parse_metrics(args.metrics) if args.metrics else None
         results = evaluate(args.samples, args.reference, metrics, batch_size=args.batch_size, device=args.device,
                            inception_weights=args.inception_weights, dinov2_weights=args.dinov2_weights,
                            cache=False if args.no_cache else (args.cache_dir or True), progress=not args.no_progress,
                            dinov2_reference=args.dinov2_reference)
-        if dist.is_initialized() and dist.get_rank() != 0:
+        if rank != 0:
             return
         for key, name in NAMES.items():
             if key in results:
@@ -100,13 +89,15 @@ def main(argv=None):
             with open(tmp, "w") as f:
                 json.dump(results, f, indent=1)
             os.replace(tmp, args.json)
-    except (EvalError, OSError) as e:
-        print(f"fid.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
     finally:
-        if world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def cli(argv=None):
+    """fid.py as a command: 0; bad input one line and 2."""
+    return run_command("fid.py", main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

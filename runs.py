@@ -22,8 +22,8 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from cli import UsageError
 from models import MP_SWITCHES, DiT_models
 
 SAVED_ARG_DEFAULTS = dict(prediction="eps")  # arguments added later, as checkpoints from before them had them
@@ -35,18 +35,6 @@ SEED_RANGE = "in [0, 2**32) (numpy's seeds)"  # every seed flag: 0 <= seed < 2**
 LATEST = "latest"  # a bare --resume: the latest unfinished run with the same arguments
 CKPT_KEYS = {"model", "opt", "step", "args", "ema", "ema_power", "rng", "noise"}
 
-
-class UsageError(Exception):
-    """Bad arguments, data, checkpoint or run state: reported as one line, exit code 2."""
-
-
-def one_line(error):
-    """An error's message on one line; for an error re-raised from a DataLoader worker (whose message
-    is the worker's traceback), the original message."""
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    if len(lines) > 1 and lines[0].startswith("Caught "):
-        return lines[-1].split(": ", 1)[-1]
-    return " ".join(line.strip() for line in lines)
 
 
 #################################################################################
@@ -331,25 +319,3 @@ def read_records(run_dir, key):
 #################################################################################
 #                                  Processes                                    #
 #################################################################################
-
-def setup_distributed():
-    """(rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; the local rank picks
-    the GPU, so multi-node runs work. NCCL on GPUs, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def from_rank_0(obj, world):
-    """obj as rank 0 has it, on every rank."""
-    if world == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]

@@ -32,13 +32,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from download import VAES, Fail, open_decoder
+from cli import ArgumentParser, UsageError, barrier, run_command, setup_distributed
+from download import VAES, open_decoder
 from ema import posthoc_coefficients, valid_sigma_rel
 from evaluation import write_npz_samples
 from guidance import EVERY_STEP, Guided
 from models import MODEL_SIZES, DiT_models
 from progress import progress
-from runs import SEED_RANGE, UsageError, build_model, checkpoints_in, saved_args, setup_distributed
+from runs import SEED_RANGE, build_model, checkpoints_in, saved_args
 from sampling import DEFAULT_STEPS, chunk_inputs, chunk_sizes, make_sampler, sample_images
 from watch import tile, write_png
 
@@ -48,13 +49,8 @@ EMA_INIT_WARNING = 0.1  # warn when the classic EMA still gives its initial weig
 POWER_EMA = re.compile(r"ema-(\d+\.?\d*|\.\d+)")  # --weights ema-<sigma_rel>: group 1 is sigma_rel
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
-
-
 def parse_args(argv=None):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     g = p.add_argument_group("what to sample from")
     g.add_argument("--result-dir", metavar="RUN", help="a train.py run directory: its latest checkpoint")
     g.add_argument("--ckpt", metavar="FILE", help="a train.py checkpoint, or an official DiT state dict")
@@ -339,7 +335,7 @@ def write_fid_npz(args, generate, shape, num_classes, path, settings, rank, worl
         with open(f"{settings_file}.{rank}.tmp", "w") as f:
             json.dump(settings, f, indent=1)
         os.replace(f"{settings_file}.{rank}.tmp", settings_file)
-    barrier(world)
+    barrier()
     with open(settings_file) as f:
         changed = sorted(k for k, v in json.load(f).items() if settings.get(k) != v)
     if changed:
@@ -355,7 +351,7 @@ def write_fid_npz(args, generate, shape, num_classes, path, settings, rank, worl
             z, y = chunk_inputs(args.seed, k, sizes[k], shape, num_classes)
             save_chunk(files[k], generate(z, y), y.numpy())
             bar.update(sizes[k])
-    barrier(world)
+    barrier()
     if rank == 0:
         images, tmp = np.concatenate([read_chunk(f) for f in files]), path[: -len(".npz")] + ".tmp.npz"
         try:  # through a temporary file: a full disk leaves no truncated .npz behind
@@ -398,11 +394,6 @@ def check_writable(out):
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
 
 
 def main(args):
@@ -460,13 +451,8 @@ def main(args):
 
 
 def cli(argv=None):
-    """Run sample.py; bad input is one line on stderr and exit code 2."""
-    try:
-        main(parse_args(argv))
-    except (UsageError, Fail) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """sample.py as a command: 0; bad input one line and 2."""
+    return run_command("sample.py", lambda argv: main(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 
 from data import decode
 from diffusion import create_diffusion
-from runs import UsageError
+from cli import UsageError
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}

@@ -28,19 +28,18 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import runs
-from data import DataError, LatentDataset, make_demo_dataset, read_manifest
+from cli import ArgumentParser, UsageError, from_rank_0, run_command, setup_distributed
+from data import LatentDataset, make_demo_dataset, read_manifest
 from diffusion import create_diffusion
 from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma, valid_sigma_rel
 from models import MODULATIONS, MP_SWITCHES, DiT_models
-from evaluation import EvalError
 from monitor import block_magnitudes
 from mp_layers import force_normalize_
 from plots import plot_curves, plot_magnitudes, read_metrics
 from progress import progress
-from runs import UsageError
 from trackers import Trackers, wandb_installed
 import watch
-from download import Fail, open_decoder
+from download import open_decoder
 from watch import Evaluation, SampleGrids, eval_metrics_for, sampling_weights
 
 DEFAULTS = dict(model="DiT-S/2", prediction="eps", mp=False, num_steps=400_000, global_batch_size=256,
@@ -70,7 +69,7 @@ STEP_DERIVED = ("warmup_steps", "decay_steps", "snapshot_every")  # defaults com
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     g = p.add_argument_group("data and model")
     g.add_argument("--data-path", help="dataset directory (data.py format); omit for the built-in demo")
     g.add_argument("--results-dir", default="results", help="parent of the run directories")
@@ -212,7 +211,7 @@ def check_evaluation(args):
         raise UsageError(f"--eval-reference {args.eval_reference}: no such file or folder")
     try:
         args.eval_metrics = eval_metrics_for(args.eval_metrics, kind)
-    except (ValueError, EvalError) as e:
+    except (ValueError, UsageError) as e:
         raise UsageError(f"--eval-metrics: {e}") from None
 
 
@@ -272,14 +271,14 @@ def open_dataset(args):
 
 
 def main(args):
-    rank, world, device = runs.setup_distributed()
+    rank, world, device = setup_distributed()
     with contextlib.ExitStack() as cleanup:
         if world > 1:
             cleanup.callback(dist.destroy_process_group)
         run_dir, resume, lock = runs.claim_run(args) if rank == 0 else (None, None, None)
         if lock:
             cleanup.callback(lock.release)
-        run_dir, resume = runs.from_rank_0((run_dir, resume), world)
+        run_dir, resume = from_rank_0((run_dir, resume))
         micro, rem = divmod(args.global_batch_size, world * args.grad_accum)
         if rem or micro == 0:
             raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by "
@@ -298,7 +297,7 @@ def main(args):
         if rank == 0 and run_dir is None:
             run_dir, lock = runs.create_run(args, run_name(args))
             cleanup.callback(lock.release)
-        run_dir = runs.from_rank_0(run_dir, world)
+        run_dir = from_rank_0(run_dir)
         return train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, micro, vae)
 
 
@@ -320,7 +319,7 @@ def open_vae(args, manifest, rank, world, device):
     if needed:
         try:
             vae = open_decoder(manifest, args.vae_path).to(device)
-        except Fail as e:
+        except UsageError as e:
             error = str(e)
     error = first_error(error, world)
     if error:
@@ -534,7 +533,7 @@ def catch_up(args, step, s, grids, evaluator, trackers, metrics_file, logger, ru
         return
     wanted = set(range(args.eval_every, step + 1, args.eval_every)) | ({step} if due(args.eval_every) else set())
     done = {r["step"] for r in runs.read_records(run_dir, "eval")} if metrics_file is not None else set()
-    for k in runs.from_rank_0(sorted(wanted - done), s.world):
+    for k in from_rank_0(sorted(wanted - done)):
         path = os.path.join(run_dir, "checkpoints", f"{k:07d}.pt")
         if k == step:
             evaluate_at(args, k, weights, evaluator, trackers, metrics_file, logger)
@@ -657,16 +656,8 @@ def endless(loader, sampler, consumed, per_epoch, micro):
 
 
 def cli(argv=None):
-    """Run train.py; bad input is one line on stderr and exit code 2, a diverged run exit code 1."""
-    try:
-        main(parse_args(argv))
-    except (UsageError, DataError) as e:
-        print(f"train.py: error: {runs.one_line(e)}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"train.py: stopped: {runs.one_line(e)}", file=sys.stderr)
-        return 1
-    return 0
+    """train.py as a command: 0; bad input one line and 2; a diverged run one line and 1."""
+    return run_command("train.py", lambda argv: main(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 import evaluation
-from eval_inputs import EvalError, Side
+from cli import UsageError
+from eval_inputs import Side
 from guidance import Guided
-from runs import UsageError, folder_lock
+from runs import folder_lock
 from sampling import chunk_inputs, chunk_sizes, make_sampler, sample_images
 
 GRID_COLUMNS = 8
@@ -213,7 +214,7 @@ def check_reference(reference, metrics, num_samples, image_shape, flag="--eval-r
     a statistic. flag: the option that gave the reference, for the messages."""
     try:
         side = Side(reference, f"{flag} {reference}")
-    except EvalError as e:
+    except UsageError as e:
         raise ValueError(str(e)) from None
     if None not in (side.image_shape, image_shape) and tuple(side.image_shape) != tuple(image_shape):
         (h, w, _), (rh, rw, _) = image_shape, side.image_shape

@@ -26,8 +26,8 @@ are on disk (else n/a), and the EMA's loss on a fixed held-out batch. RESULTS/ta
 RESULTS/results.json aggregate the seeds; RESULTS/ablation_samples.png and
 ablation_magnitudes.png compare vanilla DiT with MaP-DiT. Bad input: one line, exit code 2.
 """
-import argparse
 import os
+import argparse
 import shlex
 import sys
 import time
@@ -39,10 +39,11 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import feature_nets  # noqa: E402
-from experiments.evaluate import (AblateError, add_missing_fid, evaluate_run, prepare_data,  # noqa: E402
+from cli import ArgumentParser, UsageError, run_command  # noqa: E402
+from experiments.evaluate import (add_missing_fid, evaluate_run, prepare_data,  # noqa: E402
                                   prepare_eval, read_json, say, write_json)
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
-from experiments.runner import (CONFIGS, Parser, cli, final_checkpoint, find_run, finish,  # noqa: E402
+from experiments.runner import (CONFIGS, final_checkpoint, find_run, finish,  # noqa: E402
                                 parse_train, run_state, run_subprocesses, train_run)
 
 DEFAULT_MODEL, DEFAULT_SIZE = "DiT-XS/4", dict(depth=4, hidden_size=128, num_heads=4)
@@ -57,7 +58,7 @@ GRIDS = {"default": list(CONFIGS), "tiny": ["vanilla", "mp"]}
 #################################################################################
 
 def build_parser():
-    p = Parser(prog="ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="ablate.py", description=__doc__)
     g = p.add_argument_group("grid")
     g.add_argument("--grid", choices=sorted(GRIDS), default="default", help="which grid (default: default)")
     g.add_argument("--configs", nargs="+", metavar="NAME", help="run only these configurations of the grid (--list)")
@@ -119,21 +120,21 @@ def parse(argv):
     if opts.configs:
         unknown = [c for c in opts.configs if c not in grid]
         if unknown:
-            raise AblateError(f"--configs: {', '.join(unknown)} not in grid {opts.grid!r} ({', '.join(grid)})")
+            raise UsageError(f"--configs: {', '.join(unknown)} not in grid {opts.grid!r} ({', '.join(grid)})")
         opts.configs = [c for c in grid if c in opts.configs]
     else:
         opts.configs = list(grid)
     for name in ("num_steps", "global_batch_size", "parallel", "threads", "samples_per_class", "sample_steps",
                  "loss_batch", "eval_batch_size", "classifier_epochs"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
-            raise AblateError(f"--{name.replace('_', '-')} must be at least 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if len(set(opts.seeds)) != len(opts.seeds):
-        raise AblateError(f"--seeds: repeated seed in {opts.seeds}")
+        raise UsageError(f"--seeds: repeated seed in {opts.seeds}")
     if any(s < 0 for s in opts.cfg_scales):
-        raise AblateError("--cfg-scales must be >= 0")
+        raise UsageError("--cfg-scales must be >= 0")
     for name in opts.compare:
         if name not in CONFIGS:
-            raise AblateError(f"--compare: unknown configuration {name!r} (known: {', '.join(CONFIGS)})")
+            raise UsageError(f"--compare: unknown configuration {name!r} (known: {', '.join(CONFIGS)})")
     if opts.model is None:
         opts.model = DEFAULT_MODEL
         for k, v in DEFAULT_SIZE.items():
@@ -142,11 +143,11 @@ def parse(argv):
     try:
         shlex.split(opts.train_args)
     except ValueError as e:
-        raise AblateError(f"--train-args: {e}")
+        raise UsageError(f"--train-args: {e}")
     if opts.only:
         cfg, _, seed = opts.only.partition(":")
         if cfg not in CONFIGS or not seed.lstrip("-").isdigit():
-            raise AblateError(f"--only: expected CONFIG:SEED, got {opts.only!r}")
+            raise UsageError(f"--only: expected CONFIG:SEED, got {opts.only!r}")
         opts.only = (cfg, int(seed))
     opts.results_dir = os.path.abspath(opts.results_dir)
     return opts
@@ -190,7 +191,7 @@ def run_one(opts, data, ctx, cfg, seed, position=""):
     argv = train_argv(opts, data, cfg, seed)
     args, why = parse_train(argv)
     if args is None:
-        raise AblateError(f"{cfg}: {why}")
+        raise UsageError(f"{cfg}: {why}")
     root = run_root(opts, cfg, seed)
     run_dir = find_run(root, args)
     state = run_state(run_dir, argv, opts.num_steps, eval_key(opts, ctx))
@@ -247,7 +248,7 @@ def run_parallel(opts, argv, pending):
 
 
 def main(argv=None):
-    return cli("ablate.py", list_or_run, list(sys.argv[1:] if argv is None else argv))
+    return run_command("ablate.py", list_or_run, list(sys.argv[1:] if argv is None else argv))
 
 
 def list_or_run(argv):
@@ -273,14 +274,14 @@ def run_grid(opts, argv):
         else:
             available.append(cfg)
     if not available:
-        raise AblateError(f"train.py refuses every configuration: {next(iter(skipped.values()))}")
+        raise UsageError(f"train.py refuses every configuration: {next(iter(skipped.values()))}")
     for cfg, why in skipped.items():
         say(f"skipping {cfg}: {why}")
     ctx = prepare_eval(opts, data)
     if opts.only:
         cfg, seed = opts.only
         if cfg not in available:
-            raise AblateError(f"{cfg}: {skipped.get(cfg, 'not in this grid')}")
+            raise UsageError(f"{cfg}: {skipped.get(cfg, 'not in this grid')}")
         run_one(opts, data, ctx, cfg, seed)
         return 0
     pending = [(cfg, seed) for cfg in available for seed in opts.seeds]

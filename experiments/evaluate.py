@@ -1,7 +1,7 @@
 """Evaluation for experiments/ablate.py: the data a grid trains and is scored on, the FD classifier
 and reference statistics (trained once, cached in RESULTS/eval/), and the scoring of one trained
 run (held-out loss, fixed-noise samples, FD, class consistency, FID). Also the small pieces that
-ablate.py and report.py share: AblateError, say, read_json, write_json.
+ablate.py and report.py share: UsageError, say, read_json, write_json.
 """
 import argparse
 import hashlib
@@ -18,16 +18,14 @@ import torch
 
 import evaluation
 import runs
-from data import DataError, LatentDataset, ShardWriter, denormalize, make_demo_dataset, read_manifest
+from cli import UsageError
+from data import LatentDataset, ShardWriter, denormalize, make_demo_dataset, read_manifest
 from diffusion import create_diffusion
 from experiments import metrics
 
 CLASSIFIER_ITEMS, HELDOUT_ITEMS = 20_000, 10_000  # caps on the real images the evaluation reads
 CLASSIFIER_MIN_STEPS = 300  # optimiser steps of the FD classifier however small the dataset
 
-
-class AblateError(Exception):
-    """Bad arguments or data: reported as one line on stderr, exit code 2."""
 
 
 def say(message):
@@ -68,8 +66,8 @@ def prepare_data(opts, variant="colours", heldout_parts=1):
         else:
             path, heldout = opts.data_path, opts.eval_data_path
         manifest = LatentDataset(path).manifest
-    except DataError as e:
-        raise AblateError(str(e))
+    except UsageError as e:
+        raise UsageError(str(e))
     name = ("demo" if variant == "colours" else f"demo-{variant}") if demo else os.path.basename(os.path.normpath(path))
     return SimpleNamespace(path=os.path.abspath(path), heldout=heldout and os.path.abspath(heldout), demo=demo,
                            name=name, manifest=manifest)
@@ -83,10 +81,10 @@ def split_heldout(heldout, out_dir):
     heldout = os.path.abspath(heldout)
     try:
         ds = LatentDataset(heldout)
-    except DataError as e:
-        raise AblateError(str(e))
+    except UsageError as e:
+        raise UsageError(str(e))
     if ds.kind != "pixel" or len(ds) < 8:
-        raise AblateError(f"{heldout}: the validation / test split needs pixel images, at least 8 ({len(ds)} "
+        raise UsageError(f"{heldout}: the validation / test split needs pixel images, at least 8 ({len(ds)} "
                           f"{ds.kind} items)")
     order = np.random.default_rng(0).permutation(len(ds))
     name = f"{os.path.basename(heldout)}-{hashlib.sha256(heldout.encode()).hexdigest()[:8]}"
@@ -100,7 +98,7 @@ def write_part(ds, index, path, source):
     if os.path.isdir(path):
         if read_manifest(path).get("source") == source:
             return path
-        raise AblateError(f"{path}: holds another dataset than {source}; remove it")
+        raise UsageError(f"{path}: holds another dataset than {source}; remove it")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = tempfile.mkdtemp(prefix=os.path.basename(path) + ".partial-", dir=os.path.dirname(path))
     try:
@@ -139,11 +137,11 @@ def prepare_eval(opts, data):
     try:
         ds = LatentDataset(data.path)
         held_ds = LatentDataset(data.heldout) if data.heldout else ds
-    except DataError as e:
-        raise AblateError(str(e))
+    except UsageError as e:
+        raise UsageError(str(e))
     manifest = ds.manifest
     if (held_ds.shape, held_ds.num_classes) != (ds.shape, ds.num_classes):
-        raise AblateError(f"{data.heldout}: shape {list(held_ds.shape)} and {held_ds.num_classes} classes differ "
+        raise UsageError(f"{data.heldout}: shape {list(held_ds.shape)} and {held_ds.num_classes} classes differ "
                           f"from the training data's {list(ds.shape)} and {ds.num_classes}")
     num_classes, n_samples = ds.num_classes, ds.num_classes * opts.samples_per_class
     rng = np.random.default_rng(0)
@@ -157,7 +155,7 @@ def prepare_eval(opts, data):
         held_idx, train_idx = np.sort(perm[:n_held]), perm[n_held:][:CLASSIFIER_ITEMS]
         held_desc = f"{n_held} items of {data.path} split off for the classifier (not held out from training)"
     if len(held_idx) < 4 or len(train_idx) < 2:
-        raise AblateError(f"{data.path}: too few items ({len(ds)}) to split off held-out data; pass --eval-data-path")
+        raise UsageError(f"{data.path}: too few items ({len(ds)}) to split off held-out data; pass --eval-data-path")
     held_u8, held_x, held_y = load_items(held_ds, held_idx, seed=1)
     n_base = min(n_samples, len(held_idx) // 2)  # real images scored like one run's samples: the floor
     arch = metrics.SmallClassifier(ds.shape[0], num_classes).config

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import evaluation
 import feature_nets
+from cli import UsageError
 
 FEATURE_DIM = 128
 CLASSIFIER_RECIPE = "Adam 2e-3, cosine decay, batch 128, cross-entropy with label smoothing 0.1"  # in cache keys
@@ -142,7 +143,7 @@ def inception_network(path=None, device="cpu"):
     $MAPDIT_INCEPTION_WEIGHTS, else the torch hub cache), else (None, reason). Never downloads."""
     try:
         return feature_nets.InceptionNet(path, device), None
-    except feature_nets.WeightsError as e:
+    except UsageError as e:
         return None, str(e)
 
 

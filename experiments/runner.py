@@ -4,20 +4,17 @@ directory and its state (done, evaluate, resume, new), training one run with div
 rather than raised, running many runs as subprocesses N at once, and their command lines' error
 handling (bad input: one line, exit code 2).
 """
-import argparse
 import contextlib
 import io
 import logging
 import os
 import subprocess
-import sys
 import time
 
-import evaluation
 import runs
 import train
-from data import DataError
-from experiments.evaluate import AblateError, read_json, say
+from cli import UsageError
+from experiments.evaluate import read_json, say
 from models import MP_SWITCHES
 
 
@@ -40,22 +37,6 @@ def _configs():
 CONFIGS = _configs()
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are raised as AblateError, for cli() to report in one line."""
-    def error(self, message):
-        raise AblateError(f"{message} (see --help)")
-
-
-def cli(prog, run, argv):
-    """run(argv) -> exit code, with bad input (arguments, data, runs, evaluation) reported as
-    'prog: error: ...' on one line and exit code 2."""
-    try:
-        return run(argv)
-    except (AblateError, runs.UsageError, DataError, evaluation.EvalError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-
-
 def parse_train(argv):
     """(train.py's parsed arguments, None), or (None, why train.py refuses them)."""
     err = io.StringIO()
@@ -65,7 +46,7 @@ def parse_train(argv):
     except SystemExit:
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
         return None, lines[-1] if lines else "train.py refused the arguments"
-    except runs.UsageError as e:
+    except UsageError as e:
         return None, str(e)
 
 

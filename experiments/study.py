@@ -46,9 +46,10 @@ import runs  # noqa: E402
 import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset  # noqa: E402
-from experiments.evaluate import (AblateError, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
+from cli import ArgumentParser, UsageError, run_command  # noqa: E402
+from experiments.evaluate import (evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
                                   say, split_heldout, training_record, write_json)
-from experiments.runner import (CONFIGS, Parser, cli, final_checkpoint, find_run, finish,  # noqa: E402
+from experiments.runner import (CONFIGS, final_checkpoint, find_run, finish,  # noqa: E402
                                 parse_train, run_state, run_subprocesses, train_run)
 from experiments.study_report import README_END, README_START, write_report  # noqa: E402
 
@@ -72,7 +73,7 @@ PROFILE_KEYS = ("model", "depth", "hidden_size", "num_heads", "global_batch_size
 #################################################################################
 
 def build_parser():
-    p = Parser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="study.py", description=__doc__)
     g = p.add_argument_group("the study")
     g.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
                    help="budgets and model: cpu (default; DiT-XS/4 at depth 4, width 128, 150-step sweep, 400-step "
@@ -130,36 +131,36 @@ def parse(argv):
             setattr(opts, key, profile[key])
     unknown = [a for a in opts.arms if a not in CONFIGS]
     if unknown:
-        raise AblateError(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
+        raise UsageError(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     if len(set(opts.arms)) != len(opts.arms) or len(set(opts.seeds)) != len(opts.seeds):
-        raise AblateError("--arms and --seeds must not repeat")
+        raise UsageError("--arms and --seeds must not repeat")
     if opts.sweep_extend < 0:
-        raise AblateError("--sweep-extend must be at least 0")
+        raise UsageError("--sweep-extend must be at least 0")
     in_range, check = train.RANGES["seed"]
     if not all(check(s) for s in [opts.sweep_seed, *opts.seeds]):
-        raise AblateError(f"--sweep-seed and --seeds must be {in_range}")
+        raise UsageError(f"--sweep-seed and --seeds must be {in_range}")
     if opts.sweep_seed in opts.seeds:
-        raise AblateError(f"--seeds must not include the sweep seed {opts.sweep_seed}: the lr would be chosen on "
+        raise UsageError(f"--seeds must not include the sweep seed {opts.sweep_seed}: the lr would be chosen on "
                           "the run it reports")
     for key in ("sweep_points", "sweep_steps", "steps", "parallel", "threads", "global_batch_size", "eval_every",
                 "eval_samples", "sample_steps", "samples_per_class"):
         if getattr(opts, key) is not None and getattr(opts, key) < 1:
-            raise AblateError(f"--{key.replace('_', '-')} must be at least 1")
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1")
     if not 1 <= opts.sweep_span < math.inf or (opts.sweep_points > 1 and opts.sweep_span == 1):
-        raise AblateError("--sweep-span must be finite, and above 1 for more than one point")
+        raise UsageError("--sweep-span must be finite, and above 1 for more than one point")
     if opts.readme:
         try:
             with open(opts.readme) as f:
                 text = f.read()
         except OSError as e:
-            raise AblateError(f"--readme: {e}")
+            raise UsageError(f"--readme: {e}")
         if README_START not in text or README_END not in text:
-            raise AblateError(f"--readme {opts.readme}: add the lines '{README_START}' and '{README_END}' where the "
+            raise UsageError(f"--readme {opts.readme}: add the lines '{README_START}' and '{README_END}' where the "
                               "report goes")
     try:
         shlex.split(opts.train_args)
     except ValueError as e:
-        raise AblateError(f"--train-args: {e}")
+        raise UsageError(f"--train-args: {e}")
     # what experiments/evaluate.py's scoring reads: fixed here, as in ablate.py's defaults
     opts.cfg_scales, opts.sample_seed, opts.loss_batch, opts.eval_batch_size = [1.0], 0, 256, 250
     opts.classifier_epochs, opts.inception_weights = 4, None
@@ -210,7 +211,7 @@ def check_reach(opts, default):
     except OverflowError:
         ends = [math.inf]
     if not all(0 < lr < math.inf for lr in ends):
-        raise AblateError(f"--sweep-span {opts.sweep_span:g}: the sweep around {default:g} (extended up to "
+        raise UsageError(f"--sweep-span {opts.sweep_span:g}: the sweep around {default:g} (extended up to "
                           f"{opts.sweep_extend} steps past each end) leaves the positive floats; narrow it")
 
 
@@ -256,7 +257,7 @@ def make_plan(opts, data):
             check_reach(opts, lr)
             plan[arm] = dict(default_lr=lr, lrs=sweep_lrs(lr, opts.sweep_points, opts.sweep_span))
     if not plan:
-        raise AblateError(f"train.py refuses every arm: {next(iter(refused.values()))}")
+        raise UsageError(f"train.py refuses every arm: {next(iter(refused.values()))}")
     return plan, refused
 
 
@@ -314,7 +315,7 @@ def run_job(opts, data, ctx, phase, arm, lr, seed):
     steps = opts.steps if phase == "full" else opts.sweep_steps
     curve = eval_curve(run_dir, opts.metric)
     if not curve or curve[-1][0] != steps:
-        raise AblateError(f"{run_dir}: no in-run evaluation of {opts.metric} at step {steps} in metrics.jsonl")
+        raise UsageError(f"{run_dir}: no in-run evaluation of {opts.metric} at step {steps} in metrics.jsonl")
     _, _, step_time = training_record(run_dir, opts.global_batch_size)
     result = dict(base, status="ok", run_dir=run_dir, curve=curve, final=curve[-1][1], step_time_s=step_time)
     if phase == "full":
@@ -447,7 +448,7 @@ def estimate(opts, pending_sweep, pending_full):
 #################################################################################
 
 def main(argv=None):
-    return cli("study.py", run_study, list(sys.argv[1:] if argv is None else argv))
+    return run_command("study.py", run_study, list(sys.argv[1:] if argv is None else argv))
 
 
 def run_study(argv):
@@ -470,12 +471,12 @@ def study_data(opts):
     may make them at the same time."""
     data = prepare_data(opts, variant="shapes", heldout_parts=2)
     if data.manifest["kind"] != "pixel" or not data.heldout:
-        raise AblateError("--data-path: the study needs a pixel dataset and held-out images of it (--eval-data-path)")
+        raise UsageError("--data-path: the study needs a pixel dataset and held-out images of it (--eval-data-path)")
     try:
         opts.metric = opts.metric or watch.eval_metrics_for(None, data.manifest["kind"])[0]
         watch.eval_metrics_for([opts.metric], data.manifest["kind"])
     except ValueError as e:
-        raise AblateError(f"--metric: {e}")
+        raise UsageError(f"--metric: {e}")
     data.validation, data.test = split_heldout(data.heldout, opts.results_dir)
     return data
 

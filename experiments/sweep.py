@@ -24,7 +24,6 @@ before anything is written; sweeps on one OUT take turns (runs.folder_lock). Met
                    no download, comparable only within one dataset; the demo's metric
 Outputs: OUT/sweep.md (tables), OUT/sweep.png. Every bad input: one line on stderr, exit code 2.
 """
-import argparse
 import json
 import math
 import os
@@ -46,23 +45,16 @@ import watch  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
 from experiments import evaluate  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
-from runs import SEED_RANGE, UsageError, checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
+from cli import ArgumentParser, UsageError, run_command  # noqa: E402
+from runs import SEED_RANGE, checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
 
 SHARED = ("result_dir", "ckpt", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
           "guide_weights", "precision", "metric", "reference", "eval_dir")
 
 
-class SweepError(Exception):
-    """Bad input: one line on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise SweepError(f"{message} (see --help)")
-
 
 def parse_args(argv=None):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--result-dir", required=True, metavar="RUN", help="the train.py run")
     p.add_argument("--ckpt", metavar="FILE", help="the checkpoint of RUN that every cell samples (default: the "
                                                   "newest when the sweep is first made; then the one sweep.json records)")
@@ -93,7 +85,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_grid(args)
     if args.metric == "fid" and not args.reference:
-        raise SweepError("--metric fid needs --reference NPZ (an ADM reference batch)")
+        raise UsageError("--metric fid needs --reference NPZ (an ADM reference batch)")
     if args.metric == "fid":
         args.reference = os.path.abspath(args.reference)
     args.out = args.out or os.path.join(args.result_dir, "sweep")
@@ -110,36 +102,36 @@ def check_grid(args):
     args.sigma_rels, args.weights = list(widths), list(widths.values())
     bad = [s for s in args.cfg_scales if not math.isfinite(s)]
     if bad:
-        raise SweepError(f"--cfg-scales {bad[0]}: must be a finite number (1 = no guidance)")
+        raise UsageError(f"--cfg-scales {bad[0]}: must be a finite number (1 = no guidance)")
     args.cfg_scales = list(dict.fromkeys(args.cfg_scales))
     values = args.intervals or list(EVERY_STEP)
     if len(values) % 2:
-        raise SweepError("--intervals: give pairs LO HI")
+        raise UsageError("--intervals: give pairs LO HI")
     pairs = [tuple(values[i:i + 2]) for i in range(0, len(values), 2)]
     for lo, hi in pairs:
         if not 0 <= lo <= hi:  # False for NaN
-            raise SweepError(f"--intervals {lo:g} {hi:g}: each pair needs noise levels 0 <= LO <= HI (HI may be inf)")
+            raise UsageError(f"--intervals {lo:g} {hi:g}: each pair needs noise levels 0 <= LO <= HI (HI may be inf)")
     args.intervals = list(dict.fromkeys(pairs))
     if not 0 <= args.seed < 2 ** 32:
-        raise SweepError(f"--seed {args.seed}: must be {SEED_RANGE}")
+        raise UsageError(f"--seed {args.seed}: must be {SEED_RANGE}")
     for name, least, most in (("num_samples", 2, math.inf), ("batch_size", 1, math.inf),
                               ("num_sampling_steps", 1, 1000)):  # a covariance; the training steps at most
         value = getattr(args, name)
         if value is not None and not least <= value <= most:  # None: sample.py's default steps
-            raise SweepError(f"--{name.replace('_', '-')} {value}: must be in [{least}, {most}]")
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be in [{least}, {most}]")
     if args.guide_weights and not args.guide:
-        raise SweepError("--guide-weights needs --guide")
+        raise UsageError("--guide-weights needs --guide")
     if args.guide and not os.path.exists(args.guide):
-        raise SweepError(f"--guide {args.guide}: no such run directory or checkpoint")
+        raise UsageError(f"--guide {args.guide}: no such run directory or checkpoint")
 
 
 def sigma_rel(weights):
     """sigma_rel of ema-<sigma_rel>, read as sample.py reads it, where a power EMA of that width exists."""
     match = sample.POWER_EMA.fullmatch(weights)
     if not match:
-        raise SweepError(f"--weights {weights}: use ema-<sigma_rel> such as ema-0.07 (the plot's axis)")
+        raise UsageError(f"--weights {weights}: use ema-<sigma_rel> such as ema-0.07 (the plot's axis)")
     if not valid_sigma_rel(float(match[1])):
-        raise SweepError(f"--weights {weights}: no power EMA has sigma_rel {match[1]} (about 0 < sigma_rel < 0.3)")
+        raise UsageError(f"--weights {weights}: no power EMA has sigma_rel {match[1]} (about 0 < sigma_rel < 0.3)")
     return float(match[1])
 
 
@@ -155,27 +147,27 @@ def check_inputs(args):
     ema-<sigma_rel> weights, a reference the metric cannot read or compare. Writes nothing."""
     ckpts = checkpoints_in(args.result_dir)
     if not ckpts:
-        raise SweepError(f"--result-dir {args.result_dir}: no checkpoints/NNNNNNN.pt")
+        raise UsageError(f"--result-dir {args.result_dir}: no checkpoints/NNNNNNN.pt")
     recorded = evaluate.read_json(os.path.join(args.out, "sweep.json")) or {}
     args.ckpt = os.path.realpath(args.ckpt or recorded.get("ckpt") or ckpts[-1])
     if args.ckpt not in map(os.path.realpath, ckpts):
-        raise SweepError(f"--ckpt {args.ckpt}: not one of the checkpoints/NNNNNNN.pt of --result-dir {args.result_dir}")
+        raise UsageError(f"--ckpt {args.ckpt}: not one of the checkpoints/NNNNNNN.pt of --result-dir {args.result_dir}")
     ckpt = load_checkpoint(args.ckpt, mmap=True)
     if not ckpt["ema_power"]:
-        raise SweepError(f"{args.ckpt}: the run tracked no power EMA (train.py --ema-sigma-rels), so no "
+        raise UsageError(f"{args.ckpt}: the run tracked no power EMA (train.py --ema-sigma-rels), so no "
                          f"ema-<sigma_rel> weights can be made from it")
     manifest = ckpt["manifest"]
     if args.metric == "fd-classifier" and manifest["kind"] != "pixel":
-        raise SweepError("--metric fd-classifier: pixel runs only (score a latent run with --metric fid)")
+        raise UsageError("--metric fd-classifier: pixel runs only (score a latent run with --metric fid)")
     if args.metric == "fid":
         side = manifest["shape"][1:] if manifest["kind"] == "pixel" else [manifest.get("image_size")] * 2
         try:
             watch.check_reference(args.reference, ["fid"], args.num_samples, None if None in side else (*side, 3),
                                   flag="--reference")
         except ValueError as e:
-            raise SweepError(str(e)) from None
+            raise UsageError(str(e)) from None
         if "fid" not in evaluation.available_metrics(args.inception_weights):
-            raise SweepError(f"--metric fid: no Inception weights ({feature_nets.INCEPTION_FILE}); pass "
+            raise UsageError(f"--metric fid: no Inception weights ({feature_nets.INCEPTION_FILE}); pass "
                              f"--inception-weights FILE or set {feature_nets.INCEPTION_ENV}")
 
 
@@ -200,7 +192,7 @@ def run_sample(launcher, argv):
     cmd = (shlex.split(launcher) or [sys.executable]) + [os.path.join(ROOT, "sample.py"), *argv]
     code = subprocess.run(cmd).returncode
     if code:
-        raise SweepError(f"sample.py exited with code {code} (its message is above): {shlex.join(cmd)}")
+        raise UsageError(f"sample.py exited with code {code} (its message is above): {shlex.join(cmd)}")
 
 
 def make_scorer(args):
@@ -215,8 +207,8 @@ def make_scorer(args):
                            inception_weights=None, loss_batch=1)
     try:
         ctx = evaluate.prepare_eval(opts, evaluate.prepare_data(opts))
-    except evaluate.AblateError as e:
-        raise SweepError(str(e)) from None
+    except UsageError as e:
+        raise UsageError(str(e)) from None
     floor = f"{ctx.n_base} real held-out images score {ctx.real_fd:.4g} ({ctx.fd_name}; the floor at this size)"
     network = watch.ImageClassifier(ctx.classifier, f"SmallClassifier-{ctx.classifier_id}-uint8")
     return "fd_classifier", {"fd_classifier": ctx.ref_stats}, {"classifier": network}, floor
@@ -228,8 +220,8 @@ def score(path, args, scorer):
     try:
         result = evaluation.evaluate(path, reference, [metric], networks=networks,
                                      inception_weights=args.inception_weights, progress=False)[metric]
-    except evaluation.EvalError as e:
-        raise SweepError(str(e)) from None
+    except UsageError as e:
+        raise UsageError(str(e)) from None
     shutil.rmtree(path[: -len(".npz")] + "-features", ignore_errors=True)
     return result
 
@@ -287,11 +279,11 @@ def check_settings(args):
     settings = {k: getattr(args, k) for k in SHARED}
     recorded = evaluate.read_json(os.path.join(args.out, "sweep.json")) or {}
     if recorded.get("ckpt", args.ckpt) != args.ckpt:
-        raise SweepError(f"{args.out}: its cells sample {recorded['ckpt']}, not --ckpt {args.ckpt}; give that one "
+        raise UsageError(f"{args.out}: its cells sample {recorded['ckpt']}, not --ckpt {args.ckpt}; give that one "
                          f"(or no --ckpt) to extend the sweep, or another --out")
     changed = sorted(k for k, v in recorded.items() if settings.get(k) != v)
     if changed:
-        raise SweepError(f"{args.out}: holds cells made with other {', '.join(changed)} (see sweep.json); "
+        raise UsageError(f"{args.out}: holds cells made with other {', '.join(changed)} (see sweep.json); "
                          f"use the same options, or another --out")
     return None if recorded else settings
 
@@ -334,12 +326,8 @@ def run_grid(args):
 
 
 def cli(argv=None):
-    try:
-        main(parse_args(argv))
-    except (SweepError, UsageError) as e:
-        print(f"sweep.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """sweep.py as a command: 0; bad input one line and 2."""
+    return run_command("sweep.py", lambda argv: main(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import data
-from data import DataError, LatentDataset, ShardWriter, demo_class_names, make_demo_dataset, read_manifest
+from cli import UsageError
+from data import LatentDataset, ShardWriter, demo_class_names, make_demo_dataset, read_manifest
 
 SHAPE = (4, 4, 4)
 
@@ -159,13 +160,13 @@ def test_shard_done_and_interrupted_write(tmp_path, monkeypatch):
 
 def test_finish_refuses_gaps_and_empty_datasets(tmp_path):
     writer = ShardWriter(tmp_path, "pixel", (3, 2, 2), 2)
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(UsageError, match="empty"):
         writer.finish()
     for index in (0, 2):
         writer.write_shard(index, [0], images=np.zeros((1, 3, 2, 2), np.uint8))
-    with pytest.raises(DataError, match="shard-00001.labels.npy"):
+    with pytest.raises(UsageError, match="shard-00001.labels.npy"):
         writer.finish()
-    with pytest.raises(DataError, match="sets"):
+    with pytest.raises(UsageError, match="sets"):
         writer.finish(num_items=5)
 
 
@@ -178,7 +179,7 @@ def test_finish_refuses_gaps_and_empty_datasets(tmp_path):
 ])
 def test_write_shard_rejects_bad_arrays(tmp_path, arrays, message):
     arrays.setdefault("images", None)
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(UsageError, match=message):
         ShardWriter(tmp_path, "pixel", (3, 2, 2), 2).write_shard(0, **arrays)
 
 
@@ -221,7 +222,7 @@ def test_bad_datasets_raise_data_error_naming_the_file(tmp_path, case):
     write_latent(path)
     corrupt, message = BAD_DATASETS[case]
     corrupt(path)
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(UsageError, match=message):
         LatentDataset(path)
 
 
@@ -247,7 +248,7 @@ def test_demo_dataset(tmp_path):
     distance = np.linalg.norm(np.array(colours)[:, None] - np.array(colours)[None], axis=-1)
     assert distance[~np.eye(10, dtype=bool)].min() > 40  # every class has its own colour
     assert make_demo_dataset(path, num_items=300, seed=1) == path  # reused as it is
-    with pytest.raises(DataError, match="not empty"):
+    with pytest.raises(UsageError, match="not empty"):
         make_demo_dataset(path, num_items=100, seed=1)
 
 
@@ -339,7 +340,7 @@ def test_shape_variant_is_its_own_dataset(tmp_path):
     shapes = make_demo_dataset(tmp_path / "s", num_items=100, seed=1, variant="shapes")
     assert read_manifest(shapes)["source"] != read_manifest(colours)["source"]
     assert read_manifest(colours)["source"] == "make_demo_dataset(num_items=100, image_size=32, seed=1)"  # old demo data dirs stay valid
-    with pytest.raises(DataError, match="not empty"):
+    with pytest.raises(UsageError, match="not empty"):
         make_demo_dataset(shapes, num_items=100, seed=1)
-    with pytest.raises(DataError, match="unknown demo variant"):
+    with pytest.raises(UsageError, match="unknown demo variant"):
         make_demo_dataset(tmp_path / "x", num_items=100, variant="texture")

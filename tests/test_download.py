@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import download
+from cli import UsageError
 from data import LatentDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,9 +109,8 @@ def test_latent_encoding_resumes_and_matches_the_vae(src, vae_dir, tmp_path):
     assert LatentDataset(out).num_classes == 3
 
     # Resuming with other settings is refused (the shards would not fit together).
-    with pytest.raises(SystemExit) as exit_info:
-        download.main(encode_args(src, out, "--vae-path", vae_dir, "--flip"))
-    assert exit_info.value.code == 2
+    code = download.cli(encode_args(src, out, "--vae-path", vae_dir, "--flip"))
+    assert code == 2
 
 
 def test_vae_encodes_in_float32_unless_bf16_is_asked_for(src, vae_dir, tmp_path, monkeypatch):
@@ -174,10 +174,9 @@ def test_other_bad_inputs_in_process(src, vae_dir, tmp_path, capsys):
                          (encode_args(src, tmp_path / "x", "--batch-size", "0"), "--batch-size"),
                          (encode_args(src, tmp_path / "x", "--vae-path", vae_dir,
                                       "--image-size", "15"), "not a multiple")]:
-        with pytest.raises(SystemExit) as exit_info:
-            download.main(args)
+        code = download.cli(args)
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert needle in err
     download.main(["vae", "--vae-path", vae_dir])
     assert "4 latent channels" in capsys.readouterr().out
@@ -231,7 +230,7 @@ def test_dit_download_resumes_replaces_and_verifies(tmp_path):
         assert server.ranges == ["bytes=1000-"] and open(path, "rb").read() == payload
         assert os.listdir(out) == ["DiT-XL-2-256x256.pt"]
         assert download.get_dit(256, str(out), server.url) == path and len(server.ranges) == 1
-        with pytest.raises(download.Fail, match="pos_embed"):  # a 256 px file is no 512 px one
+        with pytest.raises(UsageError, match="pos_embed"):  # a 256 px file is no 512 px one
             download.verify_dit(path, 512)
 
         server.honour_range = False  # the server sends it all: the stale part is replaced
@@ -248,7 +247,7 @@ def test_dit_download_resumes_replaces_and_verifies(tmp_path):
 
         server.payload = fake_dit(tmp_path / "bad.pt", drop="blocks.27.mlp.fc2.bias")
         out = tmp_path / "d"
-        with pytest.raises(download.Fail, match="291 keys"):
+        with pytest.raises(UsageError, match="291 keys"):
             download.get_dit(256, str(out), server.url)
         assert os.listdir(out) == []  # the wrong file is not kept
     finally:
@@ -270,18 +269,16 @@ def test_ref_batch_download_verifies_and_fails_offline_in_one_line(tmp_path, cap
         download.main(["ref-batch", "--image-size", "64", "--out", str(out)])
         assert "3 images of 64 px" in capsys.readouterr().out
         assert os.listdir(out) == ["VIRTUAL_imagenet64_labeled.npz"]
-        with pytest.raises(download.Fail, match="arr_0 images"):  # a 64 px batch is no 128 px one
+        with pytest.raises(UsageError, match="arr_0 images"):  # a 64 px batch is no 128 px one
             download.verify_ref_batch(str(out / "VIRTUAL_imagenet64_labeled.npz"), 128)
         server.payload = fake_ref_batch(tmp_path / "bad.npz", spatial=2048)  # sFID statistics of the wrong size
-        with pytest.raises(SystemExit) as exit_info:
-            download.main(["ref-batch", "--image-size", "64", "--out", str(tmp_path / "bad")])
+        code = download.cli(["ref-batch", "--image-size", "64", "--out", str(tmp_path / "bad")])
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after the download's progress bar
-        assert exit_info.value.code == 2 and err.startswith("download.py ref-batch: error:") and "sfid statistics" in err
+        assert code == 2 and err.startswith("download.py: error:") and "sfid statistics" in err
         assert os.listdir(tmp_path / "bad") == []  # the wrong file is not kept
     finally:
         server.httpd.shutdown()
     monkeypatch.setattr(download, "REF_BATCH_URL", "http://127.0.0.1:9/{0}/VIRTUAL_imagenet{0}_labeled.npz")
-    with pytest.raises(SystemExit) as exit_info:  # offline: nothing listens on port 9
-        download.main(["ref-batch", "--image-size", "128", "--out", str(tmp_path / "offline")])
+    code = download.cli(["ref-batch", "--image-size", "128", "--out", str(tmp_path / "offline")])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "cannot download" in err, err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot download" in err, err

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 import evaluation
 import feature_nets
+from cli import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +313,7 @@ def test_folder_and_pixel_dataset_references_equal_the_npz_of_their_images(tmp_p
         out = evaluation.evaluate(samples, str(ref), ["fid"], progress=False, cache=False)
         assert out["fid"] == pytest.approx(want["fd_tiny"], rel=1e-6)  # float32 features: batch-dependent kernels
     Image.fromarray(random_images(1, size=8)[0]).save(folder / "zz-small.png")
-    with pytest.raises(evaluation.EvalError, match="zz-small.png: 8x8 pixels"):
+    with pytest.raises(UsageError, match="zz-small.png: 8x8 pixels"):
         fd(folder)
 
 
@@ -503,7 +504,7 @@ def test_a_refusal_leaves_nothing_and_an_interruption_keeps_the_finished_chunks(
     samples = random_images(6, seed=18)
     run = lambda net: evaluation.evaluate(samples, str(folder), ["fd_tiny"], networks={"tiny": net},  # noqa: E731
                                           batch_size=2, progress=False)["fd_tiny"]
-    with pytest.raises(evaluation.EvalError, match="zz-small.png: 8x8 pixels"):
+    with pytest.raises(UsageError, match="zz-small.png: 8x8 pixels"):
         run(TinyNet())
     assert sorted(os.listdir(tmp_path)) == ["ref"]
     os.remove(folder / "zz-small.png")
@@ -528,7 +529,7 @@ class NaNAfter(TinyNet):
 
 def test_non_finite_features_are_refused_not_reported_or_cached(tmp_path):
     np.savez(tmp_path / "ref.npz", arr_0=random_images(30, seed=19))
-    with pytest.raises(evaluation.EvalError, match="ref.npz: its tiny features features hold non-finite values"):
+    with pytest.raises(UsageError, match="ref.npz: its tiny features features hold non-finite values"):
         evaluation.evaluate(random_images(4, seed=20), str(tmp_path / "ref.npz"), ["fd_tiny"],
                             networks={"tiny": NaNAfter()}, batch_size=2, progress=False)
     assert os.listdir(tmp_path) == ["ref.npz"]

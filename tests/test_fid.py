@@ -124,10 +124,9 @@ def test_cli_precomputed_statistics_json_and_one_line_errors(tmp_path, capsys, m
                          ([text, a], "text.npz: not a readable .npz"),
                          ([small, str(tmp_path / "missing.npz")], "missing.npz: no such file"),
                          ([a, b, "--batch-size", "0"], "--batch-size")]:
-        with pytest.raises(SystemExit) as exit_info:
-            fid.main([str(x) for x in args])
+        code = fid.cli([str(x) for x in args])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, (args, err)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
         assert needle in err, (args, err)
 
 
@@ -191,10 +190,9 @@ def test_cli_bad_inputs_are_one_line_errors_not_tracebacks_or_nan(tmp_path, caps
     if not torch.cuda.is_available():
         cases.append(([three, ref, "--metrics", "fid", "--device", "cuda", *weights], "device cuda: not usable here"))
     for args, needle in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            fid.main([str(x) for x in args])
+        code = fid.cli([str(x) for x in args])
         captured = capsys.readouterr()
-        assert exit_info.value.code == 2 and len(captured.err.strip().splitlines()) == 1, (args, captured.err)
+        assert code == 2 and len(captured.err.strip().splitlines()) == 1, (args, captured.err)
         assert needle in captured.err and captured.out == "", (args, captured.err)
     assert sorted(os.listdir(tmp_path)) == ["nan.npz", "one", "ref.npz", "stats16.npz", "stats8.npz", "three.npz"]
 
@@ -239,7 +237,6 @@ def test_cli_fd_dinov2_against_training_images_beside_fid_against_the_batch(tmp_
     fid.main([samples, batch, "--metrics", "fd_dinov2", "--no-progress"])
     line = capsys.readouterr().out.strip()
     assert line.startswith("FD-DINOv2: ") and f"against the 10 images of {batch}" in line and "not comparable" in line
-    with pytest.raises(SystemExit) as exit_info:
-        fid.main([samples, batch, "--metrics", "fid", "--dinov2-reference", str(train)])
+    code = fid.cli([samples, batch, "--metrics", "fid", "--dinov2-reference", str(train)])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "fd_dinov2 is not among" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "fd_dinov2 is not among" in err

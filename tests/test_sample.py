@@ -303,8 +303,8 @@ def test_fid_npz_resumes_and_splits_over_ranks(pixel_run, tmp_path, capsys, monk
         saved.append(a[0])
         raise KeyboardInterrupt
     monkeypatch.setattr(sample, "save_chunk", interrupt_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        sample.cli([str(a) for a in [*fid, "--out", tmp_path / "resumed.npz"]])
+    code, _, err = run_cli([*fid, "--out", tmp_path / "resumed.npz"], capsys)
+    assert code == 130 and "interrupted; run the same command again" in err
     monkeypatch.setattr(sample, "save_chunk", real_save)
     assert len(saved) == 1 and not os.path.exists(tmp_path / "resumed.npz")
     assert run_cli([*fid, "--out", tmp_path / "resumed.npz"], capsys)[0] == 0
@@ -313,7 +313,7 @@ def test_fid_npz_resumes_and_splits_over_ranks(pixel_run, tmp_path, capsys, monk
     code, _, err = run_cli([*fid, "--out", tmp_path / "resumed.npz", "--seed", 1], capsys)
     assert code == 2 and "other seed" in err
 
-    monkeypatch.setattr(sample, "barrier", lambda world: None)  # ranks run one after the other
+    monkeypatch.setattr(sample, "barrier", lambda: None)  # ranks run one after the other
     monkeypatch.setattr(sample.dist, "destroy_process_group", lambda: None)
     for rank in (1, 0):
         monkeypatch.setattr(sample, "setup_distributed", lambda: (rank, 2, torch.device("cpu")))
@@ -492,8 +492,7 @@ def test_fid_resumes_over_options_that_do_not_change_the_samples(pixel_run, tmp_
         real_save(*a)
         raise KeyboardInterrupt
     monkeypatch.setattr(sample, "save_chunk", interrupt_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        sample.cli([str(a) for a in fid])
+    assert run_cli(fid, capsys)[0] == 130
     monkeypatch.setattr(sample, "save_chunk", real_save)
     code, _, err = run_cli([*fid, "--no-progress", "--num-samples", 3], capsys)
     assert code == 0 and np.load(tmp_path / "fid.npz")["arr_0"].shape == (8, 8, 8, 3), err
