@@ -394,8 +394,8 @@ def build_parser():
     p.add_argument("--out", default="pretrained_models", help="folder (default: pretrained_models)")
     p.set_defaults(run=cmd_dit)
     p = commands.add_parser("ref-batch", parents=[common], help="download and verify ADM's ImageNet reference batch (for fid.py)")
-    p.add_argument("--image-size", type=int, choices=[64, 128, 256], default=256,
-                   help="the resolution of the samples it will score (default: 256)")
+    p.add_argument("--image-size", type=int, choices=[64, 128, 256], default=128,
+                   help="the resolution of the samples it will score (default: 128, this repository's ImageNet)")
     p.add_argument("--out", default="reference_batches", help="folder (default: reference_batches)")
     p.set_defaults(run=cmd_ref_batch)
     p = commands.add_parser(
