@@ -61,10 +61,22 @@ def _block_lines(ax, records, key, legend=True):
     for b in range(series.shape[1]):
         ax.plot(steps, series[:, b], color=colors[b], marker="." if len(steps) < 30 else None,
                 label=f"block {b}")
+    flat_at_least(ax, series, 0.02)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     if legend:
         ax.legend(fontsize="small", ncol=2 if series.shape[1] > 8 else 1)
+
+
+def flat_at_least(ax, values, share):
+    """Give the y axis a span of at least `share` of the values' magnitude, without an offset, so that
+    rounding noise on a constant (weights held at RMS 1 by forced normalisation) plots as a flat line
+    instead of filling an axis labelled `1e-8+9.999e-1`."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    least = share * max(abs(lo), abs(hi))
+    if hi - lo < least:
+        ax.set_ylim((lo + hi) / 2 - least, (lo + hi) / 2 + least)
+    ax.ticklabel_format(axis="y", useOffset=False)
 
 
 def plot_magnitudes(records, path, title=None):

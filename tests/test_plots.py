@@ -61,3 +61,16 @@ def test_compared_samples_show_each_runs_images(tmp_path):
         np.testing.assert_array_equal(shown[4:, 4:8], rows[1][1])
         assert (np.asarray(shown[4:, 8:]) == 255).all()  # the missing third "dog" is left white
         assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "dog"]
+
+
+def test_a_constant_magnitude_plots_flat_without_an_offset_axis(tmp_path):
+    """Forced normalisation holds weights at RMS 0.9999 give or take 1e-8: the axis spans at least 2% of
+    the value, so the noise is a flat line, and its labels are plain numbers (no '1e-8+9.999e-1')."""
+    records = [dict(step=s, act_rms=[1.0 + s / 100], weight_rms=[0.9999 + 1e-8 * (s % 3)]) for s in (100, 200, 300)]
+    fig = plots.plot_magnitudes(records, tmp_path / "m.png")
+    weights = fig.axes[1]
+    lo, hi = weights.get_ylim()
+    assert hi - lo >= 0.02 * 0.9999 and lo < 0.9999 < hi
+    fig.canvas.draw()
+    assert weights.yaxis.get_major_formatter().get_offset() == ""
+    assert fig.axes[0].get_ylim()[1] - fig.axes[0].get_ylim()[0] < 3  # a varying panel keeps its own scale
