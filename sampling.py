@@ -5,9 +5,12 @@ function (guidance.Guided) -> uint8 images (data.decode).
     sampler = make_sampler("ddim", 50, prediction="v")
     z, y = chunk_inputs(seed, k, 64, (4, 16, 16), num_classes=1000)    # chunk k: depends on (seed, k) only
     images = sample_images(Guided(model, 1.5), sampler, z, y, manifest, vae)   # uint8 (64, 128, 128, 3)
+    images, labels = sample_chunk(Guided(model, 1.5), sampler, manifest, seed, k, 64, vae)  # the same
 
-An --fid run of N samples is chunks k = 0, 1, ... of chunk_sizes(N, batch)[k] samples each; any
-process that samples chunk k with the same model and settings draws the same images.
+An --fid run of N samples (sample.py --fid, train.py's evaluation) is chunks k = 0, 1, ... of
+chunk_sizes(N, batch)[k] samples each; any process that samples chunk k with the same model and
+settings draws the same images. Guidance (classifier-free, autoguidance, its interval and DiT's
+3-channel option) is guidance.Guided's alone.
 """
 import numpy as np
 import torch
@@ -93,3 +96,11 @@ def sample_images(guided, sampler, z, y, manifest, vae=None, bf16=False):
     if not torch.isfinite(x).all():
         raise FloatingPointError("the samples came out non-finite (NaN or inf)")
     return decode(x, manifest, vae)
+
+
+def sample_chunk(guided, sampler, manifest, seed, k, n, vae=None, bf16=False):
+    """Chunk k of n samples of an --fid run: (uint8 images (n, H, W, 3), labels (n,) int64 numpy) from
+    chunk_inputs(seed, k), sampled on the device of the guided model."""
+    z, y = chunk_inputs(seed, k, n, tuple(manifest["shape"]), int(manifest["num_classes"]))
+    device = next(guided.model.parameters()).device
+    return sample_images(guided, sampler, z.to(device), y, manifest, vae, bf16), y.numpy()

@@ -24,7 +24,7 @@ from cli import UsageError
 from eval_inputs import Side
 from guidance import Guided
 from runs import folder_lock
-from sampling import chunk_inputs, chunk_sizes, make_sampler, sample_images
+from sampling import chunk_sizes, make_sampler, sample_chunk, sample_images
 
 GRID_COLUMNS = 8
 GRID_MAX_ROWS = 10  # classes shown: all of them up to 10, else 10 spread over the label range
@@ -169,13 +169,11 @@ class Evaluation:
         chunk_inputs seeds, is the training's again afterwards."""
         rank, world = evaluation.rank_world()
         device = next(model.parameters()).device
-        shape, classes = tuple(self.manifest["shape"]), int(self.manifest["num_classes"])
         chunks = {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for k in range(rank, len(self.sizes), world):
-                z, y = chunk_inputs(self.seed, k, self.sizes[k], shape, classes)
-                chunks[k] = sample_images(Guided(model, self.cfg_scale), self.sampler, z.to(device), y, self.manifest,
-                                          self.vae, bf16=device.type == "cuda")
+                chunks[k] = sample_chunk(Guided(model, self.cfg_scale), self.sampler, self.manifest, self.seed, k,
+                                         self.sizes[k], self.vae, bf16=device.type == "cuda")[0]
         if world > 1:
             parts = [None] * world
             torch.distributed.all_gather_object(parts, chunks)

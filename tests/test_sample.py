@@ -143,9 +143,9 @@ def test_cfg_scale_one_runs_the_conditional_model_alone(pixel_run):
     z, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3])
     plain = sampling.denoise(Guided(model, 1.0), sampler, z, y)
     assert set(batches) == {3}  # no doubled batch
-    guided_at_one = sampler(model.forward_with_cfg, torch.cat([z, z]),
-                            dict(y=torch.cat([y, torch.full_like(y, 4)]), cfg_scale=1.0), False)[:3]
-    torch.testing.assert_close(plain, guided_at_one, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        conditional = sampler(model, z, dict(y=y), False)
+    torch.testing.assert_close(plain, conditional, rtol=1e-5, atol=1e-5)
     batches.clear()
     sampling.denoise(Guided(model, 4.0), sampler, z, y)
     assert set(batches) == {6}
