@@ -7,7 +7,8 @@ ImageNet (or any ImageFolder) encoded into the shard format of data.py.
     python download.py imagenet --src IMAGENET/train --out data/imagenet128 [--image-size 128]
     torchrun --nproc_per_node=8 download.py imagenet ...   (the shards are shared out over ranks)
 
-`imagenet` resumes: run the same command again after an interruption and finished shards are kept.
+`imagenet` resumes: run the same command again after an interruption and finished shards are kept
+(settings.json records the options; data.ChunkFolder refuses a resume with others).
 Every failure prints one line on stderr and exits with code 2.
 """
 import argparse
@@ -28,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli import LONG_WAIT, ArgumentParser, UsageError, barrier, one_line, run_command, setup_distributed
-from data import ShardWriter
+from data import ChunkFolder, ShardWriter, atomic_write
 from progress import progress
 
 VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -291,29 +292,6 @@ def encode_shard(items, args, vae, device, bar):
     return torch.cat(labels).numpy(), [torch.cat(a).numpy() for a in zip(*arrays)], skipped
 
 
-def _json(path, obj=None):
-    """Read the json file path, or (given obj) write it atomically."""
-    if obj is None:
-        with open(path) as f:
-            return json.load(f)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def _check_settings(out, settings, rank):
-    """Refuse to resume into out when it was started with other settings (the shards would not
-    fit together); the first run records them in out/encode.json."""
-    path = os.path.join(out, "encode.json")
-    if rank == 0 and not os.path.exists(path):
-        _json(path, settings)
-    barrier()
-    changed = sorted(k for k, v in _json(path).items() if settings.get(k) != v)
-    if changed:
-        raise UsageError(f"--out {out}: holds a run with other {', '.join(changed)} (see encode.json); "
-                   f"use the same options to resume, or a new --out")
-
-
 def _skip_file(out, index):
     """The json of a shard's skipped images, written before its labels file: it survives resumes."""
     return os.path.join(out, f"shard-{index:05d}.skipped.json")
@@ -335,23 +313,27 @@ def cmd_imagenet(args):
         arrays = ("mean", "std")
     writer = ShardWriter(args.out, kind, shape, len(classes), args.shard_size)
     listing = "".join(f"{label} {os.path.relpath(p, args.src)}\n" for p, label in items)
-    _check_settings(args.out, {"image_size": size, "vae": args.vae, "flip": args.flip, "bf16": args.bf16,
-                               "shard_size": args.shard_size, "num_images": len(items),
-                               "images_sha256": hashlib.sha256(listing.encode()).hexdigest()}, rank)
+    chunks = ChunkFolder(args.out, {"image_size": size, "vae": args.vae, "flip": args.flip, "bf16": args.bf16,
+                                    "shard_size": args.shard_size, "num_images": len(items),
+                                    "images_sha256": hashlib.sha256(listing.encode()).hexdigest()})
     shards = [items[i:i + args.shard_size] for i in range(0, len(items), args.shard_size)]
-    todo = [i for i in range(rank, len(shards), world) if not writer.shard_done(i)]
+    todo = [i for i in chunks.mine(len(shards)) if not writer.shard_done(i)]
     pending, start = sum(len(shards[i]) for i in todo), time.time()
     with progress(total=pending, unit="img", enabled=rank == 0 and not args.no_progress) as bar:
         for i in todo:
             labels, data, skipped = encode_shard(shards[i], args, vae, device, bar)
-            _json(_skip_file(args.out, i), {"skipped": len(skipped), "files": skipped})
+            skip_record = json.dumps({"skipped": len(skipped), "files": skipped}).encode()
+            atomic_write(_skip_file(args.out, i), lambda f: f.write(skip_record))
             writer.write_shard(i, labels, **dict(zip(arrays, data)))
     seconds = time.time() - start
     print(f"{f'rank {rank}: ' if world > 1 else ''}encoded {pending} images in {seconds:.0f} s "
           f"({pending / max(seconds, 1e-9):.1f} images/s)")
     barrier()
     if rank == 0:
-        skipped = sum(_json(_skip_file(args.out, i))["skipped"] for i in range(len(shards)))
+        skipped = 0
+        for i in range(len(shards)):
+            with open(_skip_file(args.out, i)) as f:
+                skipped += json.load(f)["skipped"]
         manifest = writer.finish(
             vae=VAES.get(args.vae), image_size=size, class_names=classes, skipped=skipped,
             source=os.path.abspath(args.src), flip=args.flip,

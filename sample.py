@@ -20,9 +20,7 @@ where an interrupted one stopped and gives the same array. Every bad input print
 stderr and exits with code 2.
 """
 import argparse
-import contextlib
 import glob
-import json
 import math
 import os
 import re
@@ -35,12 +33,13 @@ import torch.distributed as dist
 from cli import ArgumentParser, UsageError, barrier, run_command, setup_distributed
 from download import VAES, open_decoder
 from ema import posthoc_coefficients, valid_sigma_rel
+from data import ChunkFolder, rank_world
 from evaluation import write_npz_samples
 from guidance import EVERY_STEP, Guided
 from models import MODEL_SIZES, DiT_models
 from progress import progress
 from runs import SEED_RANGE, build_model, checkpoints_in, saved_args
-from sampling import DEFAULT_STEPS, chunk_inputs, chunk_sizes, make_sampler, sample_images
+from sampling import DEFAULT_STEPS, chunk_inputs, chunk_sizes, make_sampler, sample_chunk, sample_images
 from watch import tile, write_png
 
 DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
@@ -324,63 +323,24 @@ def write_grid(args, generate, shape, path):
     write_png(tile(np.concatenate(images), len(args.class_label)), path)
 
 
-def write_fid_npz(args, generate, shape, num_classes, path, settings, rank, world):
-    """N samples with uniform labels in chunk files (PATH-chunks/NNNNNN.npz) then merged into
-    PATH. Rank r makes the missing chunks k with k % world == r; finished chunks are kept (they
-    record the settings; delete the folder once the .npz is no longer to be extended)."""
-    folder = path[: -len(".npz")] + "-chunks"
-    os.makedirs(folder, exist_ok=True)
-    settings_file = os.path.join(folder, "settings.json")
-    if not os.path.exists(settings_file):  # the first run records its settings (ranks alike)
-        with open(f"{settings_file}.{rank}.tmp", "w") as f:
-            json.dump(settings, f, indent=1)
-        os.replace(f"{settings_file}.{rank}.tmp", settings_file)
-    barrier()
-    with open(settings_file) as f:
-        changed = sorted(k for k, v in json.load(f).items() if settings.get(k) != v)
-    if changed:
-        raise UsageError(f"{folder}: holds chunks made with other {', '.join(changed)} (see settings.json); "
-                         f"use the same options to resume, or another --out")
+def write_fid_npz(args, generate, path, settings):
+    """N samples with uniform labels in chunk files (PATH-chunks/NNNNNN.npz, a data.ChunkFolder: a rerun
+    with the same settings resumes, with others is refused), then merged into PATH by rank 0. Rank r
+    makes the missing chunks k with k % world == r; finished chunks are kept (delete the folder once
+    the .npz is no longer to be extended). generate(k, n): (images, labels) of chunk k."""
+    chunks = ChunkFolder(path[: -len(".npz")] + "-chunks", settings)
     sizes = chunk_sizes(args.fid, args.batch_size)
-    files = [os.path.join(folder, f"{k:06d}.npz") for k in range(len(sizes))]
-    mine = list(range(rank, len(sizes), world))
-    todo = [k for k in mine if not os.path.exists(files[k])]
+    mine = chunks.mine(len(sizes))
+    todo = [k for k in mine if not chunks.done(k)]
     with progress(total=sum(sizes[k] for k in mine), initial=sum(sizes[k] for k in mine if k not in todo),
-                  unit="img", enabled=rank == 0 and not args.no_progress) as bar:
+                  unit="img", enabled=rank_world()[0] == 0 and not args.no_progress) as bar:
         for k in todo:
-            z, y = chunk_inputs(args.seed, k, sizes[k], shape, num_classes)
-            save_chunk(files[k], generate(z, y), y.numpy())
+            images, labels = generate(k, sizes[k])
+            chunks.save(k, images=images, labels=labels)
             bar.update(sizes[k])
     barrier()
-    if rank == 0:
-        images, tmp = np.concatenate([read_chunk(f) for f in files]), path[: -len(".npz")] + ".tmp.npz"
-        try:  # through a temporary file: a full disk leaves no truncated .npz behind
-            os.replace(write_npz_samples(tmp, images), path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise UsageError(f"{path}: cannot write ({e.strerror or e}); the chunks in {folder} are kept: "
-                             f"free space and rerun the same command to merge them") from None
-
-
-def read_chunk(path):
-    try:
-        return np.load(path)["images"]
-    except Exception as e:  # a truncated or foreign file fails in many ways (zip, pickle, key errors)
-        raise UsageError(f"{path}: corrupt chunk file ({type(e).__name__}); delete it and rerun the same "
-                         f"command to sample it again") from None
-
-
-def save_chunk(path, images, labels):
-    tmp = path[: -len(".npz")] + ".tmp.npz"
-    try:
-        np.savez(tmp, images=images, labels=labels)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise UsageError(f"{path}: cannot write ({e.strerror or e}); the finished chunks are kept: free "
-                         f"space and rerun the same command to continue") from None
+    if rank_world()[0] == 0:
+        write_npz_samples(path, np.concatenate([chunks.load(k)["images"] for k in range(len(sizes))]))
 
 
 def check_writable(out):
@@ -420,12 +380,6 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-        def generate(z, y):
-            try:
-                return sample_images(guided, sampler, z.to(device), y, manifest, vae, bf16)
-            except FloatingPointError as e:  # they would be saved as black images
-                raise UsageError(f"{e} with {note.splitlines()[0]}; nothing of this batch was written: check "
-                                 f"the weights (--weights) and the settings") from None
 
         out = args.out or (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}"
                            f"{guidance_tag(args, guide_stem)}-seed{args.seed}"
@@ -436,12 +390,17 @@ def main(args):
             print(f"sampling {manifest['shape']} ({manifest['kind']}) with {note}"
                   + (f"\nguided by {guide_note}" if guide is not None else ""))
         check_writable(out)
-        if args.fid:
-            settings = {k: v for k, v in vars(args).items() if k not in NOT_SAMPLE_SETTINGS}
-            settings["source"] = stem
-            write_fid_npz(args, generate, tuple(manifest["shape"]), model.num_classes, out, settings, rank, world)
-        elif rank == 0:
-            write_grid(args, generate, tuple(manifest["shape"]), out)
+        try:  # non-finite samples would be saved as black images
+            if args.fid:
+                settings = {k: v for k, v in vars(args).items() if k not in NOT_SAMPLE_SETTINGS}
+                write_fid_npz(args, lambda k, n: sample_chunk(guided, sampler, manifest, args.seed, k, n, vae, bf16),
+                              out, dict(settings, source=stem))
+            elif rank == 0:
+                write_grid(args, lambda z, y: sample_images(guided, sampler, z.to(device), y, manifest, vae, bf16),
+                           tuple(manifest["shape"]), out)
+        except FloatingPointError as e:
+            raise UsageError(f"{e} with {note.splitlines()[0]}; nothing of this batch was written: check "
+                             f"the weights (--weights) and the settings") from None
         if rank == 0:
             print(f"wrote {out}")
     finally:

@@ -296,16 +296,16 @@ def test_fid_npz_resumes_and_splits_over_ranks(pixel_run, tmp_path, capsys, monk
     labels = np.concatenate([np.load(tmp_path / "straight-chunks" / f"{k:06d}.npz")["labels"] for k in range(3)])
     assert labels.min() >= 0 and labels.max() < 4 and len(set(labels)) > 1
 
-    real_save, saved = sample.save_chunk, []
+    real_save, saved = data.ChunkFolder.save, []
 
-    def interrupt_after_one(*a):
-        real_save(*a)
-        saved.append(a[0])
+    def interrupt_after_one(self, k, **arrays):
+        real_save(self, k, **arrays)
+        saved.append(k)
         raise KeyboardInterrupt
-    monkeypatch.setattr(sample, "save_chunk", interrupt_after_one)
+    monkeypatch.setattr(data.ChunkFolder, "save", interrupt_after_one)
     code, _, err = run_cli([*fid, "--out", tmp_path / "resumed.npz"], capsys)
     assert code == 130 and "interrupted; run the same command again" in err
-    monkeypatch.setattr(sample, "save_chunk", real_save)
+    monkeypatch.setattr(data.ChunkFolder, "save", real_save)
     assert len(saved) == 1 and not os.path.exists(tmp_path / "resumed.npz")
     assert run_cli([*fid, "--out", tmp_path / "resumed.npz"], capsys)[0] == 0
     np.testing.assert_array_equal(np.load(tmp_path / "resumed.npz")["arr_0"], straight)
@@ -313,10 +313,13 @@ def test_fid_npz_resumes_and_splits_over_ranks(pixel_run, tmp_path, capsys, monk
     code, _, err = run_cli([*fid, "--out", tmp_path / "resumed.npz", "--seed", 1], capsys)
     assert code == 2 and "other seed" in err
 
-    monkeypatch.setattr(sample, "barrier", lambda: None)  # ranks run one after the other
+    for module in (sample, data):  # ranks run one after the other
+        monkeypatch.setattr(module, "barrier", lambda: None)
     monkeypatch.setattr(sample.dist, "destroy_process_group", lambda: None)
     for rank in (1, 0):
         monkeypatch.setattr(sample, "setup_distributed", lambda: (rank, 2, torch.device("cpu")))
+        for module in (sample, data):
+            monkeypatch.setattr(module, "rank_world", lambda: (rank, 2))
         assert run_cli([*fid, "--out", tmp_path / "ranks.npz"], capsys)[0] == 0
         assert os.path.exists(tmp_path / "ranks.npz") == (rank == 0)  # rank 0 merges
         if rank == 1:
@@ -486,14 +489,14 @@ def test_fid_resumes_over_options_that_do_not_change_the_samples(pixel_run, tmp_
     """Issue 21: a resume was refused over --no-progress and --num-samples (grid columns, unused by --fid)."""
     fid = ["--result-dir", pixel_run, "--fid", 8, "--batch-size", 4, "--sampler", "ddim", "--num-sampling-steps", 2,
            "--out", tmp_path / "fid.npz"]
-    real_save = sample.save_chunk
+    real_save = data.ChunkFolder.save
 
-    def interrupt_after_one(*a):
-        real_save(*a)
+    def interrupt_after_one(self, k, **arrays):
+        real_save(self, k, **arrays)
         raise KeyboardInterrupt
-    monkeypatch.setattr(sample, "save_chunk", interrupt_after_one)
+    monkeypatch.setattr(data.ChunkFolder, "save", interrupt_after_one)
     assert run_cli(fid, capsys)[0] == 130
-    monkeypatch.setattr(sample, "save_chunk", real_save)
+    monkeypatch.setattr(data.ChunkFolder, "save", real_save)
     code, _, err = run_cli([*fid, "--no-progress", "--num-samples", 3], capsys)
     assert code == 0 and np.load(tmp_path / "fid.npz")["arr_0"].shape == (8, 8, 8, 3), err
 
