@@ -17,14 +17,13 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 import evaluation
 from cli import UsageError
 from eval_inputs import Side
 from guidance import Guided
 from runs import folder_lock
-from sampling import chunk_sizes, make_sampler, sample_chunk, sample_images
+from sampling import chunk_sizes, make_sampler, row_names, sample_chunk, sample_images, save_grid
 
 GRID_COLUMNS = 8
 GRID_MAX_ROWS = 10  # classes shown: all of them up to 10, else 10 spread over the label range
@@ -50,36 +49,16 @@ def grid_labels(num_classes, rows=GRID_MAX_ROWS):
     return torch.linspace(0, num_classes - 1, rows).round().long()
 
 
-def tile(images, rows):
-    """uint8 (rows * columns, H, W, 3) -> one (rows * H, columns * W, 3) image, row-major."""
-    n, h, w, c = images.shape
-    return images.reshape(rows, n // rows, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, -1, c)
-
-
-def write_png(image, path):
-    """uint8 (H, W, 3) -> PNG at path, atomically; a failed write (full disk) leaves nothing and raises
-    UsageError."""
-    tmp = f"{path}.tmp.png"
-    try:
-        Image.fromarray(image).save(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UsageError(f"{path}: cannot write ({e.strerror or e}); free space and rerun the same command "
-                         f"(a training run continues from its last checkpoint)") from None
-
-
 class SampleGrids:
-    """Grids of the same noise and labels: one row per class (grid_labels), GRID_COLUMNS columns.
-    grids(model, step) writes samples/NNNNNNN.png under run_dir and returns the grid (H, W, 3)."""
+    """Grids of the same noise and labels: one row per class (grid_labels, named when the manifest names
+    the classes), GRID_COLUMNS columns, written by sampling.save_grid as sample.py writes its grids.
+    grids(model, step) writes samples/NNNNNNN.png under run_dir and returns (the grid (H, W, 3), its path)."""
 
     def __init__(self, run_dir, manifest, prediction, sample_steps, seed, vae=None):
         self.folder, self.manifest, self.vae = os.path.join(run_dir, "samples"), manifest, vae
         self.sampler = make_sampler("ddim", sample_steps, prediction)
-        labels = grid_labels(int(manifest["num_classes"]))
-        self.rows = len(labels)
-        self.y = labels.repeat_interleave(GRID_COLUMNS)
+        self.labels = grid_labels(int(manifest["num_classes"]))
+        self.y = self.labels.repeat_interleave(GRID_COLUMNS)
         generator = torch.Generator().manual_seed(seed)
         self.z = torch.randn(len(self.y), *manifest["shape"], generator=generator)
 
@@ -87,12 +66,9 @@ class SampleGrids:
         device = next(model.parameters()).device
         images = sample_images(Guided(model, GRID_CFG), self.sampler, self.z.to(device), self.y, self.manifest,
                                self.vae, bf16=device.type == "cuda")
-        grid = tile(images, self.rows)
-        if grid.shape[0] < 64 * self.rows:  # small images: shown at twice their size
-            grid = grid.repeat(2, 0).repeat(2, 1)
         os.makedirs(self.folder, exist_ok=True)
-        write_png(grid, self.path(step))
-        return grid, self.path(step)
+        return save_grid(images, len(self.labels), self.path(step), row_names(self.manifest, self.labels)), \
+            self.path(step)
 
     def path(self, step):
         return os.path.join(self.folder, f"{step:07d}.png")

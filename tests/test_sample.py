@@ -95,11 +95,11 @@ def test_grid_png_size_determinism_and_samplers(pixel_run, tmp_path, capsys):
         assert run_cli([*ddpm, "--seed", seed, "--out", tmp_path / f"{name}.png"], capsys)[0] == 0
     a, b, c = ((tmp_path / f"{name}.png").read_bytes() for name in "abc")
     assert a == b and a != c
-    assert Image.open(tmp_path / "a.png").size == (3 * 8, 2 * 8)  # (width, height): 3 columns, 2 rows
+    assert Image.open(tmp_path / "a.png").size == (3 * 16, 2 * 16)  # (width, height): 3 columns, 2 rows, at 2x
     code, out, _ = run_cli([*grid, "--sampler", "ddim", "--num-sampling-steps", 25], capsys)
     default = os.path.join(pixel_run, "samples", "0000006-ema-0.1-ddim25-cfg4-seed0.png")
     assert code == 0 and f"wrote {default}" in out and "power EMA sigma_rel=0.1 (tracked)" in out
-    assert Image.open(default).size == (24, 16)
+    assert Image.open(default).size == (48, 32)
 
 
 def test_compile_captures_the_guided_model_in_one_graph_and_changes_no_pixel(pixel_run, tmp_path, capsys,
@@ -271,7 +271,7 @@ def test_posthoc_reconstruction_lies_between_the_tracked_emas(pixel_run):
     ckpt = load(path)
     model, _, note, *_ = sample.load_model(sample.parse_args(["--ckpt", path, "--class-label", "0",
                                                              "--weights", "ema-0.07"]))
-    assert "from 6 snapshot(s)" in note and "step       1 sigma_rel 0.05" in note
+    assert "from 6 snapshot(s) of steps 1..6" in note and "\n" not in note  # one line, however many snapshots
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     flat = lambda state: torch.cat([state[n].double().flatten() for n in names])
     a, b = flat(ckpt["ema_power"]["0.05"]), flat(ckpt["ema_power"]["0.1"])
@@ -332,7 +332,7 @@ def test_latent_run_is_decoded_by_the_vae(latent_run, vae_dir, tmp_path, capsys)
     code, _, err = run_cli(["--result-dir", latent_run, "--vae-path", vae_dir, "--class-label", 1, 0,
                             "--num-samples", 2, "--sampler", "ddim", "--num-sampling-steps", 2, "--out", out], capsys)
     assert code == 0, err
-    assert Image.open(out).size == (2 * 32, 2 * 32)  # 4x4 latents decode to 32x32 images
+    assert Image.open(out).size == (2 * 64, 2 * 64)  # 4x4 latents decode to 32x32 images, shown at 2x
 
 
 def test_official_state_dict_loads_into_vanilla_dit(official_ckpt, vae_dir, tmp_path, capsys):
@@ -560,3 +560,33 @@ def test_posthoc_ema_outside_the_tracked_range_warns_with_the_range(pixel_run, t
         assert code == 0 and ("warning" in err) == warned, (weights, err)
         if warned:
             assert "outside the tracked range [0.05, 0.1]" in err and len(err.splitlines()) == 1
+
+
+def test_fid_defaults_to_cfg_1_5_and_says_so(pixel_run, tmp_path, capsys):
+    """Issue 22: --fid inherited the grid's --cfg-scale 4 (DiT samples its FID at 1.5)."""
+    fid = ["--result-dir", pixel_run, "--fid", 2, "--sampler", "ddim", "--num-sampling-steps", 2]
+    code, out, err = run_cli(fid, capsys)
+    default = os.path.join(pixel_run, "samples", "0000006-ema-0.1-ddim2-cfg1.5-seed0-fid2.npz")
+    assert code == 0 and "guidance scale 1.5 (the --fid default)" in out and f"wrote {default}" in out, err
+    code, out, _ = run_cli([*fid, "--cfg-scale", 4, "--out", tmp_path / "4.npz"], capsys)
+    assert code == 0 and "guidance scale 4\n" in out and "(the --fid default)" not in out
+    code, out, _ = run_cli(["--result-dir", pixel_run, "--class-label", 0, "--num-samples", 1, "--sampler", "ddim",
+                            "--num-sampling-steps", 2, "--out", tmp_path / "g.png"], capsys)
+    assert code == 0 and "guidance scale 4 (the grid default)" in out
+
+
+def test_grid_rows_are_named_when_the_manifest_names_the_classes(pixel_run, tmp_path, capsys):
+    """Issue 22: the same grid with the manifest's class names gains a strip on its left that holds
+    them (and nothing else changes); without names it has none."""
+    ckpt = load(os.path.join(pixel_run, "checkpoints", "0000006.pt"))
+    torch.save({**ckpt, "manifest": {**ckpt["manifest"], "class_names": ["ant", "bee", "cat", "dog"]}},
+               tmp_path / "named.pt")
+    argv = ["--class-label", 1, 3, "--num-samples", 2, "--sampler", "ddim", "--num-sampling-steps", 2]
+    assert run_cli(["--ckpt", os.path.join(pixel_run, "checkpoints", "0000006.pt"), *argv,
+                    "--out", tmp_path / "plain.png"], capsys)[0] == 0
+    assert run_cli(["--ckpt", tmp_path / "named.pt", *argv, "--out", tmp_path / "named.png"], capsys)[0] == 0
+    plain, named = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("plain", "named"))
+    strip = named.shape[1] - plain.shape[1]
+    assert plain.shape == (2 * 16, 2 * 16, 3) and strip > 10 and named.shape[0] == plain.shape[0]
+    np.testing.assert_array_equal(named[:, strip:], plain)
+    assert named[:16, :strip].max() > 128 and named[16:, :strip].max() > 128  # text in both rows
