@@ -133,12 +133,28 @@ def check_stats(mu, sigma, what, fix="compute them again"):
         raise UsageError(f"{what} hold non-finite values (NaN or inf); {fix}")
 
 
+class Subsample:
+    """n images of an image source, drawn without replacement by numpy's generator of seed, in their order."""
+
+    def __init__(self, images, n, seed):
+        self.images, self.index = images, np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
+        self.image_shape = getattr(images, "image_shape", None) or tuple(images.shape[1:])
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, index):
+        return np.stack([self.images[i:i + 1][0] for i in self.index[index]])
+
+
 class Side:
     """One side of a comparison: images (an array-like of uint8 N x H x W x 3 batches, or None),
-    precomputed statistics {metric: (mu, sigma)}, a cache key (None: never cached) and a label."""
+    precomputed statistics {metric: (mu, sigma)}, a cache key (None: never cached) and a label.
+    subsample (n, seed): n of its images drawn at random (Subsample), without the precomputed
+    statistics of them all; tag names them in cache files."""
 
-    def __init__(self, source, what):
-        self.label, self.images, self.stats, self.key, self.path = what, None, {}, None, None
+    def __init__(self, source, what, subsample=None):
+        self.label, self.images, self.stats, self.key, self.path, self.tag = what, None, {}, None, None, ""
         if isinstance(source, dict):
             self.stats = {m: tuple(np.asarray(v, np.float64) for v in s) for m, s in source.items()}
         elif isinstance(source, (np.ndarray, torch.Tensor)):  # checked by the network that reads it
@@ -148,6 +164,12 @@ class Side:
             self._open(os.fspath(source))
         if self.images is None and not self.stats:
             raise UsageError(f"{self.label}: holds neither images nor statistics")
+        if subsample:
+            n, seed = subsample
+            if len(self) < n:
+                raise UsageError(f"{self.label}: holds {len(self)} images, fewer than the subsample of {n} asked for")
+            self.images, self.stats, self.tag = Subsample(self.images, n, seed), {}, f".subsample{n}-seed{seed}"
+            self.key = self.key and self.key + self.tag
         for metric, (mu, sigma) in self.stats.items():
             check_stats(mu, sigma, f"{self.label}: its {metric} statistics")
         if self.images is not None and len(self.images) < 2:

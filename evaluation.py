@@ -225,9 +225,9 @@ def cache_path(side, network, cache):
         return None
     real = os.path.realpath(side.path).rstrip(os.sep)
     if cache is True:
-        return f"{real}.{network.name}-stats.npz"
+        return f"{real}{side.tag}.{network.name}-stats.npz"
     name = os.path.basename(real) + "-" + hashlib.sha256(real.encode()).hexdigest()[:8]
-    return os.path.join(os.fspath(cache), f"{name}.{network.name}-stats.npz")
+    return os.path.join(os.fspath(cache), f"{name}{side.tag}.{network.name}-stats.npz")
 
 
 def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress):
@@ -405,7 +405,8 @@ def parse_metrics(metrics, networks=()):
 
 @_tf32_off()
 def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, inception_weights=None,
-             dinov2_weights=None, networks=None, cache=True, work_dir=None, progress=True, dinov2_reference=None):
+             dinov2_weights=None, networks=None, cache=True, work_dir=None, progress=True, dinov2_reference=None,
+             reference_subsample=None):
     """The metrics of samples against reference (see the module docstring for both) as a dict with
     the keys fid, sfid, is, precision, recall, fd_dinov2, fd_<name> (those computed), num_samples and
     num_reference (None for statistics alone), and num_dinov2_reference with a dinov2_reference.
@@ -414,6 +415,8 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
     inputs allow). networks: {name: feature network} adds the metric fd_<name> on its first output.
     dinov2_reference: the reference of fd_dinov2 alone (a reference as above; EDM2 compares with the
     whole training set's statistics, while an ADM batch holds 10,000 images), cached like the other.
+    reference_subsample (n, seed): score against n of the reference's images drawn at random (not its
+    precomputed statistics; eval_inputs.Subsample), cached apart from the whole reference's.
     cache: True (a file beside the reference), a folder, or False. work_dir: where an in-memory
     samples array keeps its resumable feature chunks, keyed by a sha256 of its bytes (an .npz's go
     beside it). Under torchrun every rank calls evaluate and gets the results. Raises UsageError."""
@@ -424,7 +427,7 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
                             + (["fd_dinov2"] if dinov2_reference is not None else []) or ["fid"], networks)
     if dinov2_reference is not None and "fd_dinov2" not in metrics:
         raise UsageError("a DINOv2 reference is given, but fd_dinov2 is not among the metrics: add it")
-    samples, reference = Side(samples, "samples"), Side(reference, "reference")
+    samples, reference = Side(samples, "samples"), Side(reference, "reference", reference_subsample)
     dinov2_side = None if dinov2_reference is None else Side(dinov2_reference, "DINOv2 reference")
     pairs = {m: (samples, reference if m != "fd_dinov2" or dinov2_side is None else dinov2_side) for m in metrics}
     metrics = _feasible(metrics, pairs, default)
