@@ -16,7 +16,7 @@ from PIL import Image
 from cli import UsageError, one_line
 
 ADM_STATS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}  # precomputed in ADM's ref batches
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 
 
 
@@ -43,12 +43,17 @@ def _npz_array(path, name="arr_0"):
     return np.memmap(path, dtype, "r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
+def image_files(folder):
+    """The image files under folder (recursively, links followed), sorted by path."""
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder, followlinks=True) for f in fs
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
 class ImageFolder:
     """The images under a folder (recursively, sorted by path) as uint8 (N, H, W, 3) batches."""
 
     def __init__(self, path):
-        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        self.files = image_files(path)
         if not self.files:
             raise UsageError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         self.image_shape = self._load(self.files[0]).shape
@@ -77,10 +82,7 @@ class PixelDataset:
 
     def __init__(self, path):
         from data import LatentDataset
-        try:
-            self.ds = LatentDataset(path)
-        except UsageError as e:
-            raise UsageError(str(e))
+        self.ds = LatentDataset(path)
         if self.ds.kind != "pixel" or self.ds.shape[0] != 3:
             raise UsageError(f"{path}: a {self.ds.kind} dataset of shape {list(self.ds.shape)}; evaluation "
                             f"needs RGB pixel data (decode latent samples with sample.py --fid)")

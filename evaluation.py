@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 import feature_nets
 import runs
-from cli import UsageError, one_line
+from cli import UsageError, barrier, one_line
 from data import ChunkFolder, atomic_write, rank_world
 from eval_inputs import Side, array_key, check_images, check_stats
 from progress import progress as progress_bar
@@ -151,11 +151,6 @@ def write_npz_samples(path, images):
 #                                Feature extraction                             #
 #################################################################################
 
-def _barrier():
-    if rank_world()[1] > 1:
-        dist.barrier()
-
-
 def extract_features(network, images, *, batch_size=100, chunk_size=None, work_dir=None, progress=True,
                      desc=None, key=None):
     """{output: float32 numpy (N, dim)} of network over images (len() and [i:j] batches).
@@ -193,7 +188,7 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
     finally:
         bar.close()
     if folder:
-        _barrier()
+        barrier()
         local = {k: folder.load(k) for k in range(len(chunks))}
     elif world > 1:
         gathered = [None] * world
@@ -262,7 +257,7 @@ def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress
         kept = {o: features[o] for o in keep}
         if path and rank_world()[0] == 0:
             _write_cache(path, key, stats, kept)
-        _barrier()
+        barrier()
         _remove_chunks(chunk_dir)
     return stats, kept
 
@@ -315,7 +310,7 @@ def _turn(folder):
         yield
         return
     with _folder_lock(folder) if rank_world()[0] == 0 else contextlib.nullcontext():
-        _barrier()
+        barrier()
         yield
 
 
@@ -369,12 +364,9 @@ def _default_device(device):
 
 def load_network(name, device, inception_weights=None, dinov2_weights=None):
     """The built-in feature network `name` ("inception" or "dinov2"); UsageError for missing weights."""
-    try:
-        if name == "inception":
-            return feature_nets.InceptionNet(inception_weights, device)
-        return feature_nets.DINOv2Net(dinov2_weights, device)
-    except UsageError as e:
-        raise UsageError(str(e))
+    if name == "inception":
+        return feature_nets.InceptionNet(inception_weights, device)
+    return feature_nets.DINOv2Net(dinov2_weights, device)
 
 
 def available_metrics(inception_weights=None, dinov2_weights=None):

@@ -17,8 +17,8 @@ The default metric list is every metric whose weights are found. Weights are nev
 Inception from --inception-weights, $MAPDIT_INCEPTION_WEIGHTS or the torch hub cache
 (checkpoints/pt_inception-2015-12-05-6726825d.pth); DINOv2 from --dinov2-weights,
 $MAPDIT_DINOV2_WEIGHTS or checkpoints/dinov2_vitl14_pretrain.pth there. Reference statistics are
-cached beside the reference (or in --cache-dir), those of a --reference-subsample apart; sample features in SAMPLES-features/ while they
-are computed, so an interrupted run resumes. Every failure prints one line on stderr, exit code 2.
+cached beside the reference (or in --cache-dir), those of a --reference-subsample apart; sample
+features in SAMPLES-features/ while they are computed, so an interrupted run resumes. Every failure prints one line on stderr, exit code 2.
 """
 import argparse
 import json
@@ -85,14 +85,16 @@ def main(argv=None):
                            inception_weights=args.inception_weights, dinov2_weights=args.dinov2_weights,
                            cache=False if args.no_cache else (args.cache_dir or True), progress=not args.no_progress,
                            dinov2_reference=args.dinov2_reference,
-                           reference_subsample=args.reference_subsample and (args.reference_subsample, args.subsample_seed))
+                           reference_subsample=args.reference_subsample and (args.reference_subsample,
+                                                                             args.subsample_seed))
         if rank != 0:
             return
         for key, name in NAMES.items():
             if key in results:
                 print(f"{name}: {results[key]:.4f}{_caveat(key, args, results)}")
         if args.reference_subsample:
-            print(f"(against {args.reference_subsample} reference images drawn with --subsample-seed {args.subsample_seed})")
+            print(f"(against {args.reference_subsample} reference images drawn with --subsample-seed "
+                  f"{args.subsample_seed})")
         if args.json:
             tmp = f"{args.json}.tmp{os.getpid()}"
             with open(tmp, "w") as f:

@@ -42,11 +42,12 @@ from models import MODEL_SIZES, DiT_models
 from progress import progress
 from runs import SEED_RANGE, build_model, checkpoints_in, load_checkpoint, saved_args
 from sampling import (DEFAULT_STEPS, chunk_inputs, chunk_sizes, make_sampler, row_names, sample_chunk, sample_images,
-                      save_grid)
+                      sampling_weights_name, save_grid)
 
 DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
 CFG_SCALE = {"grid": 4.0, "fid": 1.5}  # --cfg-scale by default: DiT's grids and its FID setting
-NOT_SAMPLE_SETTINGS = ("out", "compile", "no_progress", "num_samples", "class_label", "cfg_scale_given")  # --fid resumes across them
+NOT_SAMPLE_SETTINGS = ("out", "compile", "no_progress", "num_samples", "class_label",  # --fid resumes across them
+                       "cfg_scale_given")
 EMA_INIT_WARNING = 0.1  # warn when the classic EMA still gives its initial weights this share or more
 POWER_EMA = re.compile(r"ema-(\d+\.?\d*|\.\d+)")  # --weights ema-<sigma_rel>: group 1 is sigma_rel
 
@@ -244,7 +245,7 @@ def describe(state):
 def select_weights(ckpt, path, choice, model):
     """(state dict, its name, a note) for --weights: raw, ema, or ema-<sigma_rel>."""
     tracked = {float(k): sd for k, sd in ckpt["ema_power"].items()}
-    choice = choice or (f"ema-{max(tracked)}" if tracked else "ema")
+    choice = choice or sampling_weights_name(tracked)
     if choice == "raw":
         return ckpt["model"], choice, f"raw weights of {path}"
     if choice == "ema":
@@ -395,8 +396,6 @@ def main(args):
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
         out = args.out or (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}"
                            f"{guidance_tag(args, guide_stem)}-seed{args.seed}"
                            + (f"-fid{args.fid}.npz" if args.fid else ".png"))

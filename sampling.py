@@ -25,6 +25,12 @@ GRID_ZOOM_BELOW = 64  # grid images smaller than this many pixels are shown at t
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
+def sampling_weights_name(sigma_rels):
+    """The --weights sample.py samples from by default (and train.py's grids and evaluation, with
+    watch.sampling_weights): ema-<widest sigma_rel> tracked, else ema."""
+    return f"ema-{max(sigma_rels)}" if sigma_rels else "ema"
+
+
 def make_sampler(name, steps, prediction="eps"):
     """A function (model_fn, z (N, C, H, W), model_kwargs, clip_denoised) -> x_0 (N, C, H, W) for a
     model predicting eps, v or x0; model_fn(x, t, **model_kwargs) gets the original integer timesteps t (N,)."""

@@ -23,7 +23,8 @@ from cli import UsageError
 from eval_inputs import Side
 from guidance import Guided
 from runs import folder_lock
-from sampling import chunk_sizes, make_sampler, row_names, sample_chunk, sample_images, save_grid
+from sampling import (chunk_sizes, make_sampler, row_names, sample_chunk, sample_images, sampling_weights_name,
+                      save_grid)
 
 GRID_COLUMNS = 8
 GRID_MAX_ROWS = 10  # classes shown: all of them up to 10, else 10 spread over the label range
@@ -33,13 +34,9 @@ CLASSIFIER_ITEMS, CLASSIFIER_STEPS = 2000, 100  # the fallback evaluation classi
 
 
 def sampling_weights(ema, power_emas):
-    """The weights sample.py samples from by default: the widest power EMA, else the classic EMA."""
+    """The weights sample.py samples from by default (sampling.sampling_weights_name): the widest power
+    EMA, else the classic EMA."""
     return power_emas[max(power_emas)] if power_emas else ema
-
-
-def sampling_weights_name(sigma_rels):
-    """sample.py's --weights for sampling_weights: ema-<widest sigma_rel>, else ema."""
-    return f"ema-{max(sigma_rels)}" if sigma_rels else "ema"
 
 
 def grid_labels(num_classes, rows=GRID_MAX_ROWS):

@@ -252,7 +252,7 @@ def test_reference_subsample_scores_against_random_reference_images(tmp_path, ca
     samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
     evaluation.write_npz_samples(samples, rng.integers(0, 256, (20, 8, 8, 3), np.uint8))
     images = rng.integers(0, 256, (30, 8, 8, 3), np.uint8)
-    np.savez(ref, arr_0=images, mu=np.zeros(8), sigma=np.eye(8))  # statistics of no images: must not be used
+    np.savez(ref, arr_0=images, mu=np.zeros(8), sigma=np.eye(8))  # statistics of no images: not to be used
 
     def score(*extra):
         fid.main([str(samples), str(ref), "--metrics", "fid", "--json", str(tmp_path / "r.json"), *extra])

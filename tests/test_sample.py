@@ -19,7 +19,7 @@ import sample
 import sampling
 import train
 from data import ShardWriter
-from download import DIT_KEYS
+from download import dit_keys
 from ema import posthoc_coefficients
 from guidance import Guided
 from models import DiT_models
@@ -337,7 +337,7 @@ def test_latent_run_is_decoded_by_the_vae(latent_run, vae_dir, tmp_path, capsys)
 
 def test_official_state_dict_loads_into_vanilla_dit(official_ckpt, vae_dir, tmp_path, capsys):
     state = load(official_ckpt)
-    assert set(state) == {k for k in DIT_KEYS if not k.startswith("blocks.") or int(k.split(".")[1]) < 6}
+    assert set(state) == {k for k in dit_keys() if not k.startswith("blocks.") or int(k.split(".")[1]) < 6}
     official = ["--ckpt", official_ckpt, "--model", "DiT-XS/8", "--image-size", 64]
     args = sample.parse_args([str(a) for a in official] + ["--class-label", "0"])
     model, manifest, _, _, prediction = sample.load_model(args)
