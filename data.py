@@ -63,8 +63,9 @@ def atomic_write(path, write):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise UsageError(f"{path}: cannot write ({e.strerror or e}); the finished chunks are kept: free space "
-                         f"(or fix the permissions) and rerun the same command to continue") from None
+        raise UsageError(f"{path}: cannot write ({e.strerror or e}); nothing was replaced and finished work (chunks, "
+                         f"shards, checkpoints) is kept: free space (or fix the permissions) and rerun the same "
+                         f"command to continue") from None
 
 
 def rank_world():
