@@ -22,6 +22,7 @@ fresh eps on every call, and returns (z - channel_mean) / channel_std. Pixel dat
 images / 127.5 - 1 in [-1, 1]. Shards are memory-mapped, opened lazily in each (worker) process.
 """
 import colorsys
+import contextlib
 import json
 import os
 import re
@@ -31,9 +32,10 @@ import tempfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-from cli import ArgumentParser, UsageError, run_command
+from cli import ArgumentParser, UsageError, barrier, run_command
 
 FORMAT, VERSION = "map-dit", 1
 DTYPES = {"labels": np.int64, "mean": np.float16, "std": np.float16, "images": np.uint8}
@@ -47,14 +49,90 @@ def shard_file(directory, name, array):
     return os.path.join(directory, f"{name}.{array}.npy")
 
 
-def _atomic_write(path, write):
-    """Call write(f) on a temporary file next to path, fsync it, then rename it to path."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write(path, write):
+    """Call write(f) on a temporary file of this process next to path, fsync it, then rename it to
+    path: path is the old file or the complete new one. A failed write (a full disk) leaves no
+    temporary file and raises UsageError."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UsageError(f"{path}: cannot write ({e.strerror or e}); nothing was replaced and finished work (chunks, "
+                         f"shards, checkpoints) is kept: free space (or fix the permissions) and rerun the same "
+                         f"command to continue") from None
+
+
+def rank_world():
+    """(rank, world size) of torch.distributed, (0, 1) when it is not initialised."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class ChunkFolder:
+    """Resumable work in a folder that the ranks of torchrun share: settings.json records the settings
+    its chunks are made with, and chunk k (an int: NNNNNN.npz, or a name: NAME.npz) is written
+    atomically once finished, so a rerun with the same settings makes only the chunks not there.
+    A rerun with other settings (those settings.json records that differ) is refused, UsageError
+    naming them and `flag`; with replace=True it starts afresh instead (every file there goes).
+    Rank r of W makes the chunks mine(count): k = r, r + W, ... Used by sample.py --fid, the
+    feature extraction of evaluation.py and download.py imagenet (its shards are data.py's)."""
+
+    def __init__(self, folder, settings, replace=False, flag="--out"):
+        self.folder, file = str(folder), os.path.join(folder, "settings.json")
+        settings = json.loads(json.dumps(settings))  # as it reads back (tuples are lists)
+        os.makedirs(self.folder, exist_ok=True)
+        recorded, first = _read_json(file), rank_world()[0] == 0
+        if first and replace and (recorded is None or _changed(recorded, settings)):
+            for name in os.listdir(self.folder):
+                os.remove(os.path.join(self.folder, name))
+            recorded = None
+        if recorded is None and (first or not replace):  # ranks alike: the same file
+            atomic_write(file, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        barrier()
+        changed = _changed(_read_json(file) or {}, settings)
+        if changed:
+            raise UsageError(f"{self.folder}: holds chunks made with other {', '.join(changed)} (see settings.json); "
+                             f"use the same options to resume, or another {flag}")
+
+    def path(self, k):
+        return os.path.join(self.folder, f"{k:06d}.npz" if isinstance(k, int) else f"{k}.npz")
+
+    def done(self, k):
+        return os.path.exists(self.path(k))
+
+    def mine(self, count):
+        rank, world = rank_world()
+        return list(range(rank, count, world))
+
+    def save(self, k, **arrays):
+        atomic_write(self.path(k), lambda f: np.savez(f, **arrays))
+
+    def load(self, k):
+        """{name: array} of chunk k; UsageError naming a corrupt file."""
+        try:
+            with np.load(self.path(k)) as z:
+                return {name: z[name] for name in z.files}
+        except Exception as e:  # a truncated or foreign file fails in many ways (zip, pickle, key errors)
+            raise UsageError(f"{self.path(k)}: corrupt chunk file ({type(e).__name__}); delete it and rerun the "
+                             f"same command to make it again") from None
+
+
+def _changed(recorded, settings):
+    """The recorded settings that differ (settings added since they were recorded do not count)."""
+    return sorted(k for k, v in recorded.items() if settings.get(k) != v)
 
 
 class ShardWriter:
@@ -98,7 +176,7 @@ class ShardWriter:
         if self.shard_done(index):
             os.remove(file)  # the shard is incomplete while it is being overwritten
         for name, a in [*arrays.items(), ("labels", labels.astype(np.int64))]:
-            _atomic_write(self._file(index, name), lambda f: np.save(f, a))
+            atomic_write(self._file(index, name), lambda f: np.save(f, a))
 
     def finish(self, **manifest_extra):
         """Write manifest.json over the completed shards 0..n-1 and return it as a dict."""
@@ -122,7 +200,7 @@ class ShardWriter:
         if self.kind == "latent" and None in (manifest["channel_mean"], manifest["channel_std"]):
             manifest["channel_mean"], manifest["channel_std"] = self._channel_stats(len(counts))
         text = json.dumps(manifest, indent=1).encode()
-        _atomic_write(os.path.join(self.out_dir, "manifest.json"), lambda f: f.write(text))
+        atomic_write(os.path.join(self.out_dir, "manifest.json"), lambda f: f.write(text))
         return manifest
 
     def _channel_stats(self, num_shards, chunk=1024):

@@ -7,7 +7,8 @@ ImageNet (or any ImageFolder) encoded into the shard format of data.py.
     python download.py imagenet --src IMAGENET/train --out data/imagenet128 [--image-size 128]
     torchrun --nproc_per_node=8 download.py imagenet ...   (the shards are shared out over ranks)
 
-`imagenet` resumes: run the same command again after an interruption and finished shards are kept.
+`imagenet` resumes: run the same command again after an interruption and finished shards are kept
+(settings.json records the options; data.ChunkFolder refuses a resume with others).
 Every failure prints one line on stderr and exits with code 2.
 """
 import argparse
@@ -28,22 +29,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli import LONG_WAIT, ArgumentParser, UsageError, barrier, one_line, run_command, setup_distributed
-from data import ShardWriter
+from data import ChunkFolder, ShardWriter, atomic_write
+from eval_inputs import IMAGE_EXTENSIONS, Side, image_files
+from models import DiT_models
 from progress import progress
 
 VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{0}x{0}.pt"
 REF_BATCH_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/{0}/"
                  "VIRTUAL_imagenet{0}_labeled.npz")  # ADM's ImageNet reference batches (fid.py REFERENCE)
-_BLOCK_KEYS = [f"{layer}.{p}" for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2",
-                                             "adaLN_modulation.1") for p in ("weight", "bias")]
-DIT_KEYS = frozenset(  # the DiT-XL/2 state dict: 12 keys + 28 blocks x 10 = 292
-    ["pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "t_embedder.mlp.0.weight",
-     "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
-     "y_embedder.embedding_table.weight", "final_layer.linear.weight", "final_layer.linear.bias",
-     "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"]
-    + [f"blocks.{i}.{key}" for i in range(28) for key in _BLOCK_KEYS])
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 
@@ -135,6 +129,12 @@ def fetch(url, part, show_progress=True):
         raise UsageError(f"{url}: got {os.path.getsize(part)} of {total} bytes; run again to resume")
 
 
+def dit_keys():
+    """The 292 keys of the official DiT-XL/2 state dict: those of this repository's vanilla DiT-XL/2."""
+    with torch.device("meta"):  # no memory, no initialisation
+        return frozenset(DiT_models["DiT-XL/2"]().state_dict())
+
+
 def verify_dit(path, image_size):
     """Check that path holds the DiT-XL/2 state dict for image_size: it loads with torch.load
     (weights_only), has exactly the 292 DiT-XL/2 keys, and pos_embed is (1, (size/16)^2, 1152)."""
@@ -143,10 +143,10 @@ def verify_dit(path, image_size):
     except Exception as e:  # unpickling errors come in many types
         raise UsageError(f"{path}: does not load as a checkpoint ({one_line(e)}); delete it, "
                    f"run again")
-    keys = set(state) if isinstance(state, dict) else set()
-    if keys != DIT_KEYS:
+    keys, want_keys = set(state) if isinstance(state, dict) else set(), dit_keys()
+    if keys != want_keys:
         raise UsageError(f"{path}: not a DiT-XL/2 state dict ({len(keys)} keys; missing "
-                   f"{sorted(DIT_KEYS - keys)[:3]}, unexpected {sorted(keys - DIT_KEYS)[:3]}); "
+                   f"{sorted(want_keys - keys)[:3]}, unexpected {sorted(keys - want_keys)[:3]}); "
                    f"delete it, run again")
     want = (1, (image_size // 16) ** 2, 1152)
     if tuple(state["pos_embed"].shape) != want:
@@ -186,7 +186,6 @@ def cmd_dit(args):
 def verify_ref_batch(path, image_size):
     """Check that path is ADM's reference batch for image_size: arr_0 uint8 (N, size, size, 3), and
     the precomputed Inception statistics mu (2048), sigma (2048 x 2048), mu_s (2023), sigma_s."""
-    from eval_inputs import Side
     try:
         side = Side(path, "reference batch")
     except UsageError as e:
@@ -225,17 +224,12 @@ def center_crop_arr(image, size):
 
 
 def list_images(src):
-    """(path, label) of every image under src/<class>/ in sorted order, and the class names: the
+    """(path, label) of every image under src/<class>/ (eval_inputs.image_files), and the class names: the
     sorted sub-folder names, a class's label being its position."""
     if not os.path.isdir(src):
         raise UsageError(f"--src {src}: not a directory; give an ImageFolder (one sub-folder per class)")
     classes = sorted(entry.name for entry in os.scandir(src) if entry.is_dir())
-    items = []
-    for label, name in enumerate(classes):
-        for root, dirs, files in os.walk(os.path.join(src, name), followlinks=True):
-            dirs.sort()
-            items += [(os.path.join(root, f), label) for f in sorted(files)
-                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+    items = [(f, label) for label, name in enumerate(classes) for f in image_files(os.path.join(src, name))]
     if not items:
         raise UsageError(f"--src {src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders")
     return items, classes
@@ -291,29 +285,6 @@ def encode_shard(items, args, vae, device, bar):
     return torch.cat(labels).numpy(), [torch.cat(a).numpy() for a in zip(*arrays)], skipped
 
 
-def _json(path, obj=None):
-    """Read the json file path, or (given obj) write it atomically."""
-    if obj is None:
-        with open(path) as f:
-            return json.load(f)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def _check_settings(out, settings, rank):
-    """Refuse to resume into out when it was started with other settings (the shards would not
-    fit together); the first run records them in out/encode.json."""
-    path = os.path.join(out, "encode.json")
-    if rank == 0 and not os.path.exists(path):
-        _json(path, settings)
-    barrier()
-    changed = sorted(k for k, v in _json(path).items() if settings.get(k) != v)
-    if changed:
-        raise UsageError(f"--out {out}: holds a run with other {', '.join(changed)} (see encode.json); "
-                   f"use the same options to resume, or a new --out")
-
-
 def _skip_file(out, index):
     """The json of a shard's skipped images, written before its labels file: it survives resumes."""
     return os.path.join(out, f"shard-{index:05d}.skipped.json")
@@ -335,23 +306,27 @@ def cmd_imagenet(args):
         arrays = ("mean", "std")
     writer = ShardWriter(args.out, kind, shape, len(classes), args.shard_size)
     listing = "".join(f"{label} {os.path.relpath(p, args.src)}\n" for p, label in items)
-    _check_settings(args.out, {"image_size": size, "vae": args.vae, "flip": args.flip, "bf16": args.bf16,
-                               "shard_size": args.shard_size, "num_images": len(items),
-                               "images_sha256": hashlib.sha256(listing.encode()).hexdigest()}, rank)
+    chunks = ChunkFolder(args.out, {"image_size": size, "vae": args.vae, "flip": args.flip, "bf16": args.bf16,
+                                    "shard_size": args.shard_size, "num_images": len(items),
+                                    "images_sha256": hashlib.sha256(listing.encode()).hexdigest()})
     shards = [items[i:i + args.shard_size] for i in range(0, len(items), args.shard_size)]
-    todo = [i for i in range(rank, len(shards), world) if not writer.shard_done(i)]
+    todo = [i for i in chunks.mine(len(shards)) if not writer.shard_done(i)]
     pending, start = sum(len(shards[i]) for i in todo), time.time()
     with progress(total=pending, unit="img", enabled=rank == 0 and not args.no_progress) as bar:
         for i in todo:
             labels, data, skipped = encode_shard(shards[i], args, vae, device, bar)
-            _json(_skip_file(args.out, i), {"skipped": len(skipped), "files": skipped})
+            skip_record = json.dumps({"skipped": len(skipped), "files": skipped}).encode()
+            atomic_write(_skip_file(args.out, i), lambda f: f.write(skip_record))
             writer.write_shard(i, labels, **dict(zip(arrays, data)))
     seconds = time.time() - start
     print(f"{f'rank {rank}: ' if world > 1 else ''}encoded {pending} images in {seconds:.0f} s "
           f"({pending / max(seconds, 1e-9):.1f} images/s)")
     barrier()
     if rank == 0:
-        skipped = sum(_json(_skip_file(args.out, i))["skipped"] for i in range(len(shards)))
+        skipped = 0
+        for i in range(len(shards)):
+            with open(_skip_file(args.out, i)) as f:
+                skipped += json.load(f)["skipped"]
         manifest = writer.finish(
             vae=VAES.get(args.vae), image_size=size, class_names=classes, skipped=skipped,
             source=os.path.abspath(args.src), flip=args.flip,

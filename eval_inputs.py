@@ -16,7 +16,7 @@ from PIL import Image
 from cli import UsageError, one_line
 
 ADM_STATS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}  # precomputed in ADM's ref batches
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 
 
 
@@ -43,12 +43,17 @@ def _npz_array(path, name="arr_0"):
     return np.memmap(path, dtype, "r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
+def image_files(folder):
+    """The image files under folder (recursively, links followed), sorted by path."""
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder, followlinks=True) for f in fs
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
 class ImageFolder:
     """The images under a folder (recursively, sorted by path) as uint8 (N, H, W, 3) batches."""
 
     def __init__(self, path):
-        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        self.files = image_files(path)
         if not self.files:
             raise UsageError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         self.image_shape = self._load(self.files[0]).shape
@@ -77,10 +82,7 @@ class PixelDataset:
 
     def __init__(self, path):
         from data import LatentDataset
-        try:
-            self.ds = LatentDataset(path)
-        except UsageError as e:
-            raise UsageError(str(e))
+        self.ds = LatentDataset(path)
         if self.ds.kind != "pixel" or self.ds.shape[0] != 3:
             raise UsageError(f"{path}: a {self.ds.kind} dataset of shape {list(self.ds.shape)}; evaluation "
                             f"needs RGB pixel data (decode latent samples with sample.py --fid)")
@@ -133,12 +135,28 @@ def check_stats(mu, sigma, what, fix="compute them again"):
         raise UsageError(f"{what} hold non-finite values (NaN or inf); {fix}")
 
 
+class Subsample:
+    """n images of an image source, drawn without replacement by numpy's generator of seed, in their order."""
+
+    def __init__(self, images, n, seed):
+        self.images, self.index = images, np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
+        self.image_shape = getattr(images, "image_shape", None) or tuple(images.shape[1:])
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, index):
+        return np.stack([self.images[i:i + 1][0] for i in self.index[index]])
+
+
 class Side:
     """One side of a comparison: images (an array-like of uint8 N x H x W x 3 batches, or None),
-    precomputed statistics {metric: (mu, sigma)}, a cache key (None: never cached) and a label."""
+    precomputed statistics {metric: (mu, sigma)}, a cache key (None: never cached) and a label.
+    subsample (n, seed): n of its images drawn at random (Subsample), without the precomputed
+    statistics of them all; tag names them in cache files."""
 
-    def __init__(self, source, what):
-        self.label, self.images, self.stats, self.key, self.path = what, None, {}, None, None
+    def __init__(self, source, what, subsample=None):
+        self.label, self.images, self.stats, self.key, self.path, self.tag = what, None, {}, None, None, ""
         if isinstance(source, dict):
             self.stats = {m: tuple(np.asarray(v, np.float64) for v in s) for m, s in source.items()}
         elif isinstance(source, (np.ndarray, torch.Tensor)):  # checked by the network that reads it
@@ -148,6 +166,12 @@ class Side:
             self._open(os.fspath(source))
         if self.images is None and not self.stats:
             raise UsageError(f"{self.label}: holds neither images nor statistics")
+        if subsample:
+            n, seed = subsample
+            if len(self) < n:
+                raise UsageError(f"{self.label}: holds {len(self)} images, fewer than the subsample of {n} asked for")
+            self.images, self.stats, self.tag = Subsample(self.images, n, seed), {}, f".subsample{n}-seed{seed}"
+            self.key = self.key and self.key + self.tag
         for metric, (mu, sigma) in self.stats.items():
             check_stats(mu, sigma, f"{self.label}: its {metric} statistics")
         if self.images is not None and len(self.images) < 2:

@@ -17,7 +17,7 @@ ADM evaluator uses them), a folder of images, a data.py pixel dataset directory,
     fd_dinov2  Frechet distance of DINOv2 ViT-L/14 CLS features (1024)
     fd_<name>  Frechet distance of any other feature network passed in `networks`
 Reference statistics are cached per (reference, network); features are extracted in batches, in
-resumable chunk files, shared over torch.distributed ranks; processes sharing a cache or a chunk
+resumable chunk files (data.ChunkFolder), shared over torch.distributed ranks; processes sharing a cache or a chunk
 folder take turns (runs.folder_lock), with TF32 off whatever the caller set
 (EDM2's setting; train.py turns it on). Frechet distances are in float64.
 """
@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 import feature_nets
 import runs
-from cli import UsageError, one_line
+from cli import UsageError, barrier, one_line
+from data import ChunkFolder, atomic_write, rank_world
 from eval_inputs import Side, array_key, check_images, check_stats
 from progress import progress as progress_bar
 
@@ -137,67 +138,28 @@ def precision_recall(reference, samples, k=PR_K, device=None):
 
 
 def write_npz_samples(path, images):
-    """Write uint8 images (N, H, W, 3) as arr_0 of an .npz (the ADM format); return the path written
-    (np.savez appends .npz when missing). Not atomic by itself: sample.py writes a temporary name."""
+    """Write uint8 images (N, H, W, 3) as arr_0 of an .npz (the ADM format), atomically (data.atomic_write:
+    a failed write leaves no file); return the path written (.npz appended when missing)."""
     images = np.asarray(images)
     check_images(images, "write_npz_samples")
-    np.savez(path, arr_0=images)
-    return str(path) if str(path).endswith(".npz") else f"{path}.npz"
+    path = str(path) if str(path).endswith(".npz") else f"{path}.npz"
+    atomic_write(path, lambda f: np.savez(f, arr_0=images))
+    return path
 
 
 #################################################################################
 #                                Feature extraction                             #
 #################################################################################
 
-def rank_world():
-    """(rank, world size) of torch.distributed, (0, 1) when it is not initialised."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
-def _barrier():
-    if rank_world()[1] > 1:
-        dist.barrier()
-
-
-def _save_npz(path, arrays):
-    """np.savez to path through a temporary name of this process's own, removed if the write fails."""
-    tmp = f"{path[: -len('.npz')]}.tmp{os.getpid()}.npz"
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
-def _prepare_chunks(work_dir, settings):
-    """Make work_dir hold chunks of these settings only: older chunks of other settings go."""
-    rank, _ = rank_world()
-    file = os.path.join(work_dir, "settings.json")
-    if rank == 0:
-        os.makedirs(work_dir, exist_ok=True)
-        try:
-            with open(file) as f:
-                same = json.load(f) == settings
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            for name in os.listdir(work_dir):
-                os.remove(os.path.join(work_dir, name))
-            with open(f"{file}.tmp{os.getpid()}", "w") as f:
-                json.dump(settings, f)
-            os.replace(f"{file}.tmp{os.getpid()}", file)
-    _barrier()
-
-
 def extract_features(network, images, *, batch_size=100, chunk_size=None, work_dir=None, progress=True,
                      desc=None, key=None):
     """{output: float32 numpy (N, dim)} of network over images (len() and [i:j] batches).
 
     Chunk k holds images [k * chunk_size, (k + 1) * chunk_size); rank r of torch.distributed does the
-    chunks with k % world == r. With work_dir (a folder all ranks share) each chunk is written there
-    as it finishes and a rerun with the same network, images (key) and sizes skips finished chunks;
-    without it the ranks exchange their features with all_gather_object. A work_dir needs a key."""
+    chunks with k % world == r. With work_dir (a folder all ranks share: a data.ChunkFolder, started
+    afresh for another network, images (key) or sizes) each chunk is written there as it finishes and
+    a rerun skips finished chunks; without it the ranks exchange their features with
+    all_gather_object. A work_dir needs a key."""
     if work_dir and key is None:
         raise ValueError("extract_features: a work_dir needs a key saying which images its chunks hold")
     rank, world = rank_world()
@@ -205,11 +167,9 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
     chunk_size = chunk_size or 10 * batch_size
     chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     mine = list(range(rank, len(chunks), world))
-    files = None
-    if work_dir:
-        _prepare_chunks(work_dir, dict(network=network.key, images=key, n=n, chunk_size=chunk_size))
-        files = [os.path.join(work_dir, f"{k:06d}.npz") for k in range(len(chunks))]
-    todo = [k for k in mine if files is None or not os.path.exists(files[k])]
+    folder = work_dir and ChunkFolder(work_dir, dict(network=network.key, images=key, n=n, chunk_size=chunk_size),
+                                      replace=True)
+    todo = [k for k in mine if not (folder and folder.done(k))]
     size = lambda ks: sum(chunks[k][1] - chunks[k][0] for k in ks)  # noqa: E731
     bar = progress_bar(total=size(mine), initial=size(mine) - size(todo), desc=desc or f"features {network.name}",
                        unit="img", enabled=progress and rank == 0)
@@ -223,16 +183,13 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
                 parts.append({o: v.float().cpu().numpy() for o, v in out.items()})
                 bar.update(end - i)
             local[k] = {o: np.concatenate([p[o] for p in parts]) for o in parts[0]}
-            if files:
-                _save_npz(files[k], local[k])
+            if folder:
+                folder.save(k, **local[k])
     finally:
         bar.close()
-    if files:
-        _barrier()
-        local = {}
-        for k, f in enumerate(files):
-            with np.load(f) as z:
-                local[k] = {o: z[o] for o in z.files}
+    if folder:
+        barrier()
+        local = {k: folder.load(k) for k in range(len(chunks))}
     elif world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, local)
@@ -263,9 +220,9 @@ def cache_path(side, network, cache):
         return None
     real = os.path.realpath(side.path).rstrip(os.sep)
     if cache is True:
-        return f"{real}.{network.name}-stats.npz"
+        return f"{real}{side.tag}.{network.name}-stats.npz"
     name = os.path.basename(real) + "-" + hashlib.sha256(real.encode()).hexdigest()[:8]
-    return os.path.join(os.fspath(cache), f"{name}.{network.name}-stats.npz")
+    return os.path.join(os.fspath(cache), f"{name}{side.tag}.{network.name}-stats.npz")
 
 
 def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress):
@@ -300,7 +257,7 @@ def _side_features(side, network, *, keep, cache, work_dir, batch_size, progress
         kept = {o: features[o] for o in keep}
         if path and rank_world()[0] == 0:
             _write_cache(path, key, stats, kept)
-        _barrier()
+        barrier()
         _remove_chunks(chunk_dir)
     return stats, kept
 
@@ -329,8 +286,8 @@ def _write_cache(path, key, stats, features):
     arrays = {f"{o}_{s}": v for o, (mu, sigma) in stats.items() for s, v in (("mu", mu), ("sigma", sigma))}
     arrays.update({f"{o}_features": f for o, f in features.items()})
     try:
-        _save_npz(path, dict(arrays, key=np.array(key)))
-    except OSError as e:
+        atomic_write(path, lambda f: np.savez(f, **arrays, key=np.array(key)))
+    except UsageError as e:
         print(f"evaluation: cannot cache statistics at {path} ({e}); they are computed again next time",
               file=sys.stderr)
 
@@ -353,7 +310,7 @@ def _turn(folder):
         yield
         return
     with _folder_lock(folder) if rank_world()[0] == 0 else contextlib.nullcontext():
-        _barrier()
+        barrier()
         yield
 
 
@@ -407,12 +364,9 @@ def _default_device(device):
 
 def load_network(name, device, inception_weights=None, dinov2_weights=None):
     """The built-in feature network `name` ("inception" or "dinov2"); UsageError for missing weights."""
-    try:
-        if name == "inception":
-            return feature_nets.InceptionNet(inception_weights, device)
-        return feature_nets.DINOv2Net(dinov2_weights, device)
-    except UsageError as e:
-        raise UsageError(str(e))
+    if name == "inception":
+        return feature_nets.InceptionNet(inception_weights, device)
+    return feature_nets.DINOv2Net(dinov2_weights, device)
 
 
 def available_metrics(inception_weights=None, dinov2_weights=None):
@@ -443,7 +397,8 @@ def parse_metrics(metrics, networks=()):
 
 @_tf32_off()
 def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, inception_weights=None,
-             dinov2_weights=None, networks=None, cache=True, work_dir=None, progress=True, dinov2_reference=None):
+             dinov2_weights=None, networks=None, cache=True, work_dir=None, progress=True, dinov2_reference=None,
+             reference_subsample=None):
     """The metrics of samples against reference (see the module docstring for both) as a dict with
     the keys fid, sfid, is, precision, recall, fd_dinov2, fd_<name> (those computed), num_samples and
     num_reference (None for statistics alone), and num_dinov2_reference with a dinov2_reference.
@@ -452,6 +407,8 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
     inputs allow). networks: {name: feature network} adds the metric fd_<name> on its first output.
     dinov2_reference: the reference of fd_dinov2 alone (a reference as above; EDM2 compares with the
     whole training set's statistics, while an ADM batch holds 10,000 images), cached like the other.
+    reference_subsample (n, seed): score against n of the reference's images drawn at random (not its
+    precomputed statistics; eval_inputs.Subsample), cached apart from the whole reference's.
     cache: True (a file beside the reference), a folder, or False. work_dir: where an in-memory
     samples array keeps its resumable feature chunks, keyed by a sha256 of its bytes (an .npz's go
     beside it). Under torchrun every rank calls evaluate and gets the results. Raises UsageError."""
@@ -462,7 +419,7 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
                             + (["fd_dinov2"] if dinov2_reference is not None else []) or ["fid"], networks)
     if dinov2_reference is not None and "fd_dinov2" not in metrics:
         raise UsageError("a DINOv2 reference is given, but fd_dinov2 is not among the metrics: add it")
-    samples, reference = Side(samples, "samples"), Side(reference, "reference")
+    samples, reference = Side(samples, "samples"), Side(reference, "reference", reference_subsample)
     dinov2_side = None if dinov2_reference is None else Side(dinov2_reference, "DINOv2 reference")
     pairs = {m: (samples, reference if m != "fd_dinov2" or dinov2_side is None else dinov2_side) for m in metrics}
     metrics = _feasible(metrics, pairs, default)

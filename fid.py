@@ -4,6 +4,7 @@ without TensorFlow (evaluation.py holds the definitions; this is its command lin
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --json out.json
     python fid.py samples.npz REF --metrics fid,sfid,is,pr,fd_dinov2 --inception-weights FILE --dinov2-weights FILE
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --dinov2-reference TRAIN_IMAGES   # EDM2's FD-DINOv2
+    python fid.py samples.npz results/demo-data --reference-subsample 2000     # 2,000 random reference images
     torchrun --nproc_per_node=8 fid.py samples.npz REF          # feature extraction shared by the ranks
 
 SAMPLES: an .npz with arr_0 uint8 N x H x W x 3 (the ADM format; or precomputed mu and sigma).
@@ -16,8 +17,8 @@ The default metric list is every metric whose weights are found. Weights are nev
 Inception from --inception-weights, $MAPDIT_INCEPTION_WEIGHTS or the torch hub cache
 (checkpoints/pt_inception-2015-12-05-6726825d.pth); DINOv2 from --dinov2-weights,
 $MAPDIT_DINOV2_WEIGHTS or checkpoints/dinov2_vitl14_pretrain.pth there. Reference statistics are
-cached beside the reference (or in --cache-dir); sample features in SAMPLES-features/ while they
-are computed, so an interrupted run resumes. Every failure prints one line on stderr, exit code 2.
+cached beside the reference (or in --cache-dir), those of a --reference-subsample apart; sample
+features in SAMPLES-features/ while they are computed, so an interrupted run resumes. Every failure prints one line on stderr, exit code 2.
 """
 import argparse
 import json
@@ -52,6 +53,11 @@ def build_parser():
                         "(default: $MAPDIT_DINOV2_WEIGHTS, then the torch hub cache)")
     parser.add_argument("--dinov2-reference", metavar="TRAIN_IMAGES", help="the reference of FD-DINOv2 alone: the "
                         "training images (folder or pixel dataset), as EDM2 compares (default: REFERENCE)")
+    parser.add_argument("--reference-subsample", type=_positive, metavar="N", help="score against N of the "
+                        "reference's images drawn at random (not its precomputed statistics): faster with a large "
+                        "reference, at the cost of a noisier number (default: all of them)")
+    parser.add_argument("--subsample-seed", type=int, default=0, metavar="S",
+                        help="numpy seed of --reference-subsample's draw (default 0)")
     parser.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     parser.add_argument("--batch-size", type=_positive, default=100, help="images per network batch (default 100)")
     parser.add_argument("--cache-dir", metavar="DIR", help="keep reference statistics here, not beside the reference")
@@ -78,12 +84,17 @@ def main(argv=None):
         results = evaluate(args.samples, args.reference, metrics, batch_size=args.batch_size, device=args.device,
                            inception_weights=args.inception_weights, dinov2_weights=args.dinov2_weights,
                            cache=False if args.no_cache else (args.cache_dir or True), progress=not args.no_progress,
-                           dinov2_reference=args.dinov2_reference)
+                           dinov2_reference=args.dinov2_reference,
+                           reference_subsample=args.reference_subsample and (args.reference_subsample,
+                                                                             args.subsample_seed))
         if rank != 0:
             return
         for key, name in NAMES.items():
             if key in results:
                 print(f"{name}: {results[key]:.4f}{_caveat(key, args, results)}")
+        if args.reference_subsample:
+            print(f"(against {args.reference_subsample} reference images drawn with --subsample-seed "
+                  f"{args.subsample_seed})")
         if args.json:
             tmp = f"{args.json}.tmp{os.getpid()}"
             with open(tmp, "w") as f:

@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import guidance
 from mp_layers import SILU_RMS, MPEmbedding, MPFourier, MPLinear, MPSiLU, cosine_attention, mp_sum, normalize
 
 MP_SWITCHES = {
@@ -394,16 +393,6 @@ class DiT(nn.Module):
             else:
                 x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance in one batched pass. x, t, y hold the conditional half then the
-        unconditional half (y = null class); eps = eps_u + s (eps_c - eps_u) on all channels, in
-        float32 (DiT guided only the first three of four). The variance output is each half's own."""
-        half = x[: len(x) // 2]
-        model_out = self.forward(torch.cat([half, half], dim=0), t, y).float()
-        cond, uncond = model_out.chunk(2, dim=0)
-        eps = guidance.combine(cond, uncond, cfg_scale, self.in_channels)[:, : self.in_channels]
-        return torch.cat([torch.cat([eps, eps], dim=0), model_out[:, self.in_channels:]], dim=1)
 
 
 #################################################################################

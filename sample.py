@@ -2,7 +2,7 @@
 
     python sample.py --result-dir results/000-MaP-DiT-S-2 --class-label 88 207 360
     python sample.py --result-dir RUN --class-label 1 2 --weights ema-0.07 --sampler dpm++
-    python sample.py --result-dir RUN --fid 50000 --cfg-scale 1.5          # resumable
+    python sample.py --result-dir RUN --fid 50000                          # cfg 1.5 by default; resumable
     torchrun --nproc_per_node=8 sample.py --result-dir RUN --fid 50000     # chunks shared by ranks
     python sample.py --result-dir RUN --fid 50000 --cfg-scale 1.8 --guidance-interval 0 2.33
     python sample.py --result-dir RUN --class-label 1 2 --cfg-scale 2 --guide RUN/checkpoints/0000500.pt
@@ -13,16 +13,16 @@ The model is rebuilt from the checkpoint's arguments and dataset manifest; laten
 with the VAE the manifest names (or --vae-path). Classifier-free guidance acts on all channels
 (--cfg-channels 3: the first three, as the original DiT code); --guide replaces the null label by a
 guide model (autoguidance); --guidance-interval limits either to a range of noise levels (guidance.py);
---cfg-scale 1 runs the conditional model alone. With --fid N the samples (labels uniform over the
-classes) go to an ADM-evaluator .npz (arr_0: uint8 N x H x W x 3) through chunk files of
---batch-size samples; chunk k's labels and noise depend only on (--seed, k), so a rerun resumes
-where an interrupted one stopped and gives the same array. Every bad input prints one line on
-stderr and exits with code 2.
+--cfg-scale 1 runs the conditional model alone. Its default is 4 for grids and 1.5 for --fid (the
+scale DiT reports its FID at). A grid has one row per --class-label, named when the run's data names
+its classes, drawn as train.py draws its grids (sampling.save_grid). With --fid N the samples
+(labels uniform over the classes) go to an ADM-evaluator .npz (arr_0: uint8 N x H x W x 3) through
+chunk files of --batch-size samples (data.ChunkFolder); chunk k's labels and noise depend only on
+(--seed, k), so a rerun resumes where an interrupted one stopped and gives the same array. Every bad
+input prints one line on stderr and exits with code 2.
 """
 import argparse
-import contextlib
 import glob
-import json
 import math
 import os
 import re
@@ -33,18 +33,21 @@ import torch
 import torch.distributed as dist
 
 from cli import ArgumentParser, UsageError, barrier, run_command, setup_distributed
+from data import ChunkFolder, rank_world
 from download import VAES, open_decoder
 from ema import posthoc_coefficients, valid_sigma_rel
 from evaluation import write_npz_samples
 from guidance import EVERY_STEP, Guided
 from models import MODEL_SIZES, DiT_models
 from progress import progress
-from runs import SEED_RANGE, build_model, checkpoints_in, saved_args
-from sampling import DEFAULT_STEPS, chunk_inputs, chunk_sizes, make_sampler, sample_images
-from watch import tile, write_png
+from runs import SEED_RANGE, build_model, checkpoints_in, load_checkpoint, saved_args
+from sampling import (DEFAULT_STEPS, chunk_inputs, chunk_sizes, make_sampler, row_names, sample_chunk, sample_images,
+                      sampling_weights_name, save_grid)
 
 DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
-NOT_SAMPLE_SETTINGS = ("out", "compile", "no_progress", "num_samples", "class_label")  # --fid resumes across them
+CFG_SCALE = {"grid": 4.0, "fid": 1.5}  # --cfg-scale by default: DiT's grids and its FID setting
+NOT_SAMPLE_SETTINGS = ("out", "compile", "no_progress", "num_samples", "class_label",  # --fid resumes across them
+                       "cfg_scale_given")
 EMA_INIT_WARNING = 0.1  # warn when the classic EMA still gives its initial weights this share or more
 POWER_EMA = re.compile(r"ema-(\d+\.?\d*|\.\d+)")  # --weights ema-<sigma_rel>: group 1 is sigma_rel
 
@@ -72,8 +75,9 @@ def parse_args(argv=None):
                    help="ancestral DDPM, DDIM (eta 0), or DPM-Solver++(2M) from diffusers (default ddpm)")
     g.add_argument("--num-sampling-steps", type=int, metavar="N",
                    help=f"default {', '.join(f'{s} for {k}' for k, s in DEFAULT_STEPS.items())}")
-    g.add_argument("--cfg-scale", type=float, default=4.0, metavar="S",
-                   help="guidance scale w: classifier-free, or autoguidance with --guide; 1 = none (default 4)")
+    g.add_argument("--cfg-scale", type=float, metavar="S",
+                   help="guidance scale w: classifier-free, or autoguidance with --guide; 1 = none (default "
+                        f"{CFG_SCALE['grid']:g} for a grid, {CFG_SCALE['fid']:g} for --fid: DiT's FID setting)")
     g.add_argument("--cfg-channels", type=int, metavar="K",
                    help="guide only the first K latent channels; 3 = the original DiT code, to reproduce its "
                         "published numbers (default: all)")
@@ -102,6 +106,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.num_sampling_steps is None:
         args.num_sampling_steps = DEFAULT_STEPS[args.sampler]
+    args.cfg_scale_given = args.cfg_scale is not None
+    if not args.cfg_scale_given:
+        args.cfg_scale = CFG_SCALE["fid" if args.fid else "grid"]
     for name in ("num_samples", "batch_size", "num_sampling_steps", "fid"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -133,43 +140,29 @@ def parse_args(argv=None):
 #                          Checkpoints and EMA weights                          #
 #################################################################################
 
-def find_checkpoint(args):
-    if args.ckpt:
-        if not os.path.isfile(args.ckpt):
-            raise UsageError(f"--ckpt {args.ckpt}: no such file")
-        return args.ckpt
-    ckpts = checkpoints_in(args.result_dir)
-    if not ckpts:
-        raise UsageError(f"--result-dir {args.result_dir}: no checkpoints/NNNNNNN.pt (not a train.py run, "
-                         f"or it has not reached its first --ckpt-every)")
-    return ckpts[-1]
-
-
-def load_model(args):
+def load_model(args, guide=False):
     """(model on the CPU with the chosen weights, manifest, note on the weights, stem of the default
-    output path: RUN/samples/<checkpoint>-<weights> for runs, samples/<file name> for state dicts,
-    what the model predicts: eps, v or x0)."""
-    path = find_checkpoint(args)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise UsageError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    output path, what the model predicts: eps, v or x0) of --ckpt or --result-dir (its latest
+    checkpoint) with --weights, or with guide=True of --guide with --guide-weights. The stem is
+    RUN/samples/<checkpoint>-<weights> for a run's checkpoint, samples/<file name> for a state dict."""
+    source = args.guide if guide else args.ckpt or args.result_dir
+    flag = "--guide" if guide else "--ckpt" if args.ckpt else "--result-dir"
+    weights = (args.guide_weights or args.weights) if guide else args.weights
+    path = checkpoint_file(source, flag)
+    ckpt, state = read_checkpoint(path)
     stem = os.path.splitext(os.path.basename(path))[0]
-    if isinstance(ckpt, dict) and {"args", "manifest", "model", "step"} <= set(ckpt):
-        manifest = ckpt["manifest"]
+    if ckpt is not None:
         saved = saved_args(ckpt)
-        model, prediction = build_model(argparse.Namespace(**saved), manifest), saved["prediction"]
-        state, weights, note = select_weights(ckpt, path, args.weights, model)
-        run_dir = os.path.dirname(os.path.dirname(path))
-        what, stem = f"{ckpt['args']['model']} of its run", os.path.join(run_dir, "samples", f"{stem}-{weights}")
-    elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        if args.weights not in (None, "raw"):
-            raise UsageError(f"--weights {args.weights}: {path} is a plain state dict, one set of weights")
-        (model, manifest), prediction = official_model(args), "eps"
-        state, note = ckpt, f"state dict {path}"
-        what, stem = f"{args.model} at --image-size {args.image_size}", os.path.join("samples", stem)
+        model, manifest, prediction = build_model(argparse.Namespace(**saved), ckpt["manifest"]), ckpt["manifest"], \
+            saved["prediction"]
+        state, weights, note = select_weights(ckpt, path, weights, model)
+        what = f"{saved['model']} of its run"
+        stem = os.path.join(os.path.dirname(os.path.dirname(path)), "samples", f"{stem}-{weights}")
     else:
-        raise UsageError(f"{path}: neither a train.py checkpoint nor a DiT state dict")
+        if weights not in (None, "raw"):
+            raise UsageError(f"--weights {weights}: {path} is a plain state dict, one set of weights")
+        (model, manifest), prediction, note = official_model(args), "eps", f"state dict {path}"
+        what, stem = f"{args.model} at --image-size {args.image_size}", os.path.join("samples", stem)
     try:
         model.load_state_dict(state)
     except RuntimeError:
@@ -177,15 +170,39 @@ def load_model(args):
     return model, manifest, note, stem, prediction
 
 
-def load_guide(args, manifest, prediction, num_classes):
-    """(guide model on the CPU, a note on its weights, its name for the output file) for --guide, a
-    run directory or checkpoint read with --guide-weights; it must share the main model's data
-    (kind and shape), classes and prediction type."""
-    run = os.path.isdir(args.guide)
-    source = argparse.Namespace(**{**vars(args), "result_dir": args.guide if run else None,
-                                   "ckpt": None if run else args.guide, "weights": args.guide_weights})
+def checkpoint_file(source, flag):
+    """The checkpoint of a run directory (its latest) or the checkpoint file source."""
+    if os.path.isdir(source):
+        ckpts = checkpoints_in(source)
+        if not ckpts:
+            raise UsageError(f"{flag} {source}: no checkpoints/NNNNNNN.pt (not a train.py run, or it has not "
+                             f"reached its first --ckpt-every)")
+        return ckpts[-1]
+    if not os.path.isfile(source):
+        raise UsageError(f"{flag} {source}: no such file")
+    return source
+
+
+def read_checkpoint(path):
+    """(train.py checkpoint, None) read by runs.load_checkpoint, or (None, state dict) for a plain state
+    dict of tensors (an official DiT checkpoint); else runs.load_checkpoint's UsageError."""
     try:
-        guide, guide_manifest, note, stem, guide_prediction = load_model(source)
+        return load_checkpoint(path), None
+    except UsageError as refused:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # unreadable: runs.load_checkpoint said why
+            raise refused from None
+        if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+            raise UsageError(f"{path}: neither a train.py checkpoint nor a DiT state dict") from None
+        return None, state
+
+
+def load_guide(args, manifest, prediction, num_classes):
+    """(guide model on the CPU, a note on its weights, its name for the output file) for --guide; it
+    must share the main model's data (kind and shape), classes and prediction type."""
+    try:
+        guide, guide_manifest, note, stem, guide_prediction = load_model(args, guide=True)
     except UsageError as e:
         raise UsageError(f"--guide: {e}") from None
     data = lambda m: (m["kind"], list(m["shape"]))  # noqa: E731
@@ -228,7 +245,7 @@ def describe(state):
 def select_weights(ckpt, path, choice, model):
     """(state dict, its name, a note) for --weights: raw, ema, or ema-<sigma_rel>."""
     tracked = {float(k): sd for k, sd in ckpt["ema_power"].items()}
-    choice = choice or (f"ema-{max(tracked)}" if tracked else "ema")
+    choice = choice or sampling_weights_name(tracked)
     if choice == "raw":
         return ckpt["model"], choice, f"raw weights of {path}"
     if choice == "ema":
@@ -251,7 +268,7 @@ def select_weights(ckpt, path, choice, model):
     if not low <= sigma <= high:
         warn(f"--weights {choice}: sigma_rel {sigma} is outside the tracked range [{low}, {high}] "
              f"(--ema-sigma-rels of the run), so the post-hoc EMA extrapolates and need not resemble an EMA of "
-             f"that width (its weights are listed below); choose a sigma_rel in [{low}, {high}]")
+             f"that width (see its weights' range below); choose a sigma_rel in [{low}, {high}]")
     return state, choice, note
 
 
@@ -295,10 +312,9 @@ def posthoc_ema(ckpt, path, sigma_rel, model):
                                      f"it: the run diverged by step {s}, sample from an earlier checkpoint")
                 total[n] += w * value.double()
     state.update({n: total[n].to(state[n].dtype) for n in trainable})
-    lines = [f"  step {s:>7} sigma_rel {k}: {w:+.4f}"
-             for (s, _), row in zip(sources, weights) for k, w in zip(keys, row)]
-    note = (f"post-hoc power EMA sigma_rel={sigma_rel} at step {step} from {len(sources)} snapshot(s) "
-            f"(least-squares weights summed to {fitted.sum():.4f}; divided by that):\n" + "\n".join(lines))
+    note = (f"post-hoc power EMA sigma_rel={sigma_rel} at step {step} from {len(sources)} snapshot(s) of steps "
+            f"{sources[0][0]}..{step} (least-squares weights in [{weights.min():+.3f}, {weights.max():+.3f}], "
+            f"their sum {fitted.sum():.4f} divided out)")
     return state, note
 
 
@@ -315,72 +331,33 @@ def guidance_tag(args, guide_stem):
             + (f"-guide-{guide_stem}" if guide_stem else ""))
 
 
-def write_grid(args, generate, shape, path):
-    """PNG with one row of --num-samples images per class label; batch k uses chunk_inputs(seed, k)."""
+def write_grid(args, generate, manifest, path):
+    """PNG with one row of --num-samples images per class label, named from the manifest's class names;
+    batch k uses chunk_inputs(seed, k)."""
     labels = torch.tensor(args.class_label).repeat_interleave(args.num_samples)
-    images = []
-    for k, y in enumerate(labels.split(args.batch_size)):
-        images.append(generate(chunk_inputs(args.seed, k, len(y), shape)[0], y))
-    write_png(tile(np.concatenate(images), len(args.class_label)), path)
+    images = [generate(chunk_inputs(args.seed, k, len(y), tuple(manifest["shape"]))[0], y)
+              for k, y in enumerate(labels.split(args.batch_size))]
+    save_grid(np.concatenate(images), len(args.class_label), path, row_names(manifest, args.class_label))
 
 
-def write_fid_npz(args, generate, shape, num_classes, path, settings, rank, world):
-    """N samples with uniform labels in chunk files (PATH-chunks/NNNNNN.npz) then merged into
-    PATH. Rank r makes the missing chunks k with k % world == r; finished chunks are kept (they
-    record the settings; delete the folder once the .npz is no longer to be extended)."""
-    folder = path[: -len(".npz")] + "-chunks"
-    os.makedirs(folder, exist_ok=True)
-    settings_file = os.path.join(folder, "settings.json")
-    if not os.path.exists(settings_file):  # the first run records its settings (ranks alike)
-        with open(f"{settings_file}.{rank}.tmp", "w") as f:
-            json.dump(settings, f, indent=1)
-        os.replace(f"{settings_file}.{rank}.tmp", settings_file)
-    barrier()
-    with open(settings_file) as f:
-        changed = sorted(k for k, v in json.load(f).items() if settings.get(k) != v)
-    if changed:
-        raise UsageError(f"{folder}: holds chunks made with other {', '.join(changed)} (see settings.json); "
-                         f"use the same options to resume, or another --out")
+def write_fid_npz(args, generate, path, settings):
+    """N samples with uniform labels in chunk files (PATH-chunks/NNNNNN.npz, a data.ChunkFolder: a rerun
+    with the same settings resumes, with others is refused), then merged into PATH by rank 0. Rank r
+    makes the missing chunks k with k % world == r; finished chunks are kept (delete the folder once
+    the .npz is no longer to be extended). generate(k, n): (images, labels) of chunk k."""
+    chunks = ChunkFolder(path[: -len(".npz")] + "-chunks", settings)
     sizes = chunk_sizes(args.fid, args.batch_size)
-    files = [os.path.join(folder, f"{k:06d}.npz") for k in range(len(sizes))]
-    mine = list(range(rank, len(sizes), world))
-    todo = [k for k in mine if not os.path.exists(files[k])]
+    mine = chunks.mine(len(sizes))
+    todo = [k for k in mine if not chunks.done(k)]
     with progress(total=sum(sizes[k] for k in mine), initial=sum(sizes[k] for k in mine if k not in todo),
-                  unit="img", enabled=rank == 0 and not args.no_progress) as bar:
+                  unit="img", enabled=rank_world()[0] == 0 and not args.no_progress) as bar:
         for k in todo:
-            z, y = chunk_inputs(args.seed, k, sizes[k], shape, num_classes)
-            save_chunk(files[k], generate(z, y), y.numpy())
+            images, labels = generate(k, sizes[k])
+            chunks.save(k, images=images, labels=labels)
             bar.update(sizes[k])
     barrier()
-    if rank == 0:
-        images, tmp = np.concatenate([read_chunk(f) for f in files]), path[: -len(".npz")] + ".tmp.npz"
-        try:  # through a temporary file: a full disk leaves no truncated .npz behind
-            os.replace(write_npz_samples(tmp, images), path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise UsageError(f"{path}: cannot write ({e.strerror or e}); the chunks in {folder} are kept: "
-                             f"free space and rerun the same command to merge them") from None
-
-
-def read_chunk(path):
-    try:
-        return np.load(path)["images"]
-    except Exception as e:  # a truncated or foreign file fails in many ways (zip, pickle, key errors)
-        raise UsageError(f"{path}: corrupt chunk file ({type(e).__name__}); delete it and rerun the same "
-                         f"command to sample it again") from None
-
-
-def save_chunk(path, images, labels):
-    tmp = path[: -len(".npz")] + ".tmp.npz"
-    try:
-        np.savez(tmp, images=images, labels=labels)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise UsageError(f"{path}: cannot write ({e.strerror or e}); the finished chunks are kept: free "
-                         f"space and rerun the same command to continue") from None
+    if rank_world()[0] == 0:
+        write_npz_samples(path, np.concatenate([chunks.load(k)["images"] for k in range(len(sizes))]))
 
 
 def check_writable(out):
@@ -419,29 +396,28 @@ def main(args):
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-        def generate(z, y):
-            try:
-                return sample_images(guided, sampler, z.to(device), y, manifest, vae, bf16)
-            except FloatingPointError as e:  # they would be saved as black images
-                raise UsageError(f"{e} with {note.splitlines()[0]}; nothing of this batch was written: check "
-                                 f"the weights (--weights) and the settings") from None
-
         out = args.out or (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}"
                            f"{guidance_tag(args, guide_stem)}-seed{args.seed}"
                            + (f"-fid{args.fid}.npz" if args.fid else ".png"))
         if args.fid and not out.endswith(".npz"):
             out += ".npz"
         if rank == 0:
-            print(f"sampling {manifest['shape']} ({manifest['kind']}) with {note}"
+            scale = f"guidance scale {args.cfg_scale:g}" + ("" if args.cfg_scale_given else
+                                                            f" (the {'--fid' if args.fid else 'grid'} default)")
+            print(f"sampling {manifest['shape']} ({manifest['kind']}) with {note}, {scale}"
                   + (f"\nguided by {guide_note}" if guide is not None else ""))
         check_writable(out)
-        if args.fid:
-            settings = {k: v for k, v in vars(args).items() if k not in NOT_SAMPLE_SETTINGS}
-            settings["source"] = stem
-            write_fid_npz(args, generate, tuple(manifest["shape"]), model.num_classes, out, settings, rank, world)
-        elif rank == 0:
-            write_grid(args, generate, tuple(manifest["shape"]), out)
+        try:  # non-finite samples would be saved as black images
+            if args.fid:
+                settings = {k: v for k, v in vars(args).items() if k not in NOT_SAMPLE_SETTINGS}
+                write_fid_npz(args, lambda k, n: sample_chunk(guided, sampler, manifest, args.seed, k, n, vae, bf16),
+                              out, dict(settings, source=stem))
+            elif rank == 0:
+                write_grid(args, lambda z, y: sample_images(guided, sampler, z.to(device), y, manifest, vae, bf16),
+                           manifest, out)
+        except FloatingPointError as e:
+            raise UsageError(f"{e} with {note}; nothing of this batch was written: check "
+                             f"the weights (--weights) and the settings") from None
         if rank == 0:
             print(f"wrote {out}")
     finally:

@@ -5,19 +5,30 @@ function (guidance.Guided) -> uint8 images (data.decode).
     sampler = make_sampler("ddim", 50, prediction="v")
     z, y = chunk_inputs(seed, k, 64, (4, 16, 16), num_classes=1000)    # chunk k: depends on (seed, k) only
     images = sample_images(Guided(model, 1.5), sampler, z, y, manifest, vae)   # uint8 (64, 128, 128, 3)
+    images, labels = sample_chunk(Guided(model, 1.5), sampler, manifest, seed, k, 64, vae)  # the same
 
-An --fid run of N samples is chunks k = 0, 1, ... of chunk_sizes(N, batch)[k] samples each; any
-process that samples chunk k with the same model and settings draws the same images.
+An --fid run of N samples (sample.py --fid, train.py's evaluation) is chunks k = 0, 1, ... of
+chunk_sizes(N, batch)[k] samples each; any process that samples chunk k with the same model and
+settings draws the same images. Guidance (classifier-free, autoguidance, its interval and DiT's
+3-channel option) is guidance.Guided's alone.
 """
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
-from data import decode
+from data import atomic_write, decode
 from diffusion import create_diffusion
 from cli import UsageError
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
+GRID_ZOOM_BELOW = 64  # grid images smaller than this many pixels are shown at twice their size
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def sampling_weights_name(sigma_rels):
+    """The --weights sample.py samples from by default (and train.py's grids and evaluation, with
+    watch.sampling_weights): ema-<widest sigma_rel> tracked, else ema."""
+    return f"ema-{max(sigma_rels)}" if sigma_rels else "ema"
 
 
 def make_sampler(name, steps, prediction="eps"):
@@ -93,3 +104,42 @@ def sample_images(guided, sampler, z, y, manifest, vae=None, bf16=False):
     if not torch.isfinite(x).all():
         raise FloatingPointError("the samples came out non-finite (NaN or inf)")
     return decode(x, manifest, vae)
+
+
+def sample_chunk(guided, sampler, manifest, seed, k, n, vae=None, bf16=False):
+    """Chunk k of n samples of an --fid run: (uint8 images (n, H, W, 3), labels (n,) int64 numpy) from
+    chunk_inputs(seed, k), sampled on the device of the guided model."""
+    z, y = chunk_inputs(seed, k, n, tuple(manifest["shape"]), int(manifest["num_classes"]))
+    device = next(guided.model.parameters()).device
+    return sample_images(guided, sampler, z.to(device), y, manifest, vae, bf16), y.numpy()
+
+
+def save_grid(images, rows, path, names=None):
+    """uint8 images (rows * columns, H, W, 3), row-major -> the grid (rows * H, columns * W, 3) written to
+    the PNG at path (atomically; UsageError when it cannot be) and returned: images under
+    GRID_ZOOM_BELOW pixels at twice their size, and names[i] (the class of row i) left of each row."""
+    n, h, w, c = images.shape
+    grid = images.reshape(rows, n // rows, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, -1, c)
+    if h < GRID_ZOOM_BELOW:
+        grid = grid.repeat(2, 0).repeat(2, 1)
+    if names:
+        grid = name_rows(grid, names)
+    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    return grid
+
+
+def name_rows(grid, names):
+    """The grid (H, W, 3) with a black strip on its left that holds names[i] beside row i."""
+    row = grid.shape[0] // len(names)
+    font = ImageFont.load_default(size=max(8, min(16, row // 2)))
+    strip = Image.new("RGB", (8 + max(round(font.getlength(name)) for name in names), grid.shape[0]))
+    draw = ImageDraw.Draw(strip)
+    for i, name in enumerate(names):
+        draw.text((4, i * row + row // 2), name, fill="white", font=font, anchor="lm")
+    return np.concatenate([np.asarray(strip), grid], axis=1)
+
+
+def row_names(manifest, labels):
+    """'label name' for each grid row's label where the manifest names its classes, else None."""
+    names = manifest.get("class_names")
+    return [f"{int(y)} {names[int(y)]}"[:24] for y in labels] if names else None

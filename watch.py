@@ -17,14 +17,14 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 import evaluation
 from cli import UsageError
 from eval_inputs import Side
 from guidance import Guided
 from runs import folder_lock
-from sampling import chunk_inputs, chunk_sizes, make_sampler, sample_images
+from sampling import (chunk_sizes, make_sampler, row_names, sample_chunk, sample_images, sampling_weights_name,
+                      save_grid)
 
 GRID_COLUMNS = 8
 GRID_MAX_ROWS = 10  # classes shown: all of them up to 10, else 10 spread over the label range
@@ -34,13 +34,9 @@ CLASSIFIER_ITEMS, CLASSIFIER_STEPS = 2000, 100  # the fallback evaluation classi
 
 
 def sampling_weights(ema, power_emas):
-    """The weights sample.py samples from by default: the widest power EMA, else the classic EMA."""
+    """The weights sample.py samples from by default (sampling.sampling_weights_name): the widest power
+    EMA, else the classic EMA."""
     return power_emas[max(power_emas)] if power_emas else ema
-
-
-def sampling_weights_name(sigma_rels):
-    """sample.py's --weights for sampling_weights: ema-<widest sigma_rel>, else ema."""
-    return f"ema-{max(sigma_rels)}" if sigma_rels else "ema"
 
 
 def grid_labels(num_classes, rows=GRID_MAX_ROWS):
@@ -50,36 +46,16 @@ def grid_labels(num_classes, rows=GRID_MAX_ROWS):
     return torch.linspace(0, num_classes - 1, rows).round().long()
 
 
-def tile(images, rows):
-    """uint8 (rows * columns, H, W, 3) -> one (rows * H, columns * W, 3) image, row-major."""
-    n, h, w, c = images.shape
-    return images.reshape(rows, n // rows, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, -1, c)
-
-
-def write_png(image, path):
-    """uint8 (H, W, 3) -> PNG at path, atomically; a failed write (full disk) leaves nothing and raises
-    UsageError."""
-    tmp = f"{path}.tmp.png"
-    try:
-        Image.fromarray(image).save(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UsageError(f"{path}: cannot write ({e.strerror or e}); free space and rerun the same command "
-                         f"(a training run continues from its last checkpoint)") from None
-
-
 class SampleGrids:
-    """Grids of the same noise and labels: one row per class (grid_labels), GRID_COLUMNS columns.
-    grids(model, step) writes samples/NNNNNNN.png under run_dir and returns the grid (H, W, 3)."""
+    """Grids of the same noise and labels: one row per class (grid_labels, named when the manifest names
+    the classes), GRID_COLUMNS columns, written by sampling.save_grid as sample.py writes its grids.
+    grids(model, step) writes samples/NNNNNNN.png under run_dir and returns (the grid (H, W, 3), its path)."""
 
     def __init__(self, run_dir, manifest, prediction, sample_steps, seed, vae=None):
         self.folder, self.manifest, self.vae = os.path.join(run_dir, "samples"), manifest, vae
         self.sampler = make_sampler("ddim", sample_steps, prediction)
-        labels = grid_labels(int(manifest["num_classes"]))
-        self.rows = len(labels)
-        self.y = labels.repeat_interleave(GRID_COLUMNS)
+        self.labels = grid_labels(int(manifest["num_classes"]))
+        self.y = self.labels.repeat_interleave(GRID_COLUMNS)
         generator = torch.Generator().manual_seed(seed)
         self.z = torch.randn(len(self.y), *manifest["shape"], generator=generator)
 
@@ -87,12 +63,9 @@ class SampleGrids:
         device = next(model.parameters()).device
         images = sample_images(Guided(model, GRID_CFG), self.sampler, self.z.to(device), self.y, self.manifest,
                                self.vae, bf16=device.type == "cuda")
-        grid = tile(images, self.rows)
-        if grid.shape[0] < 64 * self.rows:  # small images: shown at twice their size
-            grid = grid.repeat(2, 0).repeat(2, 1)
         os.makedirs(self.folder, exist_ok=True)
-        write_png(grid, self.path(step))
-        return grid, self.path(step)
+        return save_grid(images, len(self.labels), self.path(step), row_names(self.manifest, self.labels)), \
+            self.path(step)
 
     def path(self, step):
         return os.path.join(self.folder, f"{step:07d}.png")
@@ -169,13 +142,11 @@ class Evaluation:
         chunk_inputs seeds, is the training's again afterwards."""
         rank, world = evaluation.rank_world()
         device = next(model.parameters()).device
-        shape, classes = tuple(self.manifest["shape"]), int(self.manifest["num_classes"])
         chunks = {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for k in range(rank, len(self.sizes), world):
-                z, y = chunk_inputs(self.seed, k, self.sizes[k], shape, classes)
-                chunks[k] = sample_images(Guided(model, self.cfg_scale), self.sampler, z.to(device), y, self.manifest,
-                                          self.vae, bf16=device.type == "cuda")
+                chunks[k] = sample_chunk(Guided(model, self.cfg_scale), self.sampler, self.manifest, self.seed, k,
+                                         self.sizes[k], self.vae, bf16=device.type == "cuda")[0]
         if world > 1:
             parts = [None] * world
             torch.distributed.all_gather_object(parts, chunks)

@@ -184,7 +184,7 @@ def test_other_bad_inputs_in_process(src, vae_dir, tmp_path, capsys):
 
 def fake_dit(path, image_size=256, drop=None):
     """A state dict with the DiT-XL/2 keys (tiny tensors, but the real pos_embed shape)."""
-    state = {k: torch.zeros(1) for k in download.DIT_KEYS if k != drop}
+    state = {k: torch.zeros(1) for k in download.dit_keys() if k != drop}
     state["pos_embed"] = torch.zeros(1, (image_size // 16) ** 2, 1152)
     torch.save(state, path)
     return path.read_bytes()

@@ -240,3 +240,30 @@ def test_cli_fd_dinov2_against_training_images_beside_fid_against_the_batch(tmp_
     code = fid.cli([samples, batch, "--metrics", "fid", "--dinov2-reference", str(train)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "fd_dinov2 is not among" in err
+
+
+def test_reference_subsample_scores_against_random_reference_images(tmp_path, capsys, monkeypatch):
+    """Issue 22: --reference-subsample N scores against N reference images drawn with --subsample-seed
+    (not the batch's precomputed statistics of them all), the number of those images alone, cached
+    apart from the whole reference's statistics."""
+    from test_evaluation import TinyInception
+    monkeypatch.setattr(evaluation, "load_network", lambda *args: TinyInception())
+    rng = np.random.default_rng(7)
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    evaluation.write_npz_samples(samples, rng.integers(0, 256, (20, 8, 8, 3), np.uint8))
+    images = rng.integers(0, 256, (30, 8, 8, 3), np.uint8)
+    np.savez(ref, arr_0=images, mu=np.zeros(8), sigma=np.eye(8))  # statistics of no images: not to be used
+
+    def score(*extra):
+        fid.main([str(samples), str(ref), "--metrics", "fid", "--json", str(tmp_path / "r.json"), *extra])
+        return json.loads((tmp_path / "r.json").read_text())
+    result = score("--reference-subsample", "12")
+    drawn = images[np.sort(np.random.default_rng(0).choice(30, 12, replace=False))]
+    want = evaluation.evaluate(str(samples), drawn, ["fid"], cache=False, progress=False)["fid"]
+    assert result["num_reference"] == 12 and result["fid"] == pytest.approx(want, rel=1e-9)
+    assert (tmp_path / "ref.npz.subsample12-seed0.inception-stats.npz").is_file()
+    assert score("--reference-subsample", "12", "--subsample-seed", "1")["fid"] != pytest.approx(want, rel=1e-6)
+    assert score()["fid"] != pytest.approx(want, rel=1e-6) and score()["num_reference"] == 30
+    capsys.readouterr()
+    assert fid.cli([str(samples), str(ref), "--reference-subsample", "31"]) == 2
+    assert "holds 30 images, fewer than the subsample of 31" in capsys.readouterr().err

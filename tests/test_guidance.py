@@ -46,14 +46,14 @@ class Recorder:
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++"])
 def test_interval_0_inf_is_plain_cfg_and_an_empty_one_the_conditional_model(model, name, monkeypatch):
-    """Plain CFG is DiT's path (forward_with_cfg on [cond; uncond] batches of 2N); DDPM's step noise
-    is set to zero so that batches of N and 2N sample alike."""
+    """Plain CFG is DiT's path (its published forward_with_cfg, guiding all 4 channels, on [cond; uncond]
+    batches of 2N); DDPM's step noise is set to zero so that batches of N and 2N sample alike."""
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
     z, y = inputs()
     sampler = sampling.make_sampler(name, 6)
     with torch.no_grad():
-        dit = sampler(model.forward_with_cfg, torch.cat([z, z]),
-                      dict(y=torch.cat([y, torch.full_like(y, 10)]), cfg_scale=4.0), False)[:N]
+        dit = sampler(lambda x, t, y: dit_forward_with_cfg(model, x, t, y, 4.0, channels=4), torch.cat([z, z]),
+                      dict(y=torch.cat([y, torch.full_like(y, 10)])), False)[:N]
         conditional = sampler(model, z, dict(y=y), False)
     full, empty = Recorder(model), Recorder(model)
     torch.testing.assert_close(run(name, 6, Guided(full, 4.0, interval=EVERY_STEP), z, y), dit, rtol=1e-5, atol=1e-5)
@@ -148,12 +148,13 @@ def test_autoguidance_is_the_formula_on_the_denoised_output(prediction):
     assert not torch.allclose(want[1], main.denoised(x, t)[1], atol=1e-3)
 
 
-def dit_forward_with_cfg(model, x, t, y, cfg_scale):
-    """facebookresearch/DiT models.py forward_with_cfg, as published (3 guided channels)."""
+def dit_forward_with_cfg(model, x, t, y, cfg_scale, channels=3):
+    """facebookresearch/DiT models.py forward_with_cfg, as published (3 guided channels; `channels`
+    generalises its 3)."""
     half = x[: len(x) // 2]
     combined = torch.cat([half, half], dim=0)
     model_out = model.forward(combined, t, y)
-    eps, rest = model_out[:, :3], model_out[:, 3:]
+    eps, rest = model_out[:, :channels], model_out[:, channels:]
     cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
     half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
     eps = torch.cat([half_eps, half_eps], dim=0)
@@ -182,7 +183,7 @@ def test_cfg_channels_3_is_dits_guidance_channel_by_channel(model):
 def test_guidance_arithmetic_is_float32_under_bf16_autocast(model):
     """With the forward in bf16 autocast, the guided output is float32 and equals the float32
     combination of the bf16 outputs exactly; bf16 arithmetic (the scale amplifies its rounding)
-    would differ. Also for models.forward_with_cfg, and denoise(bf16=True)."""
+    would differ. Also for denoise(bf16=True)."""
     outputs = []
     handle = model.register_forward_hook(lambda module, inputs, output: outputs.append(output))
     x, y = inputs(4)
@@ -190,14 +191,11 @@ def test_guidance_arithmetic_is_float32_under_bf16_autocast(model):
     try:
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
             guided = Guided(model, scale)(x, t, y)
-            cfg = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]),
-                                         torch.cat([y, torch.full_like(y, 10)]), scale)
         assert outputs[0].dtype == torch.bfloat16  # the model did run in bf16
         cond, uncond = outputs[0][:N, :4], outputs[0][N:, :4]
         want = uncond.float() + scale * (cond.float() - uncond.float())
         assert guided.dtype == torch.float32 and torch.equal(guided[:, :4], want)
         assert not torch.equal((uncond + scale * (cond - uncond)).float(), want)
-        assert cfg.dtype == torch.float32 and torch.equal(cfg[:N, :4], want)
         outputs.clear()
         sampled = sampling.denoise(Guided(model, scale), sampling.make_sampler("ddim", 2), x, y, bf16=True)
         assert sampled.dtype == torch.float32 and {o.dtype for o in outputs} == {torch.bfloat16}

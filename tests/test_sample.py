@@ -19,7 +19,7 @@ import sample
 import sampling
 import train
 from data import ShardWriter
-from download import DIT_KEYS
+from download import dit_keys
 from ema import posthoc_coefficients
 from guidance import Guided
 from models import DiT_models
@@ -95,11 +95,11 @@ def test_grid_png_size_determinism_and_samplers(pixel_run, tmp_path, capsys):
         assert run_cli([*ddpm, "--seed", seed, "--out", tmp_path / f"{name}.png"], capsys)[0] == 0
     a, b, c = ((tmp_path / f"{name}.png").read_bytes() for name in "abc")
     assert a == b and a != c
-    assert Image.open(tmp_path / "a.png").size == (3 * 8, 2 * 8)  # (width, height): 3 columns, 2 rows
+    assert Image.open(tmp_path / "a.png").size == (3 * 16, 2 * 16)  # (width, height): 3 columns, 2 rows, at 2x
     code, out, _ = run_cli([*grid, "--sampler", "ddim", "--num-sampling-steps", 25], capsys)
     default = os.path.join(pixel_run, "samples", "0000006-ema-0.1-ddim25-cfg4-seed0.png")
     assert code == 0 and f"wrote {default}" in out and "power EMA sigma_rel=0.1 (tracked)" in out
-    assert Image.open(default).size == (24, 16)
+    assert Image.open(default).size == (48, 32)
 
 
 def test_compile_captures_the_guided_model_in_one_graph_and_changes_no_pixel(pixel_run, tmp_path, capsys,
@@ -143,9 +143,9 @@ def test_cfg_scale_one_runs_the_conditional_model_alone(pixel_run):
     z, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3])
     plain = sampling.denoise(Guided(model, 1.0), sampler, z, y)
     assert set(batches) == {3}  # no doubled batch
-    guided_at_one = sampler(model.forward_with_cfg, torch.cat([z, z]),
-                            dict(y=torch.cat([y, torch.full_like(y, 4)]), cfg_scale=1.0), False)[:3]
-    torch.testing.assert_close(plain, guided_at_one, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        conditional = sampler(model, z, dict(y=y), False)
+    torch.testing.assert_close(plain, conditional, rtol=1e-5, atol=1e-5)
     batches.clear()
     sampling.denoise(Guided(model, 4.0), sampler, z, y)
     assert set(batches) == {6}
@@ -271,7 +271,7 @@ def test_posthoc_reconstruction_lies_between_the_tracked_emas(pixel_run):
     ckpt = load(path)
     model, _, note, *_ = sample.load_model(sample.parse_args(["--ckpt", path, "--class-label", "0",
                                                              "--weights", "ema-0.07"]))
-    assert "from 6 snapshot(s)" in note and "step       1 sigma_rel 0.05" in note
+    assert "from 6 snapshot(s) of steps 1..6" in note and "\n" not in note  # one line, however many snapshots
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     flat = lambda state: torch.cat([state[n].double().flatten() for n in names])
     a, b = flat(ckpt["ema_power"]["0.05"]), flat(ckpt["ema_power"]["0.1"])
@@ -296,16 +296,16 @@ def test_fid_npz_resumes_and_splits_over_ranks(pixel_run, tmp_path, capsys, monk
     labels = np.concatenate([np.load(tmp_path / "straight-chunks" / f"{k:06d}.npz")["labels"] for k in range(3)])
     assert labels.min() >= 0 and labels.max() < 4 and len(set(labels)) > 1
 
-    real_save, saved = sample.save_chunk, []
+    real_save, saved = data.ChunkFolder.save, []
 
-    def interrupt_after_one(*a):
-        real_save(*a)
-        saved.append(a[0])
+    def interrupt_after_one(self, k, **arrays):
+        real_save(self, k, **arrays)
+        saved.append(k)
         raise KeyboardInterrupt
-    monkeypatch.setattr(sample, "save_chunk", interrupt_after_one)
+    monkeypatch.setattr(data.ChunkFolder, "save", interrupt_after_one)
     code, _, err = run_cli([*fid, "--out", tmp_path / "resumed.npz"], capsys)
     assert code == 130 and "interrupted; run the same command again" in err
-    monkeypatch.setattr(sample, "save_chunk", real_save)
+    monkeypatch.setattr(data.ChunkFolder, "save", real_save)
     assert len(saved) == 1 and not os.path.exists(tmp_path / "resumed.npz")
     assert run_cli([*fid, "--out", tmp_path / "resumed.npz"], capsys)[0] == 0
     np.testing.assert_array_equal(np.load(tmp_path / "resumed.npz")["arr_0"], straight)
@@ -313,10 +313,13 @@ def test_fid_npz_resumes_and_splits_over_ranks(pixel_run, tmp_path, capsys, monk
     code, _, err = run_cli([*fid, "--out", tmp_path / "resumed.npz", "--seed", 1], capsys)
     assert code == 2 and "other seed" in err
 
-    monkeypatch.setattr(sample, "barrier", lambda: None)  # ranks run one after the other
+    for module in (sample, data):  # ranks run one after the other
+        monkeypatch.setattr(module, "barrier", lambda: None)
     monkeypatch.setattr(sample.dist, "destroy_process_group", lambda: None)
     for rank in (1, 0):
         monkeypatch.setattr(sample, "setup_distributed", lambda: (rank, 2, torch.device("cpu")))
+        for module in (sample, data):
+            monkeypatch.setattr(module, "rank_world", lambda: (rank, 2))
         assert run_cli([*fid, "--out", tmp_path / "ranks.npz"], capsys)[0] == 0
         assert os.path.exists(tmp_path / "ranks.npz") == (rank == 0)  # rank 0 merges
         if rank == 1:
@@ -329,12 +332,12 @@ def test_latent_run_is_decoded_by_the_vae(latent_run, vae_dir, tmp_path, capsys)
     code, _, err = run_cli(["--result-dir", latent_run, "--vae-path", vae_dir, "--class-label", 1, 0,
                             "--num-samples", 2, "--sampler", "ddim", "--num-sampling-steps", 2, "--out", out], capsys)
     assert code == 0, err
-    assert Image.open(out).size == (2 * 32, 2 * 32)  # 4x4 latents decode to 32x32 images
+    assert Image.open(out).size == (2 * 64, 2 * 64)  # 4x4 latents decode to 32x32 images, shown at 2x
 
 
 def test_official_state_dict_loads_into_vanilla_dit(official_ckpt, vae_dir, tmp_path, capsys):
     state = load(official_ckpt)
-    assert set(state) == {k for k in DIT_KEYS if not k.startswith("blocks.") or int(k.split(".")[1]) < 6}
+    assert set(state) == {k for k in dit_keys() if not k.startswith("blocks.") or int(k.split(".")[1]) < 6}
     official = ["--ckpt", official_ckpt, "--model", "DiT-XS/8", "--image-size", 64]
     args = sample.parse_args([str(a) for a in official] + ["--class-label", "0"])
     model, manifest, _, _, prediction = sample.load_model(args)
@@ -486,14 +489,14 @@ def test_fid_resumes_over_options_that_do_not_change_the_samples(pixel_run, tmp_
     """Issue 21: a resume was refused over --no-progress and --num-samples (grid columns, unused by --fid)."""
     fid = ["--result-dir", pixel_run, "--fid", 8, "--batch-size", 4, "--sampler", "ddim", "--num-sampling-steps", 2,
            "--out", tmp_path / "fid.npz"]
-    real_save = sample.save_chunk
+    real_save = data.ChunkFolder.save
 
-    def interrupt_after_one(*a):
-        real_save(*a)
+    def interrupt_after_one(self, k, **arrays):
+        real_save(self, k, **arrays)
         raise KeyboardInterrupt
-    monkeypatch.setattr(sample, "save_chunk", interrupt_after_one)
+    monkeypatch.setattr(data.ChunkFolder, "save", interrupt_after_one)
     assert run_cli(fid, capsys)[0] == 130
-    monkeypatch.setattr(sample, "save_chunk", real_save)
+    monkeypatch.setattr(data.ChunkFolder, "save", real_save)
     code, _, err = run_cli([*fid, "--no-progress", "--num-samples", 3], capsys)
     assert code == 0 and np.load(tmp_path / "fid.npz")["arr_0"].shape == (8, 8, 8, 3), err
 
@@ -557,3 +560,33 @@ def test_posthoc_ema_outside_the_tracked_range_warns_with_the_range(pixel_run, t
         assert code == 0 and ("warning" in err) == warned, (weights, err)
         if warned:
             assert "outside the tracked range [0.05, 0.1]" in err and len(err.splitlines()) == 1
+
+
+def test_fid_defaults_to_cfg_1_5_and_says_so(pixel_run, tmp_path, capsys):
+    """Issue 22: --fid inherited the grid's --cfg-scale 4 (DiT samples its FID at 1.5)."""
+    fid = ["--result-dir", pixel_run, "--fid", 2, "--sampler", "ddim", "--num-sampling-steps", 2]
+    code, out, err = run_cli(fid, capsys)
+    default = os.path.join(pixel_run, "samples", "0000006-ema-0.1-ddim2-cfg1.5-seed0-fid2.npz")
+    assert code == 0 and "guidance scale 1.5 (the --fid default)" in out and f"wrote {default}" in out, err
+    code, out, _ = run_cli([*fid, "--cfg-scale", 4, "--out", tmp_path / "4.npz"], capsys)
+    assert code == 0 and "guidance scale 4\n" in out and "(the --fid default)" not in out
+    code, out, _ = run_cli(["--result-dir", pixel_run, "--class-label", 0, "--num-samples", 1, "--sampler", "ddim",
+                            "--num-sampling-steps", 2, "--out", tmp_path / "g.png"], capsys)
+    assert code == 0 and "guidance scale 4 (the grid default)" in out
+
+
+def test_grid_rows_are_named_when_the_manifest_names_the_classes(pixel_run, tmp_path, capsys):
+    """Issue 22: the same grid with the manifest's class names gains a strip on its left that holds
+    them (and nothing else changes); without names it has none."""
+    ckpt = load(os.path.join(pixel_run, "checkpoints", "0000006.pt"))
+    torch.save({**ckpt, "manifest": {**ckpt["manifest"], "class_names": ["ant", "bee", "cat", "dog"]}},
+               tmp_path / "named.pt")
+    argv = ["--class-label", 1, 3, "--num-samples", 2, "--sampler", "ddim", "--num-sampling-steps", 2]
+    assert run_cli(["--ckpt", os.path.join(pixel_run, "checkpoints", "0000006.pt"), *argv,
+                    "--out", tmp_path / "plain.png"], capsys)[0] == 0
+    assert run_cli(["--ckpt", tmp_path / "named.pt", *argv, "--out", tmp_path / "named.png"], capsys)[0] == 0
+    plain, named = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("plain", "named"))
+    strip = named.shape[1] - plain.shape[1]
+    assert plain.shape == (2 * 16, 2 * 16, 3) and strip > 10 and named.shape[0] == plain.shape[0]
+    np.testing.assert_array_equal(named[:, strip:], plain)
+    assert named[:16, :strip].max() > 128 and named[16:, :strip].max() > 128  # text in both rows
