@@ -14,6 +14,7 @@ run (a larger --num-steps extends it, its lr schedule kept). One process writes 
 """
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -73,6 +74,7 @@ RANGES = dict(  # every numeric flag: (its valid range in words, the test); floa
     eval_samples=("at least 2", lambda v: v >= 2), eval_cfg_scale=("a finite number", lambda v: abs(v) < math.inf),
 )
 STEP_DERIVED = ("warmup_steps", "decay_steps", "snapshot_every")  # defaults computed from --num-steps
+gamma_of = functools.lru_cache(sigma_rel_to_gamma)  # a power EMA's exponent, solved once per width
 
 
 def preset_default(key):
@@ -284,7 +286,7 @@ def train_step(state, net, diffusion, micro_batches, args, autocast, need_norm=F
     state.step += 1
     ema_update(state.ema, state.model, args.ema_decay)
     for sigma_rel, ema in state.ema_power.items():
-        ema_update(ema, state.model, power_beta(state.step, sigma_rel_to_gamma(sigma_rel)))
+        ema_update(ema, state.model, power_beta(state.step, gamma_of(sigma_rel)))
     return mean / args.grad_accum, lr, grad_norm, batch
 
 

@@ -163,7 +163,8 @@ def run_loop(args, device):
             argv = ["--results-dir", parent, "--model", args.loop_model, "--mp" if kw else "--no-mp",
                     "--num-steps", n_steps, "--global-batch-size", str(batch), "--log-every", str(args.loop_window),
                     "--monitor-every", n_steps, "--ckpt-every", n_steps, "--snapshot-every", n_steps,
-                    "--sample-steps", "2", "--seed", str(args.seed), "--precision", args.precision]
+                    "--sample-steps", "2", "--sample-every", "0", "--eval-every", "0", "--seed", str(args.seed),
+                    "--precision", args.precision]
             bare[n]()  # warm-up, then one window of the bare step just before the loop
             out[n]["bare"].append(args.loop_window * batch / timed(ctx, bare[n], args.loop_window))
             log = io.StringIO()

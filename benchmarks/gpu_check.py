@@ -158,14 +158,14 @@ def torchrun_check():
         lines = []
         first = subprocess.run([*base, "--num-steps", "2", "--ckpt-every", "2"], capture_output=True, text=True,
                                timeout=240)
-        runs = sorted(glob.glob(os.path.join(results, "[0-9][0-9][0-9]-*")))
+        runs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(results, "*", "config.json")))
         if first.returncode or not runs:
             return [f"- first run: **failed**, exit {first.returncode}: `{tail(first)}`"]
         lines.append(f"- first run: exit 0, checkpoints {names(runs[0])}")
         second = subprocess.run([*base, "--num-steps", "4", "--ckpt-every", "2", "--resume", runs[0]],
                                 capture_output=True, text=True, timeout=240)
         with open(os.path.join(runs[0], "log.txt")) as f:
-            resumed = [line.split("] ", 1)[1].strip() for line in f if "resumed from" in line]
+            resumed = [line.split("] ", 1)[1].strip() for line in f if "resumed at" in line]
         ok = second.returncode == 0 and resumed and os.path.exists(os.path.join(runs[0], "checkpoints", "0000004.pt"))
         lines.append(f"- resumed run: exit {second.returncode}, {resumed[-1] if resumed else 'no resume logged'}, "
                      f"checkpoints {names(runs[0])}: **{'ok' if ok else 'failed'}**"
