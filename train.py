@@ -334,9 +334,7 @@ def main(args):
             raise UsageError(f"{args.data_path}: {len(dataset)} items, fewer than one global batch ({micro * world})")
         torch.manual_seed(args.seed)  # the same initial weights on every rank and for any world size
         model = runs.build_model(args, manifest).to(device)
-        vae = open_vae(args, manifest, rank, world, device)
-        if args.eval_every:
-            check_reference(args, dataset, vae, rank, world)
+        vae = open_vae(args, dataset, rank, world, device)
         if rank == 0 and lock is None:
             cleanup.callback(runs.create_run(run_dir, args).release)
         barrier()  # the other ranks wait for the run directory
@@ -380,35 +378,23 @@ def main(args):
         out.catch_up(state)
 
         model.train()
-        window_loss, window_steps, window_start = torch.zeros(3, device=device), 0, time.time()
         while state.step < args.num_steps:
             log_now = (state.step + 1) % args.log_every == 0 or state.step + 1 == args.num_steps
             micro_batches = (micro_batch(batches, state.noise, dataset, diffusion, model)
                              for _ in range(args.grad_accum))
-            losses, lr, grad_norm, last = train_step(state, net, diffusion, micro_batches, args, autocast, log_now)
-            window_loss += losses
-            window_steps += 1
-            out.bar.update(1)
+            losses, lr, grad_norm, (x, t, y, _, noise) = train_step(state, net, diffusion, micro_batches, args,
+                                                                    autocast, log_now)
+            out.add_losses(losses)
             if log_now:
-                if world > 1:
-                    dist.all_reduce(window_loss)
-                    window_loss /= world
-                check_finite([window_loss], state, run_dir)
-                out.log_losses(state.step, window_loss / window_steps, lr, grad_norm, window_steps,
-                               time.time() - window_start)
-                window_loss.zero_()
-                window_steps, window_start = 0, time.time()
-            if rank == 0 and (state.step % args.monitor_every == 0 or state.step == args.num_steps):
-                x, t, y, _, noise = last
+                out.log_losses(state, lr, grad_norm)
+            if rank == 0 and out.due(state.step, args.monitor_every):
                 model.eval()
                 with autocast():
                     acts, weights = block_magnitudes(model, diffusion.q_sample(x, t, noise), t, y)  # as trained
                 model.train()
                 out.log_magnitudes(state.step, acts, weights)
-            save(state, args, run_dir, manifest, window_loss)
-            paused = time.time()
-            out.watch(state, sampling_weights(state.ema, state.ema_power))
-            window_start += time.time() - paused  # grids and evaluations do not count against images/s
+            save(state, args, run_dir, manifest, out.window_loss)
+            out.watch(state)
         out.finish(state.step)
         return run_dir
 
@@ -424,62 +410,43 @@ def open_dataset(args):
     return LatentDataset(path, hflip=args.hflip)
 
 
-def first_error(error, world):
-    """The first rank's error message (or None) on every rank, so that all ranks refuse together."""
-    if world == 1:
-        return error
-    errors = [None] * world
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
-
-
-def open_vae(args, manifest, rank, world, device):
-    """The VAE that decodes a latent run's samples, on the ranks that decode: rank 0 for the grids,
-    every rank for the evaluations (None elsewhere and for pixel data). A VAE that cannot be opened
-    is refused on every rank before training, in one line."""
-    vae, error = None, None
-    if manifest["kind"] == "latent" and (args.eval_every or (args.sample_every and rank == 0)):
-        try:
+def open_vae(args, dataset, rank, world, device):
+    """The VAE that decodes a latent run's samples on the ranks that decode (rank 0 for the grids, every
+    rank for the evaluations; None elsewhere and for pixel data), and the evaluation reference checked
+    (rank 0 looks); refused on every rank, in one line, before training, if either cannot serve."""
+    vae, error, manifest = None, None, dataset.manifest
+    try:
+        if manifest["kind"] == "latent" and (args.eval_every or (args.sample_every and rank == 0)):
             vae = open_decoder(manifest, args.vae_path).to(device)
-        except UsageError as e:
+    except UsageError as e:
+        error = (f"cannot decode the run's samples for its grids and evaluations: {e} (or train without them: "
+                 f"--sample-every 0 --eval-every 0)")
+    if args.eval_every and rank == 0 and not error:
+        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1  # the VAE's downsampling
+        try:
+            watch.check_reference(args.eval_reference or dataset.path, args.eval_metrics, args.eval_samples,
+                                  tuple(n * scale for n in manifest["shape"][1:]) + (3,))
+        except ValueError as e:
             error = str(e)
-    error = first_error(error, world)
-    if error:
-        raise UsageError(f"cannot decode the run's samples for its grids and evaluations: {error} (or train "
-                         f"without them: --sample-every 0 --eval-every 0)")
+    errors = [error] * world
+    if world > 1:
+        dist.all_gather_object(errors, error)
+    if any(errors):
+        raise UsageError(next(e for e in errors if e))
     return vae
 
 
-def check_reference(args, dataset, vae, rank, world):
-    """Refuse on every rank, before training, an evaluation whose reference cannot serve it (rank 0 looks)."""
-    _, h, w = dataset.manifest["shape"]
-    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1  # the VAE's downsampling
-    error = None
-    if rank == 0:
-        try:
-            watch.check_reference(args.eval_reference or dataset.path, args.eval_metrics, args.eval_samples,
-                                  (h * scale, w * scale, 3))
-        except ValueError as e:
-            error = str(e)
-    error = first_error(error, world)
-    if error:
-        raise UsageError(error)
-
-
 def make_logger(run_dir, rank):
+    """Logger "train": on rank 0 to RUN/log.txt and stderr, silent elsewhere."""
     logger = logging.getLogger("train")
     for handler in logger.handlers:
         handler.close()
-    logger.handlers.clear()
-    logger.propagate = False
+    logger.handlers, logger.propagate = [logging.NullHandler()], False
     if rank == 0:
         logger.setLevel(logging.INFO)
-        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler()):
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-    else:
-        logger.addHandler(logging.NullHandler())
+        logger.handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler()]
+        for handler in logger.handlers:
+            handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     return logger
 
 
@@ -532,16 +499,29 @@ class RunOutputs:
         self.evaluator = Evaluation.for_run(args, dataset, os.path.join(args.results_dir, "eval-cache"),
                                             state.noise.device, logger.info, vae) if args.eval_every else None
         self.bar = progress(total=args.num_steps, initial=step, unit="step", enabled=rank0 and not args.no_progress)
+        self.window_loss, self.window_steps, self.window_start = torch.zeros(3, device=state.noise.device), 0, time.time()
 
     def record(self, record):
         if self.metrics is not None:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
 
-    def log_losses(self, step, mean, lr, grad_norm, steps, seconds):
-        mean = mean.tolist()
-        record = dict(step=step, loss=mean[0], mse=mean[1], vb=mean[2], lr=lr, grad_norm=grad_norm.item(),
+    def add_losses(self, losses):
+        self.window_loss += losses
+        self.window_steps += 1
+        self.bar.update(1)
+
+    def log_losses(self, state, lr, grad_norm):
+        """The mean [loss, mse, vb] of the steps since the last log line (over all ranks, checked finite)."""
+        if state.rng.world > 1:
+            dist.all_reduce(self.window_loss)
+            self.window_loss /= state.rng.world
+        check_finite([self.window_loss], state, self.run_dir)
+        mean, steps, seconds = (self.window_loss / self.window_steps).tolist(), self.window_steps, time.time() - self.window_start
+        record = dict(step=state.step, loss=mean[0], mse=mean[1], vb=mean[2], lr=lr, grad_norm=grad_norm.item(),
                       steps_per_sec=steps / seconds, images_per_sec=steps * self.args.global_batch_size / seconds)
+        self.window_loss.zero_()
+        self.window_steps, self.window_start, step = 0, time.time(), state.step
         self.bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{record['images_per_sec']:.1f}")
         self.record(record)
         self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -557,13 +537,16 @@ class RunOutputs:
     def due(self, step, every):
         return every and (step % every == 0 or step == self.args.num_steps)
 
-    def watch(self, state, weights):
-        """At --sample-every steps and the last a sample grid (rank 0), at --eval-every steps and the
-        last an evaluation (every rank samples and extracts features; rank 0 records)."""
+    def watch(self, state):
+        """At --sample-every steps and the last a sample grid (rank 0), at --eval-every steps and the last
+        an evaluation (every rank samples and extracts features; rank 0 records), of the sampling weights;
+        their time does not count against the images/s of the log."""
+        paused, weights = time.time(), sampling_weights(state.ema, state.ema_power)
         if self.grids and self.due(state.step, self.args.sample_every):
             self.grid(state.step, weights)
         if self.evaluator and self.due(state.step, self.args.eval_every):
             self.evaluate(state.step, weights)
+        self.window_start += time.time() - paused
 
     def catch_up(self, state):
         """On resume, what a run killed during its grids or evaluations missed: the grid of its step,
