@@ -344,30 +344,21 @@ def folder_lock(folder, create=False):
             os.close(fd)
 
 
+def read_records(run_dir, key=None):
+    """The records of RUN/metrics.jsonl (those that hold key, e.g. "act_rms"), without a line torn by a kill."""
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = []
+        for line in f:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        return [r for r in records if key is None or key in r]
+    return []
+
+
 def drop_records_after(run_dir, step):
     """Rewrite metrics.jsonl without the records past step (logged after the checkpoint a resume
     starts from, so they will be logged again) and without a line torn by a kill."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
     with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(r) + "\n" for r in read_records(run_dir) if r.get("step", 0) <= step)
     os.replace(path + ".tmp", path)
-
-
-def read_records(run_dir, key):
-    """The metrics.jsonl records that hold key (e.g. "act_rms" for the magnitude records)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [r for r in map(json.loads, f) if key in r]
