@@ -360,7 +360,8 @@ def main(args):
                 logger.info(f"lr schedule kept: warm-up {args.warmup_steps}, decay {args.decay_steps} steps")
             if rank == 0 and changes:
                 runs.write_config(run_dir, args)
-        logger.info(f"preset {args.preset}, with the flags given: {json.dumps(runs.config_of(args))}")
+        logger.info(f"preset {args.preset} (of {', '.join(PRESETS)}; the flags given override it); the run's "
+                    f"arguments: {json.dumps(runs.config_of(args))}")
         logger.info(f"{args.model}{' (MaP)' if args.mp else ''}: {sum(p.numel() for p in model.parameters()):,} "
                     f"parameters; data {manifest['shape']} x {len(dataset):,} items, {manifest['num_classes']} "
                     f"classes; run dir {run_dir}")
