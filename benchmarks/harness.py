@@ -4,10 +4,12 @@ forward FLOPs and the machine's description."""
 import contextlib
 import copy
 import datetime
+import gc
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -145,6 +147,20 @@ class InferStep:
                 self.model(c.x, c.t, c.y)
             else:
                 self.model.forward_with_cfg(c.x, c.t, c.y_cfg, cfg_scale=4.0)
+
+
+def halving_on_oom(run, batch, device, what):
+    """run(batch); after a CUDA out-of-memory error, again at half the batch (down to 2)."""
+    while True:
+        try:
+            return run(batch)
+        except torch.cuda.OutOfMemoryError:
+            if device.type != "cuda" or batch <= 2:
+                raise
+        gc.collect()  # outside the except clause, so that no traceback holds the models any more
+        torch.cuda.empty_cache()
+        print(f"{what}: out of memory at batch {batch}; halving", file=sys.stderr)
+        batch //= 2
 
 
 def timed(ctx, step, iters):
