@@ -252,6 +252,7 @@ def make_optimizer(model, args, device):
 
 
 def autocast_for(args, device):
+    """--precision as a context factory: bf16 autocast (auto: on a GPU), else nothing."""
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 

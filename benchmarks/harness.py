@@ -39,8 +39,7 @@ class Ctx:
         self.args, self.device, self.name, self.size, self.batch = args, device, name, size, batch
         self.overrides, self.compile_backend = overrides or {}, compile_backend
         self.channels, self.num_classes = channels, num_classes
-        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.autocast = train.autocast_for(args, device)
         g = torch.Generator().manual_seed(args.seed)
         self.x = torch.randn(batch, channels, size, size, generator=g).to(device)
         self.noise = torch.randn(batch, channels, size, size, generator=g).to(device)
