@@ -86,9 +86,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     d = preset_default
     g = p.add_argument_group("recipe, data and model")
-    g.add_argument("--preset", choices=list(PRESETS),
-                   help="the recipe the flags without a value take (default: demo without --data-path, else "
-                        "imagenet-128)")
+    g.add_argument("--preset", choices=list(PRESETS), help="the recipe of the flags not given (default: demo "
+                   "without --data-path, else imagenet-128)")
     g.add_argument("--data-path", help="dataset directory (data.py format); omit for the built-in demo data")
     g.add_argument("--results-dir", default="results", help="parent of the run directories")
     g.add_argument("--model", metavar="NAME", help="one of DiT-{XS,S,B,L,XL}/{2,4,8}" + d("model"))
@@ -97,16 +96,13 @@ def parse_args(argv=None):
     g.add_argument("--num-heads", type=int, help="override the model's number of attention heads" + d("num_heads"))
     g.add_argument("--modulation", choices=list(MODULATIONS), default="adaln",
                    help="block conditioning: " + "; ".join(f"{k}: {v}" for k, v in MODULATIONS.items()))
-    g.add_argument("--prediction", choices=["eps", "v", "x0"],
-                   help="what the model predicts: eps (DiT) or v (well posed at high noise, where eps-prediction "
-                        "needs many steps to learn) or x0" + d("prediction"))
-    g.add_argument("--vae-path", metavar="DIR",
-                   help="latent data: the VAE (a save_pretrained folder) that decodes the grids' and evaluations' "
-                        "samples (default: the one the dataset's manifest names, else its hub id)")
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction,
-                   help="random horizontal flips (default: on for pixel datasets; off for latent datasets, "
-                        "where a mirrored latent only approximates the latent of the mirrored image, and for "
-                        "the demo); for flipped latents encode them with download.py imagenet --flip")
+    g.add_argument("--prediction", choices=["eps", "v", "x0"], help="what the model predicts: eps (DiT), v (well "
+                   "posed at high noise, where eps needs many steps to learn) or x0" + d("prediction"))
+    g.add_argument("--vae-path", metavar="DIR", help="latent data: the VAE (save_pretrained folder) decoding grids and "
+                   "evaluations (default: the one the dataset's manifest names, else its hub id)")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on for "
+                   "pixel data; off for the demo and for latents, where a mirrored latent only approximates the "
+                   "mirrored image's: encode those with download.py imagenet --flip)")
     g = p.add_argument_group("magnitude preservation (all off = original DiT)")
     g.add_argument("--mp", action=argparse.BooleanOptionalAction,
                    help="MaP-DiT: every switch below on" + d("mp") + "; a switch given alone turns --mp off")
@@ -117,17 +113,13 @@ def parse_args(argv=None):
     g.add_argument("--global-batch-size", type=int, help="images per step over all processes" + d("global_batch_size"))
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     g.add_argument("--lr", type=float, help="peak learning rate, (vanilla, with weight norm)" + d("lr"))
-    g.add_argument("--warmup-steps", type=int,
-                   help="linear warm-up (default 0 vanilla; weight norm min(1000, num_steps / 10))")
-    g.add_argument("--decay-steps", type=int,
-                   help="EDM2 decay lr / sqrt(max(step / N, 1)); 0 = constant (default 0 vanilla; weight norm "
-                        "min(20000, num_steps / 3))")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up (default 0; weight norm min(1000, num_steps / 10))")
+    g.add_argument("--decay-steps", type=int, help="EDM2 decay lr / sqrt(max(step / N, 1)); 0 = constant (default 0; "
+                   "weight norm min(20000, num_steps / 3))")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU, else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--grad-checkpoint", action="store_true",
-                   help="recompute activations in backward (DiT-XL/2 at batch 256 on one 80 GB GPU)")
+    g.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
     g.add_argument("--seed", type=int, default=0, help="all randomness of the run, in [0, 2**32) (default 0)")
     g = p.add_argument_group("EMA")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="classic constant-decay EMA (DiT), in [0, 1)")
@@ -138,38 +130,28 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, help="steps between log lines" + d("log_every"))
     g.add_argument("--monitor-every", type=int, help="steps between activation / weight RMS records" + d("monitor_every"))
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints" + d("ckpt_every"))
-    g.add_argument("--resume", nargs="?", const=runs.LATEST, metavar="PATH",
-                   help="continue a run: its directory or a checkpoint file (a larger --num-steps extends it, "
-                        "keeping its lr schedule); bare --resume: this command's run, refused if it has not "
-                        "started or has finished (without --resume it is continued too, or started)")
+    g.add_argument("--resume", nargs="?", const=runs.LATEST, metavar="PATH", help="continue a run directory or "
+                   "checkpoint (a larger --num-steps extends it, lr schedule kept); bare: this command's unfinished run")
     g.add_argument("--num-workers", type=int, help="data loader processes, at most the CPUs" + d("num_workers"))
-    g.add_argument("--sample-every", type=int, metavar="N",
-                   help="steps between sample grids (fixed noise and labels, from the weights sample.py uses) in "
-                        "RUN/samples/ and the trackers, and one at the end; 0 = no grids" + d("sample_every"))
-    g.add_argument("--sample-steps", type=int,
-                   help="DDIM steps of the sample grids and evaluation samples, at most 1000" + d("sample_steps"))
+    g.add_argument("--sample-every", type=int, metavar="N", help="steps between sample grids of the weights sample.py "
+                   "uses (RUN/samples/, trackers), and one at the end; 0 = none" + d("sample_every"))
+    g.add_argument("--sample-steps", type=int, help="DDIM steps of grids and evaluations (<= 1000)" + d("sample_steps"))
     g = p.add_argument_group("evaluation during training (FID curve)")
-    g.add_argument("--eval-every", type=int, metavar="N",
-                   help="steps between evaluations of the sampling weights, and one at the end; 0 = none"
-                        + d("eval_every"))
+    g.add_argument("--eval-every", type=int, metavar="N", help="steps between evaluations of the sampling weights, "
+                   "and one at the end; 0 = none" + d("eval_every"))
     g.add_argument("--eval-samples", type=int, metavar="K",
                    help="samples per evaluation, fixed noise and labels uniform over the classes" + d("eval_samples"))
-    g.add_argument("--eval-metrics", nargs="+", metavar="M",
-                   help="metrics of evaluation.py: fid sfid is pr fd_dinov2, or fd_classifier (a small classifier "
-                        "trained on the pixel data, cached); default fid if the Inception weights are found, else "
-                        "fd_classifier (pixel data)")
-    g.add_argument("--eval-reference", metavar="PATH",
-                   help="reference images: ADM reference batch .npz, image folder or pixel dataset (default: the "
-                        "training data; needed for latent data); statistics cached in RESULTS/eval-cache/")
-    g.add_argument("--eval-cfg-scale", type=float, default=1.0, metavar="S",
-                   help="guidance of the evaluation samples (default 1: none)")
+    g.add_argument("--eval-metrics", nargs="+", metavar="M", help="evaluation.py's fid sfid is pr fd_dinov2, or "
+                   "fd_classifier (a small classifier of the pixel data); default fid with Inception weights, else "
+                   "fd_classifier")
+    g.add_argument("--eval-reference", metavar="PATH", help="ADM reference .npz, image folder or pixel dataset "
+                   "(default: the training data; latents need one); statistics cached in RESULTS/eval-cache/")
+    g.add_argument("--eval-cfg-scale", type=float, default=1.0, metavar="S", help="guidance scale (default 1: none)")
     g = p.add_argument_group("watching the run")
-    g.add_argument("--wandb", metavar="PROJECT",
-                   help="also log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline "
-                        "works without a network); TensorBoard events always go to RUN/tb/")
-    g.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (also TQDM_DISABLE=1; with the output redirected it is a plain line "
-                        "every 30 s)")
+    g.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project (pip install wandb; "
+                   "WANDB_MODE=offline without a network); TensorBoard always logs to RUN/tb/")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (also TQDM_DISABLE=1; redirected: a "
+                   "line every 30 s)")
     return check_args(apply_preset(p.parse_args(argv)))
 
 
@@ -501,7 +483,8 @@ class RunOutputs:
         self.evaluator = Evaluation.for_run(args, dataset, os.path.join(args.results_dir, "eval-cache"),
                                             state.noise.device, logger.info, vae) if args.eval_every else None
         self.bar = progress(total=args.num_steps, initial=step, unit="step", enabled=rank0 and not args.no_progress)
-        self.window_loss, self.window_steps, self.window_start = torch.zeros(3, device=state.noise.device), 0, time.time()
+        self.window_loss = torch.zeros(3, device=state.noise.device)  # [loss, mse, vb] summed since the last log line
+        self.window_steps, self.window_start = 0, time.time()
 
     def record(self, record):
         if self.metrics is not None:
@@ -519,7 +502,8 @@ class RunOutputs:
             dist.all_reduce(self.window_loss)
             self.window_loss /= state.rng.world
         check_finite([self.window_loss], state, self.run_dir)
-        mean, steps, seconds = (self.window_loss / self.window_steps).tolist(), self.window_steps, time.time() - self.window_start
+        steps, seconds = self.window_steps, time.time() - self.window_start
+        mean = (self.window_loss / steps).tolist()
         record = dict(step=state.step, loss=mean[0], mse=mean[1], vb=mean[2], lr=lr, grad_norm=grad_norm.item(),
                       steps_per_sec=steps / seconds, images_per_sec=steps * self.args.global_batch_size / seconds)
         self.window_loss.zero_()
