@@ -131,7 +131,7 @@ def parse_args(argv=None):
     g.add_argument("--monitor-every", type=int, help="steps between activation / weight RMS records" + d("monitor_every"))
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints" + d("ckpt_every"))
     g.add_argument("--resume", nargs="?", const=runs.LATEST, metavar="PATH", help="continue a run directory or "
-                   "checkpoint (a larger --num-steps extends it, lr schedule kept); bare: this command's run)")
+                   "checkpoint (a larger --num-steps extends it, lr schedule kept); bare: this command's run")
     g.add_argument("--num-workers", type=int, help="data loader processes, at most the CPUs" + d("num_workers"))
     g.add_argument("--sample-every", type=int, metavar="N", help="steps between sample grids of the weights sample.py "
                    "uses (RUN/samples/, trackers), and one at the end; 0 = none" + d("sample_every"))
