@@ -1,7 +1,8 @@
 """The run format that train.py writes and sample.py and experiments/ read: run directories, their
 checkpoints and arguments, and the lock that keeps one writer per run.
 
-    RESULTS/NNN-<model>/config.json         the run's arguments (a resume that changes one rewrites it)
+    RESULTS/<model>-<hash>/config.json      the run's arguments (a resume that changes one rewrites it); the
+                                             hash is of the arguments that shape the result (run_dir_of)
                         log.txt, metrics.jsonl
                         checkpoints/NNNNNNN.pt  model, EMAs, optimiser, step, args, manifest, RNG states
                         checkpoints/ema-snapshot-NNNNNNN.pt   power EMAs, for post-hoc EMA
@@ -14,7 +15,9 @@ Every bad argument, file or state ends as a UsageError: one line, exit code 2.
 import contextlib
 import fcntl
 import glob
+import hashlib
 import json
+import logging
 import os
 import random
 import socket
@@ -22,19 +25,19 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from cli import UsageError
 from models import MP_SWITCHES, DiT_models
 
 SAVED_ARG_DEFAULTS = dict(prediction="eps")  # arguments added later, as checkpoints from before them had them
-NOT_COMPARED = ("resume", "num_workers", "results_dir", "no_progress", "wandb", "vae_path")  # where a run is and how it shows
+NOT_COMPARED = ("resume", "num_workers", "results_dir", "no_progress", "wandb", "vae_path", "preset")  # where a run is and how it shows
 FREE_ON_RESUME = (*NOT_COMPARED, "data_path", "num_steps", "log_every", "monitor_every", "ckpt_every",
                   "snapshot_every", "sample_steps", "compile", "grad_checkpoint", "sample_every", "eval_every",
                   "eval_samples", "eval_metrics", "eval_reference", "eval_cfg_scale")  # the weights do not depend on them
 SEED_RANGE = "in [0, 2**32) (numpy's seeds)"  # every seed flag: 0 <= seed < 2**32
-LATEST = "latest"  # a bare --resume: the latest unfinished run with the same arguments
-CKPT_KEYS = {"model", "opt", "step", "args", "ema", "ema_power", "rng", "noise"}
-
+LATEST = "latest"  # a bare --resume: this command's run
+CKPT_KEYS = {"model", "ema", "ema_power", "opt", "noise", "rng", "step", "args", "manifest"}  # TrainingState's, args, manifest
 
 
 #################################################################################
@@ -47,8 +50,10 @@ def config_of(args):
 
 
 def saved_args(ckpt):
-    """A checkpoint's train.py arguments, with the defaults of those added since it was written."""
-    return {**SAVED_ARG_DEFAULTS, **ckpt["args"]}
+    """A checkpoint's train.py arguments, with the defaults of those added since it was written (and
+    the switches in effect of a run from before config.json recorded them beside "mp")."""
+    saved = {**SAVED_ARG_DEFAULTS, **ckpt["args"]}
+    return {**saved, **dict.fromkeys(MP_SWITCHES, True)} if saved.get("mp") else saved
 
 
 def atomic_save(obj, path):
@@ -83,18 +88,64 @@ def load_checkpoint(path, mmap=False):
     return ckpt
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-            "numpy_pos": int(np.random.get_state()[2]), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+def state_of(part):
+    """part.state_dict(), a dict of such parts by str(key) (the power EMAs by sigma_rel), or part itself."""
+    if hasattr(part, "state_dict"):
+        return part.state_dict()
+    return {str(k): state_of(v) for k, v in part.items()} if isinstance(part, dict) else part
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+class TrainingState:
+    """The training state, each part named once (EDM2's CheckpointIO): TrainingState(model=..., opt=...,
+    step=0). A checkpoint holds {name: state_of(part)}; load_state_dict restores every part in place
+    (plain values such as step are replaced)."""
+
+    def __init__(self, **parts):
+        vars(self).update(parts)
+
+    def state_dict(self):
+        return {name: state_of(part) for name, part in vars(self).items()}
+
+    def load_state_dict(self, ckpt):
+        for name, part in vars(self).items():
+            if hasattr(part, "load_state_dict"):
+                part.load_state_dict(ckpt[name])
+            elif isinstance(part, dict):
+                for key, sub in part.items():
+                    sub.load_state_dict(ckpt[name][str(key)])
+            else:
+                setattr(self, name, ckpt[name])
+
+
+class ProcessRNG:
+    """The global RNG states (torch, numpy, python, CUDA) of every process: state_dict gathers them
+    (call it on every rank); load_state_dict restores this rank's, or keeps the reseeded streams of a
+    run resumed on another number of processes."""
+
+    def __init__(self, rank, world):
+        self.rank, self.world = rank, world
+
+    def state_dict(self):
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+                 "numpy_pos": int(np.random.get_state()[2]), "python": random.getstate(),
+                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        states = [state]
+        if self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, state)
+        return states
+
+    def load_state_dict(self, states):
+        if len(states) != self.world:
+            logging.getLogger("train").info(f"resuming on {self.world} processes from a run on {len(states)}: "
+                                            f"random streams reseeded")
+            return
+        state = states[self.rank]
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+        random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 def build_model(args, manifest):
@@ -140,8 +191,24 @@ def reconcile(args, ckpt, path, manifest):
 #                         Run directories and their lock                        #
 #################################################################################
 
+def run_name(args):
+    prefix = "MaP-" if args.mp else ""
+    size = "".join(f"-{k[0]}{v}" for k, v in (("depth", args.depth), ("width", args.hidden_size),
+                                              ("heads", args.num_heads)) if v)
+    return f"{prefix}{args.model.replace('/', '-')}{size}"
+
+
+def run_dir_of(args):
+    """RESULTS/<model>-<hash>: the run of these arguments, named from those that shape its result (all
+    but FREE_ON_RESUME, with the data's path and the step count), so the same command finds it again."""
+    shaping = {k: v for k, v in config_of(args).items() if k not in FREE_ON_RESUME}
+    shaping.update(data=args.data_path and os.path.abspath(args.data_path), num_steps=args.num_steps)
+    digest = hashlib.sha1(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join(args.results_dir, f"{run_name(args)}-{digest}")
+
+
 def list_runs(results_dir):
-    return sorted(glob.glob(os.path.join(results_dir, "[0-9]" * 3 + "-*")))
+    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(results_dir, "*", "config.json")))
 
 
 def read_config(run_dir):
@@ -179,32 +246,48 @@ def mark_finished(run_dir, step):
     os.replace(os.path.join(run_dir, "finished.tmp"), os.path.join(run_dir, "finished"))
 
 
-def find_run(args):
-    """(run directory, checkpoint to continue from or None), or (None, None) for a new run. --resume
-    PATH names a run directory or checkpoint; otherwise (and for a bare --resume) the latest run in
-    --results-dir with the same arguments that has not finished, with or without checkpoints."""
+def claim_run(args):
+    """(run directory, checkpoint to continue from or None, its RunLock or None, finished): --resume PATH
+    names a run directory or checkpoint; otherwise the run is this command's (run_dir_of), continued
+    if it exists and has not finished, else created later by create_run (no lock yet)."""
     if args.resume not in (None, LATEST):
         if os.path.isfile(args.resume):
             folder = os.path.dirname(os.path.abspath(args.resume))
             if os.path.basename(folder) != "checkpoints":
                 raise UsageError(f"{args.resume}: not in a run's checkpoints/ folder; name the run directory "
                                  f"or a checkpoint inside it")
-            return os.path.dirname(folder), args.resume
-        ckpts = checkpoints_in(args.resume)
-        if not ckpts:
-            raise UsageError(f"{args.resume}: no checkpoint found (expected a run directory with "
-                             f"checkpoints/NNNNNNN.pt, or a checkpoint file)")
-        return args.resume, ckpts[-1]
-    want = comparable(vars(args))
-    for run_dir in reversed(list_runs(args.results_dir)):
-        config = read_config(run_dir)
-        if config is not None and comparable(config) == want and not finished(run_dir, args.num_steps):
-            ckpts = checkpoints_in(run_dir)
-            return run_dir, ckpts[-1] if ckpts else None
-    if args.resume == LATEST:
+            run_dir, ckpt = os.path.dirname(folder), args.resume
+        else:
+            run_dir, ckpt = args.resume, (checkpoints_in(args.resume) or [None])[-1]
+            if ckpt is None:
+                raise UsageError(f"{args.resume}: no checkpoint found (expected a run directory with "
+                                 f"checkpoints/NNNNNNN.pt, or a checkpoint file)")
+        return run_dir, ckpt, RunLock(run_dir), False
+    run_dir = run_dir_of(args)
+    done = finished(run_dir, args.num_steps)
+    if args.resume == LATEST and (done or not os.path.isdir(run_dir)):
         raise UsageError(f"--resume: no unfinished run with these arguments in {args.results_dir}; "
                          f"name one (--resume RUN_DIR) or drop --resume to start a new run")
-    return None, None
+    if done or not os.path.isdir(run_dir):
+        return run_dir, None, None, done
+    lock = RunLock(run_dir)
+    return run_dir, (checkpoints_in(run_dir) or [None])[-1], lock, False
+
+
+def create_run(run_dir, args):
+    """Create the run directory (checkpoints/, config.json) and return its RunLock. Refused if the run
+    appeared since claim_run (the same command started twice)."""
+    try:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--results-dir {args.results_dir}: cannot create a run there ({e.strerror or e})") from None
+    lock = RunLock(run_dir)
+    if checkpoints_in(run_dir):
+        lock.release()
+        raise UsageError(f"{run_dir}: the run of this command appeared while this one started; rerun the same "
+                         f"command to continue it")
+    write_config(run_dir, args)
+    return lock
 
 
 class RunLock:
@@ -261,61 +344,21 @@ def folder_lock(folder, create=False):
             os.close(fd)
 
 
-def claim_run(args):
-    """(run directory, checkpoint or None, RunLock) of the run to continue, or (None, None, None)."""
-    with folder_lock(args.results_dir):
-        run_dir, ckpt = find_run(args)
-        return run_dir, ckpt, RunLock(run_dir) if run_dir else None
-
-
-def create_run(args, name):
-    """A new run directory RESULTS/NNN-name with checkpoints/ and config.json, and its RunLock. Refused
-    if a run with the same arguments appeared since claim_run (the same command started twice)."""
-    with folder_lock(args.results_dir, create=True):
-        run_dir, _ = find_run(args)
-        if run_dir is not None:
-            RunLock(run_dir).release()  # raises if its writer is alive
-            raise UsageError(f"{run_dir}: a run with these arguments appeared while this one started; "
-                             f"rerun the same command to continue it")
-        index = max([int(os.path.basename(r)[:3]) for r in list_runs(args.results_dir)], default=-1) + 1
-        run_dir = os.path.join(args.results_dir, f"{index:03d}-{name}")
-        try:
-            os.makedirs(os.path.join(run_dir, "checkpoints"))
-            write_config(run_dir, args)
-        except OSError as e:
-            raise UsageError(f"--results-dir {args.results_dir}: cannot create a run there ({e.strerror or e})") from None
-        return run_dir, RunLock(run_dir)
+def read_records(run_dir, key=None):
+    """The records of RUN/metrics.jsonl (those that hold key, e.g. "act_rms"), without a line torn by a kill."""
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = []
+        for line in f:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        return [r for r in records if key is None or key in r]
+    return []
 
 
 def drop_records_after(run_dir, step):
     """Rewrite metrics.jsonl without the records past step (logged after the checkpoint a resume
     starts from, so they will be logged again) and without a line torn by a kill."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
     with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(r) + "\n" for r in read_records(run_dir) if r.get("step", 0) <= step)
     os.replace(path + ".tmp", path)
-
-
-def read_records(run_dir, key):
-    """The metrics.jsonl records that hold key (e.g. "act_rms" for the magnitude records)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [r for r in map(json.loads, f) if key in r]
-
-
-#################################################################################
-#                                  Processes                                    #
-#################################################################################

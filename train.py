@@ -1,16 +1,20 @@
 """Train DiT / MaP-DiT on a latent (or pixel) dataset, on one process or many with torchrun.
 
-    python train.py                                    # built-in demo: shapes, a few minutes on a CPU
-    python train.py --data-path LATENTS --model DiT-S/2 --mp
+    python train.py                                     # preset demo: the built-in shapes, minutes on a CPU
+    python train.py --data-path LATENTS --mp            # preset imagenet-128 (DiT-S/2), MaP-DiT
     torchrun --nproc_per_node=8 train.py --data-path LATENTS --model DiT-XL/2 --mp
 
-A run lives in results/NNN-<model>/: config.json, log.txt, metrics.jsonl, checkpoints/, tb/ (TensorBoard:
-`tensorboard --logdir results`), samples/ (a grid every --sample-every steps), magnitudes.png and curves.png. Re-running the same command continues the latest
-unfinished run with the same arguments from its last checkpoint; --resume PATH picks one (a larger
---num-steps extends it with its learning-rate schedule kept). One process writes a run at a time.
+A recipe is a row of PRESETS (--preset; demo without --data-path, else imagenet-128); flags given override
+it; the preset and the resulting arguments are logged at start and written to config.json. A run lives in
+RESULTS/<model>-<hash of the arguments that shape its result>/: config.json, log.txt, metrics.jsonl,
+checkpoints/, tb/ (TensorBoard: `tensorboard --logdir results`), samples/ (a grid every --sample-every
+steps), magnitudes.png and curves.png. Re-running the same command continues its run from the last
+checkpoint (a requeued job relies on it), or says the run has finished; --resume PATH continues a named
+run (a larger --num-steps extends it, its lr schedule kept). One process writes a run at a time.
 """
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -18,7 +22,6 @@ import os
 import random
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -28,9 +31,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import runs
-from cli import ArgumentParser, UsageError, from_rank_0, run_command, setup_distributed
+import watch
+from cli import ArgumentParser, UsageError, barrier, from_rank_0, run_command, setup_distributed
 from data import LatentDataset, make_demo_dataset, read_manifest
 from diffusion import create_diffusion
+from download import open_decoder
 from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma, valid_sigma_rel
 from models import MODULATIONS, MP_SWITCHES, DiT_models
 from monitor import block_magnitudes
@@ -38,17 +43,20 @@ from mp_layers import force_normalize_
 from plots import plot_curves, plot_magnitudes, read_metrics
 from progress import progress
 from trackers import Trackers, wandb_installed
-import watch
-from download import open_decoder
 from watch import Evaluation, SampleGrids, eval_metrics_for, sampling_weights
 
-DEFAULTS = dict(model="DiT-S/2", prediction="eps", mp=False, num_steps=400_000, global_batch_size=256,
-                log_every=100, monitor_every=1000, ckpt_every=50_000, num_workers=4, sample_every=10_000,
-                sample_steps=50, eval_every=0, eval_samples=10_000)
-DEMO = dict(DEFAULTS, model="DiT-XS/4", mp=True, prediction="v", num_steps=1000, global_batch_size=64, hflip=False,
-            log_every=50, monitor_every=100, ckpt_every=500, num_workers=0, sample_every=250, sample_steps=25,
-            eval_every=250, eval_samples=256)
-DEMO_SIZE = dict(depth=4, hidden_size=128, num_heads=4)  # for the demo's default model only
+# Recipes by name (EDM2's config_presets): every flag without a value takes its preset's. lr is (vanilla,
+# with weight normalisation); depth, hidden_size and num_heads go with the preset's own model only.
+PRESETS = {
+    "imagenet-128": dict(model="DiT-S/2", prediction="eps", mp=False, lr=(1e-4, 1e-2), num_steps=400_000,
+                         global_batch_size=256, log_every=100, monitor_every=1000, ckpt_every=50_000,
+                         num_workers=4, sample_every=10_000, sample_steps=50, eval_every=0, eval_samples=10_000),
+    "demo": dict(model="DiT-XS/4", depth=4, hidden_size=128, num_heads=4, prediction="v", mp=True,
+                 lr=(3e-3, 2e-2), num_steps=1000, global_batch_size=64, hflip=False, log_every=50,
+                 monitor_every=100, ckpt_every=500, num_workers=0, sample_every=250, sample_steps=25,
+                 eval_every=250, eval_samples=256),  # lr 2e-2: 1e-2 gave blurrier shapes in 1000 steps
+}
+MODEL_SIZE = ("depth", "hidden_size", "num_heads")
 AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
 AT_LEAST_0 = ("at least 0", lambda v: v >= 0)
 RANGES = dict(  # every numeric flag: (its valid range in words, the test); floats must be finite too
@@ -66,53 +74,52 @@ RANGES = dict(  # every numeric flag: (its valid range in words, the test); floa
     eval_samples=("at least 2", lambda v: v >= 2), eval_cfg_scale=("a finite number", lambda v: abs(v) < math.inf),
 )
 STEP_DERIVED = ("warmup_steps", "decay_steps", "snapshot_every")  # defaults computed from --num-steps
+gamma_of = functools.lru_cache(sigma_rel_to_gamma)  # a power EMA's exponent, solved once per width
+
+
+def preset_default(key):
+    """' (default: imagenet-128 X; demo Y)' from PRESETS, for a help string."""
+    return " (default: " + "; ".join(f"{n} {row[key]}" for n, row in PRESETS.items() if key in row) + ")"
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    g = p.add_argument_group("data and model")
-    g.add_argument("--data-path", help="dataset directory (data.py format); omit for the built-in demo")
+    d = preset_default
+    g = p.add_argument_group("recipe, data and model")
+    g.add_argument("--preset", choices=list(PRESETS), help="the recipe of the flags not given (default: demo "
+                   "without --data-path, else imagenet-128)")
+    g.add_argument("--data-path", help="dataset directory (data.py format); omit for the built-in demo data")
     g.add_argument("--results-dir", default="results", help="parent of the run directories")
-    g.add_argument("--model", metavar="NAME",
-                   help="one of DiT-{XS,S,B,L,XL}/{2,4,8} (default DiT-S/2; the demo uses DiT-XS/4 at "
-                        "depth 4, width 128, 4 heads)")
-    g.add_argument("--depth", type=int, help="override the model's number of blocks")
-    g.add_argument("--hidden-size", type=int, help="override the model's width")
-    g.add_argument("--num-heads", type=int, help="override the model's number of attention heads")
+    g.add_argument("--model", metavar="NAME", help="one of DiT-{XS,S,B,L,XL}/{2,4,8}" + d("model"))
+    g.add_argument("--depth", type=int, help="override the model's number of blocks" + d("depth"))
+    g.add_argument("--hidden-size", type=int, help="override the model's width" + d("hidden_size"))
+    g.add_argument("--num-heads", type=int, help="override the model's number of attention heads" + d("num_heads"))
     g.add_argument("--modulation", choices=list(MODULATIONS), default="adaln",
                    help="block conditioning: " + "; ".join(f"{k}: {v}" for k, v in MODULATIONS.items()))
-    g.add_argument("--prediction", choices=["eps", "v", "x0"],
-                   help="what the model predicts: eps (DiT; the default) or v (the demo: well posed at high "
-                        "noise, where eps-prediction needs many steps to learn) or x0")
-    g.add_argument("--vae-path", metavar="DIR",
-                   help="latent data: the VAE (a save_pretrained folder) that decodes the grids' and evaluations' "
-                        "samples (default: the one the dataset's manifest names, else its hub id)")
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: on for pixel datasets; off for latent datasets, "
-                        "where a mirrored latent only approximates the latent of the mirrored image, and for "
-                        "the demo); for flipped latents encode them with download.py imagenet --flip")
+    g.add_argument("--prediction", choices=["eps", "v", "x0"], help="what the model predicts: eps (DiT), v (well "
+                   "posed at high noise, where eps needs many steps to learn) or x0" + d("prediction"))
+    g.add_argument("--vae-path", metavar="DIR", help="latent data: the VAE (save_pretrained folder) decoding grids and "
+                   "evaluations (default: the one the dataset's manifest names, else its hub id)")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on for "
+                   "pixel data; off for the demo and for latents, where a mirrored latent only approximates the "
+                   "mirrored image's: encode those with download.py imagenet --flip)")
     g = p.add_argument_group("magnitude preservation (all off = original DiT)")
     g.add_argument("--mp", action=argparse.BooleanOptionalAction,
-                   help="MaP-DiT: every switch below on (default off; on for the demo)")
+                   help="MaP-DiT: every switch below on" + d("mp") + "; a switch given alone turns --mp off")
     for name, description in MP_SWITCHES.items():
         g.add_argument("--" + name.replace("_", "-"), action="store_true", help=description)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--num-steps", type=int, help="optimiser steps (default 400000; demo 1000)")
-    g.add_argument("--global-batch-size", type=int, help="images per step over all processes (default 256)")
+    g.add_argument("--num-steps", type=int, help="optimiser steps" + d("num_steps"))
+    g.add_argument("--global-batch-size", type=int, help="images per step over all processes" + d("global_batch_size"))
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
-    g.add_argument("--lr", type=float,
-                   help="peak learning rate (default 1e-4 vanilla, 1e-2 with weight norm; demo 3e-3 and 2e-2)")
-    g.add_argument("--warmup-steps", type=int,
-                   help="linear warm-up (default 0 vanilla; weight norm min(1000, num_steps / 10))")
-    g.add_argument("--decay-steps", type=int,
-                   help="EDM2 decay lr / sqrt(max(step / N, 1)); 0 = constant (default 0 vanilla; weight norm "
-                        "min(20000, num_steps / 3))")
+    g.add_argument("--lr", type=float, help="peak learning rate, (vanilla, with weight norm)" + d("lr"))
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up (default 0; weight norm min(1000, num_steps / 10))")
+    g.add_argument("--decay-steps", type=int, help="EDM2 decay lr / sqrt(max(step / N, 1)); 0 = constant (default 0; "
+                   "weight norm min(20000, num_steps / 3))")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU, else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--grad-checkpoint", action="store_true",
-                   help="recompute activations in backward (DiT-XL/2 at batch 256 on one 80 GB GPU)")
+    g.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
     g.add_argument("--seed", type=int, default=0, help="all randomness of the run, in [0, 2**32) (default 0)")
     g = p.add_argument_group("EMA")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="classic constant-decay EMA (DiT), in [0, 1)")
@@ -120,108 +127,96 @@ def parse_args(argv=None):
                    help="power-function EMAs (EDM2) by relative width, each in (0, 0.3002]")
     g.add_argument("--snapshot-every", type=int, help="save power-EMA snapshots for post-hoc EMA (default num_steps / 10)")
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--log-every", type=int, help="steps between log lines (default 100; demo 50)")
-    g.add_argument("--monitor-every", type=int,
-                   help="steps between activation / weight RMS records (default 1000; demo 100)")
-    g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (default 50000; demo 500)")
-    g.add_argument("--resume", nargs="?", const=runs.LATEST, metavar="PATH",
-                   help="continue a run: its directory or a checkpoint file (a larger --num-steps extends it, "
-                        "keeping its lr schedule); bare --resume: the latest unfinished run in --results-dir "
-                        "with these arguments, refused if there is none (without --resume, such a run is "
-                        "continued too, and a new one started if there is none)")
-    g.add_argument("--num-workers", type=int, help="data loader processes (default 4; demo 0)")
-    g.add_argument("--sample-every", type=int, metavar="N",
-                   help="steps between sample grids (fixed noise and labels, from the weights sample.py uses) in "
-                        "RUN/samples/ and the trackers, and one at the end; 0 = no grids (default 10000; demo 250)")
-    g.add_argument("--sample-steps", type=int,
-                   help="DDIM steps of the sample grids and evaluation samples, at most 1000 (default 50; demo 25)")
+    g.add_argument("--log-every", type=int, help="steps between log lines" + d("log_every"))
+    g.add_argument("--monitor-every", type=int, help="steps between activation / weight RMS records" + d("monitor_every"))
+    g.add_argument("--ckpt-every", type=int, help="steps between checkpoints" + d("ckpt_every"))
+    g.add_argument("--resume", nargs="?", const=runs.LATEST, metavar="PATH", help="continue a run directory or "
+                   "checkpoint (a larger --num-steps extends it, lr schedule kept); bare: this command's run")
+    g.add_argument("--num-workers", type=int, help="data loader processes, at most the CPUs" + d("num_workers"))
+    g.add_argument("--sample-every", type=int, metavar="N", help="steps between sample grids of the weights sample.py "
+                   "uses (RUN/samples/, trackers), and one at the end; 0 = none" + d("sample_every"))
+    g.add_argument("--sample-steps", type=int, help="DDIM steps of grids and evaluations (<= 1000)" + d("sample_steps"))
     g = p.add_argument_group("evaluation during training (FID curve)")
-    g.add_argument("--eval-every", type=int, metavar="N",
-                   help="steps between evaluations of the sampling weights, and one at the end; 0 = none (default 0; "
-                        "demo 250)")
+    g.add_argument("--eval-every", type=int, metavar="N", help="steps between evaluations of the sampling weights, "
+                   "and one at the end; 0 = none" + d("eval_every"))
     g.add_argument("--eval-samples", type=int, metavar="K",
-                   help="samples per evaluation, fixed noise and labels uniform over the classes (default 10000; "
-                        "demo 256)")
-    g.add_argument("--eval-metrics", nargs="+", metavar="M",
-                   help="metrics of evaluation.py: fid sfid is pr fd_dinov2, or fd_classifier (a small classifier "
-                        "trained on the pixel data, cached); default fid if the Inception weights are found, else "
-                        "fd_classifier (pixel data)")
-    g.add_argument("--eval-reference", metavar="PATH",
-                   help="reference images: ADM reference batch .npz, image folder or pixel dataset (default: the "
-                        "training data; needed for latent data); statistics cached in RESULTS/eval-cache/")
-    g.add_argument("--eval-cfg-scale", type=float, default=1.0, metavar="S",
-                   help="guidance of the evaluation samples (default 1: none)")
+                   help="samples per evaluation, fixed noise and labels uniform over the classes" + d("eval_samples"))
+    g.add_argument("--eval-metrics", nargs="+", metavar="M", help="evaluation.py's fid sfid is pr fd_dinov2, or "
+                   "fd_classifier (a small classifier of the pixel data); default fid with Inception weights, else "
+                   "fd_classifier")
+    g.add_argument("--eval-reference", metavar="PATH", help="ADM reference .npz, image folder or pixel dataset "
+                   "(default: the training data; latents need one); statistics cached in RESULTS/eval-cache/")
+    g.add_argument("--eval-cfg-scale", type=float, default=1.0, metavar="S", help="guidance scale (default 1: none)")
     g = p.add_argument_group("watching the run")
-    g.add_argument("--wandb", metavar="PROJECT",
-                   help="also log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline "
-                        "works without a network); TensorBoard events always go to RUN/tb/")
-    g.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (also TQDM_DISABLE=1; with the output redirected it is a plain line "
-                        "every 30 s)")
-    return fill_defaults(p.parse_args(argv))
+    g.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project (pip install wandb; "
+                   "WANDB_MODE=offline without a network); TensorBoard always logs to RUN/tb/")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (also TQDM_DISABLE=1; redirected: a "
+                   "line every 30 s)")
+    return check_args(apply_preset(p.parse_args(argv)))
 
 
-def fill_defaults(args):
-    """Defaults that depend on other arguments (demo or not, MP or vanilla), then sanity checks.
-    args._derived names the step-derived defaults filled here (a resumed run keeps its own)."""
-    if args.data_path is None and args.mp is None and any(getattr(args, name) for name in MP_SWITCHES):
-        args.mp = False  # the demo with --use-... switches trains those switches, not all of them (--mp)
-    if args.data_path is None and args.model is None:
-        for k, v in DEMO_SIZE.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-    for k, v in (DEMO if args.data_path is None else DEFAULTS).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+def apply_preset(args):
+    """Every flag without a value takes the preset's; then the MP switches in effect (--mp = all of
+    them; a switch given without --mp turns the preset's --mp off) and the defaults derived from
+    others: the lr by weight normalisation, the schedule from --num-steps (args._derived names those)."""
+    args.preset = args.preset or ("demo" if args.data_path is None else "imagenet-128")
+    own_model = args.model is None
+    if args.mp is None and any(getattr(args, name) for name in MP_SWITCHES):
+        args.mp = False
+    if args.num_workers is None:
+        args.num_workers = min(PRESETS[args.preset]["num_workers"], os.cpu_count() or 1)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None and (own_model or key not in MODEL_SIZE):
+            setattr(args, key, value)
+    for name in MP_SWITCHES if args.mp else ():
+        setattr(args, name, True)
+    args.mp = all(getattr(args, name) for name in MP_SWITCHES)
+    weight_norm = args.use_weight_normalization
+    if isinstance(args.lr, tuple):
+        args.lr = args.lr[weight_norm]
     if args.hflip is None:  # a mirrored latent only approximates the latent of the mirrored image
-        args.hflip = read_manifest(args.data_path)["kind"] == "pixel"
-    if args.vae_path and not os.path.isdir(args.vae_path):
-        raise UsageError(f"--vae-path {args.vae_path}: not a directory (a VAE saved with save_pretrained)")
-    if args.model not in DiT_models:
-        raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(DiT_models)}")
-    check_ranges(args)
-    if args.wandb and not wandb_installed():
-        raise UsageError("--wandb needs the optional package wandb: pip install wandb (or drop --wandb)")
-    if args.eval_every:
-        check_evaluation(args)
-    weight_norm = args.mp or args.use_weight_normalization
+        args.hflip = data_kind(args) == "pixel"
     args._derived = [k for k in STEP_DERIVED if getattr(args, k) is None]
-    if args.lr is None:  # the demo's short runs: 2e-2 (tried: 1e-2 gives blurrier shapes); vanilla 3e-3 (the MP study)
-        demo = args.data_path is None
-        args.lr = (2e-2 if demo else 1e-2) if weight_norm else (3e-3 if demo else 1e-4)
     if args.warmup_steps is None:
         args.warmup_steps = min(1000, args.num_steps // 10) if weight_norm else 0
     if args.decay_steps is None:
         args.decay_steps = min(20_000, args.num_steps // 3) if weight_norm else 0
     if args.snapshot_every is None:
         args.snapshot_every = max(args.num_steps // 10, 1)
-    if args.use_forced_weight_normalization and not weight_norm:
-        raise UsageError("--use-forced-weight-normalization needs --use-weight-normalization (or --mp): "
-                         "forced normalisation alone leaves rows at norm sqrt(fan_in) and activations explode")
     return args
 
 
-def check_evaluation(args):
-    """--eval-*: a reference and metrics that can be computed (their default filled in)."""
-    kind = "pixel" if args.data_path is None else read_manifest(args.data_path)["kind"]
-    if kind != "pixel" and not args.eval_reference:
-        raise UsageError("--eval-every on latent data needs --eval-reference (an ADM reference batch .npz or a "
-                         "folder of images)")
-    if args.eval_reference and not os.path.exists(args.eval_reference):
-        raise UsageError(f"--eval-reference {args.eval_reference}: no such file or folder")
-    try:
-        args.eval_metrics = eval_metrics_for(args.eval_metrics, kind)
-    except (ValueError, UsageError) as e:
-        raise UsageError(f"--eval-metrics: {e}") from None
+def data_kind(args):
+    return "pixel" if args.data_path is None else read_manifest(args.data_path)["kind"]
 
 
-def check_ranges(args):
-    """Every numeric flag in its range (RANGES): one line naming the flag, its value and the range."""
+def check_args(args):
+    """Refuse, in one line, what cannot train: every numeric flag in its RANGES, and the rest."""
     for name, (valid, ok) in RANGES.items():
         value = getattr(args, name)
         for v in value if isinstance(value, list) else [value]:
             if v is not None and not ok(v):
                 raise UsageError(f"--{name.replace('_', '-')} {v}: must be {valid}")
+    if args.vae_path and not os.path.isdir(args.vae_path):
+        raise UsageError(f"--vae-path {args.vae_path}: not a directory (a VAE saved with save_pretrained)")
+    if args.model not in DiT_models:
+        raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(DiT_models)}")
+    if args.wandb and not wandb_installed():
+        raise UsageError("--wandb needs the optional package wandb: pip install wandb (or drop --wandb)")
+    if args.use_forced_weight_normalization and not args.use_weight_normalization:
+        raise UsageError("--use-forced-weight-normalization needs --use-weight-normalization (or --mp): "
+                         "forced normalisation alone leaves rows at norm sqrt(fan_in) and activations explode")
+    if args.eval_every and data_kind(args) != "pixel" and not args.eval_reference:
+        raise UsageError("--eval-every on latent data needs --eval-reference (an ADM reference batch .npz or a "
+                         "folder of images)")
+    if args.eval_every and args.eval_reference and not os.path.exists(args.eval_reference):
+        raise UsageError(f"--eval-reference {args.eval_reference}: no such file or folder")
+    if args.eval_every:
+        try:
+            args.eval_metrics = eval_metrics_for(args.eval_metrics, data_kind(args))
+        except (ValueError, UsageError) as e:
+            raise UsageError(f"--eval-metrics: {e}") from None
+    return args
 
 
 def learning_rate(step, args):
@@ -230,55 +225,86 @@ def learning_rate(step, args):
     return lr / math.sqrt(max(step / args.decay_steps, 1.0)) if args.decay_steps else lr
 
 
-def run_name(args):
-    prefix = "MaP-" if args.mp else ""
-    size = "".join(f"-{k[0]}{v}" for k, v in (("depth", args.depth), ("width", args.hidden_size),
-                                              ("heads", args.num_heads)) if v)
-    return f"{prefix}{args.model.replace('/', '-')}{size}"
+def make_optimizer(model, args, device):
+    """Adam (0.9, 0.99) with weight normalisation (EDM2), else AdamW without decay (DiT); fused on a GPU."""
+    kernel = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
+    if model.switches.use_weight_normalization:
+        return torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), **kernel)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, **kernel)
 
 
-def make_logger(run_dir, rank):
-    logger = logging.getLogger("train")
-    for handler in logger.handlers:
-        handler.close()
-    logger.handlers.clear()
-    logger.propagate = False
-    if rank == 0:
-        logger.setLevel(logging.INFO)
-        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler()):
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-    else:
-        logger.addHandler(logging.NullHandler())
-    return logger
+def autocast_for(args, device):
+    """--precision as a context factory: bf16 autocast (auto: on a GPU), else nothing."""
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
 
 #################################################################################
-#                                  Training                                     #
+#                                 The step                                      #
 #################################################################################
 
-def open_dataset(args):
-    if args.data_path is None:
-        try:
-            path = make_demo_dataset(os.path.join(args.results_dir, "demo-data"))
-        except OSError as e:
-            raise UsageError(f"--results-dir {args.results_dir}: cannot write the demo data there "
-                             f"({e.strerror or e})") from None
-    else:
-        path = args.data_path
-    return LatentDataset(path, hflip=args.hflip)
+def train_step(state, net, diffusion, micro_batches, args, autocast, need_norm=False):
+    """Optimiser step state.step + 1 (the benchmarks time this function): the mean hybrid loss over
+    --grad-accum micro-batches (x0, t, y, drop, noise), Adam(W), forced weight normalisation, then the
+    classic EMA and the power EMAs. net is state.model, or its DDP / compiled wrapper. Returns (the
+    mean [loss, mse, vb], lr, the gradient norm or None, the last micro-batch)."""
+    lr = learning_rate(state.step, args)
+    for group in state.opt.param_groups:
+        group["lr"] = lr
+    mean = 0
+    for i, batch in enumerate(micro_batches):
+        x, t, y, drop, noise = batch
+        defer = hasattr(net, "no_sync") and i < args.grad_accum - 1  # DDP syncs the gradients of the last
+        with (net.no_sync() if defer else contextlib.nullcontext()), autocast():
+            losses = diffusion.training_losses(net, x, t, dict(y=y, force_drop_ids=drop), noise=noise)
+        loss = losses["loss"].mean()
+        (loss / args.grad_accum).backward()
+        mean = mean + torch.stack([loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach()])
+    grad_norm = None
+    if args.grad_clip or need_norm:  # the norm costs a pass over the gradients: only when used
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), args.grad_clip or float("inf"))
+    state.opt.step()
+    state.opt.zero_grad(set_to_none=True)
+    force_normalize_(state.model)
+    state.step += 1
+    ema_update(state.ema, state.model, args.ema_decay)
+    for sigma_rel, ema in state.ema_power.items():
+        ema_update(ema, state.model, power_beta(state.step, gamma_of(sigma_rel)))
+    return mean / args.grad_accum, lr, grad_norm, batch
 
+
+def micro_batch(batches, noise, dataset, diffusion, model):
+    """The next (x0, t, y, drop, noise): per-sample randomness drawn for the global micro-batch."""
+    raw, y = next(batches)
+    n = raw.shape[0] * noise.world
+    eps = noise.randn(n, *dataset.shape) if dataset.kind == "latent" else None  # the VAE posterior's
+    flip = noise.rand(n) < 0.5 if dataset.hflip else None
+    x = dataset.draw(raw.to(noise.device, non_blocking=True), eps, flip)
+    t = noise.randint(diffusion.num_timesteps, n)
+    drop = (noise.rand(n) < model.y_embedder.dropout_prob).long()
+    return x, t, y.to(noise.device, non_blocking=True), drop, noise.randn(n, *x.shape[1:])
+
+
+#################################################################################
+#                                 Training                                      #
+#################################################################################
 
 def main(args):
+    """Set up, then train the run of args from its last checkpoint (or step 0) to --num-steps; returns
+    the run directory."""
     rank, world, device = setup_distributed()
     with contextlib.ExitStack() as cleanup:
         if world > 1:
             cleanup.callback(dist.destroy_process_group)
-        run_dir, resume, lock = runs.claim_run(args) if rank == 0 else (None, None, None)
+        run_dir, resume, lock, done = runs.claim_run(args) if rank == 0 else (None, None, None, False)
         if lock:
             cleanup.callback(lock.release)
-        run_dir, resume = from_rank_0((run_dir, resume))
+        run_dir, resume, done = from_rank_0((run_dir, resume, done))
+        if done:
+            if rank == 0:
+                print(f"{run_dir}: this command's run has finished its {args.num_steps} steps; nothing to do "
+                      f"(--resume {run_dir} --num-steps N extends it)")
+            return run_dir
         micro, rem = divmod(args.global_batch_size, world * args.grad_accum)
         if rem or micro == 0:
             raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by "
@@ -291,326 +317,278 @@ def main(args):
             raise UsageError(f"{args.data_path}: {len(dataset)} items, fewer than one global batch ({micro * world})")
         torch.manual_seed(args.seed)  # the same initial weights on every rank and for any world size
         model = runs.build_model(args, manifest).to(device)
-        vae = open_vae(args, manifest, rank, world, device)
-        if args.eval_every:
-            check_reference(args, dataset, vae, rank, world)
-        if rank == 0 and run_dir is None:
-            run_dir, lock = runs.create_run(args, run_name(args))
-            cleanup.callback(lock.release)
-        run_dir = from_rank_0(run_dir)
-        return train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, micro, vae)
+        vae = open_vae(args, dataset, rank, world, device)
+        if rank == 0 and lock is None:
+            cleanup.callback(runs.create_run(run_dir, args).release)
+        barrier()  # the other ranks wait for the run directory
+
+        logger = make_logger(run_dir, rank)
+        seed = (args.seed * world + rank) % 2 ** 32
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        model.grad_checkpoint = args.grad_checkpoint
+        state = runs.TrainingState(model=model, ema=frozen_copy(model), opt=make_optimizer(model, args, device),
+                                   ema_power={sr: frozen_copy(model) for sr in args.ema_sigma_rels},
+                                   noise=BatchNoise(args.seed, rank, world, device),
+                                   rng=runs.ProcessRNG(rank, world), step=0)
+        if ckpt is not None:
+            state.load_state_dict(ckpt)
+            logger.info(f"resumed at step {state.step}")
+            for name, (old, new) in changes.items():
+                logger.info(f"resumed with --{name.replace('_', '-')} {new} (the run had {old}); config.json updated")
+            if "num_steps" in changes:
+                logger.info(f"lr schedule kept: warm-up {args.warmup_steps}, decay {args.decay_steps} steps")
+            if rank == 0 and changes:
+                runs.write_config(run_dir, args)
+        logger.info(f"preset {args.preset} (of {', '.join(PRESETS)}; the flags given override it); the run's "
+                    f"arguments: {json.dumps(runs.config_of(args))}")
+        logger.info(f"{args.model}{' (MaP)' if args.mp else ''}: {sum(p.numel() for p in model.parameters()):,} "
+                    f"parameters; data {manifest['shape']} x {len(dataset):,} items, {manifest['num_classes']} "
+                    f"classes; run dir {run_dir}")
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+        net = torch.compile(net) if args.compile else net
+        diffusion = create_diffusion("", prediction=args.prediction)
+        autocast = autocast_for(args, device)
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                   drop_last=True)
+        loader = DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=args.num_workers,
+                            pin_memory=device.type == "cuda", drop_last=True,
+                            generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
+        batches = endless(loader, sampler, state.step * args.grad_accum, len(sampler) // micro, micro)
+        out = RunOutputs(args, run_dir, state, dataset, vae, logger)
+        out.catch_up(state)
+
+        model.train()
+        while state.step < args.num_steps:
+            log_now = (state.step + 1) % args.log_every == 0 or state.step + 1 == args.num_steps
+            micro_batches = (micro_batch(batches, state.noise, dataset, diffusion, model)
+                             for _ in range(args.grad_accum))
+            losses, lr, grad_norm, (x, t, y, _, noise) = train_step(state, net, diffusion, micro_batches, args,
+                                                                    autocast, log_now)
+            out.add_losses(losses)
+            if log_now:
+                out.log_losses(state, lr, grad_norm)
+            if rank == 0 and out.due(state.step, args.monitor_every):
+                model.eval()
+                with autocast():
+                    acts, weights = block_magnitudes(model, diffusion.q_sample(x, t, noise), t, y)  # as trained
+                model.train()
+                out.log_magnitudes(state.step, acts, weights)
+            save(state, args, run_dir, manifest, out.window_loss)
+            out.watch(state)
+        out.finish(state.step)
+        return run_dir
 
 
-def first_error(error, world):
-    """The first rank's error message (or None) on every rank, so that all ranks refuse together."""
-    if world == 1:
-        return error
-    errors = [None] * world
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
-
-
-def open_vae(args, manifest, rank, world, device):
-    """The VAE that decodes a latent run's samples, on the ranks that decode: rank 0 for the grids,
-    every rank for the evaluations (None elsewhere and for pixel data). A VAE that cannot be opened
-    is refused on every rank before training, in one line."""
-    needed = manifest["kind"] == "latent" and (args.eval_every or (args.sample_every and rank == 0))
-    vae, error = None, None
-    if needed:
+def open_dataset(args):
+    path = args.data_path
+    if path is None:
         try:
+            path = make_demo_dataset(os.path.join(args.results_dir, "demo-data"))
+        except OSError as e:
+            raise UsageError(f"--results-dir {args.results_dir}: cannot write the demo data there "
+                             f"({e.strerror or e})") from None
+    return LatentDataset(path, hflip=args.hflip)
+
+
+def open_vae(args, dataset, rank, world, device):
+    """The VAE that decodes a latent run's samples on the ranks that decode (rank 0 for the grids, every
+    rank for the evaluations; None elsewhere and for pixel data), and the evaluation reference checked
+    (rank 0 looks); refused on every rank, in one line, before training, if either cannot serve."""
+    vae, error, manifest = None, None, dataset.manifest
+    try:
+        if manifest["kind"] == "latent" and (args.eval_every or (args.sample_every and rank == 0)):
             vae = open_decoder(manifest, args.vae_path).to(device)
-        except UsageError as e:
+    except UsageError as e:
+        error = (f"cannot decode the run's samples for its grids and evaluations: {e} (or train without them: "
+                 f"--sample-every 0 --eval-every 0)")
+    if args.eval_every and rank == 0 and not error:
+        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1  # the VAE's downsampling
+        try:
+            watch.check_reference(args.eval_reference or dataset.path, args.eval_metrics, args.eval_samples,
+                                  tuple(n * scale for n in manifest["shape"][1:]) + (3,))
+        except ValueError as e:
             error = str(e)
-    error = first_error(error, world)
-    if error:
-        raise UsageError(f"cannot decode the run's samples for its grids and evaluations: {error} (or train "
-                         f"without them: --sample-every 0 --eval-every 0)")
+    errors = [error] * world
+    if world > 1:
+        dist.all_gather_object(errors, error)
+    if any(errors):
+        raise UsageError(next(e for e in errors if e))
     return vae
 
 
-def check_reference(args, dataset, vae, rank, world):
-    """Refuse on every rank, before training, an evaluation whose reference cannot serve it (rank 0 looks)."""
-    _, h, w = dataset.manifest["shape"]
-    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1  # the VAE's downsampling
-    error = None
+def make_logger(run_dir, rank):
+    """Logger "train": on rank 0 to RUN/log.txt and stderr, silent elsewhere."""
+    logger = logging.getLogger("train")
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers, logger.propagate = [logging.NullHandler()], False
     if rank == 0:
-        try:
-            watch.check_reference(args.eval_reference or dataset.path, args.eval_metrics, args.eval_samples,
-                                  (h * scale, w * scale, 3))
-        except ValueError as e:
-            error = str(e)
-    error = first_error(error, world)
-    if error:
-        raise UsageError(error)
+        logger.setLevel(logging.INFO)
+        logger.handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler()]
+        for handler in logger.handlers:
+            handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    return logger
 
 
-def train(args, rank, world, device, run_dir, dataset, model, ckpt, changes, micro, vae):
-    """The training loop of main: from ckpt (or step 0) to --num-steps in run_dir; returns run_dir."""
-    manifest = dataset.manifest
-    logger = make_logger(run_dir, rank)
-    seed = (args.seed * world + rank) % 2 ** 32
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-    model.grad_checkpoint = args.grad_checkpoint
-    s = SimpleNamespace(model=model, ema=frozen_copy(model), world=world, dataset=dataset,
-                        power_emas={sr: frozen_copy(model) for sr in args.ema_sigma_rels},
-                        gammas={sr: sigma_rel_to_gamma(sr) for sr in args.ema_sigma_rels},
-                        noise=BatchNoise(args.seed, rank, world, device),
-                        diffusion=create_diffusion("", prediction=args.prediction))
-    kernel = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
-    if model.switches.use_weight_normalization:
-        s.opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), **kernel)
-    else:
-        s.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, **kernel)
-    step = 0
-    if ckpt is not None:
-        step = load_state(s, ckpt, rank, logger)
-        for name, (old, new) in changes.items():
-            logger.info(f"resumed with --{name.replace('_', '-')} {new} (the run had {old}); config.json updated")
-        if "num_steps" in changes:
-            logger.info(f"lr schedule kept: warm-up {args.warmup_steps}, decay {args.decay_steps} steps")
-        if rank == 0 and changes:
-            runs.write_config(run_dir, args)
-    if rank == 0:
-        runs.drop_records_after(run_dir, step)  # logged after the checkpoint: they come again
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"{args.model}{' (MaP)' if args.mp else ''}: {n_params:,} parameters; data {manifest['shape']} "
-                f"x {len(dataset):,} items, {manifest['num_classes']} classes; run dir {run_dir}")
-    if not args.mp and any(getattr(args, name) for name in MP_SWITCHES):
-        logger.info("switches on: " + " ".join("--" + n.replace("_", "-") for n in MP_SWITCHES if getattr(args, n)))
-    trackers = Trackers(run_dir, runs.config_of(args), args.wandb, start_step=step, enabled=rank == 0)
-    grids = SampleGrids(run_dir, manifest, args.prediction, args.sample_steps, args.seed, vae) \
-        if args.sample_every and rank == 0 else None
-    cache = os.path.join(args.results_dir, "eval-cache")
-    evaluator = Evaluation.for_run(args, dataset, cache, device, logger.info, vae) if args.eval_every else None
-
-    s.train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    if args.compile:
-        s.train_model = torch.compile(s.train_model)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    s.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True,
-                        generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
-    s.batches = endless(loader, sampler, step * args.grad_accum, len(sampler) // micro, micro)
-
-    model.train()
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    magnitude_records = runs.read_records(run_dir, "act_rms") if rank == 0 else []
-    bar = progress(total=args.num_steps, initial=step, unit="step", enabled=rank == 0 and not args.no_progress)
-    catch_up(args, step, s, grids, evaluator, trackers, metrics_file, logger, run_dir)
-    window_loss, window_steps, window_start = torch.zeros(3, device=device), 0, time.time()
-    while step < args.num_steps:
-        logging_step = (step + 1) % args.log_every == 0 or step + 1 == args.num_steps
-        lr, grad_norm, (x, t, y, noise) = optimiser_step(s, args, step, window_loss, logging_step)
-        step += 1
-        window_steps += 1
-        bar.update(1)
-
-        if logging_step:
-            if world > 1:
-                dist.all_reduce(window_loss)
-                window_loss /= world
-            mean = (window_loss / window_steps).tolist()
-            check_finite([window_loss], world, step, run_dir)
-            elapsed = time.time() - window_start
-            record = dict(step=step, loss=mean[0], mse=mean[1], vb=mean[2], lr=lr, grad_norm=grad_norm.item(),
-                          steps_per_sec=window_steps / elapsed,
-                          images_per_sec=window_steps * args.global_batch_size / elapsed)
-            bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{record['images_per_sec']:.1f}")
-            if rank == 0:
-                write_record(metrics_file, record)
-                logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-                trackers.scalars({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
-                trackers.flush()  # TensorBoard shows each log line's values while the run trains
-            window_loss.zero_()
-            window_steps, window_start = 0, time.time()
-
-        if rank == 0 and (step % args.monitor_every == 0 or step == args.num_steps):
-            model.eval()
-            with s.autocast():
-                acts, weights = block_magnitudes(model, s.diffusion.q_sample(x, t, noise), t, y)  # as trained
-            model.train()
-            magnitude_records.append(dict(step=step, act_rms=acts, weight_rms=weights))
-            write_record(metrics_file, magnitude_records[-1])
-            trackers.scalars({f"{key}/block{b:02d}": v for key in ("act_rms", "weight_rms")
-                              for b, v in enumerate(magnitude_records[-1][key])}, step)
-        save(s, args, step, window_loss, run_dir, manifest, rank, logger)
-        paused = time.time()
-        watch_step(args, step, s, grids, evaluator, trackers, metrics_file, logger)
-        window_start += time.time() - paused  # grids and evaluations do not count against images/s
-    bar.close()
-    trackers.close()
-    if rank == 0:
-        metrics_file.close()
-        plot_magnitudes(magnitude_records, os.path.join(run_dir, "magnitudes.png"))
-        plot_curves(read_metrics(os.path.join(run_dir, "metrics.jsonl")), os.path.join(run_dir, "curves.png"))
-        logger.info(f"plots: {os.path.join(run_dir, 'magnitudes.png')}, {os.path.join(run_dir, 'curves.png')}; "
-                    f"TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tb')}")
-        runs.mark_finished(run_dir, step)
-    return run_dir
-
-
-def load_state(s, ckpt, rank, logger):
-    """Model, EMAs, optimiser, noise and RNG states from a checkpoint; returns its step."""
-    s.model.load_state_dict(ckpt["model"])
-    s.ema.load_state_dict(ckpt["ema"])
-    for sr, e in s.power_emas.items():
-        e.load_state_dict(ckpt["ema_power"][str(sr)])
-    s.opt.load_state_dict(ckpt["opt"])
-    s.noise.generator.set_state(ckpt["noise"])
-    if len(ckpt["rng"]) == s.world:
-        runs.set_rng_state(ckpt["rng"][rank])
-    else:
-        logger.info(f"resuming on {s.world} processes from a run on {len(ckpt['rng'])}: random streams reseeded")
-    logger.info(f"resumed at step {ckpt['step']}")
-    return ckpt["step"]
-
-
-def optimiser_step(s, args, step, window_loss, need_norm):
-    """Optimiser step step + 1 over --grad-accum micro-batches (their mean [loss, mse, vb] added to
-    window_loss), then the EMA updates. Returns (lr, gradient norm or None, the last micro-batch's
-    (x0, t, y, noise), so the monitor can see x_t = q_sample(x0, t, noise) as the model did)."""
-    lr = learning_rate(step, args)
-    for group in s.opt.param_groups:
-        group["lr"] = lr
-    world, dataset = s.world, s.dataset
-    for i in range(args.grad_accum):
-        raw, y = next(s.batches)
-        n = raw.shape[0] * world  # per-sample randomness is drawn for the global micro-batch
-        eps = s.noise.randn(n, *dataset.shape) if dataset.kind == "latent" else None
-        flip = s.noise.rand(n) < 0.5 if dataset.hflip else None
-        x = dataset.draw(raw.to(s.noise.device, non_blocking=True), eps, flip)
-        y = y.to(s.noise.device, non_blocking=True)
-        t = s.noise.randint(s.diffusion.num_timesteps, n)
-        drop = (s.noise.rand(n) < s.model.y_embedder.dropout_prob).long()
-        noise = s.noise.randn(n, *x.shape[1:])
-        sync = world > 1 and i < args.grad_accum - 1
-        with (s.train_model.no_sync() if sync else contextlib.nullcontext()), s.autocast():
-            losses = s.diffusion.training_losses(s.train_model, x, t, dict(y=y, force_drop_ids=drop), noise=noise)
-        loss = losses["loss"].mean()
-        (loss / args.grad_accum).backward()
-        window_loss += torch.stack([loss.detach(), losses["mse"].mean().detach(),
-                                    losses["vb"].mean().detach()]) / args.grad_accum
-    grad_norm = None
-    if args.grad_clip or need_norm:  # the norm costs a pass over the gradients: only when used
-        grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), args.grad_clip or float("inf"))
-    s.opt.step()
-    s.opt.zero_grad(set_to_none=True)
-    force_normalize_(s.model)
-    ema_update(s.ema, s.model, args.ema_decay)
-    for sr, e in s.power_emas.items():
-        ema_update(e, s.model, power_beta(step + 1, s.gammas[sr]))
-    return lr, grad_norm, (x, t, y, noise)
-
-
-def watch_step(args, step, s, grids, evaluator, trackers, metrics_file, logger):
-    """At --sample-every steps and the last a sample grid (rank 0), at --eval-every steps and the last an
-    evaluation (every rank samples and extracts features; rank 0 records), both from the sampling weights."""
-    last = step == args.num_steps
-    weights = sampling_weights(s.ema, s.power_emas)
-    if grids and (step % args.sample_every == 0 or last):
-        draw_grid(step, weights, grids, trackers, logger)
-    if evaluator and (step % args.eval_every == 0 or last):
-        evaluate_at(args, step, weights, evaluator, trackers, metrics_file, logger)
-
-
-def catch_up(args, step, s, grids, evaluator, trackers, metrics_file, logger, run_dir):
-    """On resume at step, what a run killed during its grids or evaluations missed: the grid of step,
-    and every evaluation due at or before step without a record, made from step's weights or from the
-    checkpoint of its own step when that is on disk (else said in the log)."""
-    weights = sampling_weights(s.ema, s.power_emas)
-    due = lambda every: step % every == 0 or step == args.num_steps  # noqa: E731
-    if grids is not None and step and due(args.sample_every) and not os.path.exists(grids.path(step)):
-        draw_grid(step, weights, grids, trackers, logger)
-    if evaluator is None or not step:
-        return
-    wanted = set(range(args.eval_every, step + 1, args.eval_every)) | ({step} if due(args.eval_every) else set())
-    done = {r["step"] for r in runs.read_records(run_dir, "eval")} if metrics_file is not None else set()
-    for k in from_rank_0(sorted(wanted - done)):
-        path = os.path.join(run_dir, "checkpoints", f"{k:07d}.pt")
-        if k == step:
-            evaluate_at(args, k, weights, evaluator, trackers, metrics_file, logger)
-        elif os.path.isfile(path):
-            ckpt = runs.load_checkpoint(path)
-            old = frozen_copy(weights)
-            old.load_state_dict(ckpt["ema_power"][str(max(s.power_emas))] if s.power_emas else ckpt["ema"])
-            evaluate_at(args, k, old, evaluator, trackers, metrics_file, logger)
-        else:
-            logger.info(f"the evaluation at step {k} was interrupted and no checkpoint of step {k} is left to "
-                        f"make it from; its point of the curve stays missing")
-
-
-def draw_grid(step, weights, grids, trackers, logger):
-    start = time.time()
-    grid, path = grids(weights, step)
-    trackers.image("samples", grid, step)
-    trackers.flush()
-    logger.info(f"sample grid: {path} ({time.time() - start:.1f} s)")
-
-
-def evaluate_at(args, step, weights, evaluator, trackers, metrics_file, logger):
-    """Evaluate weights (every rank); rank 0 records the metrics as step's in metrics.jsonl and the trackers."""
-    start = time.time()
-    results = evaluator(weights)
-    if metrics_file is None:
-        return
-    record = dict(step=step, eval={k: v for k, v in results.items() if k in args.eval_metrics or k in
-                                   ("precision", "recall")}, samples=args.eval_samples, seconds=time.time() - start)
-    write_record(metrics_file, record)
-    logger.info(f"evaluation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in record["eval"].items())
-                + f" ({args.eval_samples} samples, {record['seconds']:.0f} s)")
-    trackers.scalars({f"eval/{k}": v for k, v in record["eval"].items()}, step)
-    trackers.flush()
-
-
-def save(s, args, step, window_loss, run_dir, manifest, rank, logger):
+def save(state, args, run_dir, manifest, window_loss):
     """At --snapshot-every steps a power-EMA snapshot, at --ckpt-every steps and the last a checkpoint;
     both only after the loss and the weights are checked finite (no NaN reaches disk)."""
-    snapshot = step % args.snapshot_every == 0
-    checkpoint = step % args.ckpt_every == 0 or step == args.num_steps
+    step, rank = state.step, state.rng.rank
+    snapshot, checkpoint = step % args.snapshot_every == 0, step % args.ckpt_every == 0 or step == args.num_steps
     if not (snapshot or checkpoint):
         return
-    modules = [s.model, s.ema, *s.power_emas.values()]
-    check_finite([window_loss, *(p for m in modules for p in m.parameters())], s.world, step, run_dir)
-    power_emas = {str(sr): e.state_dict() for sr, e in s.power_emas.items()}
+    modules = [state.model, state.ema, *state.ema_power.values()]
+    check_finite([window_loss, *(p for m in modules for p in m.parameters())], state, run_dir)
     if rank == 0 and snapshot:
-        runs.atomic_save({"step": step, "ema_power": power_emas},
+        runs.atomic_save({"step": step, "ema_power": runs.state_of(state.ema_power)},
                          os.path.join(run_dir, "checkpoints", f"ema-snapshot-{step:07d}.pt"))
     if checkpoint:
-        rngs = [runs.rng_state()]
-        if s.world > 1:
-            rngs = [None] * s.world
-            dist.all_gather_object(rngs, runs.rng_state())
+        ckpt = state.state_dict()  # every rank: the RNG states are gathered
         if rank == 0:
-            runs.atomic_save(dict(model=s.model.state_dict(), ema=s.ema.state_dict(), ema_power=power_emas,
-                                  opt=s.opt.state_dict(), step=step, args=runs.config_of(args), manifest=manifest,
-                                  rng=rngs, noise=s.noise.generator.get_state()),
+            runs.atomic_save(dict(ckpt, args=runs.config_of(args), manifest=manifest),
                              os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
-            logger.info(f"saved checkpoint at step {step}")
+            logging.getLogger("train").info(f"saved checkpoint at step {step}")
 
 
-def check_finite(tensors, world, step, run_dir):
+def check_finite(tensors, state, run_dir):
     """Stop (on every rank) before a non-finite loss or weight reaches the disk."""
     finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
-    if world > 1:
+    if state.rng.world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
         ckpts = runs.checkpoints_in(run_dir)
         kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written before it"
-        raise FloatingPointError(f"the loss became non-finite by step {step}; {kept} (try a lower --lr or "
+        raise FloatingPointError(f"the loss became non-finite by step {state.step}; {kept} (try a lower --lr or "
                                  f"--grad-clip; `python data.py verify DATA` checks a dataset for NaN and inf)")
 
 
-def write_record(metrics_file, record):
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
+class RunOutputs:
+    """What a run shows and records besides its checkpoints: the log, metrics.jsonl, TensorBoard /
+    W&B, the progress bar, the sample grids and the evaluations (rank 0 writes; every rank evaluates)."""
+
+    def __init__(self, args, run_dir, state, dataset, vae, logger):
+        self.args, self.run_dir, self.log = args, run_dir, logger.info
+        step, rank0 = state.step, state.rng.rank == 0
+        if rank0:
+            runs.drop_records_after(run_dir, step)  # logged after the checkpoint: they come again
+        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank0 else None
+        self.magnitudes = runs.read_records(run_dir, "act_rms") if rank0 else []
+        self.trackers = Trackers(run_dir, runs.config_of(args), args.wandb, start_step=step, enabled=rank0)
+        self.grids = SampleGrids(run_dir, dataset.manifest, args.prediction, args.sample_steps, args.seed, vae) \
+            if args.sample_every and rank0 else None
+        self.evaluator = Evaluation.for_run(args, dataset, os.path.join(args.results_dir, "eval-cache"),
+                                            state.noise.device, logger.info, vae) if args.eval_every else None
+        self.bar = progress(total=args.num_steps, initial=step, unit="step", enabled=rank0 and not args.no_progress)
+        self.window_loss = torch.zeros(3, device=state.noise.device)  # [loss, mse, vb] summed since the last log line
+        self.window_steps, self.window_start = 0, time.time()
+
+    def record(self, record):
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def add_losses(self, losses):
+        self.window_loss += losses
+        self.window_steps += 1
+        self.bar.update(1)
+
+    def log_losses(self, state, lr, grad_norm):
+        """The mean [loss, mse, vb] of the steps since the last log line (over all ranks, checked finite)."""
+        if state.rng.world > 1:
+            dist.all_reduce(self.window_loss)
+            self.window_loss /= state.rng.world
+        check_finite([self.window_loss], state, self.run_dir)
+        steps, seconds = self.window_steps, time.time() - self.window_start
+        mean = (self.window_loss / steps).tolist()
+        record = dict(step=state.step, loss=mean[0], mse=mean[1], vb=mean[2], lr=lr, grad_norm=grad_norm.item(),
+                      steps_per_sec=steps / seconds, images_per_sec=steps * self.args.global_batch_size / seconds)
+        self.window_loss.zero_()
+        self.window_steps, self.window_start, step = 0, time.time(), state.step
+        self.bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{record['images_per_sec']:.1f}")
+        self.record(record)
+        self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        self.trackers.scalars({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
+        self.trackers.flush()  # TensorBoard shows each log line's values while the run trains
+
+    def log_magnitudes(self, step, acts, weights):
+        self.magnitudes.append(dict(step=step, act_rms=acts, weight_rms=weights))
+        self.record(self.magnitudes[-1])
+        self.trackers.scalars({f"{key}/block{b:02d}": v for key in ("act_rms", "weight_rms")
+                               for b, v in enumerate(self.magnitudes[-1][key])}, step)
+
+    def due(self, step, every):
+        return every and (step % every == 0 or step == self.args.num_steps)
+
+    def watch(self, state):
+        """At --sample-every steps and the last a sample grid (rank 0), at --eval-every steps and the last
+        an evaluation (every rank samples and extracts features; rank 0 records), of the sampling weights;
+        their time does not count against the images/s of the log."""
+        paused, weights = time.time(), sampling_weights(state.ema, state.ema_power)
+        if self.grids and self.due(state.step, self.args.sample_every):
+            self.grid(state.step, weights)
+        if self.evaluator and self.due(state.step, self.args.eval_every):
+            self.evaluate(state.step, weights)
+        self.window_start += time.time() - paused
+
+    def catch_up(self, state):
+        """On resume, what a run killed during its grids or evaluations missed: the grid of its step,
+        and every evaluation due at or before it without a record, made from the step's weights or
+        from the checkpoint of its own step when that is on disk (else said in the log)."""
+        step, every, weights = state.step, self.args.eval_every, sampling_weights(state.ema, state.ema_power)
+        if self.grids and step and self.due(step, self.args.sample_every) and not os.path.exists(self.grids.path(step)):
+            self.grid(step, weights)
+        if self.evaluator is None or not step:
+            return
+        wanted = set(range(every, step + 1, every)) | ({step} if self.due(step, every) else set())
+        done = {r["step"] for r in runs.read_records(self.run_dir, "eval")} if self.metrics else set()
+        for k in from_rank_0(sorted(wanted - done)):
+            path = os.path.join(self.run_dir, "checkpoints", f"{k:07d}.pt")
+            if k == step:
+                self.evaluate(k, weights)
+            elif os.path.isfile(path):
+                ckpt, old = runs.load_checkpoint(path), frozen_copy(weights)
+                old.load_state_dict(ckpt["ema_power"][str(max(state.ema_power))] if state.ema_power else ckpt["ema"])
+                self.evaluate(k, old)
+            else:
+                self.log(f"the evaluation at step {k} was interrupted and no checkpoint of step {k} is left to "
+                         f"make it from; its point of the curve stays missing")
+
+    def grid(self, step, weights):
+        start = time.time()
+        grid, path = self.grids(weights, step)
+        self.trackers.image("samples", grid, step)
+        self.trackers.flush()
+        self.log(f"sample grid: {path} ({time.time() - start:.1f} s)")
+
+    def evaluate(self, step, weights):
+        """Evaluate weights (every rank); rank 0 records the metrics as step's in metrics.jsonl and the trackers."""
+        start, args = time.time(), self.args
+        results = self.evaluator(weights)
+        if self.metrics is None:
+            return
+        record = dict(step=step, eval={k: v for k, v in results.items() if k in args.eval_metrics or k in
+                                       ("precision", "recall")}, samples=args.eval_samples, seconds=time.time() - start)
+        self.record(record)
+        self.log(f"evaluation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in record["eval"].items())
+                 + f" ({args.eval_samples} samples, {record['seconds']:.0f} s)")
+        self.trackers.scalars({f"eval/{k}": v for k, v in record["eval"].items()}, step)
+        self.trackers.flush()
+
+    def finish(self, step):
+        self.bar.close()
+        self.trackers.close()
+        if self.metrics is None:
+            return
+        self.metrics.close()
+        plot_magnitudes(self.magnitudes, os.path.join(self.run_dir, "magnitudes.png"))
+        plot_curves(read_metrics(os.path.join(self.run_dir, "metrics.jsonl")), os.path.join(self.run_dir, "curves.png"))
+        self.log(f"plots: {os.path.join(self.run_dir, 'magnitudes.png')}, {os.path.join(self.run_dir, 'curves.png')}; "
+                 f"TensorBoard: tensorboard --logdir {os.path.join(self.run_dir, 'tb')}")
+        runs.mark_finished(self.run_dir, step)
 
 
 class BatchNoise:
@@ -621,7 +599,7 @@ class BatchNoise:
 
     def __init__(self, seed, rank, world, device):
         self.generator = torch.Generator(device).manual_seed(seed)
-        self.rows, self.device = slice(rank, None, world), device
+        self.rows, self.world, self.device = slice(rank, None, world), world, device
 
     def randn(self, n, *shape):
         return torch.randn((n, *shape), generator=self.generator, device=self.device)[self.rows]
@@ -631,6 +609,12 @@ class BatchNoise:
 
     def randint(self, high, n):
         return torch.randint(0, high, (n,), generator=self.generator, device=self.device)[self.rows]
+
+    def state_dict(self):
+        return self.generator.get_state()
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state)
 
 
 class ResumableSampler(DistributedSampler):

@@ -32,7 +32,8 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from data import make_demo_dataset, read_manifest  # noqa: E402
-from harness import PEAK_TFLOPS, Ctx, InferStep, TrainStep, forward_gmacs, machine_info, summary, timed  # noqa: E402
+from harness import (PEAK_TFLOPS, Ctx, InferStep, TrainStep, forward_gmacs, halving_on_oom, machine_info,  # noqa: E402
+                     summary, timed)
 from models import MP_SWITCHES  # noqa: E402
 
 
@@ -104,19 +105,9 @@ def interleaved(ctx, steps):
 
 def bench_model(args, device, spec, configs, peak_tflops):
     name, size = spec.split("@")
-    batch = args.batch or (256 if device.type == "cuda" else 16)
-    while True:
-        ctx = Ctx(args, device, name, int(size), batch, args.channels, args.num_classes)
-        try:
-            return run_model(ctx, configs, peak_tflops)
-        except torch.cuda.OutOfMemoryError:
-            if device.type != "cuda" or batch <= 2:
-                raise
-        print(f"{spec}: out of memory at batch {batch}; halving", file=sys.stderr)
-        del ctx  # outside the except clause, so the traceback no longer holds the models
-        gc.collect()
-        torch.cuda.empty_cache()
-        batch //= 2
+    return halving_on_oom(lambda batch: run_model(Ctx(args, device, name, int(size), batch, args.channels,
+                                                      args.num_classes), configs, peak_tflops),
+                          args.batch or (256 if device.type == "cuda" else 16), device, spec)
 
 
 def run_model(ctx, configs, peak_tflops):
@@ -163,7 +154,8 @@ def run_loop(args, device):
             argv = ["--results-dir", parent, "--model", args.loop_model, "--mp" if kw else "--no-mp",
                     "--num-steps", n_steps, "--global-batch-size", str(batch), "--log-every", str(args.loop_window),
                     "--monitor-every", n_steps, "--ckpt-every", n_steps, "--snapshot-every", n_steps,
-                    "--sample-steps", "2", "--seed", str(args.seed), "--precision", args.precision]
+                    "--sample-steps", "2", "--sample-every", "0", "--eval-every", "0", "--seed", str(args.seed),
+                    "--precision", args.precision]
             bare[n]()  # warm-up, then one window of the bare step just before the loop
             out[n]["bare"].append(args.loop_window * batch / timed(ctx, bare[n], args.loop_window))
             log = io.StringIO()

@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from harness import PEAK_TFLOPS, Ctx, TrainStep, forward_gmacs, machine_info, timed  # noqa: E402
+from harness import PEAK_TFLOPS, Ctx, TrainStep, forward_gmacs, halving_on_oom, machine_info, timed  # noqa: E402
 
 TINY = dict(depth=2, hidden_size=64, num_heads=2)  # --tiny: DiT-XS/2 at 8x8 latents, batch 8
 CONFIGS = {"vanilla": {}, "MaP": dict(mp=True)}
@@ -115,18 +115,8 @@ def context(args, device, batch, grad_checkpoint=False, compile=False):
 
 def train_rows(args, device, peaks, grad_checkpoint=False, compile=False):
     """One markdown row per configuration of the train step: img/s, MFU, ratio to vanilla, peak GB."""
-    batch = args.batch
-    while True:
-        ctx = context(args, device, batch, grad_checkpoint, compile)
-        try:
-            return [*TRAIN_HEADER, *train_configs(ctx, args, peaks)]
-        except torch.cuda.OutOfMemoryError:
-            if batch <= 2:
-                raise
-        del ctx
-        gc.collect()
-        torch.cuda.empty_cache()
-        batch //= 2
+    return [*TRAIN_HEADER, *halving_on_oom(lambda batch: train_configs(
+        context(args, device, batch, grad_checkpoint, compile), args, peaks), args.batch, device, args.model)]
 
 
 def train_configs(ctx, args, peaks):
@@ -158,14 +148,14 @@ def torchrun_check():
         lines = []
         first = subprocess.run([*base, "--num-steps", "2", "--ckpt-every", "2"], capture_output=True, text=True,
                                timeout=240)
-        runs = sorted(glob.glob(os.path.join(results, "[0-9][0-9][0-9]-*")))
+        runs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(results, "*", "config.json")))
         if first.returncode or not runs:
             return [f"- first run: **failed**, exit {first.returncode}: `{tail(first)}`"]
         lines.append(f"- first run: exit 0, checkpoints {names(runs[0])}")
         second = subprocess.run([*base, "--num-steps", "4", "--ckpt-every", "2", "--resume", runs[0]],
                                 capture_output=True, text=True, timeout=240)
         with open(os.path.join(runs[0], "log.txt")) as f:
-            resumed = [line.split("] ", 1)[1].strip() for line in f if "resumed from" in line]
+            resumed = [line.split("] ", 1)[1].strip() for line in f if "resumed at" in line]
         ok = second.returncode == 0 and resumed and os.path.exists(os.path.join(runs[0], "checkpoints", "0000004.pt"))
         lines.append(f"- resumed run: exit {second.returncode}, {resumed[-1] if resumed else 'no resume logged'}, "
                      f"checkpoints {names(runs[0])}: **{'ok' if ok else 'failed'}**"

@@ -1,22 +1,25 @@
 """What benchmarks/bench.py and benchmarks/gpu_check.py both measure with: the fixed inputs of a
-model (Ctx), train.py's training step (TrainStep) and the sampling forward (InferStep), timing,
+model (Ctx), train.py's training step itself (TrainStep) and the sampling forward (InferStep), timing,
 forward FLOPs and the machine's description."""
 import contextlib
 import copy
 import datetime
+import gc
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import runs
+import train
 from diffusion import create_diffusion
-from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma
+from ema import frozen_copy
 from models import DiT_models
-from mp_layers import force_normalize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Forward GMACs per image (4 latent channels, learned sigma): the "Gflops" of the DiT paper (Peebles &
@@ -24,7 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GMACS = {("DiT-S/2", 16): 1.41, ("DiT-S/2", 32): 6.06, ("DiT-B/2", 16): 5.56, ("DiT-B/2", 32): 23.0,
          ("DiT-L/2", 16): 19.7, ("DiT-L/2", 32): 80.7, ("DiT-XL/2", 16): 29.0, ("DiT-XL/2", 32): 118.6}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
-POWER_SIGMA_RELS = (0.05, 0.10)  # train.py's default power EMAs, beside the classic 0.9999 one
 
 
 class Ctx:
@@ -37,8 +39,7 @@ class Ctx:
         self.args, self.device, self.name, self.size, self.batch = args, device, name, size, batch
         self.overrides, self.compile_backend = overrides or {}, compile_backend
         self.channels, self.num_classes = channels, num_classes
-        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.autocast = train.autocast_for(args, device)
         g = torch.Generator().manual_seed(args.seed)
         self.x = torch.randn(batch, channels, size, size, generator=g).to(device)
         self.noise = torch.randn(batch, channels, size, size, generator=g).to(device)
@@ -100,24 +101,21 @@ def saved_activation_mb(ctx, model):
 
 
 class TrainStep:
-    """One step of train.py: hybrid diffusion loss, backward, Adam(W), forced weight normalisation,
-    classic EMA and two power EMAs (train.py takes the gradient norm only to clip or log it)."""
+    """train.py's optimiser step itself (train.train_step: hybrid diffusion loss, backward, Adam(W),
+    forced weight normalisation, the classic EMA and the power EMAs of train.py's defaults) on ctx's
+    fixed micro-batch; the gradient norm only as train.py takes it (to clip or log)."""
 
     def __init__(self, ctx, kwargs):
         self.ctx, mem0 = ctx, torch.cuda.memory_allocated() if ctx.device.type == "cuda" else 0
-        self.model = model = ctx.build(kwargs)
+        model = ctx.build(kwargs)
         model.grad_checkpoint = self.checkpointing = ctx.args.grad_checkpoint
         self.act_mb = saved_activation_mb(ctx, model)
-        self.emas = [frozen_copy(model) for _ in range(1 + len(POWER_SIGMA_RELS))]
-        self.gammas = [sigma_rel_to_gamma(s) for s in POWER_SIGMA_RELS]
-        kernel = dict(fused=True) if ctx.device.type == "cuda" else dict(foreach=True)
-        if model.switches.use_weight_normalization:  # lr is irrelevant to speed; fixed for all
-            self.opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.99), **kernel)
-        else:
-            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, **kernel)
-        if ctx.args.compile:
-            model.forward = torch.compile(model.forward, backend=ctx.compile_backend)
-        self.steps, self.peak_gb = 0, None
+        self.args = train.parse_args(["--lr", "1e-4", "--eval-every", "0"])  # lr is irrelevant to speed
+        self.state = runs.TrainingState(model=model, ema=frozen_copy(model), opt=train.make_optimizer(model, self.args, ctx.device),
+                                        ema_power={sr: frozen_copy(model) for sr in self.args.ema_sigma_rels}, step=0)
+        self.net = torch.compile(model, backend=ctx.compile_backend) if ctx.args.compile else model
+        self.batch = [(ctx.x, ctx.t, ctx.y, ctx.drop, ctx.noise)]
+        self.peak_gb = None
         self()  # creates the optimiser state
         if ctx.device.type == "cuda":  # peak = own persistent state + transient peak of one step
             ctx.sync()
@@ -129,17 +127,7 @@ class TrainStep:
             self.peak_gb = (persistent + torch.cuda.max_memory_allocated() - before) / 2**30
 
     def __call__(self):
-        c, model = self.ctx, self.model
-        with c.autocast():
-            losses = c.diffusion.training_losses(model, c.x, c.t, dict(y=c.y, force_drop_ids=c.drop), noise=c.noise)
-        losses["loss"].mean().backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        force_normalize_(model)
-        self.steps += 1
-        ema_update(self.emas[0], model, 0.9999)
-        for ema, gamma in zip(self.emas[1:], self.gammas):
-            ema_update(ema, model, power_beta(self.steps, gamma))
+        train.train_step(self.state, self.net, self.ctx.diffusion, self.batch, self.args, self.ctx.autocast)
 
 
 class InferStep:
@@ -158,6 +146,20 @@ class InferStep:
                 self.model(c.x, c.t, c.y)
             else:
                 self.model.forward_with_cfg(c.x, c.t, c.y_cfg, cfg_scale=4.0)
+
+
+def halving_on_oom(run, batch, device, what):
+    """run(batch); after a CUDA out-of-memory error, again at half the batch (down to 2)."""
+    while True:
+        try:
+            return run(batch)
+        except torch.cuda.OutOfMemoryError:
+            if device.type != "cuda" or batch <= 2:
+                raise
+        gc.collect()  # outside the except clause, so that no traceback holds the models any more
+        torch.cuda.empty_cache()
+        print(f"{what}: out of memory at batch {batch}; halving", file=sys.stderr)
+        batch //= 2
 
 
 def timed(ctx, step, iters):

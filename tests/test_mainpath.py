@@ -50,7 +50,7 @@ def test_latent_run_under_torchrun_with_grids_and_fid_end_to_end(tiny_vae, incep
               "--depth", "2", "--hidden-size", "64", "--num-heads", "2", "--global-batch-size", "8", "--num-steps", "4",
               "--num-workers", "0", "--sample-every", "2", "--sample-steps", "2", "--eval-every", "2",
               "--eval-samples", "16", "--eval-reference", images, "--eval-metrics", "fid"], 2, ROOT, env)
-    (run,) = results.glob("000-*")
+    (run,) = results.glob("DiT-*")
     assert sorted(os.listdir(run / "samples")) == ["0000002.png", "0000004.png"]
     with open(run / "metrics.jsonl") as f:
         evaluations = [r for r in map(json.loads, f) if "eval" in r]

@@ -238,16 +238,18 @@ def test_a_training_run_holds_its_lock(pixels, tmp_path, monkeypatch):
     assert probe.stdout.strip() == "free"
 
 
-def test_the_unfinished_run_is_found_among_all_runs(pixels, tmp_path, capsys, monkeypatch):
+def test_the_same_command_finds_its_run_among_others(pixels, tmp_path, capsys, monkeypatch):
     """Item 5: a run killed after its first checkpoint is continued though another run came after it,
-    with --results-dir spelled with a trailing slash."""
+    with --results-dir spelled with a trailing slash: its directory is named from the arguments that
+    shape its result, so --log-every does not change it and --seed does."""
     args = base_args(pixels, tmp_path, "--num-steps", "4", "--ckpt-every", "2")
     killed_run(monkeypatch, args, runs, "atomic_save", after_checkpoint, after=True)
+    (first,) = os.listdir(tmp_path)
     other = train.main(train.parse_args(base_args(pixels, tmp_path, "--num-steps", "2", "--seed", "1")))
-    assert os.path.basename(other).startswith("001-")
+    assert os.path.basename(other) != first
     resumed = train.main(train.parse_args(base_args(pixels, str(tmp_path) + "/", "--num-steps", "4",
-                                                    "--ckpt-every", "2")))
-    assert os.path.basename(resumed).startswith("000-") and len(os.listdir(tmp_path)) == 2
+                                                    "--ckpt-every", "2", "--log-every", "1")))
+    assert os.path.basename(resumed) == first and len(os.listdir(tmp_path)) == 2
     assert "resumed at step 2" in open(os.path.join(resumed, "log.txt")).read()
 
 
@@ -260,8 +262,10 @@ def test_a_run_killed_before_its_first_checkpoint_is_continued_in_its_directory(
     assert os.listdir(tmp_path) == [first]
 
 
-def test_a_run_killed_after_its_last_checkpoint_gets_its_plots_without_retraining(pixels, tmp_path, monkeypatch):
-    """Item 5: the rerun writes the magnitude plot and grid from the final checkpoint; no step runs again."""
+def test_a_run_killed_after_its_last_checkpoint_gets_its_plots_without_retraining(pixels, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Item 5: the rerun writes the magnitude plot and grid from the final checkpoint; no step runs again.
+    Once finished, the same command says so, where, and exits 0 without a second run."""
     args = base_args(pixels, tmp_path, "--num-steps", "2", "--ckpt-every", "2", "--log-every", "1")
     killed_run(monkeypatch, args, train, "plot_magnitudes", lambda n, a: n == 1)
     (name,) = os.listdir(tmp_path)
@@ -273,8 +277,10 @@ def test_a_run_killed_after_its_last_checkpoint_gets_its_plots_without_retrainin
     assert open(final, "rb").read() == before[0] and records(run_dir) == before[1]  # nothing retrained
     assert os.path.isfile(os.path.join(run_dir, "magnitudes.png")) and os.path.isfile(os.path.join(run_dir, "curves.png"))
     assert os.path.isfile(os.path.join(run_dir, "samples", "0000002.png"))
-    again = train.main(train.parse_args(args))  # finished now: the same command starts a new run
-    assert os.path.basename(again).startswith("001-")
+    capsys.readouterr()
+    assert train.cli(args) == 0 and os.listdir(tmp_path) == [name]  # finished now: nothing trains again
+    assert f"{run_dir}: this command's run has finished its 2 steps" in capsys.readouterr().out
+    assert open(final, "rb").read() == before[0] and records(run_dir) == before[1]
 
 
 class CountingEvaluation:
@@ -340,7 +346,7 @@ def test_evaluations_added_on_resume_are_made_from_their_checkpoints(pixels, tmp
     the step-2 checkpoint (not the step-4 weights it resumes with), step 4 with its own, then step 6."""
     args = base_args(pixels, tmp_path, "--num-steps", "6", "--ckpt-every", "2", "--log-every", "1",
                      "--sample-every", "0", "--eval-metrics", "fd_classifier", "--eval-samples", "4")
-    killed_run(monkeypatch, args, train, "watch_step", lambda n, a: a[1] == 4)  # after the step-4 checkpoint
+    killed_run(monkeypatch, args, train.RunOutputs, "watch", lambda n, a: a[1].step == 4)  # after the step-4 checkpoint
     (name,) = os.listdir(tmp_path)
     run_dir = os.path.join(tmp_path, name)
     monkeypatch.setattr(train, "Evaluation", CountingEvaluation)

@@ -15,7 +15,7 @@ from data import ShardWriter
 from diffusion import create_diffusion
 from ema import ema_update, frozen_copy, gamma_to_sigma_rel, power_beta, sigma_rel_to_gamma
 from helpers import torchrun
-from models import DiT
+from models import MP_SWITCHES, DiT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,10 @@ def test_end_to_end_run_writes_its_artifacts(pixels, tmp_path):
                  "checkpoints/0000002.pt", "checkpoints/0000004.pt"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     with open(os.path.join(run_dir, "config.json")) as f:
-        assert json.load(f)["mp"] is True
+        config = json.load(f)
+    assert config["mp"] is True and config["preset"] == "imagenet-128"
+    assert all(config[name] is True for name in MP_SWITCHES)  # the switches in effect, not only "mp"
+    assert "preset imagenet-128" in open(os.path.join(run_dir, "log.txt")).read()
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if "loss" in r] == [2, 4]
@@ -83,6 +86,28 @@ def test_magnitude_monitor_sees_the_noised_input_the_model_trains_on(pixels, tmp
     assert len(monitored) == 1 and torch.equal(monitored[0][1], t)
     torch.testing.assert_close(monitored[0][0], x_t)
     assert not torch.allclose(x_t, x_start, atol=0.1)
+
+
+def test_a_preset_is_chosen_by_name_and_flags_override_it(pixels, capsys):
+    """The demo's recipe on other data is asked for by name (once, --data-path silently dropped it);
+    flags given override the preset; the demo's width goes with its own model only; --help shows each
+    preset's default."""
+    demo = train.parse_args(["--preset", "demo", "--data-path", pixels])
+    assert (demo.model, demo.depth, demo.mp, demo.prediction, demo.lr, demo.num_steps, demo.num_workers,
+            demo.hflip) == ("DiT-XS/4", 4, True, "v", 2e-2, 1000, 0, False)
+    plain = train.parse_args(["--data-path", pixels])
+    assert (plain.preset, plain.model, plain.depth, plain.mp, plain.prediction, plain.lr, plain.num_steps) == \
+        ("imagenet-128", "DiT-S/2", None, False, "eps", 1e-4, 400_000)
+    assert train.parse_args([]).preset == "demo"
+    mine = train.parse_args(["--preset", "demo", "--data-path", pixels, "--model", "DiT-S/4", "--lr", "1e-3",
+                             "--num-steps", "30", "--no-mp", "--sample-every", "0"])
+    assert (mine.model, mine.depth, mine.lr, mine.mp, mine.sample_every, mine.eval_every) == \
+        ("DiT-S/4", None, 1e-3, False, 0, 250)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag in ("steps (default: imagenet-128 400000; demo 1000)", "(default: imagenet-128 (0.0001, 0.01); demo"):
+        assert flag in help_text, flag
 
 
 def test_hflip_default_is_on_for_pixels_and_off_for_latents(pixels, tmp_path):
@@ -137,16 +162,16 @@ def test_rerunning_the_same_command_continues_the_unfinished_run(pixels, tmp_pat
         train.main(train.parse_args(args))
     monkeypatch.setattr(runs, "atomic_save", real_save)
     run_dir = train.main(train.parse_args(args))
-    assert os.path.basename(run_dir).startswith("000-")
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "0000004.pt"))
     assert os.listdir(tmp_path) == [os.path.basename(run_dir)]  # no second run directory
 
 
 def test_two_process_ddp_matches_one_process(pixels, tmp_path):
-    common = base_args(pixels, tmp_path, "--num-steps", "3", "--ckpt-every", "3", "--mp", "--hflip")
-    single = train.main(train.parse_args(common))
-    torchrun([os.path.join(ROOT, "train.py"), *common], 2, ROOT, dict(os.environ, OMP_NUM_THREADS="1"))
-    double = os.path.join(tmp_path, "001-MaP-DiT-XS-4-d2-w64-h4")
+    common = ["--num-steps", "3", "--ckpt-every", "3", "--mp", "--hflip"]
+    single = train.main(train.parse_args(base_args(pixels, tmp_path / "one", *common)))
+    torchrun([os.path.join(ROOT, "train.py"), *base_args(pixels, tmp_path / "two", *common)], 2, ROOT,
+             dict(os.environ, OMP_NUM_THREADS="1"))
+    double = os.path.join(tmp_path, "two", os.path.basename(single))  # the same arguments: the same name
     a, b = (load(os.path.join(d, "checkpoints", "0000003.pt")) for d in (single, double))
     assert b["args"]["global_batch_size"] == 8 and len(b["rng"]) == 2
     for name in a["model"]:  # float tolerance: the all-reduce sums gradients in another order
