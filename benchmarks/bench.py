@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--each", action="store_true", help="also every MP switch alone (forced = weight norm + forced)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on GPU")
-    p.add_argument("--plain-forward", action="store_true", help="inference: model(x) instead of forward_with_cfg")
+    p.add_argument("--plain-forward", action="store_true", help="inference: model(x) instead of a classifier-free-guided step")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per configuration")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=2, help="iterations per timed block")
@@ -252,7 +252,7 @@ def main(argv=None):
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     settings = dict(vars(args), precision=precision, peak_tflops=peak, malloc=malloc,
                     infer_mode="plain forward" if args.plain_forward
-                    else "forward_with_cfg (batch = cond + uncond rows)")
+                    else "classifier-free-guided step (batch = cond + null-label rows)")
     result = dict(machine=machine_info(device), settings=settings, models=[])
     configs = configurations(args.each)
     start = time.perf_counter()

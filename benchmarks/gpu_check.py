@@ -177,6 +177,7 @@ def tail(completed):
 def sampling_rows(args, device):
     """Guided sampling images/s with sample.py's sampler and bf16 autocast on a GPU, vanilla and MaP."""
     import sampling  # noqa: E402  (sample.py's sampler, the one sampling runs)
+    from guidance import Guided  # noqa: E402
     name, steps = ("dpm++" if importlib.util.find_spec("diffusers") else "ddim"), 25
     steps = 5 if args.tiny else steps
     sampler = sampling.make_sampler(name, steps)
@@ -184,13 +185,11 @@ def sampling_rows(args, device):
     for config, kwargs in CONFIGS.items():
         ctx = context(args, device, args.sample_batch)
         model = ctx.build(kwargs).eval().requires_grad_(False)
-        z = torch.randn(2 * args.sample_batch, 4, args.size, args.size, device=device)
-        y = torch.cat([ctx.y[:args.sample_batch], torch.full_like(ctx.y[:args.sample_batch], 1000)])
-        kwargs = dict(y=y, cfg_scale=4.0)
+        z = torch.randn(args.sample_batch, 4, args.size, args.size, device=device)
+        guided, y = Guided(model, 4.0), ctx.y[:args.sample_batch]
 
         def run():
-            with ctx.autocast():
-                sampler(model.forward_with_cfg, z, kwargs, False)
+            sampling.denoise(guided, sampler, z, y, bf16=device.type == "cuda")
         run()  # warm-up
         seconds = min(timed(ctx, run, 1) for _ in range(2))
         rows.append(f"| {config} | {name} {steps} | {args.sample_batch} | {args.sample_batch / seconds:.2f} |")

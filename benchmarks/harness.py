@@ -19,6 +19,7 @@ import runs
 import train
 from diffusion import create_diffusion
 from ema import frozen_copy
+from guidance import Guided
 from models import DiT_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,8 +47,6 @@ class Ctx:
         self.t = torch.randint(0, 1000, (batch,), generator=g).to(device)
         self.y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
         self.drop = (torch.rand(batch, generator=g) < 0.1).long().to(device)
-        half = batch // 2  # classifier-free guidance: conditional half, then the same latents unconditional
-        self.y_cfg = torch.cat([self.y[:half], torch.full_like(self.y[half:], num_classes)])
         self.diffusion = create_diffusion(timestep_respacing="")
 
     def sync(self):
@@ -131,12 +130,14 @@ class TrainStep:
 
 
 class InferStep:
-    """The sampling cost: forward_with_cfg (or a plain forward) of a frozen eval-mode copy under no_grad."""
+    """The sampling cost: a classifier-free-guided step (guidance.Guided on half the batch: one forward of
+    the whole batch, [cond; null-label] rows) or a plain forward, of a frozen eval-mode copy under no_grad."""
 
     def __init__(self, ctx, kwargs):
         self.ctx, self.model = ctx, frozen_copy(ctx.build(kwargs))
         if ctx.args.compile:
             self.model.forward = torch.compile(self.model.forward, backend=ctx.compile_backend)
+        self.guided = Guided(self.model, 4.0)
 
     @torch.no_grad()
     def __call__(self):
@@ -145,7 +146,8 @@ class InferStep:
             if c.args.plain_forward:
                 self.model(c.x, c.t, c.y)
             else:
-                self.model.forward_with_cfg(c.x, c.t, c.y_cfg, cfg_scale=4.0)
+                half = len(c.x) // 2
+                self.guided(c.x[:half], c.t[:half], c.y[:half])
 
 
 def halving_on_oom(run, batch, device, what):
