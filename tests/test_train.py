@@ -271,3 +271,18 @@ def test_cli_exit_code_in_a_real_process(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def preset_row(name, p):
+    """The README's row of a preset, made from train.PRESETS alone."""
+    size = f" (depth {p['depth']}, width {p['hidden_size']}, {p['num_heads']} heads)" if "depth" in p else ""
+    return (f"| `{name}` | {p['model']}{size} | {p['prediction']} | {'on' if p['mp'] else 'off'} | "
+            f"{p['lr'][0]:g} / {p['lr'][1]:g} | {p['num_steps']:,} | {p['global_batch_size']} | "
+            f"{p['sample_every']:,} | {p['eval_every'] or 'off'} |")
+
+
+def test_the_readme_presets_table_is_train_py_presets():
+    """One table states the defaults: the README's presets table says what PRESETS says, row by row."""
+    readme = open(os.path.join(os.path.dirname(train.__file__), "README.md")).read()
+    for name, preset in train.PRESETS.items():
+        assert preset_row(name, preset) in readme, f"README.md: update the row of preset {name}"
