@@ -270,8 +270,8 @@ def test_two_runs_sharing_the_evaluation_cache_both_finish(pixels, tmp_path, inc
 
     finish(launch(tmp_path / "res", "0"), launch(tmp_path / "res", "1"))
     finish(launch(tmp_path / "alone", "1"))
-    together = {r["seed"]: r["eval"] for r in map(eval_record_and_seed, (tmp_path / "res").glob("00*"))}
-    (alone,) = map(eval_record_and_seed, (tmp_path / "alone").glob("00*"))
+    together = {r["seed"]: r["eval"] for r in map(eval_record_and_seed, run_dirs(tmp_path / "res"))}
+    (alone,) = map(eval_record_and_seed, run_dirs(tmp_path / "alone"))
     assert sorted(together) == [0, 1] and together[1] == alone["eval"]  # same process settings: bit for bit
 
 
@@ -279,3 +279,7 @@ def eval_record_and_seed(run_dir):
     (record,) = eval_records(run_dir)
     with open(os.path.join(run_dir, "config.json")) as f:
         return dict(eval=record["eval"], seed=json.load(f)["seed"])
+
+
+def run_dirs(results_dir):
+    return [p.parent for p in results_dir.glob("*/config.json")]
