@@ -174,7 +174,7 @@ def prepare_eval(opts, data):
         _, train_x, train_y = load_items(ds, train_idx, seed=2)
         start = time.time()
         trained = metrics.train_classifier(train_x, train_y, num_classes, epochs=opts.classifier_epochs,
-                                           device=device, log=say, min_steps=CLASSIFIER_MIN_STEPS)
+                                           device=device, min_steps=CLASSIFIER_MIN_STEPS)
         net.load_state_dict({k: v.cpu() for k, v in trained.state_dict().items()})
         net.to(device).eval()
         feats = metrics.extract_features(net, held_x)

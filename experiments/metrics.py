@@ -18,75 +18,14 @@ ClassifierFeatures); the Frechet distance is evaluation.frechet_distance of eval
 """
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import evaluation
 import feature_nets
 from cli import UsageError
 
+from feature_nets import CLASSIFIER_RECIPE, SmallClassifier, train_classifier  # noqa: F401  (one recipe)
+
 FEATURE_DIM = 128
-CLASSIFIER_RECIPE = "Adam 2e-3, cosine decay, batch 128, cross-entropy with label smoothing 0.1"  # in cache keys
-
-
-class SmallClassifier(nn.Module):
-    """Three 3x3 conv stages (width, 2 width, 4 width channels; ReLU; 2x2 max-pool after the first
-    two), global average pooling, a hidden linear layer of feature_dim units with ReLU (the features)
-    and a linear classifier. Input: model space (N, C, H, W) with H, W >= 4; any C."""
-
-    def __init__(self, in_channels, num_classes, width=32, feature_dim=FEATURE_DIM):
-        super().__init__()
-        self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width,
-                           feature_dim=feature_dim)
-        w = width
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(4 * w, feature_dim), nn.ReLU(),
-        )
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-def train_classifier(x, y, num_classes, epochs=4, batch_size=128, lr=2e-3, seed=0, device="cpu", log=None,
-                     min_steps=300):
-    """A SmallClassifier trained on x (N, C, H, W) float, y (N,) int with CLASSIFIER_RECIPE for
-    `epochs` epochs but at least min_steps optimiser steps (small datasets); deterministic for a
-    seed on the CPU. Returned in eval mode on `device`."""
-    torch.manual_seed(seed)
-    net = SmallClassifier(x.shape[1], num_classes).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    y = torch.as_tensor(y).long()
-    steps_per_epoch = max(len(x) // batch_size, 1)
-    epochs = max(epochs, -(-min_steps // steps_per_epoch))
-    total = epochs * steps_per_epoch
-    net.train()
-    step = 0
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        running = 0.0
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            for group in opt.param_groups:  # cosine decay to 0: a stable end point in few epochs
-                group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / total))
-            # label smoothing bounds the logits, and so the feature scale, once the data is fitted
-            loss = F.cross_entropy(net(x[idx].to(device)), y[idx].to(device), label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.item()
-            step += 1
-        if log and (epoch + 1) % max(epochs // 8, 1) == 0:
-            log(f"classifier epoch {epoch + 1}/{epochs}: loss {running / steps_per_epoch:.4f}")
-    return net.eval()
 
 
 class ClassifierFeatures:
@@ -102,7 +41,7 @@ class ClassifierFeatures:
 
     @torch.no_grad()
     def __call__(self, x):
-        return {"features": self.net.features(torch.as_tensor(x).to(self.device))}
+        return {"features": self.net.body(torch.as_tensor(x).to(self.device))}
 
 
 def extract_features(net, x, batch_size=500):

@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import evaluation  # noqa: E402
+import feature_nets  # noqa: E402
 import plots  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
@@ -348,7 +349,7 @@ def warm_eval_cache(opts, data):
         return saved["value"]
     dataset = LatentDataset(data.path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    networks = {"classifier": watch.demo_classifier(dataset, cache, device, say)} if opts.metric == "fd_classifier" \
+    networks = {"classifier": feature_nets.trained_classifier(dataset, cache, device, say)} if opts.metric == "fd_classifier" \
         else {}
     index = np.random.default_rng(0).permutation(len(dataset))[:opts.eval_samples]
     images = np.stack([dataset[int(i)][0].permute(1, 2, 0).numpy() for i in index])

@@ -57,7 +57,7 @@ class FeaturesAreInputs(torch.nn.Module):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # for the device lookup
 
-    def features(self, x):
+    def body(self, x):
         return x.flatten(1)
 
     def forward(self, x):
@@ -93,8 +93,8 @@ def test_runner_frechet_distance_matches_the_gaussian_closed_form(tmp_path):
 def test_class_consistency_high_on_real_data_and_chance_with_shuffled_labels():
     train_images, train_labels = colour_images(400, seed=0)
     held_images, held_labels = colour_images(400, seed=1)
-    net = metrics.train_classifier(model_space(train_images), torch.from_numpy(train_labels), len(PALETTE),
-                                   epochs=1, batch_size=32, min_steps=40)
+    net = feature_nets.train_classifier(model_space(train_images), torch.from_numpy(train_labels), len(PALETTE),
+                                        epochs=1, batch_size=32, min_steps=40)
     held = model_space(held_images)
     assert metrics.class_consistency(net, held, held_labels) > 0.9
     # Shuffled labels: with a (near-)perfect classifier the agreement is the chance that a

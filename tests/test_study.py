@@ -17,7 +17,6 @@ import torch
 import feature_nets
 import runs
 import train
-import watch
 from data import LatentDataset
 from experiments import evaluate, study, study_report
 from experiments.report import summarise
@@ -35,7 +34,8 @@ def tiny_setup(monkeypatch, tmp_path):
     torch.set_num_threads(1)
     monkeypatch.delenv(feature_nets.INCEPTION_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(watch, "CLASSIFIER_STEPS", 5)
+    monkeypatch.setattr(feature_nets, "CLASSIFIER_MIN_STEPS", 5)
+    monkeypatch.setattr(feature_nets, "CLASSIFIER_EPOCHS", 1)
     monkeypatch.setattr(evaluate, "CLASSIFIER_MIN_STEPS", 5)
     yield
     torch.set_num_threads(before)
