@@ -20,7 +20,7 @@ Rerunning the same command skips finished runs and continues interrupted ones.
 
 After training, each run samples a fixed set (the same labels and noise for every run) from its
 widest power EMA with DDIM, and is scored by: the Frechet distance in the features of a small
-classifier trained on the dataset (FD-<data>-classifier, cached in RESULTS/eval/), the
+classifier trained on the dataset (FD-<data>-classifier, cached in RESULTS/eval-cache/), the
 class-consistency accuracy of that classifier, FID with the standard Inception when its weights
 are on disk (else n/a), and the EMA's loss on a fixed held-out batch. RESULTS/table.md and
 RESULTS/results.json aggregate the seeds; RESULTS/ablation_samples.png and
@@ -40,8 +40,8 @@ import torch  # noqa: E402
 
 import feature_nets  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from experiments.evaluate import (add_missing_fid, evaluate_run, prepare_data,  # noqa: E402
-                                  prepare_eval, read_json, say, write_json)
+from experiments.evaluate import (LOG, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
+                                  say, write_json)
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
 from experiments.runner import (CONFIGS, final_checkpoint, find_run, finish,  # noqa: E402
                                 parse_train, run_state, run_subprocesses, train_run)
@@ -65,7 +65,7 @@ def build_parser():
     g.add_argument("--list", action="store_true", help="print the grid's configurations and their train.py flags")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S", help="training seeds (default 0 1)")
     g.add_argument("--results-dir", default="results/ablation", metavar="DIR",
-                   help="the grid's directory: runs/, eval/, table.md, results.json, figures "
+                   help="the grid's directory: runs/, eval-cache/, table.md, results.json, figures "
                    "(default results/ablation)")
     g.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="runs at once, each a subprocess logging to its run folder (default 1: in this process)")
@@ -105,8 +105,6 @@ def build_parser():
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the sample noise, the same for every run")
     g.add_argument("--loss-batch", type=int, default=256, help="held-out items for the EMA loss (default 256)")
     g.add_argument("--eval-batch-size", type=int, default=250, help="samples per model batch (default 250)")
-    g.add_argument("--classifier-epochs", type=int, default=4,
-                   help="epochs of the FD classifier, at least 300 steps (default 4)")
     g.add_argument("--inception-weights", metavar="PATH",
                    help=f"{feature_nets.INCEPTION_FILE} (default ${feature_nets.INCEPTION_ENV}, then the torch hub cache; never "
                    "downloaded: FID is n/a without it)")
@@ -125,7 +123,7 @@ def parse(argv):
     else:
         opts.configs = list(grid)
     for name in ("num_steps", "global_batch_size", "parallel", "threads", "samples_per_class", "sample_steps",
-                 "loss_batch", "eval_batch_size", "classifier_epochs"):
+                 "loss_batch", "eval_batch_size"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if len(set(opts.seeds)) != len(opts.seeds):
@@ -183,7 +181,7 @@ def eval_key(opts, ctx):
     """What a run's scores depend on besides its weights: a change re-scores, never retrains."""
     return dict(samples_per_class=opts.samples_per_class, sample_steps=opts.sample_steps,
                 cfg_scales=opts.cfg_scales, sample_seed=opts.sample_seed, loss_batch=opts.loss_batch,
-                classifier=ctx.classifier_id)
+                classifier=ctx.key)
 
 
 def run_one(opts, data, ctx, cfg, seed, position=""):
@@ -198,7 +196,6 @@ def run_one(opts, data, ctx, cfg, seed, position=""):
     tag = f"{position}{cfg} seed {seed}"
     if state == "done":
         say(f"{tag}: finished, skipped ({run_dir})")
-        add_missing_fid(run_dir, ctx)
         return
     base = dict(config=cfg, label=CONFIGS[cfg][0], flags=CONFIGS[cfg][1], seed=seed, train_argv=argv,
                 train_command="python train.py " + shlex.join(argv))
@@ -248,6 +245,7 @@ def run_parallel(opts, argv, pending):
 
 
 def main(argv=None):
+    LOG["name"] = "ablate"
     return run_command("ablate.py", list_or_run, list(sys.argv[1:] if argv is None else argv))
 
 

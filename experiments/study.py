@@ -37,10 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import evaluation  # noqa: E402
 import feature_nets  # noqa: E402
 import plots  # noqa: E402
 import runs  # noqa: E402
@@ -48,11 +46,11 @@ import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from experiments.evaluate import (evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
-                                  say, split_heldout, training_record, write_json)
+from experiments.evaluate import (LOG, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
+                                  real_floor, say, split_heldout, training_record, write_json)
 from experiments.runner import (CONFIGS, final_checkpoint, find_run, finish,  # noqa: E402
                                 parse_train, run_state, run_subprocesses, train_run)
-from experiments.study_report import README_END, README_START, write_report  # noqa: E402
+from experiments.report import README_END, README_START, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
 # Budgets. cpu: sized for about 2 hours on an idle 2-core CPU with --parallel 2 --threads 1
@@ -164,7 +162,7 @@ def parse(argv):
         raise UsageError(f"--train-args: {e}")
     # what experiments/evaluate.py's scoring reads: fixed here, as in ablate.py's defaults
     opts.cfg_scales, opts.sample_seed, opts.loss_batch, opts.eval_batch_size = [1.0], 0, 256, 250
-    opts.classifier_epochs, opts.inception_weights = 4, None
+    opts.inception_weights = None
     opts.results_dir = os.path.abspath(opts.results_dir)
     return opts
 
@@ -269,7 +267,7 @@ def sweep_key(opts):
 def full_key(opts, ctx):
     return dict(metric=opts.metric, samples_per_class=opts.samples_per_class, sample_steps=opts.sample_steps,
                 cfg_scales=opts.cfg_scales, sample_seed=opts.sample_seed, loss_batch=opts.loss_batch,
-                classifier=ctx.classifier_id)
+                classifier=ctx.key)
 
 
 def job_state(opts, data, ctx, phase, arm, lr, seed):
@@ -351,11 +349,8 @@ def warm_eval_cache(opts, data):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     networks = {"classifier": feature_nets.trained_classifier(dataset, cache, device, say)} if opts.metric == "fd_classifier" \
         else {}
-    index = np.random.default_rng(0).permutation(len(dataset))[:opts.eval_samples]
-    images = np.stack([dataset[int(i)][0].permute(1, 2, 0).numpy() for i in index])
     for reference in (data.validation, data.test):  # the test half's value, the last, is the floor
-        value = evaluation.evaluate(images, reference, [opts.metric], networks=networks, cache=cache,
-                                    progress=False)[opts.metric]
+        value = real_floor(dataset, opts.eval_samples, reference, opts.metric, networks, cache)
     write_json(path, dict(key=key, value=value))
     return value
 
@@ -449,6 +444,7 @@ def estimate(opts, pending_sweep, pending_full):
 #################################################################################
 
 def main(argv=None):
+    LOG["name"] = "study"
     return run_command("study.py", run_study, list(sys.argv[1:] if argv is None else argv))
 
 

@@ -1,4 +1,4 @@
-"""experiments/ablate.py (with evaluate.py, report.py) and experiments/metrics.py: the runner's
+"""experiments/ablate.py (with evaluate.py, report.py) and feature_nets' small classifier: the runner's
 Frechet distance against the closed form for Gaussian features, class consistency on an easy
 dataset, and a tiny grid end to end (table, figures, skipping finished runs, continuing an
 interrupted one, one-line errors)."""
@@ -14,7 +14,7 @@ import evaluation
 import feature_nets
 import train
 from data import ShardWriter
-from experiments import ablate, evaluate, metrics
+from experiments import ablate, evaluate
 
 PALETTE = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230], [230, 220, 40]])  # 4 easy classes
 
@@ -56,6 +56,7 @@ class FeaturesAreInputs(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # for the device lookup
+        self.config = dict(feature_dim=4)
 
     def body(self, x):
         return x.flatten(1)
@@ -76,18 +77,17 @@ def test_runner_frechet_distance_matches_the_gaussian_closed_form(tmp_path):
     # Sampling error with n = 200k: the mean terms move by about 2 |mu1 - mu2| sqrt((var1 + var2) / n)
     # <= 0.005 per dimension, the variance terms by about 2 |sqrt(v1) - sqrt(v2)| sqrt(v / 2n) <= 0.007;
     # 0.05 is more than 5 standard deviations of the total (and the seed is fixed).
-    ctx = SimpleNamespace(kind="latent", classifier=FeaturesAreInputs(), ref_stats=evaluation.feature_stats(b),
-                          fd_name="FD-test", fid_note="n/a (test)", inception_fn=None)
+    ctx = SimpleNamespace(kind="latent", classifier=feature_nets.ClassifierNet(FeaturesAreInputs(), "test"),
+                          ref_stats=evaluation.feature_stats(b), fd_name="FD-test", fid_note="n/a (test)",
+                          fid_reference=None)
     samples = torch.from_numpy(a).float().view(n, 4, 1, 1)
     labels = torch.zeros(n, dtype=torch.long)
     entry = evaluate.score_samples(samples, labels, ctx, str(tmp_path), 1.0)
     assert entry["fd"] == pytest.approx(want, abs=0.05)
     assert entry["fd_network"] == "FD-test" and entry["fid"] is None
-    assert metrics.frechet_from_features(a, b) == pytest.approx(want, abs=0.05)
     # identical sets score ~0 (float32 features, float64 statistics)
     ctx.ref_stats = evaluation.feature_stats(samples.view(n, 4).double().numpy())
     assert abs(evaluate.score_samples(samples, labels, ctx, str(tmp_path), 1.0)["fd"]) < 1e-6
-    assert abs(metrics.frechet_from_features(a, a)) < 1e-9
 
 
 def test_class_consistency_high_on_real_data_and_chance_with_shuffled_labels():
@@ -95,17 +95,20 @@ def test_class_consistency_high_on_real_data_and_chance_with_shuffled_labels():
     held_images, held_labels = colour_images(400, seed=1)
     net = feature_nets.train_classifier(model_space(train_images), torch.from_numpy(train_labels), len(PALETTE),
                                         epochs=1, batch_size=32, min_steps=40)
-    held = model_space(held_images)
-    assert metrics.class_consistency(net, held, held_labels) > 0.9
+    classifier = feature_nets.ClassifierNet(net, "test")
+    held = held_images.transpose(0, 2, 3, 1)  # uint8 images, as the samples are scored
+    assert evaluate.consistency(classifier, held, held_labels) > 0.9
     # Shuffled labels: with a (near-)perfect classifier the agreement is the chance that a
     # permuted label equals the true one, sum_k (n_k / N)^2 = 1/4 for 4 balanced classes, with a
     # standard deviation over permutations of about sqrt(p (1 - p) / N) = 0.022 for N = 400;
     # +-0.09 is 4 of those.
     shuffled = np.random.default_rng(2).permutation(held_labels)
-    assert abs(metrics.class_consistency(net, held, shuffled) - 0.25) < 0.09
-    # the same images through the classifier score ~0
-    features = metrics.extract_features(net, held)
-    assert abs(metrics.frechet_from_features(features, features)) < 1e-6
+    assert abs(evaluate.consistency(classifier, held, shuffled) - 0.25) < 0.09
+    # the model-space path of latent runs reads the same; the same images through the classifier score ~0
+    assert evaluate.consistency(classifier, model_space(held_images), held_labels) > 0.9
+    features = evaluate.features(classifier, held)
+    stats = evaluation.feature_stats(features)
+    assert abs(evaluation.frechet_distance(*stats, *stats)) < 1e-6
 
 
 def test_default_grid_lists_every_switch_alone_and_forced_with_weight_norm(capsys):
@@ -140,14 +143,15 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
 def test_tiny_grid_writes_table_and_figures_skips_finished_and_continues_interrupted(tmp_path, monkeypatch):
     monkeypatch.delenv(feature_nets.INCEPTION_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no Inception weights here
-    monkeypatch.setattr(evaluate, "CLASSIFIER_MIN_STEPS", 10)  # its quality is not under test here
+    monkeypatch.setattr(feature_nets, "CLASSIFIER_MIN_STEPS", 10)  # its quality is not under test here
+    monkeypatch.setattr(feature_nets, "CLASSIFIER_EPOCHS", 1)
     data = write_colours(tmp_path / "data", 96, seed=0)
     held = write_colours(tmp_path / "held", 48, seed=1)
     grid = tmp_path / "grid"
     argv = ["--grid", "tiny", "--data-path", data, "--eval-data-path", held, "--results-dir", str(grid),
             "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--num-steps", "3",
             "--global-batch-size", "8", "--samples-per-class", "3", "--sample-steps", "2",
-            "--classifier-epochs", "1", "--visuals", str(tmp_path / "visuals"), "--train-args", "--sample-steps 2"]
+            "--visuals", str(tmp_path / "visuals"), "--train-args", "--sample-steps 2"]
     calls, real_main = [], train.main
     monkeypatch.setattr(train, "main", lambda args: calls.append(args) or real_main(args))
 

@@ -1,4 +1,4 @@
-"""experiments/study.py and study_report.py: the lr grid, the choice of the best lr and the range
+"""experiments/study.py and report.py: the lr grid, the choice of the best lr and the range
 within 10% of it, steps to a target, best-vs-best comparisons by Welch's t-test with Holm's
 correction (no verdict from one seed), the budget, and tiny studies end to end (a real divergence
 carried into the report; a diverged full run reported as a failure; the lr chosen on the validation
@@ -18,8 +18,9 @@ import feature_nets
 import runs
 import train
 from data import LatentDataset
-from experiments import evaluate, study, study_report
-from experiments.report import summarise
+from experiments import report as study_report
+from experiments import study
+from experiments.evaluate import summarise
 from tests.test_ablate import write_colours
 
 STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "study.py")
@@ -36,7 +37,6 @@ def tiny_setup(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(feature_nets, "CLASSIFIER_MIN_STEPS", 5)
     monkeypatch.setattr(feature_nets, "CLASSIFIER_EPOCHS", 1)
-    monkeypatch.setattr(evaluate, "CLASSIFIER_MIN_STEPS", 5)
     yield
     torch.set_num_threads(before)
 
@@ -289,7 +289,8 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
                           for p in out.glob(f"{phase}/*/*/results.json")} for phase in ("sweep", "full")}
     (validation,), (test,) = references["sweep"], references["full"]
     assert (summary["settings"]["validation"], summary["settings"]["test"]) == (validation, test)
-    assert torch.load(out / "eval" / "reference.pt", weights_only=True)["key"]["heldout"].startswith(test)
+    assert torch.load(out / "eval-cache" / "reference.pt", weights_only=True)["key"]["heldout"].startswith(test)
+    assert len(list((out / "eval-cache").glob("classifier-*.pt"))) == 1  # the in-run and final scores share it
 
     def images(path):
         ds = LatentDataset(path)
@@ -342,7 +343,7 @@ def test_two_invocations_on_one_results_dir_take_turns_and_the_second_finds_the_
     errs = [log.read_text() for log in logs]
     assert codes == [0, 0] and not any("Traceback" in e for e in errs), errs
     # one invocation ran the three runs; the other found them finished and ran nothing
-    assert sorted(e.count("[ablate] started ") for e in errs) == [0, 3], errs
+    assert sorted(e.count("[study] started ") for e in errs) == [0, 3], errs
     run_dirs = [d for d in out.glob("*/vanilla-*/*") if d.name[:3].isdigit()]
     assert len(run_dirs) == 3  # one run directory per run: no run was started twice
     assert all("waiting for another process" in e for e in errs)
