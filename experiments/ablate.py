@@ -43,8 +43,9 @@ from cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from experiments.evaluate import (LOG, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
                                   say, write_json)
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
+from experiments import runner  # noqa: E402
 from experiments.runner import (CONFIGS, final_checkpoint, find_run, finish,  # noqa: E402
-                                parse_train, run_state, run_subprocesses, train_run)
+                                parse_train, run_state, run_subprocesses)
 
 DEFAULT_MODEL, DEFAULT_SIZE = "DiT-XS/4", dict(depth=4, hidden_size=128, num_heads=4)
 DEFAULT_STEPS, DEFAULT_BATCH = 800, 64  # the default grid: about an hour on a 2-core CPU
@@ -162,19 +163,11 @@ def run_root(opts, cfg, seed):
 
 
 def train_argv(opts, data, cfg, seed):
-    n = opts.num_steps
+    """runner.train_argv with the ablation's flip (train.py's default unless --hflip), prediction and --lr."""
     hflip = opts.hflip if opts.hflip is not None else not data.demo and data.manifest["kind"] == "pixel"
-    argv = ["--data-path", data.path, "--results-dir", run_root(opts, cfg, seed), "--model", opts.model,
-            "--num-steps", str(n), "--global-batch-size", str(opts.global_batch_size), "--seed", str(seed),
-            "--log-every", str(max(1, min(50, n // 10))), "--monitor-every", str(max(1, n // 15)),
-            "--ckpt-every", str(max(1, -(-n // 5))), "--num-workers", "0", "--hflip" if hflip else "--no-hflip",
-            "--prediction", opts.prediction]
-    for key in ("depth", "hidden_size", "num_heads"):
-        if getattr(opts, key) is not None:
-            argv += ["--" + key.replace("_", "-"), str(getattr(opts, key))]
-    if opts.lr is not None:
-        argv += ["--lr", repr(opts.lr)]
-    return argv + CONFIGS[cfg][1] + shlex.split(opts.train_args)
+    extra = ["--hflip" if hflip else "--no-hflip", "--prediction", opts.prediction]
+    return runner.train_argv(opts, data, run_root(opts, cfg, seed), cfg, opts.num_steps, seed,
+                             extra + (["--lr", repr(opts.lr)] if opts.lr is not None else []))
 
 
 def eval_key(opts, ctx):
@@ -201,13 +194,9 @@ def run_one(opts, data, ctx, cfg, seed, position=""):
                 train_command="python train.py " + shlex.join(argv))
     train_seconds = None
     if state in ("new", "resume"):
-        say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}: {base['train_command']}")
         start = time.time()
-        run_dir, diverged = train_run(argv, root, run_dir if state == "resume" else None)
-        if diverged:
-            write_json(os.path.join(run_dir, "results.json"),
-                       dict(base, status="diverged", message=diverged, run_dir=run_dir))
-            say(f"{tag}: diverged: {diverged}")
+        run_dir = runner.train_or_continue(tag, state, argv, root, run_dir, base)
+        if run_dir is None:
             return
         train_seconds = time.time() - start
     say(f"{tag}: evaluating {run_dir}")

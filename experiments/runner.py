@@ -8,13 +8,14 @@ import contextlib
 import io
 import logging
 import os
+import shlex
 import subprocess
 import time
 
 import runs
 import train
 from cli import UsageError
-from experiments.evaluate import read_json, say
+from experiments.evaluate import read_json, say, write_json
 from models import MP_SWITCHES
 
 
@@ -35,6 +36,20 @@ def _configs():
 
 
 CONFIGS = _configs()
+
+
+def train_argv(opts, data, root, cfg, steps, seed, extra):
+    """train.py's arguments of one run of a grid: the data, its own --results-dir `root`, the grid's
+    model, steps, batch and seed; logs, monitor and 5 checkpoints scaled to the steps; no loader
+    workers; `extra` (the caller's flags), then the configuration's flags and --train-args, last."""
+    argv = ["--data-path", data.path, "--results-dir", root, "--model", opts.model, "--num-steps", str(steps),
+            "--global-batch-size", str(opts.global_batch_size), "--seed", str(seed),
+            "--log-every", str(max(1, min(50, steps // 10))), "--monitor-every", str(max(1, steps // 15)),
+            "--ckpt-every", str(max(1, -(-steps // 5))), "--num-workers", "0", *extra]
+    for key in ("depth", "hidden_size", "num_heads"):
+        if getattr(opts, key) is not None:
+            argv += ["--" + key.replace("_", "-"), str(getattr(opts, key))]
+    return argv + CONFIGS[cfg][1] + shlex.split(opts.train_args)
 
 
 def parse_train(argv):
@@ -92,6 +107,19 @@ def train_run(argv, root, resume_dir=None):
     finally:
         for handler in logging.getLogger("train").handlers:
             handler.close()
+
+
+def train_or_continue(tag, state, argv, root, run_dir, base, extra=lambda run_dir: {}):
+    """Train one run (state new) or continue run_dir (resume) in this process: its run directory, or
+    None when its loss became non-finite, recorded in its results.json as base + extra(run_dir)."""
+    say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}: {base['train_command']}")
+    run_dir, diverged = train_run(argv, root, run_dir if state == "resume" else None)
+    if diverged:
+        write_json(os.path.join(run_dir, "results.json"),
+                   dict(base, status="diverged", message=diverged, run_dir=run_dir, **extra(run_dir)))
+        say(f"{tag}: diverged: {diverged}")
+        return None
+    return run_dir
 
 
 def run_subprocesses(jobs, parallel):

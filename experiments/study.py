@@ -48,8 +48,9 @@ from data import LatentDataset  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from experiments.evaluate import (LOG, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
                                   real_floor, say, split_heldout, training_record, write_json)
+from experiments import runner  # noqa: E402
 from experiments.runner import (CONFIGS, final_checkpoint, find_run, finish,  # noqa: E402
-                                parse_train, run_state, run_subprocesses, train_run)
+                                parse_train, run_state, run_subprocesses)
 from experiments.report import README_END, README_START, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
@@ -223,18 +224,11 @@ def train_argv(opts, data, phase, arm, lr, seed):
     steps against the test half of the held-out data (full runs), or once at the end against its
     validation half (sweep runs: the lr is chosen on data the report does not use)."""
     steps = opts.steps if phase == "full" else opts.sweep_steps
-    argv = ["--data-path", data.path, "--results-dir", job_root(opts, phase, arm, lr, seed), "--model", opts.model,
-            "--num-steps", str(steps), "--global-batch-size", str(opts.global_batch_size), "--seed", str(seed),
-            "--lr", repr(lr), "--prediction", "v", "--num-workers", "0", "--no-hflip" if data.demo else "--hflip",
-            "--log-every", str(max(1, min(50, steps // 10))), "--monitor-every", str(max(1, steps // 15)),
-            "--ckpt-every", str(max(1, -(-steps // 5))), "--sample-every", "0", "--no-progress",
-            "--eval-every", str(opts.eval_every if phase == "full" else steps), "--eval-samples", str(opts.eval_samples),
-            "--eval-metrics", opts.metric, "--eval-reference", data.test if phase == "full" else data.validation,
-            "--sample-steps", str(opts.sample_steps)]
-    for key in ("depth", "hidden_size", "num_heads"):
-        if getattr(opts, key) is not None:
-            argv += ["--" + key.replace("_", "-"), str(getattr(opts, key))]
-    return argv + CONFIGS[arm][1] + shlex.split(opts.train_args)
+    extra = ["--lr", repr(lr), "--prediction", "v", "--no-hflip" if data.demo else "--hflip", "--sample-every", "0",
+             "--no-progress", "--eval-every", str(opts.eval_every if phase == "full" else steps),
+             "--eval-samples", str(opts.eval_samples), "--eval-metrics", opts.metric,
+             "--eval-reference", data.test if phase == "full" else data.validation, "--sample-steps", str(opts.sample_steps)]
+    return runner.train_argv(opts, data, job_root(opts, phase, arm, lr, seed), arm, steps, seed, extra)
 
 
 def default_lr(opts, data, arm):
@@ -300,16 +294,12 @@ def run_job(opts, data, ctx, phase, arm, lr, seed):
     base = dict(phase=phase, arm=arm, label=CONFIGS[arm][0], flags=CONFIGS[arm][1], lr=lr, seed=seed,
                 train_argv=argv, train_command="python train.py " + shlex.join(argv))
     if state in ("new", "resume"):
-        say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}")
         root = job_root(opts, phase, arm, lr, seed)
         os.makedirs(root, exist_ok=True)
         share_eval_cache(opts, root)
-        run_dir, diverged = train_run(argv, root, run_dir if state == "resume" else None)
-        if diverged:
-            write_json(os.path.join(run_dir, "results.json"),
-                       dict(base, status="diverged", message=diverged, run_dir=run_dir,
-                            curve=eval_curve(run_dir, opts.metric)))
-            say(f"{tag}: diverged: {diverged}")
+        run_dir = runner.train_or_continue(tag, state, argv, root, run_dir, base,
+                                           lambda run_dir: dict(curve=eval_curve(run_dir, opts.metric)))
+        if run_dir is None:
             return
     steps = opts.steps if phase == "full" else opts.sweep_steps
     curve = eval_curve(run_dir, opts.metric)

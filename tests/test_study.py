@@ -19,7 +19,7 @@ import runs
 import train
 from data import LatentDataset
 from experiments import report as study_report
-from experiments import study
+from experiments import runner, study
 from experiments.evaluate import summarise
 from tests.test_ablate import write_colours
 
@@ -224,13 +224,13 @@ def test_a_diverged_sweep_run_is_recorded_and_reported_not_chosen(tmp_path, data
 def test_a_diverged_full_run_is_a_failure_of_its_arm_and_one_seed_left_gives_no_verdict(tmp_path, data, monkeypatch):
     # a real divergence of a full run needs an lr the sweep did not reject; it is simulated here by
     # reporting seed 2 of mp as train_run reports a non-finite loss (the real path: the test above)
-    real_train_run = study.train_run
+    real_train_run = runner.train_run
 
     def train_run(argv, root, resume_dir=None):
         run_dir, diverged = real_train_run(argv, root, resume_dir)
         simulated = "/full/mp-" in root and argv[argv.index("--seed") + 1] == "2"
         return run_dir, "loss is non-finite at step 2 (simulated)" if simulated else diverged
-    monkeypatch.setattr(study, "train_run", train_run)
+    monkeypatch.setattr(runner, "train_run", train_run)
     out = tmp_path / "study"
     argv = data + TINY + ["--results-dir", str(out), "--arms", "vanilla", "mp", "--sweep-points", "1",
                           "--sweep-steps", "2", "--steps", "2", "--eval-every", "2", "--seeds", "1", "2"]
