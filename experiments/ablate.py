@@ -40,12 +40,10 @@ import torch  # noqa: E402
 
 import feature_nets  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from experiments.evaluate import (LOG, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
-                                  say, write_json)
+from experiments.evaluate import LOG, evaluate_run, prepare_data, prepare_eval, say, write_json  # noqa: E402
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
 from experiments import runner  # noqa: E402
-from experiments.runner import (CONFIGS, final_checkpoint, find_run, finish,  # noqa: E402
-                                parse_train, run_state, run_subprocesses)
+from experiments.runner import CONFIGS, final_checkpoint, finish, parse_train  # noqa: E402
 
 DEFAULT_MODEL, DEFAULT_SIZE = "DiT-XS/4", dict(depth=4, hidden_size=128, num_heads=4)
 DEFAULT_STEPS, DEFAULT_BATCH = 800, 64  # the default grid: about an hour on a 2-core CPU
@@ -177,16 +175,11 @@ def eval_key(opts, ctx):
                 classifier=ctx.key)
 
 
-def run_one(opts, data, ctx, cfg, seed, position=""):
+def run_one(opts, data, ctx, cfg, seed):
     """Train (or continue) and evaluate one (configuration, seed); write its results.json."""
-    argv = train_argv(opts, data, cfg, seed)
-    args, why = parse_train(argv)
-    if args is None:
-        raise UsageError(f"{cfg}: {why}")
-    root = run_root(opts, cfg, seed)
-    run_dir = find_run(root, args)
-    state = run_state(run_dir, argv, opts.num_steps, eval_key(opts, ctx))
-    tag = f"{position}{cfg} seed {seed}"
+    argv, root = train_argv(opts, data, cfg, seed), run_root(opts, cfg, seed)
+    run_dir, state = runner.job_state(root, argv, opts.num_steps, eval_key(opts, ctx))
+    tag = f"{cfg} seed {seed}"
     if state == "done":
         say(f"{tag}: finished, skipped ({run_dir})")
         return
@@ -211,26 +204,14 @@ def run_one(opts, data, ctx, cfg, seed, position=""):
         f"class consistency {head['class_consistency']:.3f}")
 
 
-def collect(opts, data, ctx, cfg, seed):
-    """A run's results.json if it belongs to this grid's arguments and evaluation settings."""
-    argv = train_argv(opts, data, cfg, seed)
-    run_dir = find_run(run_root(opts, cfg, seed), parse_train(argv)[0])
-    result = read_json(os.path.join(run_dir, "results.json")) if run_dir else None
-    if result and result.get("train_argv") == argv:
-        if result.get("status") == "diverged" or result.get("eval_key") == eval_key(opts, ctx):
-            return result
-    return dict(config=cfg, seed=seed, status="missing")
+def job_state(opts, data, ctx, cfg, seed):
+    return runner.job_state(run_root(opts, cfg, seed), train_argv(opts, data, cfg, seed), opts.num_steps,
+                            eval_key(opts, ctx))[1]
 
 
 #################################################################################
 #                              Running the grid                                 #
 #################################################################################
-
-def run_parallel(opts, argv, pending):
-    """Each (configuration, seed) as `ablate.py ARGV --only CFG:SEED`, N at once; returns failures."""
-    jobs = [(f"{cfg} seed {seed}", [sys.executable, os.path.abspath(__file__), *argv, "--only", f"{cfg}:{seed}"],
-             os.path.join(run_root(opts, cfg, seed), "ablate.log")) for cfg, seed in pending]
-    return run_subprocesses(jobs, opts.parallel)
 
 
 def main(argv=None):
@@ -272,21 +253,14 @@ def run_grid(opts, argv):
         run_one(opts, data, ctx, cfg, seed)
         return 0
     pending = [(cfg, seed) for cfg in available for seed in opts.seeds]
-    failures = []
-    if opts.parallel > 1:
-        todo = []
-        for cfg, seed in pending:  # finished runs are skipped here, not in a subprocess each
-            argv_run = train_argv(opts, data, cfg, seed)
-            run_dir = find_run(run_root(opts, cfg, seed), parse_train(argv_run)[0])
-            if run_state(run_dir, argv_run, opts.num_steps, eval_key(opts, ctx)) == "done":
-                run_one(opts, data, ctx, cfg, seed)
-            else:
-                todo.append((cfg, seed))
-        failures = run_parallel(opts, argv, todo)
-    else:
-        for i, (cfg, seed) in enumerate(pending):
-            run_one(opts, data, ctx, cfg, seed, position=f"[{i + 1}/{len(pending)}] ")
-    collected = {cfg: [collect(opts, data, ctx, cfg, seed) for seed in opts.seeds] for cfg in available}
+    todo = [job for job in pending if job_state(opts, data, ctx, *job) != "done"]  # skipped here, not one by one
+    say(f"{len(pending) - len(todo)} of {len(pending)} runs finished before, {len(todo)} to run")
+    failures = runner.run_jobs([(f"{cfg} seed {seed}", run_root(opts, cfg, seed), f"{cfg}:{seed}", (cfg, seed))
+                                for cfg, seed in todo], opts.parallel, os.path.abspath(__file__), argv, "ablate.log",
+                               lambda job: run_one(opts, data, ctx, *job))
+    collected = {cfg: [runner.result_of(run_root(opts, cfg, seed), train_argv(opts, data, cfg, seed), opts.num_steps,
+                                        eval_key(opts, ctx), dict(config=cfg, seed=seed)) for seed in opts.seeds]
+                 for cfg in available}
     summary = aggregate(opts, data, ctx, CONFIGS, collected, skipped)
     write_json(os.path.join(opts.results_dir, "results.json"), summary)
     with open(os.path.join(opts.results_dir, "table.md"), "w") as f:

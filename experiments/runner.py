@@ -10,6 +10,7 @@ import logging
 import os
 import shlex
 import subprocess
+import sys
 import time
 
 import runs
@@ -96,6 +97,18 @@ def run_state(run_dir, argv, num_steps, key):
     return "resume" if runs.checkpoints_in(run_dir) else "new"
 
 
+def job_state(root, argv, steps, key):
+    """(run_dir or None, its state as run_state says) of the run of train.py's argv under root."""
+    run_dir = find_run(root, parse_train(argv)[0])
+    return run_dir, run_state(run_dir, argv, steps, key)
+
+
+def result_of(root, argv, steps, key, missing):
+    """The run's results.json when it is done, else `missing` marked with status missing."""
+    run_dir, state = job_state(root, argv, steps, key)
+    return read_json(os.path.join(run_dir, "results.json")) if state == "done" else dict(missing, status="missing")
+
+
 def train_run(argv, root, resume_dir=None):
     """Train train.py's argv (continuing resume_dir if given) in this process: (run_dir, None), or
     (run_dir, why) when the loss became non-finite (train.py stops before saving it)."""
@@ -120,6 +133,18 @@ def train_or_continue(tag, state, argv, root, run_dir, base, extra=lambda run_di
         say(f"{tag}: diverged: {diverged}")
         return None
     return run_dir
+
+
+def run_jobs(jobs, parallel, script, argv, log_name, run_here):
+    """jobs: [(tag, root, ONLY, job)], the runs still to do: run_here(job) for each in this process
+    (parallel 1), else `python SCRIPT ARGV --only ONLY` subprocesses, `parallel` at once, each logging
+    to ROOT/log_name. Returns the failures, one line each."""
+    if parallel == 1:
+        for *_, job in jobs:
+            run_here(job)
+        return []
+    return run_subprocesses([(tag, [sys.executable, script, *argv, "--only", only], os.path.join(root, log_name))
+                             for tag, root, only, _ in jobs], parallel)
 
 
 def run_subprocesses(jobs, parallel):

@@ -49,8 +49,7 @@ from cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from experiments.evaluate import (LOG, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
                                   real_floor, say, split_heldout, training_record, write_json)
 from experiments import runner  # noqa: E402
-from experiments.runner import (CONFIGS, final_checkpoint, find_run, finish,  # noqa: E402
-                                parse_train, run_state, run_subprocesses)
+from experiments.runner import CONFIGS, final_checkpoint, find_run, finish, parse_train  # noqa: E402
 from experiments.report import README_END, README_START, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
@@ -267,10 +266,9 @@ def full_key(opts, ctx):
 def job_state(opts, data, ctx, phase, arm, lr, seed):
     """(run_dir or None, state as runner.run_state, train argv)."""
     argv = train_argv(opts, data, phase, arm, lr, seed)
-    run_dir = find_run(job_root(opts, phase, arm, lr, seed), parse_train(argv)[0])
     steps = opts.steps if phase == "full" else opts.sweep_steps
     key = full_key(opts, ctx) if phase == "full" else sweep_key(opts)
-    return run_dir, run_state(run_dir, argv, steps, key), argv
+    return (*runner.job_state(job_root(opts, phase, arm, lr, seed), argv, steps, key), argv)
 
 
 #################################################################################
@@ -350,19 +348,13 @@ def run_phase(opts, argv, data, ctx, phase, jobs):
     returns (the number of runs it had to do, the failures)."""
     todo = [job for job in jobs if job_state(opts, data, ctx, phase, *job)[1] != "done"]
     say(f"{phase}: {len(jobs) - len(todo)} of {len(jobs)} runs finished before, {len(todo)} to run")
-    if opts.parallel == 1:
-        for job in todo:
-            run_job(opts, data, ctx, phase, *job)
-        return len(todo), []
-    cmds = []
-    for arm, lr, seed in todo:
-        root = job_root(opts, phase, arm, lr, seed)
-        os.makedirs(root, exist_ok=True)
-        share_eval_cache(opts, root)
-        cmds.append((f"{phase} {arm} lr {lr:g} seed {seed}",
-                     [sys.executable, os.path.abspath(__file__), *argv, "--only", f"{phase}:{arm}:{lr!r}:{seed}"],
-                     os.path.join(root, "study.log")))
-    return len(todo), run_subprocesses(cmds, opts.parallel)
+    for job in todo:
+        os.makedirs(job_root(opts, phase, *job), exist_ok=True)
+        share_eval_cache(opts, job_root(opts, phase, *job))
+    jobs = [(f"{phase} {arm} lr {lr:g} seed {seed}", job_root(opts, phase, arm, lr, seed),
+             f"{phase}:{arm}:{lr!r}:{seed}", (arm, lr, seed)) for arm, lr, seed in todo]
+    return len(todo), runner.run_jobs(jobs, opts.parallel, os.path.abspath(__file__), argv, "study.log",
+                                      lambda job: run_job(opts, data, ctx, phase, *job))
 
 
 def collect(opts, data, ctx, phase, arm, lr, seed):
