@@ -30,7 +30,6 @@ import os
 import argparse
 import shlex
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -40,10 +39,10 @@ import torch  # noqa: E402
 
 import feature_nets  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from experiments.evaluate import LOG, evaluate_run, prepare_data, prepare_eval, say, write_json  # noqa: E402
+from experiments.evaluate import LOG, prepare_data, prepare_eval, say, write_json  # noqa: E402
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
-from experiments import runner  # noqa: E402
-from experiments.runner import CONFIGS, final_checkpoint, finish, parse_train  # noqa: E402
+from experiments.runner import (CONFIGS, collect, finish, parse_only, parse_train, run_job,  # noqa: E402
+                                run_phase, train_argv)
 
 DEFAULT_MODEL, DEFAULT_SIZE = "DiT-XS/4", dict(depth=4, hidden_size=128, num_heads=4)
 DEFAULT_STEPS, DEFAULT_BATCH = 800, 64  # the default grid: about an hour on a 2-core CPU
@@ -142,77 +141,15 @@ def parse(argv):
     except ValueError as e:
         raise UsageError(f"--train-args: {e}")
     if opts.only:
-        cfg, _, seed = opts.only.partition(":")
-        if cfg not in CONFIGS or not seed.lstrip("-").isdigit():
-            raise UsageError(f"--only: expected CONFIG:SEED, got {opts.only!r}")
-        opts.only = (cfg, int(seed))
+        opts.only = parse_only(opts.only, CONFIGS)
     opts.results_dir = os.path.abspath(opts.results_dir)
+    opts.steps, opts.metric = opts.num_steps, None  # the grid runner's names; no in-run evaluation
     return opts
-
-
-#################################################################################
-#                               Runs and their state                            #
-#################################################################################
-
-def run_root(opts, cfg, seed):
-    """train.py's --results-dir for one (configuration, seed): its own, so train.py's auto-resume
-    (the latest run there with identical arguments) can only pick this run."""
-    return os.path.join(opts.results_dir, "runs", f"{cfg}-seed{seed}")
-
-
-def train_argv(opts, data, cfg, seed):
-    """runner.train_argv with the ablation's flip (train.py's default unless --hflip), prediction and --lr."""
-    hflip = opts.hflip if opts.hflip is not None else not data.demo and data.manifest["kind"] == "pixel"
-    extra = ["--hflip" if hflip else "--no-hflip", "--prediction", opts.prediction]
-    return runner.train_argv(opts, data, run_root(opts, cfg, seed), cfg, opts.num_steps, seed,
-                             extra + (["--lr", repr(opts.lr)] if opts.lr is not None else []))
-
-
-def eval_key(opts, ctx):
-    """What a run's scores depend on besides its weights: a change re-scores, never retrains."""
-    return dict(samples_per_class=opts.samples_per_class, sample_steps=opts.sample_steps,
-                cfg_scales=opts.cfg_scales, sample_seed=opts.sample_seed, loss_batch=opts.loss_batch,
-                classifier=ctx.key)
-
-
-def run_one(opts, data, ctx, cfg, seed):
-    """Train (or continue) and evaluate one (configuration, seed); write its results.json."""
-    argv, root = train_argv(opts, data, cfg, seed), run_root(opts, cfg, seed)
-    run_dir, state = runner.job_state(root, argv, opts.num_steps, eval_key(opts, ctx))
-    tag = f"{cfg} seed {seed}"
-    if state == "done":
-        say(f"{tag}: finished, skipped ({run_dir})")
-        return
-    base = dict(config=cfg, label=CONFIGS[cfg][0], flags=CONFIGS[cfg][1], seed=seed, train_argv=argv,
-                train_command="python train.py " + shlex.join(argv))
-    train_seconds = None
-    if state in ("new", "resume"):
-        start = time.time()
-        run_dir = runner.train_or_continue(tag, state, argv, root, run_dir, base)
-        if run_dir is None:
-            return
-        train_seconds = time.time() - start
-    say(f"{tag}: evaluating {run_dir}")
-    start = time.time()
-    result = evaluate_run(run_dir, final_checkpoint(run_dir, opts.num_steps), opts, ctx)
-    result.update(base, status="ok", eval_key=eval_key(opts, ctx), run_dir=run_dir,
-                  train_seconds_this_call=train_seconds,
-                  eval_seconds=time.time() - start)
-    write_json(os.path.join(run_dir, "results.json"), result)
-    head = result["samples"][f"{opts.cfg_scales[0]:g}"]
-    say(f"{tag}: EMA loss {result['heldout_loss']['ema']['loss']:.4f}, {ctx.fd_name} {head['fd']:.4g}, "
-        f"class consistency {head['class_consistency']:.3f}")
-
-
-def job_state(opts, data, ctx, cfg, seed):
-    return runner.job_state(run_root(opts, cfg, seed), train_argv(opts, data, cfg, seed), opts.num_steps,
-                            eval_key(opts, ctx))[1]
 
 
 #################################################################################
 #                              Running the grid                                 #
 #################################################################################
-
 
 def main(argv=None):
     LOG["name"] = "ablate"
@@ -236,7 +173,7 @@ def run_grid(opts, argv):
     os.makedirs(opts.results_dir, exist_ok=True)
     available, skipped = [], {}
     for cfg in opts.configs:
-        args, why = parse_train(train_argv(opts, data, cfg, opts.seeds[0]))
+        args, why = parse_train(train_argv(opts, data, "runs", cfg, opts.lr, opts.seeds[0]))
         if args is None:
             skipped[cfg] = why
         else:
@@ -247,20 +184,14 @@ def run_grid(opts, argv):
         say(f"skipping {cfg}: {why}")
     ctx = prepare_eval(opts, data)
     if opts.only:
-        cfg, seed = opts.only
+        _, cfg, lr, seed = opts.only
         if cfg not in available:
             raise UsageError(f"{cfg}: {skipped.get(cfg, 'not in this grid')}")
-        run_one(opts, data, ctx, cfg, seed)
+        run_job(opts, data, ctx, "runs", cfg, lr, seed)
         return 0
-    pending = [(cfg, seed) for cfg in available for seed in opts.seeds]
-    todo = [job for job in pending if job_state(opts, data, ctx, *job) != "done"]  # skipped here, not one by one
-    say(f"{len(pending) - len(todo)} of {len(pending)} runs finished before, {len(todo)} to run")
-    failures = runner.run_jobs([(f"{cfg} seed {seed}", run_root(opts, cfg, seed), f"{cfg}:{seed}", (cfg, seed))
-                                for cfg, seed in todo], opts.parallel, os.path.abspath(__file__), argv, "ablate.log",
-                               lambda job: run_one(opts, data, ctx, *job))
-    collected = {cfg: [runner.result_of(run_root(opts, cfg, seed), train_argv(opts, data, cfg, seed), opts.num_steps,
-                                        eval_key(opts, ctx), dict(config=cfg, seed=seed)) for seed in opts.seeds]
-                 for cfg in available}
+    jobs = [(cfg, opts.lr, seed) for cfg in available for seed in opts.seeds]
+    _, failures = run_phase(opts, argv, data, ctx, "runs", jobs, os.path.abspath(__file__))
+    collected = {cfg: [collect(opts, data, ctx, "runs", cfg, opts.lr, seed) for seed in opts.seeds] for cfg in available}
     summary = aggregate(opts, data, ctx, CONFIGS, collected, skipped)
     write_json(os.path.join(opts.results_dir, "results.json"), summary)
     with open(os.path.join(opts.results_dir, "table.md"), "w") as f:

@@ -40,16 +40,15 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import feature_nets  # noqa: E402
-import plots  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from experiments.evaluate import (LOG, evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
-                                  real_floor, say, split_heldout, training_record, write_json)
-from experiments import runner  # noqa: E402
-from experiments.runner import CONFIGS, final_checkpoint, find_run, finish, parse_train  # noqa: E402
+from experiments.evaluate import (LOG, prepare_data, prepare_eval, read_json, real_floor, say,  # noqa: E402
+                                  split_heldout, write_json)
+from experiments.runner import (CONFIGS, collect, final_checkpoint, finish, job_state,  # noqa: E402
+                                parse_only, parse_train, run_job, run_phase, train_argv)
 from experiments.report import README_END, README_START, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
@@ -63,6 +62,7 @@ PROFILES = {
                 sweep_steps=3000, steps=15000, eval_every=1000, eval_samples=2000, sample_steps=50,
                 samples_per_class=200, step_s=None, sample_forward_s=None, run_overhead_s=None, classifier_s=None),
 }
+SCRIPT = os.path.abspath(__file__)
 PROFILE_KEYS = ("model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps", "steps",
                 "eval_every", "eval_samples", "sample_steps", "samples_per_class")
 
@@ -160,9 +160,9 @@ def parse(argv):
         shlex.split(opts.train_args)
     except ValueError as e:
         raise UsageError(f"--train-args: {e}")
-    # what experiments/evaluate.py's scoring reads: fixed here, as in ablate.py's defaults
+    # what the grid runner and experiments/evaluate.py's scoring read: fixed here, as ablate.py's defaults
     opts.cfg_scales, opts.sample_seed, opts.loss_batch, opts.eval_batch_size = [1.0], 0, 256, 250
-    opts.inception_weights = None
+    opts.inception_weights, opts.prediction, opts.hflip = None, "v", None
     opts.results_dir = os.path.abspath(opts.results_dir)
     return opts
 
@@ -214,27 +214,9 @@ def check_reach(opts, default):
                           f"{opts.sweep_extend} steps past each end) leaves the positive floats; narrow it")
 
 
-def job_root(opts, phase, arm, lr, seed):
-    return os.path.join(opts.results_dir, phase, f"{arm}-lr{lr:g}-seed{seed}")
-
-
-def train_argv(opts, data, phase, arm, lr, seed):
-    """train.py's arguments of one run: the arm's flags at lr; in-run evaluation every --eval-every
-    steps against the test half of the held-out data (full runs), or once at the end against its
-    validation half (sweep runs: the lr is chosen on data the report does not use)."""
-    steps = opts.steps if phase == "full" else opts.sweep_steps
-    extra = ["--lr", repr(lr), "--prediction", "v", "--no-hflip" if data.demo else "--hflip", "--sample-every", "0",
-             "--no-progress", "--eval-every", str(opts.eval_every if phase == "full" else steps),
-             "--eval-samples", str(opts.eval_samples), "--eval-metrics", opts.metric,
-             "--eval-reference", data.test if phase == "full" else data.validation, "--sample-steps", str(opts.sample_steps)]
-    return runner.train_argv(opts, data, job_root(opts, phase, arm, lr, seed), arm, steps, seed, extra)
-
-
 def default_lr(opts, data, arm):
     """train.py's lr for the arm's flags, or (None, why train.py refuses them)."""
-    argv = train_argv(opts, data, "sweep", arm, 1.0, 0)
-    i = argv.index("--lr")
-    args, why = parse_train(argv[:i] + argv[i + 2:])
+    args, why = parse_train(train_argv(opts, data, "sweep", arm, None, 0))
     return (args.lr, None) if args else (None, why)
 
 
@@ -251,75 +233,6 @@ def make_plan(opts, data):
     if not plan:
         raise UsageError(f"train.py refuses every arm: {next(iter(refused.values()))}")
     return plan, refused
-
-
-def sweep_key(opts):
-    return dict(metric=opts.metric)
-
-
-def full_key(opts, ctx):
-    return dict(metric=opts.metric, samples_per_class=opts.samples_per_class, sample_steps=opts.sample_steps,
-                cfg_scales=opts.cfg_scales, sample_seed=opts.sample_seed, loss_batch=opts.loss_batch,
-                classifier=ctx.key)
-
-
-def job_state(opts, data, ctx, phase, arm, lr, seed):
-    """(run_dir or None, state as runner.run_state, train argv)."""
-    argv = train_argv(opts, data, phase, arm, lr, seed)
-    steps = opts.steps if phase == "full" else opts.sweep_steps
-    key = full_key(opts, ctx) if phase == "full" else sweep_key(opts)
-    return (*runner.job_state(job_root(opts, phase, arm, lr, seed), argv, steps, key), argv)
-
-
-#################################################################################
-#                                 Running                                       #
-#################################################################################
-
-def eval_curve(run_dir, metric):
-    """[(step, value)] of the in-run evaluations in metrics.jsonl (a resumed run's train.py drops the
-    records logged after its checkpoint, so each step appears once)."""
-    records = plots.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    return [(r["step"], r["eval"][metric]) for r in records if metric in r.get("eval", {})]
-
-
-def run_job(opts, data, ctx, phase, arm, lr, seed):
-    """Train (or continue) one run, score it, write its results.json (diverged runs too)."""
-    run_dir, state, argv = job_state(opts, data, ctx, phase, arm, lr, seed)
-    tag = f"{phase} {arm} lr {lr:g} seed {seed}"
-    if state == "done":
-        say(f"{tag}: finished, skipped ({run_dir})")
-        return
-    base = dict(phase=phase, arm=arm, label=CONFIGS[arm][0], flags=CONFIGS[arm][1], lr=lr, seed=seed,
-                train_argv=argv, train_command="python train.py " + shlex.join(argv))
-    if state in ("new", "resume"):
-        root = job_root(opts, phase, arm, lr, seed)
-        os.makedirs(root, exist_ok=True)
-        share_eval_cache(opts, root)
-        run_dir = runner.train_or_continue(tag, state, argv, root, run_dir, base,
-                                           lambda run_dir: dict(curve=eval_curve(run_dir, opts.metric)))
-        if run_dir is None:
-            return
-    steps = opts.steps if phase == "full" else opts.sweep_steps
-    curve = eval_curve(run_dir, opts.metric)
-    if not curve or curve[-1][0] != steps:
-        raise UsageError(f"{run_dir}: no in-run evaluation of {opts.metric} at step {steps} in metrics.jsonl")
-    _, _, step_time = training_record(run_dir, opts.global_batch_size)
-    result = dict(base, status="ok", run_dir=run_dir, curve=curve, final=curve[-1][1], step_time_s=step_time)
-    if phase == "full":
-        say(f"{tag}: scoring {run_dir}")
-        result.update(evaluate_run(run_dir, final_checkpoint(run_dir, steps), opts, ctx), eval_key=full_key(opts, ctx))
-    else:
-        result["eval_key"] = sweep_key(opts)
-    write_json(os.path.join(run_dir, "results.json"), result)
-    say(f"{tag}: {opts.metric} {curve[-1][1]:.4g} at step {steps}")
-
-
-def share_eval_cache(opts, root):
-    """train.py caches its evaluation classifier and reference statistics in ROOT/eval-cache: every
-    run links it to the study's one, filled once before any run starts (warm_eval_cache)."""
-    link = os.path.join(root, "eval-cache")
-    if not os.path.lexists(link):
-        os.symlink(os.path.join(opts.results_dir, "eval-cache"), link)
 
 
 def warm_eval_cache(opts, data):
@@ -343,27 +256,6 @@ def warm_eval_cache(opts, data):
     return value
 
 
-def run_phase(opts, argv, data, ctx, phase, jobs):
-    """jobs: [(arm, lr, seed)], in this process or as `study.py ARGV --only PHASE:ARM:LR:SEED` subprocesses;
-    returns (the number of runs it had to do, the failures)."""
-    todo = [job for job in jobs if job_state(opts, data, ctx, phase, *job)[1] != "done"]
-    say(f"{phase}: {len(jobs) - len(todo)} of {len(jobs)} runs finished before, {len(todo)} to run")
-    for job in todo:
-        os.makedirs(job_root(opts, phase, *job), exist_ok=True)
-        share_eval_cache(opts, job_root(opts, phase, *job))
-    jobs = [(f"{phase} {arm} lr {lr:g} seed {seed}", job_root(opts, phase, arm, lr, seed),
-             f"{phase}:{arm}:{lr!r}:{seed}", (arm, lr, seed)) for arm, lr, seed in todo]
-    return len(todo), runner.run_jobs(jobs, opts.parallel, os.path.abspath(__file__), argv, "study.log",
-                                      lambda job: run_job(opts, data, ctx, phase, *job))
-
-
-def collect(opts, data, ctx, phase, arm, lr, seed):
-    run_dir, state, _ = job_state(opts, data, ctx, phase, arm, lr, seed)
-    if state == "done":
-        return read_json(os.path.join(run_dir, "results.json"))
-    return dict(phase=phase, arm=arm, lr=lr, seed=seed, status="missing")
-
-
 def sweep_results(opts, data, plan):
     """({arm: its sweep runs' results}, {arm: best lr or None})."""
     sweeps = {arm: [collect(opts, data, None, "sweep", arm, lr, opts.sweep_seed) for lr in plan[arm]["lrs"]]
@@ -373,8 +265,7 @@ def sweep_results(opts, data, plan):
 
 def trained(opts, data, phase, arm, lr, seed):
     """Whether the run has its final checkpoint (it may still need scoring)."""
-    argv = train_argv(opts, data, phase, arm, lr, seed)
-    run_dir = find_run(job_root(opts, phase, arm, lr, seed), parse_train(argv)[0])
+    run_dir = job_state(opts, data, None, phase, arm, lr, seed)[0]
     return run_dir is not None and os.path.isfile(final_checkpoint(run_dir, opts.steps))
 
 
@@ -468,9 +359,9 @@ def on_test_half(data):
 def conduct(opts, argv, data):
     plan, refused = make_plan(opts, data)
     if opts.only:
-        phase, arm, lr, seed = opts.only.split(":")
+        phase, arm, lr, seed = parse_only(opts.only, plan)
         ctx = prepare_eval(opts, on_test_half(data)) if phase == "full" else None
-        run_job(opts, data, ctx, phase, arm, float(lr), int(seed))
+        run_job(opts, data, ctx, phase, arm, lr, seed)
         return 0
     sweep_jobs = [(arm, lr, opts.sweep_seed) for arm in plan for lr in plan[arm]["lrs"]]
     pending_sweep = sum(job_state(opts, data, None, "sweep", *job)[1] != "done" for job in sweep_jobs)
@@ -490,7 +381,7 @@ def conduct(opts, argv, data):
         return 0
     start = time.time()
     floor = warm_eval_cache(opts, data)
-    ran, failures = run_phase(opts, argv, data, None, "sweep", sweep_jobs)
+    ran, failures = run_phase(opts, argv, data, None, "sweep", sweep_jobs, SCRIPT)
     sweeps, best = sweep_results(opts, data, plan)
     for _ in range(2 * opts.sweep_extend):  # each round moves every arm at most one step past its grid
         extra = {arm: edge_lr(opts, plan[arm], best[arm]) for arm in plan}
@@ -500,14 +391,15 @@ def conduct(opts, argv, data):
         for arm, lr in extra.items():
             say(f"{arm}: best lr {best[arm]:g} at the edge of its sweep; extending it to {lr:g}")
             plan[arm]["lrs"] = sorted(plan[arm]["lrs"] + [lr])
-        more, failed = run_phase(opts, argv, data, None, "sweep", [(a, lr, opts.sweep_seed) for a, lr in extra.items()])
+        more, failed = run_phase(opts, argv, data, None, "sweep", [(a, lr, opts.sweep_seed) for a, lr in extra.items()],
+                                 SCRIPT)
         ran, failures = ran + more, failures + failed
         sweeps, best = sweep_results(opts, data, plan)
     for arm, lr in best.items():
         say(f"{arm}: best lr {lr:g}" if lr is not None else f"{arm}: no sweep run finished; no full runs")
     ctx = prepare_eval(opts, on_test_half(data))
     full_jobs = [(arm, best[arm], seed) for arm in plan if best[arm] is not None for seed in opts.seeds]
-    ran_full, failed = run_phase(opts, argv, data, ctx, "full", full_jobs)
+    ran_full, failed = run_phase(opts, argv, data, ctx, "full", full_jobs, SCRIPT)
     ran, failures = ran + ran_full, failures + failed
     fulls = {arm: [collect(opts, data, ctx, "full", arm, best[arm], s) for s in opts.seeds] if best[arm] else []
              for arm in plan}

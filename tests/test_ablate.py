@@ -14,7 +14,7 @@ import evaluation
 import feature_nets
 import train
 from data import ShardWriter
-from experiments import ablate, evaluate
+from experiments import ablate, evaluate, runner
 
 PALETTE = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230], [230, 220, 40]])  # 4 easy classes
 
@@ -128,7 +128,7 @@ def test_runs_flip_as_train_py_defaults(kind, demo, flag):
     """Each run gets train.py's default: pixel datasets flipped; latent data (a mirrored latent only
     approximates the latent of the mirrored image) and the demo not."""
     data = SimpleNamespace(path="data", demo=demo, manifest={"kind": kind})
-    argv = ablate.train_argv(ablate.parse([]), data, "vanilla", 0)
+    argv = runner.train_argv(ablate.parse([]), data, "runs", "vanilla", None, 0)
     assert flag in argv and ({"--hflip", "--no-hflip"} - {flag}).isdisjoint(argv)
 
 
@@ -163,7 +163,7 @@ def test_tiny_grid_writes_table_and_figures_skips_finished_and_continues_interru
         assert needle in table, needle
     summary = json.loads((grid / "results.json").read_text())
     runs = [r for row in summary["rows"] for r in row["runs"]]
-    assert [(r["config"], r["seed"], r["status"]) for r in runs] == [
+    assert [(r["arm"], r["seed"], r["status"]) for r in runs] == [
         ("vanilla", 0, "ok"), ("vanilla", 1, "ok"), ("mp", 0, "ok"), ("mp", 1, "ok")]
     for r in runs:
         assert r["weights"] == "ema-0.1" and r["samples"]["1"]["fid"] is None

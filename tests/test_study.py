@@ -264,7 +264,7 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
         row = summary["rows"][arm]
         sweep = {}
         for lr in study.sweep_lrs(default, 2, 10):  # the sweep runs' own records pick the best
-            root = study.job_root(study.parse(argv), "sweep", arm, lr, 0)
+            root = runner.job_root(study.parse(argv), "sweep", arm, lr, 0)
             run = [d for d in os.listdir(root) if d[:3].isdigit()]
             sweep[lr] = json.loads(open(os.path.join(root, run[0], "results.json")).read())["final"]
         assert row["best_lr"] == min(sweep, key=sweep.get)
