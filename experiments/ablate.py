@@ -28,7 +28,6 @@ ablation_magnitudes.png compare vanilla DiT with MaP-DiT. Bad input: one line, e
 """
 import os
 import argparse
-import shlex
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +38,10 @@ import torch  # noqa: E402
 
 import feature_nets  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from experiments.evaluate import LOG, prepare_data, prepare_eval, say, write_json  # noqa: E402
+from experiments.evaluate import LOG, prepare_data, prepare_eval, say, write_json, write_text  # noqa: E402
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
-from experiments.runner import (CONFIGS, collect, finish, parse_only, parse_train, run_job,  # noqa: E402
-                                run_phase, train_argv)
+from experiments.runner import (CONFIGS, check_options, collect, finish, parse_only, parse_train,  # noqa: E402
+                                run_job, run_phase, train_argv)
 
 DEFAULT_MODEL, DEFAULT_SIZE = "DiT-XS/4", dict(depth=4, hidden_size=128, num_heads=4)
 DEFAULT_STEPS, DEFAULT_BATCH = 800, 64  # the default grid: about an hour on a 2-core CPU
@@ -120,12 +119,8 @@ def parse(argv):
         opts.configs = [c for c in grid if c in opts.configs]
     else:
         opts.configs = list(grid)
-    for name in ("num_steps", "global_batch_size", "parallel", "threads", "samples_per_class", "sample_steps",
-                 "loss_batch", "eval_batch_size"):
-        if getattr(opts, name) is not None and getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if len(set(opts.seeds)) != len(opts.seeds):
-        raise UsageError(f"--seeds: repeated seed in {opts.seeds}")
+    check_options(opts, ("num_steps", "global_batch_size", "parallel", "threads", "samples_per_class",
+                         "sample_steps", "loss_batch", "eval_batch_size"))
     if any(s < 0 for s in opts.cfg_scales):
         raise UsageError("--cfg-scales must be >= 0")
     for name in opts.compare:
@@ -136,13 +131,8 @@ def parse(argv):
         for k, v in DEFAULT_SIZE.items():
             if getattr(opts, k) is None:
                 setattr(opts, k, v)
-    try:
-        shlex.split(opts.train_args)
-    except ValueError as e:
-        raise UsageError(f"--train-args: {e}")
     if opts.only:
         opts.only = parse_only(opts.only, CONFIGS)
-    opts.results_dir = os.path.abspath(opts.results_dir)
     opts.steps, opts.metric = opts.num_steps, None  # the grid runner's names; no in-run evaluation
     return opts
 
@@ -194,8 +184,7 @@ def run_grid(opts, argv):
     collected = {cfg: [collect(opts, data, ctx, "runs", cfg, opts.lr, seed) for seed in opts.seeds] for cfg in available}
     summary = aggregate(opts, data, ctx, CONFIGS, collected, skipped)
     write_json(os.path.join(opts.results_dir, "results.json"), summary)
-    with open(os.path.join(opts.results_dir, "table.md"), "w") as f:
-        f.write(render_table(summary))
+    write_text(os.path.join(opts.results_dir, "table.md"), render_table(summary))
     return finish([os.path.join(opts.results_dir, "table.md"), *make_figures(opts, summary, ctx)], failures)
 
 

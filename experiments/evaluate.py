@@ -59,11 +59,15 @@ def read_json(path):
         return None
 
 
+def write_text(path, text):
+    """text to path, atomically (a reader sees the old file or the new one)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 #################################################################################
@@ -74,19 +78,14 @@ def prepare_data(opts, variant="colours", heldout_parts=1):
     """Where the training data and the held-out data live (rendering the demo `variant` if needed; its
     held-out rendering heldout_parts x the usual size, for a caller that splits it)."""
     demo = opts.data_path is None
-    try:
-        if demo:
-            path = make_demo_dataset(os.path.join(opts.results_dir, "demo-data"), variant=variant)
-            heldout = opts.eval_data_path
-            if heldout is None:  # the same generator with another seed: images no run trained on
-                n = heldout_parts * max(6 * 10 * opts.samples_per_class, 2000)
-                heldout = make_demo_dataset(os.path.join(opts.results_dir, f"demo-heldout-{n}"),
-                                            num_items=n, seed=1, variant=variant)
-        else:
-            path, heldout = opts.data_path, opts.eval_data_path
-        manifest = LatentDataset(path).manifest
-    except UsageError as e:
-        raise UsageError(str(e))
+    path, heldout = opts.data_path, opts.eval_data_path
+    if demo:
+        path = make_demo_dataset(os.path.join(opts.results_dir, "demo-data"), variant=variant)
+        if heldout is None:  # the same generator with another seed: images no run trained on
+            n = heldout_parts * max(6 * 10 * opts.samples_per_class, 2000)
+            heldout = make_demo_dataset(os.path.join(opts.results_dir, f"demo-heldout-{n}"), num_items=n, seed=1,
+                                        variant=variant)
+    manifest = LatentDataset(path).manifest
     name = ("demo" if variant == "colours" else f"demo-{variant}") if demo else os.path.basename(os.path.normpath(path))
     return SimpleNamespace(path=os.path.abspath(path), heldout=heldout and os.path.abspath(heldout), demo=demo,
                            name=name, manifest=manifest)
@@ -98,10 +97,7 @@ def split_heldout(heldout, out_dir):
     choose what the other reports. Reused when already there; each is built in a private folder and
     renamed into place, so processes that split at the same time do not disturb each other."""
     heldout = os.path.abspath(heldout)
-    try:
-        ds = LatentDataset(heldout)
-    except UsageError as e:
-        raise UsageError(str(e))
+    ds = LatentDataset(heldout)
     if ds.kind != "pixel" or len(ds) < 8:
         raise UsageError(f"{heldout}: the validation / test split needs pixel images, at least 8 ({len(ds)} "
                           f"{ds.kind} items)")

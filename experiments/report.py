@@ -21,7 +21,7 @@ import numpy as np
 from scipy import stats
 
 import plots
-from experiments.evaluate import say, summarise, write_json
+from experiments.evaluate import say, summarise, write_json, write_text
 
 FIGURE_COLUMNS = 8
 FIGURES = (("metric against step", "study_curves.png"), ("final metric against lr", "study_sweep.png"),
@@ -467,10 +467,7 @@ def include_in_readme(path, section):
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
         raise ValueError(f"{path}: no '{README_START}' ... '{README_END}' block to replace")
-    text = text[:start + len(README_START)] + "\n" + section + "\n" + text[end:]
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_text(path, text[:start + len(README_START)] + "\n" + section + "\n" + text[end:])
 
 
 def write_report(study):
@@ -480,9 +477,7 @@ def write_report(study):
     out = o.results_dir
     written = [os.path.join(out, "study.md"), os.path.join(out, "study.json")]
     text = render_study(summary)
-    with open(written[0] + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(written[0] + ".tmp", written[0])
+    write_text(written[0], text)
     write_json(written[1], summary)
     figures = [os.path.join(out, name) for _, name in FIGURES[:2]]
     curves_figure(rows, o.metric, summary["floor"], figures[0])

@@ -85,6 +85,21 @@ def train_argv(opts, data, phase, arm, lr, seed):
     return argv + CONFIGS[arm][1] + shlex.split(opts.train_args)
 
 
+def check_options(opts, counts):
+    """Refuse (UsageError) counts below 1, repeated seeds and --train-args that do not split; make
+    --results-dir absolute."""
+    for name in counts:
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if len(set(opts.seeds)) != len(opts.seeds):
+        raise UsageError(f"--seeds: repeated seed in {opts.seeds}")
+    try:
+        shlex.split(opts.train_args)
+    except ValueError as e:
+        raise UsageError(f"--train-args: {e}") from None
+    opts.results_dir = os.path.abspath(opts.results_dir)
+
+
 def parse_train(argv):
     """(train.py's parsed arguments, None), or (None, why train.py refuses them)."""
     err = io.StringIO()

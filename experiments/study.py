@@ -47,8 +47,8 @@ from data import LatentDataset  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from experiments.evaluate import (LOG, prepare_data, prepare_eval, read_json, real_floor, say,  # noqa: E402
                                   split_heldout, write_json)
-from experiments.runner import (CONFIGS, collect, final_checkpoint, finish, job_state,  # noqa: E402
-                                parse_only, parse_train, run_job, run_phase, train_argv)
+from experiments.runner import (CONFIGS, check_options, collect, final_checkpoint, finish,  # noqa: E402
+                                job_state, parse_only, parse_train, run_job, run_phase, train_argv)
 from experiments.report import README_END, README_START, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
@@ -131,8 +131,8 @@ def parse(argv):
     unknown = [a for a in opts.arms if a not in CONFIGS]
     if unknown:
         raise UsageError(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
-    if len(set(opts.arms)) != len(opts.arms) or len(set(opts.seeds)) != len(opts.seeds):
-        raise UsageError("--arms and --seeds must not repeat")
+    if len(set(opts.arms)) != len(opts.arms):
+        raise UsageError("--arms must not repeat")
     if opts.sweep_extend < 0:
         raise UsageError("--sweep-extend must be at least 0")
     in_range, check = train.RANGES["seed"]
@@ -141,10 +141,8 @@ def parse(argv):
     if opts.sweep_seed in opts.seeds:
         raise UsageError(f"--seeds must not include the sweep seed {opts.sweep_seed}: the lr would be chosen on "
                           "the run it reports")
-    for key in ("sweep_points", "sweep_steps", "steps", "parallel", "threads", "global_batch_size", "eval_every",
-                "eval_samples", "sample_steps", "samples_per_class"):
-        if getattr(opts, key) is not None and getattr(opts, key) < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be at least 1")
+    check_options(opts, ("sweep_points", "sweep_steps", "steps", "parallel", "threads", "global_batch_size",
+                         "eval_every", "eval_samples", "sample_steps", "samples_per_class"))
     if not 1 <= opts.sweep_span < math.inf or (opts.sweep_points > 1 and opts.sweep_span == 1):
         raise UsageError("--sweep-span must be finite, and above 1 for more than one point")
     if opts.readme:
@@ -156,14 +154,9 @@ def parse(argv):
         if README_START not in text or README_END not in text:
             raise UsageError(f"--readme {opts.readme}: add the lines '{README_START}' and '{README_END}' where the "
                               "report goes")
-    try:
-        shlex.split(opts.train_args)
-    except ValueError as e:
-        raise UsageError(f"--train-args: {e}")
     # what the grid runner and experiments/evaluate.py's scoring read: fixed here, as ablate.py's defaults
     opts.cfg_scales, opts.sample_seed, opts.loss_batch, opts.eval_batch_size = [1.0], 0, 256, 250
     opts.inception_weights, opts.prediction, opts.hflip = None, "v", None
-    opts.results_dir = os.path.abspath(opts.results_dir)
     return opts
 
 

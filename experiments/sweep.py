@@ -49,7 +49,7 @@ import sample  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
-from experiments.evaluate import LOG, read_json, real_floor, say, write_json  # noqa: E402
+from experiments.evaluate import LOG, read_json, real_floor, say, write_json, write_text  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from runs import SEED_RANGE, checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
@@ -260,7 +260,7 @@ def write_table(args, results, best, floor):
     lines.append(f"Best: {cell_name(w, s, interval)} ({label} {results[best]:.4g}).")
     if floor:
         lines.append(f"Real data: {floor}.")
-    write_atomic(os.path.join(args.out, "sweep.md"), "\n".join(lines) + "\n")
+    write_text(os.path.join(args.out, "sweep.md"), "\n".join(lines) + "\n")
 
 
 def write_plot(args, results, best):
@@ -272,12 +272,6 @@ def write_plot(args, results, best):
     plots.plot_sweep(args.sigma_rels, lines, (sigma_rel(best[0]), results[best], cell_name(*best)),
                      {"fid": "FID", "fd_classifier": "FD (small classifier)"}[args.metric],
                      os.path.join(args.out, "sweep.png"))
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 #################################################################################
@@ -327,7 +321,7 @@ def run_grid(args):
         if not os.path.exists(npz):
             run_sample(args.launcher, sample_argv(args, w, s, interval, npz))
         results[(w, s, interval)], floor = score(npz, args, scorer), scorer[1]
-        write_atomic(record, json.dumps(dict(cell=name, score=results[(w, s, interval)], floor=floor)))
+        write_text(record, json.dumps(dict(cell=name, score=results[(w, s, interval)], floor=floor)))
         shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
     best = min(results, key=results.get)
     write_table(args, results, best, floor)
