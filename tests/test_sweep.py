@@ -239,3 +239,21 @@ def test_two_sweeps_on_one_out_take_turns(run, tmp_path, eval_dir):
     assert out1.splitlines()[-1] == out2.splitlines()[-1] == \
         f"best: ema-0.05-cfg1 (fd_classifier {score:.4g}); wrote {tmp_path / 'out'}/sweep.md and sweep.png"
     assert f"| 0.05 | **{score:.4g}** |" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+def test_the_default_metric_reference_and_cache_are_train_pys(run, tmp_path, monkeypatch):
+    """Without the Inception weights a pixel run is scored as train.py scores it in-run: fd_classifier
+    against its own training data, with the classifier and statistics in train.py's RESULTS/eval-cache
+    (nothing copied into OUT); with the weights, fid."""
+    monkeypatch.delenv("MAPDIT_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    args = sweep.parse_args(["--result-dir", run, "--out", str(tmp_path / "out")])
+    sweep.check_inputs(args)
+    saved = json.loads(open(os.path.join(run, "config.json")).read())
+    assert args.metric == "fd_classifier" and args.reference == os.path.abspath(saved["data_path"])
+    assert args.eval_dir == os.path.join(os.path.dirname(os.path.abspath(run)), "eval-cache")
+    assert not os.path.exists(tmp_path / "out")
+    monkeypatch.setattr(sweep.evaluation, "available_metrics", lambda *a: ["fid"])
+    args = sweep.parse_args(["--result-dir", run, "--out", str(tmp_path / "out")])
+    sweep.check_inputs(args)
+    assert args.metric == "fid"
