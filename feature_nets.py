@@ -1,13 +1,14 @@
 """Feature networks for evaluation.py: the 2015 TF Inception (FID, sFID, IS, precision/recall) and
-DINOv2 ViT-L/14 (FD-DINOv2), loaded from local weight files, never downloaded.
+DINOv2 ViT-L/14 (FD-DINOv2), loaded from local weight files, never downloaded; and the small
+classifier of fd_classifier (train.py's in-run metric on pixel data without Inception weights, and
+the experiments' FD), trained on the run's own data once and cached.
 
 A feature network is any object with
     name      short, file-safe: it names cache files ("inception", "dinov2", ...)
     key       what its features depend on (architecture, weights file); part of every cache key
     outputs   {output name: feature dimension}
     __call__(batch) -> {output name: float32 tensor (B, dim)}, batch as the image source yields it
-              (uint8 N x H x W x 3 numpy for the networks here)
-experiments/metrics.py adds its small classifier as one more.
+              (uint8 N x H x W x 3 numpy; the classifier also takes model-space float N x C x H x W)
 
 Tensor mapping (see the README's evaluation section for how it was checked):
 - pool: "pool_3:0" of the TF graph = the 2048-d global average pool after Mixed_7c.
@@ -17,15 +18,20 @@ Tensor mapping (see the README's evaluation section for how it was checked):
   the ADM evaluator's IS graph does; the softmax is over all 1008 outputs.
 - Input: TF 1.x bilinear resize to 299 (no half-pixel offset), then (x - 128) / 128, as the graph does.
 """
+import hashlib
+import json
 import math
 import os
+import time
 from unittest import mock
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UsageError, one_line
+from runs import folder_lock
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
@@ -206,3 +212,126 @@ def random_inception_weights(path, seed=0):
         state[k] = v.half() if v.is_floating_point() else v
     torch.save(state, path)
     return str(path)
+
+
+#################################################################################
+#                 The small classifier of fd_classifier                         #
+#################################################################################
+
+# The one recipe, for train.py's in-run fd_classifier, experiments/ and the sweep alike. In cache keys.
+CLASSIFIER_ITEMS, CLASSIFIER_EPOCHS, CLASSIFIER_MIN_STEPS = 20_000, 4, 300
+CLASSIFIER_RECIPE = "Adam 2e-3, cosine decay, batch 128, cross-entropy with label smoothing 0.1"
+
+
+class SmallClassifier(nn.Module):
+    """Three 3x3 conv stages (width, 2 width, 4 width channels; ReLU; 2x2 max-pool after the first
+    two), global average pooling, a hidden linear layer of feature_dim units with ReLU (the features)
+    and a linear classifier. Input: model space (N, C, H, W) with H, W >= 4; any C."""
+
+    def __init__(self, in_channels, num_classes, width=32, feature_dim=128):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width, feature_dim=feature_dim)
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(4 * w, feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def train_classifier(x, y, num_classes, epochs=CLASSIFIER_EPOCHS, min_steps=CLASSIFIER_MIN_STEPS, batch_size=128,
+                     lr=2e-3, seed=0, device="cpu"):
+    """A SmallClassifier trained on x (N, C, H, W) float, y (N,) int with CLASSIFIER_RECIPE for `epochs`
+    epochs but at least min_steps optimiser steps (small datasets): lr * (1 + cos(pi step / total)) / 2.
+    Deterministic for a seed on the CPU; returned in eval mode on `device`."""
+    torch.manual_seed(seed)
+    net = SmallClassifier(x.shape[1], num_classes).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    generator, y = torch.Generator().manual_seed(seed), torch.as_tensor(y).long()
+    per_epoch = max(len(x) // batch_size, 1)
+    total = max(epochs, -(-min_steps // per_epoch)) * per_epoch
+    net.train()
+    for step in range(total):
+        if step % per_epoch == 0:
+            order = torch.randperm(len(x), generator=generator)
+        idx = order[step % per_epoch * batch_size:][:batch_size]
+        for group in opt.param_groups:  # cosine decay to 0: a stable end point in few epochs
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        # label smoothing bounds the logits, and so the feature scale, once the data is fitted
+        loss = F.cross_entropy(net(x[idx].to(device)), y[idx].to(device), label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+class ClassifierNet:
+    """A SmallClassifier as a feature network: batch uint8 images (B, H, W, C), or float model-space
+    inputs (B, C, H, W) (latents) -> {"features": (B, feature_dim)}; predict(batch) -> labels (B,).
+    key: what its weights come from (the cache file's recipe digest)."""
+
+    name = "classifier"
+
+    def __init__(self, net, key):
+        self.net, self.key = net.eval(), key
+        self.device = next(net.parameters()).device
+        self.outputs = {"features": net.config["feature_dim"]}
+
+    def model_space(self, batch):
+        x = torch.as_tensor(np.array(batch) if isinstance(batch, np.ndarray) else batch)  # memmaps are read-only
+        if x.dtype == torch.uint8:
+            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+        return x.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        return {"features": self.net.body(self.model_space(batch))}
+
+    @torch.no_grad()
+    def predict(self, batch):
+        return self.net(self.model_space(batch)).argmax(1).cpu()
+
+
+def dataset_items(ds, index, seed=0):
+    """(model-space x (N, C, H, W), labels (N,)) of the items `index` of a data.py dataset: pixels in
+    [-1, 1]; latents drawn with eps from `seed`, so that every caller sees the same ones."""
+    index = np.asarray(index, dtype=np.int64)
+    raw = torch.stack([ds[int(i)][0] for i in index])
+    labels = torch.as_tensor(ds.labels[index]).long()
+    if ds.kind == "pixel":
+        return raw.float() / 127.5 - 1, labels
+    return ds.draw(raw, torch.randn(raw[:, 0].shape, generator=torch.Generator().manual_seed(seed))), labels
+
+
+def trained_classifier(dataset, cache_dir, device, log, skip=0):
+    """The ClassifierNet of a data.py dataset: trained with train_classifier on up to CLASSIFIER_ITEMS
+    items, those after the first `skip` of a fixed permutation (seed 0; experiments hold the skipped
+    ones out), and cached in cache_dir keyed by the manifest and the recipe. Rank 0 trains under the
+    cache's lock, so runs sharing the cache train it once; the other ranks wait."""
+    order = np.random.default_rng(0).permutation(len(dataset))[skip:][:CLASSIFIER_ITEMS]
+    arch = SmallClassifier(dataset.shape[0], dataset.num_classes).config
+    recipe = dict(manifest=dataset.manifest, items=len(order), skip=skip, epochs=CLASSIFIER_EPOCHS,
+                  min_steps=CLASSIFIER_MIN_STEPS, recipe=CLASSIFIER_RECIPE, arch=arch)
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"classifier-{digest}.pt")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        with folder_lock(cache_dir, create=True):
+            if not os.path.isfile(path):
+                start = time.time()
+                net = train_classifier(*dataset_items(dataset, order, seed=2), dataset.num_classes,
+                                       min_steps=CLASSIFIER_MIN_STEPS, device=device)
+                torch.save(net.state_dict(), f"{path}.{os.getpid()}.tmp")
+                os.replace(f"{path}.{os.getpid()}.tmp", path)
+                log(f"trained the evaluation classifier on {len(order)} items in {time.time() - start:.0f} s: {path}")
+    if distributed:
+        torch.distributed.barrier()
+    net = SmallClassifier(**arch)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return ClassifierNet(net.to(device), f"SmallClassifier/{digest}")

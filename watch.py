@@ -10,19 +10,16 @@ grids differ only by training. An evaluation at step s draws exactly the images 
 at that step's checkpoint (chunks of EVAL_BATCH, chunk k's noise and labels from (seed, k)), so its
 numbers can be checked with fid.py.
 """
-import hashlib
-import json
 import os
-import time
 
 import numpy as np
 import torch
 
 import evaluation
+import feature_nets
 from cli import UsageError
 from eval_inputs import Side
 from guidance import Guided
-from runs import folder_lock
 from sampling import (chunk_sizes, make_sampler, row_names, sample_chunk, sample_images, sampling_weights_name,
                       save_grid)
 
@@ -30,7 +27,6 @@ GRID_COLUMNS = 8
 GRID_MAX_ROWS = 10  # classes shown: all of them up to 10, else 10 spread over the label range
 GRID_CFG = 4.0
 EVAL_BATCH = 64  # samples per chunk of an evaluation: sample.py's default --batch-size
-CLASSIFIER_ITEMS, CLASSIFIER_STEPS = 2000, 100  # the fallback evaluation classifier's images and optimiser steps
 
 
 def sampling_weights(ema, power_emas):
@@ -75,53 +71,6 @@ class SampleGrids:
 #                           Evaluation during training                          #
 #################################################################################
 
-class ImageClassifier:
-    """experiments/metrics.py's SmallClassifier, trained on the run's pixel data, as an evaluation
-    feature network on uint8 images (B, H, W, 3): {"features": its 128-d penultimate layer}. Its key
-    names the cached weights file, so reference statistics are recomputed when it is retrained."""
-
-    name = "classifier"
-
-    def __init__(self, net, key):
-        self.net, self.key = net.eval(), key
-        self.device = next(net.parameters()).device
-        self.outputs = {"features": net.config["feature_dim"]}
-
-    @torch.no_grad()
-    def __call__(self, batch):
-        x = torch.tensor(np.asarray(batch)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1  # a copy: memmaps are read-only
-        return {"features": self.net.features(x)}
-
-
-def demo_classifier(dataset, cache_dir, device, log, items=CLASSIFIER_ITEMS):
-    """An ImageClassifier trained on up to `items` images of a pixel dataset with metrics.train_classifier
-    (cached in cache_dir, keyed by the dataset's manifest and the recipe; rank 0 trains under the
-    cache's lock, so runs sharing the cache train it once; the other ranks wait)."""
-    from experiments import metrics  # the classifier and its recipe live with the ablation metrics
-    rank, world = evaluation.rank_world()
-    recipe = dict(manifest=dataset.manifest, items=items, steps=CLASSIFIER_STEPS, recipe=metrics.CLASSIFIER_RECIPE,
-                  arch=metrics.SmallClassifier(dataset.shape[0], dataset.num_classes).config)
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = os.path.join(cache_dir, f"classifier-{digest}.pt")
-    if rank == 0:
-        with folder_lock(cache_dir, create=True):
-            if not os.path.isfile(path):
-                start = time.time()
-                index = np.random.default_rng(0).permutation(len(dataset))[:items]
-                x = torch.stack([dataset[int(i)][0] for i in index]).float() / 127.5 - 1
-                net = metrics.train_classifier(x, torch.as_tensor(dataset.labels[index]), dataset.num_classes,
-                                               min_steps=CLASSIFIER_STEPS)
-                torch.save(net.state_dict(), f"{path}.{os.getpid()}.tmp")
-                os.replace(f"{path}.{os.getpid()}.tmp", path)
-                log(f"trained the evaluation classifier on {len(index)} images in {time.time() - start:.0f} s: "
-                    f"{path}")
-    if world > 1:
-        torch.distributed.barrier()
-    net = metrics.SmallClassifier(**recipe["arch"])
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return ImageClassifier(net.to(device), f"SmallClassifier/{digest}")
-
-
 class Evaluation:
     """--eval-every: `samples` images drawn from the sampling weights as `sample.py --fid` draws them
     (chunks of EVAL_BATCH; chunk k's noise and uniform labels from (seed, k); DDIM), scored by
@@ -165,9 +114,9 @@ class Evaluation:
         which network, and the sample.py command that draws the same images."""
         networks = {}
         if "fd_classifier" in args.eval_metrics:
-            networks["classifier"] = demo_classifier(dataset, cache_dir, device, log)
+            networks["classifier"] = feature_nets.trained_classifier(dataset, cache_dir, device, log)
             log("evaluation: fd_classifier is the Frechet distance of the 128-d features of a small classifier "
-                "trained on this data (experiments/metrics.py; not comparable to FID)")
+                "trained on this data (feature_nets.py; not comparable to FID)")
         reference = args.eval_reference or dataset.path
         log(f"evaluation every {args.eval_every} steps: {', '.join(args.eval_metrics)} of {args.eval_samples} "
             f"samples against {reference}, the images of `python sample.py --result-dir RUN --weights "

@@ -20,7 +20,7 @@ Rerunning the same command skips finished runs and continues interrupted ones.
 
 After training, each run samples a fixed set (the same labels and noise for every run) from its
 widest power EMA with DDIM, and is scored by: the Frechet distance in the features of a small
-classifier trained on the dataset (FD-<data>-classifier, cached in RESULTS/eval/), the
+classifier trained on the dataset (FD-<data>-classifier, cached in RESULTS/eval-cache/), the
 class-consistency accuracy of that classifier, FID with the standard Inception when its weights
 are on disk (else n/a), and the EMA's loss on a fixed held-out batch. RESULTS/table.md and
 RESULTS/results.json aggregate the seeds; RESULTS/ablation_samples.png and
@@ -28,9 +28,7 @@ ablation_magnitudes.png compare vanilla DiT with MaP-DiT. Bad input: one line, e
 """
 import os
 import argparse
-import shlex
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -40,11 +38,10 @@ import torch  # noqa: E402
 
 import feature_nets  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from experiments.evaluate import (add_missing_fid, evaluate_run, prepare_data,  # noqa: E402
-                                  prepare_eval, read_json, say, write_json)
+from experiments.evaluate import LOG, prepare_data, prepare_eval, say, write_json, write_text  # noqa: E402
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
-from experiments.runner import (CONFIGS, final_checkpoint, find_run, finish,  # noqa: E402
-                                parse_train, run_state, run_subprocesses, train_run)
+from experiments.runner import (CONFIGS, check_options, collect, finish, parse_only, parse_train,  # noqa: E402
+                                run_job, run_phase, train_argv)
 
 DEFAULT_MODEL, DEFAULT_SIZE = "DiT-XS/4", dict(depth=4, hidden_size=128, num_heads=4)
 DEFAULT_STEPS, DEFAULT_BATCH = 800, 64  # the default grid: about an hour on a 2-core CPU
@@ -65,7 +62,7 @@ def build_parser():
     g.add_argument("--list", action="store_true", help="print the grid's configurations and their train.py flags")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S", help="training seeds (default 0 1)")
     g.add_argument("--results-dir", default="results/ablation", metavar="DIR",
-                   help="the grid's directory: runs/, eval/, table.md, results.json, figures "
+                   help="the grid's directory: runs/, eval-cache/, table.md, results.json, figures "
                    "(default results/ablation)")
     g.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="runs at once, each a subprocess logging to its run folder (default 1: in this process)")
@@ -105,8 +102,6 @@ def build_parser():
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the sample noise, the same for every run")
     g.add_argument("--loss-batch", type=int, default=256, help="held-out items for the EMA loss (default 256)")
     g.add_argument("--eval-batch-size", type=int, default=250, help="samples per model batch (default 250)")
-    g.add_argument("--classifier-epochs", type=int, default=4,
-                   help="epochs of the FD classifier, at least 300 steps (default 4)")
     g.add_argument("--inception-weights", metavar="PATH",
                    help=f"{feature_nets.INCEPTION_FILE} (default ${feature_nets.INCEPTION_ENV}, then the torch hub cache; never "
                    "downloaded: FID is n/a without it)")
@@ -124,12 +119,8 @@ def parse(argv):
         opts.configs = [c for c in grid if c in opts.configs]
     else:
         opts.configs = list(grid)
-    for name in ("num_steps", "global_batch_size", "parallel", "threads", "samples_per_class", "sample_steps",
-                 "loss_batch", "eval_batch_size", "classifier_epochs"):
-        if getattr(opts, name) is not None and getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if len(set(opts.seeds)) != len(opts.seeds):
-        raise UsageError(f"--seeds: repeated seed in {opts.seeds}")
+    check_options(opts, ("num_steps", "global_batch_size", "parallel", "threads", "samples_per_class",
+                         "sample_steps", "loss_batch", "eval_batch_size"))
     if any(s < 0 for s in opts.cfg_scales):
         raise UsageError("--cfg-scales must be >= 0")
     for name in opts.compare:
@@ -140,114 +131,18 @@ def parse(argv):
         for k, v in DEFAULT_SIZE.items():
             if getattr(opts, k) is None:
                 setattr(opts, k, v)
-    try:
-        shlex.split(opts.train_args)
-    except ValueError as e:
-        raise UsageError(f"--train-args: {e}")
     if opts.only:
-        cfg, _, seed = opts.only.partition(":")
-        if cfg not in CONFIGS or not seed.lstrip("-").isdigit():
-            raise UsageError(f"--only: expected CONFIG:SEED, got {opts.only!r}")
-        opts.only = (cfg, int(seed))
-    opts.results_dir = os.path.abspath(opts.results_dir)
+        opts.only = parse_only(opts.only, CONFIGS)
+    opts.steps, opts.metric = opts.num_steps, None  # the grid runner's names; no in-run evaluation
     return opts
-
-
-#################################################################################
-#                               Runs and their state                            #
-#################################################################################
-
-def run_root(opts, cfg, seed):
-    """train.py's --results-dir for one (configuration, seed): its own, so train.py's auto-resume
-    (the latest run there with identical arguments) can only pick this run."""
-    return os.path.join(opts.results_dir, "runs", f"{cfg}-seed{seed}")
-
-
-def train_argv(opts, data, cfg, seed):
-    n = opts.num_steps
-    hflip = opts.hflip if opts.hflip is not None else not data.demo and data.manifest["kind"] == "pixel"
-    argv = ["--data-path", data.path, "--results-dir", run_root(opts, cfg, seed), "--model", opts.model,
-            "--num-steps", str(n), "--global-batch-size", str(opts.global_batch_size), "--seed", str(seed),
-            "--log-every", str(max(1, min(50, n // 10))), "--monitor-every", str(max(1, n // 15)),
-            "--ckpt-every", str(max(1, -(-n // 5))), "--num-workers", "0", "--hflip" if hflip else "--no-hflip",
-            "--prediction", opts.prediction]
-    for key in ("depth", "hidden_size", "num_heads"):
-        if getattr(opts, key) is not None:
-            argv += ["--" + key.replace("_", "-"), str(getattr(opts, key))]
-    if opts.lr is not None:
-        argv += ["--lr", repr(opts.lr)]
-    return argv + CONFIGS[cfg][1] + shlex.split(opts.train_args)
-
-
-def eval_key(opts, ctx):
-    """What a run's scores depend on besides its weights: a change re-scores, never retrains."""
-    return dict(samples_per_class=opts.samples_per_class, sample_steps=opts.sample_steps,
-                cfg_scales=opts.cfg_scales, sample_seed=opts.sample_seed, loss_batch=opts.loss_batch,
-                classifier=ctx.classifier_id)
-
-
-def run_one(opts, data, ctx, cfg, seed, position=""):
-    """Train (or continue) and evaluate one (configuration, seed); write its results.json."""
-    argv = train_argv(opts, data, cfg, seed)
-    args, why = parse_train(argv)
-    if args is None:
-        raise UsageError(f"{cfg}: {why}")
-    root = run_root(opts, cfg, seed)
-    run_dir = find_run(root, args)
-    state = run_state(run_dir, argv, opts.num_steps, eval_key(opts, ctx))
-    tag = f"{position}{cfg} seed {seed}"
-    if state == "done":
-        say(f"{tag}: finished, skipped ({run_dir})")
-        add_missing_fid(run_dir, ctx)
-        return
-    base = dict(config=cfg, label=CONFIGS[cfg][0], flags=CONFIGS[cfg][1], seed=seed, train_argv=argv,
-                train_command="python train.py " + shlex.join(argv))
-    train_seconds = None
-    if state in ("new", "resume"):
-        say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}: {base['train_command']}")
-        start = time.time()
-        run_dir, diverged = train_run(argv, root, run_dir if state == "resume" else None)
-        if diverged:
-            write_json(os.path.join(run_dir, "results.json"),
-                       dict(base, status="diverged", message=diverged, run_dir=run_dir))
-            say(f"{tag}: diverged: {diverged}")
-            return
-        train_seconds = time.time() - start
-    say(f"{tag}: evaluating {run_dir}")
-    start = time.time()
-    result = evaluate_run(run_dir, final_checkpoint(run_dir, opts.num_steps), opts, ctx)
-    result.update(base, status="ok", eval_key=eval_key(opts, ctx), run_dir=run_dir,
-                  train_seconds_this_call=train_seconds,
-                  eval_seconds=time.time() - start)
-    write_json(os.path.join(run_dir, "results.json"), result)
-    head = result["samples"][f"{opts.cfg_scales[0]:g}"]
-    say(f"{tag}: EMA loss {result['heldout_loss']['ema']['loss']:.4f}, {ctx.fd_name} {head['fd']:.4g}, "
-        f"class consistency {head['class_consistency']:.3f}")
-
-
-def collect(opts, data, ctx, cfg, seed):
-    """A run's results.json if it belongs to this grid's arguments and evaluation settings."""
-    argv = train_argv(opts, data, cfg, seed)
-    run_dir = find_run(run_root(opts, cfg, seed), parse_train(argv)[0])
-    result = read_json(os.path.join(run_dir, "results.json")) if run_dir else None
-    if result and result.get("train_argv") == argv:
-        if result.get("status") == "diverged" or result.get("eval_key") == eval_key(opts, ctx):
-            return result
-    return dict(config=cfg, seed=seed, status="missing")
 
 
 #################################################################################
 #                              Running the grid                                 #
 #################################################################################
 
-def run_parallel(opts, argv, pending):
-    """Each (configuration, seed) as `ablate.py ARGV --only CFG:SEED`, N at once; returns failures."""
-    jobs = [(f"{cfg} seed {seed}", [sys.executable, os.path.abspath(__file__), *argv, "--only", f"{cfg}:{seed}"],
-             os.path.join(run_root(opts, cfg, seed), "ablate.log")) for cfg, seed in pending]
-    return run_subprocesses(jobs, opts.parallel)
-
-
 def main(argv=None):
+    LOG["name"] = "ablate"
     return run_command("ablate.py", list_or_run, list(sys.argv[1:] if argv is None else argv))
 
 
@@ -268,7 +163,7 @@ def run_grid(opts, argv):
     os.makedirs(opts.results_dir, exist_ok=True)
     available, skipped = [], {}
     for cfg in opts.configs:
-        args, why = parse_train(train_argv(opts, data, cfg, opts.seeds[0]))
+        args, why = parse_train(train_argv(opts, data, "runs", cfg, opts.lr, opts.seeds[0]))
         if args is None:
             skipped[cfg] = why
         else:
@@ -279,31 +174,17 @@ def run_grid(opts, argv):
         say(f"skipping {cfg}: {why}")
     ctx = prepare_eval(opts, data)
     if opts.only:
-        cfg, seed = opts.only
+        _, cfg, lr, seed = opts.only
         if cfg not in available:
             raise UsageError(f"{cfg}: {skipped.get(cfg, 'not in this grid')}")
-        run_one(opts, data, ctx, cfg, seed)
+        run_job(opts, data, ctx, "runs", cfg, lr, seed)
         return 0
-    pending = [(cfg, seed) for cfg in available for seed in opts.seeds]
-    failures = []
-    if opts.parallel > 1:
-        todo = []
-        for cfg, seed in pending:  # finished runs are skipped here, not in a subprocess each
-            argv_run = train_argv(opts, data, cfg, seed)
-            run_dir = find_run(run_root(opts, cfg, seed), parse_train(argv_run)[0])
-            if run_state(run_dir, argv_run, opts.num_steps, eval_key(opts, ctx)) == "done":
-                run_one(opts, data, ctx, cfg, seed)
-            else:
-                todo.append((cfg, seed))
-        failures = run_parallel(opts, argv, todo)
-    else:
-        for i, (cfg, seed) in enumerate(pending):
-            run_one(opts, data, ctx, cfg, seed, position=f"[{i + 1}/{len(pending)}] ")
-    collected = {cfg: [collect(opts, data, ctx, cfg, seed) for seed in opts.seeds] for cfg in available}
+    jobs = [(cfg, opts.lr, seed) for cfg in available for seed in opts.seeds]
+    _, failures = run_phase(opts, argv, data, ctx, "runs", jobs, os.path.abspath(__file__))
+    collected = {cfg: [collect(opts, data, ctx, "runs", cfg, opts.lr, seed) for seed in opts.seeds] for cfg in available}
     summary = aggregate(opts, data, ctx, CONFIGS, collected, skipped)
     write_json(os.path.join(opts.results_dir, "results.json"), summary)
-    with open(os.path.join(opts.results_dir, "table.md"), "w") as f:
-        f.write(render_table(summary))
+    write_text(os.path.join(opts.results_dir, "table.md"), render_table(summary))
     return finish([os.path.join(opts.results_dir, "table.md"), *make_figures(opts, summary, ctx)], failures)
 
 

@@ -1,7 +1,15 @@
-"""Evaluation for experiments/ablate.py: the data a grid trains and is scored on, the FD classifier
-and reference statistics (trained once, cached in RESULTS/eval/), and the scoring of one trained
-run (held-out loss, fixed-noise samples, FD, class consistency, FID). Also the small pieces that
-ablate.py and report.py share: UsageError, say, read_json, write_json.
+"""The scorer of experiments/: the data a grid trains and is scored on, the evaluation context (the
+small classifier of feature_nets.py, the one train.py's fd_classifier uses, and the held-out
+statistics, cached in RESULTS/eval-cache/), and the scores of one trained run:
+
+- FD-<data>-classifier: the Frechet distance between the classifier's 128-d penultimate features
+  of the samples and of held-out real images; comparable within one dataset and classifier.
+- class consistency: the fraction of the samples generated for class k that the classifier labels
+  k (for real held-out images: the classifier's accuracy).
+- FID-Inception: the standard FID (evaluation.py) when the Inception weights are on disk, else n/a.
+- held-out loss: the training loss (MSE + VB) of a model on a fixed batch with fixed timesteps and
+  noise, so that every configuration is scored on the same terms.
+Also what the runner and the report share: say, read_json, write_json, summarise.
 """
 import argparse
 import hashlib
@@ -10,26 +18,37 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import evaluation
+import feature_nets
 import runs
 from cli import UsageError
 from data import LatentDataset, ShardWriter, denormalize, make_demo_dataset, read_manifest
 from diffusion import create_diffusion
-from experiments import metrics
+from feature_nets import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, dataset_items, find_weights, trained_classifier
+from guidance import Guided
+from sampling import denoise, make_sampler
 
-CLASSIFIER_ITEMS, HELDOUT_ITEMS = 20_000, 10_000  # caps on the real images the evaluation reads
-CLASSIFIER_MIN_STEPS = 300  # optimiser steps of the FD classifier however small the dataset
-
+HELDOUT_ITEMS = 10_000  # cap on the held-out images the evaluation reads
+LOG = {"name": "experiments"}  # the command's name in its log lines: ablate, study or sweep
 
 
 def say(message):
-    print(f"[ablate] {message}", file=sys.stderr, flush=True)
+    print(f"[{LOG['name']}] {message}", file=sys.stderr, flush=True)
+
+
+def summarise(values):
+    """dict(mean, std, n, values) of the values that are not None (None if none is): std is the sample
+    standard deviation (ddof 1), None for a single value, whose spread one value cannot tell."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                n=len(values), values=values)
 
 
 def read_json(path):
@@ -40,11 +59,15 @@ def read_json(path):
         return None
 
 
+def write_text(path, text):
+    """text to path, atomically (a reader sees the old file or the new one)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 #################################################################################
@@ -55,19 +78,14 @@ def prepare_data(opts, variant="colours", heldout_parts=1):
     """Where the training data and the held-out data live (rendering the demo `variant` if needed; its
     held-out rendering heldout_parts x the usual size, for a caller that splits it)."""
     demo = opts.data_path is None
-    try:
-        if demo:
-            path = make_demo_dataset(os.path.join(opts.results_dir, "demo-data"), variant=variant)
-            heldout = opts.eval_data_path
-            if heldout is None:  # the same generator with another seed: images no run trained on
-                n = heldout_parts * max(6 * 10 * opts.samples_per_class, 2000)
-                heldout = make_demo_dataset(os.path.join(opts.results_dir, f"demo-heldout-{n}"),
-                                            num_items=n, seed=1, variant=variant)
-        else:
-            path, heldout = opts.data_path, opts.eval_data_path
-        manifest = LatentDataset(path).manifest
-    except UsageError as e:
-        raise UsageError(str(e))
+    path, heldout = opts.data_path, opts.eval_data_path
+    if demo:
+        path = make_demo_dataset(os.path.join(opts.results_dir, "demo-data"), variant=variant)
+        if heldout is None:  # the same generator with another seed: images no run trained on
+            n = heldout_parts * max(6 * 10 * opts.samples_per_class, 2000)
+            heldout = make_demo_dataset(os.path.join(opts.results_dir, f"demo-heldout-{n}"), num_items=n, seed=1,
+                                        variant=variant)
+    manifest = LatentDataset(path).manifest
     name = ("demo" if variant == "colours" else f"demo-{variant}") if demo else os.path.basename(os.path.normpath(path))
     return SimpleNamespace(path=os.path.abspath(path), heldout=heldout and os.path.abspath(heldout), demo=demo,
                            name=name, manifest=manifest)
@@ -79,10 +97,7 @@ def split_heldout(heldout, out_dir):
     choose what the other reports. Reused when already there; each is built in a private folder and
     renamed into place, so processes that split at the same time do not disturb each other."""
     heldout = os.path.abspath(heldout)
-    try:
-        ds = LatentDataset(heldout)
-    except UsageError as e:
-        raise UsageError(str(e))
+    ds = LatentDataset(heldout)
     if ds.kind != "pixel" or len(ds) < 8:
         raise UsageError(f"{heldout}: the validation / test split needs pixel images, at least 8 ({len(ds)} "
                           f"{ds.kind} items)")
@@ -104,8 +119,9 @@ def write_part(ds, index, path, source):
     try:
         writer = ShardWriter(partial, "pixel", ds.shape, ds.num_classes)
         for shard, start in enumerate(range(0, len(index), writer.shard_size)):
-            images, _, labels = load_items(ds, index[start:start + writer.shard_size])
-            writer.write_shard(shard, labels.numpy(), images=images.numpy())
+            part = index[start:start + writer.shard_size]
+            images = torch.stack([ds[int(i)][0] for i in part])
+            writer.write_shard(shard, ds.labels[part], images=images.numpy())
         writer.finish(class_names=ds.manifest.get("class_names"), source=source)
         os.chmod(partial, 0o755)  # mkdtemp makes it private
         try:
@@ -118,102 +134,89 @@ def write_part(ds, index, path, source):
     return path
 
 
-def load_items(ds, indices, seed=0):
-    """(uint8 images or None, model-space x, labels) of dataset items; latent items are drawn with
-    a seeded eps so that every evaluation sees the same real latents."""
-    indices = np.asarray(indices, dtype=np.int64)
-    raw = torch.stack([ds[int(i)][0] for i in indices])
-    labels = torch.as_tensor(ds.labels[indices]).long()
-    if ds.kind == "pixel":
-        return raw, raw.float() / 127.5 - 1, labels
-    eps = torch.randn(raw[:, 0].shape, generator=torch.Generator().manual_seed(seed))
-    return None, ds.draw(raw, eps), labels
-
-
 def prepare_eval(opts, data):
-    """The evaluation context: held-out data, the classifier (trained once, cached in
-    RESULTS/eval/reference.pt), reference statistics and the real-data row of the table."""
+    """The evaluation context: held-out images (--eval-data-path, the demo's second rendering, else a
+    fixed part of the data the classifier does not train on), feature_nets' classifier of the data,
+    the held-out statistics and the real-data row (cached in RESULTS/eval-cache/reference.pt)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        ds = LatentDataset(data.path)
-        held_ds = LatentDataset(data.heldout) if data.heldout else ds
-    except UsageError as e:
-        raise UsageError(str(e))
-    manifest = ds.manifest
+    ds = LatentDataset(data.path)
+    held_ds = LatentDataset(data.heldout) if data.heldout else ds
     if (held_ds.shape, held_ds.num_classes) != (ds.shape, ds.num_classes):
         raise UsageError(f"{data.heldout}: shape {list(held_ds.shape)} and {held_ds.num_classes} classes differ "
-                          f"from the training data's {list(ds.shape)} and {ds.num_classes}")
-    num_classes, n_samples = ds.num_classes, ds.num_classes * opts.samples_per_class
-    rng = np.random.default_rng(0)
+                         f"from the training data's {list(ds.shape)} and {ds.num_classes}")
+    n_samples = ds.num_classes * opts.samples_per_class
+    perm = np.random.default_rng(0).permutation(len(held_ds))  # trained_classifier's order on ds
     if data.heldout:
-        held_idx = np.sort(rng.permutation(len(held_ds))[:HELDOUT_ITEMS])
-        train_idx = rng.permutation(len(ds))[:CLASSIFIER_ITEMS]
+        held_idx, skip = np.sort(perm[:HELDOUT_ITEMS]), 0
         held_desc = f"{data.heldout} ({len(held_idx)} items)"
     else:  # a fixed split: the classifier never sees the held-out part (the diffusion models do)
-        n_held = min(HELDOUT_ITEMS, max(len(ds) // 10, min(len(ds) // 2, 6 * n_samples)))
-        perm = rng.permutation(len(ds))
-        held_idx, train_idx = np.sort(perm[:n_held]), perm[n_held:][:CLASSIFIER_ITEMS]
-        held_desc = f"{n_held} items of {data.path} split off for the classifier (not held out from training)"
-    if len(held_idx) < 4 or len(train_idx) < 2:
+        skip = min(HELDOUT_ITEMS, max(len(ds) // 10, min(len(ds) // 2, 6 * n_samples)))
+        held_idx = np.sort(perm[:skip])
+        held_desc = f"{skip} items of {data.path} split off for the classifier (not held out from training)"
+    if len(held_idx) < 4 or len(ds) - skip < 2:
         raise UsageError(f"{data.path}: too few items ({len(ds)}) to split off held-out data; pass --eval-data-path")
-    held_u8, held_x, held_y = load_items(held_ds, held_idx, seed=1)
+    cache = os.path.join(opts.results_dir, "eval-cache")  # train.py's name: its runs there share the classifier
+    classifier = trained_classifier(ds, cache, device, say, skip=skip)
+    held_x, held_y = dataset_items(held_ds, held_idx, seed=1)
+    held_images = held_x if ds.kind != "pixel" else denormalize(held_x, ds.manifest).permute(0, 2, 3, 1).numpy()
     n_base = min(n_samples, len(held_idx) // 2)  # real images scored like one run's samples: the floor
-    arch = metrics.SmallClassifier(ds.shape[0], num_classes).config
-    key = dict(data=data.path, items=len(ds), source=manifest.get("source"), heldout=held_desc,
-               train_items=len(train_idx), base_items=n_base, epochs=opts.classifier_epochs,
-               min_steps=CLASSIFIER_MIN_STEPS, arch=arch, recipe=metrics.CLASSIFIER_RECIPE)
-    cache_path = os.path.join(opts.results_dir, "eval", "reference.pt")
-    cache = torch.load(cache_path, map_location="cpu", weights_only=True) if os.path.isfile(cache_path) else None
-    if cache is not None and cache.get("key") != key:
-        say(f"{cache_path}: made for other data or settings; training a new classifier")
-        cache = None
-    net = metrics.SmallClassifier(**arch)
-    if cache is None:
-        say(f"training the FD classifier on {len(train_idx)} images of {data.path} "
-            f"({opts.classifier_epochs} epochs, at least {CLASSIFIER_MIN_STEPS} steps)")
-        _, train_x, train_y = load_items(ds, train_idx, seed=2)
-        start = time.time()
-        trained = metrics.train_classifier(train_x, train_y, num_classes, epochs=opts.classifier_epochs,
-                                           device=device, log=say, min_steps=CLASSIFIER_MIN_STEPS)
-        net.load_state_dict({k: v.cpu() for k, v in trained.state_dict().items()})
-        net.to(device).eval()
-        feats = metrics.extract_features(net, held_x)
-        ref_stats = evaluation.feature_stats(feats[n_base:])
-        cache = dict(key=key, classifier=net.state_dict(), seconds=time.time() - start, created=time.time(),
-                     accuracy=metrics.class_consistency(net, held_x, held_y),
-                     ref_mu=torch.from_numpy(ref_stats[0]), ref_sigma=torch.from_numpy(ref_stats[1]),
-                     real_fd=metrics.frechet_to_stats(feats[:n_base], ref_stats), inception=None)
-        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        runs.atomic_save(cache, cache_path)
-        say(f"classifier: held-out accuracy {cache['accuracy']:.4f}, real-data FD floor {cache['real_fd']:.4g} "
-            f"({time.time() - start:.0f} s)")
-    else:
-        net.load_state_dict(cache["classifier"])
-        net.to(device).eval()
-
-    inception_fn, fid_note = None, None
-    if manifest["kind"] != "pixel" or ds.shape[0] != 3:
+    fid_note = None
+    if ds.kind != "pixel" or ds.shape[0] != 3:
         fid_note = "n/a (FID-Inception needs RGB pixel data; latent runs: decode with sample.py --fid)"
     else:
-        inception_fn, fid_note = metrics.inception_network(opts.inception_weights, device)
-        path = inception_fn and inception_fn.key
-        if inception_fn is not None and (cache["inception"] or {}).get("weights") != path:
-            say(f"Inception statistics of {len(held_idx) - n_base} held-out real images")
-            ref = metrics.inception_stats(inception_fn, held_u8[n_base:])
-            base = metrics.inception_stats(inception_fn, held_u8[:n_base])
-            cache["inception"] = dict(weights=path, ref_mu=torch.from_numpy(ref[0]),
-                                      ref_sigma=torch.from_numpy(ref[1]), real_fid=evaluation.frechet_distance(*base, *ref))
-            runs.atomic_save(cache, cache_path)
-        if inception_fn is None:
-            fid_note = f"n/a ({fid_note})"
-    n_loss = min(opts.loss_batch, len(held_idx))
-    return SimpleNamespace(
-        device=device, manifest=manifest, kind=manifest["kind"], shape=ds.shape, num_classes=num_classes,
-        classifier=net, accuracy=cache["accuracy"], ref_stats=(cache["ref_mu"].numpy(), cache["ref_sigma"].numpy()),
-        real_fd=cache["real_fd"], inception_fn=inception_fn, inception=cache["inception"], fid_note=fid_note,
-        loss_x=held_x[:n_loss], loss_y=held_y[:n_loss], held_desc=held_desc, n_held=len(held_idx), n_base=n_base,
-        n_train=len(train_idx), fd_name=f"FD-{data.name}-classifier", cache_path=cache_path,
-        classifier_id=f"{cache['created']:.6f}")
+        try:
+            find_weights(opts.inception_weights, INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, "--inception-weights")
+        except UsageError as e:
+            fid_note = f"n/a ({e})"
+    key = dict(classifier=classifier.key, heldout=held_desc, base_items=n_base, fid=fid_note is None)
+    cache_path = os.path.join(cache, "reference.pt")
+    saved = torch.load(cache_path, map_location="cpu", weights_only=True) if os.path.isfile(cache_path) else None
+    ctx = SimpleNamespace(
+        device=device, manifest=ds.manifest, kind=ds.kind, shape=ds.shape, num_classes=ds.num_classes,
+        classifier=classifier, fid_reference=None if fid_note else held_images[n_base:], fid_note=fid_note,
+        inception_weights=opts.inception_weights, cache=cache, key=key, loss_x=held_x[:opts.loss_batch],
+        loss_y=held_y[:opts.loss_batch], held_desc=held_desc, n_held=len(held_idx), n_base=n_base,
+        n_train=min(len(ds) - skip, feature_nets.CLASSIFIER_ITEMS), fd_name=f"FD-{data.name}-classifier",
+        cache_path=cache_path)
+    if saved is None or saved["key"] != key:
+        feats = features(classifier, held_x)
+        ref_mu, ref_sigma = evaluation.feature_stats(feats[n_base:])
+        saved = dict(key=key, accuracy=consistency(classifier, held_x, held_y), ref_mu=torch.from_numpy(ref_mu),
+                     ref_sigma=torch.from_numpy(ref_sigma),
+                     real_fd=evaluation.frechet_distance(*evaluation.feature_stats(feats[:n_base]), ref_mu, ref_sigma),
+                     real_fid=None if fid_note else fid(ctx, held_images[:n_base]))
+        os.makedirs(cache, exist_ok=True)
+        runs.atomic_save(saved, cache_path)
+        say(f"classifier: held-out accuracy {saved['accuracy']:.4f}, real-data FD floor {saved['real_fd']:.4g}")
+    ctx.__dict__.update(accuracy=saved["accuracy"], ref_stats=(saved["ref_mu"].numpy(), saved["ref_sigma"].numpy()),
+                        real_fd=saved["real_fd"], real_fid=saved["real_fid"])
+    return ctx
+
+
+def features(classifier, x):
+    """The classifier's features (N, 128), float64, of uint8 images (N, H, W, C) or model-space x (N, C, H, W)."""
+    return evaluation.extract_features(classifier, x, batch_size=500, progress=False)["features"].astype(np.float64)
+
+
+def consistency(classifier, x, labels):
+    """The fraction of x that the classifier labels with its label."""
+    predicted = torch.cat([classifier.predict(x[i:i + 500]) for i in range(0, len(x), 500)])
+    return float((predicted == torch.as_tensor(labels).long().cpu()).float().mean())
+
+
+def fid(ctx, images):
+    """FID-Inception of uint8 images (N, H, W, 3) against the held-out reference (statistics cached)."""
+    return evaluation.evaluate(images, ctx.fid_reference, ["fid"], inception_weights=ctx.inception_weights,
+                               cache=ctx.cache, progress=False)["fid"]
+
+
+def real_floor(dataset, n, reference, metric, networks, cache, inception_weights=None):
+    """The metric of n training images (a fixed draw) against the reference: what a model that drew
+    the data itself would score at this sample size (the floor of FD and FID, biased upwards for few)."""
+    index = np.random.default_rng(0).permutation(len(dataset))[:n]
+    images = np.stack([dataset[int(i)][0].permute(1, 2, 0).numpy() for i in index])
+    return evaluation.evaluate(images, reference, [metric], networks=networks, cache=cache,
+                               inception_weights=inception_weights, progress=False)[metric]
 
 
 #################################################################################
@@ -223,21 +226,14 @@ def prepare_eval(opts, data):
 @torch.no_grad()
 def sample_fixed(model, prediction, ctx, opts, cfg_scale):
     """(samples in model space, labels): samples_per_class per class, class-major, from noise drawn
-    up front on the CPU with --sample-seed, so every run and any batch size get the same noise."""
-    diffusion = create_diffusion(f"ddim{opts.sample_steps}", prediction=prediction)
+    up front on the CPU with --sample-seed, so every run and any batch size get the same noise;
+    DDIM through sampling.py, guided by guidance.Guided (scale 1: the conditional model alone)."""
+    sampler = make_sampler("ddim", opts.sample_steps, prediction)
     labels = torch.arange(ctx.num_classes).repeat_interleave(opts.samples_per_class)
     noise = torch.randn(len(labels), *ctx.shape, generator=torch.Generator().manual_seed(opts.sample_seed))
-    clip = ctx.kind == "pixel"  # latents are normalised per channel, not bounded
-    out = []
-    for i in range(0, len(labels), opts.eval_batch_size):
-        z, y = noise[i:i + opts.eval_batch_size].to(ctx.device), labels[i:i + opts.eval_batch_size].to(ctx.device)
-        if cfg_scale == 1.0:  # eps_u + 1 (eps_c - eps_u) = eps_c: the conditional model alone, half the work
-            x = diffusion.ddim_sample_loop(model, z.shape, noise=z, clip_denoised=clip, model_kwargs=dict(y=y))
-        else:
-            z2, y2 = torch.cat([z, z]), torch.cat([y, torch.full_like(y, ctx.num_classes)])
-            x = diffusion.ddim_sample_loop(model.forward_with_cfg, z2.shape, noise=z2, clip_denoised=clip,
-                                           model_kwargs=dict(y=y2, cfg_scale=cfg_scale))[: len(z)]
-        out.append(x.float().cpu())
+    out = [denoise(Guided(model, cfg_scale), sampler, noise[i:i + opts.eval_batch_size].to(ctx.device),
+                   labels[i:i + opts.eval_batch_size].to(ctx.device), clip_denoised=ctx.kind == "pixel").float().cpu()
+           for i in range(0, len(labels), opts.eval_batch_size)]  # latents are normalised per channel, not bounded
     return torch.cat(out), labels
 
 
@@ -246,42 +242,36 @@ def score_samples(samples, labels, ctx, run_dir, cfg_scale):
     kept in RUN/eval-samples-cfg<s>.npz (pixel: arr_0 uint8 N x H x W x 3, the ADM format)."""
     path = os.path.join(run_dir, f"eval-samples-cfg{cfg_scale:g}.npz")
     if ctx.kind == "pixel":  # quantised like the real images the classifier saw
-        images = denormalize(samples.clamp(-1, 1), ctx.manifest)
-        x = images.float() / 127.5 - 1
-        np.savez(path, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        x = denormalize(samples.clamp(-1, 1), ctx.manifest).permute(0, 2, 3, 1).numpy()
+        np.savez(path, arr_0=x, labels=labels.numpy())
     else:
-        images, x = None, samples
+        x = samples
         np.savez(path, latents=samples.half().numpy(), labels=labels.numpy())
-    feats = metrics.extract_features(ctx.classifier, x)
-    entry = dict(fd=metrics.frechet_to_stats(feats, ctx.ref_stats), fd_network=ctx.fd_name,
-                 class_consistency=metrics.class_consistency(ctx.classifier, x, labels),
+    entry = dict(fd=evaluation.frechet_distance(*evaluation.feature_stats(features(ctx.classifier, x)), *ctx.ref_stats),
+                 fd_network=ctx.fd_name, class_consistency=consistency(ctx.classifier, x, labels),
                  fid=None, fid_network=None, fid_note=ctx.fid_note, npz=path)
-    if ctx.inception_fn is not None and images is not None:
-        entry.update(fid=inception_fid(ctx, images), fid_network="FID-Inception", fid_note=None)
+    if ctx.fid_reference is not None and ctx.kind == "pixel":
+        entry.update(fid=fid(ctx, x), fid_network="FID-Inception", fid_note=None)
     return entry
 
 
-def inception_fid(ctx, images_nchw_uint8):
-    stats = metrics.inception_stats(ctx.inception_fn, images_nchw_uint8)
-    return evaluation.frechet_distance(*stats, ctx.inception["ref_mu"].numpy(), ctx.inception["ref_sigma"].numpy())
-
-
-def add_missing_fid(run_dir, ctx):
-    """A finished run scored before the Inception weights were on disk gets its FID from its npz."""
-    if ctx.inception_fn is None:
-        return
-    path = os.path.join(run_dir, "results.json")
-    result = read_json(path)
-    changed = False
-    for entry in (result or {}).get("samples", {}).values():
-        if entry.get("fid") is None and os.path.isfile(entry.get("npz", "")):
-            with np.load(entry["npz"]) as npz:
-                if "arr_0" in npz.files:
-                    images = torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2)
-                    entry.update(fid=inception_fid(ctx, images), fid_network="FID-Inception", fid_note=None)
-                    changed = True
-    if changed:
-        write_json(path, result)
+@torch.no_grad()
+def heldout_loss(model, diffusion, x, y, seed=0, batch_size=256):
+    """Mean loss, mse and vb of `model` (in eval mode: no label dropout) on x (N, C, H, W) in model
+    space with labels y: timesteps evenly spread over [0, T), noise from a generator seeded with
+    `seed`, so every model is scored on the same (x, t, noise)."""
+    device = next(model.parameters()).device
+    n, steps = len(x), diffusion.num_timesteps
+    t_all = torch.arange(n) * steps // n
+    noise_all = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    totals = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+    for i in range(0, n, batch_size):
+        sl = slice(i, i + batch_size)
+        terms = diffusion.training_losses(model, x[sl].to(device), t_all[sl].to(device),
+                                          dict(y=torch.as_tensor(y[sl]).to(device)), noise=noise_all[sl].to(device))
+        for k in totals:
+            totals[k] += terms[k].double().sum().item()
+    return {k: v / n for k, v in totals.items()}
 
 
 def training_record(run_dir, global_batch):
@@ -312,7 +302,7 @@ def evaluate_run(run_dir, ckpt_path, opts, ctx):
     for name, state in (("raw", ckpt["model"]), ("ema", ema_state)):
         model.load_state_dict(state)
         model.to(ctx.device).eval().requires_grad_(False)  # frozen: MPLinear caches its weights
-        losses[name] = metrics.heldout_loss(model, diffusion, ctx.loss_x, ctx.loss_y, seed=opts.sample_seed)
+        losses[name] = heldout_loss(model, diffusion, ctx.loss_x, ctx.loss_y, seed=opts.sample_seed)
     samples = {}
     for cfg_scale in opts.cfg_scales:
         x, labels = sample_fixed(model, args.prediction, ctx, opts, cfg_scale)

@@ -1,32 +1,39 @@
-"""The grid's table and figures for experiments/ablate.py: the runs' results aggregated over
-seeds (RESULTS/results.json), the markdown table (RESULTS/table.md), and the two comparison
-figures (ablation_samples.png, ablation_magnitudes.png).
+"""The reports of experiments/: the runs' results aggregated over seeds (summarise: mean and sample
+standard deviation), as tables, findings and figures.
+
+- ablate.py: RESULTS/results.json, the markdown table RESULTS/table.md and the two comparison
+  figures ablation_samples.png and ablation_magnitudes.png (aggregate, render_table, make_figures).
+- study.py: the lr sweeps (best lr, the range within 10% of it, divergences), the full runs at the
+  best lr (metric with seed spread, best-vs-best gaps with Welch's t-test and Holm's correction,
+  steps to a target value, parameters, s/step, the ablation's scores) as RESULTS/study.md (a
+  markdown section the README can include) and RESULTS/study.json, with the figures
+  study_curves.png (metric against step per arm, mean and seed range), study_sweep.png (final
+  metric against lr), study_samples.png (the best run of each arm, same classes and noise) and
+  study_magnitudes.png; the report links them from --visuals (relative to the --readme file's folder,
+  e.g. ../visuals/ for experiments/RESULTS.md) when given, else from beside it. --readme FILE also puts the
+  report between the markers README_START and README_END of FILE (write_report).
 """
+import math
 import os
 import shutil
 
 import numpy as np
+from scipy import stats
 
 import plots
-from experiments import metrics
-from experiments.evaluate import say
+from experiments.evaluate import say, summarise, write_json, write_text
 
 FIGURE_COLUMNS = 8
+FIGURES = (("metric against step", "study_curves.png"), ("final metric against lr", "study_sweep.png"),
+           ("samples of the best runs", "study_samples.png"), ("magnitudes of the best runs", "study_magnitudes.png"))
+WITHIN = 0.10  # "forgiving": the lrs whose metric is within 10% of the arm's best
+ALPHA = 0.05  # significance level of the best-vs-best comparisons, family-wise (Holm over the arms compared)
+README_START, README_END = "<!-- study.py results: start -->", "<!-- study.py results: end -->"
 
 
 #################################################################################
 #                             Table and figures                                 #
 #################################################################################
-
-def summarise(values):
-    """dict(mean, std, n, values) of the values that are not None (None if none is): std is the sample
-    standard deviation (ddof 1), None for a single value, whose spread one value cannot tell."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
-                n=len(values), values=values)
-
 
 def aggregate(opts, data, ctx, configs, collected, skipped):
     """The grid's summary: a row per configuration of opts.configs (configs: name -> (label,
@@ -55,8 +62,7 @@ def aggregate(opts, data, ctx, configs, collected, skipped):
                                    fid=summarise([r["samples"][s]["fid"] for r in ok if s in r["samples"]]))
                    for s in (f"{c:g}" for c in opts.cfg_scales)})
         rows.append(row)
-    real = dict(items=ctx.n_base, fd=ctx.real_fd, class_consistency=ctx.accuracy,
-                fid=(ctx.inception or {}).get("real_fid") if ctx.inception_fn else None)
+    real = dict(items=ctx.n_base, fd=ctx.real_fd, class_consistency=ctx.accuracy, fid=ctx.real_fid)
     return dict(
         grid=opts.grid, headline_cfg=head, fd_network=ctx.fd_name, fid_network="FID-Inception",
         fid_note=ctx.fid_note, spread="mean ± sample standard deviation over seeds (ddof 1)",
@@ -67,12 +73,14 @@ def aggregate(opts, data, ctx, configs, collected, skipped):
                       samples_per_class=opts.samples_per_class, sample_seed=opts.sample_seed,
                       loss_batch=len(ctx.loss_x), device=str(ctx.device)),
         classifier=dict(accuracy=ctx.accuracy, train_items=ctx.n_train, heldout_items=ctx.n_held,
-                        reference_items=ctx.n_held - ctx.n_base, features=metrics.FEATURE_DIM, cache=ctx.cache_path),
+                        reference_items=ctx.n_held - ctx.n_base, features=ctx.classifier.outputs["features"],
+                        cache=ctx.cache_path),
         real_data=real, rows=rows)
 
 
-def _cell(stat, spec, scale=1.0):
-    if stat is None:
+def _cell(stat, spec=".4g", scale=1.0):
+    """mean ± std of a summarise() result, n/a for none."""
+    if not stat:
         return "n/a"
     mean = format(stat["mean"] * scale, spec)
     return mean if stat["n"] == 1 else f"{mean} ± {format(stat['std'] * scale, spec)}"
@@ -187,3 +195,309 @@ def sample_figure(npz_paths, titles, class_names, path, subtitle):
             images, labels = npz["arr_0"], npz["labels"]
         blocks.append([images[np.flatnonzero(labels == k)[:FIGURE_COLUMNS]] for k in range(len(class_names))])
     plots.compare_samples(blocks, titles, class_names, path, subtitle)
+
+
+#################################################################################
+#                              The study's report                              #
+#################################################################################
+
+def lr_range(sweep, best):
+    """(lowest, highest) lr of the contiguous run of sweep points around the best whose final metric is
+    at most (1 + WITHIN) x the best's; a diverged or missing point ends the run."""
+    points = sorted(sweep, key=lambda r: r["lr"])
+    i = next(k for k, r in enumerate(points) if r["lr"] == best)
+    limit = points[i]["final"] * (1 + WITHIN)
+
+    def good(r):
+        return r["status"] == "ok" and math.isfinite(r["final"]) and r["final"] <= limit
+    lo = hi = i
+    while lo > 0 and good(points[lo - 1]):
+        lo -= 1
+    while hi < len(points) - 1 and good(points[hi + 1]):
+        hi += 1
+    return points[lo]["lr"], points[hi]["lr"]
+
+
+def steps_to(curve, target):
+    """The first evaluated step whose value is at most target, or None."""
+    return next((step for step, value in curve if value <= target), None)
+
+
+def arm_summary(arm, plan, sweep, best, runs):
+    """One arm's numbers: sweep, best lr and its range, full runs aggregated over seeds."""
+    row = dict(arm=arm, label=runs[0].get("label", arm) if runs else arm, default_lr=plan["default_lr"],
+               sweep=[dict(lr=r["lr"], status=r["status"], final=r.get("final"), message=r.get("message"))
+                      for r in sweep], best_lr=best)
+    if best is None:
+        return row
+    lrs = sorted(r["lr"] for r in sweep)
+    row.update(range=lr_range(sweep, best), at_edge=best in (lrs[0], lrs[-1]) and len(lrs) > 1)
+    ok = [r for r in runs if r["status"] == "ok"]
+    row.update(seeds=[r["seed"] for r in runs], seeds_ok=[r["seed"] for r in ok],
+               diverged=[r["seed"] for r in runs if r["status"] == "diverged"],
+               missing=[r["seed"] for r in runs if r["status"] == "missing"])
+    if ok:
+        head = ok[0]["samples"]["1"]
+        row.update(parameters=ok[0]["parameters"], fd_network=head["fd_network"],
+                   final=summarise([r["final"] for r in ok]), step_time_s=summarise([r["step_time_s"] for r in ok]),
+                   fd=summarise([r["samples"]["1"]["fd"] for r in ok]),
+                   class_consistency=summarise([r["samples"]["1"]["class_consistency"] for r in ok]),
+                   ema_heldout_loss=summarise([r["heldout_loss"]["ema"]["loss"] for r in ok]),
+                   curves={r["seed"]: r["curve"] for r in ok},
+                   best_run=min(ok, key=lambda r: r["final"]))
+    return row
+
+
+def welch(a, b):
+    """Welch's two-sided t-test of mean(a) = mean(b), variances not assumed equal: dict(t, df, p) with
+    t = (mean a - mean b) / sqrt(v_a + v_b), v = s^2 / n (s the sample std), and the Welch-Satterthwaite
+    df = (v_a + v_b)^2 / (v_a^2 / (n_a - 1) + v_b^2 / (n_b - 1)); None with fewer than 2 values on a
+    side, no spread at all, or a non-finite value (the test is undefined there)."""
+    if min(len(a), len(b)) < 2 or not (np.std(a) or np.std(b)):
+        return None
+    result = stats.ttest_ind(a, b, equal_var=False)
+    test = dict(t=float(result.statistic), df=float(result.df), p=float(result.pvalue))
+    return test if all(math.isfinite(v) for v in test.values()) else None
+
+
+def holm(p_values):
+    """Holm's adjusted p-values, in the given order: the i-th smallest of m becomes the largest of
+    min(1, (m - j) p_(j)) over j <= i (0-based). Calling those below ALPHA significant makes any false
+    'significant' among the m comparisons at most ALPHA likely."""
+    adjusted, worst = [None] * len(p_values), 0.0
+    for j, i in enumerate(sorted(range(len(p_values)), key=lambda i: p_values[i])):
+        worst = max(worst, min(1.0, (len(p_values) - j) * p_values[i]))
+        adjusted[i] = worst
+    return adjusted
+
+
+def compare(rows, baseline):
+    """Each arm's best-vs-best comparison with the baseline arm on the final metric of the seeds that
+    finished: gap = mean - baseline mean (negative: lower metric, better), relative to the baseline,
+    Welch's t-test (None: fewer than 2 finished seeds on a side, no verdict), and whether it is
+    significant at ALPHA after Holm's correction over the arms tested. n: the seeds that finished,
+    of the seeds run (a diverged seed is a failure of its arm, not part of its mean)."""
+    base = rows.get(baseline, {})
+    out = {}
+    for arm, row in rows.items():
+        if arm == baseline or row.get("best_lr") is None:
+            continue
+        a, b = (r["final"]["values"] if "final" in r else [] for r in (row, base))
+        gap = float(np.mean(a) - np.mean(b)) if a and b else None
+        out[arm] = dict(gap=gap, relative=None if gap is None else gap / float(np.mean(b)), n=(len(a), len(b)),
+                        of=(len(row["seeds"]), len(base.get("seeds", []))), test=welch(a, b), p_holm=None,
+                        significant=None)
+    tested = [arm for arm, c in out.items() if c["test"]]
+    for arm, p in zip(tested, holm([out[arm]["test"]["p"] for arm in tested])):
+        out[arm].update(p_holm=p, significant=p < ALPHA)
+    return out
+
+
+def summarise_study(study):
+    o = study.opts
+    rows = {arm: arm_summary(arm, study.plan[arm], study.sweeps[arm], study.best[arm], study.fulls[arm])
+            for arm in study.plan}
+    finals = [r["final"]["mean"] for r in rows.values() if "final" in r]
+    target = o.target if o.target is not None else (max(finals) if finals else None)
+    for row in rows.values():
+        if "curves" in row and target is not None:
+            reached = {s: steps_to(c, target) for s, c in row["curves"].items()}
+            row["steps_to_target"] = dict(per_seed=reached, summary=summarise([v for v in reached.values() if v]))
+    baseline = "vanilla" if "vanilla" in rows else next(iter(rows))
+    data = "the demo's shapes variant (random colour, size, position and rotation: class = shape alone)" \
+        if study.data.demo else f"`{os.path.basename(study.data.path)}`"
+    linked_from = os.path.dirname(os.path.abspath(o.readme)) if o.readme else os.getcwd()
+    figure_dir = os.path.relpath(o.visuals, linked_from) if o.visuals else "."
+    return dict(metric=o.metric, data=data, target=target, figure_dir=figure_dir,
+                target_source="--target" if o.target is not None else
+                "the worst arm's final mean", baseline=baseline, gaps=compare(rows, baseline), alpha=ALPHA,
+                floor=study.floor,
+                refused=study.refused, wall=study.wall, estimate_s=study.estimate_s,
+                command=study.command,
+                settings=dict(profile=o.profile, data=study.data.path, heldout=study.data.heldout,
+                              validation=study.data.validation, test=study.data.test, model=o.model,
+                              depth=o.depth, hidden_size=o.hidden_size, num_heads=o.num_heads,
+                              batch=o.global_batch_size, sweep_steps=o.sweep_steps, sweep_seed=o.sweep_seed,
+                              sweep_points=o.sweep_points, sweep_span=o.sweep_span, sweep_extend=o.sweep_extend,
+                              steps=o.steps, seeds=o.seeds,
+                              eval_every=o.eval_every, eval_samples=o.eval_samples, sample_steps=o.sample_steps,
+                              samples_per_class=o.samples_per_class, num_classes=int(study.data.manifest["num_classes"]),
+                              parallel=o.parallel, threads=o.threads),
+                rows={arm: {k: v for k, v in row.items() if k != "best_run"} for arm, row in rows.items()}), rows
+
+
+def _sweep_cell(point):
+    if point["status"] == "diverged":
+        return "diverged"
+    return "missing" if point["status"] != "ok" else format(point["final"], ".4g")
+
+
+def render_study(summary):
+    s, m = summary["settings"], summary["metric"]
+    rows = summary["rows"]
+    lines = ["### Does magnitude preservation help? Each arm at its own best learning rate", "",
+             f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), batch "
+             f"{s['batch']}, v-prediction, on {summary['data']}. "
+             f"lr sweep: {s['sweep_points']} log-spaced values over {s['sweep_span']:g}x around train.py's default "
+             f"per arm (extended one step at a time past an end holding the best, up to {s['sweep_extend']} steps), "
+             f"{s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr by `{m}` of "
+             f"{s['eval_samples']} samples (DDIM-{s['sample_steps']}) against the validation half of the held-out "
+             f"images. Then seeds {s['seeds']} at that lr for {s['steps']} steps, evaluated every "
+             f"{s['eval_every']} steps against the test half, which gives every number below (the lr is not "
+             f"chosen on the images, seed or noise reported). Cells: mean ± sample standard deviation over the "
+             f"seeds that finished (seeds: finished/run; a diverged seed is a failure of its arm); lower {m} is "
+             f"better. Each arm is compared with {summary['baseline']} by Welch's t-test (two-sided) on the final "
+             f"{m} of the finished seeds, significant when its p-value after Holm's correction over the arms "
+             f"compared is below {ALPHA:g}; no verdict with fewer than 2 finished seeds on a side. Real training "
+             f"images score {summary['floor']:.4g} against the test half (the floor).", "",
+             f"| arm | best lr (train.py default) | lr within 10% of best | final {m} ↓ | steps to {m} ≤ "
+             f"{'n/a' if summary['target'] is None else format(summary['target'], '.4g')} | FD ↓ "
+             "| class consistency % ↑ | EMA held-out loss ↓ | parameters | s/step | seeds |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for arm, r in rows.items():
+        if r["best_lr"] is None:
+            lines.append(f"| {arm} | every sweep run diverged or is missing |" + " |" * 9)
+            continue
+        lr = f"{r['best_lr']:g}{' (edge of the sweep)' if r['at_edge'] else ''} ({r['default_lr']:g})"
+        span = f"{r['range'][0]:g} – {r['range'][1]:g} ({r['range'][1] / r['range'][0]:.3g}x)"
+        if "final" not in r:
+            why = f"every full run diverged (seeds {r['diverged']})" if r["diverged"] and not r["missing"] else \
+                f"no full run finished (diverged: {r['diverged']}, missing: {r['missing']})"
+            lines.append(f"| {arm} | {lr} | {span} | {why} |" + " |" * 7)
+            continue
+        reach = r.get("steps_to_target", {})
+        n_reached = sum(v is not None for v in reach.get("per_seed", {}).values())
+        reached = f"{_cell(reach.get('summary'), '.0f')} ({n_reached}/{len(r['seeds_ok'])} seeds)"
+        seeds = f"{len(r['seeds_ok'])}/{len(r['seeds'])}" + (f", diverged: {r['diverged']}" if r["diverged"] else "") \
+            + (f", missing: {r['missing']}" if r["missing"] else "")
+        lines.append(f"| {arm} | {lr} | {span} | {_cell(r['final'])} | {reached} | {_cell(r['fd'], '.3g')} "
+                     f"| {_cell(r['class_consistency'], '.1f', 100)} | {_cell(r['ema_heldout_loss'])} "
+                     f"| {r['parameters']:,} | {_cell(r['step_time_s'], '.3g')} | {seeds} |")
+    columns = max(len(r["sweep"]) for r in rows.values())
+    lines += ["", f"The lr sweeps (final `{m}` after {s['sweep_steps']} steps; **bold** = best):", "",
+              "| arm | " + " | ".join(f"lr {i + 1}" for i in range(columns)) + " |", "|---|" + "---:|" * columns]
+    for arm, r in rows.items():
+        cells = [f"{p['lr']:g}: " + (f"**{_sweep_cell(p)}**" if p["lr"] == r["best_lr"] else _sweep_cell(p))
+                 for p in sorted(r["sweep"], key=lambda p: p["lr"])]
+        lines.append(f"| {arm} | " + " | ".join(cells + [""] * (columns - len(cells))) + " |")
+    lines += ["", "What the data shows:", ""] + [f"- {line}" for line in findings(summary)]
+    lines += [""] + [f"![{alt}]({os.path.join(summary['figure_dir'], name)})\n" for alt, name in FIGURES]
+    lines += ["Columns: **FD** is experiments/ablate.py's Frechet distance in its classifier's features "
+              f"({next((r['fd_network'] for r in rows.values() if 'fd_network' in r), 'n/a')}) of "
+              f"{s['num_classes'] * s['samples_per_class']} samples from fixed noise against the test half, **class "
+              "consistency** the fraction of samples that classifier labels with their class, **EMA held-out "
+              "loss** the sampled weights' loss on test-half images: the final scores of ablate.py, at the end of "
+              f"each full run. **s/step**: median over training log windows, {s['parallel']} run(s) at once. "
+              "**lr within 10% of best**: the contiguous sweep points around the best whose final metric is at "
+              "most 1.1x the best's (how forgiving the arm is). **steps to**: the first evaluation at or below "
+              f"the target ({summary['target_source']}), mean over the seeds that reached it.", ""]
+    wall, est = summary["wall"], summary["estimate_s"]
+    lines += [f"Wall time of the study: {wall['seconds'] / 3600:.2f} h over {wall['invocations']} invocation(s) "
+              f"with runs to do (the last one estimated {'n/a' if est is None else f'{est / 3600:.1f} h'} before "
+              f"it started); command: `{summary['command']}`.", ""]
+    return "\n".join(lines)
+
+
+def comparison(arm, base, g, metric, tested):
+    """The finding of one best-vs-best comparison (g: an entry of compare; tested: how many had a test)."""
+    head = f"{arm} vs {base}, each at its best lr"
+    seeds = f"finished seeds {g['n'][0]}/{g['of'][0]} vs {g['n'][1]}/{g['of'][1]}"
+    if g["gap"] is None:
+        return f"{head}: no comparison ({seeds})."
+    direction = "lower (better)" if g["gap"] < 0 else "higher (worse)"
+    head += f": {metric} {100 * abs(g['relative']):.1f}% {direction} (gap {g['gap']:+.4g}, {seeds})"
+    t = g["test"]
+    if t is None:
+        why = "fewer than 2 finished seeds on a side" if min(g["n"]) < 2 else "the seeds show no spread"
+        return f"{head}; no verdict: {why}."
+    verdict = f"significant at {ALPHA:g}." if g["significant"] else \
+        f"not significant at {ALPHA:g}: the two are not distinguished by this study."
+    return (f"{head}; Welch's t-test t = {t['t']:.3g}, df = {t['df']:.3g}, p = {t['p']:.3g}, Holm-adjusted over "
+            f"{tested} comparison{'s' if tested > 1 else ''} {g['p_holm']:.3g}: {verdict}")
+
+
+def findings(summary):
+    """Plain sentences from the numbers: each best-vs-best comparison with the baseline and its test,
+    divergences, sweeps whose best lr lies at an edge, and train.py's default lr against the evidence."""
+    m, base, out = summary["metric"], summary["baseline"], []
+    tested = sum(g["test"] is not None for g in summary["gaps"].values())
+    out += [comparison(arm, base, g, m, tested) for arm, g in summary["gaps"].items()]
+    for arm, r in summary["rows"].items():
+        diverged = [p["lr"] for p in r["sweep"] if p["status"] == "diverged"]
+        if diverged:
+            out.append(f"{arm}: the sweep diverged at lr {', '.join(f'{lr:g}' for lr in diverged)}.")
+        if r.get("diverged"):
+            out.append(f"{arm}: the full runs of seeds {r['diverged']} (of {r['seeds']}) diverged: a failure of the "
+                       "arm at its best lr, outside its mean and test.")
+        if r.get("at_edge"):
+            out.append(f"{arm}: the best lr {r['best_lr']:g} is at the edge of its sweep; a wider sweep may find "
+                       "a better one.")
+        if r.get("range"):
+            inside = r["range"][0] <= r["default_lr"] <= r["range"][1]
+            out.append(f"{arm}: train.py's default lr {r['default_lr']:g} is "
+                       + ("within 10% of the best: the default stands." if inside else
+                          f"outside the range within 10% of the best ({r['best_lr']:g}): evidence for a new default."))
+    for arm, why in summary["refused"].items():
+        out.append(f"{arm}: not run ({why}).")
+    return out
+
+
+def curves_figure(rows, metric, floor, path):
+    """Metric against step: per arm the mean over seeds (line) and the seed range (band)."""
+    lines = []
+    for arm, r in rows.items():
+        curves = list(r.get("curves", {}).values())
+        if curves:
+            steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+            lines.append((f"{arm} (lr {r['best_lr']:g}, {len(curves)} seeds)", steps,
+                          np.array([[dict(c)[s] for s in steps] for c in curves])))
+    return plots.plot_seed_curves(lines, floor, f"{metric} (log scale), mean and seed range", path)
+
+
+def sweep_figure(rows, metric, path):
+    """Final sweep metric against lr per arm (log-log); diverged points as x at the top."""
+    lines = [(arm, [(p["lr"], p["final"]) for p in r["sweep"] if p["status"] == "ok"],
+              [p["lr"] for p in r["sweep"] if p["status"] == "diverged"]) for arm, r in rows.items()]
+    return plots.plot_lr_sweep(lines, f"final {metric} (x: diverged)", path)
+
+
+def include_in_readme(path, section):
+    """Replace what lies between README_START and README_END in the markdown file `path` with section."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path}: no '{README_START}' ... '{README_END}' block to replace")
+    write_text(path, text[:start + len(README_START)] + "\n" + section + "\n" + text[end:])
+
+
+def write_report(study):
+    """study.md, study.json and the figures under the study's results dir (copied to --visuals)."""
+    o = study.opts
+    summary, rows = summarise_study(study)
+    out = o.results_dir
+    written = [os.path.join(out, "study.md"), os.path.join(out, "study.json")]
+    text = render_study(summary)
+    write_text(written[0], text)
+    write_json(written[1], summary)
+    figures = [os.path.join(out, name) for _, name in FIGURES[:2]]
+    curves_figure(rows, o.metric, summary["floor"], figures[0])
+    sweep_figure(rows, o.metric, figures[1])
+    best = [(f"{arm} (lr {r['best_lr']:g}, seed {r['best_run']['seed']})", r["best_run"])
+            for arm, r in rows.items() if "best_run" in r]
+    if best:
+        names = study.data.manifest.get("class_names") or [str(k) for k in range(study.ctx.num_classes)]
+        figures.append(os.path.join(out, FIGURES[2][1]))
+        sample_figure([r["samples"]["1"]["npz"] for _, r in best], [t for t, _ in best], names, figures[-1],
+                      f"the best run of each arm: same classes and noise, DDIM-{o.sample_steps}")
+        figures.append(os.path.join(out, FIGURES[3][1]))
+        plots.compare_magnitudes([(t, plots.read_metrics(os.path.join(r["run_dir"], "metrics.jsonl")))
+                                  for t, r in best], figures[-1])
+    if o.readme:
+        include_in_readme(o.readme, text)
+        written.append(o.readme)
+    if o.visuals:
+        os.makedirs(o.visuals, exist_ok=True)
+        for path in figures:
+            shutil.copy(path, os.path.join(o.visuals, os.path.basename(path)))
+    return written + figures

@@ -1,20 +1,26 @@
-"""What experiments/ablate.py and experiments/study.py share to run train.py many times: the MP
-configurations (CONFIGS), train.py's arguments checked without starting it, finding a run's
-directory and its state (done, evaluate, resume, new), training one run with divergence recorded
-rather than raised, running many runs as subprocesses N at once, and their command lines' error
-handling (bad input: one line, exit code 2).
+"""The grid runner of experiments/ablate.py and experiments/study.py: arms (the MP configurations,
+CONFIGS) x learning rates x seeds, each run a train.py run in its own folder
+RESULTS/<phase>/<arm>[-lr<lr>]-seed<s>/ (lr None: train.py's default for the arm). A run is trained
+(or continued) in this process through train.main, its divergence recorded rather than raised; its
+in-run evaluation curve read (opts.metric: the study); its final checkpoint scored by
+experiments/evaluate.py (a ctx: the ablation, the study's full runs); its results.json written.
+Rerunning skips finished runs (done: results.json for the same arguments and scoring settings) and
+continues interrupted ones; --parallel N runs N at once as `SCRIPT ARGV --only PHASE:ARM:LR:SEED`.
 """
 import contextlib
 import io
 import logging
 import os
+import shlex
 import subprocess
+import sys
 import time
 
+import plots
 import runs
 import train
 from cli import UsageError
-from experiments.evaluate import read_json, say
+from experiments.evaluate import LOG, evaluate_run, read_json, say, training_record, write_json
 from models import MP_SWITCHES
 
 
@@ -35,6 +41,63 @@ def _configs():
 
 
 CONFIGS = _configs()
+
+
+def job_root(opts, phase, arm, lr, seed):
+    return os.path.join(opts.results_dir, phase, f"{arm}-seed{seed}" if lr is None else f"{arm}-lr{lr:g}-seed{seed}")
+
+
+def job_steps(opts, phase):
+    return opts.sweep_steps if phase == "sweep" else opts.steps
+
+
+def job_key(opts, ctx, phase):
+    """What a run's results depend on besides its training: a change re-scores, never retrains."""
+    if ctx is None:
+        return dict(metric=opts.metric)
+    return dict(metric=opts.metric, samples_per_class=opts.samples_per_class, sample_steps=opts.sample_steps,
+                cfg_scales=opts.cfg_scales, sample_seed=opts.sample_seed, loss_batch=opts.loss_batch,
+                classifier=ctx.key)
+
+
+def train_argv(opts, data, phase, arm, lr, seed):
+    """train.py's arguments of one run: the data, its own --results-dir (so that train.py's resume can
+    only find this run), the grid's model, steps, batch, prediction and seed; flips as train.py's
+    default unless --hflip; logs, monitor and 5 checkpoints scaled to the steps; no loader workers;
+    --lr unless None. With opts.metric, train.py's in-run evaluation: every --eval-every steps against
+    the test half of the held-out data (full runs), or once at the end against its validation half
+    (sweep runs: the lr is chosen on data the report does not use). Last the arm's flags and
+    --train-args."""
+    steps = job_steps(opts, phase)
+    hflip = opts.hflip if opts.hflip is not None else not data.demo and data.manifest["kind"] == "pixel"
+    argv = ["--data-path", data.path, "--results-dir", job_root(opts, phase, arm, lr, seed), "--model", opts.model,
+            "--num-steps", str(steps), "--global-batch-size", str(opts.global_batch_size), "--seed", str(seed),
+            "--log-every", str(max(1, min(50, steps // 10))), "--monitor-every", str(max(1, steps // 15)),
+            "--ckpt-every", str(max(1, -(-steps // 5))), "--num-workers", "0", "--hflip" if hflip else "--no-hflip",
+            "--prediction", opts.prediction] + ([] if lr is None else ["--lr", repr(lr)])
+    if opts.metric:
+        argv += ["--sample-every", "0", "--no-progress", "--eval-every", str(opts.eval_every if phase == "full" else steps),
+                 "--eval-samples", str(opts.eval_samples), "--eval-metrics", opts.metric, "--eval-reference",
+                 data.test if phase == "full" else data.validation, "--sample-steps", str(opts.sample_steps)]
+    for key in ("depth", "hidden_size", "num_heads"):
+        if getattr(opts, key) is not None:
+            argv += ["--" + key.replace("_", "-"), str(getattr(opts, key))]
+    return argv + CONFIGS[arm][1] + shlex.split(opts.train_args)
+
+
+def check_options(opts, counts):
+    """Refuse (UsageError) counts below 1, repeated seeds and --train-args that do not split; make
+    --results-dir absolute."""
+    for name in counts:
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if len(set(opts.seeds)) != len(opts.seeds):
+        raise UsageError(f"--seeds: repeated seed in {opts.seeds}")
+    try:
+        shlex.split(opts.train_args)
+    except ValueError as e:
+        raise UsageError(f"--train-args: {e}") from None
+    opts.results_dir = os.path.abspath(opts.results_dir)
 
 
 def parse_train(argv):
@@ -81,6 +144,21 @@ def run_state(run_dir, argv, num_steps, key):
     return "resume" if runs.checkpoints_in(run_dir) else "new"
 
 
+def job_state(opts, data, ctx, phase, arm, lr, seed):
+    """(run_dir or None, its state as run_state says, train argv) of one run."""
+    argv = train_argv(opts, data, phase, arm, lr, seed)
+    run_dir = find_run(job_root(opts, phase, arm, lr, seed), parse_train(argv)[0])
+    return run_dir, run_state(run_dir, argv, job_steps(opts, phase), job_key(opts, ctx, phase)), argv
+
+
+def collect(opts, data, ctx, phase, arm, lr, seed):
+    """The run's results.json when it is done, else a record with status missing."""
+    run_dir, state, _ = job_state(opts, data, ctx, phase, arm, lr, seed)
+    if state == "done":
+        return read_json(os.path.join(run_dir, "results.json"))
+    return dict(phase=phase, arm=arm, lr=lr, seed=seed, status="missing")
+
+
 def train_run(argv, root, resume_dir=None):
     """Train train.py's argv (continuing resume_dir if given) in this process: (run_dir, None), or
     (run_dir, why) when the loss became non-finite (train.py stops before saving it)."""
@@ -92,6 +170,93 @@ def train_run(argv, root, resume_dir=None):
     finally:
         for handler in logging.getLogger("train").handlers:
             handler.close()
+
+
+def eval_curve(run_dir, metric):
+    """[(step, value)] of the in-run evaluations in metrics.jsonl (a resumed run's train.py drops the
+    records logged after its checkpoint, so each step appears once)."""
+    records = plots.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return [(r["step"], r["eval"][metric]) for r in records if metric in r.get("eval", {})]
+
+
+def share_eval_cache(opts, root):
+    """train.py caches its evaluation classifier and reference statistics in ROOT/eval-cache: every
+    run links it to the grid's one, RESULTS/eval-cache, where the scorer keeps its classifier too."""
+    link = os.path.join(root, "eval-cache")
+    os.makedirs(root, exist_ok=True)
+    if not os.path.lexists(link):
+        os.symlink(os.path.join(opts.results_dir, "eval-cache"), link)
+
+
+def run_job(opts, data, ctx, phase, arm, lr, seed):
+    """Train (or continue) one run, read its curve, score it (ctx), write its results.json (diverged
+    runs too)."""
+    run_dir, state, argv = job_state(opts, data, ctx, phase, arm, lr, seed)
+    tag = f"{phase} {arm}{'' if lr is None else f' lr {lr:g}'} seed {seed}"
+    if state == "done":
+        say(f"{tag}: finished, skipped ({run_dir})")
+        return
+    base = dict(phase=phase, arm=arm, label=CONFIGS[arm][0], flags=CONFIGS[arm][1], lr=lr, seed=seed,
+                train_argv=argv, train_command="python train.py " + shlex.join(argv))
+    curve = (lambda run_dir: dict(curve=eval_curve(run_dir, opts.metric))) if opts.metric else (lambda run_dir: {})
+    start = time.time()
+    if state in ("new", "resume"):
+        say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}: {base['train_command']}")
+        root = job_root(opts, phase, arm, lr, seed)
+        share_eval_cache(opts, root)
+        run_dir, diverged = train_run(argv, root, run_dir if state == "resume" else None)
+        if diverged:
+            write_json(os.path.join(run_dir, "results.json"),
+                       dict(base, status="diverged", message=diverged, run_dir=run_dir, **curve(run_dir)))
+            say(f"{tag}: diverged: {diverged}")
+            return
+    steps = job_steps(opts, phase)
+    result = dict(base, status="ok", run_dir=run_dir, eval_key=job_key(opts, ctx, phase), **curve(run_dir),
+                  step_time_s=training_record(run_dir, opts.global_batch_size)[2], train_seconds_this_call=
+                  time.time() - start if state in ("new", "resume") else None)
+    if opts.metric:
+        if not result["curve"] or result["curve"][-1][0] != steps:
+            raise UsageError(f"{run_dir}: no in-run evaluation of {opts.metric} at step {steps} in metrics.jsonl")
+        result["final"] = result["curve"][-1][1]
+        say(f"{tag}: {opts.metric} {result['final']:.4g} at step {steps}")
+    if ctx is not None:
+        say(f"{tag}: scoring {run_dir}")
+        result.update(evaluate_run(run_dir, final_checkpoint(run_dir, steps), opts, ctx))
+        head = result["samples"][f"{opts.cfg_scales[0]:g}"]
+        say(f"{tag}: EMA loss {result['heldout_loss']['ema']['loss']:.4f}, {ctx.fd_name} {head['fd']:.4g}, "
+            f"class consistency {head['class_consistency']:.3f}")
+    write_json(os.path.join(run_dir, "results.json"), result)
+
+
+def run_phase(opts, argv, data, ctx, phase, jobs, script):
+    """jobs: [(arm, lr, seed)]; runs those not done in this process, or as `SCRIPT ARGV --only
+    PHASE:ARM:LR:SEED` subprocesses --parallel at once. Returns (how many it ran, the failures)."""
+    todo = [job for job in jobs if job_state(opts, data, ctx, phase, *job)[1] != "done"]
+    say(f"{phase}: {len(jobs) - len(todo)} of {len(jobs)} runs finished before, {len(todo)} to run")
+    if opts.parallel == 1:
+        for job in todo:
+            run_job(opts, data, ctx, phase, *job)
+        return len(todo), []
+    cmds = []
+    for arm, lr, seed in todo:
+        root = job_root(opts, phase, arm, lr, seed)
+        share_eval_cache(opts, root)
+        cmds.append((f"{phase} {arm} lr {lr} seed {seed}", [sys.executable, script, *argv, "--only",
+                                                            f"{phase}:{arm}:{lr!r}:{seed}"],
+                     os.path.join(root, f"{LOG['name']}.log")))
+    return len(todo), run_subprocesses(cmds, opts.parallel)
+
+
+def parse_only(text, arms):
+    """--only PHASE:ARM:LR:SEED (LR None: train.py's default) -> (phase, arm, lr, seed)."""
+    parts = text.split(":")
+    try:
+        phase, arm, lr, seed = parts[0], parts[1], None if parts[2] == "None" else float(parts[2]), int(parts[3])
+    except (IndexError, ValueError):
+        raise UsageError(f"--only: expected PHASE:ARM:LR:SEED, got {text!r}") from None
+    if arm not in arms or len(parts) != 4:
+        raise UsageError(f"--only {text}: not a run of this grid")
+    return phase, arm, lr, seed
 
 
 def run_subprocesses(jobs, parallel):

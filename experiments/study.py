@@ -37,21 +37,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import evaluation  # noqa: E402
-import plots  # noqa: E402
+import feature_nets  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from experiments.evaluate import (evaluate_run, prepare_data, prepare_eval, read_json,  # noqa: E402
-                                  say, split_heldout, training_record, write_json)
-from experiments.runner import (CONFIGS, final_checkpoint, find_run, finish,  # noqa: E402
-                                parse_train, run_state, run_subprocesses, train_run)
-from experiments.study_report import README_END, README_START, write_report  # noqa: E402
+from experiments.evaluate import (LOG, prepare_data, prepare_eval, read_json, real_floor, say,  # noqa: E402
+                                  split_heldout, write_json)
+from experiments.runner import (CONFIGS, check_options, collect, final_checkpoint, finish,  # noqa: E402
+                                job_state, parse_only, parse_train, run_job, run_phase, train_argv)
+from experiments.report import README_END, README_START, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
 # Budgets. cpu: sized for about 2 hours on an idle 2-core CPU with --parallel 2 --threads 1
@@ -64,6 +62,7 @@ PROFILES = {
                 sweep_steps=3000, steps=15000, eval_every=1000, eval_samples=2000, sample_steps=50,
                 samples_per_class=200, step_s=None, sample_forward_s=None, run_overhead_s=None, classifier_s=None),
 }
+SCRIPT = os.path.abspath(__file__)
 PROFILE_KEYS = ("model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps", "steps",
                 "eval_every", "eval_samples", "sample_steps", "samples_per_class")
 
@@ -132,8 +131,8 @@ def parse(argv):
     unknown = [a for a in opts.arms if a not in CONFIGS]
     if unknown:
         raise UsageError(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
-    if len(set(opts.arms)) != len(opts.arms) or len(set(opts.seeds)) != len(opts.seeds):
-        raise UsageError("--arms and --seeds must not repeat")
+    if len(set(opts.arms)) != len(opts.arms):
+        raise UsageError("--arms must not repeat")
     if opts.sweep_extend < 0:
         raise UsageError("--sweep-extend must be at least 0")
     in_range, check = train.RANGES["seed"]
@@ -142,10 +141,8 @@ def parse(argv):
     if opts.sweep_seed in opts.seeds:
         raise UsageError(f"--seeds must not include the sweep seed {opts.sweep_seed}: the lr would be chosen on "
                           "the run it reports")
-    for key in ("sweep_points", "sweep_steps", "steps", "parallel", "threads", "global_batch_size", "eval_every",
-                "eval_samples", "sample_steps", "samples_per_class"):
-        if getattr(opts, key) is not None and getattr(opts, key) < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be at least 1")
+    check_options(opts, ("sweep_points", "sweep_steps", "steps", "parallel", "threads", "global_batch_size",
+                         "eval_every", "eval_samples", "sample_steps", "samples_per_class"))
     if not 1 <= opts.sweep_span < math.inf or (opts.sweep_points > 1 and opts.sweep_span == 1):
         raise UsageError("--sweep-span must be finite, and above 1 for more than one point")
     if opts.readme:
@@ -157,14 +154,9 @@ def parse(argv):
         if README_START not in text or README_END not in text:
             raise UsageError(f"--readme {opts.readme}: add the lines '{README_START}' and '{README_END}' where the "
                               "report goes")
-    try:
-        shlex.split(opts.train_args)
-    except ValueError as e:
-        raise UsageError(f"--train-args: {e}")
-    # what experiments/evaluate.py's scoring reads: fixed here, as in ablate.py's defaults
+    # what the grid runner and experiments/evaluate.py's scoring read: fixed here, as ablate.py's defaults
     opts.cfg_scales, opts.sample_seed, opts.loss_batch, opts.eval_batch_size = [1.0], 0, 256, 250
-    opts.classifier_epochs, opts.inception_weights = 4, None
-    opts.results_dir = os.path.abspath(opts.results_dir)
+    opts.inception_weights, opts.prediction, opts.hflip = None, "v", None
     return opts
 
 
@@ -215,34 +207,9 @@ def check_reach(opts, default):
                           f"{opts.sweep_extend} steps past each end) leaves the positive floats; narrow it")
 
 
-def job_root(opts, phase, arm, lr, seed):
-    return os.path.join(opts.results_dir, phase, f"{arm}-lr{lr:g}-seed{seed}")
-
-
-def train_argv(opts, data, phase, arm, lr, seed):
-    """train.py's arguments of one run: the arm's flags at lr; in-run evaluation every --eval-every
-    steps against the test half of the held-out data (full runs), or once at the end against its
-    validation half (sweep runs: the lr is chosen on data the report does not use)."""
-    steps = opts.steps if phase == "full" else opts.sweep_steps
-    argv = ["--data-path", data.path, "--results-dir", job_root(opts, phase, arm, lr, seed), "--model", opts.model,
-            "--num-steps", str(steps), "--global-batch-size", str(opts.global_batch_size), "--seed", str(seed),
-            "--lr", repr(lr), "--prediction", "v", "--num-workers", "0", "--no-hflip" if data.demo else "--hflip",
-            "--log-every", str(max(1, min(50, steps // 10))), "--monitor-every", str(max(1, steps // 15)),
-            "--ckpt-every", str(max(1, -(-steps // 5))), "--sample-every", "0", "--no-progress",
-            "--eval-every", str(opts.eval_every if phase == "full" else steps), "--eval-samples", str(opts.eval_samples),
-            "--eval-metrics", opts.metric, "--eval-reference", data.test if phase == "full" else data.validation,
-            "--sample-steps", str(opts.sample_steps)]
-    for key in ("depth", "hidden_size", "num_heads"):
-        if getattr(opts, key) is not None:
-            argv += ["--" + key.replace("_", "-"), str(getattr(opts, key))]
-    return argv + CONFIGS[arm][1] + shlex.split(opts.train_args)
-
-
 def default_lr(opts, data, arm):
     """train.py's lr for the arm's flags, or (None, why train.py refuses them)."""
-    argv = train_argv(opts, data, "sweep", arm, 1.0, 0)
-    i = argv.index("--lr")
-    args, why = parse_train(argv[:i] + argv[i + 2:])
+    args, why = parse_train(train_argv(opts, data, "sweep", arm, None, 0))
     return (args.lr, None) if args else (None, why)
 
 
@@ -261,80 +228,6 @@ def make_plan(opts, data):
     return plan, refused
 
 
-def sweep_key(opts):
-    return dict(metric=opts.metric)
-
-
-def full_key(opts, ctx):
-    return dict(metric=opts.metric, samples_per_class=opts.samples_per_class, sample_steps=opts.sample_steps,
-                cfg_scales=opts.cfg_scales, sample_seed=opts.sample_seed, loss_batch=opts.loss_batch,
-                classifier=ctx.classifier_id)
-
-
-def job_state(opts, data, ctx, phase, arm, lr, seed):
-    """(run_dir or None, state as runner.run_state, train argv)."""
-    argv = train_argv(opts, data, phase, arm, lr, seed)
-    run_dir = find_run(job_root(opts, phase, arm, lr, seed), parse_train(argv)[0])
-    steps = opts.steps if phase == "full" else opts.sweep_steps
-    key = full_key(opts, ctx) if phase == "full" else sweep_key(opts)
-    return run_dir, run_state(run_dir, argv, steps, key), argv
-
-
-#################################################################################
-#                                 Running                                       #
-#################################################################################
-
-def eval_curve(run_dir, metric):
-    """[(step, value)] of the in-run evaluations in metrics.jsonl (a resumed run's train.py drops the
-    records logged after its checkpoint, so each step appears once)."""
-    records = plots.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    return [(r["step"], r["eval"][metric]) for r in records if metric in r.get("eval", {})]
-
-
-def run_job(opts, data, ctx, phase, arm, lr, seed):
-    """Train (or continue) one run, score it, write its results.json (diverged runs too)."""
-    run_dir, state, argv = job_state(opts, data, ctx, phase, arm, lr, seed)
-    tag = f"{phase} {arm} lr {lr:g} seed {seed}"
-    if state == "done":
-        say(f"{tag}: finished, skipped ({run_dir})")
-        return
-    base = dict(phase=phase, arm=arm, label=CONFIGS[arm][0], flags=CONFIGS[arm][1], lr=lr, seed=seed,
-                train_argv=argv, train_command="python train.py " + shlex.join(argv))
-    if state in ("new", "resume"):
-        say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}")
-        root = job_root(opts, phase, arm, lr, seed)
-        os.makedirs(root, exist_ok=True)
-        share_eval_cache(opts, root)
-        run_dir, diverged = train_run(argv, root, run_dir if state == "resume" else None)
-        if diverged:
-            write_json(os.path.join(run_dir, "results.json"),
-                       dict(base, status="diverged", message=diverged, run_dir=run_dir,
-                            curve=eval_curve(run_dir, opts.metric)))
-            say(f"{tag}: diverged: {diverged}")
-            return
-    steps = opts.steps if phase == "full" else opts.sweep_steps
-    curve = eval_curve(run_dir, opts.metric)
-    if not curve or curve[-1][0] != steps:
-        raise UsageError(f"{run_dir}: no in-run evaluation of {opts.metric} at step {steps} in metrics.jsonl")
-    _, _, step_time = training_record(run_dir, opts.global_batch_size)
-    result = dict(base, status="ok", run_dir=run_dir, curve=curve, final=curve[-1][1], step_time_s=step_time)
-    if phase == "full":
-        say(f"{tag}: scoring {run_dir}")
-        result.update(evaluate_run(run_dir, final_checkpoint(run_dir, steps), opts, ctx), eval_key=full_key(opts, ctx))
-    else:
-        result["eval_key"] = sweep_key(opts)
-    write_json(os.path.join(run_dir, "results.json"), result)
-    say(f"{tag}: {opts.metric} {curve[-1][1]:.4g} at step {steps}")
-
-
-def share_eval_cache(opts, root):
-    """train.py caches its evaluation classifier and reference statistics in ROOT/eval-cache: every
-    run links it to the study's one, filled once before any run starts (warm_eval_cache)."""
-    link = os.path.join(root, "eval-cache")
-    if not os.path.lexists(link):
-        os.symlink(os.path.join(opts.results_dir, "eval-cache"), link)
-
-
 def warm_eval_cache(opts, data):
     """Train train.py's evaluation classifier and cache the statistics of both held-out halves once,
     in this process, so that parallel runs only read them. Returns the metric of eval_samples training
@@ -348,42 +241,12 @@ def warm_eval_cache(opts, data):
         return saved["value"]
     dataset = LatentDataset(data.path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    networks = {"classifier": watch.demo_classifier(dataset, cache, device, say)} if opts.metric == "fd_classifier" \
+    networks = {"classifier": feature_nets.trained_classifier(dataset, cache, device, say)} if opts.metric == "fd_classifier" \
         else {}
-    index = np.random.default_rng(0).permutation(len(dataset))[:opts.eval_samples]
-    images = np.stack([dataset[int(i)][0].permute(1, 2, 0).numpy() for i in index])
     for reference in (data.validation, data.test):  # the test half's value, the last, is the floor
-        value = evaluation.evaluate(images, reference, [opts.metric], networks=networks, cache=cache,
-                                    progress=False)[opts.metric]
+        value = real_floor(dataset, opts.eval_samples, reference, opts.metric, networks, cache)
     write_json(path, dict(key=key, value=value))
     return value
-
-
-def run_phase(opts, argv, data, ctx, phase, jobs):
-    """jobs: [(arm, lr, seed)], in this process or as `study.py ARGV --only PHASE:ARM:LR:SEED` subprocesses;
-    returns (the number of runs it had to do, the failures)."""
-    todo = [job for job in jobs if job_state(opts, data, ctx, phase, *job)[1] != "done"]
-    say(f"{phase}: {len(jobs) - len(todo)} of {len(jobs)} runs finished before, {len(todo)} to run")
-    if opts.parallel == 1:
-        for job in todo:
-            run_job(opts, data, ctx, phase, *job)
-        return len(todo), []
-    cmds = []
-    for arm, lr, seed in todo:
-        root = job_root(opts, phase, arm, lr, seed)
-        os.makedirs(root, exist_ok=True)
-        share_eval_cache(opts, root)
-        cmds.append((f"{phase} {arm} lr {lr:g} seed {seed}",
-                     [sys.executable, os.path.abspath(__file__), *argv, "--only", f"{phase}:{arm}:{lr!r}:{seed}"],
-                     os.path.join(root, "study.log")))
-    return len(todo), run_subprocesses(cmds, opts.parallel)
-
-
-def collect(opts, data, ctx, phase, arm, lr, seed):
-    run_dir, state, _ = job_state(opts, data, ctx, phase, arm, lr, seed)
-    if state == "done":
-        return read_json(os.path.join(run_dir, "results.json"))
-    return dict(phase=phase, arm=arm, lr=lr, seed=seed, status="missing")
 
 
 def sweep_results(opts, data, plan):
@@ -395,8 +258,7 @@ def sweep_results(opts, data, plan):
 
 def trained(opts, data, phase, arm, lr, seed):
     """Whether the run has its final checkpoint (it may still need scoring)."""
-    argv = train_argv(opts, data, phase, arm, lr, seed)
-    run_dir = find_run(job_root(opts, phase, arm, lr, seed), parse_train(argv)[0])
+    run_dir = job_state(opts, data, None, phase, arm, lr, seed)[0]
     return run_dir is not None and os.path.isfile(final_checkpoint(run_dir, opts.steps))
 
 
@@ -448,6 +310,7 @@ def estimate(opts, pending_sweep, pending_full):
 #################################################################################
 
 def main(argv=None):
+    LOG["name"] = "study"
     return run_command("study.py", run_study, list(sys.argv[1:] if argv is None else argv))
 
 
@@ -489,9 +352,9 @@ def on_test_half(data):
 def conduct(opts, argv, data):
     plan, refused = make_plan(opts, data)
     if opts.only:
-        phase, arm, lr, seed = opts.only.split(":")
+        phase, arm, lr, seed = parse_only(opts.only, plan)
         ctx = prepare_eval(opts, on_test_half(data)) if phase == "full" else None
-        run_job(opts, data, ctx, phase, arm, float(lr), int(seed))
+        run_job(opts, data, ctx, phase, arm, lr, seed)
         return 0
     sweep_jobs = [(arm, lr, opts.sweep_seed) for arm in plan for lr in plan[arm]["lrs"]]
     pending_sweep = sum(job_state(opts, data, None, "sweep", *job)[1] != "done" for job in sweep_jobs)
@@ -511,7 +374,7 @@ def conduct(opts, argv, data):
         return 0
     start = time.time()
     floor = warm_eval_cache(opts, data)
-    ran, failures = run_phase(opts, argv, data, None, "sweep", sweep_jobs)
+    ran, failures = run_phase(opts, argv, data, None, "sweep", sweep_jobs, SCRIPT)
     sweeps, best = sweep_results(opts, data, plan)
     for _ in range(2 * opts.sweep_extend):  # each round moves every arm at most one step past its grid
         extra = {arm: edge_lr(opts, plan[arm], best[arm]) for arm in plan}
@@ -521,14 +384,15 @@ def conduct(opts, argv, data):
         for arm, lr in extra.items():
             say(f"{arm}: best lr {best[arm]:g} at the edge of its sweep; extending it to {lr:g}")
             plan[arm]["lrs"] = sorted(plan[arm]["lrs"] + [lr])
-        more, failed = run_phase(opts, argv, data, None, "sweep", [(a, lr, opts.sweep_seed) for a, lr in extra.items()])
+        more, failed = run_phase(opts, argv, data, None, "sweep", [(a, lr, opts.sweep_seed) for a, lr in extra.items()],
+                                 SCRIPT)
         ran, failures = ran + more, failures + failed
         sweeps, best = sweep_results(opts, data, plan)
     for arm, lr in best.items():
         say(f"{arm}: best lr {lr:g}" if lr is not None else f"{arm}: no sweep run finished; no full runs")
     ctx = prepare_eval(opts, on_test_half(data))
     full_jobs = [(arm, best[arm], seed) for arm in plan if best[arm] is not None for seed in opts.seeds]
-    ran_full, failed = run_phase(opts, argv, data, ctx, "full", full_jobs)
+    ran_full, failed = run_phase(opts, argv, data, ctx, "full", full_jobs, SCRIPT)
     ran, failures = ran + ran_full, failures + failed
     fulls = {arm: [collect(opts, data, ctx, "full", arm, best[arm], s) for s in opts.seeds] if best[arm] else []
              for arm in plan}

@@ -9,7 +9,7 @@ so the two are tuned together; widths the run did not track are reconstructed po
     python experiments/sweep.py --result-dir RUN ... --ckpt RUN/checkpoints/0200000.pt   # not the newest
     python experiments/sweep.py --result-dir RUN ... --guide RUN/checkpoints/0000500.pt   # autoguidance
     python experiments/sweep.py --result-dir RUN ... --launcher "torchrun --nproc_per_node=8"
-    python experiments/sweep.py --result-dir results/000-MaP-DiT-XS-4-d4-w128-h4 --metric fd-classifier
+    python experiments/sweep.py --result-dir results/000-MaP-DiT-XS-4-d4-w128-h4   # the demo: fd_classifier
 
 A cell is `sample.py --ckpt CKPT --fid N` with its --weights, --cfg-scale and --guidance-interval
 (guided where lo < sigma <= hi, sigma the noise level) and the shared options, written to
@@ -17,11 +17,15 @@ OUT/cells/<cell>.npz and scored into OUT/cells/<cell>.json. CKPT is resolved onc
 run's newest) and recorded in OUT/sweep.json with the other shared options: a rerun skips scored
 cells and resumes a half-sampled one, and the grid may grow, but they may not change (a run that
 trained on meanwhile changes nothing). The grid (duplicates merged) and the reference are checked
-before anything is written; sweeps on one OUT take turns (runs.folder_lock). Metrics:
-    fid            FID (evaluation.py: the 2015 TF Inception) against --reference, an ADM reference batch
-    fd-classifier  Frechet distance in the features of experiments/metrics.py's small classifier,
-                   trained on the run's pixel data (cached in --eval-dir), against held-out images:
-                   no download, comparable only within one dataset; the demo's metric
+before anything is written; sweeps on one OUT take turns (runs.folder_lock). The metric and its
+reference follow train.py's in-run evaluation, so the numbers mean what train.py's do:
+    fid            FID (evaluation.py: the 2015 TF Inception); the default with its weights on disk
+    fd_classifier  Frechet distance in the features of feature_nets.py's small classifier, the one
+                   train.py trains on the run's pixel data (cached in the run's RESULTS/eval-cache,
+                   shared with train.py); the default for a pixel run without the Inception weights
+against --reference, else the run's --eval-reference, else its pixel training data (the demo's
+data where train.py rendered it; nothing is copied). For pixel runs the table also gives the
+floor: as many training images as a cell's samples scored the same way.
 Outputs: OUT/sweep.md (tables), OUT/sweep.png. Every bad input: one line on stderr, exit code 2.
 """
 import json
@@ -31,19 +35,21 @@ import shlex
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
 
 import evaluation  # noqa: E402
 import feature_nets  # noqa: E402
 import plots  # noqa: E402
 import sample  # noqa: E402
 import watch  # noqa: E402
+from data import LatentDataset  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
-from experiments import evaluate  # noqa: E402
+from experiments.evaluate import LOG, read_json, real_floor, say, write_json, write_text  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from runs import SEED_RANGE, checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
@@ -74,22 +80,23 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="sample.py --batch-size (default 256)")
     p.add_argument("--seed", type=int, default=0, help="the same labels and noise in every cell (default 0)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="sample.py --precision")
-    p.add_argument("--metric", choices=["fid", "fd-classifier"], default="fid", help="the score (default fid)")
-    p.add_argument("--reference", metavar="NPZ", help="fid: the reference .npz (mu and sigma, or arr_0 images)")
+    p.add_argument("--metric", choices=["fid", "fd_classifier", "fd-classifier"],
+                   help="the score (default as train.py's --eval-metrics: fid with the Inception weights on disk, "
+                        "else fd_classifier for a pixel run)")
+    p.add_argument("--reference", metavar="NPZ_OR_DIR", help="what the samples are compared with: an ADM reference "
+                   ".npz (mu and sigma, or arr_0 images), an image folder or a data.py dataset (default: the run's "
+                   "--eval-reference, else its pixel training data, as train.py)")
     p.add_argument("--inception-weights", metavar="PATH", help="fid: a local pt_inception-2015-12-05 file")
     p.add_argument("--out", metavar="DIR", help="default RUN/sweep")
-    p.add_argument("--eval-dir", metavar="DIR", help="fd-classifier: where its data and classifier are cached "
-                                                     "(default OUT); sweeps that share it share the metric")
+    p.add_argument("--eval-dir", metavar="DIR", help="where the classifier and the reference statistics are "
+                                                     "cached (default: train.py's, the run's RESULTS/eval-cache)")
     p.add_argument("--launcher", default="", metavar="CMD",
                    help='what runs sample.py, e.g. "torchrun --nproc_per_node=8" (default: this Python)')
     args = p.parse_args(argv)
     check_grid(args)
-    if args.metric == "fid" and not args.reference:
-        raise UsageError("--metric fid needs --reference NPZ (an ADM reference batch)")
-    if args.metric == "fid":
-        args.reference = os.path.abspath(args.reference)
+    args.metric = args.metric and args.metric.replace("-", "_")  # fd-classifier: the name it had before
     args.out = args.out or os.path.join(args.result_dir, "sweep")
-    args.eval_dir = args.eval_dir or args.out
+    args.eval_dir = args.eval_dir or os.path.join(os.path.dirname(os.path.abspath(args.result_dir)), "eval-cache")
     return args
 
 
@@ -144,11 +151,12 @@ def cell_name(weights, scale, interval):
 def check_inputs(args):
     """Resolve the checkpoint (--ckpt, else the one OUT/sweep.json records, else the run's newest) and
     refuse what would fail once sampling began: a checkpoint that is not the run's or cannot give
-    ema-<sigma_rel> weights, a reference the metric cannot read or compare. Writes nothing."""
+    ema-<sigma_rel> weights, a reference the metric cannot read or compare. Resolves the metric, the
+    reference and the run's data (args.data) as train.py does. Writes nothing."""
     ckpts = checkpoints_in(args.result_dir)
     if not ckpts:
         raise UsageError(f"--result-dir {args.result_dir}: no checkpoints/NNNNNNN.pt")
-    recorded = evaluate.read_json(os.path.join(args.out, "sweep.json")) or {}
+    recorded = read_json(os.path.join(args.out, "sweep.json")) or {}
     args.ckpt = os.path.realpath(args.ckpt or recorded.get("ckpt") or ckpts[-1])
     if args.ckpt not in map(os.path.realpath, ckpts):
         raise UsageError(f"--ckpt {args.ckpt}: not one of the checkpoints/NNNNNNN.pt of --result-dir {args.result_dir}")
@@ -156,19 +164,27 @@ def check_inputs(args):
     if not ckpt["ema_power"]:
         raise UsageError(f"{args.ckpt}: the run tracked no power EMA (train.py --ema-sigma-rels), so no "
                          f"ema-<sigma_rel> weights can be made from it")
-    manifest = ckpt["manifest"]
-    if args.metric == "fd-classifier" and manifest["kind"] != "pixel":
-        raise UsageError("--metric fd-classifier: pixel runs only (score a latent run with --metric fid)")
-    if args.metric == "fid":
-        side = manifest["shape"][1:] if manifest["kind"] == "pixel" else [manifest.get("image_size")] * 2
-        try:
-            watch.check_reference(args.reference, ["fid"], args.num_samples, None if None in side else (*side, 3),
-                                  flag="--reference")
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        if "fid" not in evaluation.available_metrics(args.inception_weights):
-            raise UsageError(f"--metric fid: no Inception weights ({feature_nets.INCEPTION_FILE}); pass "
-                             f"--inception-weights FILE or set {feature_nets.INCEPTION_ENV}")
+    manifest, saved = ckpt["manifest"], ckpt["args"]
+    pixel = manifest["kind"] == "pixel"
+    fid_found = "fid" in evaluation.available_metrics(args.inception_weights)
+    args.metric = args.metric or ("fid" if fid_found or not pixel else "fd_classifier")
+    if args.metric == "fd_classifier" and not pixel:
+        raise UsageError("--metric fd_classifier: pixel runs only (score a latent run with --metric fid)")
+    args.data = saved.get("data_path") or os.path.join(os.path.dirname(os.path.abspath(args.result_dir)), "demo-data")
+    args.reference = os.path.abspath(args.reference or saved.get("eval_reference") or (args.data if pixel else ""))
+    if args.metric == "fd_classifier" and not os.path.isdir(args.data):
+        raise UsageError(f"--metric fd_classifier: the run's data {args.data} is gone; the classifier trains on it")
+    if not pixel and args.reference == os.path.abspath(""):
+        raise UsageError(f"--metric {args.metric}: a latent run needs --reference (an ADM reference batch)")
+    side = manifest["shape"][1:] if pixel else [manifest.get("image_size")] * 2
+    try:
+        watch.check_reference(args.reference, [args.metric], args.num_samples, None if None in side else (*side, 3),
+                              flag="--reference")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.metric == "fid" and not fid_found:
+        raise UsageError(f"--metric fid: no Inception weights ({feature_nets.INCEPTION_FILE}); pass "
+                         f"--inception-weights FILE or set {feature_nets.INCEPTION_ENV}")
 
 
 #################################################################################
@@ -196,30 +212,25 @@ def run_sample(launcher, argv):
 
 
 def make_scorer(args):
-    """(the metric's name in evaluation.evaluate, the reference, extra feature networks, a note on the
-    real-data floor or None)."""
-    if args.metric == "fid":
-        return "fid", args.reference, {}, None
-    ckpt = load_checkpoint(args.ckpt, mmap=True)
-    num_classes = ckpt["manifest"]["num_classes"]
-    opts = SimpleNamespace(data_path=ckpt["args"].get("data_path"), results_dir=args.eval_dir, eval_data_path=None,
-                           samples_per_class=math.ceil(args.num_samples / num_classes), classifier_epochs=4,
-                           inception_weights=None, loss_batch=1)
-    try:
-        ctx = evaluate.prepare_eval(opts, evaluate.prepare_data(opts))
-    except UsageError as e:
-        raise UsageError(str(e)) from None
-    floor = f"{ctx.n_base} real held-out images score {ctx.real_fd:.4g} ({ctx.fd_name}; the floor at this size)"
-    network = watch.ImageClassifier(ctx.classifier, f"SmallClassifier-{ctx.classifier_id}-uint8")
-    return "fd_classifier", {"fd_classifier": ctx.ref_stats}, {"classifier": network}, floor
+    """(extra feature networks: train.py's classifier for fd_classifier, a note on the real-data
+    floor or None). The reference statistics are cached in --eval-dir."""
+    dataset = LatentDataset(args.data) if os.path.isdir(args.data) else None
+    networks = {}
+    if args.metric == "fd_classifier":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        networks["classifier"] = feature_nets.trained_classifier(dataset, args.eval_dir, device, say)
+    if dataset is None or dataset.kind != "pixel":
+        return networks, None
+    n = min(args.num_samples, len(dataset))
+    value = real_floor(dataset, n, args.reference, args.metric, networks, args.eval_dir, args.inception_weights)
+    return networks, f"{n} training images score {value:.4g} against the reference (the floor at this size)"
 
 
 def score(path, args, scorer):
     """The cell's .npz scored by evaluation.evaluate; its feature chunks are removed once it is."""
-    metric, reference, networks, _ = scorer
     try:
-        result = evaluation.evaluate(path, reference, [metric], networks=networks,
-                                     inception_weights=args.inception_weights, progress=False)[metric]
+        result = evaluation.evaluate(path, args.reference, [args.metric], networks=scorer[0], cache=args.eval_dir,
+                                     inception_weights=args.inception_weights, progress=False)[args.metric]
     except UsageError as e:
         raise UsageError(str(e)) from None
     shutil.rmtree(path[: -len(".npz")] + "-features", ignore_errors=True)
@@ -232,7 +243,7 @@ def score(path, args, scorer):
 
 def write_table(args, results, best, floor):
     """OUT/sweep.md: one table per interval, sigma_rel down, guidance scale across, the best in bold."""
-    label = {"fid": "FID", "fd-classifier": "FD (small classifier)"}[args.metric]
+    label = {"fid": "FID", "fd_classifier": "FD (small classifier)"}[args.metric]
     lines = [f"{label}, {args.num_samples} samples per cell, {args.sampler} "
              f"{args.num_sampling_steps or 'default'} steps, seed {args.seed}"
              + (f", autoguidance by {args.guide}" if args.guide else "") + f"; checkpoint {args.ckpt}", ""]
@@ -249,7 +260,7 @@ def write_table(args, results, best, floor):
     lines.append(f"Best: {cell_name(w, s, interval)} ({label} {results[best]:.4g}).")
     if floor:
         lines.append(f"Real data: {floor}.")
-    write_atomic(os.path.join(args.out, "sweep.md"), "\n".join(lines) + "\n")
+    write_text(os.path.join(args.out, "sweep.md"), "\n".join(lines) + "\n")
 
 
 def write_plot(args, results, best):
@@ -259,14 +270,8 @@ def write_plot(args, results, best):
               [results[(w, s, (lo, hi))] for w in args.weights], j, i)
              for j, (lo, hi) in enumerate(args.intervals) for i, s in enumerate(args.cfg_scales)]
     plots.plot_sweep(args.sigma_rels, lines, (sigma_rel(best[0]), results[best], cell_name(*best)),
-                     {"fid": "FID", "fd-classifier": "FD (small classifier)"}[args.metric],
+                     {"fid": "FID", "fd_classifier": "FD (small classifier)"}[args.metric],
                      os.path.join(args.out, "sweep.png"))
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 #################################################################################
@@ -277,7 +282,7 @@ def check_settings(args):
     """The options every cell shares, refused unless a rerun repeats those OUT/sweep.json records:
     None where it records them, else the settings to record."""
     settings = {k: getattr(args, k) for k in SHARED}
-    recorded = evaluate.read_json(os.path.join(args.out, "sweep.json")) or {}
+    recorded = read_json(os.path.join(args.out, "sweep.json")) or {}
     if recorded.get("ckpt", args.ckpt) != args.ckpt:
         raise UsageError(f"{args.out}: its cells sample {recorded['ckpt']}, not --ckpt {args.ckpt}; give that one "
                          f"(or no --ckpt) to extend the sweep, or another --out")
@@ -302,7 +307,7 @@ def run_grid(args):
     record_of = lambda cell: os.path.join(args.out, "cells", f"{cell_name(*cell)}.json")  # noqa: E731
     scorer = make_scorer(args) if not all(os.path.exists(record_of(cell)) for cell in grid) else None
     if new:
-        evaluate.write_json(os.path.join(args.out, "sweep.json"), new)
+        write_json(os.path.join(args.out, "sweep.json"), new)
     os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
     for k, (w, s, interval) in enumerate(grid):
         name, record = cell_name(w, s, interval), record_of((w, s, interval))
@@ -312,11 +317,11 @@ def run_grid(args):
                 done = json.load(f)
             results[(w, s, interval)], floor = done["score"], done["floor"]
             continue
-        print(f"[sweep] cell {k + 1}/{len(grid)}: {name}", file=sys.stderr, flush=True)
+        say(f"cell {k + 1}/{len(grid)}: {name}")
         if not os.path.exists(npz):
             run_sample(args.launcher, sample_argv(args, w, s, interval, npz))
-        results[(w, s, interval)], floor = score(npz, args, scorer), scorer[3]
-        write_atomic(record, json.dumps(dict(cell=name, score=results[(w, s, interval)], floor=floor)))
+        results[(w, s, interval)], floor = score(npz, args, scorer), scorer[1]
+        write_text(record, json.dumps(dict(cell=name, score=results[(w, s, interval)], floor=floor)))
         shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
     best = min(results, key=results.get)
     write_table(args, results, best, floor)
@@ -327,6 +332,7 @@ def run_grid(args):
 
 def cli(argv=None):
     """sweep.py as a command: 0; bad input one line and 2."""
+    LOG["name"] = "sweep"
     return run_command("sweep.py", lambda argv: main(parse_args(argv)), argv)
 
 

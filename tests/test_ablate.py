@@ -1,7 +1,8 @@
-"""experiments/ablate.py (with evaluate.py, report.py) and experiments/metrics.py: the runner's
+"""experiments/ablate.py (with evaluate.py, report.py) and feature_nets' small classifier: the runner's
 Frechet distance against the closed form for Gaussian features, class consistency on an easy
 dataset, and a tiny grid end to end (table, figures, skipping finished runs, continuing an
 interrupted one, one-line errors)."""
+import glob
 import json
 import os
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import evaluation
 import feature_nets
 import train
 from data import ShardWriter
-from experiments import ablate, evaluate, metrics
+from experiments import ablate, evaluate, runner
 
 PALETTE = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230], [230, 220, 40]])  # 4 easy classes
 
@@ -56,8 +57,9 @@ class FeaturesAreInputs(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # for the device lookup
+        self.config = dict(feature_dim=4)
 
-    def features(self, x):
+    def body(self, x):
         return x.flatten(1)
 
     def forward(self, x):
@@ -76,36 +78,38 @@ def test_runner_frechet_distance_matches_the_gaussian_closed_form(tmp_path):
     # Sampling error with n = 200k: the mean terms move by about 2 |mu1 - mu2| sqrt((var1 + var2) / n)
     # <= 0.005 per dimension, the variance terms by about 2 |sqrt(v1) - sqrt(v2)| sqrt(v / 2n) <= 0.007;
     # 0.05 is more than 5 standard deviations of the total (and the seed is fixed).
-    ctx = SimpleNamespace(kind="latent", classifier=FeaturesAreInputs(), ref_stats=evaluation.feature_stats(b),
-                          fd_name="FD-test", fid_note="n/a (test)", inception_fn=None)
+    ctx = SimpleNamespace(kind="latent", classifier=feature_nets.ClassifierNet(FeaturesAreInputs(), "test"),
+                          ref_stats=evaluation.feature_stats(b), fd_name="FD-test", fid_note="n/a (test)",
+                          fid_reference=None)
     samples = torch.from_numpy(a).float().view(n, 4, 1, 1)
     labels = torch.zeros(n, dtype=torch.long)
     entry = evaluate.score_samples(samples, labels, ctx, str(tmp_path), 1.0)
     assert entry["fd"] == pytest.approx(want, abs=0.05)
     assert entry["fd_network"] == "FD-test" and entry["fid"] is None
-    assert metrics.frechet_from_features(a, b) == pytest.approx(want, abs=0.05)
     # identical sets score ~0 (float32 features, float64 statistics)
     ctx.ref_stats = evaluation.feature_stats(samples.view(n, 4).double().numpy())
     assert abs(evaluate.score_samples(samples, labels, ctx, str(tmp_path), 1.0)["fd"]) < 1e-6
-    assert abs(metrics.frechet_from_features(a, a)) < 1e-9
 
 
 def test_class_consistency_high_on_real_data_and_chance_with_shuffled_labels():
     train_images, train_labels = colour_images(400, seed=0)
     held_images, held_labels = colour_images(400, seed=1)
-    net = metrics.train_classifier(model_space(train_images), torch.from_numpy(train_labels), len(PALETTE),
-                                   epochs=1, batch_size=32, min_steps=40)
-    held = model_space(held_images)
-    assert metrics.class_consistency(net, held, held_labels) > 0.9
+    net = feature_nets.train_classifier(model_space(train_images), torch.from_numpy(train_labels), len(PALETTE),
+                                        epochs=1, batch_size=32, min_steps=40)
+    classifier = feature_nets.ClassifierNet(net, "test")
+    held = held_images.transpose(0, 2, 3, 1)  # uint8 images, as the samples are scored
+    assert evaluate.consistency(classifier, held, held_labels) > 0.9
     # Shuffled labels: with a (near-)perfect classifier the agreement is the chance that a
     # permuted label equals the true one, sum_k (n_k / N)^2 = 1/4 for 4 balanced classes, with a
     # standard deviation over permutations of about sqrt(p (1 - p) / N) = 0.022 for N = 400;
     # +-0.09 is 4 of those.
     shuffled = np.random.default_rng(2).permutation(held_labels)
-    assert abs(metrics.class_consistency(net, held, shuffled) - 0.25) < 0.09
-    # the same images through the classifier score ~0
-    features = metrics.extract_features(net, held)
-    assert abs(metrics.frechet_from_features(features, features)) < 1e-6
+    assert abs(evaluate.consistency(classifier, held, shuffled) - 0.25) < 0.09
+    # the model-space path of latent runs reads the same; the same images through the classifier score ~0
+    assert evaluate.consistency(classifier, model_space(held_images), held_labels) > 0.9
+    features = evaluate.features(classifier, held)
+    stats = evaluation.feature_stats(features)
+    assert abs(evaluation.frechet_distance(*stats, *stats)) < 1e-6
 
 
 def test_default_grid_lists_every_switch_alone_and_forced_with_weight_norm(capsys):
@@ -125,7 +129,7 @@ def test_runs_flip_as_train_py_defaults(kind, demo, flag):
     """Each run gets train.py's default: pixel datasets flipped; latent data (a mirrored latent only
     approximates the latent of the mirrored image) and the demo not."""
     data = SimpleNamespace(path="data", demo=demo, manifest={"kind": kind})
-    argv = ablate.train_argv(ablate.parse([]), data, "vanilla", 0)
+    argv = runner.train_argv(ablate.parse([]), data, "runs", "vanilla", None, 0)
     assert flag in argv and ({"--hflip", "--no-hflip"} - {flag}).isdisjoint(argv)
 
 
@@ -140,14 +144,15 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
 def test_tiny_grid_writes_table_and_figures_skips_finished_and_continues_interrupted(tmp_path, monkeypatch):
     monkeypatch.delenv(feature_nets.INCEPTION_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no Inception weights here
-    monkeypatch.setattr(evaluate, "CLASSIFIER_MIN_STEPS", 10)  # its quality is not under test here
+    monkeypatch.setattr(feature_nets, "CLASSIFIER_MIN_STEPS", 10)  # its quality is not under test here
+    monkeypatch.setattr(feature_nets, "CLASSIFIER_EPOCHS", 1)
     data = write_colours(tmp_path / "data", 96, seed=0)
     held = write_colours(tmp_path / "held", 48, seed=1)
     grid = tmp_path / "grid"
     argv = ["--grid", "tiny", "--data-path", data, "--eval-data-path", held, "--results-dir", str(grid),
             "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--num-steps", "3",
             "--global-batch-size", "8", "--samples-per-class", "3", "--sample-steps", "2",
-            "--classifier-epochs", "1", "--visuals", str(tmp_path / "visuals"), "--train-args", "--sample-steps 2"]
+            "--visuals", str(tmp_path / "visuals"), "--train-args", "--sample-steps 2"]
     calls, real_main = [], train.main
     monkeypatch.setattr(train, "main", lambda args: calls.append(args) or real_main(args))
 
@@ -159,7 +164,7 @@ def test_tiny_grid_writes_table_and_figures_skips_finished_and_continues_interru
         assert needle in table, needle
     summary = json.loads((grid / "results.json").read_text())
     runs = [r for row in summary["rows"] for r in row["runs"]]
-    assert [(r["config"], r["seed"], r["status"]) for r in runs] == [
+    assert [(r["arm"], r["seed"], r["status"]) for r in runs] == [
         ("vanilla", 0, "ok"), ("vanilla", 1, "ok"), ("mp", 0, "ok"), ("mp", 1, "ok")]
     for r in runs:
         assert r["weights"] == "ema-0.1" and r["samples"]["1"]["fid"] is None
@@ -184,7 +189,7 @@ def test_tiny_grid_writes_table_and_figures_skips_finished_and_continues_interru
     assert len(calls) == 1 and calls[0].resume == victim
     assert os.path.isfile(os.path.join(victim, "checkpoints", "0000003.pt"))
     assert json.loads(open(os.path.join(victim, "results.json")).read())["status"] == "ok"
-    assert len([d for d in os.listdir(os.path.dirname(victim)) if d[:3].isdigit()]) == 1
+    assert len(glob.glob(os.path.join(os.path.dirname(victim), "*", "config.json"))) == 1  # no second run
 
     # new evaluation settings re-score the finished runs without retraining them
     calls.clear()

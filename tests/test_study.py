@@ -1,4 +1,4 @@
-"""experiments/study.py and study_report.py: the lr grid, the choice of the best lr and the range
+"""experiments/study.py and report.py: the lr grid, the choice of the best lr and the range
 within 10% of it, steps to a target, best-vs-best comparisons by Welch's t-test with Holm's
 correction (no verdict from one seed), the budget, and tiny studies end to end (a real divergence
 carried into the report; a diverged full run reported as a failure; the lr chosen on the validation
@@ -17,10 +17,10 @@ import torch
 import feature_nets
 import runs
 import train
-import watch
 from data import LatentDataset
-from experiments import evaluate, study, study_report
-from experiments.report import summarise
+from experiments import report as study_report
+from experiments import runner, study
+from experiments.evaluate import summarise
 from tests.test_ablate import write_colours
 
 STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "study.py")
@@ -35,8 +35,8 @@ def tiny_setup(monkeypatch, tmp_path):
     torch.set_num_threads(1)
     monkeypatch.delenv(feature_nets.INCEPTION_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(watch, "CLASSIFIER_STEPS", 5)
-    monkeypatch.setattr(evaluate, "CLASSIFIER_MIN_STEPS", 5)
+    monkeypatch.setattr(feature_nets, "CLASSIFIER_MIN_STEPS", 5)
+    monkeypatch.setattr(feature_nets, "CLASSIFIER_EPOCHS", 1)
     yield
     torch.set_num_threads(before)
 
@@ -224,13 +224,13 @@ def test_a_diverged_sweep_run_is_recorded_and_reported_not_chosen(tmp_path, data
 def test_a_diverged_full_run_is_a_failure_of_its_arm_and_one_seed_left_gives_no_verdict(tmp_path, data, monkeypatch):
     # a real divergence of a full run needs an lr the sweep did not reject; it is simulated here by
     # reporting seed 2 of mp as train_run reports a non-finite loss (the real path: the test above)
-    real_train_run = study.train_run
+    real_train_run = runner.train_run
 
     def train_run(argv, root, resume_dir=None):
         run_dir, diverged = real_train_run(argv, root, resume_dir)
         simulated = "/full/mp-" in root and argv[argv.index("--seed") + 1] == "2"
         return run_dir, "loss is non-finite at step 2 (simulated)" if simulated else diverged
-    monkeypatch.setattr(study, "train_run", train_run)
+    monkeypatch.setattr(runner, "train_run", train_run)
     out = tmp_path / "study"
     argv = data + TINY + ["--results-dir", str(out), "--arms", "vanilla", "mp", "--sweep-points", "1",
                           "--sweep-steps", "2", "--steps", "2", "--eval-every", "2", "--seeds", "1", "2"]
@@ -264,8 +264,8 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
         row = summary["rows"][arm]
         sweep = {}
         for lr in study.sweep_lrs(default, 2, 10):  # the sweep runs' own records pick the best
-            root = study.job_root(study.parse(argv), "sweep", arm, lr, 0)
-            run = [d for d in os.listdir(root) if d[:3].isdigit()]
+            root = runner.job_root(study.parse(argv), "sweep", arm, lr, 0)
+            run = [d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "config.json"))]
             sweep[lr] = json.loads(open(os.path.join(root, run[0], "results.json")).read())["final"]
         assert row["best_lr"] == min(sweep, key=sweep.get)
         assert row["seeds_ok"] == [1, 2] and row["default_lr"] == default
@@ -289,7 +289,8 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
                           for p in out.glob(f"{phase}/*/*/results.json")} for phase in ("sweep", "full")}
     (validation,), (test,) = references["sweep"], references["full"]
     assert (summary["settings"]["validation"], summary["settings"]["test"]) == (validation, test)
-    assert torch.load(out / "eval" / "reference.pt", weights_only=True)["key"]["heldout"].startswith(test)
+    assert torch.load(out / "eval-cache" / "reference.pt", weights_only=True)["key"]["heldout"].startswith(test)
+    assert len(list((out / "eval-cache").glob("classifier-*.pt"))) == 1  # the in-run and final scores share it
 
     def images(path):
         ds = LatentDataset(path)
@@ -342,8 +343,8 @@ def test_two_invocations_on_one_results_dir_take_turns_and_the_second_finds_the_
     errs = [log.read_text() for log in logs]
     assert codes == [0, 0] and not any("Traceback" in e for e in errs), errs
     # one invocation ran the three runs; the other found them finished and ran nothing
-    assert sorted(e.count("[ablate] started ") for e in errs) == [0, 3], errs
-    run_dirs = [d for d in out.glob("*/vanilla-*/*") if d.name[:3].isdigit()]
+    assert sorted(e.count("[study] started ") for e in errs) == [0, 3], errs
+    run_dirs = [d for d in out.glob("*/vanilla-*/*") if (d / "config.json").is_file()]
     assert len(run_dirs) == 3  # one run directory per run: no run was started twice
     assert all("waiting for another process" in e for e in errs)
     summary = json.loads((out / "study.json").read_text())

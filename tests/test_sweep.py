@@ -81,7 +81,7 @@ def test_sweep_writes_table_and_plot_and_skips_finished_cells(run, tmp_path, mon
     assert legends[-1] == ["w = 1, 0 < sigma <= inf", "w = 2, 0 < sigma <= inf", "w = 1, 0 < sigma <= 2.33",
                            "w = 2, 0 < sigma <= 2.33"]
     assert table.count("guidance interval") == 2 and table.count("**") == 2 and "Best: ema-0." in table
-    assert "real held-out images score" in table
+    assert "training images score" in table
     scores = {f: json.loads((tmp_path / "sw" / "cells" / f).read_text())["score"]
               for f in os.listdir(tmp_path / "sw" / "cells") if f.endswith(".json")}
     assert len(scores) == 6 and all(np.isfinite(v) and v >= 0 for v in scores.values())
@@ -111,7 +111,7 @@ def test_sweep_writes_table_and_plot_and_skips_finished_cells(run, tmp_path, mon
     (["--intervals", "0.8", "0.2"], "0 <= LO <= HI"),
     (["--intervals", "0", "1", "0.5"], "pairs"),
     (["--weights", "raw"], "ema-<sigma_rel>"),
-    (["--metric", "fid"], "--reference"),
+    (["--metric", "fid"], "no Inception weights"),  # its reference: the run's data, as train.py's
 ])
 def test_bad_sweep_input_is_one_line(run, tmp_path, capsys, extra, needle):
     code = sweep.cli(["--result-dir", run, "--metric", "fd-classifier", "--out", str(tmp_path / "x"), *extra])
@@ -237,5 +237,23 @@ def test_two_sweeps_on_one_out_take_turns(run, tmp_path, eval_dir):
     assert "[sweep] cell" not in err2  # the second found the first's cell scored
     score = json.loads((tmp_path / "out" / "cells" / "ema-0.05-cfg1.json").read_text())["score"]
     assert out1.splitlines()[-1] == out2.splitlines()[-1] == \
-        f"best: ema-0.05-cfg1 (fd-classifier {score:.4g}); wrote {tmp_path / 'out'}/sweep.md and sweep.png"
+        f"best: ema-0.05-cfg1 (fd_classifier {score:.4g}); wrote {tmp_path / 'out'}/sweep.md and sweep.png"
     assert f"| 0.05 | **{score:.4g}** |" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+def test_the_default_metric_reference_and_cache_are_train_pys(run, tmp_path, monkeypatch):
+    """Without the Inception weights a pixel run is scored as train.py scores it in-run: fd_classifier
+    against its own training data, with the classifier and statistics in train.py's RESULTS/eval-cache
+    (nothing copied into OUT); with the weights, fid."""
+    monkeypatch.delenv("MAPDIT_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    args = sweep.parse_args(["--result-dir", run, "--out", str(tmp_path / "out")])
+    sweep.check_inputs(args)
+    saved = json.loads(open(os.path.join(run, "config.json")).read())
+    assert args.metric == "fd_classifier" and args.reference == os.path.abspath(saved["data_path"])
+    assert args.eval_dir == os.path.join(os.path.dirname(os.path.abspath(run)), "eval-cache")
+    assert not os.path.exists(tmp_path / "out")
+    monkeypatch.setattr(sweep.evaluation, "available_metrics", lambda *a: ["fid"])
+    args = sweep.parse_args(["--result-dir", run, "--out", str(tmp_path / "out")])
+    sweep.check_inputs(args)
+    assert args.metric == "fid"
