@@ -348,7 +348,7 @@ def reference_statistics(reference, network, *, cache=True, batch_size=100, prog
 #                                   evaluate                                    #
 #################################################################################
 
-def _default_device(device):
+def pick_device(device):
     """device, checked (UsageError for a name torch does not know or a device this machine lacks); by
     default cuda:LOCAL_RANK where there is a GPU, else cpu."""
     if device is None:
@@ -428,7 +428,7 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
         if None not in shapes and shapes[0] != shapes[1]:
             raise UsageError(f"samples are {shapes[0][1]}x{shapes[0][0]}, {name} {shapes[1][1]}x{shapes[1][0]}: "
                             f"compare images of one resolution (sample at the reference's size or pick its batch)")
-    device = _default_device(device)
+    device = pick_device(device)
     sources = dict(SOURCES, **{f"fd_{n}": (n, next(iter(net.outputs))) for n, net in networks.items()})
     results = {}
     for name in dict.fromkeys(sources[m][0] for m in metrics):
