@@ -39,9 +39,10 @@ INCEPTION_ENV = "MAPDIT_INCEPTION_WEIGHTS"
 DINOV2_FILE = "dinov2_vitl14_pretrain.pth"
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/" + DINOV2_FILE
 DINOV2_ENV = "MAPDIT_DINOV2_WEIGHTS"
+WEIGHTS = {"inception": (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, "--inception-weights"),  # find_weights'
+           "dinov2": (DINOV2_ENV, DINOV2_FILE, DINOV2_URL, "--dinov2-weights")}
 DINOV2_ARCH = "vit_large_patch14_dinov2"  # timm's build of the hub model 'dinov2_vitl14'
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 
 def find_weights(path, env, filename, url, flag):
@@ -111,7 +112,7 @@ class InceptionNet(torch.nn.Module):
 
     def __init__(self, weights=None, device="cpu"):
         super().__init__()
-        path = find_weights(weights, INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, "--inception-weights")
+        path = find_weights(weights, *WEIGHTS["inception"])
         from pytorch_fid import inception  # a slow import: only once the weights are there
         state = _load_state(path)
         try:
@@ -168,7 +169,7 @@ class DINOv2Net(torch.nn.Module):
 
     def __init__(self, weights=None, device="cpu", arch=DINOV2_ARCH):
         super().__init__()
-        path = find_weights(weights, DINOV2_ENV, DINOV2_FILE, DINOV2_URL, "--dinov2-weights")
+        path = find_weights(weights, *WEIGHTS["dinov2"])
         import timm
         state = dict(_load_state(path))
         self.model = timm.create_model(arch, pretrained=False, img_size=self.image_size, num_classes=0)
