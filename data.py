@@ -73,7 +73,8 @@ def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
-def _read_json(path):
+def read_json(path):
+    """The JSON value in the file at path; None when it is missing or unreadable."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -94,7 +95,7 @@ class ChunkFolder:
         self.folder, file = str(folder), os.path.join(folder, "settings.json")
         settings = json.loads(json.dumps(settings))  # as it reads back (tuples are lists)
         os.makedirs(self.folder, exist_ok=True)
-        recorded, first = _read_json(file), rank_world()[0] == 0
+        recorded, first = read_json(file), rank_world()[0] == 0
         if first and replace and (recorded is None or _changed(recorded, settings)):
             for name in os.listdir(self.folder):
                 os.remove(os.path.join(self.folder, name))
@@ -102,7 +103,7 @@ class ChunkFolder:
         if recorded is None and (first or not replace):  # ranks alike: the same file
             atomic_write(file, lambda f: f.write(json.dumps(settings, indent=1).encode()))
         barrier()
-        changed = _changed(_read_json(file) or {}, settings)
+        changed = _changed(read_json(file) or {}, settings)
         if changed:
             raise UsageError(f"{self.folder}: holds chunks made with other {', '.join(changed)} (see settings.json); "
                              f"use the same options to resume, or another {flag}")
@@ -487,20 +488,17 @@ def make_demo_dataset(out_dir, num_items=10000, image_size=32, seed=0, variant="
 
 def verify(path, chunk=1024):
     """Read every value of the dataset at path; return one line per shard array holding NaN or inf
-    (after the header checks LatentDataset makes, which raise UsageError)."""
-    dataset = LatentDataset(path)
-    problems = []
-    for name in dataset._names:
-        for array in ARRAYS[dataset.kind]:
-            if DTYPES[array] == np.uint8:
-                continue  # pixels are always finite
-            file = shard_file(dataset.path, name, array)
-            a, bad = np.load(file, mmap_mode="r"), []
+    (after the header checks LatentDataset makes, which raise UsageError). Pixels are always finite."""
+    dataset, problems = LatentDataset(path), []
+    for shard, name in enumerate(dataset._names if dataset.kind == "latent" else []):
+        for array, a in zip(ARRAYS["latent"], dataset._arrays(shard)):
+            bad = []
             for j in range(0, len(a), chunk):
                 block = np.asarray(a[j:j + chunk])
                 bad.extend(j + np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(1)))
-            if len(bad):
-                problems.append(f"{file}: {len(bad)} item(s) with NaN or inf, the first at index {bad[0]}")
+            if bad:
+                problems.append(f"{shard_file(dataset.path, name, array)}: {len(bad)} item(s) with NaN or inf, "
+                                f"the first at index {bad[0]}")
     return problems
 
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UsageError, one_line
+from data import atomic_write
 from runs import folder_lock
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -328,8 +329,7 @@ def trained_classifier(dataset, cache_dir, device, log, skip=0):
                 start = time.time()
                 net = train_classifier(*dataset_items(dataset, order, seed=2), dataset.num_classes,
                                        min_steps=CLASSIFIER_MIN_STEPS, device=device)
-                torch.save(net.state_dict(), f"{path}.{os.getpid()}.tmp")
-                os.replace(f"{path}.{os.getpid()}.tmp", path)
+                atomic_write(path, lambda f: torch.save(net.state_dict(), f))
                 log(f"trained the evaluation classifier on {len(order)} items in {time.time() - start:.0f} s: {path}")
     if distributed:
         torch.distributed.barrier()
