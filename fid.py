@@ -88,15 +88,12 @@ def _caveat(key, args, results):
             f"EDM2's numbers use: not comparable to them; --dinov2-reference TRAIN_IMAGES gives those)")
 
 
-def classifier(args):
+def classifier(args, dataset):
     """feature_nets' classifier of the pixel dataset args.reference, as train.py has it for fd_classifier:
     trained with the one recipe, or read from the cache (--cache-dir, else the reference's folder)."""
-    if not os.path.isfile(os.path.join(args.reference, "manifest.json")):
-        raise UsageError(f"fd_classifier: {args.reference} is not a data.py dataset; give the run's pixel data as "
-                         f"the reference (its classifier trains on it)")
-    dataset = LatentDataset(args.reference)
-    if dataset.kind != "pixel":
-        raise UsageError(f"fd_classifier: {args.reference} holds latents; the classifier needs pixel data")
+    if dataset is None or dataset.kind != "pixel":
+        raise UsageError(f"fd_classifier: {args.reference} is not a data.py pixel dataset; give the run's pixel data "
+                         f"as the reference (its classifier trains on it)")
     cache_dir = args.cache_dir or os.path.dirname(os.path.realpath(args.reference))
     return feature_nets.trained_classifier(dataset, cache_dir, pick_device(args.device),
                                            log=lambda line: print(line, file=sys.stderr))
@@ -106,11 +103,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     rank, world, _ = setup_distributed(LONG_WAIT)
     try:
+        is_dataset = os.path.isfile(os.path.join(args.reference, "manifest.json"))
+        dataset = LatentDataset(args.reference) if is_dataset else None
         metrics = parse_metrics(args.metrics, ("classifier",)) if args.metrics else None
-        if metrics is None and not available_metrics(args.inception_weights, args.dinov2_weights) \
-                and os.path.isfile(os.path.join(args.reference, "manifest.json")):
+        if metrics is None and is_dataset and dataset.kind == "pixel" \
+                and not available_metrics(args.inception_weights, args.dinov2_weights):
             metrics = ["fd_classifier"]  # train.py's fallback
-        networks = {"classifier": classifier(args)} if metrics and "fd_classifier" in metrics else {}
+        networks = {"classifier": classifier(args, dataset)} if metrics and "fd_classifier" in metrics else {}
         results = evaluate(args.samples, args.reference, metrics, batch_size=args.batch_size, device=args.device,
                            inception_weights=args.inception_weights, dinov2_weights=args.dinov2_weights,
                            cache=False if args.no_cache else (args.cache_dir or True), progress=not args.no_progress,

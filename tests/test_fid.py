@@ -297,4 +297,4 @@ def test_fd_classifier_is_train_pys_number_of_the_same_samples(tmp_path, capsys,
     assert set(got) >= {"fd_classifier"} and "fid" not in got
     assert got["fd_classifier"] == pytest.approx(want["fd_classifier"], rel=1e-12) and got["fd_classifier"] > 0
     assert fid.cli([samples, str(tmp_path / "samples.npz"), "--metrics", "fd_classifier"]) == 2
-    assert "is not a data.py dataset" in capsys.readouterr().err
+    assert "is not a data.py pixel dataset" in capsys.readouterr().err
