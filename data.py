@@ -160,9 +160,7 @@ class ShardWriter:
         if labels.ndim != 1 or len(labels) == 0 or labels.dtype.kind not in "iu":
             raise UsageError(f"{file}: labels must be a non-empty 1-d integer array, "
                             f"got {labels.dtype}{list(labels.shape)}")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise UsageError(f"{file}: labels must lie in [0, {self.num_classes}), "
-                            f"got [{labels.min()}, {labels.max()}]")
+        _check_labels(labels, self.num_classes, file, "labels must lie in [0, num_classes)")
         arrays, want = {}, (len(labels), *self.shape)
         for name in ARRAYS[self.kind]:
             a = given.pop(name)
@@ -215,6 +213,13 @@ class ShardWriter:
                 count += m.size // self.shape[0]
         mu = sums[0] / count
         return mu.tolist(), np.sqrt(sums[1] / count - mu ** 2 + sums[2] / count).tolist()
+
+
+def _check_labels(labels, num_classes, file, fix):
+    """labels, or UsageError when one lies outside [0, num_classes)."""
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UsageError(f"{file}: labels in [{labels.min()}, {labels.max()}], outside [0, {num_classes}); {fix}")
+    return labels
 
 
 def read_manifest(path):
@@ -319,11 +324,7 @@ class LatentDataset(torch.utils.data.Dataset):
                                 f"{np.dtype(DTYPES[array])}{list(want)}; rewrite the shard or fix "
                                 f"manifest.json")
             if array == "labels":
-                labels = np.array(a)
-                if labels.min() < 0 or labels.max() >= self.num_classes:
-                    raise UsageError(f"{file}: labels in [{labels.min()}, {labels.max()}], outside "
-                                    f"[0, {self.num_classes}); fix them or num_classes in "
-                                    f"manifest.json")
+                labels = _check_labels(np.array(a), self.num_classes, file, "fix them or num_classes in manifest.json")
         return labels
 
     def __len__(self):

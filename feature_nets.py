@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from cli import UsageError, one_line
 from data import atomic_write
+from eval_inputs import path_key
 from runs import folder_lock
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -59,12 +60,6 @@ def find_weights(path, env, filename, url, flag):
         raise UsageError(f"{filename} not found: download {url} to {cached}, or pass {flag} FILE "
                            f"(or set ${env})")
     return cached
-
-
-def weights_key(path):
-    """What a weights file is, for cache keys: its real path, size and modification time."""
-    st = os.stat(path)
-    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _load_state(path):
@@ -121,7 +116,7 @@ class InceptionNet(torch.nn.Module):
                 self.net = inception.fid_inception_v3()
         except (RuntimeError, KeyError, ValueError) as e:
             raise UsageError(f"{path}: not the FID Inception weights {INCEPTION_FILE} ({one_line(e)})")
-        self.key = f"inception-2015-12-05/adm-tensors/{weights_key(path)}"
+        self.key = f"inception-2015-12-05/adm-tensors/{path_key(path)}"
         self.device = torch.device(device)
         self.eval().requires_grad_(False).to(self.device)
 
@@ -182,7 +177,7 @@ class DINOv2Net(torch.nn.Module):
             self.model.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as e:
             raise UsageError(f"{path}: not {arch} weights in the DINOv2 hub format ({one_line(e)})")
-        self.key = f"{arch}/224-bicubic-antialias/{weights_key(path)}"
+        self.key = f"{arch}/224-bicubic-antialias/{path_key(path)}"
         self.device = torch.device(device)
         self.eval().requires_grad_(False).to(self.device)
 
