@@ -73,7 +73,8 @@ def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
-def _read_json(path):
+def read_json(path):
+    """The JSON value in the file at path; None when it is missing or unreadable."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -94,7 +95,7 @@ class ChunkFolder:
         self.folder, file = str(folder), os.path.join(folder, "settings.json")
         settings = json.loads(json.dumps(settings))  # as it reads back (tuples are lists)
         os.makedirs(self.folder, exist_ok=True)
-        recorded, first = _read_json(file), rank_world()[0] == 0
+        recorded, first = read_json(file), rank_world()[0] == 0
         if first and replace and (recorded is None or _changed(recorded, settings)):
             for name in os.listdir(self.folder):
                 os.remove(os.path.join(self.folder, name))
@@ -102,7 +103,7 @@ class ChunkFolder:
         if recorded is None and (first or not replace):  # ranks alike: the same file
             atomic_write(file, lambda f: f.write(json.dumps(settings, indent=1).encode()))
         barrier()
-        changed = _changed(_read_json(file) or {}, settings)
+        changed = _changed(read_json(file) or {}, settings)
         if changed:
             raise UsageError(f"{self.folder}: holds chunks made with other {', '.join(changed)} (see settings.json); "
                              f"use the same options to resume, or another {flag}")
@@ -159,9 +160,7 @@ class ShardWriter:
         if labels.ndim != 1 or len(labels) == 0 or labels.dtype.kind not in "iu":
             raise UsageError(f"{file}: labels must be a non-empty 1-d integer array, "
                             f"got {labels.dtype}{list(labels.shape)}")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise UsageError(f"{file}: labels must lie in [0, {self.num_classes}), "
-                            f"got [{labels.min()}, {labels.max()}]")
+        _check_labels(labels, self.num_classes, file, "labels must lie in [0, num_classes)")
         arrays, want = {}, (len(labels), *self.shape)
         for name in ARRAYS[self.kind]:
             a = given.pop(name)
@@ -214,6 +213,13 @@ class ShardWriter:
                 count += m.size // self.shape[0]
         mu = sums[0] / count
         return mu.tolist(), np.sqrt(sums[1] / count - mu ** 2 + sums[2] / count).tolist()
+
+
+def _check_labels(labels, num_classes, file, fix):
+    """labels, or UsageError when one lies outside [0, num_classes)."""
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UsageError(f"{file}: labels in [{labels.min()}, {labels.max()}], outside [0, {num_classes}); {fix}")
+    return labels
 
 
 def read_manifest(path):
@@ -318,11 +324,7 @@ class LatentDataset(torch.utils.data.Dataset):
                                 f"{np.dtype(DTYPES[array])}{list(want)}; rewrite the shard or fix "
                                 f"manifest.json")
             if array == "labels":
-                labels = np.array(a)
-                if labels.min() < 0 or labels.max() >= self.num_classes:
-                    raise UsageError(f"{file}: labels in [{labels.min()}, {labels.max()}], outside "
-                                    f"[0, {self.num_classes}); fix them or num_classes in "
-                                    f"manifest.json")
+                labels = _check_labels(np.array(a), self.num_classes, file, "fix them or num_classes in manifest.json")
         return labels
 
     def __len__(self):
@@ -378,15 +380,12 @@ demo_class_names = ("circle", "square", "triangle", "plus", "ring", "star",
                     "horizontal bars", "vertical bars", "diamond", "heart")
 _DEMO_COLOURS = ((235, 40, 40), (255, 140, 0), (240, 225, 30), (40, 200, 60), (0, 205, 235),
                  (50, 90, 255), (150, 60, 235), (225, 45, 200), (235, 235, 235), (255, 160, 190))
+DEMO_VARIANTS = ("colours", "shapes")  # class = shape and colour | class = shape alone
 
 
 def _ngon(n, radius=1.0, start=-np.pi / 2):
     a = start + 2 * np.pi * np.arange(n) / n
     return radius * np.stack([np.cos(a), np.sin(a)], 1)
-
-
-def _box(x0, y0, x1, y1):
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
 
 
 def _demo_shapes():
@@ -399,46 +398,31 @@ def _demo_shapes():
     arm = [(0.3, 1), (0.3, 0.3), (1, 0.3), (1, -0.3), (0.3, -0.3), (0.3, -1)]
     plus = 0.93 * np.array(arm + [(-x, -y) for x, y in arm])
     star = _ngon(10) * np.where(np.arange(10) % 2, 0.42, 1.0)[:, None]
-    bars = [_box(-0.7, y - 0.17, 0.7, y + 0.17) for y in (-0.55, 0.0, 0.55)]
+    bars = [np.array([[-0.7, y - 0.17], [0.7, y - 0.17], [0.7, y + 0.17], [-0.7, y + 0.17]]) for y in (-0.55, 0.0, 0.55)]
     diamond = np.array([[0, -1], [0.6, 0], [0, 1], [-0.6, 0]])
-
-    def solid(*polygons):
-        return [(p, False) for p in polygons]
-
-    return [solid(_ngon(48, 0.85)), solid(_ngon(4, 1.0, np.pi / 4)), solid(_ngon(3)), solid(plus),
-            [(_ngon(48, 0.95), False), (_ngon(48, 0.55), True)], solid(star), solid(*bars),
-            solid(*[b[:, ::-1] for b in bars]), solid(diamond), solid(heart)]
+    solids = [[_ngon(48, 0.85)], [_ngon(4, 1.0, np.pi / 4)], [_ngon(3)], [plus], None, [star], bars,
+              [b[:, ::-1] for b in bars], [diamond], [heart]]
+    ring = [(_ngon(48, 0.95), False), (_ngon(48, 0.55), True)]
+    return [ring if s is None else [(p, False) for p in s] for s in solids]
 
 
 _DEMO_SHAPES = _demo_shapes()
 
 
-DEMO_VARIANTS = ("colours", "shapes")  # class = shape and colour | class = shape alone
-
-
-def _demo_pose(rng, size, variant):
-    """Radius, centre and rotation of one shape: wider ranges when the class must be read from shape."""
+def _render_demo(label, rng, image_size, variant="colours", scale=4):
+    """One demo image, (size, size, 3) uint8: drawn at scale x the size, then averaged down. "colours":
+    the class's colour, jittered; "shapes": any bright colour, wider sizes and rotations. Rotations stay
+    within +-30 degrees, so horizontal and vertical bars remain two classes."""
+    size = image_size * scale
     radius, turn = ((0.28, 0.42), 0.35) if variant == "colours" else ((0.22, 0.45), np.pi / 6)
     r = rng.uniform(*radius) * size
-    return r, rng.uniform(r, size - r, 2), rng.uniform(-turn, turn)
-
-
-def _demo_colour(label, rng, variant):
-    """The class's own colour, jittered ("colours"), or any bright colour, whatever the class ("shapes")."""
-    if variant == "colours":
-        return tuple(np.clip(np.add(_DEMO_COLOURS[label], rng.integers(-25, 26, 3)), 0, 255).tolist())
-    rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.4, 1), rng.uniform(0.7, 1))
-    return tuple(round(255 * v) for v in rgb)
-
-
-def _render_demo(label, rng, image_size, variant="colours", scale=4):
-    """One demo image, (size, size, 3) uint8: drawn at scale x the size, then averaged down.
-
-    Rotations stay within +-30 degrees, so horizontal and vertical bars remain two classes."""
-    size = image_size * scale
-    r, (cx, cy), angle = _demo_pose(rng, size, variant)
+    (cx, cy), angle = rng.uniform(r, size - r, 2), rng.uniform(-turn, turn)
     c, s = np.cos(angle), np.sin(angle)
-    colour = _demo_colour(label, rng, variant)
+    if variant == "colours":
+        colour = tuple(np.clip(np.add(_DEMO_COLOURS[label], rng.integers(-25, 26, 3)), 0, 255).tolist())
+    else:
+        rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.4, 1), rng.uniform(0.7, 1))
+        colour = tuple(round(255 * v) for v in rgb)
     background = (int(rng.integers(0, 35)),) * 3
     img = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(img)
@@ -448,45 +432,33 @@ def _render_demo(label, rng, image_size, variant="colours", scale=4):
     return np.asarray(img.reduce(scale))  # box-filter supersampling: antialiased edges
 
 
-def make_demo_dataset(out_dir, num_items=10000, image_size=32, seed=0, variant="colours"):
-    """Write the procedural 10-class demo pixel dataset to out_dir (reused if already there). It is
-    built in a temporary directory of its own and renamed into place, so processes that build it at
-    the same time do not disturb each other: the first rename wins, the others reuse its result.
-
-    variant "colours": each class a shape in its own colour (the demo). "shapes": random colour, size,
-    position and rotation, so only the shape tells the class (the MP study's dataset)."""
-    if variant not in DEMO_VARIANTS:
-        raise UsageError(f"unknown demo variant {variant!r}; choose one of {', '.join(DEMO_VARIANTS)}")
+def build_dataset(out_dir, source, write):
+    """The data.py dataset at out_dir that `source` (the string its manifest records) makes: reused if
+    already there, else write(folder) writes it (shards, then finish(source=source)) in a temporary
+    folder beside out_dir that is renamed into place, so that processes building it at once do not
+    disturb each other: the first rename wins, the others reuse its result. UsageError when out_dir
+    holds something else."""
     out_dir = str(out_dir).rstrip("/") or "/"
-    source = f"make_demo_dataset(num_items={num_items}, image_size={image_size}, seed={seed}" + \
-        ("" if variant == "colours" else f", variant={variant}") + ")"
-    if _holds_demo(out_dir, source):
+    if _holds(out_dir, source):
         return out_dir
     parent = os.path.dirname(out_dir) or "."
     os.makedirs(parent, exist_ok=True)
     partial = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial-", dir=parent)
     try:
-        rng = np.random.default_rng(seed)
-        labels = rng.permutation(np.arange(num_items) % len(demo_class_names))
-        writer = ShardWriter(partial, "pixel", (3, image_size, image_size), len(demo_class_names))
-        for index, start in enumerate(range(0, num_items, writer.shard_size)):
-            part = labels[start:start + writer.shard_size]
-            images = np.stack([_render_demo(k, rng, image_size, variant) for k in part])
-            writer.write_shard(index, part, images=images.transpose(0, 3, 1, 2))
-        writer.finish(class_names=list(demo_class_names), source=source)
+        write(partial)
         os.chmod(partial, 0o755)  # mkdtemp makes it private
         try:
             os.rename(partial, out_dir)  # fails if another process put a non-empty out_dir there first
         except OSError:
-            if not _holds_demo(out_dir, source):
+            if not _holds(out_dir, source):
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out_dir
 
 
-def _holds_demo(out_dir, source):
-    """True if out_dir is the demo dataset made by source, False if absent or empty; UsageError otherwise."""
+def _holds(out_dir, source):
+    """True if out_dir is the dataset made by source, False if absent or empty; UsageError otherwise."""
     if not (os.path.isdir(out_dir) and os.listdir(out_dir)):
         return False
     if os.path.isfile(os.path.join(out_dir, "manifest.json")) and read_manifest(out_dir).get("source") == source:
@@ -494,22 +466,40 @@ def _holds_demo(out_dir, source):
     raise UsageError(f"{out_dir}: not empty and not {source}; remove it or pick another directory")
 
 
+def make_demo_dataset(out_dir, num_items=10000, image_size=32, seed=0, variant="colours"):
+    """The procedural 10-class demo pixel dataset at out_dir (build_dataset: reused if already there).
+    variant "colours": each class a shape in its own colour (the demo). "shapes": random colour, size,
+    position and rotation, so only the shape tells the class (the MP study's dataset)."""
+    if variant not in DEMO_VARIANTS:
+        raise UsageError(f"unknown demo variant {variant!r}; choose one of {', '.join(DEMO_VARIANTS)}")
+    source = f"make_demo_dataset(num_items={num_items}, image_size={image_size}, seed={seed}" + \
+        ("" if variant == "colours" else f", variant={variant}") + ")"
+
+    def write(folder):
+        rng = np.random.default_rng(seed)
+        labels = rng.permutation(np.arange(num_items) % len(demo_class_names))
+        writer = ShardWriter(folder, "pixel", (3, image_size, image_size), len(demo_class_names))
+        for index, start in enumerate(range(0, num_items, writer.shard_size)):
+            part = labels[start:start + writer.shard_size]
+            images = np.stack([_render_demo(k, rng, image_size, variant) for k in part])
+            writer.write_shard(index, part, images=images.transpose(0, 3, 1, 2))
+        writer.finish(class_names=list(demo_class_names), source=source)
+    return build_dataset(out_dir, source, write)
+
+
 def verify(path, chunk=1024):
     """Read every value of the dataset at path; return one line per shard array holding NaN or inf
-    (after the header checks LatentDataset makes, which raise UsageError)."""
-    dataset = LatentDataset(path)
-    problems = []
-    for name in dataset._names:
-        for array in ARRAYS[dataset.kind]:
-            if DTYPES[array] == np.uint8:
-                continue  # pixels are always finite
-            file = shard_file(dataset.path, name, array)
-            a, bad = np.load(file, mmap_mode="r"), []
+    (after the header checks LatentDataset makes, which raise UsageError). Pixels are always finite."""
+    dataset, problems = LatentDataset(path), []
+    for shard, name in enumerate(dataset._names if dataset.kind == "latent" else []):
+        for array, a in zip(ARRAYS["latent"], dataset._arrays(shard)):
+            bad = []
             for j in range(0, len(a), chunk):
                 block = np.asarray(a[j:j + chunk])
                 bad.extend(j + np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(1)))
-            if len(bad):
-                problems.append(f"{file}: {len(bad)} item(s) with NaN or inf, the first at index {bad[0]}")
+            if bad:
+                problems.append(f"{shard_file(dataset.path, name, array)}: {len(bad)} item(s) with NaN or inf, "
+                                f"the first at index {bad[0]}")
     return problems
 
 

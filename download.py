@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli import LONG_WAIT, ArgumentParser, UsageError, barrier, one_line, run_command, setup_distributed
-from data import ChunkFolder, ShardWriter, atomic_write
+from data import ARRAYS, ChunkFolder, ShardWriter, atomic_write, read_json
 from eval_inputs import IMAGE_EXTENSIONS, Side, image_files
 from models import DiT_models
 from progress import progress
@@ -295,15 +295,13 @@ def cmd_imagenet(args):
     items, classes = list_images(args.src)
     rank, world, device = setup_distributed(LONG_WAIT)
     vae, size = None, args.image_size
-    if args.vae == "none":
-        kind, shape, arrays = "pixel", (3, size, size), ("images",)
-    else:
+    kind, shape = "pixel", (3, size, size)
+    if args.vae != "none":
         vae = load_vae(_vae_source(args)).to(device)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if size % factor:
             raise UsageError(f"--image-size {size}: not a multiple of the VAE's downsampling {factor}")
         kind, shape = "latent", (vae.config.latent_channels, size // factor, size // factor)
-        arrays = ("mean", "std")
     writer = ShardWriter(args.out, kind, shape, len(classes), args.shard_size)
     listing = "".join(f"{label} {os.path.relpath(p, args.src)}\n" for p, label in items)
     chunks = ChunkFolder(args.out, {"image_size": size, "vae": args.vae, "flip": args.flip, "bf16": args.bf16,
@@ -317,16 +315,13 @@ def cmd_imagenet(args):
             labels, data, skipped = encode_shard(shards[i], args, vae, device, bar)
             skip_record = json.dumps({"skipped": len(skipped), "files": skipped}).encode()
             atomic_write(_skip_file(args.out, i), lambda f: f.write(skip_record))
-            writer.write_shard(i, labels, **dict(zip(arrays, data)))
+            writer.write_shard(i, labels, **dict(zip(ARRAYS[kind], data)))
     seconds = time.time() - start
     print(f"{f'rank {rank}: ' if world > 1 else ''}encoded {pending} images in {seconds:.0f} s "
           f"({pending / max(seconds, 1e-9):.1f} images/s)")
     barrier()
     if rank == 0:
-        skipped = 0
-        for i in range(len(shards)):
-            with open(_skip_file(args.out, i)) as f:
-                skipped += json.load(f)["skipped"]
+        skipped = sum(read_json(_skip_file(args.out, i))["skipped"] for i in range(len(shards)))
         manifest = writer.finish(
             vae=VAES.get(args.vae), image_size=size, class_names=classes, skipped=skipped,
             source=os.path.abspath(args.src), flip=args.flip,
@@ -355,46 +350,40 @@ def build_parser():
     common.add_argument("--no-progress", action="store_true",
                         help="no progress bar (with the output redirected, the bar is a plain line every 30 s)")
 
-    def vae_options(p, choices):
-        p.add_argument("--vae", choices=choices, default="ema",
-                       help="stabilityai/sd-vae-ft-ema or -mse (default: ema)")
-        p.add_argument("--vae-path", metavar="DIR", help="load the VAE from this save_pretrained "
-                       "directory, not the Hugging Face cache (the manifest still records --vae)")
+    def command(name, run, help, vaes=None, **kwargs):
+        p = commands.add_parser(name, parents=[common], help=help, **kwargs)
+        p.set_defaults(run=run)
+        if vaes:
+            p.add_argument("--vae", choices=vaes, default="ema", help="stabilityai/sd-vae-ft-ema or -mse (default: ema)")
+            p.add_argument("--vae-path", metavar="DIR", help="load the VAE from this save_pretrained directory, not "
+                           "the Hugging Face cache (the manifest still records --vae)")
+        return p
 
-    p = commands.add_parser("vae", parents=[common], help="download the SD VAE into the Hugging Face cache")
-    vae_options(p, ["ema", "mse"])
-    p.set_defaults(run=cmd_vae)
-    p = commands.add_parser("dit", parents=[common], help="download and verify an official DiT-XL/2 checkpoint")
+    command("vae", cmd_vae, "download the SD VAE into the Hugging Face cache", ["ema", "mse"])
+    p = command("dit", cmd_dit, "download and verify an official DiT-XL/2 checkpoint")
     p.add_argument("--image-size", type=int, choices=[256, 512], default=256)
     p.add_argument("--out", default="pretrained_models", help="folder (default: pretrained_models)")
-    p.set_defaults(run=cmd_dit)
-    p = commands.add_parser("ref-batch", parents=[common], help="download and verify ADM's ImageNet reference batch (for fid.py)")
+    p = command("ref-batch", cmd_ref_batch, "download and verify ADM's ImageNet reference batch (for fid.py)")
     p.add_argument("--image-size", type=int, choices=[64, 128, 256], default=128,
                    help="the resolution of the samples it will score (default: 128, this repository's ImageNet)")
     p.add_argument("--out", default="reference_batches", help="folder (default: reference_batches)")
-    p.set_defaults(run=cmd_ref_batch)
-    p = commands.add_parser(
-        "imagenet", parents=[common], help="encode an ImageFolder into the data.py format (resumable)",
-        description="Encode an ImageFolder (one sub-folder per class, in sorted order) into the "
-                    "data.py format: ADM centre crop, then the SD VAE posterior mean and std "
-                    "(float16), or uint8 pixels with --vae none. Unreadable images are skipped and "
-                    "counted. Run it again to resume. Under torchrun, shard i goes to rank "
-                    "i % world size.")
+    p = command("imagenet", cmd_imagenet, "encode an ImageFolder into the data.py format (resumable)",
+                ["ema", "mse", "none"], description="Encode an ImageFolder (one sub-folder per class, in sorted "
+                "order) into the data.py format: ADM centre crop, then the SD VAE posterior mean and std (float16), "
+                "or uint8 pixels with --vae none. Unreadable images are skipped and counted. Run it again to resume. "
+                "Under torchrun, shard i goes to rank i % world size.")
     p.add_argument("--src", required=True, help="the ImageFolder, e.g. ILSVRC2012/train")
     p.add_argument("--out", required=True, help="dataset folder to write (or resume)")
     p.add_argument("--image-size", type=_at_least(1), default=128, help="pixels (default: 128)")
     p.add_argument("--batch-size", type=_at_least(1), default=64, help="images per VAE batch")
-    vae_options(p, ["ema", "mse", "none"])
-    p.add_argument("--flip", action="store_true", help="also store each image's mirror image as "
-                   "the item after it, encoded by the VAE (the flip of a latent is not the latent "
-                   "of the flipped image); doubles the dataset")
-    p.add_argument("--bf16", action="store_true", help="run the VAE encoder under bf16 autocast "
-                   "(default float32, as DiT and EDM2 encode): faster on a GPU, but bf16 keeps 8 "
-                   "significant bits, coarser than the float16 (11 bits) that is stored")
+    p.add_argument("--flip", action="store_true", help="also store each image's mirror image as the item after it, "
+                   "encoded by the VAE (the flip of a latent is not the latent of the flipped image); doubles the dataset")
+    p.add_argument("--bf16", action="store_true", help="run the VAE encoder under bf16 autocast (default float32, as "
+                   "DiT and EDM2 encode): faster on a GPU, but bf16 keeps 8 significant bits, coarser than the float16 "
+                   "(11 bits) that is stored")
     p.add_argument("--num-workers", type=_at_least(0), default=min(8, os.cpu_count() or 1),
                    help="image decoding processes (default: min(8, CPUs))")
     p.add_argument("--shard-size", type=_at_least(1), default=10000, help="images per shard")
-    p.set_defaults(run=cmd_imagenet)
     return parser
 
 

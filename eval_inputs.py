@@ -19,8 +19,6 @@ ADM_STATS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}  # precomputed
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 
 
-
-
 def _npz_array(path, name="arr_0"):
     """Array `name` of an .npz, memory-mapped when stored uncompressed (np.savez), else loaded."""
     with zipfile.ZipFile(path) as z:
@@ -49,50 +47,55 @@ def image_files(folder):
                   if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
-class ImageFolder:
-    """The images under a folder (recursively, sorted by path) as uint8 (N, H, W, 3) batches."""
+class Images:
+    """n images as an image source: [i:j] -> uint8 (B, H, W, 3), image k being load(k) of image_shape."""
 
-    def __init__(self, path):
-        self.files = image_files(path)
-        if not self.files:
-            raise UsageError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
-        self.image_shape = self._load(self.files[0]).shape
+    def __init__(self, load, n, image_shape):
+        self.load, self.n, self.image_shape = load, n, tuple(image_shape)
 
-    def _load(self, file):
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return np.stack([self.load(k) for k in range(self.n)[index]])
+
+
+def image_folder(path):
+    """The images under a folder (recursively, sorted by path); UsageError for an unreadable one or
+    one of another size than the first."""
+    files = image_files(path)
+    if not files:
+        raise UsageError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+
+    def load(k):
         try:
-            with Image.open(file) as im:
-                return np.asarray(im.convert("RGB"))
+            with Image.open(files[k]) as im:
+                image = np.asarray(im.convert("RGB"))
         except OSError as e:
-            raise UsageError(f"{file}: unreadable image ({e})")
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        images = [self._load(f) for f in self.files[index]]
-        for f, im in zip(self.files[index], images):
-            if im.shape != self.image_shape:
-                raise UsageError(f"{f}: {im.shape[1]}x{im.shape[0]} pixels, but {self.files[0]} is "
-                                f"{self.image_shape[1]}x{self.image_shape[0]}; give images of one size")
-        return np.stack(images)
+            raise UsageError(f"{files[k]}: unreadable image ({e})")
+        if k and image.shape != first.shape:
+            raise UsageError(f"{files[k]}: {image.shape[1]}x{image.shape[0]} pixels, but {files[0]} is "
+                             f"{first.shape[1]}x{first.shape[0]}; give images of one size")
+        return image
+    first = load(0)
+    return Images(load, len(files), first.shape)
 
 
-class PixelDataset:
-    """A data.py pixel dataset (3 channels) as uint8 (N, H, W, 3) batches."""
+def pixel_dataset(path):
+    """A data.py pixel dataset (3 channels) as an image source."""
+    from data import LatentDataset
+    ds = LatentDataset(path)
+    if ds.kind != "pixel" or ds.shape[0] != 3:
+        raise UsageError(f"{path}: a {ds.kind} dataset of shape {list(ds.shape)}; evaluation "
+                         f"needs RGB pixel data (decode latent samples with sample.py --fid)")
+    return Images(lambda k: ds[k][0].numpy().transpose(1, 2, 0), len(ds), (*ds.shape[1:], 3))
 
-    def __init__(self, path):
-        from data import LatentDataset
-        self.ds = LatentDataset(path)
-        if self.ds.kind != "pixel" or self.ds.shape[0] != 3:
-            raise UsageError(f"{path}: a {self.ds.kind} dataset of shape {list(self.ds.shape)}; evaluation "
-                            f"needs RGB pixel data (decode latent samples with sample.py --fid)")
-        self.image_shape = (*self.ds.shape[1:], 3)
 
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, index):
-        return np.stack([self.ds[i][0].numpy().transpose(1, 2, 0) for i in range(len(self))[index]])
+def random_subset(images, n, seed):
+    """n images of an image source, drawn without replacement by numpy's generator of seed, in their order."""
+    index = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
+    shape = getattr(images, "image_shape", None) or images.shape[1:]
+    return Images(lambda k: images[index[k]:index[k] + 1][0], n, shape)
 
 
 def path_key(path):
@@ -135,24 +138,10 @@ def check_stats(mu, sigma, what, fix="compute them again"):
         raise UsageError(f"{what} hold non-finite values (NaN or inf); {fix}")
 
 
-class Subsample:
-    """n images of an image source, drawn without replacement by numpy's generator of seed, in their order."""
-
-    def __init__(self, images, n, seed):
-        self.images, self.index = images, np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
-        self.image_shape = getattr(images, "image_shape", None) or tuple(images.shape[1:])
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, index):
-        return np.stack([self.images[i:i + 1][0] for i in self.index[index]])
-
-
 class Side:
     """One side of a comparison: images (an array-like of uint8 N x H x W x 3 batches, or None),
     precomputed statistics {metric: (mu, sigma)}, a cache key (None: never cached) and a label.
-    subsample (n, seed): n of its images drawn at random (Subsample), without the precomputed
+    subsample (n, seed): n of its images drawn at random (random_subset), without the precomputed
     statistics of them all; tag names them in cache files."""
 
     def __init__(self, source, what, subsample=None):
@@ -164,13 +153,14 @@ class Side:
                 else source
         else:
             self._open(os.fspath(source))
+            self.key = path_key(self.path)
         if self.images is None and not self.stats:
             raise UsageError(f"{self.label}: holds neither images nor statistics")
         if subsample:
             n, seed = subsample
             if len(self) < n:
                 raise UsageError(f"{self.label}: holds {len(self)} images, fewer than the subsample of {n} asked for")
-            self.images, self.stats, self.tag = Subsample(self.images, n, seed), {}, f".subsample{n}-seed{seed}"
+            self.images, self.stats, self.tag = random_subset(self.images, n, seed), {}, f".subsample{n}-seed{seed}"
             self.key = self.key and self.key + self.tag
         for metric, (mu, sigma) in self.stats.items():
             check_stats(mu, sigma, f"{self.label}: its {metric} statistics")
@@ -180,14 +170,10 @@ class Side:
     def _open(self, path):
         self.label, self.path = path, path
         if os.path.isdir(path):
-            self.images = PixelDataset(path) if os.path.isfile(os.path.join(path, "manifest.json")) else ImageFolder(path)
-        elif not os.path.isfile(path):
+            self.images = pixel_dataset(path) if os.path.isfile(os.path.join(path, "manifest.json")) else image_folder(path)
+            return
+        if not os.path.isfile(path):
             raise UsageError(f"{path}: no such file or folder")
-        else:
-            self._open_npz(path)
-        self.key = path_key(path)
-
-    def _open_npz(self, path):
         try:
             with np.load(path) as npz:
                 names = list(npz.files)

@@ -294,44 +294,39 @@ def _write_cache(path, key, stats, features):
 
 def _everywhere(flag):
     """Whether flag holds on every rank of torch.distributed (so that all ranks take one path)."""
-    _, world = rank_world()
-    if world == 1:
-        return bool(flag)
-    flags = [None] * world
-    dist.all_gather_object(flags, bool(flag))
-    return all(flags)
+    flags = [None] * rank_world()[1]
+    if len(flags) > 1:
+        dist.all_gather_object(flags, bool(flag))
+    return all(flags) if len(flags) > 1 else bool(flag)
 
 
 @contextlib.contextmanager
 def _turn(folder):
     """The block run by one process at a time among those sharing folder (created if missing; None:
     no turns): rank 0 of torch.distributed holds runs.folder_lock on it, the other ranks enter with it."""
-    if not folder:
-        yield
-        return
-    with _folder_lock(folder) if rank_world()[0] == 0 else contextlib.nullcontext():
-        barrier()
+    with contextlib.ExitStack() as lock:
+        while folder and rank_world()[0] == 0 and not _lock(folder, lock):
+            pass
+        if folder:
+            barrier()
         yield
 
 
-@contextlib.contextmanager
-def _folder_lock(folder):
-    """runs.folder_lock on folder, created if missing; taken again when the process before removed the
-    folder while this one waited (its lock, on the removed folder, excludes no one)."""
-    while True:
-        with contextlib.ExitStack() as lock:
-            try:
-                os.makedirs(folder, exist_ok=True)
-                before = os.stat(folder)
-                lock.enter_context(runs.folder_lock(folder))
-                same = os.path.samestat(before, os.stat(folder))
-            except FileNotFoundError:
-                same = False
-            except (OSError, UsageError) as e:
-                raise UsageError(f"{folder}: cannot create or lock it ({getattr(e, 'strerror', None) or e})") from None
-            if same:
-                yield
-                return
+def _lock(folder, stack):
+    """Whether runs.folder_lock on folder (created if missing), entered on stack, holds the folder there
+    now: not when the process before removed it while this one waited (that lock excludes no one)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        before = os.stat(folder)
+        stack.enter_context(runs.folder_lock(folder))
+        if os.path.samestat(before, os.stat(folder)):
+            return True
+    except FileNotFoundError:
+        pass
+    except (OSError, UsageError) as e:
+        raise UsageError(f"{folder}: cannot create or lock it ({getattr(e, 'strerror', None) or e})") from None
+    stack.close()
+    return False
 
 
 @_tf32_off()
@@ -348,7 +343,7 @@ def reference_statistics(reference, network, *, cache=True, batch_size=100, prog
 #                                   evaluate                                    #
 #################################################################################
 
-def _default_device(device):
+def pick_device(device):
     """device, checked (UsageError for a name torch does not know or a device this machine lacks); by
     default cuda:LOCAL_RANK where there is a GPU, else cpu."""
     if device is None:
@@ -372,15 +367,10 @@ def load_network(name, device, inception_weights=None, dinov2_weights=None):
 def available_metrics(inception_weights=None, dinov2_weights=None):
     """The metrics whose weights can be found (the default list)."""
     found = []
-    for metric_names, args in ((("fid", "sfid", "is", "pr"), (inception_weights, feature_nets.INCEPTION_ENV,
-                                feature_nets.INCEPTION_FILE, feature_nets.INCEPTION_URL, "--inception-weights")),
-                               (("fd_dinov2",), (dinov2_weights, feature_nets.DINOV2_ENV, feature_nets.DINOV2_FILE,
-                                                 feature_nets.DINOV2_URL, "--dinov2-weights"))):
-        try:
-            feature_nets.find_weights(*args)
-            found += metric_names
-        except UsageError:
-            pass
+    for names, weights, net in ((METRICS[:4], inception_weights, "inception"), (("fd_dinov2",), dinov2_weights, "dinov2")):
+        with contextlib.suppress(UsageError):
+            feature_nets.find_weights(weights, *feature_nets.WEIGHTS[net])
+            found += names
     return found
 
 
@@ -408,7 +398,7 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
     dinov2_reference: the reference of fd_dinov2 alone (a reference as above; EDM2 compares with the
     whole training set's statistics, while an ADM batch holds 10,000 images), cached like the other.
     reference_subsample (n, seed): score against n of the reference's images drawn at random (not its
-    precomputed statistics; eval_inputs.Subsample), cached apart from the whole reference's.
+    precomputed statistics; eval_inputs.random_subset), cached apart from the whole reference's.
     cache: True (a file beside the reference), a folder, or False. work_dir: where an in-memory
     samples array keeps its resumable feature chunks, keyed by a sha256 of its bytes (an .npz's go
     beside it). Under torchrun every rank calls evaluate and gets the results. Raises UsageError."""
@@ -428,7 +418,7 @@ def evaluate(samples, reference, metrics=None, *, batch_size=100, device=None, i
         if None not in shapes and shapes[0] != shapes[1]:
             raise UsageError(f"samples are {shapes[0][1]}x{shapes[0][0]}, {name} {shapes[1][1]}x{shapes[1][0]}: "
                             f"compare images of one resolution (sample at the reference's size or pick its batch)")
-    device = _default_device(device)
+    device = pick_device(device)
     sources = dict(SOURCES, **{f"fd_{n}": (n, next(iter(net.outputs))) for n, net in networks.items()})
     results = {}
     for name in dict.fromkeys(sources[m][0] for m in metrics):
@@ -489,25 +479,18 @@ def _feasible(metrics, pairs, default):
     statistics on each side. Dropped from a default list, else an error."""
     kept = []
     for m in metrics:
-        reason = _why_not(m, pairs[m])
-        if reason is None:
-            kept.append(m)
-        elif not default:
-            raise UsageError(f"{m}: {reason}")
+        sides = pairs[m]
+        users = [sides[0]] if m == "is" else sides if m == "pr" else [s for s in sides if m not in s.stats]
+        reasons = [f"{s.label} holds no images" + ("" if m in ("is", "pr") else f" and no {m} statistics")
+                   if s.images is None else
+                   f"{s.label} holds {len(s)} images; precision/recall need more than k = {PR_K} on each side"
+                   for s in users if s.images is None or (m == "pr" and len(s) <= PR_K)]
+        if reasons and not default:
+            raise UsageError(f"{m}: {reasons[0]}")
+        kept += [] if reasons else [m]
     if not kept:
         raise UsageError("none of the metrics can be computed from these inputs")
     return kept
-
-
-def _why_not(metric, sides):
-    """Why the inputs do not allow metric (None: they do)."""
-    users = [sides[0]] if metric == "is" else sides if metric == "pr" else [s for s in sides if metric not in s.stats]
-    for side in users:
-        if side.images is None:
-            return f"{side.label} holds no images" + ("" if metric in ("is", "pr") else f" and no {metric} statistics")
-        if metric == "pr" and len(side) <= PR_K:
-            return f"{side.label} holds {len(side)} images; precision/recall need more than k = {PR_K} on each side"
-    return None
 
 
 def _check_dimensions(metric, sides, net, output):

@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UsageError, one_line
+from data import atomic_write
+from eval_inputs import path_key
 from runs import folder_lock
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -39,9 +41,10 @@ INCEPTION_ENV = "MAPDIT_INCEPTION_WEIGHTS"
 DINOV2_FILE = "dinov2_vitl14_pretrain.pth"
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/" + DINOV2_FILE
 DINOV2_ENV = "MAPDIT_DINOV2_WEIGHTS"
+WEIGHTS = {"inception": (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, "--inception-weights"),  # find_weights'
+           "dinov2": (DINOV2_ENV, DINOV2_FILE, DINOV2_URL, "--dinov2-weights")}
 DINOV2_ARCH = "vit_large_patch14_dinov2"  # timm's build of the hub model 'dinov2_vitl14'
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 
 def find_weights(path, env, filename, url, flag):
@@ -57,12 +60,6 @@ def find_weights(path, env, filename, url, flag):
         raise UsageError(f"{filename} not found: download {url} to {cached}, or pass {flag} FILE "
                            f"(or set ${env})")
     return cached
-
-
-def weights_key(path):
-    """What a weights file is, for cache keys: its real path, size and modification time."""
-    st = os.stat(path)
-    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _load_state(path):
@@ -111,7 +108,7 @@ class InceptionNet(torch.nn.Module):
 
     def __init__(self, weights=None, device="cpu"):
         super().__init__()
-        path = find_weights(weights, INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, "--inception-weights")
+        path = find_weights(weights, *WEIGHTS["inception"])
         from pytorch_fid import inception  # a slow import: only once the weights are there
         state = _load_state(path)
         try:
@@ -119,7 +116,7 @@ class InceptionNet(torch.nn.Module):
                 self.net = inception.fid_inception_v3()
         except (RuntimeError, KeyError, ValueError) as e:
             raise UsageError(f"{path}: not the FID Inception weights {INCEPTION_FILE} ({one_line(e)})")
-        self.key = f"inception-2015-12-05/adm-tensors/{weights_key(path)}"
+        self.key = f"inception-2015-12-05/adm-tensors/{path_key(path)}"
         self.device = torch.device(device)
         self.eval().requires_grad_(False).to(self.device)
 
@@ -168,7 +165,7 @@ class DINOv2Net(torch.nn.Module):
 
     def __init__(self, weights=None, device="cpu", arch=DINOV2_ARCH):
         super().__init__()
-        path = find_weights(weights, DINOV2_ENV, DINOV2_FILE, DINOV2_URL, "--dinov2-weights")
+        path = find_weights(weights, *WEIGHTS["dinov2"])
         import timm
         state = dict(_load_state(path))
         self.model = timm.create_model(arch, pretrained=False, img_size=self.image_size, num_classes=0)
@@ -180,7 +177,7 @@ class DINOv2Net(torch.nn.Module):
             self.model.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as e:
             raise UsageError(f"{path}: not {arch} weights in the DINOv2 hub format ({one_line(e)})")
-        self.key = f"{arch}/224-bicubic-antialias/{weights_key(path)}"
+        self.key = f"{arch}/224-bicubic-antialias/{path_key(path)}"
         self.device = torch.device(device)
         self.eval().requires_grad_(False).to(self.device)
 
@@ -327,8 +324,7 @@ def trained_classifier(dataset, cache_dir, device, log, skip=0):
                 start = time.time()
                 net = train_classifier(*dataset_items(dataset, order, seed=2), dataset.num_classes,
                                        min_steps=CLASSIFIER_MIN_STEPS, device=device)
-                torch.save(net.state_dict(), f"{path}.{os.getpid()}.tmp")
-                os.replace(f"{path}.{os.getpid()}.tmp", path)
+                atomic_write(path, lambda f: torch.save(net.state_dict(), f))
                 log(f"trained the evaluation classifier on {len(order)} items in {time.time() - start:.0f} s: {path}")
     if distributed:
         torch.distributed.barrier()

@@ -267,3 +267,34 @@ def test_reference_subsample_scores_against_random_reference_images(tmp_path, ca
     capsys.readouterr()
     assert fid.cli([str(samples), str(ref), "--reference-subsample", "31"]) == 2
     assert "holds 30 images, fewer than the subsample of 31" in capsys.readouterr().err
+
+
+def test_fd_classifier_is_train_pys_number_of_the_same_samples(tmp_path, capsys, monkeypatch):
+    """Issue 22: fid.py computes fd_classifier, train.py's in-run metric for pixel data without Inception
+    weights: feature_nets' classifier of the reference dataset (trained once and cached in --cache-dir, as
+    train.py caches it in RESULTS/eval-cache), and the number evaluation.evaluate gives with it, as
+    watch.Evaluation calls it. Without weights it is the default for a pixel dataset, as in train.py."""
+    from data import LatentDataset, make_demo_dataset
+    ref, cache = make_demo_dataset(tmp_path / "demo", num_items=200, image_size=8), tmp_path / "eval-cache"
+    rng = np.random.default_rng(0)
+    images = np.stack([LatentDataset(ref)[i][0].numpy().transpose(1, 2, 0) for i in range(40)])
+    images = np.clip(images + rng.integers(-40, 41, images.shape), 0, 255).astype(np.uint8)
+    samples = evaluation.write_npz_samples(tmp_path / "samples", images)
+    out = tmp_path / "r.json"
+    for env in (feature_nets.INCEPTION_ENV, feature_nets.DINOV2_ENV):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no weights: the default is fd_classifier
+    assert fid.cli([samples, ref, "--cache-dir", str(cache), "--json", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "trained the evaluation classifier" in printed.err and "FD-classifier: " in printed.out
+    got = json.loads(out.read_text())
+
+    trained = []
+    net = feature_nets.trained_classifier(LatentDataset(ref), str(cache), "cpu", trained.append)
+    assert not trained  # the cached classifier, which train.py's evaluation would load too
+    want = evaluation.evaluate(images, ref, ["fd_classifier"], networks={"classifier": net}, cache=False,
+                               progress=False)  # the reference's statistics computed afresh, not read from fid.py's cache
+    assert set(got) >= {"fd_classifier"} and "fid" not in got
+    assert got["fd_classifier"] == pytest.approx(want["fd_classifier"], rel=1e-12) and got["fd_classifier"] > 0
+    assert fid.cli([samples, str(tmp_path / "samples.npz"), "--metrics", "fd_classifier"]) == 2
+    assert "is not a data.py pixel dataset" in capsys.readouterr().err
