@@ -274,13 +274,14 @@ def posthoc_ema(ckpt, path, sigma_rel, model):
     return state, note
 
 
-def guidance_tag(args, guide_stem):
-    """The guidance options other than --cfg-scale for the default output name, e.g.
-    '-ch3-sigma0-2.33-guide-0000500-ema-0.05' ('' for plain classifier-free guidance)."""
+def default_out(args, stem, guide_stem):
+    """STEM-<sampler><steps>-cfg<scale>[-ch<K>][-sigma<LO>-<HI>][-guide-<guide>]-seed<seed> + .png or -fid<N>.npz."""
     lo, hi = args.guidance_interval
-    return ((f"-ch{args.cfg_channels}" if args.cfg_channels else "")
+    return (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}"
+            + (f"-ch{args.cfg_channels}" if args.cfg_channels else "")
             + (f"-sigma{lo:g}-{hi:g}" if (lo, hi) != EVERY_STEP else "")
-            + (f"-guide-{guide_stem}" if guide_stem else ""))
+            + (f"-guide-{guide_stem}" if guide_stem else "") + f"-seed{args.seed}"
+            + (f"-fid{args.fid}.npz" if args.fid else ".png"))
 
 
 def write_grid(args, generate, manifest, path):
@@ -345,9 +346,7 @@ def main(args):
         guided = Guided(model, args.cfg_scale, guide, tuple(args.guidance_interval), args.cfg_channels)
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        out = args.out or (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}"
-                           f"{guidance_tag(args, guide_stem)}-seed{args.seed}"
-                           + (f"-fid{args.fid}.npz" if args.fid else ".png"))
+        out = args.out or default_out(args, stem, guide_stem)
         if args.fid and not out.endswith(".npz"):
             out += ".npz"
         if rank == 0:
