@@ -31,6 +31,7 @@ from harness import (MODEL_OPTIONS, ROOT, Ctx, InferStep, SampleStep, TrainStep,
 
 import torch
 import train
+from cli import ArgumentParser, UsageError, run_command
 from data import make_demo_dataset, read_manifest
 from models import MP_SWITCHES
 from sampling import make_sampler
@@ -39,7 +40,7 @@ STUDY_MODEL = dict(depth=4, hidden_size=128, num_heads=4)  # experiments/study.p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", metavar="NAME@SIZE",
                    help="model @ latent size (default CPU: DiT-S/2@16; GPU: DiT-B/2 and DiT-XL/2 @16 and @32)")
     p.add_argument("--batch", type=int, help="images per step (default 16 CPU, 256 GPU; halved on GPU OOM)")
@@ -63,11 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--loop-window", type=int, default=4, help="train.py --log-every; the first window is skipped")
     p.add_argument("--loop-rounds", type=int, default=1)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice less the cores busy elsewhere)")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="leave glibc's malloc at its defaults (see keep_freed_memory)")
+    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc at its defaults")
     p.add_argument("--sample-cost", action="store_true",
-                   help="instead: one DDIM step at --sample-batch over one train step at --batch (default 64) of the "
-                        "study's cpu model (DiT-XS/4, depth 4, width 128, 3x32x32, 10 classes), one thread")
+                   help="instead: one DDIM step at --sample-batch over one train step at --batch (default 64) of "
+                        "experiments/study.py's cpu model, on one thread")
     p.add_argument("--sample-batch", type=int, default=256, help="--sample-cost's sampling batch (train.py's)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="--sample-cost's guidance (default 1: none, as the study)")
     p.add_argument("--features", type=int, nargs=2, metavar=("INCEPTION", "DINOV2"),
@@ -78,7 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--out-json", default=os.path.join(ROOT, "benchmarks", "results.json"))
     p.add_argument("--out-md", help="also write the markdown report here")
     p.set_defaults(compile_backend=MODEL_OPTIONS["compile_backend"], overrides={})
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.loop and args.loop_steps < 2 * args.loop_window:
+        raise UsageError("--loop-steps must be at least 2 x --loop-window (the first window is skipped)")
+    return args
 
 
 def configurations(each):
@@ -139,8 +142,6 @@ def run_model(ctx, configs, peak_tflops):
 
 def run_loop(args, device, batch):
     """train.py's own loop (loader, noise, EMAs, logging) against the bare step, same model and batch."""
-    if args.loop_steps < 2 * args.loop_window:
-        raise SystemExit("--loop-steps must be at least 2 x --loop-window (the first window is skipped)")
     demo = make_demo_dataset(os.path.join(tempfile.gettempdir(), "map-dit-bench-demo-data"))
     manifest = read_manifest(demo)
     (channels, size, _), classes = manifest["shape"], manifest["num_classes"]
@@ -329,4 +330,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("bench.py", main))

@@ -27,6 +27,7 @@ from harness import (MODEL_OPTIONS, ROOT, Ctx, SampleStep, TrainStep, forward_gm
 
 import sampling
 import torch
+from cli import ArgumentParser, run_command
 from data import atomic_write
 
 CONFIGS = {"vanilla": {}, "MaP": dict(mp=True)}
@@ -39,7 +40,7 @@ TRAIN_ARGS = ["--depth", "2", "--hidden-size", "64", "--num-heads", "2", "--glob
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--tiny", action="store_true",
                    help="CPU check of the script itself: DiT-XS/2 at depth 2, width 64 on 8x8 latents, batch 8, fp32")
     p.add_argument("--model", default="DiT-XL/2", help="model of the train, sample and compile sections")
@@ -173,4 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("gpu_check.py", main))
