@@ -297,9 +297,9 @@ def main(argv=None):
     args = parse_args(argv)
     malloc = "glibc defaults" if args.system_malloc or not keep_freed_memory() else "glibc, freed memory kept"
     device = setup(args.threads or (1 if args.sample_cost else None))
-    gpu, modes = device.type == "cuda", dict(sample_cost=sample_cost, features=feature_speed)
+    gpu = device.type == "cuda"
     specs = args.models or (["DiT-B/2@16", "DiT-B/2@32", "DiT-XL/2@16", "DiT-XL/2@32"] if gpu else ["DiT-S/2@16"])
-    if any(getattr(args, mode) for mode in modes) or (args.no_train and args.no_infer):
+    if args.sample_cost or args.features or (args.no_train and args.no_infer):  # no speed table
         specs = []
     machine, configs, batch = machine_info(device), configurations(args.each), args.batch or (256 if gpu else 16)
     peak = args.peak_tflops or machine["peak_tflops"]
@@ -313,9 +313,10 @@ def main(argv=None):
         result["models"].append(halving_on_oom(
             lambda b: run_model(Ctx(args, device, name, int(size), b), configs, peak), batch, device, spec))
         print(f"{spec}: done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    for mode, run in modes.items():
-        if getattr(args, mode):
-            result[mode] = run(args, device)
+    if args.sample_cost:
+        result["sample_cost"] = sample_cost(args, device)
+    if args.features:
+        result["features"] = feature_speed(args, device)
     if args.loop:
         result["loop"] = run_loop(args, device, batch)
     result["seconds"] = time.perf_counter() - start
