@@ -10,16 +10,10 @@
         --class-label 207 360 --cfg-scale 4
 
 The model is rebuilt from the checkpoint's arguments and dataset manifest; latent runs are decoded
-with the VAE the manifest names (or --vae-path). Classifier-free guidance acts on all channels
-(--cfg-channels 3: the first three, as the original DiT code); --guide replaces the null label by a
-guide model (autoguidance); --guidance-interval limits either to a range of noise levels (guidance.py);
---cfg-scale 1 runs the conditional model alone. Its default is 4 for grids and 1.5 for --fid (the
-scale DiT reports its FID at). A grid has one row per --class-label, named when the run's data names
-its classes, drawn as train.py draws its grids (sampling.save_grid). With --fid N the samples
-(labels uniform over the classes) go to an ADM-evaluator .npz (arr_0: uint8 N x H x W x 3) through
-chunk files of --batch-size samples (data.ChunkFolder); chunk k's labels and noise depend only on
-(--seed, k), so a rerun resumes where an interrupted one stopped and gives the same array. Every bad
-input prints one line on stderr and exits with code 2.
+with the VAE the manifest names (or --vae-path). Guidance is guidance.Guided's. A grid has one row
+per --class-label (named when the data names its classes); --fid N writes an ADM-evaluator .npz
+through chunk files of --batch-size samples (data.ChunkFolder) whose labels and noise depend only on
+(--seed, k), so a rerun resumes where an interrupted one stopped and gives the same array.
 """
 import argparse
 import glob
@@ -60,17 +54,14 @@ def parse_args(argv=None):
     g.add_argument("--weights", metavar="W", help="raw, ema (classic), or ema-<sigma_rel>: a tracked power "
                    "EMA, any other sigma_rel reconstructed post hoc from the snapshots (default: the "
                    "widest tracked power EMA, else ema)")
-    g.add_argument("--model", default="DiT-XL/2", metavar="NAME",
-                   help="official state dicts only: the model (default DiT-XL/2)")
-    g.add_argument("--image-size", type=int, default=256, metavar="PX",
-                   help="official state dicts only: pixels (default 256)")
+    g.add_argument("--model", default="DiT-XL/2", help="official state dicts only: the model (default DiT-XL/2)")
+    g.add_argument("--image-size", type=int, default=256, metavar="PX", help="official state dicts only (default 256)")
     g.add_argument("--vae", choices=sorted(VAES), default="ema",
                    help="official state dicts only: stabilityai/sd-vae-ft-ema or -mse (default ema)")
     g.add_argument("--vae-path", metavar="DIR", help="load the VAE from this save_pretrained directory")
     g = p.add_argument_group("sampling")
     g.add_argument("--class-label", type=int, nargs="+", metavar="Y", help="grid rows: one class label each")
-    g.add_argument("--num-samples", type=int, default=8, metavar="N",
-                   help="grid columns: samples per label (default 8)")
+    g.add_argument("--num-samples", type=int, default=8, metavar="N", help="grid columns: samples per label (default 8)")
     g.add_argument("--sampler", choices=list(DEFAULT_STEPS), default="ddpm",
                    help="ancestral DDPM, DDIM (eta 0), or DPM-Solver++(2M) from diffusers (default ddpm)")
     g.add_argument("--num-sampling-steps", type=int, metavar="N",
@@ -79,115 +70,69 @@ def parse_args(argv=None):
                    help="guidance scale w: classifier-free, or autoguidance with --guide; 1 = none (default "
                         f"{CFG_SCALE['grid']:g} for a grid, {CFG_SCALE['fid']:g} for --fid: DiT's FID setting)")
     g.add_argument("--cfg-channels", type=int, metavar="K",
-                   help="guide only the first K latent channels; 3 = the original DiT code, to reproduce its "
-                        "published numbers (default: all)")
+                   help="guide only the first K latent channels; 3 = the original DiT code (default: all)")
     g.add_argument("--guidance-interval", type=float, nargs=2, default=list(EVERY_STEP), metavar=("LO", "HI"),
-                   help="guide only where the noise level sigma = sqrt((1 - abar_t) / abar_t) of the model's input "
-                        "lies in (LO, HI], the conditional prediction elsewhere (default 0 inf: every step; EDM2's "
-                        "0.28 5.42; REPA's t <= 0.7 is 0 2.33)")
+                   help="guide only where the noise level sigma = sqrt((1 - abar_t) / abar_t) lies in (LO, HI] "
+                        "(default 0 inf: every step; EDM2's 0.28 5.42; REPA's t <= 0.7 is 0 2.33)")
     g.add_argument("--guide", metavar="RUN_OR_CKPT",
-                   help="autoguidance: D = D_guide + w (D_main - D_guide), w = --cfg-scale, with this guide "
-                        "(a smaller or less trained model of the same data, classes and prediction) given "
-                        "the same labels instead of the null label")
+                   help="autoguidance: D = D_guide + w (D_main - D_guide) with this guide (a smaller or less "
+                        "trained model of the same data, classes and prediction) in place of the null label")
     g.add_argument("--guide-weights", metavar="W", help="the guide's --weights (default: as for --weights)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="the model's forward in float32 or bf16 autocast; guidance and the sampler run in "
-                        "float32 either way (default auto: bf16 on a GPU, fp32 on the CPU)")
+                   help="the model's forward in float32 or bf16 autocast; guidance and the sampler stay float32 "
+                        "(default auto: bf16 on a GPU)")
     g.add_argument("--seed", type=int, default=0, help="grid and FID noise and labels, in [0, 2**32) (default 0)")
-    g.add_argument("--batch-size", type=int, default=64, metavar="N",
-                   help="samples per model batch and per FID chunk")
+    g.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per model batch and FID chunk")
     g.add_argument("--fid", type=int, metavar="N", help="write N samples to an .npz instead of a grid")
     g.add_argument("--out", help="output .png (grid) or .npz (--fid); default under RUN/samples/")
-    g.add_argument("--no-progress", action="store_true",
-                   help="no progress bar for --fid (with the output redirected, it is a plain line every 30 s)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model's forward as one graph (the first batch, and a smaller last "
-                        "one, pay for compiling)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar for --fid")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model's forward as one graph")
     args = p.parse_args(argv)
     if args.num_sampling_steps is None:
         args.num_sampling_steps = DEFAULT_STEPS[args.sampler]
     args.cfg_scale_given = args.cfg_scale is not None
     if not args.cfg_scale_given:
         args.cfg_scale = CFG_SCALE["fid" if args.fid else "grid"]
-    for name in ("num_samples", "batch_size", "num_sampling_steps", "fid"):
+    for name in ("num_samples", "batch_size", "num_sampling_steps", "fid", "cfg_channels"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.num_sampling_steps > 1000:
-        raise UsageError("--num-sampling-steps: at most the 1000 training steps")
-    if not math.isfinite(args.cfg_scale):
-        raise UsageError(f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = no guidance)")
-    if (args.fid is None) == (args.class_label is None):
-        raise UsageError("give --class-label Y [Y ...] for a grid or --fid N for an .npz (one of them)")
-    if not (args.ckpt or args.result_dir):
-        raise UsageError("give --result-dir RUN (a train.py run) or --ckpt FILE")
-    if args.vae_path and not os.path.isdir(args.vae_path):
-        raise UsageError(f"--vae-path {args.vae_path}: not a directory")
     lo, hi = args.guidance_interval
-    if not 0 <= lo <= hi:  # False for NaN
-        raise UsageError(f"--guidance-interval {lo:g} {hi:g}: need noise levels 0 <= LO <= HI (HI may be inf)")
-    if not 0 <= args.seed < 2 ** 32:
-        raise UsageError(f"--seed {args.seed}: must be {SEED_RANGE}")
-    if args.cfg_channels is not None and args.cfg_channels < 1:
-        raise UsageError("--cfg-channels must be at least 1")
-    if args.guide_weights and not args.guide:
-        raise UsageError("--guide-weights needs --guide")
-    if args.guide and not os.path.exists(args.guide):
-        raise UsageError(f"--guide {args.guide}: no such run directory or checkpoint")
+    checks = [(args.num_sampling_steps > 1000, "--num-sampling-steps: at most the 1000 training steps"),
+              (not math.isfinite(args.cfg_scale), f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = none)"),
+              ((args.fid is None) == (args.class_label is None),
+               "give --class-label Y [Y ...] for a grid or --fid N for an .npz (one of them)"),
+              (not (args.ckpt or args.result_dir), "give --result-dir RUN (a train.py run) or --ckpt FILE"),
+              (args.vae_path and not os.path.isdir(args.vae_path), f"--vae-path {args.vae_path}: not a directory"),
+              (not 0 <= lo <= hi,  # True for NaN
+               f"--guidance-interval {lo:g} {hi:g}: need noise levels 0 <= LO <= HI (HI may be inf)"),
+              (not 0 <= args.seed < 2 ** 32, f"--seed {args.seed}: must be {SEED_RANGE}"),
+              (args.guide_weights and not args.guide, "--guide-weights needs --guide"),
+              (args.guide and not os.path.exists(args.guide), f"--guide {args.guide}: no such run directory or checkpoint")]
+    for failed, message in checks:
+        if failed:
+            raise UsageError(message)
     return args
 
 
-#################################################################################
-#                          Checkpoints and EMA weights                          #
-#################################################################################
-
 def load_model(args, guide=False):
     """(model on the CPU with the chosen weights, manifest, note on the weights, stem of the default
-    output path, what the model predicts: eps, v or x0) of --ckpt or --result-dir (its latest
-    checkpoint) with --weights, or with guide=True of --guide with --guide-weights. The stem is
-    RUN/samples/<checkpoint>-<weights> for a run's checkpoint, samples/<file name> for a state dict."""
+    output path, prediction: eps, v or x0) of --ckpt or --result-dir (its latest checkpoint) with
+    --weights, or with guide=True of --guide with --guide-weights. A file that is not a train.py
+    checkpoint may be an official DiT state dict (vanilla DiT --model at --image-size, SD-VAE latents)."""
     source = args.guide if guide else args.ckpt or args.result_dir
     flag = "--guide" if guide else "--ckpt" if args.ckpt else "--result-dir"
     weights = (args.guide_weights or args.weights) if guide else args.weights
-    path = checkpoint_file(source, flag)
-    ckpt, state = read_checkpoint(path)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    if ckpt is not None:
-        saved = saved_args(ckpt)
-        model, manifest, prediction = build_model(argparse.Namespace(**saved), ckpt["manifest"]), ckpt["manifest"], \
-            saved["prediction"]
-        state, weights, note = select_weights(ckpt, path, weights, model)
-        what = f"{saved['model']} of its run"
-        stem = os.path.join(os.path.dirname(os.path.dirname(path)), "samples", f"{stem}-{weights}")
-    else:
-        if weights not in (None, "raw"):
-            raise UsageError(f"--weights {weights}: {path} is a plain state dict, one set of weights")
-        (model, manifest), prediction, note = official_model(args), "eps", f"state dict {path}"
-        what, stem = f"{args.model} at --image-size {args.image_size}", os.path.join("samples", stem)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise UsageError(f"{path}: does not fit {what}: it holds {describe(state)}") from None
-    return model, manifest, note, stem, prediction
-
-
-def checkpoint_file(source, flag):
-    """The checkpoint of a run directory (its latest) or the checkpoint file source."""
+    path = source
     if os.path.isdir(source):
-        ckpts = checkpoints_in(source)
-        if not ckpts:
+        if not checkpoints_in(source):
             raise UsageError(f"{flag} {source}: no checkpoints/NNNNNNN.pt (not a train.py run, or it has not "
                              f"reached its first --ckpt-every)")
-        return ckpts[-1]
-    if not os.path.isfile(source):
+        path = checkpoints_in(source)[-1]
+    elif not os.path.isfile(source):
         raise UsageError(f"{flag} {source}: no such file")
-    return source
-
-
-def read_checkpoint(path):
-    """(train.py checkpoint, None) read by runs.load_checkpoint, or (None, state dict) for a plain state
-    dict of tensors (an official DiT checkpoint); else runs.load_checkpoint's UsageError."""
+    stem = os.path.splitext(os.path.basename(path))[0]
     try:
-        return load_checkpoint(path), None
+        ckpt = load_checkpoint(path)
     except UsageError as refused:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -195,7 +140,33 @@ def read_checkpoint(path):
             raise refused from None
         if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
             raise UsageError(f"{path}: neither a train.py checkpoint nor a DiT state dict") from None
-        return None, state
+        if weights not in (None, "raw"):
+            raise UsageError(f"--weights {weights}: {path} is a plain state dict, one set of weights") from None
+        (model, manifest), prediction, note = official_model(args), "eps", f"state dict {path}"
+        what, stem = f"{args.model} at --image-size {args.image_size}", os.path.join("samples", stem)
+    else:
+        saved, manifest = saved_args(ckpt), ckpt["manifest"]
+        model, prediction = build_model(argparse.Namespace(**saved), manifest), saved["prediction"]
+        state, weights, note = select_weights(ckpt, path, weights, model)
+        what = f"{saved['model']} of its run"
+        stem = os.path.join(os.path.dirname(os.path.dirname(path)), "samples", f"{stem}-{weights}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise UsageError(f"{path}: does not fit {what}: it holds {describe(state)}") from None
+    return model, manifest, note, stem, prediction
+
+
+def official_model(args):
+    """(vanilla DiT, manifest) for the official checkpoints: 1000 classes, SD-VAE latents x 0.18215."""
+    if args.model not in DiT_models:
+        raise UsageError(f"unknown --model {args.model!r}; choose one of {', '.join(DiT_models)}")
+    side, patch = args.image_size // 8, int(args.model.split("/")[1])
+    if args.image_size % 8 or side % patch:
+        raise UsageError(f"--image-size {args.image_size}: the latent side (size / 8) must be a multiple of {patch}")
+    manifest = {"kind": "latent", "shape": [4, side, side], "num_classes": 1000, "vae": VAES[args.vae],
+                "channel_mean": [0.0] * 4, "channel_std": [1 / DIT_LATENT_SCALE] * 4}
+    return DiT_models[args.model](input_size=side), manifest
 
 
 def load_guide(args, manifest, prediction, num_classes):
@@ -206,25 +177,13 @@ def load_guide(args, manifest, prediction, num_classes):
     except UsageError as e:
         raise UsageError(f"--guide: {e}") from None
     data = lambda m: (m["kind"], list(m["shape"]))  # noqa: E731
-    pairs = (("data", data(guide_manifest), data(manifest)), ("number of classes", guide.num_classes, num_classes),
-             ("prediction", guide_prediction, prediction))
-    for what, theirs, ours in pairs:
+    for what, theirs, ours in (("data", data(guide_manifest), data(manifest)),
+                               ("number of classes", guide.num_classes, num_classes),
+                               ("prediction", guide_prediction, prediction)):
         if theirs != ours:
             raise UsageError(f"--guide {args.guide}: its {what} is {theirs}, the model's {ours}; "
                              f"guide with a model of the same data, classes and prediction")
     return guide, note, os.path.basename(stem)
-
-
-def official_model(args):
-    """Vanilla DiT for the official checkpoints (1000 classes, SD-VAE latents scaled by 0.18215)."""
-    if args.model not in DiT_models:
-        raise UsageError(f"unknown --model {args.model!r}; choose one of {', '.join(DiT_models)}")
-    side, patch = args.image_size // 8, int(args.model.split("/")[1])
-    if args.image_size % 8 or side % patch:
-        raise UsageError(f"--image-size {args.image_size}: the latent side (size / 8) must be a multiple of {patch}")
-    manifest = {"kind": "latent", "shape": [4, side, side], "num_classes": 1000, "vae": VAES[args.vae],
-                "channel_mean": [0.0] * 4, "channel_std": [1 / DIT_LATENT_SCALE] * 4}
-    return DiT_models[args.model](input_size=side), manifest
 
 
 def describe(state):
@@ -279,13 +238,10 @@ def warn(message):
 
 
 def posthoc_ema(ckpt, path, sigma_rel, model):
-    """Power EMA of sigma_rel at the checkpoint's step, reconstructed from every power-EMA snapshot
-    up to it (ema-snapshot-NNNNNNN.pt beside the checkpoint, and the checkpoint's own) as the
-    least-squares combination sum_i w_i state_i, accumulated in float64 one snapshot file at a time.
-    The weights are divided by their sum: every snapshot is an average with total weight 1, and with
-    few snapshots the least-squares sum misses 1 by more than the two tracked EMAs differ (1.003
-    with 6 snapshots: the whole network scaled by 1.003). Tensors that do not train (position
-    embedding, buffers) are kept as the checkpoint has them."""
+    """(state, note): the power EMA of sigma_rel at the checkpoint's step, sum_i w_i state_i over every
+    power-EMA snapshot up to it (ema-snapshot-NNNNNNN.pt beside it, and its own) in float64, with the
+    least-squares weights divided by their sum (each snapshot averages with total weight 1; with few
+    snapshots the sum misses 1 by more than the tracked EMAs differ). Untrained tensors are kept."""
     if not ckpt["ema_power"]:
         raise UsageError(f"{path}: no power-EMA snapshots for a post-hoc EMA (the run tracked none; "
                          f"see train.py --ema-sigma-rels); use --weights raw or ema")
@@ -318,17 +274,14 @@ def posthoc_ema(ckpt, path, sigma_rel, model):
     return state, note
 
 
-#################################################################################
-#                               Sampling and decoding                           #
-#################################################################################
-
-def guidance_tag(args, guide_stem):
-    """The guidance options other than --cfg-scale for the default output name, e.g.
-    '-ch3-sigma0-2.33-guide-0000500-ema-0.05' ('' for plain classifier-free guidance)."""
+def default_out(args, stem, guide_stem):
+    """STEM-<sampler><steps>-cfg<scale>[-ch<K>][-sigma<LO>-<HI>][-guide-<guide>]-seed<seed> + .png or -fid<N>.npz."""
     lo, hi = args.guidance_interval
-    return ((f"-ch{args.cfg_channels}" if args.cfg_channels else "")
+    return (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}"
+            + (f"-ch{args.cfg_channels}" if args.cfg_channels else "")
             + (f"-sigma{lo:g}-{hi:g}" if (lo, hi) != EVERY_STEP else "")
-            + (f"-guide-{guide_stem}" if guide_stem else ""))
+            + (f"-guide-{guide_stem}" if guide_stem else "") + f"-seed{args.seed}"
+            + (f"-fid{args.fid}.npz" if args.fid else ".png"))
 
 
 def write_grid(args, generate, manifest, path):
@@ -341,10 +294,9 @@ def write_grid(args, generate, manifest, path):
 
 
 def write_fid_npz(args, generate, path, settings):
-    """N samples with uniform labels in chunk files (PATH-chunks/NNNNNN.npz, a data.ChunkFolder: a rerun
-    with the same settings resumes, with others is refused), then merged into PATH by rank 0. Rank r
-    makes the missing chunks k with k % world == r; finished chunks are kept (delete the folder once
-    the .npz is no longer to be extended). generate(k, n): (images, labels) of chunk k."""
+    """--fid samples in chunk files (PATH-chunks/NNNNNN.npz, a data.ChunkFolder: a rerun with the same
+    settings resumes, with others is refused; rank r makes its missing chunks), merged into PATH by
+    rank 0. generate(k, n): (images, labels) of chunk k."""
     chunks = ChunkFolder(path[: -len(".npz")] + "-chunks", settings)
     sizes = chunk_sizes(args.fid, args.batch_size)
     mine = chunks.mine(len(sizes))
@@ -387,18 +339,14 @@ def main(args):
                                          else (None, None, None))
         vae = open_decoder(manifest, args.vae_path)
         vae = vae and vae.to(device)
-        models = [m.to(device).eval().requires_grad_(False)  # frozen: MPLinear caches its weights
-                  for m in (model, guide) if m is not None]
-        if args.compile:  # Guided calls the modules, so guidance runs compiled too
-            for m in models:
+        for m in [m for m in (model, guide) if m is not None]:
+            m.to(device).eval().requires_grad_(False)  # frozen: MPLinear caches its weights
+            if args.compile:  # Guided calls the modules, so guidance runs compiled too
                 m.forward = torch.compile(m.forward, fullgraph=True)
         guided = Guided(model, args.cfg_scale, guide, tuple(args.guidance_interval), args.cfg_channels)
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        out = args.out or (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}"
-                           f"{guidance_tag(args, guide_stem)}-seed{args.seed}"
-                           + (f"-fid{args.fid}.npz" if args.fid else ".png"))
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        out = args.out or default_out(args, stem, guide_stem)
         if args.fid and not out.endswith(".npz"):
             out += ".npz"
         if rank == 0:

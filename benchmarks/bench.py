@@ -1,20 +1,19 @@
-"""Speed of MaP-DiT against vanilla DiT: training step, sampling forward, and train.py's own loop.
+"""Speed of MaP-DiT against vanilla DiT: training step, sampling forward, and train.py's own loop;
+and the two costs the study's estimate and evaluation need.
 
     python benchmarks/bench.py                  # CPU default: DiT-S/2 on 16x16x4, batch 16, fp32 (< 5 min, 2 cores)
     python benchmarks/bench.py --each           # also every MP switch alone
     python benchmarks/bench.py --loop           # train.py's loop on the demo data against the bare step
     python benchmarks/bench.py --models DiT-B/2@16 DiT-XL/2@32 --batch 256   # GPU: bf16 autocast, fused Adam
+    python benchmarks/bench.py --sample-cost    # instead: a sampling step / a training step of the study's model
+    python benchmarks/bench.py --features 40 6  # instead: fid.py's Inception and DINOv2 images/s, 10K extrapolated
 
-All configurations of a model are held in memory at once and timed interleaved: after warm-up, each
-of --rounds rounds times a block of --iters iterations of vanilla next to a block of each other
-configuration in turn (pair order flipped every round), so machine noise hits them alike. Throughput
-is summarised over blocks (median, min-max); each ratio to vanilla comes from two adjacent blocks,
-and the ratios are summarised by their median. See benchmarks/README.md.
+All configurations of a model are held in memory at once and timed interleaved (see interleaved), so
+machine noise hits them alike; compare the ratios. See benchmarks/README.md.
 """
 import argparse
 import contextlib
 import ctypes
-import gc
 import io
 import json
 import logging
@@ -25,20 +24,23 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
 
-import torch  # noqa: E402
+from harness import (MODEL_OPTIONS, ROOT, Ctx, InferStep, SampleStep, TrainStep, forward_gmacs, free,
+                     halving_on_oom, machine_info, machine_line, setup, summary, table, timed)  # first: ROOT on sys.path
 
-import train  # noqa: E402
-from data import make_demo_dataset, read_manifest  # noqa: E402
-from harness import (PEAK_TFLOPS, Ctx, InferStep, TrainStep, forward_gmacs, halving_on_oom, machine_info,  # noqa: E402
-                     summary, timed)
-from models import MP_SWITCHES  # noqa: E402
+import torch
+import train
+from cli import ArgumentParser, UsageError, run_command
+from data import make_demo_dataset, read_manifest
+from models import MP_SWITCHES
+from sampling import make_sampler
+
+STUDY_MODEL = dict(depth=4, hidden_size=128, num_heads=4)  # experiments/study.py's cpu profile: DiT-XS/4, 3x32x32
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", metavar="NAME@SIZE",
                    help="model @ latent size (default CPU: DiT-S/2@16; GPU: DiT-B/2 and DiT-XL/2 @16 and @32)")
     p.add_argument("--batch", type=int, help="images per step (default 16 CPU, 256 GPU; halved on GPU OOM)")
@@ -62,16 +64,28 @@ def parse_args(argv=None):
     p.add_argument("--loop-window", type=int, default=4, help="train.py --log-every; the first window is skipped")
     p.add_argument("--loop-rounds", type=int, default=1)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice less the cores busy elsewhere)")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="leave glibc's malloc at its defaults (see keep_freed_memory)")
+    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc at its defaults")
+    p.add_argument("--sample-cost", action="store_true",
+                   help="instead: one DDIM step at --sample-batch over one train step at --batch (default 64) of "
+                        "experiments/study.py's cpu model, on one thread")
+    p.add_argument("--sample-batch", type=int, default=256, help="--sample-cost's sampling batch (train.py's)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="--sample-cost's guidance (default 1: none, as the study)")
+    p.add_argument("--features", type=int, nargs=2, metavar=("INCEPTION", "DINOV2"),
+                   help="instead: images/s of fid.py's Inception and DINOv2 ViT-L/14 (random weights) on this many "
+                        "images each (0 skips one), and the minutes 10K images take")
+    p.add_argument("--image-size", type=int, default=256, help="--features' image size in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", default=os.path.join(ROOT, "benchmarks", "results.json"))
     p.add_argument("--out-md", help="also write the markdown report here")
-    return p.parse_args(argv)
+    p.set_defaults(compile_backend=MODEL_OPTIONS["compile_backend"], overrides={})
+    args = p.parse_args(argv)
+    if args.loop and args.loop_steps < 2 * args.loop_window:
+        raise UsageError("--loop-steps must be at least 2 x --loop-window (the first window is skipped)")
+    return args
 
 
 def configurations(each):
-    """name -> DiT keyword arguments (original_layers: see with_original_layers). Forced weight
+    """name -> DiT keyword arguments (original_layers: see harness.with_original_layers). Forced weight
     normalisation needs weight normalisation."""
     out = {"vanilla": {}, "original DiT layers": {"original_layers": True}, "MaP": {"mp": True}}
     for name in MP_SWITCHES if each else ():
@@ -95,7 +109,7 @@ def interleaved(ctx, steps):
     for r in range(args.rounds):
         for name in others if r % 2 == 0 else others[::-1]:
             order = ("vanilla", name) if r % 2 == 0 else (name, "vanilla")
-            pair = {n: timed(ctx, steps[n], args.iters) for n in order}
+            pair = {n: timed(ctx.device, steps[n], args.iters) for n in order}
             times["vanilla"].append(pair["vanilla"])
             times[name].append(pair[name])
             ratios[name].append(pair["vanilla"] / pair[name])
@@ -103,16 +117,10 @@ def interleaved(ctx, steps):
     return times, ratios
 
 
-def bench_model(args, device, spec, configs, peak_tflops):
-    name, size = spec.split("@")
-    return halving_on_oom(lambda batch: run_model(Ctx(args, device, name, int(size), batch, args.channels,
-                                                      args.num_classes), configs, peak_tflops),
-                          args.batch or (256 if device.type == "cuda" else 16), device, spec)
-
-
 def run_model(ctx, configs, peak_tflops):
+    """The train and infer records of every configuration of ctx's model."""
     gmacs, source, counted = forward_gmacs(ctx)
-    out = dict(model=ctx.name, latent=[ctx.channels, ctx.size, ctx.size], batch=ctx.batch, gmacs=gmacs,
+    out = dict(model=ctx.name, latent=[ctx.args.channels, ctx.size, ctx.size], batch=ctx.batch, gmacs=gmacs,
                gmacs_source=source, gmacs_counted=counted, configs={})
     for phase, cls, flops in (("train", TrainStep, 3 * 2 * gmacs * 1e9), ("infer", InferStep, 2 * gmacs * 1e9)):
         if getattr(ctx.args, "no_" + phase):
@@ -128,36 +136,32 @@ def run_model(ctx, configs, peak_tflops):
                 rec.update(peak_gb=steps[n].peak_gb, saved_act_mb=steps[n].act_mb, checkpointing=steps[n].checkpointing)
             out["configs"].setdefault(n, {})[phase] = rec
         del steps
-        gc.collect()
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free(ctx.device)
     return out
 
 
-def run_loop(args, device):
+def run_loop(args, device, batch):
     """train.py's own loop (loader, noise, EMAs, logging) against the bare step, same model and batch."""
-    batch = args.batch or (256 if device.type == "cuda" else 16)
-    if args.loop_steps < 2 * args.loop_window:
-        raise SystemExit("--loop-steps must be at least 2 x --loop-window (the first window is skipped)")
     demo = make_demo_dataset(os.path.join(tempfile.gettempdir(), "map-dit-bench-demo-data"))
     manifest = read_manifest(demo)
     (channels, size, _), classes = manifest["shape"], manifest["num_classes"]
-    ctx = Ctx(args, device, args.loop_model, size, batch, channels, classes)
+    ctx = Ctx(argparse.Namespace(**{**vars(args), "channels": channels, "num_classes": classes}), device,
+              args.loop_model, size, batch)
     configs = {"vanilla": {}, "MaP": {"mp": True}}
     bare = {n: TrainStep(ctx, kw) for n, kw in configs.items()}
     out = {n: dict(loop=[], bare=[]) for n in configs}
+    n_steps = str(args.loop_steps)
     for _ in range(args.loop_rounds):
         for n, kw in configs.items():
             parent = tempfile.mkdtemp(prefix="map-dit-bench-")
             os.symlink(demo, os.path.join(parent, "demo-data"))
-            n_steps = str(args.loop_steps)
             argv = ["--results-dir", parent, "--model", args.loop_model, "--mp" if kw else "--no-mp",
                     "--num-steps", n_steps, "--global-batch-size", str(batch), "--log-every", str(args.loop_window),
                     "--monitor-every", n_steps, "--ckpt-every", n_steps, "--snapshot-every", n_steps,
                     "--sample-steps", "2", "--sample-every", "0", "--eval-every", "0", "--seed", str(args.seed),
                     "--precision", args.precision]
             bare[n]()  # warm-up, then one window of the bare step just before the loop
-            out[n]["bare"].append(args.loop_window * batch / timed(ctx, bare[n], args.loop_window))
+            out[n]["bare"].append(args.loop_window * batch / timed(device, bare[n], args.loop_window))
             log = io.StringIO()
             try:
                 with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -179,12 +183,55 @@ def run_loop(args, device):
                 steps=args.loop_steps, window=args.loop_window, configs=out)
 
 
+def sample_cost(args, device):
+    """Seconds of one sampling step (DDIM-2 through sampling.denoise, guided at --cfg-scale: above 1 the
+    batch doubles; its time halved) at --sample-batch and of one train step at --batch (default 64) of
+    the study's cpu model, vanilla and MaP: after --warmup, --rounds rounds of one of each; medians."""
+    opts = argparse.Namespace(**{**vars(args), "channels": 3, "num_classes": 10, "overrides": STUDY_MODEL})
+    ctx, sampler, out = Ctx(opts, device, "DiT-XS/4", 32, args.batch or 64), make_sampler("ddim", 2), {}
+    for name, kwargs in (("vanilla", {}), ("MaP", {"mp": True})):
+        train_step, sample_step = TrainStep(ctx, kwargs), SampleStep(ctx, kwargs, sampler, args.sample_batch,
+                                                                     args.cfg_scale)
+        for step in [train_step, sample_step] * args.warmup:
+            step()
+        times = [(timed(device, train_step), timed(device, sample_step) / 2) for _ in range(args.rounds)]
+        train_s, sample_s = (statistics.median(column) for column in zip(*times))
+        out[name] = dict(train_s=train_s, sample_s=sample_s, ratio=sample_s / train_s, times=times)
+    return dict(train_batch=ctx.batch, sample_batch=args.sample_batch, cfg_scale=args.cfg_scale, configs=out)
+
+
+def feature_speed(args, device):
+    """Images/s of fid.py's feature networks, with random weights of the real architectures (speed does
+    not depend on their values), on --features counts of random --image-size images."""
+    import timm
+
+    import evaluation
+    import feature_nets
+
+    def inception(path):
+        return feature_nets.InceptionNet(feature_nets.random_inception_weights(path), device)
+
+    def dinov2(path):
+        model = timm.create_model(feature_nets.DINOV2_ARCH, img_size=518, num_classes=0)
+        torch.save(dict(model.state_dict(), mask_token=torch.zeros(1, model.embed_dim)), path)
+        return feature_nets.DINOv2Net(path, device)
+    networks = [("Inception", inception, 50), ("DINOv2 ViT-L/14", dinov2, 10)]  # name, build, batch size
+    size, out = args.image_size, {}
+    images = np.random.default_rng(0).integers(0, 256, (max(args.features), size, size, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        for (name, build, batch), n in zip(networks, args.features):
+            if n:
+                net = build(os.path.join(tmp, "weights.pth"))
+                seconds = timed(device, lambda: evaluation.extract_features(net, images[:n], batch_size=batch,
+                                                                            progress=False))
+                out[name] = dict(images=n, seconds=seconds, img_per_s=n / seconds)
+    return dict(image_size=size, networks=out)
+
+
 def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse, as a GPU caching allocator does: blocks up
-    to its 32 MB maximum then come from the heap, and the heap is never trimmed. At glibc's defaults
-    the large temporaries of each step are handed back to the kernel and faulted back in, zeroed, on
-    the next, which on a CPU costs every configuration time (the more temporaries, the more) and adds
-    to the block-to-block noise. Returns whether it applied (False without glibc)."""
+    """Ask glibc's malloc to keep freed memory for reuse, as a GPU caching allocator does (blocks up to
+    32 MB from the heap, never trimmed), not to fault each step's temporaries back in, zeroed (see
+    benchmarks/README.md). Returns whether it applied (False without glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -200,67 +247,78 @@ def fmt(s, digits=1):
 def markdown(result):
     m, a = result["machine"], result["settings"]
     lines = [f"# MaP-DiT speed, {m['date']}", "",
-             f"{m['device']} ({m['cpu']}, {m['cpu_count']} cores, {m['threads']} threads), torch {m['torch']}, commit "
-             f"{m['commit']}{' + local changes' if m['dirty'] else ''}, load average at start {m['load_avg'][0]:.1f}. "
-             f"{a['precision']}; malloc: {a['malloc']}; inference = {a['infer_mode']}; {a['warmup']} warm-up, then "
-             f"{a['rounds']} interleaved rounds of {a['iters']} iterations per block. Cells: median [min-max] over "
-             "blocks; a ratio compares a block with the adjacent vanilla block (above 1: faster than vanilla).", ""]
+             f"{machine_line(m)}. {a['precision']}; malloc: {a['malloc']}; inference = {a['infer_mode']}; "
+             f"{a['warmup']} warm-up, then {a['rounds']} interleaved rounds of {a['iters']} iterations per block. "
+             "Cells: median [min-max] over blocks; a ratio compares a block with the adjacent vanilla block "
+             "(above 1: faster than vanilla).", ""]
     for r in result["models"]:
-        lines += [f"## {r['model']}, latent {'x'.join(map(str, r['latent']))}, batch {r['batch']} "
-                  f"({r['gmacs']:.2f} forward GMACs/image from {r['gmacs_source']})", "",
-                  "| config | train img/s | train / vanilla | infer img/s | infer / vanilla | peak GB | saved act. MB "
-                  "| MFU train, infer |", "|---|---|---|---|---|---|---|---|"]
+        rows = []
         for n, c in r["configs"].items():
             tr, inf = c.get("train", {}), c.get("infer", {})
-            cells = [fmt(tr["img_per_s"]) if tr else "-", fmt(tr["ratio"], 3) if tr else "-",
-                     fmt(inf["img_per_s"]) if inf else "-", fmt(inf["ratio"], 3) if inf else "-",
-                     f"{tr['peak_gb']:.2f}" if tr.get("peak_gb") else "n/a", f"{tr['saved_act_mb']:.0f}" if tr else "-",
-                     ", ".join(f"{x['mfu']:.1%}" if "mfu" in x else "n/a" for x in (tr, inf))]
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        if not result["settings"]["plain_forward"] and all("infer" in c for c in r["configs"].values()):
+            rows.append([n, fmt(tr["img_per_s"]) if tr else "-", fmt(tr["ratio"], 3) if tr else "-",
+                         fmt(inf["img_per_s"]) if inf else "-", fmt(inf["ratio"], 3) if inf else "-",
+                         f"{tr['peak_gb']:.2f}" if tr.get("peak_gb") else "n/a",
+                         f"{tr['saved_act_mb']:.0f}" if tr else "-",
+                         ", ".join(f"{x['mfu']:.1%}" if "mfu" in x else "n/a" for x in (tr, inf))])
+        lines += [f"## {r['model']}, latent {'x'.join(map(str, r['latent']))}, batch {r['batch']} "
+                  f"({r['gmacs']:.2f} forward GMACs/image from {r['gmacs_source']})", "",
+                  *table(["config", "train img/s", "train / vanilla", "infer img/s", "infer / vanilla", "peak GB",
+                          "saved act. MB", "MFU train, infer"], rows)]
+        if not a["plain_forward"] and all("infer" in c for c in r["configs"].values()):
             lines += ["", "Sampling with guidance, images/s (infer rows/s / 2 rows per image / steps; the "
                       "sampler's own arithmetic is excluded): " + "; ".join(
                           f"{n} DDIM-50 {c['infer']['img_per_s']['median'] / 100:.3g}, DDPM-250 "
                           f"{c['infer']['img_per_s']['median'] / 500:.3g}" for n, c in r["configs"].items())]
         lines.append("")
+    if "sample_cost" in result:
+        sc = result["sample_cost"]
+        lines += ["## One sampling step over one training step (the study's estimate)", "", *table(
+            ["config", f"train step s, batch {sc['train_batch']}",
+             f"sampling step s, batch {sc['sample_batch']}, cfg {sc['cfg_scale']:g}", "sampling / training"],
+            [[n, f"{c['train_s']:.3f}", f"{c['sample_s']:.3f}", f"{c['ratio']:.2f}"] for n, c in sc["configs"].items()]),
+            ""]
+    if "features" in result:
+        ft = result["features"]
+        lines += [f"## fid.py's feature networks, {ft['image_size']} px, random weights", "", *table(
+            ["network", "images", "seconds", "img/s", "10K images, min"],
+            [[n, c["images"], f"{c['seconds']:.1f}", f"{c['img_per_s']:.2f}", f"{1e4 / c['img_per_s'] / 60:.0f}"]
+             for n, c in ft["networks"].items()]), ""]
     if "loop" in result:
         lp = result["loop"]
         lines += [f"## train.py loop vs bare step: {lp['model']}, {lp['data']}, batch {lp['batch']}, {lp['steps']} "
                   f"steps logged every {lp['window']} (first window skipped)", "",
-                  "| config | loop img/s | bare step img/s | loop / bare |", "|---|---|---|---|"]
-        lines += [f"| {n} | {fmt(c['loop'])} | {fmt(c['bare'])} | {c['loop_over_bare']:.3f} |"
-                  for n, c in lp["configs"].items()]
-        lines.append("")
+                  *table(["config", "loop img/s", "bare step img/s", "loop / bare"],
+                         [[n, fmt(c["loop"]), fmt(c["bare"]), f"{c['loop_over_bare']:.3f}"]
+                          for n, c in lp["configs"].items()]), ""]
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     malloc = "glibc defaults" if args.system_malloc or not keep_freed_memory() else "glibc, freed memory kept"
-    busy = round(os.getloadavg()[0])  # cores other jobs keep busy: more threads than free cores stall
-    threads = args.threads or max(1, min(torch.get_num_threads(), os.cpu_count() - busy))
-    if threads < torch.get_num_threads() and not args.threads:
-        print(f"note: load average {os.getloadavg()[0]:.1f} from other jobs: {threads} thread(s) instead of "
-              f"{torch.get_num_threads()} (--threads overrides)", file=sys.stderr)
-    torch.set_num_threads(threads)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
-    specs = args.models or (["DiT-B/2@16", "DiT-B/2@32", "DiT-XL/2@16", "DiT-XL/2@32"] if device.type == "cuda"
-                            else ["DiT-S/2@16"]) if not (args.no_train and args.no_infer) else []
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    settings = dict(vars(args), precision=precision, peak_tflops=peak, malloc=malloc,
-                    infer_mode="plain forward" if args.plain_forward
+    device = setup(args.threads or (1 if args.sample_cost else None))
+    gpu = device.type == "cuda"
+    specs = args.models or (["DiT-B/2@16", "DiT-B/2@32", "DiT-XL/2@16", "DiT-XL/2@32"] if gpu else ["DiT-S/2@16"])
+    if args.sample_cost or args.features or (args.no_train and args.no_infer):  # no speed table
+        specs = []
+    machine, configs, batch = machine_info(device), configurations(args.each), args.batch or (256 if gpu else 16)
+    peak = args.peak_tflops or machine["peak_tflops"]
+    settings = dict(vars(args), precision=args.precision if args.precision != "auto" else ("bf16" if gpu else "fp32"),
+                    peak_tflops=peak, malloc=malloc, infer_mode="plain forward" if args.plain_forward
                     else "classifier-free-guided step (batch = cond + null-label rows)")
-    result = dict(machine=machine_info(device), settings=settings, models=[])
-    configs = configurations(args.each)
+    result = dict(machine=machine, settings=settings, models=[])
     start = time.perf_counter()
     for spec in specs:
-        result["models"].append(bench_model(args, device, spec, configs, peak))
+        name, size = spec.split("@")
+        result["models"].append(halving_on_oom(
+            lambda b: run_model(Ctx(args, device, name, int(size), b), configs, peak), batch, device, spec))
         print(f"{spec}: done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if args.sample_cost:
+        result["sample_cost"] = sample_cost(args, device)
+    if args.features:
+        result["features"] = feature_speed(args, device)
     if args.loop:
-        result["loop"] = run_loop(args, device)
+        result["loop"] = run_loop(args, device, batch)
     result["seconds"] = time.perf_counter() - start
     report = markdown(result)
     print(report)
@@ -273,4 +331,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("bench.py", main))
