@@ -13,8 +13,8 @@ so the two are tuned together; widths the run did not track are reconstructed po
 
 A cell is `sample.py --ckpt CKPT --fid N` with its --weights, --cfg-scale and --guidance-interval
 (guided where lo < sigma <= hi, sigma the noise level) and the shared options, written to
-OUT/cells/<cell>.npz and scored into OUT/cells/<cell>.json. CKPT is resolved once (--ckpt, else the
-run's newest) and recorded in OUT/sweep.json with the other shared options: a rerun skips scored
+OUT/samples/<cell>.npz and scored into OUT/<cell>.npz. CKPT is resolved once (--ckpt, else the
+run's newest) and recorded in OUT/settings.json with the other shared options: a rerun skips scored
 cells and resumes a half-sampled one, and the grid may grow, but they may not change (a run that
 trained on meanwhile changes nothing). The grid (duplicates merged) and the reference are checked
 before anything is written; sweeps on one OUT take turns (runs.folder_lock). The metric and its
@@ -28,7 +28,6 @@ data where train.py rendered it; nothing is copied). For pixel runs the table al
 floor: as many training images as a cell's samples scored the same way.
 Outputs: OUT/sweep.md (tables), OUT/sweep.png. Every bad input: one line on stderr, exit code 2.
 """
-import json
 import math
 import os
 import shlex
@@ -47,9 +46,9 @@ import feature_nets  # noqa: E402
 import plots  # noqa: E402
 import sample  # noqa: E402
 import watch  # noqa: E402
-from data import LatentDataset  # noqa: E402
+from data import ChunkFolder, LatentDataset  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
-from experiments.evaluate import LOG, read_json, real_floor, say, write_json, write_text  # noqa: E402
+from experiments.evaluate import LOG, read_json, real_floor, say, write_text  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from runs import SEED_RANGE, checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
@@ -63,7 +62,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--result-dir", required=True, metavar="RUN", help="the train.py run")
     p.add_argument("--ckpt", metavar="FILE", help="the checkpoint of RUN that every cell samples (default: the "
-                                                  "newest when the sweep is first made; then the one sweep.json records)")
+                                                  "newest when the sweep is first made; then the one settings.json records)")
     p.add_argument("--weights", nargs="+", default=["ema-0.05", "ema-0.07", "ema-0.1", "ema-0.15", "ema-0.2"],
                    metavar="ema-S", help="EMA widths ema-<sigma_rel> (default ema-0.05 ema-0.07 ema-0.1 ema-0.15 "
                                          "ema-0.2)")
@@ -149,17 +148,20 @@ def cell_name(weights, scale, interval):
 
 
 def check_inputs(args):
-    """Resolve the checkpoint (--ckpt, else the one OUT/sweep.json records, else the run's newest) and
-    refuse what would fail once sampling began: a checkpoint that is not the run's or cannot give
-    ema-<sigma_rel> weights, a reference the metric cannot read or compare. Resolves the metric, the
-    reference and the run's data (args.data) as train.py does. Writes nothing."""
+    """Resolve the checkpoint (--ckpt, else the one OUT/settings.json records, else the run's newest) and
+    refuse what would fail once sampling began: a checkpoint that is not the run's (or not the one OUT's
+    cells sample) or cannot give ema-<sigma_rel> weights, a reference the metric cannot read or compare.
+    Resolves the metric, the reference and the run's data (args.data) as train.py does. Writes nothing."""
     ckpts = checkpoints_in(args.result_dir)
     if not ckpts:
         raise UsageError(f"--result-dir {args.result_dir}: no checkpoints/NNNNNNN.pt")
-    recorded = read_json(os.path.join(args.out, "sweep.json")) or {}
-    args.ckpt = os.path.realpath(args.ckpt or recorded.get("ckpt") or ckpts[-1])
+    recorded = (read_json(os.path.join(args.out, "settings.json")) or {}).get("ckpt")
+    args.ckpt = os.path.realpath(args.ckpt or recorded or ckpts[-1])
     if args.ckpt not in map(os.path.realpath, ckpts):
         raise UsageError(f"--ckpt {args.ckpt}: not one of the checkpoints/NNNNNNN.pt of --result-dir {args.result_dir}")
+    if recorded not in (None, args.ckpt):
+        raise UsageError(f"{args.out}: its cells sample {recorded}, not --ckpt {args.ckpt}; give that one "
+                         f"(or no --ckpt) to extend the sweep, or another --out")
     ckpt = load_checkpoint(args.ckpt, mmap=True)
     if not ckpt["ema_power"]:
         raise UsageError(f"{args.ckpt}: the run tracked no power EMA (train.py --ema-sigma-rels), so no "
@@ -278,21 +280,6 @@ def write_plot(args, results, best):
 #                                     Main                                      #
 #################################################################################
 
-def check_settings(args):
-    """The options every cell shares, refused unless a rerun repeats those OUT/sweep.json records:
-    None where it records them, else the settings to record."""
-    settings = {k: getattr(args, k) for k in SHARED}
-    recorded = read_json(os.path.join(args.out, "sweep.json")) or {}
-    if recorded.get("ckpt", args.ckpt) != args.ckpt:
-        raise UsageError(f"{args.out}: its cells sample {recorded['ckpt']}, not --ckpt {args.ckpt}; give that one "
-                         f"(or no --ckpt) to extend the sweep, or another --out")
-    changed = sorted(k for k, v in recorded.items() if settings.get(k) != v)
-    if changed:
-        raise UsageError(f"{args.out}: holds cells made with other {', '.join(changed)} (see sweep.json); "
-                         f"use the same options, or another --out")
-    return None if recorded else settings
-
-
 def main(args):
     """Check everything, then run the grid holding OUT's lock: a second sweep on OUT waits for it."""
     check_inputs(args)
@@ -301,28 +288,23 @@ def main(args):
 
 
 def run_grid(args):
-    new = check_settings(args)
-    results, floor = {}, None
+    """Sample and score the cells not scored yet (OUT/<cell>.npz: score and floor, a data.ChunkFolder
+    whose settings.json holds the shared options), then the table and the plot."""
+    cells = ChunkFolder(args.out, {k: getattr(args, k) for k in SHARED})
     grid = [(w, s, i) for i in args.intervals for s in args.cfg_scales for w in args.weights]
-    record_of = lambda cell: os.path.join(args.out, "cells", f"{cell_name(*cell)}.json")  # noqa: E731
-    scorer = make_scorer(args) if not all(os.path.exists(record_of(cell)) for cell in grid) else None
-    if new:
-        write_json(os.path.join(args.out, "sweep.json"), new)
-    os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
-    for k, (w, s, interval) in enumerate(grid):
-        name, record = cell_name(w, s, interval), record_of((w, s, interval))
-        npz = record[: -len(".json")] + ".npz"
-        if os.path.exists(record):
-            with open(record) as f:
-                done = json.load(f)
-            results[(w, s, interval)], floor = done["score"], done["floor"]
-            continue
-        say(f"cell {k + 1}/{len(grid)}: {name}")
-        if not os.path.exists(npz):
-            run_sample(args.launcher, sample_argv(args, w, s, interval, npz))
-        results[(w, s, interval)], floor = score(npz, args, scorer), scorer[1]
-        write_text(record, json.dumps(dict(cell=name, score=results[(w, s, interval)], floor=floor)))
-        shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
+    scorer = None if all(cells.done(cell_name(*cell)) for cell in grid) else make_scorer(args)
+    results = {}
+    for k, cell in enumerate(grid):
+        name = cell_name(*cell)
+        npz = os.path.join(args.out, "samples", f"{name}.npz")
+        if not cells.done(name):
+            say(f"cell {k + 1}/{len(grid)}: {name}")
+            if not os.path.exists(npz):
+                run_sample(args.launcher, sample_argv(args, *cell, npz))
+            cells.save(name, score=score(npz, args, scorer), floor=scorer[1] or "")
+            shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
+        record = cells.load(name)
+        results[cell], floor = float(record["score"]), str(record["floor"]) or None
     best = min(results, key=results.get)
     write_table(args, results, best, floor)
     write_plot(args, results, best)
