@@ -113,17 +113,6 @@ def parse_train(argv):
         return None, str(e)
 
 
-def find_run(root, args):
-    """The latest run directory under root whose config.json matches args (as train.py compares)."""
-    want = runs.comparable(vars(args))
-    found = None
-    for run_dir in runs.list_runs(root):
-        config = runs.read_config(run_dir)
-        if config is not None and all(config.get(k) == v for k, v in want.items()):
-            found = run_dir
-    return found
-
-
 def final_checkpoint(run_dir, num_steps):
     return os.path.join(run_dir, "checkpoints", f"{num_steps:07d}.pt")
 
@@ -131,7 +120,7 @@ def final_checkpoint(run_dir, num_steps):
 def run_state(run_dir, argv, num_steps, key):
     """done (results.json for these arguments and evaluation settings `key`, or recorded as
     diverged), evaluate (trained, not scored as asked), resume (checkpoints short of the last), or new."""
-    if run_dir is None:
+    if not os.path.isdir(run_dir):
         return "new"
     result = read_json(os.path.join(run_dir, "results.json")) or {}
     trained = os.path.isfile(final_checkpoint(run_dir, num_steps))
@@ -145,9 +134,9 @@ def run_state(run_dir, argv, num_steps, key):
 
 
 def job_state(opts, data, ctx, phase, arm, lr, seed):
-    """(run_dir or None, its state as run_state says, train argv) of one run."""
+    """(run_dir: train.py's directory of the run, its state as run_state says, train argv) of one run."""
     argv = train_argv(opts, data, phase, arm, lr, seed)
-    run_dir = find_run(job_root(opts, phase, arm, lr, seed), parse_train(argv)[0])
+    run_dir = runs.run_dir_of(train.parse_args(argv))
     return run_dir, run_state(run_dir, argv, job_steps(opts, phase), job_key(opts, ctx, phase)), argv
 
 
@@ -159,14 +148,15 @@ def collect(opts, data, ctx, phase, arm, lr, seed):
     return dict(phase=phase, arm=arm, lr=lr, seed=seed, status="missing")
 
 
-def train_run(argv, root, resume_dir=None):
-    """Train train.py's argv (continuing resume_dir if given) in this process: (run_dir, None), or
-    (run_dir, why) when the loss became non-finite (train.py stops before saving it)."""
-    extra = ["--resume", resume_dir] if resume_dir else []
+def train_run(argv):
+    """Train train.py's argv in this process, continuing its run if it exists (as the same train.py
+    command does): (run_dir, None), or (run_dir, why) when the loss became non-finite (train.py stops
+    before saving it)."""
+    args = train.parse_args(argv)
     try:
-        return train.main(train.parse_args(argv + extra)), None
+        return train.main(args), None
     except FloatingPointError as e:
-        return find_run(root, train.parse_args(argv)), str(e)
+        return runs.run_dir_of(args), str(e)
     finally:
         for handler in logging.getLogger("train").handlers:
             handler.close()
@@ -202,9 +192,8 @@ def run_job(opts, data, ctx, phase, arm, lr, seed):
     start = time.time()
     if state in ("new", "resume"):
         say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}: {base['train_command']}")
-        root = job_root(opts, phase, arm, lr, seed)
-        share_eval_cache(opts, root)
-        run_dir, diverged = train_run(argv, root, run_dir if state == "resume" else None)
+        share_eval_cache(opts, job_root(opts, phase, arm, lr, seed))
+        run_dir, diverged = train_run(argv)
         if diverged:
             write_json(os.path.join(run_dir, "results.json"),
                        dict(base, status="diverged", message=diverged, run_dir=run_dir, **curve(run_dir)))

@@ -258,8 +258,7 @@ def sweep_results(opts, data, plan):
 
 def trained(opts, data, phase, arm, lr, seed):
     """Whether the run has its final checkpoint (it may still need scoring)."""
-    run_dir = job_state(opts, data, None, phase, arm, lr, seed)[0]
-    return run_dir is not None and os.path.isfile(final_checkpoint(run_dir, opts.steps))
+    return os.path.isfile(final_checkpoint(job_state(opts, data, None, phase, arm, lr, seed)[0], opts.steps))
 
 
 def best_lr(sweep):
