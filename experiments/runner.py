@@ -7,6 +7,7 @@ experiments/evaluate.py (a ctx: the ablation, the study's full runs); its result
 Rerunning skips finished runs (done: results.json for the same arguments and scoring settings) and
 continues interrupted ones; --parallel N runs N at once as `SCRIPT ARGV --only PHASE:ARM:LR:SEED`.
 """
+import argparse
 import contextlib
 import io
 import logging
@@ -16,10 +17,12 @@ import subprocess
 import sys
 import time
 
+import torch
+
 import plots
 import runs
 import train
-from cli import UsageError
+from cli import ArgumentParser, UsageError
 from experiments.evaluate import LOG, evaluate_run, read_json, say, training_record, write_json
 from models import MP_SWITCHES
 
@@ -85,10 +88,47 @@ def train_argv(opts, data, phase, arm, lr, seed):
     return argv + CONFIGS[arm][1] + shlex.split(opts.train_args)
 
 
-def check_options(opts, counts):
-    """Refuse (UsageError) counts below 1, repeated seeds and --train-args that do not split; make
-    --results-dir absolute."""
-    for name in counts:
+SIZE = ("depth", "hidden_size", "num_heads")  # a preset's, with its model only
+
+
+def grid_parser(prog, doc, results_dir, seeds):
+    """(the parser of the options ablate.py and study.py share, its training group for more); those
+    without a default come from the script's preset (parse_grid)."""
+    p = ArgumentParser(prog=prog, description=doc)
+    p.add_argument("--only", help=argparse.SUPPRESS)  # PHASE:ARM:LR:SEED, a subprocess of --parallel
+    g = p.add_argument_group("the grid")
+    g.add_argument("--seeds", type=int, nargs="+", default=seeds, metavar="S",
+                   help=f"training seeds (default {' '.join(map(str, seeds))})")
+    g.add_argument("--results-dir", default=results_dir, metavar="DIR", help=f"default {results_dir}")
+    g.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="runs at once, each a subprocess logging to its run folder (default 1: in this process)")
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: all cores; "
+                   "on a shared CPU 1 can be faster, as idle threads spin: --parallel 2 --threads 1 on 2 cores)")
+    g.add_argument("--visuals", metavar="DIR", help="also copy the figures here (e.g. visuals/)")
+    g.add_argument("--train-args", default="", metavar="'ARGS'",
+                   help="more train.py arguments for every run, appended last, e.g. --train-args='--grad-clip 1'")
+    g = p.add_argument_group("training and evaluation (default: the preset's)")
+    g.add_argument("--data-path", metavar="DIR", help="a data.py dataset (default: the demo, rendered into RESULTS)")
+    g.add_argument("--eval-data-path", metavar="DIR", help="held-out data of the same kind (default: a second demo "
+                   "rendering with another seed)")
+    for key, text in (("model", "DiT-{XS,S,B,L,XL}/{2,4,8}"), ("depth", "blocks"), ("hidden_size", "width"),
+                      ("num_heads", "heads"), ("global_batch_size", "batch"),
+                      ("samples_per_class", "samples per class scored at the end of a run"),
+                      ("sample_steps", "DDIM steps of every evaluation")):
+        g.add_argument("--" + key.replace("_", "-"), type=str if key == "model" else int, help=text)
+    return p, g
+
+
+def parse_grid(parser, argv, preset, counts):
+    """The options, those not given taken from preset(opts) (its depth, width and heads only with its
+    model); refused (UsageError): counts below 1, repeated seeds, --train-args that do not split.
+    --results-dir made absolute; --threads set."""
+    opts = parser.parse_args(argv)
+    own_model = opts.model is not None
+    for key, value in preset(opts).items():
+        if hasattr(opts, key) and getattr(opts, key) is None and not (own_model and key in SIZE):
+            setattr(opts, key, value)
+    for name in ("parallel", "threads", "global_batch_size", "samples_per_class", "sample_steps", *counts):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if len(set(opts.seeds)) != len(opts.seeds):
@@ -98,6 +138,25 @@ def check_options(opts, counts):
     except ValueError as e:
         raise UsageError(f"--train-args: {e}") from None
     opts.results_dir = os.path.abspath(opts.results_dir)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    return opts
+
+
+def accepted_arms(opts, data, arms, phase, lr=None):
+    """({arm: train.py's arguments of its first run} for the arms train.py accepts, {arm: why not} for
+    the others, each said); UsageError when it refuses them all."""
+    accepted, refused = {}, {}
+    for arm in arms:
+        args, why = parse_train(train_argv(opts, data, phase, arm, lr, opts.seeds[0]))
+        if args is None:
+            refused[arm] = why
+            say(f"skipping {arm}: {why}")
+        else:
+            accepted[arm] = args
+    if not accepted:
+        raise UsageError(f"train.py refuses every configuration: {next(iter(refused.values()))}")
+    return accepted, refused
 
 
 def parse_train(argv):
