@@ -51,7 +51,7 @@ from ema import valid_sigma_rel  # noqa: E402
 from experiments.evaluate import LOG, read_json, real_floor, say, write_text  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from runs import SEED_RANGE, checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
+from runs import checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
 
 SHARED = ("result_dir", "ckpt", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
           "guide_weights", "precision", "metric", "reference", "eval_dir")
@@ -100,8 +100,8 @@ def parse_args(argv=None):
 
 
 def check_grid(args):
-    """Refuse, before anything is sampled, every grid value and count that sample.py would refuse at its
-    cell; merge duplicate grid values (one column, one row, one table each)."""
+    """Refuse grid values sample.py cannot take (check_inputs gives each cell's arguments to sample.py's
+    parser); merge duplicate grid values (one column, one row, one table each)."""
     widths = {}
     for w in args.weights:
         widths.setdefault(sigma_rel(w), w)  # ema-0.1 and ema-0.10 are one width
@@ -113,22 +113,9 @@ def check_grid(args):
     values = args.intervals or list(EVERY_STEP)
     if len(values) % 2:
         raise UsageError("--intervals: give pairs LO HI")
-    pairs = [tuple(values[i:i + 2]) for i in range(0, len(values), 2)]
-    for lo, hi in pairs:
-        if not 0 <= lo <= hi:  # False for NaN
-            raise UsageError(f"--intervals {lo:g} {hi:g}: each pair needs noise levels 0 <= LO <= HI (HI may be inf)")
-    args.intervals = list(dict.fromkeys(pairs))
-    if not 0 <= args.seed < 2 ** 32:
-        raise UsageError(f"--seed {args.seed}: must be {SEED_RANGE}")
-    for name, least, most in (("num_samples", 2, math.inf), ("batch_size", 1, math.inf),
-                              ("num_sampling_steps", 1, 1000)):  # a covariance; the training steps at most
-        value = getattr(args, name)
-        if value is not None and not least <= value <= most:  # None: sample.py's default steps
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be in [{least}, {most}]")
-    if args.guide_weights and not args.guide:
-        raise UsageError("--guide-weights needs --guide")
-    if args.guide and not os.path.exists(args.guide):
-        raise UsageError(f"--guide {args.guide}: no such run directory or checkpoint")
+    args.intervals = list(dict.fromkeys(tuple(values[i:i + 2]) for i in range(0, len(values), 2)))
+    if args.num_samples < 2:
+        raise UsageError(f"--num-samples {args.num_samples}: must be at least 2 (a covariance)")
 
 
 def sigma_rel(weights):
@@ -139,6 +126,11 @@ def sigma_rel(weights):
     if not valid_sigma_rel(float(match[1])):
         raise UsageError(f"--weights {weights}: no power EMA has sigma_rel {match[1]} (about 0 < sigma_rel < 0.3)")
     return float(match[1])
+
+
+def grid_of(args):
+    """The cells (weights, scale, interval), in the order they are sampled."""
+    return [(w, s, i) for i in args.intervals for s in args.cfg_scales for w in args.weights]
 
 
 def cell_name(weights, scale, interval):
@@ -187,6 +179,11 @@ def check_inputs(args):
     if args.metric == "fid" and not fid_found:
         raise UsageError(f"--metric fid: no Inception weights ({feature_nets.INCEPTION_FILE}); pass "
                          f"--inception-weights FILE or set {feature_nets.INCEPTION_ENV}")
+    for cell in grid_of(args):
+        try:
+            sample.parse_args(sample_argv(args, *cell, "cell.npz"))
+        except UsageError as e:
+            raise UsageError(f"cell {cell_name(*cell)}: sample.py refuses it: {e}") from None
 
 
 #################################################################################
@@ -291,7 +288,7 @@ def run_grid(args):
     """Sample and score the cells not scored yet (OUT/<cell>.npz: score and floor, a data.ChunkFolder
     whose settings.json holds the shared options), then the table and the plot."""
     cells = ChunkFolder(args.out, {k: getattr(args, k) for k in SHARED})
-    grid = [(w, s, i) for i in args.intervals for s in args.cfg_scales for w in args.weights]
+    grid = grid_of(args)
     scorer = None if all(cells.done(cell_name(*cell)) for cell in grid) else make_scorer(args)
     results = {}
     for k, cell in enumerate(grid):
