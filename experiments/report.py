@@ -24,6 +24,11 @@ README_START, README_END = "<!-- study.py results: start -->", "<!-- study.py re
 RUN_SCORES = dict(step_time_s=lambda r: r["step_time_s"], final_train_loss=lambda r: r["final_train_loss"],
                   ema_heldout_loss=lambda r: r["heldout_loss"]["ema"]["loss"],
                   raw_heldout_loss=lambda r: r["heldout_loss"]["raw"]["loss"])
+ABLATION_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "num_steps", "global_batch_size", "seeds", "lr",
+                     "train_args", "cfg_scales", "samples_per_class", "sample_seed", "parallel")
+STUDY_SETTINGS = ("profile", "model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps",
+                  "sweep_seed", "sweep_points", "sweep_span", "sweep_extend", "steps", "seeds", "eval_every",
+                  "eval_samples", "sample_steps", "samples_per_class", "parallel", "threads")
 SCORE_COLUMNS = "{fd} ↓ | class consistency % ↑ | EMA held-out loss ↓ | parameters | s/step"
 
 
@@ -127,13 +132,9 @@ def aggregate(opts, data, ctx, configs, collected, skipped):
         rows.append(row)
     return dict(
         grid=opts.grid, headline_cfg=f"{opts.cfg_scales[0]:g}", fd_network=ctx.fd_name, fid_note=ctx.fid_note,
-        settings=dict(data=data.path, demo=data.demo, heldout=ctx.held_desc, model=opts.model, depth=opts.depth,
-                      hidden_size=opts.hidden_size, num_heads=opts.num_heads, num_steps=opts.num_steps,
-                      global_batch_size=opts.global_batch_size, seeds=opts.seeds, lr=opts.lr,
-                      train_args=opts.train_args, sampler=f"DDIM-{opts.sample_steps}", cfg_scales=opts.cfg_scales,
-                      samples_per_class=opts.samples_per_class, sample_seed=opts.sample_seed,
-                      loss_batch=len(ctx.loss_x), device=str(ctx.device), parallel=opts.parallel,
-                      num_samples=ctx.num_classes * opts.samples_per_class),
+        settings=dict({k: getattr(opts, k) for k in ABLATION_SETTINGS}, data=data.path, demo=data.demo,
+                      heldout=ctx.held_desc, sampler=f"DDIM-{opts.sample_steps}", loss_batch=len(ctx.loss_x),
+                      device=str(ctx.device), num_samples=ctx.num_classes * opts.samples_per_class),
         classifier=dict(accuracy=ctx.accuracy, train_items=ctx.n_train, heldout_items=ctx.n_held,
                         reference_items=ctx.n_held - ctx.n_base, cache=ctx.cache_path),
         real_data=dict(items=ctx.n_base, fd=ctx.real_fd, class_consistency=ctx.accuracy, fid=ctx.real_fid), rows=rows)
@@ -316,15 +317,9 @@ def summarise_study(study):
                 figure_dir=os.path.relpath(o.visuals, linked_from) if o.visuals else ".", alpha=ALPHA,
                 floor=study.floor, refused=study.refused, wall=study.wall, estimate_s=study.estimate_s,
                 command=study.command,
-                settings=dict(profile=o.profile, data=study.data.path, heldout=study.data.heldout,
-                              validation=study.data.validation, test=study.data.test, model=o.model,
-                              depth=o.depth, hidden_size=o.hidden_size, num_heads=o.num_heads,
-                              batch=o.global_batch_size, sweep_steps=o.sweep_steps, sweep_seed=o.sweep_seed,
-                              sweep_points=o.sweep_points, sweep_span=o.sweep_span, sweep_extend=o.sweep_extend,
-                              steps=o.steps, seeds=o.seeds, eval_every=o.eval_every, eval_samples=o.eval_samples,
-                              sample_steps=o.sample_steps, samples_per_class=o.samples_per_class,
-                              num_classes=int(study.data.manifest["num_classes"]), parallel=o.parallel,
-                              threads=o.threads),
+                settings=dict({k: getattr(o, k) for k in STUDY_SETTINGS}, data=study.data.path,
+                              heldout=study.data.heldout, validation=study.data.validation, test=study.data.test,
+                              num_classes=int(study.data.manifest["num_classes"])),
                 rows={arm: {k: v for k, v in row.items() if k != "best_run"} for arm, row in rows.items()}), rows
 
 
@@ -339,7 +334,7 @@ def render_study(summary):
     target = "n/a" if summary["target"] is None else format(summary["target"], ".4g")
     lines = ["### Does magnitude preservation help? Each arm at its own best learning rate", "",
              f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), batch "
-             f"{s['batch']}, v-prediction, on {summary['data']}. lr sweep: {s['sweep_points']} log-spaced values "
+             f"{s['global_batch_size']}, v-prediction, on {summary['data']}. lr sweep: {s['sweep_points']} log-spaced values "
              f"over {s['sweep_span']:g}x around train.py's default per arm (extended past an end holding the best, "
              f"up to {s['sweep_extend']} steps), {s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr by "
              f"`{m}` of {s['eval_samples']} samples (DDIM-{s['sample_steps']}) against the validation half of the "

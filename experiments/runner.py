@@ -1,11 +1,9 @@
-"""The grid runner of experiments/ablate.py and experiments/study.py: arms (the MP configurations,
-CONFIGS) x learning rates x seeds, each run a train.py run in its own folder
-RESULTS/<phase>/<arm>[-lr<lr>]-seed<s>/ (lr None: train.py's default for the arm). A run is trained
-(or continued) in this process through train.main, its divergence recorded rather than raised; its
-in-run evaluation curve read (opts.metric: the study); its final checkpoint scored by
-experiments/evaluate.py (a ctx: the ablation, the study's full runs); its results.json written.
-Rerunning skips finished runs (done: results.json for the same arguments and scoring settings) and
-continues interrupted ones; --parallel N runs N at once as `SCRIPT ARGV --only PHASE:ARM:LR:SEED`.
+"""The grid runner of experiments/ablate.py and study.py: arms (CONFIGS, the MP configurations) x
+learning rates x seeds, each a train.py run under RESULTS/<phase>/<arm>[-lr<lr>]-seed<s>/ (lr None:
+train.py's default), in train.py's directory for its arguments (runs.run_dir_of): trained or continued
+through train.main (a divergence recorded), its in-run curve read (opts.metric), its final checkpoint
+scored by evaluate.py (a ctx), its results.json written. A rerun skips finished runs and continues
+interrupted ones; --parallel N runs N at once as `SCRIPT ARGV --only PHASE:ARM:LR:SEED`.
 """
 import argparse
 import contextlib
@@ -64,13 +62,11 @@ def job_key(opts, ctx, phase):
 
 
 def train_argv(opts, data, phase, arm, lr, seed):
-    """train.py's arguments of one run: the data, its own --results-dir (so that train.py's resume can
-    only find this run), the grid's model, steps, batch, prediction and seed; flips as train.py's
-    default unless --hflip; logs, monitor and 5 checkpoints scaled to the steps; no loader workers;
-    --lr unless None. With opts.metric, train.py's in-run evaluation: every --eval-every steps against
-    the test half of the held-out data (full runs), or once at the end against its validation half
-    (sweep runs: the lr is chosen on data the report does not use). Last the arm's flags and
-    --train-args."""
+    """train.py's arguments of one run: the grid's data, model, steps, batch, prediction and seed, its
+    own --results-dir, flips as train.py's default unless --hflip, logs, monitor and 5 checkpoints
+    scaled to the steps, --lr unless None; with opts.metric, the in-run evaluation every --eval-every
+    steps against the test half (full runs) or once at the end against the validation half (sweep
+    runs: the lr is chosen on data the report does not use); last the arm's flags and --train-args."""
     steps = job_steps(opts, phase)
     hflip = opts.hflip if opts.hflip is not None else not data.demo and data.manifest["kind"] == "pixel"
     argv = ["--data-path", data.path, "--results-dir", job_root(opts, phase, arm, lr, seed), "--model", opts.model,

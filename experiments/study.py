@@ -5,25 +5,16 @@ curves over training, on data whose classes are shapes.
     python experiments/study.py --parallel 2 --threads 1   # the default study (2-core CPU)
     python experiments/study.py --profile gpu --parallel 4 # a bigger model, longer budgets (a GPU)
 
-For each arm (vanilla DiT, MaP-DiT, MaP-DiT with rotation-scale modulation, weight normalisation
-alone, MP embedding alone): an lr sweep of --sweep-points log-spaced values spanning --sweep-span x
-around train.py's default lr for the arm, --sweep-steps each with seed --sweep-seed; the best lr
-is the one whose sampled weights score lowest on the metric (train.py's in-run evaluation at the
-sweep's last step, against the validation half of the held-out images). Then --seeds (disjoint
-from the sweep seed) at that lr for --steps each, evaluated every --eval-every steps (the curves),
-and scored at the end as experiments/ablate.py scores its runs (FD of the ablation classifier,
-class consistency, EMA held-out loss, fixed-noise samples), all against the test half: the lr is
-never chosen on the images, noise or seed that the report compares. A run whose loss becomes
-non-finite is recorded as diverged, a failure of its arm, never dropped.
-
-Default data: the demo's "shapes" variant (random colour, size, position and rotation: the class
-is the shape alone), 32x32 pixels, rendered into RESULTS/demo-data. Runs are train.py runs in
-RESULTS/sweep/<arm>-lr<lr>-seed<s>/ and RESULTS/full/<arm>-lr<lr>-seed<s>/; rerunning the same
-command skips finished runs and continues interrupted ones. The report (RESULTS/study.md, a
-markdown section the README can include; RESULTS/study.json; curves, samples and magnitude
-figures) is written at the end of every invocation. An invocation holds a lock on RESULTS while it
-runs, so a second one on the same folder waits and then finds the work done. Bad input: one line,
-exit code 2.
+The grid runner (runner.py) with an lr sweep first. Per arm: --sweep-points lrs log-spaced over
+--sweep-span x around train.py's default, --sweep-steps each at --sweep-seed; the best lr scores the
+lowest metric (train.py's in-run evaluation) against the validation half of the held-out images. Then
+--seeds at that lr for --steps, evaluated every --eval-every steps (the curves) and scored at the end
+as ablate.py scores its runs, against the test half: the lr is never chosen on the images, noise or
+seed the report compares. A non-finite loss is recorded as diverged, a failure of its arm. Default
+data: the demo's "shapes" variant (the class is the shape alone). Runs live in
+RESULTS/{sweep,full}/<arm>-lr<lr>-seed<s>/; a rerun skips finished runs and continues interrupted
+ones; an invocation holds a lock on RESULTS (a second waits, then finds the work done). The report
+(RESULTS/study.md, study.json, figures) is written at the end of every invocation.
 """
 import math
 import os
