@@ -105,7 +105,8 @@ def list_or_run(argv):
         return 0
     jobs = [(cfg, opts.lr, seed) for cfg in available for seed in opts.seeds]
     _, failures = run_phase(opts, argv, data, ctx, "runs", jobs, os.path.abspath(__file__))
-    collected = {cfg: [collect(opts, data, ctx, "runs", cfg, opts.lr, seed) for seed in opts.seeds] for cfg in available}
+    collected = {cfg: [collect(opts, data, ctx, "runs", cfg, opts.lr, seed) for seed in opts.seeds]
+                 for cfg in available}
     summary = aggregate(opts, data, ctx, CONFIGS, collected, skipped)
     write_json(os.path.join(opts.results_dir, "results.json"), summary)
     write_text(os.path.join(opts.results_dir, "table.md"), render_table(summary))

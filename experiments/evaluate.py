@@ -206,6 +206,15 @@ def fid(ctx, images):
                                cache=ctx.cache, progress=False)["fid"]
 
 
+def metric_networks(metric, dataset, cache):
+    """The networks evaluation.evaluate needs beyond its own: for fd_classifier, train.py's small
+    classifier of the dataset (cached in cache)."""
+    if metric != "fd_classifier":
+        return {}
+    return {"classifier": trained_classifier(dataset, cache, torch.device("cuda" if torch.cuda.is_available() else
+                                                                          "cpu"), say)}
+
+
 def real_floor(dataset, n, reference, metric, networks, cache, inception_weights=None):
     """The metric of n training images (a fixed draw) against the reference: what a model that drew
     the data itself would score at this sample size (the floor of FD and FID, biased upwards for few)."""

@@ -69,14 +69,15 @@ def score_cells(m, scale):
 
 
 def seeds_cell(row):
-    return f"{len(row['seeds_ok'])}/{len(row['seeds'])}" + (f", diverged: {row['diverged']}" if row["diverged"] else "") \
-        + (f", missing: {row['missing']}" if row["missing"] else "")
+    """finished/run, and which seeds diverged or are missing."""
+    return f"{len(row['seeds_ok'])}/{len(row['seeds'])}" + "".join(
+        f", {k}: {row[k]}" for k in ("diverged", "missing") if row[k])
 
 
 def score_notes(fd, n_samples, reference, parallel):
     """What SCORE_COLUMNS mean, as markdown bullets."""
-    return [f"- **{fd}**: the Frechet distance between the penultimate features of feature_nets.py's small "
-            f"classifier of the data of {n_samples} samples from fixed noise and of {reference}; biased upwards "
+    return [f"- **{fd}**: the Frechet distance between the penultimate features (feature_nets.py's small classifier "
+            f"of the data) of {n_samples} samples from fixed noise and of {reference}; biased upwards "
             "for few samples (real images score the floor). **class consistency**: the fraction of the samples "
             "of class k that the classifier labels k.",
             "- **EMA held-out loss**: the loss of the sampled weights on held-out images with timesteps spread "
@@ -154,7 +155,8 @@ def render_table(summary):
              f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), "
              f"{s['num_steps']} steps at batch {s['global_batch_size']}, seeds {s['seeds']}; "
              f"samples: {s['sampler']}, cfg {head}, {s['samples_per_class']} per class from the widest power EMA. "
-             "Cells: mean ± sample standard deviation over the seeds that finished; ↓ lower is better, ↑ higher.", "",
+             "Cells: mean ± sample standard deviation over the seeds that finished; ↓ lower is better, ↑ higher.",
+             "",
              f"| configuration | train.py flags | optimiser (lr) [{lr_source}] | final train loss "
              f"| {SCORE_COLUMNS.format(fd=fd)} | FID-Inception ↓ | seeds |", "|---|---|---|" + "---:|" * 7 + "---|"]
     for row in summary["rows"]:
@@ -164,7 +166,8 @@ def render_table(summary):
             lines.append(f"| {row['config']} | {flags} | {why} |" + " |" * 8)
             continue
         m = row["summary"]
-        lines.append(f"| {row['config']} | {flags} | {_optimizer(m['optimizer'])} | {_cell(m['final_train_loss'], '.4f')} "
+        lines.append(f"| {row['config']} | {flags} | {_optimizer(m['optimizer'])} "
+                     f"| {_cell(m['final_train_loss'], '.4f')} "
                      f"| {score_cells(m, head)} | {_cell(m[f'cfg{head}']['fid'], '.3g')} | {seeds_cell(row)} |")
     real = summary["real_data"]
     real_fid = "n/a" if real["fid"] is None else format(real["fid"], ".3g")
@@ -334,10 +337,10 @@ def render_study(summary):
     target = "n/a" if summary["target"] is None else format(summary["target"], ".4g")
     lines = ["### Does magnitude preservation help? Each arm at its own best learning rate", "",
              f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), batch "
-             f"{s['global_batch_size']}, v-prediction, on {summary['data']}. lr sweep: {s['sweep_points']} log-spaced values "
-             f"over {s['sweep_span']:g}x around train.py's default per arm (extended past an end holding the best, "
-             f"up to {s['sweep_extend']} steps), {s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr by "
-             f"`{m}` of {s['eval_samples']} samples (DDIM-{s['sample_steps']}) against the validation half of the "
+             f"{s['global_batch_size']}, v-prediction, on {summary['data']}. lr sweep: {s['sweep_points']} log-spaced "
+             f"values over {s['sweep_span']:g}x around train.py's default per arm (extended past an end holding the "
+             f"best, up to {s['sweep_extend']} steps), {s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr "
+             f"by `{m}` of {s['eval_samples']} samples (DDIM-{s['sample_steps']}) against the validation half of the "
              f"held-out images. Then seeds {s['seeds']} at that lr for {s['steps']} steps, evaluated every "
              f"{s['eval_every']} steps against the test half, which gives every number below. Cells: mean ± sample "
              f"standard deviation over the seeds that finished (a diverged seed is a failure of its arm); lower {m} "

@@ -27,16 +27,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
-import feature_nets  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset  # noqa: E402
 from cli import UsageError, run_command  # noqa: E402
-from experiments.evaluate import (LOG, prepare_data, prepare_eval, read_json, real_floor, say,  # noqa: E402
-                                  split_heldout, write_json)
+from experiments.evaluate import (LOG, metric_networks, prepare_data, prepare_eval, read_json,  # noqa: E402
+                                  real_floor, say, split_heldout, write_json)
 from experiments.runner import (CONFIGS, accepted_arms, collect, final_checkpoint, finish, grid_parser,  # noqa: E402
                                 job_state, parse_grid, parse_only, run_job, run_phase)
 from experiments.report import README_END, README_START, write_report  # noqa: E402
@@ -192,9 +189,7 @@ def warm_eval_cache(opts, data):
     if saved and saved.get("key") == key and os.path.isdir(cache):
         return saved["value"]
     dataset = LatentDataset(data.path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    networks = {"classifier": feature_nets.trained_classifier(dataset, cache, device, say)} if opts.metric == "fd_classifier" \
-        else {}
+    networks = metric_networks(opts.metric, dataset, cache)
     for reference in (data.validation, data.test):  # the test half's value, the last, is the floor
         value = real_floor(dataset, opts.eval_samples, reference, opts.metric, networks, cache)
     write_json(path, dict(key=key, value=value))

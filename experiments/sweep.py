@@ -39,8 +39,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
 import evaluation  # noqa: E402
 import feature_nets  # noqa: E402
 import plots  # noqa: E402
@@ -48,7 +46,7 @@ import sample  # noqa: E402
 import watch  # noqa: E402
 from data import ChunkFolder, LatentDataset  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
-from experiments.evaluate import LOG, read_json, real_floor, say, write_text  # noqa: E402
+from experiments.evaluate import LOG, metric_networks, read_json, real_floor, say, write_text  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from runs import checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
@@ -214,10 +212,7 @@ def make_scorer(args):
     """(extra feature networks: train.py's classifier for fd_classifier, a note on the real-data
     floor or None). The reference statistics are cached in --eval-dir."""
     dataset = LatentDataset(args.data) if os.path.isdir(args.data) else None
-    networks = {}
-    if args.metric == "fd_classifier":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        networks["classifier"] = feature_nets.trained_classifier(dataset, args.eval_dir, device, say)
+    networks = metric_networks(args.metric, dataset, args.eval_dir)
     if dataset is None or dataset.kind != "pixel":
         return networks, None
     n = min(args.num_samples, len(dataset))
