@@ -13,8 +13,9 @@ modulation; "tiny" = vanilla and all MP. Preset: the demo's 32x32 shapes, DiT-XS
 width 128, 4 heads, 800 steps at batch 64 (about an hour on a 2-core CPU), v-prediction. Each run
 lives in RESULTS/runs/<config>-seed<S>/ and is scored by evaluate.py (FD and class consistency in
 the small classifier's features, FID when the Inception weights are on disk, the EMA's held-out
-loss); RESULTS/table.md and results.json aggregate the seeds, ablation_samples.png and
-ablation_magnitudes.png compare --compare. experiments/README.md has the details.
+loss) against held-out images (--eval-data-path, else a second demo rendering, else a fixed part of
+--data-path the classifier does not train on); RESULTS/table.md and results.json aggregate the seeds,
+ablation_samples.png and ablation_magnitudes.png compare --compare. experiments/README.md has more.
 """
 import argparse
 import os

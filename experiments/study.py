@@ -7,7 +7,8 @@ curves over training, on data whose classes are shapes.
 
 The grid runner (runner.py) with an lr sweep first. Per arm: --sweep-points lrs log-spaced over
 --sweep-span x around train.py's default, --sweep-steps each at --sweep-seed; the best lr scores the
-lowest metric (train.py's in-run evaluation) against the validation half of the held-out images. Then
+lowest metric (train.py's in-run evaluation) against the validation half of the held-out images
+(--eval-data-path, needed with --data-path; the demo renders its own). Then
 --seeds at that lr for --steps, evaluated every --eval-every steps (the curves) and scored at the end
 as ablate.py scores its runs, against the test half: the lr is never chosen on the images, noise or
 seed the report compares. A non-finite loss is recorded as diverged, a failure of its arm. Default
