@@ -177,11 +177,11 @@ def check_inputs(args):
     if args.metric == "fid" and not fid_found:
         raise UsageError(f"--metric fid: no Inception weights ({feature_nets.INCEPTION_FILE}); pass "
                          f"--inception-weights FILE or set {feature_nets.INCEPTION_ENV}")
-    for cell in grid_of(args):
+    for w, s, (lo, hi) in grid_of(args):
         try:
-            sample.parse_args(sample_argv(args, *cell, "cell.npz"))
+            sample.parse_args(sample_argv(args, w, s, (lo, hi), "cell.npz"))
         except UsageError as e:
-            raise UsageError(f"cell {cell_name(*cell)}: sample.py refuses it: {e}") from None
+            raise UsageError(f"the cell {w}, cfg scale {s:g}, interval {lo:g} {hi:g}: sample.py refuses {e}") from None
 
 
 #################################################################################
