@@ -1,15 +1,10 @@
-"""The scorer of experiments/: the data a grid trains and is scored on, the evaluation context (the
-small classifier of feature_nets.py, the one train.py's fd_classifier uses, and the held-out
-statistics, cached in RESULTS/eval-cache/), and the scores of one trained run:
-
-- FD-<data>-classifier: the Frechet distance between the classifier's 128-d penultimate features
-  of the samples and of held-out real images; comparable within one dataset and classifier.
-- class consistency: the fraction of the samples generated for class k that the classifier labels
-  k (for real held-out images: the classifier's accuracy).
-- FID-Inception: the standard FID (evaluation.py) when the Inception weights are on disk, else n/a.
-- held-out loss: the training loss (MSE + VB) of a model on a fixed batch with fixed timesteps and
-  noise, so that every configuration is scored on the same terms.
-Also what the runner and the report share: say, read_json, write_json, summarise.
+"""The scorer of experiments/: the data a grid trains and is scored on, the evaluation context
+(feature_nets.py's small classifier, the one train.py's fd_classifier uses, and the held-out
+statistics, cached in RESULTS/eval-cache/) and the scores of one trained run: FD-<data>-classifier
+(the Frechet distance in the classifier's features, comparable within one dataset and classifier),
+class consistency (the fraction of class-k samples it labels k), FID-Inception when the weights are
+on disk, and the held-out loss on a fixed batch, timesteps and noise. Also what the runner and the
+report share: say, read_json, write_json, summarise.
 """
 import argparse
 import hashlib
@@ -25,6 +20,7 @@ import torch
 
 import evaluation
 import feature_nets
+import plots
 import runs
 from cli import UsageError
 from data import LatentDataset, ShardWriter, denormalize, make_demo_dataset, read_manifest
@@ -210,6 +206,15 @@ def fid(ctx, images):
                                cache=ctx.cache, progress=False)["fid"]
 
 
+def metric_networks(metric, dataset, cache):
+    """The networks evaluation.evaluate needs beyond its own: for fd_classifier, train.py's small
+    classifier of the dataset (cached in cache)."""
+    if metric != "fd_classifier":
+        return {}
+    return {"classifier": trained_classifier(dataset, cache, torch.device("cuda" if torch.cuda.is_available() else
+                                                                          "cpu"), say)}
+
+
 def real_floor(dataset, n, reference, metric, networks, cache, inception_weights=None):
     """The metric of n training images (a fixed draw) against the reference: what a model that drew
     the data itself would score at this sample size (the floor of FD and FID, biased upwards for few)."""
@@ -276,12 +281,7 @@ def heldout_loss(model, diffusion, x, y, seed=0, batch_size=256):
 
 def training_record(run_dir, global_batch):
     """(last logged training loss, its step, median seconds per step) from metrics.jsonl."""
-    records = []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "loss" in record:
-                records.append(record)
+    records = [r for r in plots.read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r]
     if not records:
         return None, None, None
     step_time = float(np.median([global_batch / r["images_per_sec"] for r in records]))

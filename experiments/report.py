@@ -1,17 +1,9 @@
-"""The reports of experiments/: the runs' results aggregated over seeds (summarise: mean and sample
-standard deviation), as tables, findings and figures.
-
-- ablate.py: RESULTS/results.json, the markdown table RESULTS/table.md and the two comparison
-  figures ablation_samples.png and ablation_magnitudes.png (aggregate, render_table, make_figures).
-- study.py: the lr sweeps (best lr, the range within 10% of it, divergences), the full runs at the
-  best lr (metric with seed spread, best-vs-best gaps with Welch's t-test and Holm's correction,
-  steps to a target value, parameters, s/step, the ablation's scores) as RESULTS/study.md (a
-  markdown section the README can include) and RESULTS/study.json, with the figures
-  study_curves.png (metric against step per arm, mean and seed range), study_sweep.png (final
-  metric against lr), study_samples.png (the best run of each arm, same classes and noise) and
-  study_magnitudes.png; the report links them from --visuals (relative to the --readme file's folder,
-  e.g. ../visuals/ for experiments/RESULTS.md) when given, else from beside it. --readme FILE also puts the
-  report between the markers README_START and README_END of FILE (write_report).
+"""The reports of experiments/: the runs' results aggregated over seeds (evaluate.summarise: mean and
+sample standard deviation) as markdown tables, findings and figures. ablate.py: RESULTS/table.md,
+results.json, ablation_samples.png and ablation_magnitudes.png. study.py: RESULTS/study.md (also put
+between README_START and README_END of --readme FILE), study.json, study_curves.png (metric against
+step), study_sweep.png (final metric against lr), study_samples.png and study_magnitudes.png (the best
+run of each arm), linked from --visuals (relative to the --readme file) when given, else from beside it.
 """
 import math
 import os
@@ -29,53 +21,36 @@ FIGURES = (("metric against step", "study_curves.png"), ("final metric against l
 WITHIN = 0.10  # "forgiving": the lrs whose metric is within 10% of the arm's best
 ALPHA = 0.05  # significance level of the best-vs-best comparisons, family-wise (Holm over the arms compared)
 README_START, README_END = "<!-- study.py results: start -->", "<!-- study.py results: end -->"
+RUN_SCORES = dict(step_time_s=lambda r: r["step_time_s"], final_train_loss=lambda r: r["final_train_loss"],
+                  ema_heldout_loss=lambda r: r["heldout_loss"]["ema"]["loss"],
+                  raw_heldout_loss=lambda r: r["heldout_loss"]["raw"]["loss"])
+ABLATION_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "num_steps", "global_batch_size", "seeds", "lr",
+                     "train_args", "cfg_scales", "samples_per_class", "sample_seed", "parallel")
+STUDY_SETTINGS = ("profile", "model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps",
+                  "sweep_seed", "sweep_points", "sweep_span", "sweep_extend", "steps", "seeds", "eval_every",
+                  "eval_samples", "sample_steps", "samples_per_class", "parallel", "threads")
+SCORE_COLUMNS = "{fd} ↓ | class consistency % ↑ | EMA held-out loss ↓ | parameters | s/step"
 
 
 #################################################################################
-#                             Table and figures                                 #
+#                          What both reports share                              #
 #################################################################################
 
-def aggregate(opts, data, ctx, configs, collected, skipped):
-    """The grid's summary: a row per configuration of opts.configs (configs: name -> (label,
-    flags); collected: name -> its runs' results, one per seed; skipped: name -> why)."""
-    head = f"{opts.cfg_scales[0]:g}"
-    rows = []
-    for cfg in opts.configs:
-        row = dict(config=cfg, label=configs[cfg][0], flags=configs[cfg][1])
-        if cfg in skipped:
-            rows.append(dict(row, status="skipped", reason=skipped[cfg]))
-            continue
-        runs = collected[cfg]
-        ok = [r for r in runs if r["status"] == "ok"]
-        row.update(status="ok" if ok else "no finished run", runs=runs,
-                   seeds_ok=[r["seed"] for r in ok], diverged=[r["seed"] for r in runs if r["status"] == "diverged"])
-        if ok:
-            row.update(parameters=ok[0]["parameters"], optimizer=ok[0]["optimizer"], weights=ok[0]["weights"])
-            row["summary"] = dict(
-                step_time_s=summarise([r["step_time_s"] for r in ok]),
-                final_train_loss=summarise([r["final_train_loss"] for r in ok]),
-                ema_heldout_loss=summarise([r["heldout_loss"]["ema"]["loss"] for r in ok]),
-                raw_heldout_loss=summarise([r["heldout_loss"]["raw"]["loss"] for r in ok]),
-                **{f"cfg{s}": dict(fd=summarise([r["samples"][s]["fd"] for r in ok if s in r["samples"]]),
-                                   class_consistency=summarise([r["samples"][s]["class_consistency"]
-                                                                for r in ok if s in r["samples"]]),
-                                   fid=summarise([r["samples"][s]["fid"] for r in ok if s in r["samples"]]))
-                   for s in (f"{c:g}" for c in opts.cfg_scales)})
-        rows.append(row)
-    real = dict(items=ctx.n_base, fd=ctx.real_fd, class_consistency=ctx.accuracy, fid=ctx.real_fid)
-    return dict(
-        grid=opts.grid, headline_cfg=head, fd_network=ctx.fd_name, fid_network="FID-Inception",
-        fid_note=ctx.fid_note, spread="mean ± sample standard deviation over seeds (ddof 1)",
-        settings=dict(data=data.path, demo=data.demo, heldout=ctx.held_desc, model=opts.model, depth=opts.depth,
-                      hidden_size=opts.hidden_size, num_heads=opts.num_heads, num_steps=opts.num_steps,
-                      global_batch_size=opts.global_batch_size, seeds=opts.seeds, lr=opts.lr,
-                      train_args=opts.train_args, sampler=f"DDIM-{opts.sample_steps}", cfg_scales=opts.cfg_scales,
-                      samples_per_class=opts.samples_per_class, sample_seed=opts.sample_seed,
-                      loss_batch=len(ctx.loss_x), device=str(ctx.device)),
-        classifier=dict(accuracy=ctx.accuracy, train_items=ctx.n_train, heldout_items=ctx.n_held,
-                        reference_items=ctx.n_held - ctx.n_base, features=ctx.classifier.outputs["features"],
-                        cache=ctx.cache_path),
-        real_data=real, rows=rows)
+def seed_status(runs):
+    """(the finished runs, the seeds by status: seeds, seeds_ok, diverged, missing)."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    return ok, dict(seeds=[r["seed"] for r in runs], seeds_ok=[r["seed"] for r in ok],
+                    **{k: [r["seed"] for r in runs if r["status"] == k] for k in ("diverged", "missing")})
+
+
+def scores(ok, scales):
+    """experiments/evaluate.py's scores of the finished runs `ok` over their seeds: the losses and s/step,
+    and per guidance scale s (as "1") the sample scores as cfg<s>."""
+    out = {k: summarise([get(r) for r in ok]) for k, get in RUN_SCORES.items()}
+    for s in scales:
+        at = [r["samples"][s] for r in ok if s in r["samples"]]
+        out[f"cfg{s}"] = {k: summarise([a[k] for a in at]) for k in ("fd", "class_consistency", "fid")}
+    return dict(out, parameters=ok[0]["parameters"], optimizer=ok[0]["optimizer"], weights=ok[0]["weights"])
 
 
 def _cell(stat, spec=".4g", scale=1.0):
@@ -86,6 +61,86 @@ def _cell(stat, spec=".4g", scale=1.0):
     return mean if stat["n"] == 1 else f"{mean} ± {format(stat['std'] * scale, spec)}"
 
 
+def score_cells(m, scale):
+    """The SCORE_COLUMNS cells of scores() m at guidance scale `scale`."""
+    h = m[f"cfg{scale}"]
+    return (f"{_cell(h['fd'], '.3g')} | {_cell(h['class_consistency'], '.1f', 100)} "
+            f"| {_cell(m['ema_heldout_loss'], '.4f')} | {m['parameters']:,} | {_cell(m['step_time_s'], '.3g')}")
+
+
+def seeds_cell(row):
+    """finished/run, and which seeds diverged or are missing."""
+    return f"{len(row['seeds_ok'])}/{len(row['seeds'])}" + "".join(
+        f", {k}: {row[k]}" for k in ("diverged", "missing") if row[k])
+
+
+def score_notes(fd, n_samples, reference, parallel):
+    """What SCORE_COLUMNS mean, as markdown bullets."""
+    return [f"- **{fd}**: the Frechet distance between the penultimate features (feature_nets.py's small classifier "
+            f"of the data) of {n_samples} samples from fixed noise and of {reference}; biased upwards "
+            "for few samples (real images score the floor). **class consistency**: the fraction of the samples "
+            "of class k that the classifier labels k.",
+            "- **EMA held-out loss**: the loss of the sampled weights on held-out images with timesteps spread "
+            "evenly over [0, 1000) and fixed noise, the same for every run. **parameters**: all of the model's. "
+            f"**s/step**: median over training log windows, {parallel} run(s) at once sharing the device."]
+
+
+def run_figures(runs, names, paths, subtitle, visuals):
+    """runs: [(title, samples .npz, run_dir)] side by side: their samples (same classes and noise) at
+    paths[0] when names (a pixel dataset's class names) are given, one row per class; their magnitudes
+    at paths[1] when monitored; copied to visuals. Returns the paths written."""
+    written = []
+    if names:
+        blocks = []
+        for _, path, _ in runs:
+            with np.load(path) as npz:
+                images, labels = npz["arr_0"], npz["labels"]
+            blocks.append([images[np.flatnonzero(labels == k)[:FIGURE_COLUMNS]] for k in range(len(names))])
+        plots.compare_samples(blocks, [t for t, _, _ in runs], names, paths[0], subtitle)
+        written.append(paths[0])
+    records = [(t, plots.read_metrics(os.path.join(run_dir, "metrics.jsonl"))) for t, _, run_dir in runs]
+    if all(any("act_rms" in rec for rec in run) for _, run in records):
+        plots.compare_magnitudes(records, paths[1])
+        written.append(paths[1])
+    if visuals:
+        os.makedirs(visuals, exist_ok=True)
+        for path in written:
+            shutil.copy(path, os.path.join(visuals, os.path.basename(path)))
+    return written
+
+
+def class_names(manifest, num_classes):
+    return manifest.get("class_names") or [str(k) for k in range(num_classes)]
+
+
+#################################################################################
+#                               ablate.py's table                               #
+#################################################################################
+
+def aggregate(opts, data, ctx, configs, collected, skipped):
+    """The grid's summary: a row per configuration of opts.configs (configs: name -> (label,
+    flags); collected: name -> its runs' results, one per seed; skipped: name -> why)."""
+    rows = []
+    for cfg in opts.configs:
+        row = dict(config=cfg, label=configs[cfg][0], flags=configs[cfg][1])
+        if cfg in skipped:
+            rows.append(dict(row, status="skipped", reason=skipped[cfg]))
+            continue
+        ok, seeds = seed_status(collected[cfg])
+        row.update(status="ok" if ok else "no finished run", runs=collected[cfg], **seeds)
+        if ok:
+            row["summary"] = scores(ok, [f"{c:g}" for c in opts.cfg_scales])
+        rows.append(row)
+    return dict(
+        grid=opts.grid, headline_cfg=f"{opts.cfg_scales[0]:g}", fd_network=ctx.fd_name, fid_note=ctx.fid_note,
+        settings=dict({k: getattr(opts, k) for k in ABLATION_SETTINGS}, data=data.path, demo=data.demo,
+                      heldout=ctx.held_desc, sampler=f"DDIM-{opts.sample_steps}", loss_batch=len(ctx.loss_x),
+                      device=str(ctx.device), num_samples=ctx.num_classes * opts.samples_per_class),
+        classifier=dict(accuracy=ctx.accuracy, train_items=ctx.n_train, heldout_items=ctx.n_held,
+                        reference_items=ctx.n_held - ctx.n_base, cache=ctx.cache_path),
+        real_data=dict(items=ctx.n_base, fd=ctx.real_fd, class_consistency=ctx.accuracy, fid=ctx.real_fid), rows=rows)
+
+
 def _optimizer(opt):
     text = f"{opt['name']} {opt['lr']:g}"
     if opt["warmup_steps"] or opt["decay_steps"]:
@@ -94,63 +149,48 @@ def _optimizer(opt):
 
 
 def render_table(summary):
-    s, head = summary["settings"], summary["headline_cfg"]
-    fd, fid_col = summary["fd_network"], summary["fid_network"]
+    s, head, fd = summary["settings"], summary["headline_cfg"], summary["fd_network"]
     lr_source = "--lr" if s["lr"] is not None else "train.py default"
     lines = [f"# Ablation grid `{summary['grid']}`", "",
              f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), "
              f"{s['num_steps']} steps at batch {s['global_batch_size']}, seeds {s['seeds']}; "
              f"samples: {s['sampler']}, cfg {head}, {s['samples_per_class']} per class from the widest power EMA. "
-             f"Cells: {summary['spread']}; ↓ lower is better, ↑ higher.", "",
-             f"| configuration | train.py flags | optimiser (lr) [{lr_source}] "
-             f"| parameters | s/step | final train loss | EMA held-out loss ↓ | {fd} ↓ | class consistency % ↑ "
-             f"| {fid_col} ↓ | seeds |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "Cells: mean ± sample standard deviation over the seeds that finished; ↓ lower is better, ↑ higher.",
+             "",
+             f"| configuration | train.py flags | optimiser (lr) [{lr_source}] | final train loss "
+             f"| {SCORE_COLUMNS.format(fd=fd)} | FID-Inception ↓ | seeds |", "|---|---|---|" + "---:|" * 7 + "---|"]
     for row in summary["rows"]:
         flags = f"`{' '.join(row['flags'])}`" if row["flags"] else "(none)"
         if "summary" not in row:
             why = row.get("reason") or (f"diverged (seeds {row['diverged']})" if row.get("diverged") else row["status"])
             lines.append(f"| {row['config']} | {flags} | {why} |" + " |" * 8)
             continue
-        m, h = row["summary"], row["summary"][f"cfg{head}"]
-        seeds = f"{len(row['seeds_ok'])}" + (f" (diverged: {row['diverged']})" if row["diverged"] else "")
-        lines.append(f"| {row['config']} | {flags} | {_optimizer(row['optimizer'])} | {row['parameters']:,} "
-                     f"| {_cell(m['step_time_s'], '.3g')} | {_cell(m['final_train_loss'], '.4f')} "
-                     f"| {_cell(m['ema_heldout_loss'], '.4f')} | {_cell(h['fd'], '.3g')} "
-                     f"| {_cell(h['class_consistency'], '.1f', 100)} | {_cell(h['fid'], '.3g')} | {seeds} |")
+        m = row["summary"]
+        lines.append(f"| {row['config']} | {flags} | {_optimizer(m['optimizer'])} "
+                     f"| {_cell(m['final_train_loss'], '.4f')} "
+                     f"| {score_cells(m, head)} | {_cell(m[f'cfg{head}']['fid'], '.3g')} | {seeds_cell(row)} |")
     real = summary["real_data"]
     real_fid = "n/a" if real["fid"] is None else format(real["fid"], ".3g")
-    lines.append(f"| real data (held-out, {real['items']} images) | | | | | | | {real['fd']:.3g} "
-                 f"| {100 * real['class_consistency']:.1f} | {real_fid} | |")
-    for scale in summary["settings"]["cfg_scales"][1:]:
-        key = f"cfg{scale:g}"
+    lines.append(f"| real data (held-out, {real['items']} images) | | | | {real['fd']:.3g} "
+                 f"| {100 * real['class_consistency']:.1f} | | | | {real_fid} | |")
+    for scale in s["cfg_scales"][1:]:
         lines += ["", f"With classifier-free guidance, cfg {scale:g} (all channels):", "",
-                  f"| configuration | {fd} ↓ | class consistency % ↑ | {fid_col} ↓ |", "|---|---:|---:|---:|"]
+                  f"| configuration | {fd} ↓ | class consistency % ↑ | FID-Inception ↓ |", "|---|---:|---:|---:|"]
         for row in summary["rows"]:
             if "summary" in row:
-                h = row["summary"][key]
+                h = row["summary"][f"cfg{scale:g}"]
                 lines.append(f"| {row['config']} | {_cell(h['fd'], '.3g')} "
                              f"| {_cell(h['class_consistency'], '.1f', 100)} | {_cell(h['fid'], '.3g')} |")
     c = summary["classifier"]
-    weights = next((r["weights"] for r in summary["rows"] if "weights" in r), "ema")
     lines += ["", "Columns:", "",
-              "- **optimiser (lr)**: train.py's defaults per configuration unless `--lr` was given: AdamW 1e-4 "
-              "constant (DiT) without weight normalisation, Adam 1e-2 with linear warm-up and EDM2's "
-              "lr / sqrt(max(step / decay, 1)) with it. The MP configurations differ in recipe, not only in layers.",
-              "- **parameters**: all parameters of the model, the fixed position embedding included.",
-              "- **s/step**: median over training log windows of batch / images per second (metrics.jsonl), "
-              f"on {s['device']}; runs trained with `--parallel` share the device and read slower.",
-              "- **final train loss**: the last logged training loss (mean over the last log window; MSE + VB).",
-              f"- **EMA held-out loss**: the loss of the sampled weights ({weights}) on {s['loss_batch']} held-out "
-              "images with timesteps spread evenly over [0, 1000) and fixed noise, the same for every run.",
-              f"- **{fd}**: Frechet distance between the {c['features']}-d penultimate features of a small conv "
-              f"classifier trained on the data ({c['train_items']} images, held-out accuracy "
-              f"{100 * c['accuracy']:.1f}%) for the samples and for {c['reference_items']} held-out real images. "
-              "It is biased upwards for few samples: the real-data row (as many real images as one run's "
-              "samples) is the floor.",
-              "- **class consistency**: the fraction of the samples generated for class k that the classifier "
-              "labels k; for real data, the classifier's accuracy.",
-              f"- **{fid_col}**: the standard FID (pytorch-fid's TF Inception) against the same held-out images"
+              "- **optimiser (lr)**: train.py's per configuration unless `--lr` was given: AdamW 1e-4 constant (DiT) "
+              "without weight normalisation, Adam 1e-2 with warm-up and EDM2's lr / sqrt(max(step / decay, 1)) with "
+              "it: the MP configurations differ in recipe, not only in layers. **final train loss**: the last "
+              "logged (MSE + VB).",
+              *score_notes(fd, s["num_samples"], f"{c['reference_items']} held-out real images (the classifier: "
+                           f"{c['train_items']} training images, held-out accuracy {100 * c['accuracy']:.1f}%)",
+                           s["parallel"]),
+              "- **FID-Inception**: the standard FID against the same held-out images"
               + (f"; {summary['fid_note']}." if summary["fid_note"] else "."),
               f"- Held-out data: {s['heldout']}.", ""]
     return "\n".join(lines)
@@ -159,46 +199,21 @@ def render_table(summary):
 def make_figures(opts, summary, ctx):
     """ablation_samples.png and ablation_magnitudes.png: the --compare configurations side by side,
     from the first seed both finished; copied to --visuals."""
-    a, b = opts.compare
-    rows = {r["config"]: r for r in summary["rows"]}
-    seeds = [s for s in opts.seeds if all(s in rows.get(c, {}).get("seeds_ok", []) for c in (a, b))]
+    rows, head = {r["config"]: r for r in summary["rows"]}, summary["headline_cfg"]
+    seeds = [s for s in opts.seeds if all(s in rows.get(c, {}).get("seeds_ok", []) for c in opts.compare)]
     if not seeds:
-        say(f"no figures: no seed with finished runs of both {a} and {b}")
+        say(f"no figures: no seed with finished runs of both {' and '.join(opts.compare)}")
         return []
-    runs = [next(r for r in rows[c]["runs"] if r["seed"] == seeds[0]) for c in (a, b)]
-    titles = [f"{rows[c]['label']} [{c}], seed {seeds[0]}" for c in (a, b)]
-    written = []
-    head = summary["headline_cfg"]
-    if ctx.kind == "pixel":
-        path = os.path.join(opts.results_dir, "ablation_samples.png")
-        names = ctx.manifest.get("class_names") or [str(k) for k in range(ctx.num_classes)]
-        sample_figure([r["samples"][head]["npz"] for r in runs], titles, names, path,
-                      f"same classes and noise, DDIM-{opts.sample_steps}, cfg {head}")
-        written.append(path)
-    records = [plots.read_metrics(os.path.join(r["run_dir"], "metrics.jsonl")) for r in runs]
-    if all(any("act_rms" in rec for rec in run) for run in records):
-        path = os.path.join(opts.results_dir, "ablation_magnitudes.png")
-        plots.compare_magnitudes(list(zip(titles, records)), path)
-        written.append(path)
-    if opts.visuals:
-        os.makedirs(opts.visuals, exist_ok=True)
-        for path in written:
-            shutil.copy(path, os.path.join(opts.visuals, os.path.basename(path)))
-    return written
-
-
-def sample_figure(npz_paths, titles, class_names, path, subtitle):
-    """One row per class (the first FIGURE_COLUMNS samples of it); one panel per run."""
-    blocks = []
-    for npz_path in npz_paths:
-        with np.load(npz_path) as npz:
-            images, labels = npz["arr_0"], npz["labels"]
-        blocks.append([images[np.flatnonzero(labels == k)[:FIGURE_COLUMNS]] for k in range(len(class_names))])
-    plots.compare_samples(blocks, titles, class_names, path, subtitle)
+    runs = [(f"{rows[c]['label']} [{c}], seed {seeds[0]}", r["samples"][head]["npz"], r["run_dir"])
+            for c in opts.compare for r in rows[c]["runs"] if r["seed"] == seeds[0]]
+    paths = [os.path.join(opts.results_dir, f"ablation_{name}.png") for name in ("samples", "magnitudes")]
+    names = class_names(ctx.manifest, ctx.num_classes) if ctx.kind == "pixel" else None
+    return run_figures(runs, names, paths, f"same classes and noise, DDIM-{opts.sample_steps}, cfg {head}",
+                       opts.visuals)
 
 
 #################################################################################
-#                              The study's report                              #
+#                              study.py's report                                #
 #################################################################################
 
 def lr_range(sweep, best):
@@ -232,18 +247,11 @@ def arm_summary(arm, plan, sweep, best, runs):
         return row
     lrs = sorted(r["lr"] for r in sweep)
     row.update(range=lr_range(sweep, best), at_edge=best in (lrs[0], lrs[-1]) and len(lrs) > 1)
-    ok = [r for r in runs if r["status"] == "ok"]
-    row.update(seeds=[r["seed"] for r in runs], seeds_ok=[r["seed"] for r in ok],
-               diverged=[r["seed"] for r in runs if r["status"] == "diverged"],
-               missing=[r["seed"] for r in runs if r["status"] == "missing"])
+    ok, seeds = seed_status(runs)
+    row.update(seeds)
     if ok:
-        head = ok[0]["samples"]["1"]
-        row.update(parameters=ok[0]["parameters"], fd_network=head["fd_network"],
-                   final=summarise([r["final"] for r in ok]), step_time_s=summarise([r["step_time_s"] for r in ok]),
-                   fd=summarise([r["samples"]["1"]["fd"] for r in ok]),
-                   class_consistency=summarise([r["samples"]["1"]["class_consistency"] for r in ok]),
-                   ema_heldout_loss=summarise([r["heldout_loss"]["ema"]["loss"] for r in ok]),
-                   curves={r["seed"]: r["curve"] for r in ok},
+        row.update(scores(ok, ["1"]), fd_network=ok[0]["samples"]["1"]["fd_network"],
+                   final=summarise([r["final"] for r in ok]), curves={r["seed"]: r["curve"] for r in ok},
                    best_run=min(ok, key=lambda r: r["final"]))
     return row
 
@@ -307,22 +315,14 @@ def summarise_study(study):
     data = "the demo's shapes variant (random colour, size, position and rotation: class = shape alone)" \
         if study.data.demo else f"`{os.path.basename(study.data.path)}`"
     linked_from = os.path.dirname(os.path.abspath(o.readme)) if o.readme else os.getcwd()
-    figure_dir = os.path.relpath(o.visuals, linked_from) if o.visuals else "."
-    return dict(metric=o.metric, data=data, target=target, figure_dir=figure_dir,
-                target_source="--target" if o.target is not None else
-                "the worst arm's final mean", baseline=baseline, gaps=compare(rows, baseline), alpha=ALPHA,
-                floor=study.floor,
-                refused=study.refused, wall=study.wall, estimate_s=study.estimate_s,
+    return dict(metric=o.metric, data=data, target=target, baseline=baseline, gaps=compare(rows, baseline),
+                target_source="--target" if o.target is not None else "the worst arm's final mean",
+                figure_dir=os.path.relpath(o.visuals, linked_from) if o.visuals else ".", alpha=ALPHA,
+                floor=study.floor, refused=study.refused, wall=study.wall, estimate_s=study.estimate_s,
                 command=study.command,
-                settings=dict(profile=o.profile, data=study.data.path, heldout=study.data.heldout,
-                              validation=study.data.validation, test=study.data.test, model=o.model,
-                              depth=o.depth, hidden_size=o.hidden_size, num_heads=o.num_heads,
-                              batch=o.global_batch_size, sweep_steps=o.sweep_steps, sweep_seed=o.sweep_seed,
-                              sweep_points=o.sweep_points, sweep_span=o.sweep_span, sweep_extend=o.sweep_extend,
-                              steps=o.steps, seeds=o.seeds,
-                              eval_every=o.eval_every, eval_samples=o.eval_samples, sample_steps=o.sample_steps,
-                              samples_per_class=o.samples_per_class, num_classes=int(study.data.manifest["num_classes"]),
-                              parallel=o.parallel, threads=o.threads),
+                settings=dict({k: getattr(o, k) for k in STUDY_SETTINGS}, data=study.data.path,
+                              heldout=study.data.heldout, validation=study.data.validation, test=study.data.test,
+                              num_classes=int(study.data.manifest["num_classes"])),
                 rows={arm: {k: v for k, v in row.items() if k != "best_run"} for arm, row in rows.items()}), rows
 
 
@@ -333,27 +333,22 @@ def _sweep_cell(point):
 
 
 def render_study(summary):
-    s, m = summary["settings"], summary["metric"]
-    rows = summary["rows"]
+    s, m, rows = summary["settings"], summary["metric"], summary["rows"]
+    target = "n/a" if summary["target"] is None else format(summary["target"], ".4g")
     lines = ["### Does magnitude preservation help? Each arm at its own best learning rate", "",
              f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), batch "
-             f"{s['batch']}, v-prediction, on {summary['data']}. "
-             f"lr sweep: {s['sweep_points']} log-spaced values over {s['sweep_span']:g}x around train.py's default "
-             f"per arm (extended one step at a time past an end holding the best, up to {s['sweep_extend']} steps), "
-             f"{s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr by `{m}` of "
-             f"{s['eval_samples']} samples (DDIM-{s['sample_steps']}) against the validation half of the held-out "
-             f"images. Then seeds {s['seeds']} at that lr for {s['steps']} steps, evaluated every "
-             f"{s['eval_every']} steps against the test half, which gives every number below (the lr is not "
-             f"chosen on the images, seed or noise reported). Cells: mean ± sample standard deviation over the "
-             f"seeds that finished (seeds: finished/run; a diverged seed is a failure of its arm); lower {m} is "
-             f"better. Each arm is compared with {summary['baseline']} by Welch's t-test (two-sided) on the final "
-             f"{m} of the finished seeds, significant when its p-value after Holm's correction over the arms "
-             f"compared is below {ALPHA:g}; no verdict with fewer than 2 finished seeds on a side. Real training "
-             f"images score {summary['floor']:.4g} against the test half (the floor).", "",
-             f"| arm | best lr (train.py default) | lr within 10% of best | final {m} ↓ | steps to {m} ≤ "
-             f"{'n/a' if summary['target'] is None else format(summary['target'], '.4g')} | FD ↓ "
-             "| class consistency % ↑ | EMA held-out loss ↓ | parameters | s/step | seeds |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"{s['global_batch_size']}, v-prediction, on {summary['data']}. lr sweep: {s['sweep_points']} log-spaced "
+             f"values over {s['sweep_span']:g}x around train.py's default per arm (extended past an end holding the "
+             f"best, up to {s['sweep_extend']} steps), {s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr "
+             f"by `{m}` of {s['eval_samples']} samples (DDIM-{s['sample_steps']}) against the validation half of the "
+             f"held-out images. Then seeds {s['seeds']} at that lr for {s['steps']} steps, evaluated every "
+             f"{s['eval_every']} steps against the test half, which gives every number below. Cells: mean ± sample "
+             f"standard deviation over the seeds that finished (a diverged seed is a failure of its arm); lower {m} "
+             f"is better. Each arm is compared with {summary['baseline']} by Welch's t-test (two-sided) on the final "
+             f"{m}, significant when its p-value after Holm's correction over the arms compared is below {ALPHA:g}. "
+             f"Real training images score {summary['floor']:.4g} against the test half (the floor).", "",
+             f"| arm | best lr (train.py default) | lr within 10% of best | final {m} ↓ | steps to {m} ≤ {target} "
+             f"| {SCORE_COLUMNS.format(fd='FD')} | seeds |", "|---|---|---|" + "---:|" * 7 + "---|"]
     for arm, r in rows.items():
         if r["best_lr"] is None:
             lines.append(f"| {arm} | every sweep run diverged or is missing |" + " |" * 9)
@@ -368,11 +363,8 @@ def render_study(summary):
         reach = r.get("steps_to_target", {})
         n_reached = sum(v is not None for v in reach.get("per_seed", {}).values())
         reached = f"{_cell(reach.get('summary'), '.0f')} ({n_reached}/{len(r['seeds_ok'])} seeds)"
-        seeds = f"{len(r['seeds_ok'])}/{len(r['seeds'])}" + (f", diverged: {r['diverged']}" if r["diverged"] else "") \
-            + (f", missing: {r['missing']}" if r["missing"] else "")
-        lines.append(f"| {arm} | {lr} | {span} | {_cell(r['final'])} | {reached} | {_cell(r['fd'], '.3g')} "
-                     f"| {_cell(r['class_consistency'], '.1f', 100)} | {_cell(r['ema_heldout_loss'])} "
-                     f"| {r['parameters']:,} | {_cell(r['step_time_s'], '.3g')} | {seeds} |")
+        lines.append(f"| {arm} | {lr} | {span} | {_cell(r['final'])} | {reached} | {score_cells(r, '1')} "
+                     f"| {seeds_cell(r)} |")
     columns = max(len(r["sweep"]) for r in rows.values())
     lines += ["", f"The lr sweeps (final `{m}` after {s['sweep_steps']} steps; **bold** = best):", "",
               "| arm | " + " | ".join(f"lr {i + 1}" for i in range(columns)) + " |", "|---|" + "---:|" * columns]
@@ -382,17 +374,14 @@ def render_study(summary):
         lines.append(f"| {arm} | " + " | ".join(cells + [""] * (columns - len(cells))) + " |")
     lines += ["", "What the data shows:", ""] + [f"- {line}" for line in findings(summary)]
     lines += [""] + [f"![{alt}]({os.path.join(summary['figure_dir'], name)})\n" for alt, name in FIGURES]
-    lines += ["Columns: **FD** is experiments/ablate.py's Frechet distance in its classifier's features "
-              f"({next((r['fd_network'] for r in rows.values() if 'fd_network' in r), 'n/a')}) of "
-              f"{s['num_classes'] * s['samples_per_class']} samples from fixed noise against the test half, **class "
-              "consistency** the fraction of samples that classifier labels with their class, **EMA held-out "
-              "loss** the sampled weights' loss on test-half images: the final scores of ablate.py, at the end of "
-              f"each full run. **s/step**: median over training log windows, {s['parallel']} run(s) at once. "
-              "**lr within 10% of best**: the contiguous sweep points around the best whose final metric is at "
-              "most 1.1x the best's (how forgiving the arm is). **steps to**: the first evaluation at or below "
-              f"the target ({summary['target_source']}), mean over the seeds that reached it.", ""]
+    fd = next((r["fd_network"] for r in rows.values() if "fd_network" in r), "n/a")
     wall, est = summary["wall"], summary["estimate_s"]
-    lines += [f"Wall time of the study: {wall['seconds'] / 3600:.2f} h over {wall['invocations']} invocation(s) "
+    lines += ["Columns, at the end of each full run:", "",
+              *score_notes(f"FD ({fd})", s["num_classes"] * s["samples_per_class"], "the test half", s["parallel"]),
+              "- **lr within 10% of best**: the contiguous sweep points around the best whose final metric is at "
+              "most 1.1x the best's (how forgiving the arm is). **steps to**: the first evaluation at or below the "
+              f"target ({summary['target_source']}), mean over the seeds that reached it.", "",
+              f"Wall time of the study: {wall['seconds'] / 3600:.2f} h over {wall['invocations']} invocation(s) "
               f"with runs to do (the last one estimated {'n/a' if est is None else f'{est / 3600:.1f} h'} before "
               f"it started); command: `{summary['command']}`.", ""]
     return "\n".join(lines)
@@ -475,29 +464,25 @@ def write_report(study):
     """study.md, study.json and the figures under the study's results dir (copied to --visuals)."""
     o = study.opts
     summary, rows = summarise_study(study)
-    out = o.results_dir
-    written = [os.path.join(out, "study.md"), os.path.join(out, "study.json")]
+    written = [os.path.join(o.results_dir, name) for name in ("study.md", "study.json")]
     text = render_study(summary)
     write_text(written[0], text)
     write_json(written[1], summary)
-    figures = [os.path.join(out, name) for _, name in FIGURES[:2]]
+    figures = [os.path.join(o.results_dir, name) for _, name in FIGURES]
     curves_figure(rows, o.metric, summary["floor"], figures[0])
     sweep_figure(rows, o.metric, figures[1])
-    best = [(f"{arm} (lr {r['best_lr']:g}, seed {r['best_run']['seed']})", r["best_run"])
-            for arm, r in rows.items() if "best_run" in r]
+    if o.visuals:
+        os.makedirs(o.visuals, exist_ok=True)
+        for path in figures[:2]:
+            shutil.copy(path, os.path.join(o.visuals, os.path.basename(path)))
+    best = [(f"{arm} (lr {r['best_lr']:g}, seed {r['best_run']['seed']})", r["best_run"]["samples"]["1"]["npz"],
+             r["best_run"]["run_dir"]) for arm, r in rows.items() if "best_run" in r]
     if best:
-        names = study.data.manifest.get("class_names") or [str(k) for k in range(study.ctx.num_classes)]
-        figures.append(os.path.join(out, FIGURES[2][1]))
-        sample_figure([r["samples"]["1"]["npz"] for _, r in best], [t for t, _ in best], names, figures[-1],
-                      f"the best run of each arm: same classes and noise, DDIM-{o.sample_steps}")
-        figures.append(os.path.join(out, FIGURES[3][1]))
-        plots.compare_magnitudes([(t, plots.read_metrics(os.path.join(r["run_dir"], "metrics.jsonl")))
-                                  for t, r in best], figures[-1])
+        figures[2:] = run_figures(best, class_names(study.data.manifest, study.ctx.num_classes), figures[2:],
+                                  f"the best run of each arm: same classes and noise, DDIM-{o.sample_steps}", o.visuals)
+    else:
+        figures[2:] = []
     if o.readme:
         include_in_readme(o.readme, text)
         written.append(o.readme)
-    if o.visuals:
-        os.makedirs(o.visuals, exist_ok=True)
-        for path in figures:
-            shutil.copy(path, os.path.join(o.visuals, os.path.basename(path)))
     return written + figures

@@ -1,12 +1,11 @@
-"""The grid runner of experiments/ablate.py and experiments/study.py: arms (the MP configurations,
-CONFIGS) x learning rates x seeds, each run a train.py run in its own folder
-RESULTS/<phase>/<arm>[-lr<lr>]-seed<s>/ (lr None: train.py's default for the arm). A run is trained
-(or continued) in this process through train.main, its divergence recorded rather than raised; its
-in-run evaluation curve read (opts.metric: the study); its final checkpoint scored by
-experiments/evaluate.py (a ctx: the ablation, the study's full runs); its results.json written.
-Rerunning skips finished runs (done: results.json for the same arguments and scoring settings) and
-continues interrupted ones; --parallel N runs N at once as `SCRIPT ARGV --only PHASE:ARM:LR:SEED`.
+"""The grid runner of experiments/ablate.py and study.py: arms (CONFIGS, the MP configurations) x
+learning rates x seeds, each a train.py run under RESULTS/<phase>/<arm>[-lr<lr>]-seed<s>/ (lr None:
+train.py's default), in train.py's directory for its arguments (runs.run_dir_of): trained or continued
+through train.main (a divergence recorded), its in-run curve read (opts.metric), its final checkpoint
+scored by evaluate.py (a ctx), its results.json written. A rerun skips finished runs and continues
+interrupted ones; --parallel N runs N at once as `SCRIPT ARGV --only PHASE:ARM:LR:SEED`.
 """
+import argparse
 import contextlib
 import io
 import logging
@@ -16,10 +15,12 @@ import subprocess
 import sys
 import time
 
+import torch
+
 import plots
 import runs
 import train
-from cli import UsageError
+from cli import ArgumentParser, UsageError
 from experiments.evaluate import LOG, evaluate_run, read_json, say, training_record, write_json
 from models import MP_SWITCHES
 
@@ -61,13 +62,11 @@ def job_key(opts, ctx, phase):
 
 
 def train_argv(opts, data, phase, arm, lr, seed):
-    """train.py's arguments of one run: the data, its own --results-dir (so that train.py's resume can
-    only find this run), the grid's model, steps, batch, prediction and seed; flips as train.py's
-    default unless --hflip; logs, monitor and 5 checkpoints scaled to the steps; no loader workers;
-    --lr unless None. With opts.metric, train.py's in-run evaluation: every --eval-every steps against
-    the test half of the held-out data (full runs), or once at the end against its validation half
-    (sweep runs: the lr is chosen on data the report does not use). Last the arm's flags and
-    --train-args."""
+    """train.py's arguments of one run: the grid's data, model, steps, batch, prediction and seed, its
+    own --results-dir, flips as train.py's default unless --hflip, logs, monitor and 5 checkpoints
+    scaled to the steps, --lr unless None; with opts.metric, the in-run evaluation every --eval-every
+    steps against the test half (full runs) or once at the end against the validation half (sweep
+    runs: the lr is chosen on data the report does not use); last the arm's flags and --train-args."""
     steps = job_steps(opts, phase)
     hflip = opts.hflip if opts.hflip is not None else not data.demo and data.manifest["kind"] == "pixel"
     argv = ["--data-path", data.path, "--results-dir", job_root(opts, phase, arm, lr, seed), "--model", opts.model,
@@ -85,10 +84,47 @@ def train_argv(opts, data, phase, arm, lr, seed):
     return argv + CONFIGS[arm][1] + shlex.split(opts.train_args)
 
 
-def check_options(opts, counts):
-    """Refuse (UsageError) counts below 1, repeated seeds and --train-args that do not split; make
-    --results-dir absolute."""
-    for name in counts:
+SIZE = ("depth", "hidden_size", "num_heads")  # a preset's, with its model only
+
+
+def grid_parser(prog, doc, results_dir, seeds):
+    """(the parser of the options ablate.py and study.py share, its training group for more); those
+    without a default come from the script's preset (parse_grid)."""
+    p = ArgumentParser(prog=prog, description=doc)
+    p.add_argument("--only", help=argparse.SUPPRESS)  # PHASE:ARM:LR:SEED, a subprocess of --parallel
+    g = p.add_argument_group("the grid")
+    g.add_argument("--seeds", type=int, nargs="+", default=seeds, metavar="S",
+                   help=f"training seeds (default {' '.join(map(str, seeds))})")
+    g.add_argument("--results-dir", default=results_dir, metavar="DIR", help=f"default {results_dir}")
+    g.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="runs at once, each a subprocess logging to its run folder (default 1: in this process)")
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: all cores; "
+                   "on a shared CPU 1 can be faster, as idle threads spin: --parallel 2 --threads 1 on 2 cores)")
+    g.add_argument("--visuals", metavar="DIR", help="also copy the figures here (e.g. visuals/)")
+    g.add_argument("--train-args", default="", metavar="'ARGS'",
+                   help="more train.py arguments for every run, appended last, e.g. --train-args='--grad-clip 1'")
+    g = p.add_argument_group("training and evaluation (default: the preset's)")
+    g.add_argument("--data-path", metavar="DIR", help="a data.py dataset (default: the demo, rendered into RESULTS)")
+    g.add_argument("--eval-data-path", metavar="DIR", help="held-out data of the same kind (default: a second demo "
+                   "rendering with another seed)")
+    for key, text in (("model", "DiT-{XS,S,B,L,XL}/{2,4,8}"), ("depth", "blocks"), ("hidden_size", "width"),
+                      ("num_heads", "heads"), ("global_batch_size", "batch"),
+                      ("samples_per_class", "samples per class scored at the end of a run"),
+                      ("sample_steps", "DDIM steps of every evaluation")):
+        g.add_argument("--" + key.replace("_", "-"), type=str if key == "model" else int, help=text)
+    return p, g
+
+
+def parse_grid(parser, argv, preset, counts):
+    """The options, those not given taken from preset(opts) (its depth, width and heads only with its
+    model); refused (UsageError): counts below 1, repeated seeds, --train-args that do not split.
+    --results-dir made absolute; --threads set."""
+    opts = parser.parse_args(argv)
+    own_model = opts.model is not None
+    for key, value in preset(opts).items():
+        if hasattr(opts, key) and getattr(opts, key) is None and not (own_model and key in SIZE):
+            setattr(opts, key, value)
+    for name in ("parallel", "threads", "global_batch_size", "samples_per_class", "sample_steps", *counts):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if len(set(opts.seeds)) != len(opts.seeds):
@@ -98,6 +134,25 @@ def check_options(opts, counts):
     except ValueError as e:
         raise UsageError(f"--train-args: {e}") from None
     opts.results_dir = os.path.abspath(opts.results_dir)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    return opts
+
+
+def accepted_arms(opts, data, arms, phase, lr=None):
+    """({arm: train.py's arguments of its first run} for the arms train.py accepts, {arm: why not} for
+    the others, each said); UsageError when it refuses them all."""
+    accepted, refused = {}, {}
+    for arm in arms:
+        args, why = parse_train(train_argv(opts, data, phase, arm, lr, opts.seeds[0]))
+        if args is None:
+            refused[arm] = why
+            say(f"skipping {arm}: {why}")
+        else:
+            accepted[arm] = args
+    if not accepted:
+        raise UsageError(f"train.py refuses every configuration: {next(iter(refused.values()))}")
+    return accepted, refused
 
 
 def parse_train(argv):
@@ -113,17 +168,6 @@ def parse_train(argv):
         return None, str(e)
 
 
-def find_run(root, args):
-    """The latest run directory under root whose config.json matches args (as train.py compares)."""
-    want = runs.comparable(vars(args))
-    found = None
-    for run_dir in runs.list_runs(root):
-        config = runs.read_config(run_dir)
-        if config is not None and all(config.get(k) == v for k, v in want.items()):
-            found = run_dir
-    return found
-
-
 def final_checkpoint(run_dir, num_steps):
     return os.path.join(run_dir, "checkpoints", f"{num_steps:07d}.pt")
 
@@ -131,7 +175,7 @@ def final_checkpoint(run_dir, num_steps):
 def run_state(run_dir, argv, num_steps, key):
     """done (results.json for these arguments and evaluation settings `key`, or recorded as
     diverged), evaluate (trained, not scored as asked), resume (checkpoints short of the last), or new."""
-    if run_dir is None:
+    if not os.path.isdir(run_dir):
         return "new"
     result = read_json(os.path.join(run_dir, "results.json")) or {}
     trained = os.path.isfile(final_checkpoint(run_dir, num_steps))
@@ -145,9 +189,9 @@ def run_state(run_dir, argv, num_steps, key):
 
 
 def job_state(opts, data, ctx, phase, arm, lr, seed):
-    """(run_dir or None, its state as run_state says, train argv) of one run."""
+    """(run_dir: train.py's directory of the run, its state as run_state says, train argv) of one run."""
     argv = train_argv(opts, data, phase, arm, lr, seed)
-    run_dir = find_run(job_root(opts, phase, arm, lr, seed), parse_train(argv)[0])
+    run_dir = runs.run_dir_of(train.parse_args(argv))
     return run_dir, run_state(run_dir, argv, job_steps(opts, phase), job_key(opts, ctx, phase)), argv
 
 
@@ -159,14 +203,15 @@ def collect(opts, data, ctx, phase, arm, lr, seed):
     return dict(phase=phase, arm=arm, lr=lr, seed=seed, status="missing")
 
 
-def train_run(argv, root, resume_dir=None):
-    """Train train.py's argv (continuing resume_dir if given) in this process: (run_dir, None), or
-    (run_dir, why) when the loss became non-finite (train.py stops before saving it)."""
-    extra = ["--resume", resume_dir] if resume_dir else []
+def train_run(argv):
+    """Train train.py's argv in this process, continuing its run if it exists (as the same train.py
+    command does): (run_dir, None), or (run_dir, why) when the loss became non-finite (train.py stops
+    before saving it)."""
+    args = train.parse_args(argv)
     try:
-        return train.main(train.parse_args(argv + extra)), None
+        return train.main(args), None
     except FloatingPointError as e:
-        return find_run(root, train.parse_args(argv)), str(e)
+        return runs.run_dir_of(args), str(e)
     finally:
         for handler in logging.getLogger("train").handlers:
             handler.close()
@@ -202,9 +247,8 @@ def run_job(opts, data, ctx, phase, arm, lr, seed):
     start = time.time()
     if state in ("new", "resume"):
         say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}: {base['train_command']}")
-        root = job_root(opts, phase, arm, lr, seed)
-        share_eval_cache(opts, root)
-        run_dir, diverged = train_run(argv, root, run_dir if state == "resume" else None)
+        share_eval_cache(opts, job_root(opts, phase, arm, lr, seed))
+        run_dir, diverged = train_run(argv)
         if diverged:
             write_json(os.path.join(run_dir, "results.json"),
                        dict(base, status="diverged", message=diverged, run_dir=run_dir, **curve(run_dir)))

@@ -5,27 +5,18 @@ curves over training, on data whose classes are shapes.
     python experiments/study.py --parallel 2 --threads 1   # the default study (2-core CPU)
     python experiments/study.py --profile gpu --parallel 4 # a bigger model, longer budgets (a GPU)
 
-For each arm (vanilla DiT, MaP-DiT, MaP-DiT with rotation-scale modulation, weight normalisation
-alone, MP embedding alone): an lr sweep of --sweep-points log-spaced values spanning --sweep-span x
-around train.py's default lr for the arm, --sweep-steps each with seed --sweep-seed; the best lr
-is the one whose sampled weights score lowest on the metric (train.py's in-run evaluation at the
-sweep's last step, against the validation half of the held-out images). Then --seeds (disjoint
-from the sweep seed) at that lr for --steps each, evaluated every --eval-every steps (the curves),
-and scored at the end as experiments/ablate.py scores its runs (FD of the ablation classifier,
-class consistency, EMA held-out loss, fixed-noise samples), all against the test half: the lr is
-never chosen on the images, noise or seed that the report compares. A run whose loss becomes
-non-finite is recorded as diverged, a failure of its arm, never dropped.
-
-Default data: the demo's "shapes" variant (random colour, size, position and rotation: the class
-is the shape alone), 32x32 pixels, rendered into RESULTS/demo-data. Runs are train.py runs in
-RESULTS/sweep/<arm>-lr<lr>-seed<s>/ and RESULTS/full/<arm>-lr<lr>-seed<s>/; rerunning the same
-command skips finished runs and continues interrupted ones. The report (RESULTS/study.md, a
-markdown section the README can include; RESULTS/study.json; curves, samples and magnitude
-figures) is written at the end of every invocation. An invocation holds a lock on RESULTS while it
-runs, so a second one on the same folder waits and then finds the work done. Bad input: one line,
-exit code 2.
+The grid runner (runner.py) with an lr sweep first. Per arm: --sweep-points lrs log-spaced over
+--sweep-span x around train.py's default, --sweep-steps each at --sweep-seed; the best lr scores the
+lowest metric (train.py's in-run evaluation) against the validation half of the held-out images
+(--eval-data-path, needed with --data-path; the demo renders its own). Then
+--seeds at that lr for --steps, evaluated every --eval-every steps (the curves) and scored at the end
+as ablate.py scores its runs, against the test half: the lr is never chosen on the images, noise or
+seed the report compares. A non-finite loss is recorded as diverged, a failure of its arm. Default
+data: the demo's "shapes" variant (the class is the shape alone). Runs live in
+RESULTS/{sweep,full}/<arm>-lr<lr>-seed<s>/; a rerun skips finished runs and continues interrupted
+ones; an invocation holds a lock on RESULTS (a second waits, then finds the work done). The report
+(RESULTS/study.md, study.json, figures) is written at the end of every invocation.
 """
-import argparse
 import math
 import os
 import shlex
@@ -37,18 +28,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
-import feature_nets  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset  # noqa: E402
-from cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from experiments.evaluate import (LOG, prepare_data, prepare_eval, read_json, real_floor, say,  # noqa: E402
-                                  split_heldout, write_json)
-from experiments.runner import (CONFIGS, check_options, collect, final_checkpoint, finish,  # noqa: E402
-                                job_state, parse_only, parse_train, run_job, run_phase, train_argv)
+from cli import UsageError, run_command  # noqa: E402
+from experiments.evaluate import (LOG, metric_networks, prepare_data, prepare_eval, read_json,  # noqa: E402
+                                  real_floor, say, split_heldout, write_json)
+from experiments.runner import (CONFIGS, accepted_arms, collect, final_checkpoint, finish, grid_parser,  # noqa: E402
+                                job_state, parse_grid, parse_only, run_job, run_phase)
 from experiments.report import README_END, README_START, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
@@ -63,8 +51,6 @@ PROFILES = {
                 samples_per_class=200, step_s=None, sample_forward_s=None, run_overhead_s=None, classifier_s=None),
 }
 SCRIPT = os.path.abspath(__file__)
-PROFILE_KEYS = ("model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps", "steps",
-                "eval_every", "eval_samples", "sample_steps", "samples_per_class")
 
 
 #################################################################################
@@ -72,10 +58,16 @@ PROFILE_KEYS = ("model", "depth", "hidden_size", "num_heads", "global_batch_size
 #################################################################################
 
 def build_parser():
-    p = ArgumentParser(prog="study.py", description=__doc__)
-    g = p.add_argument_group("the study")
+    p, g = grid_parser("study.py", __doc__, "results/study", [1, 2, 3])
+    g.add_argument("--eval-every", type=int, help="steps between in-run evaluations of full runs")
+    g.add_argument("--eval-samples", type=int, help="samples per in-run evaluation")
+    g.add_argument("--metric", help="train.py --eval-metrics metric that picks the lr and draws the curves "
+                   "(default fid with the Inception weights on disk, else fd_classifier)")
+    g.add_argument("--target", type=float, help="the metric value for 'steps to reach' (default: the worst arm's "
+                   "final mean, which every arm reaches)")
+    g = p.add_argument_group("the study (the --seeds above: the full runs at each arm's best lr, not the sweep seed)")
     g.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
-                   help="budgets and model: cpu (default; DiT-XS/4 at depth 4, width 128, 150-step sweep, 400-step "
+                   help="the preset: cpu (default; DiT-XS/4 at depth 4, width 128, 150-step sweep, 400-step "
                    "runs, about 2 h with --parallel 2) or gpu (DiT-S/4, 3000-step sweep, 15000-step runs)")
     g.add_argument("--arms", nargs="+", metavar="NAME", default=ARMS,
                    help=f"configurations of experiments/ablate.py --list (default {' '.join(ARMS)})")
@@ -90,44 +82,15 @@ def build_parser():
                    "up to N steps past each end (default 2; 0 = never)")
     g.add_argument("--sweep-seed", type=int, default=0, help="seed of the sweep runs (default 0)")
     g.add_argument("--steps", type=int, help="steps of each full run (default: the profile's)")
-    g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="S",
-                   help="seeds of the full runs at each arm's best lr, not the sweep seed (default 1 2 3)")
-    g.add_argument("--results-dir", default="results/study", metavar="DIR", help="default results/study")
-    g.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at once, each a subprocess (default 1)")
-    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: all cores; "
-                   "on a 2-core CPU use 1 with --parallel 2)")
     g.add_argument("--estimate", action="store_true", help="print the plan and its expected duration, run nothing")
-    g.add_argument("--visuals", metavar="DIR", help="also copy the report's figures here (e.g. visuals/); the report "
-                   "then links them there")
     g.add_argument("--readme", metavar="FILE", help="also write the report into FILE (e.g. README.md) between its "
                    f"'{README_START}' and '{README_END}' lines")
-    g = p.add_argument_group("training and evaluation")
-    g.add_argument("--data-path", metavar="DIR", help="a data.py pixel dataset (default: the demo's shapes variant)")
-    g.add_argument("--eval-data-path", metavar="DIR", help="held-out images of the same kind (default: a second demo "
-                   "rendering; needed with --data-path), split in halves: validation (chooses the lr) and test "
-                   "(the curves and final scores)")
-    for key, text in (("model", "model name"), ("depth", "blocks"), ("hidden_size", "width"), ("num_heads", "heads"),
-                      ("global_batch_size", "batch"), ("eval_every", "steps between in-run evaluations of full runs"),
-                      ("eval_samples", "samples per in-run evaluation"),
-                      ("sample_steps", "DDIM steps of every evaluation"),
-                      ("samples_per_class", "samples per class scored at the end of a full run")):
-        g.add_argument("--" + key.replace("_", "-"), type=str if key == "model" else int,
-                       help=f"{text} (default: the profile's)")
-    g.add_argument("--metric", help="train.py --eval-metrics metric that picks the lr and draws the curves "
-                   "(default fid with the Inception weights on disk, else fd_classifier)")
-    g.add_argument("--target", type=float, help="the metric value for 'steps to reach' (default: the worst arm's "
-                   "final mean, which every arm reaches)")
-    g.add_argument("--train-args", default="", metavar="'ARGS'", help="more train.py arguments for every run")
-    p.add_argument("--only", help=argparse.SUPPRESS)  # PHASE:ARM:LR:SEED, the subprocess of --parallel
     return p
 
 
 def parse(argv):
-    opts = build_parser().parse_args(argv)
-    profile = PROFILES[opts.profile]
-    for key in PROFILE_KEYS:
-        if getattr(opts, key) is None:
-            setattr(opts, key, profile[key])
+    opts = parse_grid(build_parser(), argv, lambda opts: PROFILES[opts.profile],
+                      ("sweep_points", "sweep_steps", "steps", "eval_every", "eval_samples"))
     unknown = [a for a in opts.arms if a not in CONFIGS]
     if unknown:
         raise UsageError(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
@@ -141,8 +104,6 @@ def parse(argv):
     if opts.sweep_seed in opts.seeds:
         raise UsageError(f"--seeds must not include the sweep seed {opts.sweep_seed}: the lr would be chosen on "
                           "the run it reports")
-    check_options(opts, ("sweep_points", "sweep_steps", "steps", "parallel", "threads", "global_batch_size",
-                         "eval_every", "eval_samples", "sample_steps", "samples_per_class"))
     if not 1 <= opts.sweep_span < math.inf or (opts.sweep_points > 1 and opts.sweep_span == 1):
         raise UsageError("--sweep-span must be finite, and above 1 for more than one point")
     if opts.readme:
@@ -207,24 +168,13 @@ def check_reach(opts, default):
                           f"{opts.sweep_extend} steps past each end) leaves the positive floats; narrow it")
 
 
-def default_lr(opts, data, arm):
-    """train.py's lr for the arm's flags, or (None, why train.py refuses them)."""
-    args, why = parse_train(train_argv(opts, data, "sweep", arm, None, 0))
-    return (args.lr, None) if args else (None, why)
-
-
 def make_plan(opts, data):
-    """{arm: its sweep lrs} for the arms train.py accepts, and {arm: why not} for the others."""
-    plan, refused = {}, {}
-    for arm in opts.arms:
-        lr, why = default_lr(opts, data, arm)
-        if lr is None:
-            refused[arm] = why
-        else:
-            check_reach(opts, lr)
-            plan[arm] = dict(default_lr=lr, lrs=sweep_lrs(lr, opts.sweep_points, opts.sweep_span))
-    if not plan:
-        raise UsageError(f"train.py refuses every arm: {next(iter(refused.values()))}")
+    """{arm: train.py's lr for it and its sweep lrs} for the arms train.py accepts, {arm: why not} for the others."""
+    accepted, refused = accepted_arms(opts, data, opts.arms, "sweep")
+    plan = {}
+    for arm, args in accepted.items():
+        check_reach(opts, args.lr)
+        plan[arm] = dict(default_lr=args.lr, lrs=sweep_lrs(args.lr, opts.sweep_points, opts.sweep_span))
     return plan, refused
 
 
@@ -240,9 +190,7 @@ def warm_eval_cache(opts, data):
     if saved and saved.get("key") == key and os.path.isdir(cache):
         return saved["value"]
     dataset = LatentDataset(data.path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    networks = {"classifier": feature_nets.trained_classifier(dataset, cache, device, say)} if opts.metric == "fd_classifier" \
-        else {}
+    networks = metric_networks(opts.metric, dataset, cache)
     for reference in (data.validation, data.test):  # the test half's value, the last, is the floor
         value = real_floor(dataset, opts.eval_samples, reference, opts.metric, networks, cache)
     write_json(path, dict(key=key, value=value))
@@ -258,8 +206,7 @@ def sweep_results(opts, data, plan):
 
 def trained(opts, data, phase, arm, lr, seed):
     """Whether the run has its final checkpoint (it may still need scoring)."""
-    run_dir = job_state(opts, data, None, phase, arm, lr, seed)[0]
-    return run_dir is not None and os.path.isfile(final_checkpoint(run_dir, opts.steps))
+    return os.path.isfile(final_checkpoint(job_state(opts, data, None, phase, arm, lr, seed)[0], opts.steps))
 
 
 def best_lr(sweep):
@@ -319,8 +266,6 @@ def run_study(argv):
     turns; the second finds the work done); --estimate and the --only subprocesses of --parallel,
     whose parent holds it, run free."""
     opts = parse(argv)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     data = study_data(opts)
     if opts.only or opts.estimate:
         return conduct(opts, argv, data)
@@ -364,8 +309,6 @@ def conduct(opts, argv, data):
         pending_full = sum(not trained(opts, data, "full", arm, best[arm], seed)
                            for arm in plan if best[arm] is not None for seed in opts.seeds)
     seconds, words = estimate(opts, pending_sweep, pending_full)
-    for arm, why in refused.items():
-        say(f"skipping {arm}: {why}")
     for arm, p in plan.items():
         say(f"{arm}: sweep lr {' '.join(f'{lr:g}' for lr in p['lrs'])} (train.py's default {p['default_lr']:g})")
     say(f"expected duration: {'unknown' if seconds is None else f'{seconds / 3600:.1f} h'} ({words}; "

@@ -13,8 +13,8 @@ so the two are tuned together; widths the run did not track are reconstructed po
 
 A cell is `sample.py --ckpt CKPT --fid N` with its --weights, --cfg-scale and --guidance-interval
 (guided where lo < sigma <= hi, sigma the noise level) and the shared options, written to
-OUT/cells/<cell>.npz and scored into OUT/cells/<cell>.json. CKPT is resolved once (--ckpt, else the
-run's newest) and recorded in OUT/sweep.json with the other shared options: a rerun skips scored
+OUT/samples/<cell>.npz and scored into OUT/<cell>.npz. CKPT is resolved once (--ckpt, else the
+run's newest) and recorded in OUT/settings.json with the other shared options: a rerun skips scored
 cells and resumes a half-sampled one, and the grid may grow, but they may not change (a run that
 trained on meanwhile changes nothing). The grid (duplicates merged) and the reference are checked
 before anything is written; sweeps on one OUT take turns (runs.folder_lock). The metric and its
@@ -28,7 +28,6 @@ data where train.py rendered it; nothing is copied). For pixel runs the table al
 floor: as many training images as a cell's samples scored the same way.
 Outputs: OUT/sweep.md (tables), OUT/sweep.png. Every bad input: one line on stderr, exit code 2.
 """
-import json
 import math
 import os
 import shlex
@@ -40,19 +39,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
 import evaluation  # noqa: E402
 import feature_nets  # noqa: E402
 import plots  # noqa: E402
 import sample  # noqa: E402
 import watch  # noqa: E402
-from data import LatentDataset  # noqa: E402
+from data import ChunkFolder, LatentDataset  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
-from experiments.evaluate import LOG, read_json, real_floor, say, write_json, write_text  # noqa: E402
+from experiments.evaluate import LOG, metric_networks, read_json, real_floor, say, write_text  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from runs import SEED_RANGE, checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
+from runs import checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
 
 SHARED = ("result_dir", "ckpt", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
           "guide_weights", "precision", "metric", "reference", "eval_dir")
@@ -63,7 +60,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--result-dir", required=True, metavar="RUN", help="the train.py run")
     p.add_argument("--ckpt", metavar="FILE", help="the checkpoint of RUN that every cell samples (default: the "
-                                                  "newest when the sweep is first made; then the one sweep.json records)")
+                                                  "newest when the sweep is first made; then the one settings.json records)")
     p.add_argument("--weights", nargs="+", default=["ema-0.05", "ema-0.07", "ema-0.1", "ema-0.15", "ema-0.2"],
                    metavar="ema-S", help="EMA widths ema-<sigma_rel> (default ema-0.05 ema-0.07 ema-0.1 ema-0.15 "
                                          "ema-0.2)")
@@ -101,8 +98,8 @@ def parse_args(argv=None):
 
 
 def check_grid(args):
-    """Refuse, before anything is sampled, every grid value and count that sample.py would refuse at its
-    cell; merge duplicate grid values (one column, one row, one table each)."""
+    """Refuse grid values sample.py cannot take (check_inputs gives each cell's arguments to sample.py's
+    parser); merge duplicate grid values (one column, one row, one table each)."""
     widths = {}
     for w in args.weights:
         widths.setdefault(sigma_rel(w), w)  # ema-0.1 and ema-0.10 are one width
@@ -114,22 +111,9 @@ def check_grid(args):
     values = args.intervals or list(EVERY_STEP)
     if len(values) % 2:
         raise UsageError("--intervals: give pairs LO HI")
-    pairs = [tuple(values[i:i + 2]) for i in range(0, len(values), 2)]
-    for lo, hi in pairs:
-        if not 0 <= lo <= hi:  # False for NaN
-            raise UsageError(f"--intervals {lo:g} {hi:g}: each pair needs noise levels 0 <= LO <= HI (HI may be inf)")
-    args.intervals = list(dict.fromkeys(pairs))
-    if not 0 <= args.seed < 2 ** 32:
-        raise UsageError(f"--seed {args.seed}: must be {SEED_RANGE}")
-    for name, least, most in (("num_samples", 2, math.inf), ("batch_size", 1, math.inf),
-                              ("num_sampling_steps", 1, 1000)):  # a covariance; the training steps at most
-        value = getattr(args, name)
-        if value is not None and not least <= value <= most:  # None: sample.py's default steps
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be in [{least}, {most}]")
-    if args.guide_weights and not args.guide:
-        raise UsageError("--guide-weights needs --guide")
-    if args.guide and not os.path.exists(args.guide):
-        raise UsageError(f"--guide {args.guide}: no such run directory or checkpoint")
+    args.intervals = list(dict.fromkeys(tuple(values[i:i + 2]) for i in range(0, len(values), 2)))
+    if args.num_samples < 2:
+        raise UsageError(f"--num-samples {args.num_samples}: must be at least 2 (a covariance)")
 
 
 def sigma_rel(weights):
@@ -142,6 +126,11 @@ def sigma_rel(weights):
     return float(match[1])
 
 
+def grid_of(args):
+    """The cells (weights, scale, interval), in the order they are sampled."""
+    return [(w, s, i) for i in args.intervals for s in args.cfg_scales for w in args.weights]
+
+
 def cell_name(weights, scale, interval):
     """e.g. ema-0.1-cfg2-sigma0-2.33; at scale 1 (no guidance) the interval changes nothing: one cell for all."""
     lo, hi = interval
@@ -149,17 +138,20 @@ def cell_name(weights, scale, interval):
 
 
 def check_inputs(args):
-    """Resolve the checkpoint (--ckpt, else the one OUT/sweep.json records, else the run's newest) and
-    refuse what would fail once sampling began: a checkpoint that is not the run's or cannot give
-    ema-<sigma_rel> weights, a reference the metric cannot read or compare. Resolves the metric, the
-    reference and the run's data (args.data) as train.py does. Writes nothing."""
+    """Resolve the checkpoint (--ckpt, else the one OUT/settings.json records, else the run's newest) and
+    refuse what would fail once sampling began: a checkpoint that is not the run's (or not the one OUT's
+    cells sample) or cannot give ema-<sigma_rel> weights, a reference the metric cannot read or compare.
+    Resolves the metric, the reference and the run's data (args.data) as train.py does. Writes nothing."""
     ckpts = checkpoints_in(args.result_dir)
     if not ckpts:
         raise UsageError(f"--result-dir {args.result_dir}: no checkpoints/NNNNNNN.pt")
-    recorded = read_json(os.path.join(args.out, "sweep.json")) or {}
-    args.ckpt = os.path.realpath(args.ckpt or recorded.get("ckpt") or ckpts[-1])
+    recorded = (read_json(os.path.join(args.out, "settings.json")) or {}).get("ckpt")
+    args.ckpt = os.path.realpath(args.ckpt or recorded or ckpts[-1])
     if args.ckpt not in map(os.path.realpath, ckpts):
         raise UsageError(f"--ckpt {args.ckpt}: not one of the checkpoints/NNNNNNN.pt of --result-dir {args.result_dir}")
+    if recorded not in (None, args.ckpt):
+        raise UsageError(f"{args.out}: its cells sample {recorded}, not --ckpt {args.ckpt}; give that one "
+                         f"(or no --ckpt) to extend the sweep, or another --out")
     ckpt = load_checkpoint(args.ckpt, mmap=True)
     if not ckpt["ema_power"]:
         raise UsageError(f"{args.ckpt}: the run tracked no power EMA (train.py --ema-sigma-rels), so no "
@@ -185,6 +177,11 @@ def check_inputs(args):
     if args.metric == "fid" and not fid_found:
         raise UsageError(f"--metric fid: no Inception weights ({feature_nets.INCEPTION_FILE}); pass "
                          f"--inception-weights FILE or set {feature_nets.INCEPTION_ENV}")
+    for w, s, (lo, hi) in grid_of(args):
+        try:
+            sample.parse_args(sample_argv(args, w, s, (lo, hi), "cell.npz"))
+        except UsageError as e:
+            raise UsageError(f"the cell {w}, cfg scale {s:g}, interval {lo:g} {hi:g}: sample.py refuses {e}") from None
 
 
 #################################################################################
@@ -215,10 +212,7 @@ def make_scorer(args):
     """(extra feature networks: train.py's classifier for fd_classifier, a note on the real-data
     floor or None). The reference statistics are cached in --eval-dir."""
     dataset = LatentDataset(args.data) if os.path.isdir(args.data) else None
-    networks = {}
-    if args.metric == "fd_classifier":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        networks["classifier"] = feature_nets.trained_classifier(dataset, args.eval_dir, device, say)
+    networks = metric_networks(args.metric, dataset, args.eval_dir)
     if dataset is None or dataset.kind != "pixel":
         return networks, None
     n = min(args.num_samples, len(dataset))
@@ -278,21 +272,6 @@ def write_plot(args, results, best):
 #                                     Main                                      #
 #################################################################################
 
-def check_settings(args):
-    """The options every cell shares, refused unless a rerun repeats those OUT/sweep.json records:
-    None where it records them, else the settings to record."""
-    settings = {k: getattr(args, k) for k in SHARED}
-    recorded = read_json(os.path.join(args.out, "sweep.json")) or {}
-    if recorded.get("ckpt", args.ckpt) != args.ckpt:
-        raise UsageError(f"{args.out}: its cells sample {recorded['ckpt']}, not --ckpt {args.ckpt}; give that one "
-                         f"(or no --ckpt) to extend the sweep, or another --out")
-    changed = sorted(k for k, v in recorded.items() if settings.get(k) != v)
-    if changed:
-        raise UsageError(f"{args.out}: holds cells made with other {', '.join(changed)} (see sweep.json); "
-                         f"use the same options, or another --out")
-    return None if recorded else settings
-
-
 def main(args):
     """Check everything, then run the grid holding OUT's lock: a second sweep on OUT waits for it."""
     check_inputs(args)
@@ -301,28 +280,23 @@ def main(args):
 
 
 def run_grid(args):
-    new = check_settings(args)
-    results, floor = {}, None
-    grid = [(w, s, i) for i in args.intervals for s in args.cfg_scales for w in args.weights]
-    record_of = lambda cell: os.path.join(args.out, "cells", f"{cell_name(*cell)}.json")  # noqa: E731
-    scorer = make_scorer(args) if not all(os.path.exists(record_of(cell)) for cell in grid) else None
-    if new:
-        write_json(os.path.join(args.out, "sweep.json"), new)
-    os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
-    for k, (w, s, interval) in enumerate(grid):
-        name, record = cell_name(w, s, interval), record_of((w, s, interval))
-        npz = record[: -len(".json")] + ".npz"
-        if os.path.exists(record):
-            with open(record) as f:
-                done = json.load(f)
-            results[(w, s, interval)], floor = done["score"], done["floor"]
-            continue
-        say(f"cell {k + 1}/{len(grid)}: {name}")
-        if not os.path.exists(npz):
-            run_sample(args.launcher, sample_argv(args, w, s, interval, npz))
-        results[(w, s, interval)], floor = score(npz, args, scorer), scorer[1]
-        write_text(record, json.dumps(dict(cell=name, score=results[(w, s, interval)], floor=floor)))
-        shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
+    """Sample and score the cells not scored yet (OUT/<cell>.npz: score and floor, a data.ChunkFolder
+    whose settings.json holds the shared options), then the table and the plot."""
+    cells = ChunkFolder(args.out, {k: getattr(args, k) for k in SHARED})
+    grid = grid_of(args)
+    scorer = None if all(cells.done(cell_name(*cell)) for cell in grid) else make_scorer(args)
+    results = {}
+    for k, cell in enumerate(grid):
+        name = cell_name(*cell)
+        npz = os.path.join(args.out, "samples", f"{name}.npz")
+        if not cells.done(name):
+            say(f"cell {k + 1}/{len(grid)}: {name}")
+            if not os.path.exists(npz):
+                run_sample(args.launcher, sample_argv(args, *cell, npz))
+            cells.save(name, score=score(npz, args, scorer), floor=scorer[1] or "")
+            shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
+        record = cells.load(name)
+        results[cell], floor = float(record["score"]), str(record["floor"]) or None
     best = min(results, key=results.get)
     write_table(args, results, best, floor)
     write_plot(args, results, best)

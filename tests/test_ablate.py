@@ -13,6 +13,7 @@ import torch
 
 import evaluation
 import feature_nets
+import runs as runs_module
 import train
 from data import ShardWriter
 from experiments import ablate, evaluate, runner
@@ -181,12 +182,13 @@ def test_tiny_grid_writes_table_and_figures_skips_finished_and_continues_interru
     assert calls == []
     assert mtimes == {d: os.path.getmtime(os.path.join(d, "results.json")) for d in mtimes}
 
-    # an interrupted run (last checkpoint and results missing) continues in its own run directory
+    # an interrupted run (last checkpoint, finished mark and results missing) continues in its own run directory
     victim = runs[3]["run_dir"]
-    os.remove(os.path.join(victim, "checkpoints", "0000003.pt"))
-    os.remove(os.path.join(victim, "results.json"))
+    for name in ("checkpoints/0000003.pt", "results.json", "finished"):  # what a killed run has not written
+        os.remove(os.path.join(victim, name))
     assert ablate.main(argv) == 0
-    assert len(calls) == 1 and calls[0].resume == victim
+    assert len(calls) == 1 and runs_module.run_dir_of(calls[0]) == victim
+    assert "resumed at step 2" in open(os.path.join(victim, "log.txt")).read()
     assert os.path.isfile(os.path.join(victim, "checkpoints", "0000003.pt"))
     assert json.loads(open(os.path.join(victim, "results.json")).read())["status"] == "ok"
     assert len(glob.glob(os.path.join(os.path.dirname(victim), "*", "config.json"))) == 1  # no second run

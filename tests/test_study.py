@@ -226,9 +226,9 @@ def test_a_diverged_full_run_is_a_failure_of_its_arm_and_one_seed_left_gives_no_
     # reporting seed 2 of mp as train_run reports a non-finite loss (the real path: the test above)
     real_train_run = runner.train_run
 
-    def train_run(argv, root, resume_dir=None):
-        run_dir, diverged = real_train_run(argv, root, resume_dir)
-        simulated = "/full/mp-" in root and argv[argv.index("--seed") + 1] == "2"
+    def train_run(argv):
+        run_dir, diverged = real_train_run(argv)
+        simulated = "/full/mp-" in argv[argv.index("--results-dir") + 1] and argv[argv.index("--seed") + 1] == "2"
         return run_dir, "loss is non-finite at step 2 (simulated)" if simulated else diverged
     monkeypatch.setattr(runner, "train_run", train_run)
     out = tmp_path / "study"
@@ -306,12 +306,13 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
     assert study.main(argv) == 0
     assert calls == [] and mtimes == {p: os.path.getmtime(p) for p in results}
 
-    # an interrupted full run (last checkpoint and results missing) continues in its own run directory
+    # an interrupted full run (last checkpoint, finished mark and results missing) continues in its own run directory
     victim = os.path.dirname(next(p for p in results if "/full/mp-" in p))
-    os.remove(os.path.join(victim, "checkpoints", "0000004.pt"))
-    os.remove(os.path.join(victim, "results.json"))
+    for name in ("checkpoints/0000004.pt", "results.json", "finished"):  # what a killed run has not written
+        os.remove(os.path.join(victim, name))
     assert study.main(argv) == 0
-    assert len(calls) == 1 and calls[0].resume == victim
+    assert len(calls) == 1 and runs.run_dir_of(calls[0]) == victim
+    assert "resumed at step 3" in open(os.path.join(victim, "log.txt")).read()
     result = json.loads(open(os.path.join(victim, "results.json")).read())
     assert result["status"] == "ok"
     assert [s for s, _ in result["curve"]] == [2, 4]  # step 4 evaluated again after the resume: once in the curve

@@ -73,8 +73,8 @@ def test_sweep_writes_table_and_plot_and_skips_finished_cells(run, tmp_path, mon
     first = cells[-1]
     assert first[first.index("--guidance-interval") + 1:][:2] == ["0", "2.33"] and "--guide" in first
     assert cells[0][cells[0].index("--guidance-interval") + 1:][:2] == ["0", "inf"]  # every step: sample.py's default
-    names = {"ema-0.05-cfg1.json", "ema-0.05-cfg2.json", "ema-0.05-cfg2-sigma0-2.33.json"}  # sigma0-inf: no tag
-    assert names <= set(os.listdir(tmp_path / "sw" / "cells"))
+    names = {"ema-0.05-cfg1.npz", "ema-0.05-cfg2.npz", "ema-0.05-cfg2-sigma0-2.33.npz"}  # sigma0-inf: no tag
+    assert names <= set(os.listdir(tmp_path / "sw")) and names <= set(os.listdir(tmp_path / "sw" / "samples"))
     table = (tmp_path / "sw" / "sweep.md").read_text()
     assert "| sigma_rel | w = 1 | w = 2 |" in table and "| 0.08 |" in table and "| 0.05 |" in table
     assert "guidance interval 0 < sigma <= inf:" in table and "guidance interval 0 < sigma <= 2.33:" in table
@@ -82,12 +82,12 @@ def test_sweep_writes_table_and_plot_and_skips_finished_cells(run, tmp_path, mon
                            "w = 2, 0 < sigma <= 2.33"]
     assert table.count("guidance interval") == 2 and table.count("**") == 2 and "Best: ema-0." in table
     assert "training images score" in table
-    scores = {f: json.loads((tmp_path / "sw" / "cells" / f).read_text())["score"]
-              for f in os.listdir(tmp_path / "sw" / "cells") if f.endswith(".json")}
+    scores = {f: float(np.load(tmp_path / "sw" / f)["score"])
+              for f in os.listdir(tmp_path / "sw") if f.endswith(".npz")}
     assert len(scores) == 6 and all(np.isfinite(v) and v >= 0 for v in scores.values())
     best = table.split("Best: ")[1].split(" ")[0]
-    assert scores[f"{best}.json"] == min(scores.values())
-    assert not any(f.endswith("-chunks") for f in os.listdir(tmp_path / "sw" / "cells"))
+    assert scores[f"{best}.npz"] == min(scores.values())
+    assert not any(f.endswith("-chunks") for f in os.listdir(tmp_path / "sw" / "samples"))
     assert Image.open(tmp_path / "sw" / "sweep.png").size[0] > 100
 
     cells.clear()
@@ -135,17 +135,17 @@ def test_sweep_samples_one_checkpoint_recorded_once(own_run, tmp_path, eval_dir,
     assert sweep.cli(older) == 0 and len(cells) == 1
     assert cells[0][cells[0].index("--ckpt") + 1] == ckpt(2) and "--result-dir" not in cells[0]
     assert ckpts_loaded() == {ckpt(2)}  # sample.py and the fd-classifier scorer read the chosen checkpoint alone
-    assert json.loads((tmp_path / "older" / "sweep.json").read_text())["ckpt"] == ckpt(2)
+    assert json.loads((tmp_path / "older" / "settings.json").read_text())["ckpt"] == ckpt(2)
 
     out, cells[:] = tmp_path / "newest", []
     assert sweep.cli(tiny_grid(str(own_run), out, eval_dir)) == 0
-    assert json.loads((out / "sweep.json").read_text())["ckpt"] == ckpt(4)  # the newest when first made
+    assert json.loads((out / "settings.json").read_text())["ckpt"] == ckpt(4)  # the newest when first made
     shutil.copy(ckpt(4), own_run / "checkpoints" / "0000006.pt")  # the run trained on
     loaded[:] = []
     grown = tiny_grid(str(own_run), out, eval_dir, "--cfg-scales", "1", "2")
     assert sweep.cli(grown) == 0 and len(cells) == 2
     assert cells[1][cells[1].index("--ckpt") + 1] == ckpt(4) and ckpts_loaded() == {ckpt(4)}
-    assert json.loads((out / "sweep.json").read_text())["ckpt"] == ckpt(4)
+    assert json.loads((out / "settings.json").read_text())["ckpt"] == ckpt(4)
     capsys.readouterr()
 
     assert sweep.cli([*grown, "--weights", "ema-0.08", "--ckpt", ckpt(6)]) == 2 and len(cells) == 2
@@ -182,7 +182,7 @@ def test_the_whole_grid_is_checked_before_anything_is_sampled(run, tmp_path, eva
     code = sweep.cli([*tiny_grid(run, tmp_path / "x", eval_dir), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and needle in err and len(err.splitlines()) == 1, err
-    assert not os.path.exists(tmp_path / "x")  # no OUT, no sweep.json
+    assert not os.path.exists(tmp_path / "x")  # no OUT, no settings.json
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def test_two_sweeps_on_one_out_take_turns(run, tmp_path, eval_dir):
     assert "waiting for another process that writes in" in said and str(tmp_path / "out") in said, said + err2
     assert first.returncode == 0 and second.returncode == 0, err1 + err2
     assert "[sweep] cell" not in err2  # the second found the first's cell scored
-    score = json.loads((tmp_path / "out" / "cells" / "ema-0.05-cfg1.json").read_text())["score"]
+    score = float(np.load(tmp_path / "out" / "ema-0.05-cfg1.npz")["score"])
     assert out1.splitlines()[-1] == out2.splitlines()[-1] == \
         f"best: ema-0.05-cfg1 (fd_classifier {score:.4g}); wrote {tmp_path / 'out'}/sweep.md and sweep.png"
     assert f"| 0.05 | **{score:.4g}** |" in (tmp_path / "out" / "sweep.md").read_text()
