@@ -4,15 +4,13 @@ statistics, cached in RESULTS/eval-cache/) and the scores of one trained run: FD
 (the Frechet distance in the classifier's features, comparable within one dataset and classifier),
 class consistency (the fraction of class-k samples it labels k), FID-Inception when the weights are
 on disk, and the held-out loss on a fixed batch, timesteps and noise. Also what the runner and the
-report share: say, read_json, write_json, summarise.
+report share: say, write_json, summarise.
 """
 import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +21,7 @@ import feature_nets
 import plots
 import runs
 from cli import UsageError
-from data import LatentDataset, ShardWriter, denormalize, make_demo_dataset, read_manifest
+from data import LatentDataset, ShardWriter, build_dataset, denormalize, make_demo_dataset
 from diffusion import create_diffusion
 from feature_nets import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, dataset_items, find_weights, trained_classifier
 from guidance import Guided
@@ -45,14 +43,6 @@ def summarise(values):
         return None
     return dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
                 n=len(values), values=values)
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def write_text(path, text):
@@ -106,28 +96,14 @@ def split_heldout(heldout, out_dir):
 
 def write_part(ds, index, path, source):
     """The items `index` of the pixel dataset ds as a data.py dataset at path, made by `source`."""
-    if os.path.isdir(path):
-        if read_manifest(path).get("source") == source:
-            return path
-        raise UsageError(f"{path}: holds another dataset than {source}; remove it")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=os.path.basename(path) + ".partial-", dir=os.path.dirname(path))
-    try:
-        writer = ShardWriter(partial, "pixel", ds.shape, ds.num_classes)
+    def write(folder):
+        writer = ShardWriter(folder, "pixel", ds.shape, ds.num_classes)
         for shard, start in enumerate(range(0, len(index), writer.shard_size)):
             part = index[start:start + writer.shard_size]
             images = torch.stack([ds[int(i)][0] for i in part])
             writer.write_shard(shard, ds.labels[part], images=images.numpy())
         writer.finish(class_names=ds.manifest.get("class_names"), source=source)
-        os.chmod(partial, 0o755)  # mkdtemp makes it private
-        try:
-            os.rename(partial, path)  # fails if another process put it there first
-        except OSError:
-            if read_manifest(path).get("source") != source:
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return path
+    return build_dataset(path, source, write)
 
 
 def prepare_eval(opts, data):

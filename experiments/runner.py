@@ -21,7 +21,8 @@ import plots
 import runs
 import train
 from cli import ArgumentParser, UsageError
-from experiments.evaluate import LOG, evaluate_run, read_json, say, training_record, write_json
+from data import read_json
+from experiments.evaluate import LOG, evaluate_run, say, training_record, write_json
 from models import MP_SWITCHES
 
 

@@ -31,10 +31,10 @@ if ROOT not in sys.path:
 import runs  # noqa: E402
 import train  # noqa: E402
 import watch  # noqa: E402
-from data import LatentDataset  # noqa: E402
+from data import LatentDataset, read_json  # noqa: E402
 from cli import UsageError, run_command  # noqa: E402
-from experiments.evaluate import (LOG, metric_networks, prepare_data, prepare_eval, read_json,  # noqa: E402
-                                  real_floor, say, split_heldout, write_json)
+from experiments.evaluate import (LOG, metric_networks, prepare_data, prepare_eval, real_floor, say,  # noqa: E402
+                                  split_heldout, write_json)
 from experiments.runner import (CONFIGS, accepted_arms, collect, final_checkpoint, finish, grid_parser,  # noqa: E402
                                 job_state, parse_grid, parse_only, run_job, run_phase)
 from experiments.report import README_END, README_START, write_report  # noqa: E402
@@ -45,7 +45,7 @@ ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
 PROFILES = {
     "cpu": dict(model="DiT-XS/4", depth=4, hidden_size=128, num_heads=4, global_batch_size=64,
                 sweep_steps=150, steps=400, eval_every=100, eval_samples=256, sample_steps=25,
-                samples_per_class=50, step_s=0.77, sample_forward_s=0.0046, run_overhead_s=10, classifier_s=120),
+                samples_per_class=50, step_s=0.77, sample_forward_s=0.0040, run_overhead_s=10, classifier_s=120),
     "gpu": dict(model="DiT-S/4", depth=None, hidden_size=None, num_heads=None, global_batch_size=256,
                 sweep_steps=3000, steps=15000, eval_every=1000, eval_samples=2000, sample_steps=50,
                 samples_per_class=200, step_s=None, sample_forward_s=None, run_overhead_s=None, classifier_s=None),

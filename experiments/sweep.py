@@ -46,7 +46,8 @@ import sample  # noqa: E402
 import watch  # noqa: E402
 from data import ChunkFolder, LatentDataset  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
-from experiments.evaluate import LOG, metric_networks, read_json, real_floor, say, write_text  # noqa: E402
+from data import read_json  # noqa: E402
+from experiments.evaluate import LOG, metric_networks, real_floor, say, write_text  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from runs import checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
