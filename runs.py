@@ -31,10 +31,10 @@ from cli import UsageError
 from models import MP_SWITCHES, DiT_models
 
 SAVED_ARG_DEFAULTS = dict(prediction="eps")  # arguments added later, as checkpoints from before them had them
-NOT_COMPARED = ("resume", "num_workers", "results_dir", "no_progress", "wandb", "vae_path", "preset")  # where a run is and how it shows
-FREE_ON_RESUME = (*NOT_COMPARED, "data_path", "num_steps", "log_every", "monitor_every", "ckpt_every",
-                  "snapshot_every", "sample_steps", "compile", "grad_checkpoint", "sample_every", "eval_every",
-                  "eval_samples", "eval_metrics", "eval_reference", "eval_cfg_scale")  # the weights do not depend on them
+FREE_ON_RESUME = ("resume", "results_dir", "preset", "num_workers", "no_progress", "wandb", "vae_path", "data_path",
+                  "num_steps", "log_every", "monitor_every", "ckpt_every", "snapshot_every", "sample_steps", "compile",
+                  "grad_checkpoint", "sample_every", "eval_every", "eval_samples", "eval_metrics", "eval_reference",
+                  "eval_cfg_scale")  # where a run is and how it shows: the weights do not depend on them
 SEED_RANGE = "in [0, 2**32) (numpy's seeds)"  # every seed flag: 0 <= seed < 2**32
 LATEST = "latest"  # a bare --resume: this command's run
 CKPT_KEYS = {"model", "ema", "ema_power", "opt", "noise", "rng", "step", "args", "manifest"}  # TrainingState's, args, manifest
@@ -88,6 +88,18 @@ def load_checkpoint(path, mmap=False):
     return ckpt
 
 
+def check_finite(tensors, step, run_dir):
+    """Stop (on every rank) before a non-finite loss or weight reaches the disk."""
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        ckpts = checkpoints_in(run_dir)
+        kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written before it"
+        raise FloatingPointError(f"the loss became non-finite by step {step}; {kept} (try a lower --lr or "
+                                 f"--grad-clip; `python data.py verify DATA` checks a dataset for NaN and inf)")
+
+
 def state_of(part):
     """part.state_dict(), a dict of such parts by str(key) (the power EMAs by sigma_rel), or part itself."""
     if hasattr(part, "state_dict"):
@@ -118,12 +130,16 @@ class TrainingState:
 
 
 class ProcessRNG:
-    """The global RNG states (torch, numpy, python, CUDA) of every process: state_dict gathers them
-    (call it on every rank); load_state_dict restores this rank's, or keeps the reseeded streams of a
-    run resumed on another number of processes."""
+    """The global RNG streams (torch, numpy, python, CUDA) of this process, seeded from (seed, rank,
+    world); state_dict gathers those of every rank (call it on every rank); load_state_dict restores
+    this rank's, or keeps the fresh streams of a run resumed on another number of processes."""
 
-    def __init__(self, rank, world):
+    def __init__(self, seed, rank, world):
         self.rank, self.world = rank, world
+        seed = (seed * world + rank) % 2 ** 32
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
 
     def state_dict(self):
         state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
@@ -170,21 +186,20 @@ def reconcile(args, ckpt, path, manifest):
     argument the weights depend on (anything outside FREE_ON_RESUME) or to the data's shape is refused."""
     saved = saved_args(ckpt)
     for key in getattr(args, "_derived", ()):
-        if key in saved:
-            setattr(args, key, saved[key])
+        setattr(args, key, saved.get(key, getattr(args, key)))
     changed = {k: (saved[k], v) for k, v in config_of(args).items() if k in saved and saved[k] != v}
-    refused = {k: c for k, c in changed.items() if k not in FREE_ON_RESUME}
+    refused = [k for k in changed if k not in FREE_ON_RESUME]
     if refused:
-        raise UsageError(f"{path}: the run has {', '.join(f'{k}={old!r}' for k, (old, _) in refused.items())} "
-                         f"but this command asks for {', '.join(f'{k}={new!r}' for k, (_, new) in refused.items())}; "
-                         f"these decide the run's result: pass the run's values, or start a new run")
+        raise UsageError(f"{path}: the run has {', '.join(f'{k}={changed[k][0]!r}' for k in refused)} but this "
+                         f"command asks for {', '.join(f'{k}={changed[k][1]!r}' for k in refused)}; these decide "
+                         f"the run's result: pass the run's values, or start a new run")
     for key in ("shape", "num_classes"):
         if ckpt["manifest"].get(key) != manifest.get(key):
             raise UsageError(f"{path}: checkpoint was trained on data with {key} "
                              f"{ckpt['manifest'].get(key)} but the dataset has {manifest.get(key)}")
     if args.num_steps < ckpt["step"]:
         raise UsageError(f"{path}: --num-steps {args.num_steps} is below the checkpoint's step {ckpt['step']}")
-    return {k: c for k, c in changed.items() if k not in NOT_COMPARED}
+    return {k: c for k, c in changed.items() if k not in ("resume", "results_dir")}
 
 
 #################################################################################
@@ -207,28 +222,11 @@ def run_dir_of(args):
     return os.path.join(args.results_dir, f"{run_name(args)}-{digest}")
 
 
-def list_runs(results_dir):
-    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(results_dir, "*", "config.json")))
-
-
-def read_config(run_dir):
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def write_config(run_dir, args):
     path = os.path.join(run_dir, "config.json")
     with open(path + ".tmp", "w") as f:
         json.dump(config_of(args), f, indent=2)
     os.replace(path + ".tmp", path)
-
-
-def comparable(config):
-    """The arguments two runs must share to be the same run (the directory they live in aside)."""
-    return {k: v for k, v in config.items() if k not in NOT_COMPARED and not k.startswith("_")}
 
 
 def finished(run_dir, num_steps):
@@ -345,14 +343,14 @@ def folder_lock(folder, create=False):
 
 
 def read_records(run_dir, key=None):
-    """The records of RUN/metrics.jsonl (those that hold key, e.g. "act_rms"), without a line torn by a kill."""
+    """The records of RUN/metrics.jsonl (those that hold key, e.g. "eval") in step order (an evaluation
+    made on resume for an earlier step comes after later records in the file), without a line torn by a kill."""
+    records = []
     with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = []
         for line in f:
             with contextlib.suppress(ValueError):
                 records.append(json.loads(line))
-        return [r for r in records if key is None or key in r]
-    return []
+    return sorted((r for r in records if key is None or key in r), key=lambda r: r.get("step", 0))
 
 
 def drop_records_after(run_dir, step):
