@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from cli import UsageError
+from data import atomic_write
 from models import MP_SWITCHES, DiT_models
 
 SAVED_ARG_DEFAULTS = dict(prediction="eps")  # arguments added later, as checkpoints from before them had them
@@ -39,10 +40,6 @@ SEED_RANGE = "in [0, 2**32) (numpy's seeds)"  # every seed flag: 0 <= seed < 2**
 LATEST = "latest"  # a bare --resume: this command's run
 CKPT_KEYS = {"model", "ema", "ema_power", "opt", "noise", "rng", "step", "args", "manifest"}  # TrainingState's, args, manifest
 
-
-#################################################################################
-#                         Arguments and checkpoints                             #
-#################################################################################
 
 def config_of(args):
     """The arguments a run records (config.json, checkpoints): vars(args) without private (_) keys."""
@@ -180,10 +177,10 @@ def build_model(args, manifest):
 
 
 def reconcile(args, ckpt, path, manifest):
-    """Check a resume against the run's checkpoint and return {name: (run's value, new value)} of the
-    arguments it changes. Step-derived defaults this command did not set (args._derived: warm-up,
-    decay, snapshots) take the run's values, so an extended run keeps its lr schedule. A change to an
-    argument the weights depend on (anything outside FREE_ON_RESUME) or to the data's shape is refused."""
+    """Check a resume against the run's checkpoint; return the log lines of the arguments it changes.
+    Step-derived defaults this command did not set (args._derived: warm-up, decay, snapshots) take the
+    run's values, so an extended run keeps its lr schedule. A change to an argument the weights depend
+    on (anything outside FREE_ON_RESUME) or to the data's shape is refused."""
     saved = saved_args(ckpt)
     for key in getattr(args, "_derived", ()):
         setattr(args, key, saved.get(key, getattr(args, key)))
@@ -199,12 +196,12 @@ def reconcile(args, ckpt, path, manifest):
                              f"{ckpt['manifest'].get(key)} but the dataset has {manifest.get(key)}")
     if args.num_steps < ckpt["step"]:
         raise UsageError(f"{path}: --num-steps {args.num_steps} is below the checkpoint's step {ckpt['step']}")
-    return {k: c for k, c in changed.items() if k not in ("resume", "results_dir")}
+    lines = [f"resumed with --{k.replace('_', '-')} {new} (the run had {old}); config.json updated"
+             for k, (old, new) in changed.items() if k not in ("resume", "results_dir")]
+    if "num_steps" in changed:
+        lines.append(f"lr schedule kept: warm-up {args.warmup_steps}, decay {args.decay_steps} steps")
+    return lines
 
-
-#################################################################################
-#                         Run directories and their lock                        #
-#################################################################################
 
 def run_name(args):
     prefix = "MaP-" if args.mp else ""
@@ -223,10 +220,8 @@ def run_dir_of(args):
 
 
 def write_config(run_dir, args):
-    path = os.path.join(run_dir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(config_of(args), f, indent=2)
-    os.replace(path + ".tmp", path)
+    text = json.dumps(config_of(args), indent=2)
+    atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(text.encode()))
 
 
 def finished(run_dir, num_steps):
@@ -239,15 +234,13 @@ def finished(run_dir, num_steps):
 
 
 def mark_finished(run_dir, step):
-    with open(os.path.join(run_dir, "finished.tmp"), "w") as f:
-        f.write(f"{step}\n")
-    os.replace(os.path.join(run_dir, "finished.tmp"), os.path.join(run_dir, "finished"))
+    atomic_write(os.path.join(run_dir, "finished"), lambda f: f.write(f"{step}\n".encode()))
 
 
 def claim_run(args):
     """(run directory, checkpoint to continue from or None, its RunLock or None, finished): --resume PATH
     names a run directory or checkpoint; otherwise the run is this command's (run_dir_of), continued
-    if it exists and has not finished, else created later by create_run (no lock yet)."""
+    if it exists and has not finished (said when it has), else created later by create_run (no lock yet)."""
     if args.resume not in (None, LATEST):
         if os.path.isfile(args.resume):
             folder = os.path.dirname(os.path.abspath(args.resume))
@@ -263,17 +256,21 @@ def claim_run(args):
         return run_dir, ckpt, RunLock(run_dir), False
     run_dir = run_dir_of(args)
     done = finished(run_dir, args.num_steps)
-    if args.resume == LATEST and (done or not os.path.isdir(run_dir)):
+    unfinished = os.path.isdir(run_dir) and not done
+    if args.resume == LATEST and not unfinished:
         raise UsageError(f"--resume: no unfinished run with these arguments in {args.results_dir}; "
                          f"name one (--resume RUN_DIR) or drop --resume to start a new run")
-    if done or not os.path.isdir(run_dir):
+    if done:
+        print(f"{run_dir}: this command's run has finished its {args.num_steps} steps; nothing to do "
+              f"(--resume {run_dir} --num-steps N extends it)")
+    if not unfinished:
         return run_dir, None, None, done
     lock = RunLock(run_dir)
     return run_dir, (checkpoints_in(run_dir) or [None])[-1], lock, False
 
 
 def create_run(run_dir, args):
-    """Create the run directory (checkpoints/, config.json) and return its RunLock. Refused if the run
+    """Create the run directory (with checkpoints/) and return its RunLock. Refused if the run
     appeared since claim_run (the same command started twice)."""
     try:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -284,7 +281,6 @@ def create_run(run_dir, args):
         lock.release()
         raise UsageError(f"{run_dir}: the run of this command appeared while this one started; rerun the same "
                          f"command to continue it")
-    write_config(run_dir, args)
     return lock
 
 
@@ -350,13 +346,11 @@ def read_records(run_dir, key=None):
         for line in f:
             with contextlib.suppress(ValueError):
                 records.append(json.loads(line))
-    return sorted((r for r in records if key is None or key in r), key=lambda r: r.get("step", 0))
+    return sorted((r for r in records if key is None or key in r), key=lambda r: r["step"])
 
 
 def drop_records_after(run_dir, step):
     """Rewrite metrics.jsonl without the records past step (logged after the checkpoint a resume
     starts from, so they will be logged again) and without a line torn by a kill."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in read_records(run_dir) if r.get("step", 0) <= step)
-    os.replace(path + ".tmp", path)
+    kept = "".join(json.dumps(r) + "\n" for r in read_records(run_dir) if r["step"] <= step)
+    atomic_write(os.path.join(run_dir, "metrics.jsonl"), lambda f: f.write(kept.encode()))

@@ -66,7 +66,6 @@ RANGES = dict(  # every numeric flag: (its valid range in words, the test); floa
     sample_every=("at least 0 (0 = no grids)", lambda v: v >= 0), eval_every=("at least 0 (0 = off)", lambda v: v >= 0),
     eval_samples=("at least 2", lambda v: v >= 2), eval_cfg_scale=("a finite number", lambda v: abs(v) < math.inf),
 )
-STEP_DERIVED = ("warmup_steps", "decay_steps", "snapshot_every")  # defaults computed from --num-steps
 gamma_of = functools.lru_cache(sigma_rel_to_gamma)  # a power EMA's exponent, solved once per width
 
 
@@ -169,13 +168,12 @@ def apply_preset(args):
         args.lr = args.lr[weight_norm]
     if args.hflip is None:  # a mirrored latent only approximates the latent of the mirrored image
         args.hflip = data_kind(args) == "pixel"
-    args._derived = [k for k in STEP_DERIVED if getattr(args, k) is None]
-    if args.warmup_steps is None:
-        args.warmup_steps = min(1000, args.num_steps // 10) if weight_norm else 0
-    if args.decay_steps is None:
-        args.decay_steps = min(20_000, args.num_steps // 3) if weight_norm else 0
-    if args.snapshot_every is None:
-        args.snapshot_every = max(args.num_steps // 10, 1)
+    derived = dict(warmup_steps=min(1000, args.num_steps // 10) if weight_norm else 0,
+                   decay_steps=min(20_000, args.num_steps // 3) if weight_norm else 0,
+                   snapshot_every=max(args.num_steps // 10, 1))
+    args._derived = [k for k in derived if getattr(args, k) is None]  # runs.reconcile: a resume keeps the run's
+    for key in args._derived:
+        setattr(args, key, derived[key])
     return args
 
 
@@ -227,10 +225,7 @@ def main(args):
         if lock:
             cleanup.callback(lock.release)
         run_dir, resume, done = from_rank_0((run_dir, resume, done))
-        if done:
-            if rank == 0:
-                print(f"{run_dir}: this command's run has finished its {args.num_steps} steps; nothing to do "
-                      f"(--resume {run_dir} --num-steps N extends it)")
+        if done:  # claim_run said so
             return run_dir
         micro, rem = divmod(args.global_batch_size, world * args.grad_accum)
         if rem or micro == 0:
@@ -238,7 +233,7 @@ def main(args):
                              f"processes ({world}) x --grad-accum ({args.grad_accum})")
         ckpt = runs.load_checkpoint(resume) if resume else None
         dataset = open_dataset(args)
-        changes = runs.reconcile(args, ckpt, resume, dataset.manifest) if ckpt else {}
+        changes = runs.reconcile(args, ckpt, resume, dataset.manifest) if ckpt else []
         if len(dataset) < micro * world:
             raise UsageError(f"{args.data_path}: {len(dataset)} items, fewer than one global batch ({micro * world})")
         torch.manual_seed(args.seed)  # the same initial weights on every rank and for any world size
@@ -247,6 +242,8 @@ def main(args):
         vae = open_vae(args, dataset, rank, world, device)
         if rank == 0 and lock is None:
             cleanup.callback(runs.create_run(run_dir, args).release)
+        if rank == 0:
+            runs.write_config(run_dir, args)  # with a resume's changes
         barrier()  # the other ranks wait for the run directory
 
         logger = make_logger(run_dir, rank)
@@ -257,13 +254,8 @@ def main(args):
                                    rng=runs.ProcessRNG(args.seed, rank, world), step=0)
         if ckpt is not None:
             state.load_state_dict(ckpt)
-            logger.info(f"resumed at step {state.step}")
-            for name, (old, new) in changes.items():
-                logger.info(f"resumed with --{name.replace('_', '-')} {new} (the run had {old}); config.json updated")
-            if "num_steps" in changes:
-                logger.info(f"lr schedule kept: warm-up {args.warmup_steps}, decay {args.decay_steps} steps")
-            if rank == 0 and changes:
-                runs.write_config(run_dir, args)
+            for line in [f"resumed at step {state.step}", *changes]:
+                logger.info(line)
         logger.info(f"preset {args.preset} (of {', '.join(PRESETS)}; the flags given override it); the run's "
                     f"arguments: {json.dumps(runs.config_of(args))}")
         logger.info(f"{args.model}{' (MaP)' if args.mp else ''}: {sum(p.numel() for p in model.parameters()):,} "
@@ -416,12 +408,11 @@ def make_logger(run_dir, rank):
     logger = logging.getLogger("train")
     for handler in logger.handlers:
         handler.close()
-    logger.handlers, logger.propagate = [logging.NullHandler()], False
-    if rank == 0:
-        logger.setLevel(logging.INFO)
-        logger.handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler()]
-        for handler in logger.handlers:
-            handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler()] if rank == 0 else []
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    logger.handlers, logger.propagate = handlers or [logging.NullHandler()], False
+    logger.setLevel(logging.INFO)
     return logger
 
 

@@ -148,9 +148,10 @@ class RunOutputs:
         scores = {k: v for k, v in self.evaluator(weights).items() if k in args.eval_metrics or k in
                   ("precision", "recall")}
         seconds = time.time() - start
+        line = " ".join(f"{k}={v:.4g}" for k, v in scores.items())
         self.record(dict(step=step, eval=scores, samples=args.eval_samples, seconds=seconds),
-                    {f"eval/{k}": v for k, v in scores.items()}, f"evaluation at step {step}: " +
-                    " ".join(f"{k}={v:.4g}" for k, v in scores.items()) + f" ({args.eval_samples} samples, {seconds:.0f} s)")
+                    {f"eval/{k}": v for k, v in scores.items()},
+                    f"evaluation at step {step}: {line} ({args.eval_samples} samples, {seconds:.0f} s)")
 
     def finish(self, step):
         """Closes the outputs; rank 0 draws magnitudes.png and curves.png and marks the run finished."""
@@ -224,35 +225,28 @@ class SampleGrids:
         return os.path.join(self.folder, f"{step:07d}.png")
 
 
-#################################################################################
-#                           Evaluation during training                          #
-#################################################################################
-
 class Evaluation:
-    """--eval-every: `samples` images drawn from the sampling weights as `sample.py --fid` draws them
-    (chunks of EVAL_BATCH; chunk k's noise and uniform labels from (seed, k); DDIM), scored by
-    evaluation.evaluate against `reference` (the training data for pixel runs) with its statistics
-    cached in cache_dir. Rank r draws the chunks k with k % world == r, as sample.py does, and every
-    rank calls evaluate (which shares the feature extraction); every rank gets the results."""
+    """A train.py run's evaluation (args: eval_samples, eval_metrics, eval_cfg_scale, prediction,
+    sample_steps, seed): its samples drawn as the module docstring says, scored by evaluation.evaluate
+    against `reference` (statistics cached in cache_dir). Rank r draws the chunks k % world == r, as
+    sample.py does; every rank calls evaluate (which shares the feature extraction) and gets the results."""
 
-    def __init__(self, manifest, prediction, sample_steps, seed, samples, metrics, reference, cache_dir,
-                 cfg_scale=1.0, vae=None, networks=None):
-        self.manifest, self.vae, self.cfg_scale, self.seed = manifest, vae, cfg_scale, seed
-        self.metrics, self.reference, self.cache_dir, self.networks = metrics, reference, cache_dir, networks or {}
-        self.sampler = make_sampler("ddim", sample_steps, prediction)
-        self.sizes = chunk_sizes(samples, EVAL_BATCH)
+    def __init__(self, args, manifest, reference=None, cache_dir=None, vae=None, networks=None):
+        self.args, self.manifest, self.reference, self.cache_dir, self.vae = args, manifest, reference, cache_dir, vae
+        self.networks = networks or {}
+        self.sampler = make_sampler("ddim", args.sample_steps, args.prediction)
+        self.sizes = chunk_sizes(args.eval_samples, EVAL_BATCH)
 
     @torch.no_grad()
     def images(self, model):
         """All the samples (N, H, W, 3) uint8, in chunk order on every rank. The global RNG, which
         chunk_inputs seeds, is the training's again afterwards."""
         rank, world = evaluation.rank_world()
-        device = next(model.parameters()).device
-        chunks = {}
+        device, guided, chunks = next(model.parameters()).device, Guided(model, self.args.eval_cfg_scale), {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for k in range(rank, len(self.sizes), world):
-                chunks[k] = sample_chunk(Guided(model, self.cfg_scale), self.sampler, self.manifest, self.seed, k,
-                                         self.sizes[k], self.vae, bf16=device.type == "cuda")[0]
+                chunks[k] = sample_chunk(guided, self.sampler, self.manifest, self.args.seed, k, self.sizes[k],
+                                         self.vae, bf16=device.type == "cuda")[0]
         if world > 1:
             parts = [None] * world
             torch.distributed.all_gather_object(parts, chunks)
@@ -261,14 +255,13 @@ class Evaluation:
 
     def __call__(self, model):
         """{metric: value} of model's samples (the keys evaluation.evaluate returns)."""
-        return evaluation.evaluate(self.images(model), self.reference, self.metrics, networks=self.networks,
-                                   cache=self.cache_dir, progress=False)
+        return evaluation.evaluate(self.images(model), self.reference, self.args.eval_metrics,
+                                   networks=self.networks, cache=self.cache_dir, progress=False)
 
     @classmethod
     def for_run(cls, args, dataset, cache_dir, device, log, vae=None):
-        """The evaluation of a train.py run (args: eval_samples, eval_metrics, eval_reference,
-        eval_cfg_scale, prediction, sample_steps, seed, ema_sigma_rels); logs what it measures, with
-        which network, and the sample.py command that draws the same images."""
+        """The evaluation of a train.py run against args.eval_reference (default its data); logs what it
+        measures, with which network, and the sample.py command that draws the same images."""
         networks = {}
         if "fd_classifier" in args.eval_metrics:
             networks["classifier"] = feature_nets.trained_classifier(dataset, cache_dir, device, log)
@@ -280,8 +273,7 @@ class Evaluation:
             f"{sampling_weights_name(args.ema_sigma_rels)} --fid {args.eval_samples} --sampler ddim "
             f"--num-sampling-steps {args.sample_steps} --cfg-scale {args.eval_cfg_scale:g} --seed {args.seed}` "
             f"at that step's checkpoint")
-        return cls(dataset.manifest, args.prediction, args.sample_steps, args.seed, args.eval_samples,
-                   args.eval_metrics, reference, cache_dir, args.eval_cfg_scale, vae, networks)
+        return cls(args, dataset.manifest, reference, cache_dir, vae, networks)
 
 
 def check_reference(reference, metrics, num_samples, image_shape, flag="--eval-reference"):
