@@ -12,6 +12,7 @@
 
 Records are the rows of a run's metrics.jsonl (read_metrics).
 """
+import contextlib
 import json
 import os
 
@@ -25,12 +26,15 @@ MAGNITUDES = (("act_rms", "activation RMS after the block"), ("weight_rms", "RMS
 
 
 def read_metrics(path):
-    """The records of a metrics.jsonl (a list of dicts) in step order (an evaluation made on resume
-    for an earlier step comes after later records in the file); [] if the file does not exist."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r.get("step", 0))
+    """The records of a metrics.jsonl (a list of dicts) in step order (an evaluation made on resume for
+    an earlier step comes after later records in the file), without a line torn by a kill; [] if the
+    file does not exist."""
+    records = []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return sorted(records, key=lambda r: r["step"])
 
 
 def _save(fig, path):

@@ -336,21 +336,3 @@ def folder_lock(folder, create=False):
     finally:
         if fd is not None:
             os.close(fd)
-
-
-def read_records(run_dir, key=None):
-    """The records of RUN/metrics.jsonl (those that hold key, e.g. "eval") in step order (an evaluation
-    made on resume for an earlier step comes after later records in the file), without a line torn by a kill."""
-    records = []
-    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-    return sorted((r for r in records if key is None or key in r), key=lambda r: r["step"])
-
-
-def drop_records_after(run_dir, step):
-    """Rewrite metrics.jsonl without the records past step (logged after the checkpoint a resume
-    starts from, so they will be logged again) and without a line torn by a kill."""
-    kept = "".join(json.dumps(r) + "\n" for r in read_records(run_dir) if r["step"] <= step)
-    atomic_write(os.path.join(run_dir, "metrics.jsonl"), lambda f: f.write(kept.encode()))

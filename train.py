@@ -93,8 +93,7 @@ def parse_args(argv=None):
     g.add_argument("--vae-path", metavar="DIR", help="latent data: the VAE (save_pretrained folder) decoding grids and "
                    "evaluations (default: the one the dataset's manifest names, else its hub id)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on for "
-                   "pixel data; off for the demo and for latents, where a mirrored latent only approximates the "
-                   "mirrored image's: encode those with download.py imagenet --flip)")
+                   "pixel data; off for latents, mirrored only approximately: see download.py imagenet --flip)")
     g = p.add_argument_group("magnitude preservation (all off = original DiT)")
     g.add_argument("--mp", action=argparse.BooleanOptionalAction,
                    help="MaP-DiT: every switch below on" + d("mp") + "; a switch given alone turns --mp off")
@@ -133,9 +132,8 @@ def parse_args(argv=None):
                    "and one at the end; 0 = none" + d("eval_every"))
     g.add_argument("--eval-samples", type=int, metavar="K",
                    help="samples per evaluation, fixed noise and labels uniform over the classes" + d("eval_samples"))
-    g.add_argument("--eval-metrics", nargs="+", metavar="M", help="evaluation.py's fid sfid is pr fd_dinov2, or "
-                   "fd_classifier (a small classifier of the pixel data); default fid with Inception weights, else "
-                   "fd_classifier")
+    g.add_argument("--eval-metrics", nargs="+", metavar="M", help="fid sfid is pr fd_dinov2 (evaluation.py), or "
+                   "fd_classifier (pixel data); default fid with the Inception weights, else fd_classifier")
     g.add_argument("--eval-reference", metavar="PATH", help="ADM reference .npz, image folder or pixel dataset "
                    "(default: the training data; latents need one); statistics cached in RESULTS/eval-cache/")
     g.add_argument("--eval-cfg-scale", type=float, default=1.0, metavar="S", help="guidance scale (default 1: none)")
@@ -334,12 +332,12 @@ def micro_batch(batches, noise, dataset, diffusion, model):
     """The next (x0, t, y, drop, noise): per-sample randomness drawn for the global micro-batch."""
     raw, y = next(batches)
     n = raw.shape[0] * noise.world
-    eps = noise.randn(n, *dataset.shape) if dataset.kind == "latent" else None  # the VAE posterior's
-    flip = noise.rand(n) < 0.5 if dataset.hflip else None
+    eps = noise(torch.randn, n, *dataset.shape) if dataset.kind == "latent" else None  # the VAE posterior's
+    flip = noise(torch.rand, n) < 0.5 if dataset.hflip else None
     x = dataset.draw(raw.to(noise.device, non_blocking=True), eps, flip)
-    t = noise.randint(diffusion.num_timesteps, n)
-    drop = (noise.rand(n) < model.y_embedder.dropout_prob).long()
-    return x, t, y.to(noise.device, non_blocking=True), drop, noise.randn(n, *x.shape[1:])
+    t = noise(torch.randint, diffusion.num_timesteps, (n,))
+    drop = (noise(torch.rand, n) < model.y_embedder.dropout_prob).long()
+    return x, t, y.to(noise.device, non_blocking=True), drop, noise(torch.randn, n, *x.shape[1:])
 
 
 #################################################################################
@@ -446,14 +444,9 @@ class BatchNoise:
         self.generator = torch.Generator(device).manual_seed(seed)
         self.rows, self.world, self.device = slice(rank, None, world), world, device
 
-    def randn(self, n, *shape):
-        return torch.randn((n, *shape), generator=self.generator, device=self.device)[self.rows]
-
-    def rand(self, n):
-        return torch.rand(n, generator=self.generator, device=self.device)[self.rows]
-
-    def randint(self, high, n):
-        return torch.randint(0, high, (n,), generator=self.generator, device=self.device)[self.rows]
+    def __call__(self, draw, *size):
+        """draw (torch.randn, rand, randint) of the global batch's size; this rank's rows."""
+        return draw(*size, generator=self.generator, device=self.device)[self.rows]
 
     def state_dict(self):
         return self.generator.get_state()

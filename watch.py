@@ -25,11 +25,12 @@ import evaluation
 import feature_nets
 import runs
 from cli import UsageError, from_rank_0
+from data import atomic_write
 from ema import frozen_copy
 from eval_inputs import Side
 from guidance import Guided
 from mp_layers import MPLinear
-from plots import plot_curves, plot_magnitudes
+from plots import plot_curves, plot_magnitudes, read_metrics
 from progress import progress
 from sampling import (chunk_sizes, make_sampler, row_names, sample_chunk, sample_images, sampling_weights_name,
                       save_grid)
@@ -49,9 +50,11 @@ class RunOutputs:
     def __init__(self, args, run_dir, state, dataset, vae):
         self.args, self.run_dir, self.log = args, run_dir, logging.getLogger("train").info
         step, rank0, device = state.step, state.rng.rank == 0, state.noise.device
-        if rank0:
-            runs.drop_records_after(run_dir, step)
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank0 else None
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if rank0:  # without the records logged after the checkpoint (they come again) and a line torn by a kill
+            kept = "".join(json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= step)
+            atomic_write(self.path, lambda f: f.write(kept.encode()))
+        self.metrics = open(self.path, "a") if rank0 else None
         self.trackers = Trackers(run_dir, runs.config_of(args), args.wandb, start_step=step, enabled=rank0)
         self.grids = SampleGrids(run_dir, dataset.manifest, args.prediction, args.sample_steps, args.seed, vae) \
             if args.sample_every and rank0 else None
@@ -122,7 +125,7 @@ class RunOutputs:
         if self.evaluator is None or not step:
             return
         wanted = set(range(every, step + 1, every)) | ({step} if self.due(step, every) else set())
-        done = {r["step"] for r in runs.read_records(self.run_dir, "eval")} if self.metrics else set()
+        done = {r["step"] for r in read_metrics(self.path) if "eval" in r} if self.metrics else set()
         for k in from_rank_0(sorted(wanted - done)):
             path = os.path.join(self.run_dir, "checkpoints", f"{k:07d}.pt")
             if k == step:
@@ -160,10 +163,9 @@ class RunOutputs:
         if self.metrics is None:
             return
         self.metrics.close()
-        records, (magnitudes, curves) = runs.read_records(self.run_dir), (
-            os.path.join(self.run_dir, name) for name in ("magnitudes.png", "curves.png"))
-        plot_magnitudes(records, magnitudes)
-        plot_curves(records, curves)
+        magnitudes, curves = (os.path.join(self.run_dir, name) for name in ("magnitudes.png", "curves.png"))
+        plot_magnitudes(read_metrics(self.path), magnitudes)
+        plot_curves(read_metrics(self.path), curves)
         self.log(f"plots: {magnitudes}, {curves}; TensorBoard: tensorboard --logdir {os.path.join(self.run_dir, 'tb')}")
         runs.mark_finished(self.run_dir, step)
 
