@@ -391,7 +391,7 @@ def open_vae(args, dataset, rank, world, device):
         try:
             check_reference(args.eval_reference or dataset.path, args.eval_metrics, args.eval_samples,
                             tuple(n * scale for n in manifest["shape"][1:]) + (3,))
-        except ValueError as e:
+        except UsageError as e:
             error = str(e)
     errors = [error] * world
     if world > 1:

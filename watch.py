@@ -43,9 +43,8 @@ EVAL_BATCH = 64  # samples per chunk of an evaluation: sample.py's default --bat
 
 
 class RunOutputs:
-    """Rank 0 writes: each record goes to metrics.jsonl, the trackers and (most) the log through record();
-    every rank evaluates. A resumed run drops the records logged after its checkpoint (they come again)
-    and makes the grid and evaluations a kill interrupted (catch_up)."""
+    """What a run shows and records besides its checkpoints: rank 0 writes each record to metrics.jsonl,
+    the trackers and (most) the log through record(); every rank evaluates."""
 
     def __init__(self, args, run_dir, state, dataset, vae):
         self.args, self.run_dir, self.log = args, run_dir, logging.getLogger("train").info
@@ -279,24 +278,21 @@ class Evaluation:
 
 
 def check_reference(reference, metrics, num_samples, image_shape, flag="--eval-reference"):
-    """Refuse (ValueError, one line) before training an evaluation that would fail at its first step:
+    """Refuse (UsageError) before training an evaluation that would fail at its first step:
     a reference that is not an image source or ADM batch, images of another size than the samples
     (H, W, 3; None: not known), a metric without what it needs from the reference, too few images for
     a statistic. flag: the option that gave the reference, for the messages."""
-    try:
-        side = Side(reference, f"{flag} {reference}")
-    except UsageError as e:
-        raise ValueError(str(e)) from None
+    side = Side(reference, f"{flag} {reference}")
     if None not in (side.image_shape, image_shape) and tuple(side.image_shape) != tuple(image_shape):
         (h, w, _), (rh, rw, _) = image_shape, side.image_shape
-        raise ValueError(f"{flag} {reference}: {rw}x{rh} images, but the run's samples are {w}x{h}; "
+        raise UsageError(f"{flag} {reference}: {rw}x{rh} images, but the run's samples are {w}x{h}; "
                          f"give reference images of the samples' size")
     for m in metrics:
         if m != "is" and (m == "pr" or m not in side.stats) and side.images is None:
-            raise ValueError(f"--eval-metrics {m}: {flag} {reference} holds no images to compare with")
+            raise UsageError(f"--eval-metrics {m}: {flag} {reference} holds no images to compare with")
     least = evaluation.PR_K + 1 if "pr" in metrics else 2
     if num_samples < least or (side.images is not None and len(side) < least):
-        raise ValueError(f"--eval-metrics {' '.join(metrics)}: needs at least {least} samples and reference "
+        raise UsageError(f"--eval-metrics {' '.join(metrics)}: needs at least {least} samples and reference "
                          f"images (got --eval-samples {num_samples}, {len(side) or 'no'} reference images)")
 
 
