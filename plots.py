@@ -95,16 +95,12 @@ def plot_magnitudes(records, path, title=None):
     return _save(fig, path)
 
 
-def eval_metric_names(records):
-    return sorted({k for r in records for k in r.get("eval", {})})
-
-
 def plot_curves(records, path, title=None):
     """Loss (and its MSE and VB terms), learning rate, gradient norm and each evaluation metric
     (records' "eval": {name: value}) against step: one panel each, two columns."""
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r]
-    names = eval_metric_names(evals)
+    names = sorted({k for r in evals for k in r["eval"]})
     panels = 3 + len(names)
     rows = (panels + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(11, 3.2 * rows), constrained_layout=True, squeeze=False)
