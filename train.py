@@ -195,12 +195,12 @@ def check_args(args):
     if args.use_forced_weight_normalization and not args.use_weight_normalization:
         raise UsageError("--use-forced-weight-normalization needs --use-weight-normalization (or --mp): "
                          "forced normalisation alone leaves rows at norm sqrt(fan_in) and activations explode")
-    if args.eval_every and data_kind(args) != "pixel" and not args.eval_reference:
-        raise UsageError("--eval-every on latent data needs --eval-reference (an ADM reference batch .npz or a "
-                         "folder of images)")
-    if args.eval_every and args.eval_reference and not os.path.exists(args.eval_reference):
-        raise UsageError(f"--eval-reference {args.eval_reference}: no such file or folder")
     if args.eval_every:
+        if data_kind(args) != "pixel" and not args.eval_reference:
+            raise UsageError("--eval-every on latent data needs --eval-reference (an ADM reference batch .npz or a "
+                             "folder of images)")
+        if args.eval_reference and not os.path.exists(args.eval_reference):
+            raise UsageError(f"--eval-reference {args.eval_reference}: no such file or folder")
         try:
             args.eval_metrics = eval_metrics_for(args.eval_metrics, data_kind(args))
         except (ValueError, UsageError) as e:
