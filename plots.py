@@ -12,6 +12,7 @@
 
 Records are the rows of a run's metrics.jsonl (read_metrics).
 """
+import contextlib
 import json
 import os
 
@@ -25,12 +26,15 @@ MAGNITUDES = (("act_rms", "activation RMS after the block"), ("weight_rms", "RMS
 
 
 def read_metrics(path):
-    """The records of a metrics.jsonl (a list of dicts) in step order (an evaluation made on resume
-    for an earlier step comes after later records in the file); [] if the file does not exist."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r.get("step", 0))
+    """The records of a metrics.jsonl (a list of dicts) in step order (an evaluation made on resume for
+    an earlier step comes after later records in the file), without a line torn by a kill; [] if the
+    file does not exist."""
+    records = []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return sorted(records, key=lambda r: r["step"])
 
 
 def _save(fig, path):
@@ -91,16 +95,12 @@ def plot_magnitudes(records, path, title=None):
     return _save(fig, path)
 
 
-def eval_metric_names(records):
-    return sorted({k for r in records for k in r.get("eval", {})})
-
-
 def plot_curves(records, path, title=None):
     """Loss (and its MSE and VB terms), learning rate, gradient norm and each evaluation metric
     (records' "eval": {name: value}) against step: one panel each, two columns."""
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r]
-    names = eval_metric_names(evals)
+    names = sorted({k for r in evals for k in r["eval"]})
     panels = 3 + len(names)
     rows = (panels + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(11, 3.2 * rows), constrained_layout=True, squeeze=False)

@@ -28,21 +28,18 @@ import torch
 import torch.distributed as dist
 
 from cli import UsageError
+from data import atomic_write
 from models import MP_SWITCHES, DiT_models
 
 SAVED_ARG_DEFAULTS = dict(prediction="eps")  # arguments added later, as checkpoints from before them had them
-NOT_COMPARED = ("resume", "num_workers", "results_dir", "no_progress", "wandb", "vae_path", "preset")  # where a run is and how it shows
-FREE_ON_RESUME = (*NOT_COMPARED, "data_path", "num_steps", "log_every", "monitor_every", "ckpt_every",
-                  "snapshot_every", "sample_steps", "compile", "grad_checkpoint", "sample_every", "eval_every",
-                  "eval_samples", "eval_metrics", "eval_reference", "eval_cfg_scale")  # the weights do not depend on them
+FREE_ON_RESUME = ("resume", "results_dir", "preset", "num_workers", "no_progress", "wandb", "vae_path", "data_path",
+                  "num_steps", "log_every", "monitor_every", "ckpt_every", "snapshot_every", "sample_steps", "compile",
+                  "grad_checkpoint", "sample_every", "eval_every", "eval_samples", "eval_metrics", "eval_reference",
+                  "eval_cfg_scale")  # where a run is and how it shows: the weights do not depend on them
 SEED_RANGE = "in [0, 2**32) (numpy's seeds)"  # every seed flag: 0 <= seed < 2**32
 LATEST = "latest"  # a bare --resume: this command's run
 CKPT_KEYS = {"model", "ema", "ema_power", "opt", "noise", "rng", "step", "args", "manifest"}  # TrainingState's, args, manifest
 
-
-#################################################################################
-#                         Arguments and checkpoints                             #
-#################################################################################
 
 def config_of(args):
     """The arguments a run records (config.json, checkpoints): vars(args) without private (_) keys."""
@@ -88,6 +85,18 @@ def load_checkpoint(path, mmap=False):
     return ckpt
 
 
+def check_finite(tensors, step, run_dir):
+    """Stop (on every rank) before a non-finite loss or weight reaches the disk."""
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        ckpts = checkpoints_in(run_dir)
+        kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written before it"
+        raise FloatingPointError(f"the loss became non-finite by step {step}; {kept} (try a lower --lr or "
+                                 f"--grad-clip; `python data.py verify DATA` checks a dataset for NaN and inf)")
+
+
 def state_of(part):
     """part.state_dict(), a dict of such parts by str(key) (the power EMAs by sigma_rel), or part itself."""
     if hasattr(part, "state_dict"):
@@ -118,12 +127,16 @@ class TrainingState:
 
 
 class ProcessRNG:
-    """The global RNG states (torch, numpy, python, CUDA) of every process: state_dict gathers them
-    (call it on every rank); load_state_dict restores this rank's, or keeps the reseeded streams of a
-    run resumed on another number of processes."""
+    """The global RNG streams (torch, numpy, python, CUDA) of this process, seeded from (seed, rank,
+    world); state_dict gathers those of every rank (call it on every rank); load_state_dict restores
+    this rank's, or keeps the fresh streams of a run resumed on another number of processes."""
 
-    def __init__(self, rank, world):
+    def __init__(self, seed, rank, world):
         self.rank, self.world = rank, world
+        seed = (seed * world + rank) % 2 ** 32
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
 
     def state_dict(self):
         state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
@@ -164,32 +177,31 @@ def build_model(args, manifest):
 
 
 def reconcile(args, ckpt, path, manifest):
-    """Check a resume against the run's checkpoint and return {name: (run's value, new value)} of the
-    arguments it changes. Step-derived defaults this command did not set (args._derived: warm-up,
-    decay, snapshots) take the run's values, so an extended run keeps its lr schedule. A change to an
-    argument the weights depend on (anything outside FREE_ON_RESUME) or to the data's shape is refused."""
+    """Check a resume against the run's checkpoint; return the log lines of the arguments it changes.
+    Step-derived defaults this command did not set (args._derived: warm-up, decay, snapshots) take the
+    run's values, so an extended run keeps its lr schedule. A change to an argument the weights depend
+    on (anything outside FREE_ON_RESUME) or to the data's shape is refused."""
     saved = saved_args(ckpt)
     for key in getattr(args, "_derived", ()):
-        if key in saved:
-            setattr(args, key, saved[key])
+        setattr(args, key, saved.get(key, getattr(args, key)))
     changed = {k: (saved[k], v) for k, v in config_of(args).items() if k in saved and saved[k] != v}
-    refused = {k: c for k, c in changed.items() if k not in FREE_ON_RESUME}
+    refused = [k for k in changed if k not in FREE_ON_RESUME]
     if refused:
-        raise UsageError(f"{path}: the run has {', '.join(f'{k}={old!r}' for k, (old, _) in refused.items())} "
-                         f"but this command asks for {', '.join(f'{k}={new!r}' for k, (_, new) in refused.items())}; "
-                         f"these decide the run's result: pass the run's values, or start a new run")
+        raise UsageError(f"{path}: the run has {', '.join(f'{k}={changed[k][0]!r}' for k in refused)} but this "
+                         f"command asks for {', '.join(f'{k}={changed[k][1]!r}' for k in refused)}; these decide "
+                         f"the run's result: pass the run's values, or start a new run")
     for key in ("shape", "num_classes"):
         if ckpt["manifest"].get(key) != manifest.get(key):
             raise UsageError(f"{path}: checkpoint was trained on data with {key} "
                              f"{ckpt['manifest'].get(key)} but the dataset has {manifest.get(key)}")
     if args.num_steps < ckpt["step"]:
         raise UsageError(f"{path}: --num-steps {args.num_steps} is below the checkpoint's step {ckpt['step']}")
-    return {k: c for k, c in changed.items() if k not in NOT_COMPARED}
+    lines = [f"resumed with --{k.replace('_', '-')} {new} (the run had {old}); config.json updated"
+             for k, (old, new) in changed.items() if k not in ("resume", "results_dir")]
+    if "num_steps" in changed:
+        lines.append(f"lr schedule kept: warm-up {args.warmup_steps}, decay {args.decay_steps} steps")
+    return lines
 
-
-#################################################################################
-#                         Run directories and their lock                        #
-#################################################################################
 
 def run_name(args):
     prefix = "MaP-" if args.mp else ""
@@ -207,28 +219,9 @@ def run_dir_of(args):
     return os.path.join(args.results_dir, f"{run_name(args)}-{digest}")
 
 
-def list_runs(results_dir):
-    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(results_dir, "*", "config.json")))
-
-
-def read_config(run_dir):
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def write_config(run_dir, args):
-    path = os.path.join(run_dir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(config_of(args), f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def comparable(config):
-    """The arguments two runs must share to be the same run (the directory they live in aside)."""
-    return {k: v for k, v in config.items() if k not in NOT_COMPARED and not k.startswith("_")}
+    text = json.dumps(config_of(args), indent=2)
+    atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(text.encode()))
 
 
 def finished(run_dir, num_steps):
@@ -241,15 +234,13 @@ def finished(run_dir, num_steps):
 
 
 def mark_finished(run_dir, step):
-    with open(os.path.join(run_dir, "finished.tmp"), "w") as f:
-        f.write(f"{step}\n")
-    os.replace(os.path.join(run_dir, "finished.tmp"), os.path.join(run_dir, "finished"))
+    atomic_write(os.path.join(run_dir, "finished"), lambda f: f.write(f"{step}\n".encode()))
 
 
 def claim_run(args):
     """(run directory, checkpoint to continue from or None, its RunLock or None, finished): --resume PATH
     names a run directory or checkpoint; otherwise the run is this command's (run_dir_of), continued
-    if it exists and has not finished, else created later by create_run (no lock yet)."""
+    if it exists and has not finished (said when it has), else created later by create_run (no lock yet)."""
     if args.resume not in (None, LATEST):
         if os.path.isfile(args.resume):
             folder = os.path.dirname(os.path.abspath(args.resume))
@@ -265,17 +256,21 @@ def claim_run(args):
         return run_dir, ckpt, RunLock(run_dir), False
     run_dir = run_dir_of(args)
     done = finished(run_dir, args.num_steps)
-    if args.resume == LATEST and (done or not os.path.isdir(run_dir)):
+    unfinished = os.path.isdir(run_dir) and not done
+    if args.resume == LATEST and not unfinished:
         raise UsageError(f"--resume: no unfinished run with these arguments in {args.results_dir}; "
                          f"name one (--resume RUN_DIR) or drop --resume to start a new run")
-    if done or not os.path.isdir(run_dir):
+    if done:
+        print(f"{run_dir}: this command's run has finished its {args.num_steps} steps; nothing to do "
+              f"(--resume {run_dir} --num-steps N extends it)")
+    if not unfinished:
         return run_dir, None, None, done
     lock = RunLock(run_dir)
     return run_dir, (checkpoints_in(run_dir) or [None])[-1], lock, False
 
 
 def create_run(run_dir, args):
-    """Create the run directory (checkpoints/, config.json) and return its RunLock. Refused if the run
+    """Create the run directory (with checkpoints/) and return its RunLock. Refused if the run
     appeared since claim_run (the same command started twice)."""
     try:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -286,7 +281,6 @@ def create_run(run_dir, args):
         lock.release()
         raise UsageError(f"{run_dir}: the run of this command appeared while this one started; rerun the same "
                          f"command to continue it")
-    write_config(run_dir, args)
     return lock
 
 
@@ -342,23 +336,3 @@ def folder_lock(folder, create=False):
     finally:
         if fd is not None:
             os.close(fd)
-
-
-def read_records(run_dir, key=None):
-    """The records of RUN/metrics.jsonl (those that hold key, e.g. "act_rms"), without a line torn by a kill."""
-    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = []
-        for line in f:
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-        return [r for r in records if key is None or key in r]
-    return []
-
-
-def drop_records_after(run_dir, step):
-    """Rewrite metrics.jsonl without the records past step (logged after the checkpoint a resume
-    starts from, so they will be logged again) and without a line torn by a kill."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in read_records(run_dir) if r.get("step", 0) <= step)
-    os.replace(path + ".tmp", path)

@@ -5,17 +5,16 @@
     trackers.image("samples", grid, step)       # uint8 (H, W, 3)
     trackers.close()
 
-Only rank 0 writes (enabled=False gives a tracker that does nothing). W&B is an optional
-dependency: wandb_installed() says whether --wandb can work; WANDB_MODE=offline writes the run
-under RUN/wandb/ for a later `wandb sync`. A resumed run continues the same W&B run (its id is kept
-in RUN/wandb-id.txt) and drops the TensorBoard events past the step it resumes from. W&B plots
-against the training step logged as the metric "train_step", and its own step only counts the log
-calls: W&B ignores a log(step=s) below its current step, which after a resume is the run's last
-logged step + 1, so the re-trained steps would go missing there.
+enabled=False gives trackers that do nothing. WANDB_MODE=offline writes the W&B run under RUN/wandb/
+for a later `wandb sync`. A resumed run continues the same W&B run (its id kept in RUN/wandb-id.txt)
+and drops the TensorBoard events past the step it resumes from. W&B charts plot against the metric
+"train_step": W&B ignores a log(step=s) below its own step, so re-trained steps would go missing.
 """
 import importlib.util
 import os
 import uuid
+
+from data import atomic_write
 
 WANDB_STEP = "train_step"  # the x-axis of every W&B chart
 
@@ -74,8 +73,6 @@ def wandb_run_id(run_dir):
     """The run's W&B id, created on first use and kept in RUN/wandb-id.txt (a resumed run reuses it)."""
     path = os.path.join(run_dir, "wandb-id.txt")
     if not os.path.exists(path):
-        with open(path + ".tmp", "w") as f:
-            f.write(uuid.uuid4().hex[:12])
-        os.replace(path + ".tmp", path)
+        atomic_write(path, lambda f: f.write(uuid.uuid4().hex[:12].encode()))
     with open(path) as f:
         return f.read().strip()

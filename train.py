@@ -19,11 +19,8 @@ import json
 import logging
 import math
 import os
-import random
 import sys
-import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -31,19 +28,15 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import runs
-import watch
 from cli import ArgumentParser, UsageError, barrier, from_rank_0, run_command, setup_distributed
 from data import LatentDataset, make_demo_dataset, read_manifest
 from diffusion import create_diffusion
 from download import open_decoder
 from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma, valid_sigma_rel
 from models import MODULATIONS, MP_SWITCHES, DiT_models
-from monitor import block_magnitudes
 from mp_layers import force_normalize_
-from plots import plot_curves, plot_magnitudes, read_metrics
-from progress import progress
-from trackers import Trackers, wandb_installed
-from watch import Evaluation, SampleGrids, eval_metrics_for, sampling_weights
+from trackers import wandb_installed
+from watch import RunOutputs, block_magnitudes, check_reference, eval_metrics_for
 
 # Recipes by name (EDM2's config_presets): every flag without a value takes its preset's. lr is (vanilla,
 # with weight normalisation); depth, hidden_size and num_heads go with the preset's own model only.
@@ -73,7 +66,6 @@ RANGES = dict(  # every numeric flag: (its valid range in words, the test); floa
     sample_every=("at least 0 (0 = no grids)", lambda v: v >= 0), eval_every=("at least 0 (0 = off)", lambda v: v >= 0),
     eval_samples=("at least 2", lambda v: v >= 2), eval_cfg_scale=("a finite number", lambda v: abs(v) < math.inf),
 )
-STEP_DERIVED = ("warmup_steps", "decay_steps", "snapshot_every")  # defaults computed from --num-steps
 gamma_of = functools.lru_cache(sigma_rel_to_gamma)  # a power EMA's exponent, solved once per width
 
 
@@ -101,8 +93,7 @@ def parse_args(argv=None):
     g.add_argument("--vae-path", metavar="DIR", help="latent data: the VAE (save_pretrained folder) decoding grids and "
                    "evaluations (default: the one the dataset's manifest names, else its hub id)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on for "
-                   "pixel data; off for the demo and for latents, where a mirrored latent only approximates the "
-                   "mirrored image's: encode those with download.py imagenet --flip)")
+                   "pixel data; off for latents, mirrored only approximately: see download.py imagenet --flip)")
     g = p.add_argument_group("magnitude preservation (all off = original DiT)")
     g.add_argument("--mp", action=argparse.BooleanOptionalAction,
                    help="MaP-DiT: every switch below on" + d("mp") + "; a switch given alone turns --mp off")
@@ -141,9 +132,8 @@ def parse_args(argv=None):
                    "and one at the end; 0 = none" + d("eval_every"))
     g.add_argument("--eval-samples", type=int, metavar="K",
                    help="samples per evaluation, fixed noise and labels uniform over the classes" + d("eval_samples"))
-    g.add_argument("--eval-metrics", nargs="+", metavar="M", help="evaluation.py's fid sfid is pr fd_dinov2, or "
-                   "fd_classifier (a small classifier of the pixel data); default fid with Inception weights, else "
-                   "fd_classifier")
+    g.add_argument("--eval-metrics", nargs="+", metavar="M", help="fid sfid is pr fd_dinov2 (evaluation.py), or "
+                   "fd_classifier (pixel data); default fid with the Inception weights, else fd_classifier")
     g.add_argument("--eval-reference", metavar="PATH", help="ADM reference .npz, image folder or pixel dataset "
                    "(default: the training data; latents need one); statistics cached in RESULTS/eval-cache/")
     g.add_argument("--eval-cfg-scale", type=float, default=1.0, metavar="S", help="guidance scale (default 1: none)")
@@ -176,13 +166,12 @@ def apply_preset(args):
         args.lr = args.lr[weight_norm]
     if args.hflip is None:  # a mirrored latent only approximates the latent of the mirrored image
         args.hflip = data_kind(args) == "pixel"
-    args._derived = [k for k in STEP_DERIVED if getattr(args, k) is None]
-    if args.warmup_steps is None:
-        args.warmup_steps = min(1000, args.num_steps // 10) if weight_norm else 0
-    if args.decay_steps is None:
-        args.decay_steps = min(20_000, args.num_steps // 3) if weight_norm else 0
-    if args.snapshot_every is None:
-        args.snapshot_every = max(args.num_steps // 10, 1)
+    derived = dict(warmup_steps=min(1000, args.num_steps // 10) if weight_norm else 0,
+                   decay_steps=min(20_000, args.num_steps // 3) if weight_norm else 0,
+                   snapshot_every=max(args.num_steps // 10, 1))
+    args._derived = [k for k in derived if getattr(args, k) is None]  # runs.reconcile: a resume keeps the run's
+    for key in args._derived:
+        setattr(args, key, derived[key])
     return args
 
 
@@ -206,12 +195,12 @@ def check_args(args):
     if args.use_forced_weight_normalization and not args.use_weight_normalization:
         raise UsageError("--use-forced-weight-normalization needs --use-weight-normalization (or --mp): "
                          "forced normalisation alone leaves rows at norm sqrt(fan_in) and activations explode")
-    if args.eval_every and data_kind(args) != "pixel" and not args.eval_reference:
-        raise UsageError("--eval-every on latent data needs --eval-reference (an ADM reference batch .npz or a "
-                         "folder of images)")
-    if args.eval_every and args.eval_reference and not os.path.exists(args.eval_reference):
-        raise UsageError(f"--eval-reference {args.eval_reference}: no such file or folder")
     if args.eval_every:
+        if data_kind(args) != "pixel" and not args.eval_reference:
+            raise UsageError("--eval-every on latent data needs --eval-reference (an ADM reference batch .npz or a "
+                             "folder of images)")
+        if args.eval_reference and not os.path.exists(args.eval_reference):
+            raise UsageError(f"--eval-reference {args.eval_reference}: no such file or folder")
         try:
             args.eval_metrics = eval_metrics_for(args.eval_metrics, data_kind(args))
         except (ValueError, UsageError) as e:
@@ -219,24 +208,90 @@ def check_args(args):
     return args
 
 
-def learning_rate(step, args):
-    """Linear warm-up to lr, then lr / sqrt(max(step / decay_steps, 1)) (EDM2) if decay_steps > 0."""
-    lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-    return lr / math.sqrt(max(step / args.decay_steps, 1.0)) if args.decay_steps else lr
+#################################################################################
+#                                 Training                                      #
+#################################################################################
 
+def main(args):
+    """Set up, then train the run of args from its last checkpoint (or step 0) to --num-steps; returns
+    the run directory."""
+    rank, world, device = setup_distributed()
+    with contextlib.ExitStack() as cleanup:
+        if world > 1:
+            cleanup.callback(dist.destroy_process_group)
+        run_dir, resume, lock, done = runs.claim_run(args) if rank == 0 else (None, None, None, False)
+        if lock:
+            cleanup.callback(lock.release)
+        run_dir, resume, done = from_rank_0((run_dir, resume, done))
+        if done:  # claim_run said so
+            return run_dir
+        micro, rem = divmod(args.global_batch_size, world * args.grad_accum)
+        if rem or micro == 0:
+            raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                             f"processes ({world}) x --grad-accum ({args.grad_accum})")
+        ckpt = runs.load_checkpoint(resume) if resume else None
+        dataset = open_dataset(args)
+        changes = runs.reconcile(args, ckpt, resume, dataset.manifest) if ckpt else []
+        if len(dataset) < micro * world:
+            raise UsageError(f"{args.data_path}: {len(dataset)} items, fewer than one global batch ({micro * world})")
+        torch.manual_seed(args.seed)  # the same initial weights on every rank and for any world size
+        model = runs.build_model(args, dataset.manifest).to(device)
+        model.grad_checkpoint = args.grad_checkpoint
+        vae = open_vae(args, dataset, rank, world, device)
+        if rank == 0 and lock is None:
+            cleanup.callback(runs.create_run(run_dir, args).release)
+        if rank == 0:
+            runs.write_config(run_dir, args)  # with a resume's changes
+        barrier()  # the other ranks wait for the run directory
 
-def make_optimizer(model, args, device):
-    """Adam (0.9, 0.99) with weight normalisation (EDM2), else AdamW without decay (DiT); fused on a GPU."""
-    kernel = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
-    if model.switches.use_weight_normalization:
-        return torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), **kernel)
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, **kernel)
+        logger = make_logger(run_dir, rank)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        state = runs.TrainingState(model=model, ema=frozen_copy(model), opt=make_optimizer(model, args, device),
+                                   ema_power={sr: frozen_copy(model) for sr in args.ema_sigma_rels},
+                                   noise=BatchNoise(args.seed, rank, world, device),
+                                   rng=runs.ProcessRNG(args.seed, rank, world), step=0)
+        if ckpt is not None:
+            state.load_state_dict(ckpt)
+            for line in [f"resumed at step {state.step}", *changes]:
+                logger.info(line)
+        logger.info(f"preset {args.preset} (of {', '.join(PRESETS)}; the flags given override it); the run's "
+                    f"arguments: {json.dumps(runs.config_of(args))}")
+        logger.info(f"{args.model}{' (MaP)' if args.mp else ''}: {sum(p.numel() for p in model.parameters()):,} "
+                    f"parameters; data {dataset.manifest['shape']} x {len(dataset):,} items, "
+                    f"{dataset.manifest['num_classes']} classes; run dir {run_dir}")
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+        net = torch.compile(net) if args.compile else net
+        diffusion = create_diffusion("", prediction=args.prediction)
+        autocast = autocast_for(args, device)
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                   drop_last=True)
+        loader = DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=args.num_workers,
+                            pin_memory=device.type == "cuda", drop_last=True,
+                            generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
+        batches = endless(loader, sampler, state.step * args.grad_accum, len(sampler) // micro, micro)
+        out = RunOutputs(args, run_dir, state, dataset, vae)
+        out.catch_up(state)
 
-
-def autocast_for(args, device):
-    """--precision as a context factory: bf16 autocast (auto: on a GPU), else nothing."""
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        model.train()
+        while state.step < args.num_steps:
+            log_now = (state.step + 1) % args.log_every == 0 or state.step + 1 == args.num_steps
+            micro_batches = (micro_batch(batches, state.noise, dataset, diffusion, model)
+                             for _ in range(args.grad_accum))
+            losses, lr, grad_norm, (x, t, y, _, noise) = train_step(state, net, diffusion, micro_batches, args,
+                                                                    autocast, log_now)
+            out.add_losses(losses)
+            if log_now:
+                out.log_losses(state, lr, grad_norm)
+            if rank == 0 and out.due(state.step, args.monitor_every):
+                model.eval()
+                with autocast():
+                    acts, weights = block_magnitudes(model, diffusion.q_sample(x, t, noise), t, y)  # as trained
+                model.train()
+                out.log_magnitudes(state.step, acts, weights)
+            save(state, args, run_dir, dataset.manifest, out.window_loss)
+            out.watch(state)
+        out.finish(state.step)
+        return run_dir
 
 
 #################################################################################
@@ -277,110 +332,36 @@ def micro_batch(batches, noise, dataset, diffusion, model):
     """The next (x0, t, y, drop, noise): per-sample randomness drawn for the global micro-batch."""
     raw, y = next(batches)
     n = raw.shape[0] * noise.world
-    eps = noise.randn(n, *dataset.shape) if dataset.kind == "latent" else None  # the VAE posterior's
-    flip = noise.rand(n) < 0.5 if dataset.hflip else None
+    eps = noise(torch.randn, n, *dataset.shape) if dataset.kind == "latent" else None  # the VAE posterior's
+    flip = noise(torch.rand, n) < 0.5 if dataset.hflip else None
     x = dataset.draw(raw.to(noise.device, non_blocking=True), eps, flip)
-    t = noise.randint(diffusion.num_timesteps, n)
-    drop = (noise.rand(n) < model.y_embedder.dropout_prob).long()
-    return x, t, y.to(noise.device, non_blocking=True), drop, noise.randn(n, *x.shape[1:])
+    t = noise(torch.randint, diffusion.num_timesteps, (n,))
+    drop = (noise(torch.rand, n) < model.y_embedder.dropout_prob).long()
+    return x, t, y.to(noise.device, non_blocking=True), drop, noise(torch.randn, n, *x.shape[1:])
 
 
 #################################################################################
-#                                 Training                                      #
+#                                 Set-up                                        #
 #################################################################################
 
-def main(args):
-    """Set up, then train the run of args from its last checkpoint (or step 0) to --num-steps; returns
-    the run directory."""
-    rank, world, device = setup_distributed()
-    with contextlib.ExitStack() as cleanup:
-        if world > 1:
-            cleanup.callback(dist.destroy_process_group)
-        run_dir, resume, lock, done = runs.claim_run(args) if rank == 0 else (None, None, None, False)
-        if lock:
-            cleanup.callback(lock.release)
-        run_dir, resume, done = from_rank_0((run_dir, resume, done))
-        if done:
-            if rank == 0:
-                print(f"{run_dir}: this command's run has finished its {args.num_steps} steps; nothing to do "
-                      f"(--resume {run_dir} --num-steps N extends it)")
-            return run_dir
-        micro, rem = divmod(args.global_batch_size, world * args.grad_accum)
-        if rem or micro == 0:
-            raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                             f"processes ({world}) x --grad-accum ({args.grad_accum})")
-        ckpt = runs.load_checkpoint(resume) if resume else None
-        dataset = open_dataset(args)
-        manifest = dataset.manifest
-        changes = runs.reconcile(args, ckpt, resume, manifest) if ckpt else {}
-        if len(dataset) < micro * world:
-            raise UsageError(f"{args.data_path}: {len(dataset)} items, fewer than one global batch ({micro * world})")
-        torch.manual_seed(args.seed)  # the same initial weights on every rank and for any world size
-        model = runs.build_model(args, manifest).to(device)
-        vae = open_vae(args, dataset, rank, world, device)
-        if rank == 0 and lock is None:
-            cleanup.callback(runs.create_run(run_dir, args).release)
-        barrier()  # the other ranks wait for the run directory
+def learning_rate(step, args):
+    """Linear warm-up to lr, then lr / sqrt(max(step / decay_steps, 1)) (EDM2) if decay_steps > 0."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+    return lr / math.sqrt(max(step / args.decay_steps, 1.0)) if args.decay_steps else lr
 
-        logger = make_logger(run_dir, rank)
-        seed = (args.seed * world + rank) % 2 ** 32
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        model.grad_checkpoint = args.grad_checkpoint
-        state = runs.TrainingState(model=model, ema=frozen_copy(model), opt=make_optimizer(model, args, device),
-                                   ema_power={sr: frozen_copy(model) for sr in args.ema_sigma_rels},
-                                   noise=BatchNoise(args.seed, rank, world, device),
-                                   rng=runs.ProcessRNG(rank, world), step=0)
-        if ckpt is not None:
-            state.load_state_dict(ckpt)
-            logger.info(f"resumed at step {state.step}")
-            for name, (old, new) in changes.items():
-                logger.info(f"resumed with --{name.replace('_', '-')} {new} (the run had {old}); config.json updated")
-            if "num_steps" in changes:
-                logger.info(f"lr schedule kept: warm-up {args.warmup_steps}, decay {args.decay_steps} steps")
-            if rank == 0 and changes:
-                runs.write_config(run_dir, args)
-        logger.info(f"preset {args.preset} (of {', '.join(PRESETS)}; the flags given override it); the run's "
-                    f"arguments: {json.dumps(runs.config_of(args))}")
-        logger.info(f"{args.model}{' (MaP)' if args.mp else ''}: {sum(p.numel() for p in model.parameters()):,} "
-                    f"parameters; data {manifest['shape']} x {len(dataset):,} items, {manifest['num_classes']} "
-                    f"classes; run dir {run_dir}")
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-        net = torch.compile(net) if args.compile else net
-        diffusion = create_diffusion("", prediction=args.prediction)
-        autocast = autocast_for(args, device)
-        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                                   drop_last=True)
-        loader = DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=args.num_workers,
-                            pin_memory=device.type == "cuda", drop_last=True,
-                            generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
-        batches = endless(loader, sampler, state.step * args.grad_accum, len(sampler) // micro, micro)
-        out = RunOutputs(args, run_dir, state, dataset, vae, logger)
-        out.catch_up(state)
 
-        model.train()
-        while state.step < args.num_steps:
-            log_now = (state.step + 1) % args.log_every == 0 or state.step + 1 == args.num_steps
-            micro_batches = (micro_batch(batches, state.noise, dataset, diffusion, model)
-                             for _ in range(args.grad_accum))
-            losses, lr, grad_norm, (x, t, y, _, noise) = train_step(state, net, diffusion, micro_batches, args,
-                                                                    autocast, log_now)
-            out.add_losses(losses)
-            if log_now:
-                out.log_losses(state, lr, grad_norm)
-            if rank == 0 and out.due(state.step, args.monitor_every):
-                model.eval()
-                with autocast():
-                    acts, weights = block_magnitudes(model, diffusion.q_sample(x, t, noise), t, y)  # as trained
-                model.train()
-                out.log_magnitudes(state.step, acts, weights)
-            save(state, args, run_dir, manifest, out.window_loss)
-            out.watch(state)
-        out.finish(state.step)
-        return run_dir
+def make_optimizer(model, args, device):
+    """Adam (0.9, 0.99) with weight normalisation (EDM2), else AdamW without decay (DiT); fused on a GPU."""
+    kernel = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
+    if model.switches.use_weight_normalization:
+        return torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), **kernel)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, **kernel)
+
+
+def autocast_for(args, device):
+    """--precision as a context factory: bf16 autocast (auto: on a GPU), else nothing."""
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
 
 def open_dataset(args):
@@ -408,9 +389,9 @@ def open_vae(args, dataset, rank, world, device):
     if args.eval_every and rank == 0 and not error:
         scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1  # the VAE's downsampling
         try:
-            watch.check_reference(args.eval_reference or dataset.path, args.eval_metrics, args.eval_samples,
-                                  tuple(n * scale for n in manifest["shape"][1:]) + (3,))
-        except ValueError as e:
+            check_reference(args.eval_reference or dataset.path, args.eval_metrics, args.eval_samples,
+                            tuple(n * scale for n in manifest["shape"][1:]) + (3,))
+        except UsageError as e:
             error = str(e)
     errors = [error] * world
     if world > 1:
@@ -425,12 +406,11 @@ def make_logger(run_dir, rank):
     logger = logging.getLogger("train")
     for handler in logger.handlers:
         handler.close()
-    logger.handlers, logger.propagate = [logging.NullHandler()], False
-    if rank == 0:
-        logger.setLevel(logging.INFO)
-        logger.handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler()]
-        for handler in logger.handlers:
-            handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler()] if rank == 0 else []
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    logger.handlers, logger.propagate = handlers or [logging.NullHandler()], False
+    logger.setLevel(logging.INFO)
     return logger
 
 
@@ -442,7 +422,7 @@ def save(state, args, run_dir, manifest, window_loss):
     if not (snapshot or checkpoint):
         return
     modules = [state.model, state.ema, *state.ema_power.values()]
-    check_finite([window_loss, *(p for m in modules for p in m.parameters())], state, run_dir)
+    runs.check_finite([window_loss, *(p for m in modules for p in m.parameters())], step, run_dir)
     if rank == 0 and snapshot:
         runs.atomic_save({"step": step, "ema_power": runs.state_of(state.ema_power)},
                          os.path.join(run_dir, "checkpoints", f"ema-snapshot-{step:07d}.pt"))
@@ -452,143 +432,6 @@ def save(state, args, run_dir, manifest, window_loss):
             runs.atomic_save(dict(ckpt, args=runs.config_of(args), manifest=manifest),
                              os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
             logging.getLogger("train").info(f"saved checkpoint at step {step}")
-
-
-def check_finite(tensors, state, run_dir):
-    """Stop (on every rank) before a non-finite loss or weight reaches the disk."""
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
-    if state.rng.world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite.item():
-        ckpts = runs.checkpoints_in(run_dir)
-        kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written before it"
-        raise FloatingPointError(f"the loss became non-finite by step {state.step}; {kept} (try a lower --lr or "
-                                 f"--grad-clip; `python data.py verify DATA` checks a dataset for NaN and inf)")
-
-
-class RunOutputs:
-    """What a run shows and records besides its checkpoints: the log, metrics.jsonl, TensorBoard /
-    W&B, the progress bar, the sample grids and the evaluations (rank 0 writes; every rank evaluates)."""
-
-    def __init__(self, args, run_dir, state, dataset, vae, logger):
-        self.args, self.run_dir, self.log = args, run_dir, logger.info
-        step, rank0 = state.step, state.rng.rank == 0
-        if rank0:
-            runs.drop_records_after(run_dir, step)  # logged after the checkpoint: they come again
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank0 else None
-        self.magnitudes = runs.read_records(run_dir, "act_rms") if rank0 else []
-        self.trackers = Trackers(run_dir, runs.config_of(args), args.wandb, start_step=step, enabled=rank0)
-        self.grids = SampleGrids(run_dir, dataset.manifest, args.prediction, args.sample_steps, args.seed, vae) \
-            if args.sample_every and rank0 else None
-        self.evaluator = Evaluation.for_run(args, dataset, os.path.join(args.results_dir, "eval-cache"),
-                                            state.noise.device, logger.info, vae) if args.eval_every else None
-        self.bar = progress(total=args.num_steps, initial=step, unit="step", enabled=rank0 and not args.no_progress)
-        self.window_loss = torch.zeros(3, device=state.noise.device)  # [loss, mse, vb] summed since the last log line
-        self.window_steps, self.window_start = 0, time.time()
-
-    def record(self, record):
-        if self.metrics is not None:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
-
-    def add_losses(self, losses):
-        self.window_loss += losses
-        self.window_steps += 1
-        self.bar.update(1)
-
-    def log_losses(self, state, lr, grad_norm):
-        """The mean [loss, mse, vb] of the steps since the last log line (over all ranks, checked finite)."""
-        if state.rng.world > 1:
-            dist.all_reduce(self.window_loss)
-            self.window_loss /= state.rng.world
-        check_finite([self.window_loss], state, self.run_dir)
-        steps, seconds = self.window_steps, time.time() - self.window_start
-        mean = (self.window_loss / steps).tolist()
-        record = dict(step=state.step, loss=mean[0], mse=mean[1], vb=mean[2], lr=lr, grad_norm=grad_norm.item(),
-                      steps_per_sec=steps / seconds, images_per_sec=steps * self.args.global_batch_size / seconds)
-        self.window_loss.zero_()
-        self.window_steps, self.window_start, step = 0, time.time(), state.step
-        self.bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{record['images_per_sec']:.1f}")
-        self.record(record)
-        self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        self.trackers.scalars({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
-        self.trackers.flush()  # TensorBoard shows each log line's values while the run trains
-
-    def log_magnitudes(self, step, acts, weights):
-        self.magnitudes.append(dict(step=step, act_rms=acts, weight_rms=weights))
-        self.record(self.magnitudes[-1])
-        self.trackers.scalars({f"{key}/block{b:02d}": v for key in ("act_rms", "weight_rms")
-                               for b, v in enumerate(self.magnitudes[-1][key])}, step)
-
-    def due(self, step, every):
-        return every and (step % every == 0 or step == self.args.num_steps)
-
-    def watch(self, state):
-        """At --sample-every steps and the last a sample grid (rank 0), at --eval-every steps and the last
-        an evaluation (every rank samples and extracts features; rank 0 records), of the sampling weights;
-        their time does not count against the images/s of the log."""
-        paused, weights = time.time(), sampling_weights(state.ema, state.ema_power)
-        if self.grids and self.due(state.step, self.args.sample_every):
-            self.grid(state.step, weights)
-        if self.evaluator and self.due(state.step, self.args.eval_every):
-            self.evaluate(state.step, weights)
-        self.window_start += time.time() - paused
-
-    def catch_up(self, state):
-        """On resume, what a run killed during its grids or evaluations missed: the grid of its step,
-        and every evaluation due at or before it without a record, made from the step's weights or
-        from the checkpoint of its own step when that is on disk (else said in the log)."""
-        step, every, weights = state.step, self.args.eval_every, sampling_weights(state.ema, state.ema_power)
-        if self.grids and step and self.due(step, self.args.sample_every) and not os.path.exists(self.grids.path(step)):
-            self.grid(step, weights)
-        if self.evaluator is None or not step:
-            return
-        wanted = set(range(every, step + 1, every)) | ({step} if self.due(step, every) else set())
-        done = {r["step"] for r in runs.read_records(self.run_dir, "eval")} if self.metrics else set()
-        for k in from_rank_0(sorted(wanted - done)):
-            path = os.path.join(self.run_dir, "checkpoints", f"{k:07d}.pt")
-            if k == step:
-                self.evaluate(k, weights)
-            elif os.path.isfile(path):
-                ckpt, old = runs.load_checkpoint(path), frozen_copy(weights)
-                old.load_state_dict(ckpt["ema_power"][str(max(state.ema_power))] if state.ema_power else ckpt["ema"])
-                self.evaluate(k, old)
-            else:
-                self.log(f"the evaluation at step {k} was interrupted and no checkpoint of step {k} is left to "
-                         f"make it from; its point of the curve stays missing")
-
-    def grid(self, step, weights):
-        start = time.time()
-        grid, path = self.grids(weights, step)
-        self.trackers.image("samples", grid, step)
-        self.trackers.flush()
-        self.log(f"sample grid: {path} ({time.time() - start:.1f} s)")
-
-    def evaluate(self, step, weights):
-        """Evaluate weights (every rank); rank 0 records the metrics as step's in metrics.jsonl and the trackers."""
-        start, args = time.time(), self.args
-        results = self.evaluator(weights)
-        if self.metrics is None:
-            return
-        record = dict(step=step, eval={k: v for k, v in results.items() if k in args.eval_metrics or k in
-                                       ("precision", "recall")}, samples=args.eval_samples, seconds=time.time() - start)
-        self.record(record)
-        self.log(f"evaluation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in record["eval"].items())
-                 + f" ({args.eval_samples} samples, {record['seconds']:.0f} s)")
-        self.trackers.scalars({f"eval/{k}": v for k, v in record["eval"].items()}, step)
-        self.trackers.flush()
-
-    def finish(self, step):
-        self.bar.close()
-        self.trackers.close()
-        if self.metrics is None:
-            return
-        self.metrics.close()
-        plot_magnitudes(self.magnitudes, os.path.join(self.run_dir, "magnitudes.png"))
-        plot_curves(read_metrics(os.path.join(self.run_dir, "metrics.jsonl")), os.path.join(self.run_dir, "curves.png"))
-        self.log(f"plots: {os.path.join(self.run_dir, 'magnitudes.png')}, {os.path.join(self.run_dir, 'curves.png')}; "
-                 f"TensorBoard: tensorboard --logdir {os.path.join(self.run_dir, 'tb')}")
-        runs.mark_finished(self.run_dir, step)
 
 
 class BatchNoise:
@@ -601,14 +444,9 @@ class BatchNoise:
         self.generator = torch.Generator(device).manual_seed(seed)
         self.rows, self.world, self.device = slice(rank, None, world), world, device
 
-    def randn(self, n, *shape):
-        return torch.randn((n, *shape), generator=self.generator, device=self.device)[self.rows]
-
-    def rand(self, n):
-        return torch.rand(n, generator=self.generator, device=self.device)[self.rows]
-
-    def randint(self, high, n):
-        return torch.randint(0, high, (n,), generator=self.generator, device=self.device)[self.rows]
+    def __call__(self, draw, *size):
+        """draw (torch.randn, rand, randint) of the global batch's size; this rank's rows."""
+        return draw(*size, generator=self.generator, device=self.device)[self.rows]
 
     def state_dict(self):
         return self.generator.get_state()

@@ -13,6 +13,7 @@ import torch
 
 import runs
 import train
+import watch
 from data import ShardWriter
 from test_train import ROOT, base_args, load, write_pixels
 
@@ -267,7 +268,7 @@ def test_a_run_killed_after_its_last_checkpoint_gets_its_plots_without_retrainin
     """Item 5: the rerun writes the magnitude plot and grid from the final checkpoint; no step runs again.
     Once finished, the same command says so, where, and exits 0 without a second run."""
     args = base_args(pixels, tmp_path, "--num-steps", "2", "--ckpt-every", "2", "--log-every", "1")
-    killed_run(monkeypatch, args, train, "plot_magnitudes", lambda n, a: n == 1)
+    killed_run(monkeypatch, args, watch, "plot_magnitudes", lambda n, a: n == 1)
     (name,) = os.listdir(tmp_path)
     run_dir = os.path.join(tmp_path, name)
     final = os.path.join(run_dir, "checkpoints", "0000002.pt")
@@ -284,7 +285,7 @@ def test_a_run_killed_after_its_last_checkpoint_gets_its_plots_without_retrainin
 
 
 class CountingEvaluation:
-    """train.Evaluation's stand-in: counts the calls, returns a fixed metric, or is killed at call kill_at;
+    """watch.Evaluation's stand-in: counts the calls, returns a fixed metric, or is killed at call kill_at;
     seen holds a fingerprint (the sum of every parameter) of the weights of each call."""
     calls, kill_at, seen = 0, None, []
 
@@ -308,7 +309,7 @@ def test_a_run_killed_before_its_final_evaluation_gets_it_on_rerun(pixels, tmp_p
     """A kill after the final checkpoint, in the final evaluation: the rerun evaluates once, trains nothing."""
     args = base_args(pixels, tmp_path, "--num-steps", "2", "--ckpt-every", "2", "--log-every", "1",
                      "--sample-every", "0", "--eval-every", "1", "--eval-samples", "4", "--eval-metrics", "fd_classifier")
-    monkeypatch.setattr(train, "Evaluation", CountingEvaluation)
+    monkeypatch.setattr(watch, "Evaluation", CountingEvaluation)
     monkeypatch.setattr(CountingEvaluation, "kill_at", 2)  # step 1 evaluated, killed evaluating step 2
     with pytest.raises(Interrupt):
         train.main(train.parse_args(args))
@@ -328,7 +329,7 @@ def test_an_evaluation_interrupted_mid_run_is_made_on_resume(pixels, tmp_path, m
     point of the curve was lost for good."""
     args = base_args(pixels, tmp_path, "--num-steps", "6", "--ckpt-every", "2", "--log-every", "1",
                      "--sample-every", "0", "--eval-every", "2", "--eval-samples", "4", "--eval-metrics", "fd_classifier")
-    monkeypatch.setattr(train, "Evaluation", CountingEvaluation)
+    monkeypatch.setattr(watch, "Evaluation", CountingEvaluation)
     monkeypatch.setattr(CountingEvaluation, "calls", 0)
     monkeypatch.setattr(CountingEvaluation, "kill_at", 1)
     with pytest.raises(Interrupt):
@@ -346,10 +347,10 @@ def test_evaluations_added_on_resume_are_made_from_their_checkpoints(pixels, tmp
     the step-2 checkpoint (not the step-4 weights it resumes with), step 4 with its own, then step 6."""
     args = base_args(pixels, tmp_path, "--num-steps", "6", "--ckpt-every", "2", "--log-every", "1",
                      "--sample-every", "0", "--eval-metrics", "fd_classifier", "--eval-samples", "4")
-    killed_run(monkeypatch, args, train.RunOutputs, "watch", lambda n, a: a[1].step == 4)  # after the step-4 checkpoint
+    killed_run(monkeypatch, args, watch.RunOutputs, "watch", lambda n, a: a[1].step == 4)  # after the step-4 checkpoint
     (name,) = os.listdir(tmp_path)
     run_dir = os.path.join(tmp_path, name)
-    monkeypatch.setattr(train, "Evaluation", CountingEvaluation)
+    monkeypatch.setattr(watch, "Evaluation", CountingEvaluation)
     monkeypatch.setattr(CountingEvaluation, "seen", [])
     assert train.main(train.parse_args([*args, "--eval-every", "2", "--resume", run_dir])) == run_dir
     assert [r["step"] for r in records(run_dir) if "eval" in r] == [2, 4, 6]

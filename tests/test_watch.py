@@ -183,9 +183,10 @@ def test_in_run_evaluation_equals_the_evaluation_cli(pixels, tmp_path, inception
     assert record["step"] == 2 and record["samples"] == 8 and set(record["eval"]) == {"fid"}
     # the same 8 samples again from the checkpoint's sampling weights, scored by fid.py in its own process
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "0000002.pt"), map_location="cpu", weights_only=True)
-    model = runs.build_model(argparse.Namespace(**runs.saved_args(ckpt)), ckpt["manifest"]).eval()
+    args = argparse.Namespace(**runs.saved_args(ckpt))
+    model = runs.build_model(args, ckpt["manifest"]).eval()
     model.load_state_dict(ckpt["ema_power"]["0.1"])
-    images = watch.Evaluation(ckpt["manifest"], "eps", 3, 0, 8, ["fid"], pixels, None).images(model)
+    images = watch.Evaluation(args, ckpt["manifest"]).images(model)
     np.savez(tmp_path / "samples.npz", arr_0=images)
     subprocess.run([sys.executable, "fid.py", str(tmp_path / "samples.npz"), pixels, "--metrics", "fid", "--no-cache",
                     "--no-progress", "--json", str(tmp_path / "cli.json"), "--inception-weights", inception_weights],
