@@ -21,7 +21,7 @@ import feature_nets
 import plots
 import runs
 from cli import UsageError
-from data import LatentDataset, ShardWriter, build_dataset, denormalize, make_demo_dataset
+from data import LatentDataset, ShardWriter, atomic_write, build_dataset, denormalize, make_demo_dataset
 from diffusion import create_diffusion
 from feature_nets import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, dataset_items, find_weights, trained_classifier
 from guidance import Guided
@@ -47,9 +47,7 @@ def summarise(values):
 
 def write_text(path, text):
     """text to path, atomically (a reader sees the old file or the new one)."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path, obj):

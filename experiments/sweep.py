@@ -170,11 +170,8 @@ def check_inputs(args):
     if not pixel and args.reference == os.path.abspath(""):
         raise UsageError(f"--metric {args.metric}: a latent run needs --reference (an ADM reference batch)")
     side = manifest["shape"][1:] if pixel else [manifest.get("image_size")] * 2
-    try:
-        watch.check_reference(args.reference, [args.metric], args.num_samples, None if None in side else (*side, 3),
-                              flag="--reference")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    watch.check_reference(args.reference, [args.metric], args.num_samples, None if None in side else (*side, 3),
+                          flag="--reference")
     if args.metric == "fid" and not fid_found:
         raise UsageError(f"--metric fid: no Inception weights ({feature_nets.INCEPTION_FILE}); pass "
                          f"--inception-weights FILE or set {feature_nets.INCEPTION_ENV}")
