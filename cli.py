@@ -17,6 +17,15 @@ import torch
 import torch.distributed as dist
 
 
+def at_least(minimum):
+    """An argparse type: an integer >= minimum."""
+    def parse(text):
+        if not text.lstrip("-").isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is not an integer >= {minimum}")
+        return int(text)
+    return parse
+
+
 class UsageError(Exception):
     """Bad arguments, data, weights, checkpoint or run state: reported as one line, exit code 2."""
 

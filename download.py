@@ -7,9 +7,7 @@ ImageNet (or any ImageFolder) encoded into the shard format of data.py.
     python download.py imagenet --src IMAGENET/train --out data/imagenet128 [--image-size 128]
     torchrun --nproc_per_node=8 download.py imagenet ...   (the shards are shared out over ranks)
 
-`imagenet` resumes: run the same command again after an interruption and finished shards are kept
-(settings.json records the options; data.ChunkFolder refuses a resume with others).
-Every failure prints one line on stderr and exits with code 2.
+`imagenet` resumes: the same command again keeps finished shards (data.ChunkFolder refuses other options).
 """
 import argparse
 import functools
@@ -28,7 +26,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from cli import LONG_WAIT, ArgumentParser, UsageError, barrier, one_line, run_command, setup_distributed
+from cli import LONG_WAIT, ArgumentParser, UsageError, at_least, barrier, one_line, run_command, setup_distributed
 from data import ARRAYS, ChunkFolder, ShardWriter, atomic_write, read_json
 from eval_inputs import IMAGE_EXTENSIONS, Side, image_files
 from models import DiT_models
@@ -38,7 +36,6 @@ VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{0}x{0}.pt"
 REF_BATCH_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/{0}/"
                  "VIRTUAL_imagenet{0}_labeled.npz")  # ADM's ImageNet reference batches (fid.py REFERENCE)
-
 
 
 def load_vae(name_or_path):
@@ -141,17 +138,17 @@ def verify_dit(path, image_size):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise UsageError(f"{path}: does not load as a checkpoint ({one_line(e)}); delete it, "
-                   f"run again")
+        raise UsageError(f"{path}: does not load as a checkpoint ({one_line(e)}); delete it, run again")
     keys, want_keys = set(state) if isinstance(state, dict) else set(), dit_keys()
-    if keys != want_keys:
-        raise UsageError(f"{path}: not a DiT-XL/2 state dict ({len(keys)} keys; missing "
-                   f"{sorted(want_keys - keys)[:3]}, unexpected {sorted(keys - want_keys)[:3]}); "
-                   f"delete it, run again")
     want = (1, (image_size // 16) ** 2, 1152)
-    if tuple(state["pos_embed"].shape) != want:
-        raise UsageError(f"{path}: pos_embed is {tuple(state['pos_embed'].shape)}, want {want} for "
-                   f"{image_size} px; delete it, run again")
+    if keys != want_keys:
+        problem = (f"not a DiT-XL/2 state dict ({len(keys)} keys; missing {sorted(want_keys - keys)[:3]}, "
+                   f"unexpected {sorted(keys - want_keys)[:3]})")
+    elif tuple(state["pos_embed"].shape) != want:
+        problem = f"pos_embed is {tuple(state['pos_embed'].shape)}, want {want} for {image_size} px"
+    else:
+        return
+    raise UsageError(f"{path}: {problem}; delete it, run again")
 
 
 def get_file(dest, url, verify, show_progress=True):
@@ -334,15 +331,6 @@ def cmd_imagenet(args):
         dist.destroy_process_group()
 
 
-def _at_least(minimum):
-    """An argparse type: an integer >= minimum."""
-    def parse(text):
-        if int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
-        return int(text)
-    return parse
-
-
 def build_parser():
     parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{vae,dit,ref-batch,imagenet}")
@@ -374,16 +362,16 @@ def build_parser():
                 "Under torchrun, shard i goes to rank i % world size.")
     p.add_argument("--src", required=True, help="the ImageFolder, e.g. ILSVRC2012/train")
     p.add_argument("--out", required=True, help="dataset folder to write (or resume)")
-    p.add_argument("--image-size", type=_at_least(1), default=128, help="pixels (default: 128)")
-    p.add_argument("--batch-size", type=_at_least(1), default=64, help="images per VAE batch")
+    p.add_argument("--image-size", type=at_least(1), default=128, help="pixels (default: 128)")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="images per VAE batch")
     p.add_argument("--flip", action="store_true", help="also store each image's mirror image as the item after it, "
                    "encoded by the VAE (the flip of a latent is not the latent of the flipped image); doubles the dataset")
     p.add_argument("--bf16", action="store_true", help="run the VAE encoder under bf16 autocast (default float32, as "
                    "DiT and EDM2 encode): faster on a GPU, but bf16 keeps 8 significant bits, coarser than the float16 "
                    "(11 bits) that is stored")
-    p.add_argument("--num-workers", type=_at_least(0), default=min(8, os.cpu_count() or 1),
+    p.add_argument("--num-workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
                    help="image decoding processes (default: min(8, CPUs))")
-    p.add_argument("--shard-size", type=_at_least(1), default=10000, help="images per shard")
+    p.add_argument("--shard-size", type=at_least(1), default=10000, help="images per shard")
     return parser
 
 

@@ -9,24 +9,16 @@ without TensorFlow (evaluation.py holds the definitions; this is its command lin
     torchrun --nproc_per_node=8 fid.py samples.npz REF          # feature extraction shared by the ranks
 
 SAMPLES: an .npz with arr_0 uint8 N x H x W x 3 (the ADM format; or precomputed mu and sigma).
-REFERENCE: an ADM reference batch .npz (arr_0 and/or mu, sigma, mu_s, sigma_s: the precomputed
-statistics are used, as the ADM evaluator does), a folder of images or a data.py pixel dataset.
-FD-DINOv2 as EDM2 reports it is against the whole training set's statistics: --dinov2-reference
-names the training images (a folder or pixel dataset; its statistics are cached too); against an
-ADM batch's 10,000 images it is another number, and the output line says so.
-fd_classifier is train.py's in-run metric for pixel data: the Frechet distance in the features of
-feature_nets' small classifier, trained on REFERENCE (a data.py pixel dataset, the run's data) with the
-one recipe and cached in --cache-dir (else beside REFERENCE); --cache-dir RESULTS/eval-cache reuses the
-run's classifier and reference statistics, and the samples of `sample.py --fid` give the logged number.
-The default metric list is every metric whose weights are found, else (as train.py) fd_classifier for a
-pixel dataset. Weights are never downloaded:
+REFERENCE: an ADM reference batch .npz (its precomputed statistics are used, as the ADM evaluator does), a
+folder of images or a data.py pixel dataset. FD-DINOv2 as EDM2 reports it is against the training set's
+statistics (--dinov2-reference TRAIN_IMAGES); against an ADM batch it is another number, and the output says so.
+fd_classifier is train.py's in-run metric for pixel data (feature_nets' small classifier, trained on REFERENCE
+and cached in --cache-dir, else beside REFERENCE; RESULTS/eval-cache reuses the run's). The default metrics
+are those whose weights are found, else fd_classifier for a pixel dataset. Weights are never downloaded:
 Inception from --inception-weights, $MAPDIT_INCEPTION_WEIGHTS or the torch hub cache
-(checkpoints/pt_inception-2015-12-05-6726825d.pth); DINOv2 from --dinov2-weights,
-$MAPDIT_DINOV2_WEIGHTS or checkpoints/dinov2_vitl14_pretrain.pth there. Reference statistics are
-cached beside the reference (or in --cache-dir), those of a --reference-subsample apart; sample
-features in SAMPLES-features/ while they are computed, so an interrupted run resumes. Every failure prints one line on stderr, exit code 2.
+(checkpoints/pt_inception-2015-12-05-6726825d.pth); DINOv2 likewise (dinov2_vitl14_pretrain.pth). Reference
+statistics are cached; sample features go to SAMPLES-features/ while computed, so a rerun resumes.
 """
-import argparse
 import json
 import os
 import sys
@@ -34,19 +26,14 @@ import sys
 import torch.distributed as dist
 
 import feature_nets
-from cli import LONG_WAIT, ArgumentParser, UsageError, run_command, setup_distributed
+from cli import LONG_WAIT, ArgumentParser, UsageError, at_least, run_command, setup_distributed
 from data import LatentDataset, atomic_write
 from evaluation import METRICS, available_metrics, evaluate, parse_metrics, pick_device
 
 NAMES = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall",
-         "fd_dinov2": "FD-DINOv2", "fd_classifier": "FD-classifier", "reference_self_fid": "FID of the reference's images to its own mu/sigma",
+         "fd_dinov2": "FD-DINOv2", "fd_classifier": "FD-classifier",
+         "reference_self_fid": "FID of the reference's images to its own mu/sigma",
          "reference_self_sfid": "sFID of the reference's images to its own mu_s/sigma_s"}
-
-
-def _positive(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return int(text)
 
 
 def build_parser():
@@ -61,13 +48,13 @@ def build_parser():
                         "(default: $MAPDIT_DINOV2_WEIGHTS, then the torch hub cache)")
     parser.add_argument("--dinov2-reference", metavar="TRAIN_IMAGES", help="the reference of FD-DINOv2 alone: the "
                         "training images (folder or pixel dataset), as EDM2 compares (default: REFERENCE)")
-    parser.add_argument("--reference-subsample", type=_positive, metavar="N", help="score against N of the "
+    parser.add_argument("--reference-subsample", type=at_least(1), metavar="N", help="score against N of the "
                         "reference's images drawn at random (not its precomputed statistics): faster with a large "
                         "reference, at the cost of a noisier number (default: all of them)")
     parser.add_argument("--subsample-seed", type=int, default=0, metavar="S",
                         help="numpy seed of --reference-subsample's draw (default 0)")
     parser.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
-    parser.add_argument("--batch-size", type=_positive, default=100, help="images per network batch (default 100)")
+    parser.add_argument("--batch-size", type=at_least(1), default=100, help="images per network batch (default 100)")
     parser.add_argument("--cache-dir", metavar="DIR", help="keep reference statistics (and fd_classifier's classifier) "
                         "here, not beside the reference")
     parser.add_argument("--no-cache", action="store_true", help="compute reference statistics afresh, keep nothing")

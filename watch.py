@@ -1,16 +1,10 @@
-"""What train.py shows and records of a run besides its checkpoints (RunOutputs): the log,
-metrics.jsonl, TensorBoard / W&B, the progress bar, the magnitudes of the blocks (block_magnitudes),
-sample grids from fixed noise and labels (SampleGrids), and evaluation metrics of samples drawn as
-`sample.py --fid` draws them (Evaluation).
+"""What train.py shows and records of a run besides its checkpoints (RunOutputs): the log, metrics.jsonl,
+TensorBoard / W&B, the progress bar, block magnitudes, sample grids (SampleGrids), evaluations (Evaluation).
 
-Both sample with DDIM (--sample-steps) through sampling.py, from the weights sample.py uses by
-default (the widest tracked power EMA, else the classic EMA); latent samples are decoded by the VAE
-train.py opens (download.open_decoder) on every process that decodes. Grids use classifier-free
-guidance (scale 4, all channels) on noise and labels drawn once from the run's seed, so consecutive
-grids differ only by training. An evaluation at step s draws exactly the images of
-`sample.py --result-dir RUN --fid K --sampler ddim --num-sampling-steps S --cfg-scale C --seed SEED`
-at that step's checkpoint (chunks of EVAL_BATCH, chunk k's noise and labels from (seed, k)), so its
-numbers can be checked with fid.py.
+Both sample with DDIM (--sample-steps) through sampling.py from the weights sample.py uses by default
+(sampling_weights), latents decoded by train.py's VAE. Grids: guidance 4 on noise and labels drawn once from
+the run's seed. An evaluation at step s draws the images of `sample.py --result-dir RUN --fid K --sampler ddim
+--num-sampling-steps S --cfg-scale C --seed SEED` at that step's checkpoint, so fid.py can check its numbers.
 """
 import json
 import logging
@@ -227,10 +221,9 @@ class SampleGrids:
 
 
 class Evaluation:
-    """A train.py run's evaluation (args: eval_samples, eval_metrics, eval_cfg_scale, prediction,
-    sample_steps, seed): its samples drawn as the module docstring says, scored by evaluation.evaluate
-    against `reference` (statistics cached in cache_dir). Rank r draws the chunks k % world == r, as
-    sample.py does; every rank calls evaluate (which shares the feature extraction) and gets the results."""
+    """A train.py run's evaluation (args: eval_samples, eval_metrics, eval_cfg_scale, prediction, sample_steps,
+    seed): samples as the module docstring says (rank r draws the chunks k % world == r, as sample.py does),
+    scored on every rank by evaluation.evaluate against `reference` (statistics cached in cache_dir)."""
 
     def __init__(self, args, manifest, reference=None, cache_dir=None, vae=None, networks=None):
         self.args, self.manifest, self.reference, self.cache_dir, self.vae = args, manifest, reference, cache_dir, vae
