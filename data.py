@@ -17,9 +17,8 @@ A dataset is a directory:
 Every file is written under a temporary name and renamed into place, a shard's labels file last, so
 a shard is complete iff its labels file exists and an interrupted writer can resume. For latent
 data, channel_mean / channel_std are the per-channel mean and std of the posterior samples
-z = mean + std * eps (eps ~ N(0, 1)) over all items and pixels; the loader draws such a z, with a
-fresh eps on every call, and returns (z - channel_mean) / channel_std. Pixel data comes back as
-images / 127.5 - 1 in [-1, 1]. Shards are memory-mapped, opened lazily in each (worker) process.
+z = mean + std * eps over all items and pixels (LatentDataset.draw normalises with them). Shards are
+memory-mapped, opened lazily in each (worker) process.
 """
 import colorsys
 import contextlib
@@ -42,7 +41,6 @@ DTYPES = {"labels": np.int64, "mean": np.float16, "std": np.float16, "images": n
 ARRAYS = {"latent": ("mean", "std"), "pixel": ("images",)}
 REQUIRED = ("kind", "shape", "num_classes", "num_items", "shards")
 LABELS_FILE = re.compile(r"shard-(\d+)\.labels\.npy")
-
 
 
 def shard_file(directory, name, array):
@@ -224,17 +222,14 @@ def _check_labels(labels, num_classes, file, fix):
 
 def read_manifest(path):
     """Load and check the manifest.json of the dataset directory path; raises UsageError."""
-    path = str(path)
     file = os.path.join(path, "manifest.json")
     if not os.path.isdir(path):
         raise UsageError(f"{path}: dataset directory not found; fix the path or create the dataset")
     if not os.path.isfile(file):
         raise UsageError(f"{file}: missing; the writer did not finish (run ShardWriter.finish())")
-    try:
-        with open(file) as f:
-            m = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{file}: malformed JSON ({e}); rewrite it with ShardWriter.finish()") from None
+    m = read_json(file)
+    if m is None:
+        raise UsageError(f"{file}: malformed JSON; rewrite it with ShardWriter.finish()")
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         got = (m.get("format"), m.get("version")) if isinstance(m, dict) else type(m).__name__
         raise UsageError(f"{file}: not a {FORMAT} version {VERSION} manifest (got {got})")
@@ -371,9 +366,6 @@ class LatentDataset(torch.utils.data.Dataset):
             flip = torch.rand(len(x), device=x.device) < 0.5 if flip is None else flip
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x
-
-    def denormalize(self, x):
-        return denormalize(x, self.manifest)
 
 
 demo_class_names = ("circle", "square", "triangle", "plus", "ring", "star",

@@ -152,26 +152,26 @@ def verify_dit(path, image_size):
 
 
 def get_file(dest, url, verify, show_progress=True):
-    """Path of dest once verify(path) passes, downloaded from url if needed through a .part file
-    that a later call resumes; only a verified file gets the final name."""
+    """verify(dest)'s result, dest downloaded from url first if needed through a .part file that a later
+    call resumes; only a verified file gets the final name."""
     if os.path.exists(dest):
-        verify(dest)
-        return dest
+        return verify(dest)
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     fetch(url, dest + ".part", show_progress)
     try:
-        verify(dest + ".part")
+        result = verify(dest + ".part")
     except UsageError:
         os.remove(dest + ".part")  # complete but wrong: start afresh next time
         raise
     os.replace(dest + ".part", dest)
-    return dest
+    return result
 
 
 def get_dit(image_size, out_dir, url=None, show_progress=True):
     """Path of the verified DiT-XL/2 checkpoint for image_size in out_dir (downloaded if needed)."""
-    return get_file(os.path.join(out_dir, f"DiT-XL-2-{image_size}x{image_size}.pt"),
-                    url or DIT_URL.format(image_size), lambda path: verify_dit(path, image_size), show_progress)
+    path = os.path.join(out_dir, f"DiT-XL-2-{image_size}x{image_size}.pt")
+    get_file(path, url or DIT_URL.format(image_size), lambda p: verify_dit(p, image_size), show_progress)
+    return path
 
 
 def cmd_dit(args):
@@ -200,10 +200,9 @@ def verify_ref_batch(path, image_size):
 def cmd_ref_batch(args):
     """Download (or reuse) and verify ADM's ImageNet reference batch."""
     url = REF_BATCH_URL.format(args.image_size)
-    count = []  # verify_ref_batch's image count, from get_file's one verification
-    path = get_file(os.path.join(args.out, os.path.basename(url)), url,
-                    lambda p: count.append(verify_ref_batch(p, args.image_size)), not args.no_progress)
-    print(f"ADM reference batch, {count[-1]} images of {args.image_size} px "
+    path = os.path.join(args.out, os.path.basename(url))
+    count = get_file(path, url, lambda p: verify_ref_batch(p, args.image_size), not args.no_progress)
+    print(f"ADM reference batch, {count} images of {args.image_size} px "
           f"with mu, sigma, mu_s, sigma_s, verified: {path}")
 
 
