@@ -21,7 +21,7 @@ def at_least(minimum):
     """An argparse type: an integer >= minimum."""
     def parse(text):
         if not text.lstrip("-").isdigit() or int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"{text} is not an integer >= {minimum}")
+            raise argparse.ArgumentTypeError(f"{text}: must be an integer at least {minimum}")
         return int(text)
     return parse
 
