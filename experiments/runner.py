@@ -1,9 +1,7 @@
-"""The grid runner of experiments/ablate.py and study.py: arms (CONFIGS, the MP configurations) x
-learning rates x seeds, each a train.py run under RESULTS/<phase>/<arm>[-lr<lr>]-seed<s>/ (lr None:
-train.py's default), in train.py's directory for its arguments (runs.run_dir_of): trained or continued
-through train.main (a divergence recorded), its in-run curve read (opts.metric), its final checkpoint
-scored by evaluate.py (a ctx), its results.json written. A rerun skips finished runs and continues
-interrupted ones; --parallel N runs N at once as `SCRIPT ARGV --only PHASE:ARM:LR:SEED`.
+"""The grid runner of experiments/ablate.py and study.py: arms (CONFIGS) x learning rates x seeds,
+each a train.py run in train.py's directory for its arguments, trained or continued through
+train.main, scored by evaluate.py, its results.json written; --parallel N runs N at once as
+`SCRIPT ARGV --only PHASE:ARM:LR:SEED`.
 """
 import argparse
 import contextlib
@@ -180,9 +178,8 @@ def run_state(run_dir, argv, num_steps, key):
         return "new"
     result = read_json(os.path.join(run_dir, "results.json")) or {}
     trained = os.path.isfile(final_checkpoint(run_dir, num_steps))
-    if result.get("train_argv") == argv and result.get("status") == "diverged":
-        return "done"
-    if result.get("train_argv") == argv and result.get("eval_key") == key and trained:
+    if result.get("train_argv") == argv and (result.get("status") == "diverged" or result.get("eval_key") == key
+                                             and trained):
         return "done"
     if trained:
         return "evaluate"
