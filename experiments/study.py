@@ -106,9 +106,7 @@ def parse(argv):
 
 def sweep_lrs(default, points, span):
     """points log-spaced values from default / sqrt(span) to default * sqrt(span), 3 significant digits."""
-    if points == 1:
-        return [default]
-    return [grid_lr(default, points, span, i) for i in range(points)]
+    return [grid_lr(default, points, span, i) for i in range(points)] if points > 1 else [default]
 
 
 def grid_lr(default, points, span, i):

@@ -40,15 +40,13 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--result-dir", required=True, metavar="RUN", help="the train.py run")
     p.add_argument("--ckpt", metavar="FILE", help="the checkpoint of RUN that every cell samples (default: the "
-                                                  "newest when the sweep is first made; then the one settings.json records)")
+                   "one OUT/settings.json records, else the newest)")
     p.add_argument("--weights", nargs="+", default=["ema-0.05", "ema-0.07", "ema-0.1", "ema-0.15", "ema-0.2"],
-                   metavar="ema-S", help="EMA widths ema-<sigma_rel> (default ema-0.05 ema-0.07 ema-0.1 ema-0.15 "
-                                         "ema-0.2)")
+                   metavar="ema-S", help="EMA widths (default ema-0.05 ema-0.07 ema-0.1 ema-0.15 ema-0.2)")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], metavar="S",
                    help="guidance scales (default 1 1.5 2 3)")
     p.add_argument("--intervals", type=float, nargs="+", metavar="LO HI",
-                   help="guidance intervals in noise level sigma as pairs, guided where LO < sigma <= HI (sample.py "
-                        "--guidance-interval), e.g. 0 inf 0 2.33 (default 0 inf: every step)")
+                   help="pairs, guided where LO < sigma <= HI (sample.py --guidance-interval; default 0 inf)")
     p.add_argument("--guide", metavar="RUN_OR_CKPT", help="autoguidance in every cell (sample.py --guide)")
     p.add_argument("--guide-weights", metavar="W", help="the guide's weights (sample.py --guide-weights)")
     p.add_argument("--num-samples", type=int, default=1000, metavar="N", help="images per cell (default 1000)")
@@ -60,13 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--metric", choices=["fid", "fd_classifier", "fd-classifier"],
                    help="the score (default as train.py's --eval-metrics: fid with the Inception weights on disk, "
                         "else fd_classifier for a pixel run)")
-    p.add_argument("--reference", metavar="NPZ_OR_DIR", help="what the samples are compared with: an ADM reference "
-                   ".npz (mu and sigma, or arr_0 images), an image folder or a data.py dataset (default: the run's "
-                   "--eval-reference, else its pixel training data, as train.py)")
+    p.add_argument("--reference", metavar="NPZ_OR_DIR", help="an ADM reference .npz, an image folder or a data.py "
+                   "dataset (default: the run's --eval-reference, else its pixel training data, as train.py)")
     p.add_argument("--inception-weights", metavar="PATH", help="fid: a local pt_inception-2015-12-05 file")
     p.add_argument("--out", metavar="DIR", help="default RUN/sweep")
-    p.add_argument("--eval-dir", metavar="DIR", help="where the classifier and the reference statistics are "
-                                                     "cached (default: train.py's, the run's RESULTS/eval-cache)")
+    p.add_argument("--eval-dir", metavar="DIR", help="the classifier's and the reference statistics' cache "
+                   "(default: train.py's, the run's RESULTS/eval-cache)")
     p.add_argument("--launcher", default="", metavar="CMD",
                    help='what runs sample.py, e.g. "torchrun --nproc_per_node=8" (default: this Python)')
     args = p.parse_args(argv)
@@ -246,35 +243,31 @@ def write_plot(args, results, best):
 #################################################################################
 
 def main(args):
-    """Check everything, then run the grid holding OUT's lock: a second sweep on OUT waits for it."""
+    """Check everything, then, holding OUT's lock (a second sweep on OUT waits), sample and score the cells
+    not scored yet (OUT/<cell>.npz: score and floor, a data.ChunkFolder whose settings.json holds the
+    shared options), then the table and the plot."""
     check_inputs(args)
     with folder_lock(args.out, create=True):
-        return run_grid(args)
-
-
-def run_grid(args):
-    """Sample and score the cells not scored yet (OUT/<cell>.npz: score and floor, a data.ChunkFolder
-    whose settings.json holds the shared options), then the table and the plot."""
-    cells = ChunkFolder(args.out, {k: getattr(args, k) for k in SHARED})
-    grid = grid_of(args)
-    scorer = None if all(cells.done(cell_name(*cell)) for cell in grid) else make_scorer(args)
-    results = {}
-    for k, cell in enumerate(grid):
-        name = cell_name(*cell)
-        npz = os.path.join(args.out, "samples", f"{name}.npz")
-        if not cells.done(name):
-            say(f"cell {k + 1}/{len(grid)}: {name}")
-            if not os.path.exists(npz):
-                run_sample(args.launcher, sample_argv(args, *cell, npz))
-            cells.save(name, score=score(npz, args, scorer), floor=scorer[1] or "")
-            shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
-        record = cells.load(name)
-        results[cell], floor = float(record["score"]), str(record["floor"]) or None
-    best = min(results, key=results.get)
-    write_table(args, results, best, floor)
-    write_plot(args, results, best)
-    print(f"best: {cell_name(*best)} ({args.metric} {results[best]:.4g}); wrote {args.out}/sweep.md and sweep.png")
-    return best, results
+        cells = ChunkFolder(args.out, {k: getattr(args, k) for k in SHARED})
+        grid = grid_of(args)
+        scorer = None if all(cells.done(cell_name(*cell)) for cell in grid) else make_scorer(args)
+        results = {}
+        for k, cell in enumerate(grid):
+            name = cell_name(*cell)
+            npz = os.path.join(args.out, "samples", f"{name}.npz")
+            if not cells.done(name):
+                say(f"cell {k + 1}/{len(grid)}: {name}")
+                if not os.path.exists(npz):
+                    run_sample(args.launcher, sample_argv(args, *cell, npz))
+                cells.save(name, score=score(npz, args, scorer), floor=scorer[1] or "")
+                shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
+            record = cells.load(name)
+            results[cell], floor = float(record["score"]), str(record["floor"]) or None
+        best = min(results, key=results.get)
+        write_table(args, results, best, floor)
+        write_plot(args, results, best)
+        print(f"best: {cell_name(*best)} ({args.metric} {results[best]:.4g}); wrote {args.out}/sweep.md and sweep.png")
+        return best, results
 
 
 def cli(argv=None):
