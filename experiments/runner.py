@@ -4,8 +4,6 @@ train.main, scored by evaluate.py, its results.json written; --parallel N runs N
 `SCRIPT ARGV --only PHASE:ARM:LR:SEED`.
 """
 import argparse
-import contextlib
-import io
 import logging
 import os
 import shlex
@@ -143,28 +141,14 @@ def accepted_arms(opts, data, arms, phase, lr=None):
     the others, each said); UsageError when it refuses them all."""
     accepted, refused = {}, {}
     for arm in arms:
-        args, why = parse_train(train_argv(opts, data, phase, arm, lr, opts.seeds[0]))
-        if args is None:
-            refused[arm] = why
-            say(f"skipping {arm}: {why}")
-        else:
-            accepted[arm] = args
+        try:
+            accepted[arm] = train.parse_args(train_argv(opts, data, phase, arm, lr, opts.seeds[0]))
+        except UsageError as e:
+            refused[arm] = str(e)
+            say(f"skipping {arm}: {e}")
     if not accepted:
         raise UsageError(f"train.py refuses every configuration: {next(iter(refused.values()))}")
     return accepted, refused
-
-
-def parse_train(argv):
-    """(train.py's parsed arguments, None), or (None, why train.py refuses them)."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return train.parse_args(argv), None
-    except SystemExit:
-        lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        return None, lines[-1] if lines else "train.py refused the arguments"
-    except UsageError as e:
-        return None, str(e)
 
 
 def final_checkpoint(run_dir, num_steps):
