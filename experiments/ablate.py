@@ -1,21 +1,11 @@
 """Ablation grid for MaP-DiT: does magnitude preservation make DiT train better, switch by switch?
+The grid runner (runner.py) with one lr per arm (train.py's default for its flags, or --lr for all),
+each run scored by evaluate.py; experiments/README.md has the grids, the preset and the outputs.
 
     python experiments/ablate.py                        # default grid on the built-in demo data
     python experiments/ablate.py --list                 # the grid's configurations and their flags
     python experiments/ablate.py --grid tiny --num-steps 300 --seeds 0
     python experiments/ablate.py --parallel 4           # 4 runs at once as subprocesses (GPU)
-    python experiments/ablate.py --data-path DATA --model DiT-S/4 --num-steps 20000
-
-The grid runner (runner.py) with one lr per arm: train.py's default for its flags, or --lr for all.
-Grids: "default" = vanilla DiT (at lr 1e-4 and 1e-3), vanilla plus each MP switch alone (forced
-weight normalisation with the weight normalisation it needs), all MP (--mp), all MP with rotation
-modulation; "tiny" = vanilla and all MP. Preset: the demo's 32x32 shapes, DiT-XS/4 at depth 4,
-width 128, 4 heads, 800 steps at batch 64 (about an hour on a 2-core CPU), v-prediction. Each run
-lives in RESULTS/runs/<config>-seed<S>/ and is scored by evaluate.py (FD and class consistency in
-the small classifier's features, FID when the Inception weights are on disk, the EMA's held-out
-loss) against held-out images (--eval-data-path, else a second demo rendering, else a fixed part of
---data-path the classifier does not train on); RESULTS/table.md and results.json aggregate the seeds,
-ablation_samples.png and ablation_magnitudes.png compare --compare. experiments/README.md has more.
 """
 import argparse
 import os

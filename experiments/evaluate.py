@@ -1,10 +1,7 @@
-"""The scorer of experiments/: the data a grid trains and is scored on, the evaluation context
-(feature_nets.py's small classifier, the one train.py's fd_classifier uses, and the held-out
-statistics, cached in RESULTS/eval-cache/) and the scores of one trained run: FD-<data>-classifier
-(the Frechet distance in the classifier's features, comparable within one dataset and classifier),
-class consistency (the fraction of class-k samples it labels k), FID-Inception when the weights are
-on disk, and the held-out loss on a fixed batch, timesteps and noise. Also what the runner and the
-report share: say, write_json, summarise.
+"""The scorer of experiments/: the data a grid trains on, the evaluation context (feature_nets.py's
+small classifier, held-out statistics, cached in RESULTS/eval-cache/) and the scores of one run:
+FD in the classifier's features, class consistency, FID-Inception when the weights are on disk,
+and the held-out loss on a fixed batch, timesteps and noise.
 """
 import argparse
 import hashlib
@@ -108,24 +105,22 @@ def prepare_eval(opts, data):
     """The evaluation context: held-out images (--eval-data-path, the demo's second rendering, else a
     fixed part of the data the classifier does not train on), feature_nets' classifier of the data,
     the held-out statistics and the real-data row (cached in RESULTS/eval-cache/reference.pt)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ds = LatentDataset(data.path)
     held_ds = LatentDataset(data.heldout) if data.heldout else ds
     if (held_ds.shape, held_ds.num_classes) != (ds.shape, ds.num_classes):
         raise UsageError(f"{data.heldout}: shape {list(held_ds.shape)} and {held_ds.num_classes} classes differ "
                          f"from the training data's {list(ds.shape)} and {ds.num_classes}")
     n_samples = ds.num_classes * opts.samples_per_class
+    # without held-out data a fixed split: the classifier never sees it (the diffusion models do)
+    skip = 0 if data.heldout else min(HELDOUT_ITEMS, max(len(ds) // 10, min(len(ds) // 2, 6 * n_samples)))
     perm = np.random.default_rng(0).permutation(len(held_ds))  # trained_classifier's order on ds
-    if data.heldout:
-        held_idx, skip = np.sort(perm[:HELDOUT_ITEMS]), 0
-        held_desc = f"{data.heldout} ({len(held_idx)} items)"
-    else:  # a fixed split: the classifier never sees the held-out part (the diffusion models do)
-        skip = min(HELDOUT_ITEMS, max(len(ds) // 10, min(len(ds) // 2, 6 * n_samples)))
-        held_idx = np.sort(perm[:skip])
-        held_desc = f"{skip} items of {data.path} split off for the classifier (not held out from training)"
+    held_idx = np.sort(perm[:HELDOUT_ITEMS if data.heldout else skip])
+    held_desc = f"{data.heldout} ({len(held_idx)} items)" if data.heldout else \
+        f"{skip} items of {data.path} split off for the classifier (not held out from training)"
     if len(held_idx) < 4 or len(ds) - skip < 2:
         raise UsageError(f"{data.path}: too few items ({len(ds)}) to split off held-out data; pass --eval-data-path")
     cache = os.path.join(opts.results_dir, "eval-cache")  # train.py's name: its runs there share the classifier
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     classifier = trained_classifier(ds, cache, device, say, skip=skip)
     held_x, held_y = dataset_items(held_ds, held_idx, seed=1)
     held_images = held_x if ds.kind != "pixel" else denormalize(held_x, ds.manifest).permute(0, 2, 3, 1).numpy()
@@ -138,29 +133,35 @@ def prepare_eval(opts, data):
             find_weights(opts.inception_weights, INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, "--inception-weights")
         except UsageError as e:
             fid_note = f"n/a ({e})"
-    key = dict(classifier=classifier.key, heldout=held_desc, base_items=n_base, fid=fid_note is None)
-    cache_path = os.path.join(cache, "reference.pt")
-    saved = torch.load(cache_path, map_location="cpu", weights_only=True) if os.path.isfile(cache_path) else None
     ctx = SimpleNamespace(
         device=device, manifest=ds.manifest, kind=ds.kind, shape=ds.shape, num_classes=ds.num_classes,
         classifier=classifier, fid_reference=None if fid_note else held_images[n_base:], fid_note=fid_note,
-        inception_weights=opts.inception_weights, cache=cache, key=key, loss_x=held_x[:opts.loss_batch],
+        inception_weights=opts.inception_weights, cache=cache, loss_x=held_x[:opts.loss_batch],
         loss_y=held_y[:opts.loss_batch], held_desc=held_desc, n_held=len(held_idx), n_base=n_base,
         n_train=min(len(ds) - skip, feature_nets.CLASSIFIER_ITEMS), fd_name=f"FD-{data.name}-classifier",
-        cache_path=cache_path)
-    if saved is None or saved["key"] != key:
-        feats = features(classifier, held_x)
-        ref_mu, ref_sigma = evaluation.feature_stats(feats[n_base:])
-        saved = dict(key=key, accuracy=consistency(classifier, held_x, held_y), ref_mu=torch.from_numpy(ref_mu),
-                     ref_sigma=torch.from_numpy(ref_sigma),
-                     real_fd=evaluation.frechet_distance(*evaluation.feature_stats(feats[:n_base]), ref_mu, ref_sigma),
-                     real_fid=None if fid_note else fid(ctx, held_images[:n_base]))
-        os.makedirs(cache, exist_ok=True)
-        runs.atomic_save(saved, cache_path)
-        say(f"classifier: held-out accuracy {saved['accuracy']:.4f}, real-data FD floor {saved['real_fd']:.4g}")
-    ctx.__dict__.update(accuracy=saved["accuracy"], ref_stats=(saved["ref_mu"].numpy(), saved["ref_sigma"].numpy()),
-                        real_fd=saved["real_fd"], real_fid=saved["real_fid"])
+        cache_path=os.path.join(cache, "reference.pt"),
+        key=dict(classifier=classifier.key, heldout=held_desc, base_items=n_base, fid=fid_note is None))
+    ctx.__dict__.update(real_data_row(ctx, held_x, held_y, held_images))
     return ctx
+
+
+def real_data_row(ctx, held_x, held_y, held_images):
+    """dict(accuracy, ref_stats, real_fd, real_fid): held-out items n_base on are the reference, those
+    before it score as one run's samples would (the floor); cached in ctx.cache_path under ctx.key."""
+    path = ctx.cache_path
+    saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+    if saved is None or saved["key"] != ctx.key:
+        feats = features(ctx.classifier, held_x)
+        ref_mu, ref_sigma = evaluation.feature_stats(feats[ctx.n_base:])
+        real_fd = evaluation.frechet_distance(*evaluation.feature_stats(feats[:ctx.n_base]), ref_mu, ref_sigma)
+        saved = dict(key=ctx.key, accuracy=consistency(ctx.classifier, held_x, held_y), real_fd=real_fd,
+                     ref_mu=torch.from_numpy(ref_mu), ref_sigma=torch.from_numpy(ref_sigma),
+                     real_fid=None if ctx.fid_note else fid(ctx, held_images[:ctx.n_base]))
+        os.makedirs(ctx.cache, exist_ok=True)
+        runs.atomic_save(saved, path)
+        say(f"classifier: held-out accuracy {saved['accuracy']:.4f}, real-data FD floor {saved['real_fd']:.4g}")
+    return dict(accuracy=saved["accuracy"], ref_stats=(saved["ref_mu"].numpy(), saved["ref_sigma"].numpy()),
+                real_fd=saved["real_fd"], real_fid=saved["real_fid"])
 
 
 def features(classifier, x):
@@ -185,8 +186,8 @@ def metric_networks(metric, dataset, cache):
     classifier of the dataset (cached in cache)."""
     if metric != "fd_classifier":
         return {}
-    return {"classifier": trained_classifier(dataset, cache, torch.device("cuda" if torch.cuda.is_available() else
-                                                                          "cpu"), say)}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {"classifier": trained_classifier(dataset, cache, device, say)}
 
 
 def real_floor(dataset, n, reference, metric, networks, cache, inception_weights=None):

@@ -1,9 +1,5 @@
-"""The reports of experiments/: the runs' results aggregated over seeds (evaluate.summarise: mean and
-sample standard deviation) as markdown tables, findings and figures. ablate.py: RESULTS/table.md,
-results.json, ablation_samples.png and ablation_magnitudes.png. study.py: RESULTS/study.md (also put
-between README_START and README_END of --readme FILE), study.json, study_curves.png (metric against
-step), study_sweep.png (final metric against lr), study_samples.png and study_magnitudes.png (the best
-run of each arm), linked from --visuals (relative to the --readme file) when given, else from beside it.
+"""The reports of experiments/: the runs' results aggregated over seeds (mean and sample standard
+deviation) as markdown tables, findings and figures; experiments/README.md lists the files.
 """
 import math
 import os
@@ -13,6 +9,7 @@ import numpy as np
 from scipy import stats
 
 import plots
+from cli import UsageError
 from experiments.evaluate import say, summarise, write_json, write_text
 
 FIGURE_COLUMNS = 8
@@ -450,14 +447,18 @@ def sweep_figure(rows, metric, path):
     return plots.plot_lr_sweep(lines, f"final {metric} (x: diverged)", path)
 
 
-def include_in_readme(path, section):
-    """Replace what lies between README_START and README_END in the markdown file `path` with section."""
-    with open(path) as f:
-        text = f.read()
+def readme_parts(path):
+    """(the markdown file `path` up to its README_START line, from its README_END line on): the report goes
+    between; UsageError when the file cannot be read or lacks them."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f"--readme: {e}") from None
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
-        raise ValueError(f"{path}: no '{README_START}' ... '{README_END}' block to replace")
-    write_text(path, text[:start + len(README_START)] + "\n" + section + "\n" + text[end:])
+        raise UsageError(f"--readme {path}: add the lines '{README_START}' and '{README_END}' where the report goes")
+    return text[:start + len(README_START)], text[end:]
 
 
 def write_report(study):
@@ -477,12 +478,11 @@ def write_report(study):
             shutil.copy(path, os.path.join(o.visuals, os.path.basename(path)))
     best = [(f"{arm} (lr {r['best_lr']:g}, seed {r['best_run']['seed']})", r["best_run"]["samples"]["1"]["npz"],
              r["best_run"]["run_dir"]) for arm, r in rows.items() if "best_run" in r]
-    if best:
-        figures[2:] = run_figures(best, class_names(study.data.manifest, study.ctx.num_classes), figures[2:],
-                                  f"the best run of each arm: same classes and noise, DDIM-{o.sample_steps}", o.visuals)
-    else:
-        figures[2:] = []
+    figures[2:] = run_figures(best, class_names(study.data.manifest, study.ctx.num_classes), figures[2:],
+                              f"the best run of each arm: same classes and noise, DDIM-{o.sample_steps}",
+                              o.visuals) if best else []
     if o.readme:
-        include_in_readme(o.readme, text)
+        head, tail = readme_parts(o.readme)
+        write_text(o.readme, f"{head}\n{text}\n{tail}")
         written.append(o.readme)
     return written + figures

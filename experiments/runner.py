@@ -1,13 +1,9 @@
-"""The grid runner of experiments/ablate.py and study.py: arms (CONFIGS, the MP configurations) x
-learning rates x seeds, each a train.py run under RESULTS/<phase>/<arm>[-lr<lr>]-seed<s>/ (lr None:
-train.py's default), in train.py's directory for its arguments (runs.run_dir_of): trained or continued
-through train.main (a divergence recorded), its in-run curve read (opts.metric), its final checkpoint
-scored by evaluate.py (a ctx), its results.json written. A rerun skips finished runs and continues
-interrupted ones; --parallel N runs N at once as `SCRIPT ARGV --only PHASE:ARM:LR:SEED`.
+"""The grid runner of experiments/ablate.py and study.py: arms (CONFIGS) x learning rates x seeds,
+each a train.py run in train.py's directory for its arguments, trained or continued through
+train.main, scored by evaluate.py, its results.json written; --parallel N runs N at once as
+`SCRIPT ARGV --only PHASE:ARM:LR:SEED`.
 """
 import argparse
-import contextlib
-import io
 import logging
 import os
 import shlex
@@ -145,28 +141,14 @@ def accepted_arms(opts, data, arms, phase, lr=None):
     the others, each said); UsageError when it refuses them all."""
     accepted, refused = {}, {}
     for arm in arms:
-        args, why = parse_train(train_argv(opts, data, phase, arm, lr, opts.seeds[0]))
-        if args is None:
-            refused[arm] = why
-            say(f"skipping {arm}: {why}")
-        else:
-            accepted[arm] = args
+        try:
+            accepted[arm] = train.parse_args(train_argv(opts, data, phase, arm, lr, opts.seeds[0]))
+        except UsageError as e:
+            refused[arm] = str(e)
+            say(f"skipping {arm}: {e}")
     if not accepted:
         raise UsageError(f"train.py refuses every configuration: {next(iter(refused.values()))}")
     return accepted, refused
-
-
-def parse_train(argv):
-    """(train.py's parsed arguments, None), or (None, why train.py refuses them)."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return train.parse_args(argv), None
-    except SystemExit:
-        lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        return None, lines[-1] if lines else "train.py refused the arguments"
-    except UsageError as e:
-        return None, str(e)
 
 
 def final_checkpoint(run_dir, num_steps):
@@ -180,9 +162,8 @@ def run_state(run_dir, argv, num_steps, key):
         return "new"
     result = read_json(os.path.join(run_dir, "results.json")) or {}
     trained = os.path.isfile(final_checkpoint(run_dir, num_steps))
-    if result.get("train_argv") == argv and result.get("status") == "diverged":
-        return "done"
-    if result.get("train_argv") == argv and result.get("eval_key") == key and trained:
+    if result.get("train_argv") == argv and (result.get("status") == "diverged" or result.get("eval_key") == key
+                                             and trained):
         return "done"
     if trained:
         return "evaluate"

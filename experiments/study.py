@@ -1,21 +1,10 @@
-"""A fair test of magnitude preservation: each arm at its own best learning rate, several seeds,
-curves over training, on data whose classes are shapes.
+"""A fair test of magnitude preservation: each arm at its own best learning rate (an lr sweep scored
+on the validation half of the held-out images), then several seeds at that lr, curves over training,
+scored on the test half, on data whose classes are shapes. experiments/README.md has the design.
 
     python experiments/study.py --estimate          # the plan and its expected duration, nothing run
     python experiments/study.py --parallel 2 --threads 1   # the default study (2-core CPU)
     python experiments/study.py --profile gpu --parallel 4 # a bigger model, longer budgets (a GPU)
-
-The grid runner (runner.py) with an lr sweep first. Per arm: --sweep-points lrs log-spaced over
---sweep-span x around train.py's default, --sweep-steps each at --sweep-seed; the best lr scores the
-lowest metric (train.py's in-run evaluation) against the validation half of the held-out images
-(--eval-data-path, needed with --data-path; the demo renders its own). Then
---seeds at that lr for --steps, evaluated every --eval-every steps (the curves) and scored at the end
-as ablate.py scores its runs, against the test half: the lr is never chosen on the images, noise or
-seed the report compares. A non-finite loss is recorded as diverged, a failure of its arm. Default
-data: the demo's "shapes" variant (the class is the shape alone). Runs live in
-RESULTS/{sweep,full}/<arm>-lr<lr>-seed<s>/; a rerun skips finished runs and continues interrupted
-ones; an invocation holds a lock on RESULTS (a second waits, then finds the work done). The report
-(RESULTS/study.md, study.json, figures) is written at the end of every invocation.
 """
 import math
 import os
@@ -37,7 +26,7 @@ from experiments.evaluate import (LOG, metric_networks, prepare_data, prepare_ev
                                   split_heldout, write_json)
 from experiments.runner import (CONFIGS, accepted_arms, collect, final_checkpoint, finish, grid_parser,  # noqa: E402
                                 job_state, parse_grid, parse_only, run_job, run_phase)
-from experiments.report import README_END, README_START, write_report  # noqa: E402
+from experiments.report import README_END, README_START, readme_parts, write_report  # noqa: E402
 
 ARMS = ["vanilla", "mp", "mp-rotation", "weight-normalization", "mp-embedding"]
 # Budgets. cpu: sized for about 2 hours on an idle 2-core CPU with --parallel 2 --threads 1
@@ -67,19 +56,16 @@ def build_parser():
                    "final mean, which every arm reaches)")
     g = p.add_argument_group("the study (the --seeds above: the full runs at each arm's best lr, not the sweep seed)")
     g.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
-                   help="the preset: cpu (default; DiT-XS/4 at depth 4, width 128, 150-step sweep, 400-step "
-                   "runs, about 2 h with --parallel 2) or gpu (DiT-S/4, 3000-step sweep, 15000-step runs)")
+                   help="the preset: cpu (default; about 2 h with --parallel 2) or gpu (experiments/README.md)")
     g.add_argument("--arms", nargs="+", metavar="NAME", default=ARMS,
                    help=f"configurations of experiments/ablate.py --list (default {' '.join(ARMS)})")
     g.add_argument("--sweep-points", type=int, default=7, help="learning rates per arm (default 7)")
     g.add_argument("--sweep-span", type=float, default=1000.0,
                    help="highest / lowest lr of the sweep, log-spaced around train.py's default for the arm "
-                   "(default 1000: default x 10^-1.5, 10^-1, ..., 10^1.5, half-decade steps, so that a wider "
-                   "sweep of the same step reuses these runs)")
+                   "(default 1000: half-decade steps from default x 10^-1.5 to x 10^1.5)")
     g.add_argument("--sweep-steps", type=int, help="steps of each sweep run (default: the profile's)")
     g.add_argument("--sweep-extend", type=int, default=2, metavar="N",
-                   help="when an arm's best lr is the highest (lowest) of its sweep, sweep one step further, "
-                   "up to N steps past each end (default 2; 0 = never)")
+                   help="sweep up to N steps past an end that holds the best lr (default 2; 0 = never)")
     g.add_argument("--sweep-seed", type=int, default=0, help="seed of the sweep runs (default 0)")
     g.add_argument("--steps", type=int, help="steps of each full run (default: the profile's)")
     g.add_argument("--estimate", action="store_true", help="print the plan and its expected duration, run nothing")
@@ -107,14 +93,7 @@ def parse(argv):
     if not 1 <= opts.sweep_span < math.inf or (opts.sweep_points > 1 and opts.sweep_span == 1):
         raise UsageError("--sweep-span must be finite, and above 1 for more than one point")
     if opts.readme:
-        try:
-            with open(opts.readme) as f:
-                text = f.read()
-        except OSError as e:
-            raise UsageError(f"--readme: {e}")
-        if README_START not in text or README_END not in text:
-            raise UsageError(f"--readme {opts.readme}: add the lines '{README_START}' and '{README_END}' where the "
-                              "report goes")
+        readme_parts(opts.readme)  # refuses a file without the report's block
     # what the grid runner and experiments/evaluate.py's scoring read: fixed here, as ablate.py's defaults
     opts.cfg_scales, opts.sample_seed, opts.loss_batch, opts.eval_batch_size = [1.0], 0, 256, 250
     opts.inception_weights, opts.prediction, opts.hflip = None, "v", None
@@ -127,9 +106,7 @@ def parse(argv):
 
 def sweep_lrs(default, points, span):
     """points log-spaced values from default / sqrt(span) to default * sqrt(span), 3 significant digits."""
-    if points == 1:
-        return [default]
-    return [grid_lr(default, points, span, i) for i in range(points)]
+    return [grid_lr(default, points, span, i) for i in range(points)] if points > 1 else [default]
 
 
 def grid_lr(default, points, span, i):
@@ -204,9 +181,29 @@ def sweep_results(opts, data, plan):
     return sweeps, {arm: best_lr(results) for arm, results in sweeps.items()}
 
 
-def trained(opts, data, phase, arm, lr, seed):
-    """Whether the run has its final checkpoint (it may still need scoring)."""
-    return os.path.isfile(final_checkpoint(job_state(opts, data, None, phase, arm, lr, seed)[0], opts.steps))
+def sweep_jobs(opts, plan):
+    return [(arm, lr, opts.sweep_seed) for arm in plan for lr in plan[arm]["lrs"]]
+
+
+def full_jobs(opts, plan, best):
+    return [(arm, best[arm], seed) for arm in plan if best[arm] is not None for seed in opts.seeds]
+
+
+def announce(opts, data, plan):
+    """Say the plan and its expected duration (every full run pending until the sweep is done);
+    returns the seconds, or None."""
+    pending_sweep = sum(job_state(opts, data, None, "sweep", *job)[1] != "done" for job in sweep_jobs(opts, plan))
+    pending_full = len(plan) * len(opts.seeds)
+    if not pending_sweep:  # a full run with its final checkpoint may still need scoring: not pending
+        run_dirs = [job_state(opts, data, None, "full", *job)[0] for job in full_jobs(opts, plan, sweep_results(
+            opts, data, plan)[1])]
+        pending_full = sum(not os.path.isfile(final_checkpoint(d, opts.steps)) for d in run_dirs)
+    seconds, words = estimate(opts, pending_sweep, pending_full)
+    for arm, p in plan.items():
+        say(f"{arm}: sweep lr {' '.join(f'{lr:g}' for lr in p['lrs'])} (train.py's default {p['default_lr']:g})")
+    say(f"expected duration: {'unknown' if seconds is None else f'{seconds / 3600:.1f} h'} ({words}; "
+        f"plus one sweep run per step an arm's sweep is extended past an edge best, --sweep-extend)")
+    return seconds
 
 
 def best_lr(sweep):
@@ -289,35 +286,20 @@ def study_data(opts):
     return data
 
 
-def on_test_half(data):
-    """data with the test half as its held-out images: what prepare_eval scores the full runs against."""
-    return SimpleNamespace(**dict(vars(data), heldout=data.test))
-
-
 def conduct(opts, argv, data):
+    """The plan and its estimate, the sweep (extended past edge bests), the full runs at each arm's best
+    lr scored against the test half, the report."""
     plan, refused = make_plan(opts, data)
+    test = SimpleNamespace(**dict(vars(data), heldout=data.test))  # what the full runs are scored against
     if opts.only:
         phase, arm, lr, seed = parse_only(opts.only, plan)
-        ctx = prepare_eval(opts, on_test_half(data)) if phase == "full" else None
-        run_job(opts, data, ctx, phase, arm, lr, seed)
+        run_job(opts, data, prepare_eval(opts, test) if phase == "full" else None, phase, arm, lr, seed)
         return 0
-    sweep_jobs = [(arm, lr, opts.sweep_seed) for arm in plan for lr in plan[arm]["lrs"]]
-    pending_sweep = sum(job_state(opts, data, None, "sweep", *job)[1] != "done" for job in sweep_jobs)
-    pending_full = len(plan) * len(opts.seeds)  # before the sweep has chosen the lrs: all of them
-    if not pending_sweep:
-        best = sweep_results(opts, data, plan)[1]
-        pending_full = sum(not trained(opts, data, "full", arm, best[arm], seed)
-                           for arm in plan if best[arm] is not None for seed in opts.seeds)
-    seconds, words = estimate(opts, pending_sweep, pending_full)
-    for arm, p in plan.items():
-        say(f"{arm}: sweep lr {' '.join(f'{lr:g}' for lr in p['lrs'])} (train.py's default {p['default_lr']:g})")
-    say(f"expected duration: {'unknown' if seconds is None else f'{seconds / 3600:.1f} h'} ({words}; "
-        f"plus one sweep run per step an arm's sweep is extended past an edge best, --sweep-extend)")
+    seconds = announce(opts, data, plan)
     if opts.estimate:
         return 0
-    start = time.time()
-    floor = warm_eval_cache(opts, data)
-    ran, failures = run_phase(opts, argv, data, None, "sweep", sweep_jobs, SCRIPT)
+    start, floor = time.time(), warm_eval_cache(opts, data)
+    phases = [run_phase(opts, argv, data, None, "sweep", sweep_jobs(opts, plan), SCRIPT)]
     sweeps, best = sweep_results(opts, data, plan)
     for _ in range(2 * opts.sweep_extend):  # each round moves every arm at most one step past its grid
         extra = {arm: edge_lr(opts, plan[arm], best[arm]) for arm in plan}
@@ -327,23 +309,20 @@ def conduct(opts, argv, data):
         for arm, lr in extra.items():
             say(f"{arm}: best lr {best[arm]:g} at the edge of its sweep; extending it to {lr:g}")
             plan[arm]["lrs"] = sorted(plan[arm]["lrs"] + [lr])
-        more, failed = run_phase(opts, argv, data, None, "sweep", [(a, lr, opts.sweep_seed) for a, lr in extra.items()],
-                                 SCRIPT)
-        ran, failures = ran + more, failures + failed
+        phases.append(run_phase(opts, argv, data, None, "sweep", [(a, lr, opts.sweep_seed) for a, lr in extra.items()],
+                                SCRIPT))
         sweeps, best = sweep_results(opts, data, plan)
     for arm, lr in best.items():
         say(f"{arm}: best lr {lr:g}" if lr is not None else f"{arm}: no sweep run finished; no full runs")
-    ctx = prepare_eval(opts, on_test_half(data))
-    full_jobs = [(arm, best[arm], seed) for arm in plan if best[arm] is not None for seed in opts.seeds]
-    ran_full, failed = run_phase(opts, argv, data, ctx, "full", full_jobs, SCRIPT)
-    ran, failures = ran + ran_full, failures + failed
+    ctx = prepare_eval(opts, test)
+    phases.append(run_phase(opts, argv, data, ctx, "full", full_jobs(opts, plan, best), SCRIPT))
     fulls = {arm: [collect(opts, data, ctx, "full", arm, best[arm], s) for s in opts.seeds] if best[arm] else []
              for arm in plan}
     study = SimpleNamespace(opts=opts, data=data, ctx=ctx, plan=plan, refused=refused, sweeps=sweeps, best=best,
                             fulls=fulls, floor=floor, estimate_s=seconds,
                             command="python experiments/study.py " + shlex.join(argv),
-                            wall=add_wall_time(opts, time.time() - start, ran))
-    return finish(write_report(study), failures)
+                            wall=add_wall_time(opts, time.time() - start, sum(n for n, _ in phases)))
+    return finish(write_report(study), [f for _, failed in phases for f in failed])
 
 
 if __name__ == "__main__":

@@ -1,32 +1,12 @@
 """EMA width x guidance scale (x guidance interval) for one checkpoint of a train.py run: sample
-every cell with sample.py, score it, and write a table, a plot of the metric against sigma_rel (one
-line per guidance scale) and the best cell. The best EMA width moves with the guidance scale (EDM2),
-so the two are tuned together; widths the run did not track are reconstructed post hoc by sample.py.
+every cell with sample.py, score it as train.py's in-run evaluation does, and write a table, a plot
+of the metric against sigma_rel and the best cell. experiments/README.md has the details.
 
     python experiments/sweep.py --result-dir RUN --reference VIRTUAL_imagenet128_labeled.npz \\
         --weights ema-0.05 ema-0.07 ema-0.1 ema-0.15 --cfg-scales 1.25 1.5 2 --num-samples 10000
-    python experiments/sweep.py --result-dir RUN ... --intervals 0 inf 0 2.33  # also REPA's interval, sigma <= 2.33
-    python experiments/sweep.py --result-dir RUN ... --ckpt RUN/checkpoints/0200000.pt   # not the newest
+    python experiments/sweep.py --result-dir RUN ... --intervals 0 inf 0 2.33  # also REPA's interval
     python experiments/sweep.py --result-dir RUN ... --guide RUN/checkpoints/0000500.pt   # autoguidance
     python experiments/sweep.py --result-dir RUN ... --launcher "torchrun --nproc_per_node=8"
-    python experiments/sweep.py --result-dir results/000-MaP-DiT-XS-4-d4-w128-h4   # the demo: fd_classifier
-
-A cell is `sample.py --ckpt CKPT --fid N` with its --weights, --cfg-scale and --guidance-interval
-(guided where lo < sigma <= hi, sigma the noise level) and the shared options, written to
-OUT/samples/<cell>.npz and scored into OUT/<cell>.npz. CKPT is resolved once (--ckpt, else the
-run's newest) and recorded in OUT/settings.json with the other shared options: a rerun skips scored
-cells and resumes a half-sampled one, and the grid may grow, but they may not change (a run that
-trained on meanwhile changes nothing). The grid (duplicates merged) and the reference are checked
-before anything is written; sweeps on one OUT take turns (runs.folder_lock). The metric and its
-reference follow train.py's in-run evaluation, so the numbers mean what train.py's do:
-    fid            FID (evaluation.py: the 2015 TF Inception); the default with its weights on disk
-    fd_classifier  Frechet distance in the features of feature_nets.py's small classifier, the one
-                   train.py trains on the run's pixel data (cached in the run's RESULTS/eval-cache,
-                   shared with train.py); the default for a pixel run without the Inception weights
-against --reference, else the run's --eval-reference, else its pixel training data (the demo's
-data where train.py rendered it; nothing is copied). For pixel runs the table also gives the
-floor: as many training images as a cell's samples scored the same way.
-Outputs: OUT/sweep.md (tables), OUT/sweep.png. Every bad input: one line on stderr, exit code 2.
 """
 import math
 import os
@@ -44,9 +24,8 @@ import feature_nets  # noqa: E402
 import plots  # noqa: E402
 import sample  # noqa: E402
 import watch  # noqa: E402
-from data import ChunkFolder, LatentDataset  # noqa: E402
+from data import ChunkFolder, LatentDataset, read_json  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
-from data import read_json  # noqa: E402
 from experiments.evaluate import LOG, metric_networks, real_floor, say, write_text  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
@@ -54,22 +33,20 @@ from runs import checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
 
 SHARED = ("result_dir", "ckpt", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
           "guide_weights", "precision", "metric", "reference", "eval_dir")
-
+LABELS = {"fid": "FID", "fd_classifier": "FD (small classifier)"}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--result-dir", required=True, metavar="RUN", help="the train.py run")
     p.add_argument("--ckpt", metavar="FILE", help="the checkpoint of RUN that every cell samples (default: the "
-                                                  "newest when the sweep is first made; then the one settings.json records)")
+                   "one OUT/settings.json records, else the newest)")
     p.add_argument("--weights", nargs="+", default=["ema-0.05", "ema-0.07", "ema-0.1", "ema-0.15", "ema-0.2"],
-                   metavar="ema-S", help="EMA widths ema-<sigma_rel> (default ema-0.05 ema-0.07 ema-0.1 ema-0.15 "
-                                         "ema-0.2)")
+                   metavar="ema-S", help="EMA widths (default ema-0.05 ema-0.07 ema-0.1 ema-0.15 ema-0.2)")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], metavar="S",
                    help="guidance scales (default 1 1.5 2 3)")
     p.add_argument("--intervals", type=float, nargs="+", metavar="LO HI",
-                   help="guidance intervals in noise level sigma as pairs, guided where LO < sigma <= HI (sample.py "
-                        "--guidance-interval), e.g. 0 inf 0 2.33 (default 0 inf: every step)")
+                   help="pairs, guided where LO < sigma <= HI (sample.py --guidance-interval; default 0 inf)")
     p.add_argument("--guide", metavar="RUN_OR_CKPT", help="autoguidance in every cell (sample.py --guide)")
     p.add_argument("--guide-weights", metavar="W", help="the guide's weights (sample.py --guide-weights)")
     p.add_argument("--num-samples", type=int, default=1000, metavar="N", help="images per cell (default 1000)")
@@ -81,13 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--metric", choices=["fid", "fd_classifier", "fd-classifier"],
                    help="the score (default as train.py's --eval-metrics: fid with the Inception weights on disk, "
                         "else fd_classifier for a pixel run)")
-    p.add_argument("--reference", metavar="NPZ_OR_DIR", help="what the samples are compared with: an ADM reference "
-                   ".npz (mu and sigma, or arr_0 images), an image folder or a data.py dataset (default: the run's "
-                   "--eval-reference, else its pixel training data, as train.py)")
+    p.add_argument("--reference", metavar="NPZ_OR_DIR", help="an ADM reference .npz, an image folder or a data.py "
+                   "dataset (default: the run's --eval-reference, else its pixel training data, as train.py)")
     p.add_argument("--inception-weights", metavar="PATH", help="fid: a local pt_inception-2015-12-05 file")
     p.add_argument("--out", metavar="DIR", help="default RUN/sweep")
-    p.add_argument("--eval-dir", metavar="DIR", help="where the classifier and the reference statistics are "
-                                                     "cached (default: train.py's, the run's RESULTS/eval-cache)")
+    p.add_argument("--eval-dir", metavar="DIR", help="the classifier's and the reference statistics' cache "
+                   "(default: train.py's, the run's RESULTS/eval-cache)")
     p.add_argument("--launcher", default="", metavar="CMD",
                    help='what runs sample.py, e.g. "torchrun --nproc_per_node=8" (default: this Python)')
     args = p.parse_args(argv)
@@ -220,11 +196,8 @@ def make_scorer(args):
 
 def score(path, args, scorer):
     """The cell's .npz scored by evaluation.evaluate; its feature chunks are removed once it is."""
-    try:
-        result = evaluation.evaluate(path, args.reference, [args.metric], networks=scorer[0], cache=args.eval_dir,
-                                     inception_weights=args.inception_weights, progress=False)[args.metric]
-    except UsageError as e:
-        raise UsageError(str(e)) from None
+    result = evaluation.evaluate(path, args.reference, [args.metric], networks=scorer[0], cache=args.eval_dir,
+                                 inception_weights=args.inception_weights, progress=False)[args.metric]
     shutil.rmtree(path[: -len(".npz")] + "-features", ignore_errors=True)
     return result
 
@@ -235,7 +208,7 @@ def score(path, args, scorer):
 
 def write_table(args, results, best, floor):
     """OUT/sweep.md: one table per interval, sigma_rel down, guidance scale across, the best in bold."""
-    label = {"fid": "FID", "fd_classifier": "FD (small classifier)"}[args.metric]
+    label = LABELS[args.metric]
     lines = [f"{label}, {args.num_samples} samples per cell, {args.sampler} "
              f"{args.num_sampling_steps or 'default'} steps, seed {args.seed}"
              + (f", autoguidance by {args.guide}" if args.guide else "") + f"; checkpoint {args.ckpt}", ""]
@@ -262,8 +235,7 @@ def write_plot(args, results, best):
               [results[(w, s, (lo, hi))] for w in args.weights], j, i)
              for j, (lo, hi) in enumerate(args.intervals) for i, s in enumerate(args.cfg_scales)]
     plots.plot_sweep(args.sigma_rels, lines, (sigma_rel(best[0]), results[best], cell_name(*best)),
-                     {"fid": "FID", "fd_classifier": "FD (small classifier)"}[args.metric],
-                     os.path.join(args.out, "sweep.png"))
+                     LABELS[args.metric], os.path.join(args.out, "sweep.png"))
 
 
 #################################################################################
@@ -271,35 +243,31 @@ def write_plot(args, results, best):
 #################################################################################
 
 def main(args):
-    """Check everything, then run the grid holding OUT's lock: a second sweep on OUT waits for it."""
+    """Check everything, then, holding OUT's lock (a second sweep on OUT waits), sample and score the cells
+    not scored yet (OUT/<cell>.npz: score and floor, a data.ChunkFolder whose settings.json holds the
+    shared options), then the table and the plot."""
     check_inputs(args)
     with folder_lock(args.out, create=True):
-        return run_grid(args)
-
-
-def run_grid(args):
-    """Sample and score the cells not scored yet (OUT/<cell>.npz: score and floor, a data.ChunkFolder
-    whose settings.json holds the shared options), then the table and the plot."""
-    cells = ChunkFolder(args.out, {k: getattr(args, k) for k in SHARED})
-    grid = grid_of(args)
-    scorer = None if all(cells.done(cell_name(*cell)) for cell in grid) else make_scorer(args)
-    results = {}
-    for k, cell in enumerate(grid):
-        name = cell_name(*cell)
-        npz = os.path.join(args.out, "samples", f"{name}.npz")
-        if not cells.done(name):
-            say(f"cell {k + 1}/{len(grid)}: {name}")
-            if not os.path.exists(npz):
-                run_sample(args.launcher, sample_argv(args, *cell, npz))
-            cells.save(name, score=score(npz, args, scorer), floor=scorer[1] or "")
-            shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
-        record = cells.load(name)
-        results[cell], floor = float(record["score"]), str(record["floor"]) or None
-    best = min(results, key=results.get)
-    write_table(args, results, best, floor)
-    write_plot(args, results, best)
-    print(f"best: {cell_name(*best)} ({args.metric} {results[best]:.4g}); wrote {args.out}/sweep.md and sweep.png")
-    return best, results
+        cells = ChunkFolder(args.out, {k: getattr(args, k) for k in SHARED})
+        grid = grid_of(args)
+        scorer = None if all(cells.done(cell_name(*cell)) for cell in grid) else make_scorer(args)
+        results = {}
+        for k, cell in enumerate(grid):
+            name = cell_name(*cell)
+            npz = os.path.join(args.out, "samples", f"{name}.npz")
+            if not cells.done(name):
+                say(f"cell {k + 1}/{len(grid)}: {name}")
+                if not os.path.exists(npz):
+                    run_sample(args.launcher, sample_argv(args, *cell, npz))
+                cells.save(name, score=score(npz, args, scorer), floor=scorer[1] or "")
+                shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
+            record = cells.load(name)
+            results[cell], floor = float(record["score"]), str(record["floor"]) or None
+        best = min(results, key=results.get)
+        write_table(args, results, best, floor)
+        write_plot(args, results, best)
+        print(f"best: {cell_name(*best)} ({args.metric} {results[best]:.4g}); wrote {args.out}/sweep.md and sweep.png")
+        return best, results
 
 
 def cli(argv=None):
