@@ -1,25 +1,15 @@
 """Evaluation as papers report it, in PyTorch: FID, sFID, IS, precision and recall with the ADM
-evaluator's definitions (guided-diffusion evaluations/evaluator.py) and FD-DINOv2 as EDM2 has it.
+evaluator's definitions (guided-diffusion evaluations/evaluator.py) and FD-DINOv2 as EDM2 has it
+(docs/evaluation.md; the metrics' table is the README's).
 
-    from evaluation import evaluate
     evaluate("samples.npz", "VIRTUAL_imagenet256_labeled.npz")
     # {"fid": ..., "sfid": ..., "is": ..., "precision": ..., "recall": ..., "fd_dinov2": ...,
     #  "num_samples": 50000, "num_reference": 10000}
 
-Samples: uint8 N x H x W x 3 (an array, or arr_0 of an .npz: the ADM format). Reference: an ADM
-reference batch (.npz with arr_0 images and/or precomputed mu, sigma, mu_s, sigma_s, used as the
-ADM evaluator uses them), a folder of images, a data.py pixel dataset directory, or statistics
-{metric: (mu, sigma)}. Metrics, on the networks of feature_nets.py:
-    fid        Frechet distance of pool features (2048)
-    sfid       Frechet distance of spatial features (2023)
-    is         exp(E KL(p(y|x) || p(y))) of the 1008-way softmax, on splits of 5000, averaged
-    pr         precision and recall of k = 3 nearest-neighbour manifolds of pool features
-    fd_dinov2  Frechet distance of DINOv2 ViT-L/14 CLS features (1024)
-    fd_<name>  Frechet distance of any other feature network passed in `networks`
-Reference statistics are cached per (reference, network); features are extracted in batches, in
-resumable chunk files (data.ChunkFolder), shared over torch.distributed ranks; processes sharing a cache or a chunk
-folder take turns (runs.folder_lock), with TF32 off whatever the caller set
-(EDM2's setting; train.py turns it on). Frechet distances are in float64.
+Samples and references: eval_inputs.Side. Reference statistics are cached per (reference, network);
+features are extracted in resumable chunk files shared over torch.distributed ranks; processes sharing
+a cache or a chunk folder take turns (runs.folder_lock); TF32 off, as EDM2 evaluates; Frechet
+distances in float64.
 """
 import contextlib
 import hashlib

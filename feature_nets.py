@@ -1,22 +1,15 @@
 """Feature networks for evaluation.py: the 2015 TF Inception (FID, sFID, IS, precision/recall) and
 DINOv2 ViT-L/14 (FD-DINOv2), loaded from local weight files, never downloaded; and the small
 classifier of fd_classifier (train.py's in-run metric on pixel data without Inception weights, and
-the experiments' FD), trained on the run's own data once and cached.
+the experiments' FD), trained on the run's own data once and cached. docs/evaluation.md maps the
+ADM evaluator's TF tensors to these outputs.
 
 A feature network is any object with
     name      short, file-safe: it names cache files ("inception", "dinov2", ...)
     key       what its features depend on (architecture, weights file); part of every cache key
     outputs   {output name: feature dimension}
-    __call__(batch) -> {output name: float32 tensor (B, dim)}, batch as the image source yields it
-              (uint8 N x H x W x 3 numpy; the classifier also takes model-space float N x C x H x W)
-
-Tensor mapping (see the README's evaluation section for how it was checked):
-- pool: "pool_3:0" of the TF graph = the 2048-d global average pool after Mixed_7c.
-- spatial: "mixed_6/conv:0"[..., :7] = the output (ReLU after batch norm) of Mixed_6d.branch1x1,
-  the first 7 of its 192 channels, flattened in the TF graph's H, W, C order: 17 * 17 * 7 = 2023.
-- logits: the pool features times "softmax/weights" (pytorch-fid's fc.weight), without the bias, as
-  the ADM evaluator's IS graph does; the softmax is over all 1008 outputs.
-- Input: TF 1.x bilinear resize to 299 (no half-pixel offset), then (x - 128) / 128, as the graph does.
+    __call__(batch) -> {output name: float32 tensor (B, dim)}, batch uint8 N x H x W x 3 numpy
+              (the classifier also takes model-space float N x C x H x W)
 """
 import hashlib
 import json
@@ -72,6 +65,12 @@ def _load_state(path):
     return state
 
 
+def _frozen(net, key, device):
+    """net with its cache key, in eval mode without gradients on device."""
+    net.key, net.device = key, torch.device(device)
+    return net.eval().requires_grad_(False).to(net.device)
+
+
 def _nhwc_uint8(batch, device):
     """uint8 (B, H, W, 3) numpy or tensor -> float32 (B, 3, H, W) on device, values 0..255."""
     x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.array(batch))  # a copy: memmaps are read-only
@@ -116,9 +115,7 @@ class InceptionNet(torch.nn.Module):
                 self.net = inception.fid_inception_v3()
         except (RuntimeError, KeyError, ValueError) as e:
             raise UsageError(f"{path}: not the FID Inception weights {INCEPTION_FILE} ({one_line(e)})")
-        self.key = f"inception-2015-12-05/adm-tensors/{path_key(path)}"
-        self.device = torch.device(device)
-        self.eval().requires_grad_(False).to(self.device)
+        _frozen(self, f"inception-2015-12-05/adm-tensors/{path_key(path)}", device)
 
     @torch.no_grad()
     def forward(self, batch):
@@ -177,16 +174,13 @@ class DINOv2Net(torch.nn.Module):
             self.model.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as e:
             raise UsageError(f"{path}: not {arch} weights in the DINOv2 hub format ({one_line(e)})")
-        self.key = f"{arch}/224-bicubic-antialias/{path_key(path)}"
-        self.device = torch.device(device)
-        self.eval().requires_grad_(False).to(self.device)
+        _frozen(self, f"{arch}/224-bicubic-antialias/{path_key(path)}", device)
 
     @torch.no_grad()
     def forward(self, batch):
         x = _nhwc_uint8(batch, self.device)
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
         return {"cls": self.model((x / 255 - mean) / std)}
 
 

@@ -9,11 +9,8 @@
     python sample.py --ckpt pretrained_models/DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \\
         --class-label 207 360 --cfg-scale 4
 
-The model is rebuilt from the checkpoint's arguments and dataset manifest; latent runs are decoded
-with the VAE the manifest names (or --vae-path). Guidance is guidance.Guided's. A grid has one row
-per --class-label (named when the data names its classes); --fid N writes an ADM-evaluator .npz
-through chunk files of --batch-size samples (data.ChunkFolder) whose labels and noise depend only on
-(--seed, k), so a rerun resumes where an interrupted one stopped and gives the same array.
+A grid has one row per --class-label; --fid N writes an ADM-evaluator .npz through resumable chunk
+files whose labels and noise depend only on (--seed, chunk), so a rerun gives the same array.
 """
 import argparse
 import glob

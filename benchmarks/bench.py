@@ -32,7 +32,7 @@ from harness import (MODEL_OPTIONS, ROOT, Ctx, InferStep, SampleStep, TrainStep,
 import torch
 import train
 from cli import ArgumentParser, UsageError, run_command
-from data import make_demo_dataset, read_manifest
+from data import atomic_write, make_demo_dataset, read_manifest
 from models import MP_SWITCHES
 from sampling import make_sampler
 
@@ -322,12 +322,10 @@ def main(argv=None):
     result["seconds"] = time.perf_counter() - start
     report = markdown(result)
     print(report)
-    if args.out_md:
-        with open(args.out_md, "w") as f:
-            f.write(report + "\n")
     os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
-    with open(args.out_json, "w") as f:
-        json.dump(result, f, indent=1)
+    for path, text in ((args.out_md, report + "\n"), (args.out_json, json.dumps(result, indent=1))):
+        if path:
+            atomic_write(path, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

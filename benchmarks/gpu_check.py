@@ -4,12 +4,9 @@ and how fast is it. Writes a markdown block for benchmarks/RESULTS.md.
     python benchmarks/gpu_check.py --out-md $OUT/gpu_check.md      # on the GPU (DiT-XL/2, 32x32 latents)
     python benchmarks/gpu_check.py --tiny                          # the same script on a CPU, tiny models
 
-Measures the bf16 TFLOP/s of large matrix multiplies, then the --sections in this order (each one
-skipped, and said so, once too little of --budget-s is left): train (train.py's step, vanilla and MaP),
-torchrun (train.py under torchrun, 2 steps, then --resume to 4), sample (guided DPM-Solver++ 25),
-checkpoint (the step with --grad-checkpoint), compile (the step compiled by inductor). The markdown is
-rewritten after every section, so a run cut short keeps what it measured; what a budget skipped runs
-in a second call (--sections checkpoint compile). benchmarks/README.md says what each row means.
+Measures the bf16 TFLOP/s of large matrix multiplies, then the --sections (SECTIONS), each skipped
+once too little of --budget-s is left. The markdown is rewritten after every section, so a run cut
+short keeps what it measured. benchmarks/README.md says what each row means.
 """
 import argparse
 import glob
