@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UsageError, one_line
-from data import atomic_write
+from cli import UsageError, barrier, one_line
+from data import atomic_write, rank_world
 from eval_inputs import path_key
 from runs import folder_lock
 
@@ -311,8 +311,7 @@ def trained_classifier(dataset, cache_dir, device, log, skip=0):
                   min_steps=CLASSIFIER_MIN_STEPS, recipe=CLASSIFIER_RECIPE, arch=arch)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"classifier-{digest}.pt")
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:
+    if rank_world()[0] == 0:
         with folder_lock(cache_dir, create=True):
             if not os.path.isfile(path):
                 start = time.time()
@@ -320,8 +319,7 @@ def trained_classifier(dataset, cache_dir, device, log, skip=0):
                                        min_steps=CLASSIFIER_MIN_STEPS, device=device)
                 atomic_write(path, lambda f: torch.save(net.state_dict(), f))
                 log(f"trained the evaluation classifier on {len(order)} items in {time.time() - start:.0f} s: {path}")
-    if distributed:
-        torch.distributed.barrier()
+    barrier()
     net = SmallClassifier(**arch)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return ClassifierNet(net.to(device), f"SmallClassifier/{digest}")

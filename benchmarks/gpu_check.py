@@ -8,7 +8,6 @@ Measures the bf16 TFLOP/s of large matrix multiplies, then the --sections (SECTI
 once too little of --budget-s is left. The markdown is rewritten after every section, so a run cut
 short keeps what it measured. benchmarks/README.md says what each row means.
 """
-import argparse
 import glob
 import importlib.util
 import os
@@ -19,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from harness import (MODEL_OPTIONS, ROOT, Ctx, SampleStep, TrainStep, forward_gmacs, free, halving_on_oom,
+from harness import (ROOT, Ctx, SampleStep, TrainStep, forward_gmacs, free, halving_on_oom,
                      machine_info, machine_line, setup, table, timed)  # first: it puts ROOT on sys.path
 
 import sampling
@@ -59,8 +58,7 @@ def parse_args(argv=None):
 
 def context(args, device, batch, **options):
     """A harness.Ctx of --model at --size for `batch` images; options: compile, grad_checkpoint."""
-    return Ctx(argparse.Namespace(**{**MODEL_OPTIONS, **(TINY if args.tiny else {}), **options}), device, args.model,
-               args.size, batch)
+    return Ctx(device, args.model, args.size, batch, **(TINY if args.tiny else {}), **options)
 
 
 def matmul_tflops(device):
