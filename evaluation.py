@@ -29,6 +29,7 @@ from cli import UsageError, barrier, one_line
 from data import ChunkFolder, atomic_write, rank_world
 from eval_inputs import Side, array_key, check_images, check_stats
 from progress import progress as progress_bar
+from sampling import chunk_sizes
 
 METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
 SOURCES = {"fid": ("inception", "pool"), "sfid": ("inception", "spatial"), "is": ("inception", "logits"),
@@ -152,39 +153,41 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
     all_gather_object. A work_dir needs a key."""
     if work_dir and key is None:
         raise ValueError("extract_features: a work_dir needs a key saying which images its chunks hold")
-    rank, world = rank_world()
-    n = len(images)
-    chunk_size = chunk_size or 10 * batch_size
-    chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-    mine = list(range(rank, len(chunks), world))
+    n, chunk_size = len(images), chunk_size or 10 * batch_size
+    sizes = chunk_sizes(n, chunk_size)
     folder = work_dir and ChunkFolder(work_dir, dict(network=network.key, images=key, n=n, chunk_size=chunk_size),
                                       replace=True)
-    todo = [k for k in mine if not (folder and folder.done(k))]
-    size = lambda ks: sum(chunks[k][1] - chunks[k][0] for k in ks)  # noqa: E731
-    bar = progress_bar(total=size(mine), initial=size(mine) - size(todo), desc=desc or f"features {network.name}",
-                       unit="img", enabled=progress and rank == 0)
     local = {}
-    try:
-        for k in todo:
-            parts = []
-            for i in range(chunks[k][0], chunks[k][1], batch_size):
-                end = min(i + batch_size, chunks[k][1])
-                out = network(images[i:end])
-                parts.append({o: v.float().cpu().numpy() for o, v in out.items()})
-                bar.update(end - i)
-            local[k] = {o: np.concatenate([p[o] for p in parts]) for o in parts[0]}
-            if folder:
-                folder.save(k, **local[k])
-    finally:
-        bar.close()
+    for k, bar in chunks_to_do(sizes, folder, progress, desc=desc or f"features {network.name}"):
+        parts = []
+        for i in range(k * chunk_size, k * chunk_size + sizes[k], batch_size):
+            batch = images[i:min(i + batch_size, k * chunk_size + sizes[k])]
+            parts.append({o: v.float().cpu().numpy() for o, v in network(batch).items()})
+            bar.update(len(batch))
+        local[k] = {o: np.concatenate([p[o] for p in parts]) for o in parts[0]}
+        if folder:
+            folder.save(k, **local[k])
     if folder:
         barrier()
-        local = {k: folder.load(k) for k in range(len(chunks))}
-    elif world > 1:
-        gathered = [None] * world
+        local = {k: folder.load(k) for k in range(len(sizes))}
+    elif rank_world()[1] > 1:
+        gathered = [None] * rank_world()[1]
         dist.all_gather_object(gathered, local)
         local = {k: v for g in gathered for k, v in g.items()}
-    return {o: np.concatenate([local[k][o] for k in range(len(chunks))]) for o in network.outputs}
+    return {o: np.concatenate([local[k][o] for k in range(len(sizes))]) for o in network.outputs}
+
+
+def chunks_to_do(sizes, folder=None, progress=True, **bar):
+    """Yield (k, progress bar) for each chunk k of this rank (k % world == rank) that folder (a
+    data.ChunkFolder, or None) does not hold yet; the bar (rank 0 only; bar: tqdm's desc, ...) counts
+    this rank's images of `sizes`, the chunks done counted from the start."""
+    rank, world = rank_world()
+    mine = range(rank, len(sizes), world)
+    todo = [k for k in mine if not (folder and folder.done(k))]
+    with progress_bar(total=sum(sizes[k] for k in mine), initial=sum(sizes[k] for k in mine if k not in todo),
+                      unit="img", enabled=progress and rank == 0, **bar) as b:
+        for k in todo:
+            yield k, b
 
 
 #################################################################################
