@@ -296,30 +296,25 @@ def _everywhere(flag):
 @contextlib.contextmanager
 def _turn(folder):
     """The block run by one process at a time among those sharing folder (created if missing; None:
-    no turns): rank 0 of torch.distributed holds runs.folder_lock on it, the other ranks enter with it."""
+    no turns): rank 0 of torch.distributed holds runs.folder_lock on it, the other ranks enter with it.
+    A lock got on a folder that the process before removed while this one waited excludes no one: the
+    folder is made and locked again."""
     with contextlib.ExitStack() as lock:
-        while folder and rank_world()[0] == 0 and not _lock(folder, lock):
-            pass
+        while folder and rank_world()[0] == 0:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                before = os.stat(folder)
+                lock.enter_context(runs.folder_lock(folder))
+                if os.path.samestat(before, os.stat(folder)):
+                    break
+            except FileNotFoundError:
+                pass
+            except (OSError, UsageError) as e:
+                raise UsageError(f"{folder}: cannot create or lock it ({getattr(e, 'strerror', None) or e})") from None
+            lock.close()
         if folder:
             barrier()
         yield
-
-
-def _lock(folder, stack):
-    """Whether runs.folder_lock on folder (created if missing), entered on stack, holds the folder there
-    now: not when the process before removed it while this one waited (that lock excludes no one)."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        before = os.stat(folder)
-        stack.enter_context(runs.folder_lock(folder))
-        if os.path.samestat(before, os.stat(folder)):
-            return True
-    except FileNotFoundError:
-        pass
-    except (OSError, UsageError) as e:
-        raise UsageError(f"{folder}: cannot create or lock it ({getattr(e, 'strerror', None) or e})") from None
-    stack.close()
-    return False
 
 
 @_tf32_off()

@@ -55,14 +55,16 @@ def find_weights(path, env, filename, url, flag):
     return cached
 
 
-def _load_state(path):
+def _load_weights(weights, network):
+    """(path, state dict) of network's weights file (find_weights with WEIGHTS[network]); UsageError."""
+    path = find_weights(weights, *WEIGHTS[network])
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
         raise UsageError(f"{path}: does not load as a state dict ({one_line(e)})")
     if not isinstance(state, dict):
         raise UsageError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return state
+    return path, dict(state)
 
 
 def _frozen(net, key, device):
@@ -107,9 +109,8 @@ class InceptionNet(torch.nn.Module):
 
     def __init__(self, weights=None, device="cpu"):
         super().__init__()
-        path = find_weights(weights, *WEIGHTS["inception"])
+        path, state = _load_weights(weights, "inception")
         from pytorch_fid import inception  # a slow import: only once the weights are there
-        state = _load_state(path)
         try:
             with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: state):
                 self.net = inception.fid_inception_v3()
@@ -162,9 +163,8 @@ class DINOv2Net(torch.nn.Module):
 
     def __init__(self, weights=None, device="cpu", arch=DINOV2_ARCH):
         super().__init__()
-        path = find_weights(weights, *WEIGHTS["dinov2"])
+        path, state = _load_weights(weights, "dinov2")
         import timm
-        state = dict(_load_state(path))
         self.model = timm.create_model(arch, pretrained=False, img_size=self.image_size, num_classes=0)
         self.outputs = {"cls": self.model.num_features}
         state.pop("mask_token", None)  # used in training only
