@@ -123,10 +123,10 @@ def array_key(images):
 
 
 def check_images(images, what):
-    shape = tuple(images.shape) if hasattr(images, "shape") else None
-    if shape is None or len(shape) != 4 or shape[-1] != 3 or getattr(images, "dtype", None) != np.uint8 \
-            or shape[0] < 2:
-        got = f"{getattr(images, 'dtype', type(images).__name__)}{list(shape or [])}"
+    """UsageError unless images are uint8 (N, H, W, 3) with N >= 2."""
+    shape = tuple(getattr(images, "shape", ()))
+    if len(shape) != 4 or shape[-1] != 3 or shape[0] < 2 or getattr(images, "dtype", None) != np.uint8:
+        got = f"{getattr(images, 'dtype', type(images).__name__)}{list(shape)}"
         raise UsageError(f"{what}: need uint8 images N x H x W x 3 with N >= 2 (the ADM format), got {got}")
 
 

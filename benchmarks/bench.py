@@ -8,8 +8,7 @@ and the two costs the study's estimate and evaluation need.
     python benchmarks/bench.py --sample-cost    # instead: a sampling step / a training step of the study's model
     python benchmarks/bench.py --features 40 6  # instead: fid.py's Inception and DINOv2 images/s, 10K extrapolated
 
-All configurations of a model are held in memory at once and timed interleaved (see interleaved), so
-machine noise hits them alike; compare the ratios. See benchmarks/README.md.
+Configurations are timed interleaved (see interleaved): compare the ratios. See benchmarks/README.md.
 """
 import contextlib
 import ctypes
