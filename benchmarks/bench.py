@@ -308,12 +308,10 @@ def main(argv=None):
         result["models"].append(halving_on_oom(
             lambda b: run_model(Ctx(device, name, int(size), b, args), configs, peak), batch, device, spec))
         print(f"{spec}: done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    if args.sample_cost:
-        result["sample_cost"] = sample_cost(args, device)
-    if args.features:
-        result["features"] = feature_speed(args, device)
-    if args.loop:
-        result["loop"] = run_loop(args, device, batch)
+    modes = dict(sample_cost=sample_cost, features=feature_speed, loop=lambda a, d: run_loop(a, d, batch))
+    for mode, run in modes.items():  # in this order
+        if getattr(args, mode):
+            result[mode] = run(args, device)
     result["seconds"] = time.perf_counter() - start
     report = markdown(result)
     print(report)
