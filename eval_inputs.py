@@ -48,16 +48,17 @@ def image_files(folder):
 
 
 class Images:
-    """n images as an image source: [i:j] -> uint8 (B, H, W, 3), image k being load(k) of image_shape."""
+    """n images as an image source: [i:j] -> uint8 (B, H, W, 3), image k being load(k) of image_shape;
+    shape (n, *image_shape) as an array's."""
 
     def __init__(self, load, n, image_shape):
-        self.load, self.n, self.image_shape = load, n, tuple(image_shape)
+        self.load, self.shape = load, (n, *image_shape)
 
     def __len__(self):
-        return self.n
+        return self.shape[0]
 
     def __getitem__(self, index):
-        return np.stack([self.load(k) for k in range(self.n)[index]])
+        return np.stack([self.load(k) for k in range(len(self))[index]])
 
 
 def image_folder(path):
@@ -94,8 +95,7 @@ def pixel_dataset(path):
 def random_subset(images, n, seed):
     """n images of an image source, drawn without replacement by numpy's generator of seed, in their order."""
     index = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
-    shape = getattr(images, "image_shape", None) or images.shape[1:]
-    return Images(lambda k: images[index[k]:index[k] + 1][0], n, shape)
+    return Images(lambda k: images[index[k]:index[k] + 1][0], n, images.shape[1:])
 
 
 def path_key(path):
@@ -123,10 +123,10 @@ def array_key(images):
 
 
 def check_images(images, what):
-    shape = tuple(images.shape) if hasattr(images, "shape") else None
-    if shape is None or len(shape) != 4 or shape[-1] != 3 or getattr(images, "dtype", None) != np.uint8 \
-            or shape[0] < 2:
-        got = f"{getattr(images, 'dtype', type(images).__name__)}{list(shape or [])}"
+    """UsageError unless images are uint8 (N, H, W, 3) with N >= 2."""
+    shape = tuple(getattr(images, "shape", ()))
+    if len(shape) != 4 or shape[-1] != 3 or shape[0] < 2 or getattr(images, "dtype", None) != np.uint8:
+        got = f"{getattr(images, 'dtype', type(images).__name__)}{list(shape)}"
         raise UsageError(f"{what}: need uint8 images N x H x W x 3 with N >= 2 (the ADM format), got {got}")
 
 
@@ -192,7 +192,7 @@ class Side:
 
     @property
     def image_shape(self):
-        return None if self.images is None else tuple(getattr(self.images, "image_shape", None) or self.images.shape[1:])
+        return None if self.images is None else tuple(self.images.shape[1:])
 
     def __len__(self):
         return 0 if self.images is None else len(self.images)

@@ -1,25 +1,15 @@
 """Evaluation as papers report it, in PyTorch: FID, sFID, IS, precision and recall with the ADM
-evaluator's definitions (guided-diffusion evaluations/evaluator.py) and FD-DINOv2 as EDM2 has it.
+evaluator's definitions (guided-diffusion evaluations/evaluator.py) and FD-DINOv2 as EDM2 has it
+(docs/evaluation.md; the metrics' table is the README's).
 
-    from evaluation import evaluate
     evaluate("samples.npz", "VIRTUAL_imagenet256_labeled.npz")
     # {"fid": ..., "sfid": ..., "is": ..., "precision": ..., "recall": ..., "fd_dinov2": ...,
     #  "num_samples": 50000, "num_reference": 10000}
 
-Samples: uint8 N x H x W x 3 (an array, or arr_0 of an .npz: the ADM format). Reference: an ADM
-reference batch (.npz with arr_0 images and/or precomputed mu, sigma, mu_s, sigma_s, used as the
-ADM evaluator uses them), a folder of images, a data.py pixel dataset directory, or statistics
-{metric: (mu, sigma)}. Metrics, on the networks of feature_nets.py:
-    fid        Frechet distance of pool features (2048)
-    sfid       Frechet distance of spatial features (2023)
-    is         exp(E KL(p(y|x) || p(y))) of the 1008-way softmax, on splits of 5000, averaged
-    pr         precision and recall of k = 3 nearest-neighbour manifolds of pool features
-    fd_dinov2  Frechet distance of DINOv2 ViT-L/14 CLS features (1024)
-    fd_<name>  Frechet distance of any other feature network passed in `networks`
-Reference statistics are cached per (reference, network); features are extracted in batches, in
-resumable chunk files (data.ChunkFolder), shared over torch.distributed ranks; processes sharing a cache or a chunk
-folder take turns (runs.folder_lock), with TF32 off whatever the caller set
-(EDM2's setting; train.py turns it on). Frechet distances are in float64.
+Samples and references: eval_inputs.Side. Reference statistics are cached per (reference, network);
+features are extracted in resumable chunk files shared over torch.distributed ranks; processes sharing
+a cache or a chunk folder take turns (runs.folder_lock); TF32 off, as EDM2 evaluates; Frechet
+distances in float64.
 """
 import contextlib
 import hashlib
@@ -39,6 +29,7 @@ from cli import UsageError, barrier, one_line
 from data import ChunkFolder, atomic_write, rank_world
 from eval_inputs import Side, array_key, check_images, check_stats
 from progress import progress as progress_bar
+from sampling import chunk_sizes
 
 METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
 SOURCES = {"fid": ("inception", "pool"), "sfid": ("inception", "spatial"), "is": ("inception", "logits"),
@@ -162,39 +153,41 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
     all_gather_object. A work_dir needs a key."""
     if work_dir and key is None:
         raise ValueError("extract_features: a work_dir needs a key saying which images its chunks hold")
-    rank, world = rank_world()
-    n = len(images)
-    chunk_size = chunk_size or 10 * batch_size
-    chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-    mine = list(range(rank, len(chunks), world))
+    n, chunk_size = len(images), chunk_size or 10 * batch_size
+    sizes = chunk_sizes(n, chunk_size)
     folder = work_dir and ChunkFolder(work_dir, dict(network=network.key, images=key, n=n, chunk_size=chunk_size),
                                       replace=True)
-    todo = [k for k in mine if not (folder and folder.done(k))]
-    size = lambda ks: sum(chunks[k][1] - chunks[k][0] for k in ks)  # noqa: E731
-    bar = progress_bar(total=size(mine), initial=size(mine) - size(todo), desc=desc or f"features {network.name}",
-                       unit="img", enabled=progress and rank == 0)
     local = {}
-    try:
-        for k in todo:
-            parts = []
-            for i in range(chunks[k][0], chunks[k][1], batch_size):
-                end = min(i + batch_size, chunks[k][1])
-                out = network(images[i:end])
-                parts.append({o: v.float().cpu().numpy() for o, v in out.items()})
-                bar.update(end - i)
-            local[k] = {o: np.concatenate([p[o] for p in parts]) for o in parts[0]}
-            if folder:
-                folder.save(k, **local[k])
-    finally:
-        bar.close()
+    for k, bar in chunks_to_do(sizes, folder, progress, desc=desc or f"features {network.name}"):
+        parts = []
+        for i in range(k * chunk_size, k * chunk_size + sizes[k], batch_size):
+            batch = images[i:min(i + batch_size, k * chunk_size + sizes[k])]
+            parts.append({o: v.float().cpu().numpy() for o, v in network(batch).items()})
+            bar.update(len(batch))
+        local[k] = {o: np.concatenate([p[o] for p in parts]) for o in parts[0]}
+        if folder:
+            folder.save(k, **local[k])
     if folder:
         barrier()
-        local = {k: folder.load(k) for k in range(len(chunks))}
-    elif world > 1:
-        gathered = [None] * world
+        local = {k: folder.load(k) for k in range(len(sizes))}
+    elif rank_world()[1] > 1:
+        gathered = [None] * rank_world()[1]
         dist.all_gather_object(gathered, local)
         local = {k: v for g in gathered for k, v in g.items()}
-    return {o: np.concatenate([local[k][o] for k in range(len(chunks))]) for o in network.outputs}
+    return {o: np.concatenate([local[k][o] for k in range(len(sizes))]) for o in network.outputs}
+
+
+def chunks_to_do(sizes, folder=None, progress=True, **bar):
+    """Yield (k, progress bar) for each chunk k of this rank (k % world == rank) that folder (a
+    data.ChunkFolder, or None) does not hold yet; the bar (rank 0 only; bar: tqdm's desc, ...) counts
+    this rank's images of `sizes`, the chunks done counted from the start."""
+    rank, world = rank_world()
+    mine = range(rank, len(sizes), world)
+    todo = [k for k in mine if not (folder and folder.done(k))]
+    with progress_bar(total=sum(sizes[k] for k in mine), initial=sum(sizes[k] for k in mine if k not in todo),
+                      unit="img", enabled=progress and rank == 0, **bar) as b:
+        for k in todo:
+            yield k, b
 
 
 #################################################################################
@@ -303,30 +296,25 @@ def _everywhere(flag):
 @contextlib.contextmanager
 def _turn(folder):
     """The block run by one process at a time among those sharing folder (created if missing; None:
-    no turns): rank 0 of torch.distributed holds runs.folder_lock on it, the other ranks enter with it."""
+    no turns): rank 0 of torch.distributed holds runs.folder_lock on it, the other ranks enter with it.
+    A lock got on a folder that the process before removed while this one waited excludes no one: the
+    folder is made and locked again."""
     with contextlib.ExitStack() as lock:
-        while folder and rank_world()[0] == 0 and not _lock(folder, lock):
-            pass
+        while folder and rank_world()[0] == 0:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                before = os.stat(folder)
+                lock.enter_context(runs.folder_lock(folder))
+                if os.path.samestat(before, os.stat(folder)):
+                    break
+            except FileNotFoundError:
+                pass
+            except (OSError, UsageError) as e:
+                raise UsageError(f"{folder}: cannot create or lock it ({getattr(e, 'strerror', None) or e})") from None
+            lock.close()
         if folder:
             barrier()
         yield
-
-
-def _lock(folder, stack):
-    """Whether runs.folder_lock on folder (created if missing), entered on stack, holds the folder there
-    now: not when the process before removed it while this one waited (that lock excludes no one)."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        before = os.stat(folder)
-        stack.enter_context(runs.folder_lock(folder))
-        if os.path.samestat(before, os.stat(folder)):
-            return True
-    except FileNotFoundError:
-        pass
-    except (OSError, UsageError) as e:
-        raise UsageError(f"{folder}: cannot create or lock it ({getattr(e, 'strerror', None) or e})") from None
-    stack.close()
-    return False
 
 
 @_tf32_off()

@@ -1,22 +1,15 @@
 """Feature networks for evaluation.py: the 2015 TF Inception (FID, sFID, IS, precision/recall) and
 DINOv2 ViT-L/14 (FD-DINOv2), loaded from local weight files, never downloaded; and the small
 classifier of fd_classifier (train.py's in-run metric on pixel data without Inception weights, and
-the experiments' FD), trained on the run's own data once and cached.
+the experiments' FD), trained on the run's own data once and cached. docs/evaluation.md maps the
+ADM evaluator's TF tensors to these outputs.
 
 A feature network is any object with
     name      short, file-safe: it names cache files ("inception", "dinov2", ...)
     key       what its features depend on (architecture, weights file); part of every cache key
     outputs   {output name: feature dimension}
-    __call__(batch) -> {output name: float32 tensor (B, dim)}, batch as the image source yields it
-              (uint8 N x H x W x 3 numpy; the classifier also takes model-space float N x C x H x W)
-
-Tensor mapping (see the README's evaluation section for how it was checked):
-- pool: "pool_3:0" of the TF graph = the 2048-d global average pool after Mixed_7c.
-- spatial: "mixed_6/conv:0"[..., :7] = the output (ReLU after batch norm) of Mixed_6d.branch1x1,
-  the first 7 of its 192 channels, flattened in the TF graph's H, W, C order: 17 * 17 * 7 = 2023.
-- logits: the pool features times "softmax/weights" (pytorch-fid's fc.weight), without the bias, as
-  the ADM evaluator's IS graph does; the softmax is over all 1008 outputs.
-- Input: TF 1.x bilinear resize to 299 (no half-pixel offset), then (x - 128) / 128, as the graph does.
+    __call__(batch) -> {output name: float32 tensor (B, dim)}, batch uint8 N x H x W x 3 numpy
+              (the classifier also takes model-space float N x C x H x W)
 """
 import hashlib
 import json
@@ -30,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UsageError, one_line
-from data import atomic_write
+from cli import UsageError, barrier, one_line
+from data import atomic_write, rank_world
 from eval_inputs import path_key
 from runs import folder_lock
 
@@ -62,14 +55,22 @@ def find_weights(path, env, filename, url, flag):
     return cached
 
 
-def _load_state(path):
+def _load_weights(weights, network):
+    """(path, state dict) of network's weights file (find_weights with WEIGHTS[network]); UsageError."""
+    path = find_weights(weights, *WEIGHTS[network])
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
         raise UsageError(f"{path}: does not load as a state dict ({one_line(e)})")
     if not isinstance(state, dict):
         raise UsageError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return state
+    return path, dict(state)
+
+
+def _frozen(net, key, device):
+    """net with its cache key, in eval mode without gradients on device."""
+    net.key, net.device = key, torch.device(device)
+    return net.eval().requires_grad_(False).to(net.device)
 
 
 def _nhwc_uint8(batch, device):
@@ -108,17 +109,14 @@ class InceptionNet(torch.nn.Module):
 
     def __init__(self, weights=None, device="cpu"):
         super().__init__()
-        path = find_weights(weights, *WEIGHTS["inception"])
+        path, state = _load_weights(weights, "inception")
         from pytorch_fid import inception  # a slow import: only once the weights are there
-        state = _load_state(path)
         try:
             with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: state):
                 self.net = inception.fid_inception_v3()
         except (RuntimeError, KeyError, ValueError) as e:
             raise UsageError(f"{path}: not the FID Inception weights {INCEPTION_FILE} ({one_line(e)})")
-        self.key = f"inception-2015-12-05/adm-tensors/{path_key(path)}"
-        self.device = torch.device(device)
-        self.eval().requires_grad_(False).to(self.device)
+        _frozen(self, f"inception-2015-12-05/adm-tensors/{path_key(path)}", device)
 
     @torch.no_grad()
     def forward(self, batch):
@@ -165,9 +163,8 @@ class DINOv2Net(torch.nn.Module):
 
     def __init__(self, weights=None, device="cpu", arch=DINOV2_ARCH):
         super().__init__()
-        path = find_weights(weights, *WEIGHTS["dinov2"])
+        path, state = _load_weights(weights, "dinov2")
         import timm
-        state = dict(_load_state(path))
         self.model = timm.create_model(arch, pretrained=False, img_size=self.image_size, num_classes=0)
         self.outputs = {"cls": self.model.num_features}
         state.pop("mask_token", None)  # used in training only
@@ -177,16 +174,13 @@ class DINOv2Net(torch.nn.Module):
             self.model.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as e:
             raise UsageError(f"{path}: not {arch} weights in the DINOv2 hub format ({one_line(e)})")
-        self.key = f"{arch}/224-bicubic-antialias/{path_key(path)}"
-        self.device = torch.device(device)
-        self.eval().requires_grad_(False).to(self.device)
+        _frozen(self, f"{arch}/224-bicubic-antialias/{path_key(path)}", device)
 
     @torch.no_grad()
     def forward(self, batch):
         x = _nhwc_uint8(batch, self.device)
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
         return {"cls": self.model((x / 255 - mean) / std)}
 
 
@@ -317,8 +311,7 @@ def trained_classifier(dataset, cache_dir, device, log, skip=0):
                   min_steps=CLASSIFIER_MIN_STEPS, recipe=CLASSIFIER_RECIPE, arch=arch)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"classifier-{digest}.pt")
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:
+    if rank_world()[0] == 0:
         with folder_lock(cache_dir, create=True):
             if not os.path.isfile(path):
                 start = time.time()
@@ -326,8 +319,7 @@ def trained_classifier(dataset, cache_dir, device, log, skip=0):
                                        min_steps=CLASSIFIER_MIN_STEPS, device=device)
                 atomic_write(path, lambda f: torch.save(net.state_dict(), f))
                 log(f"trained the evaluation classifier on {len(order)} items in {time.time() - start:.0f} s: {path}")
-    if distributed:
-        torch.distributed.barrier()
+    barrier()
     net = SmallClassifier(**arch)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return ClassifierNet(net.to(device), f"SmallClassifier/{digest}")

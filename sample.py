@@ -9,11 +9,8 @@
     python sample.py --ckpt pretrained_models/DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \\
         --class-label 207 360 --cfg-scale 4
 
-The model is rebuilt from the checkpoint's arguments and dataset manifest; latent runs are decoded
-with the VAE the manifest names (or --vae-path). Guidance is guidance.Guided's. A grid has one row
-per --class-label (named when the data names its classes); --fid N writes an ADM-evaluator .npz
-through chunk files of --batch-size samples (data.ChunkFolder) whose labels and noise depend only on
-(--seed, k), so a rerun resumes where an interrupted one stopped and gives the same array.
+A grid has one row per --class-label; --fid N writes an ADM-evaluator .npz through resumable chunk
+files whose labels and noise depend only on (--seed, chunk), so a rerun gives the same array.
 """
 import argparse
 import glob
@@ -30,10 +27,9 @@ from cli import ArgumentParser, UsageError, barrier, run_command, setup_distribu
 from data import ChunkFolder, rank_world
 from download import VAES, open_decoder
 from ema import posthoc_coefficients, valid_sigma_rel
-from evaluation import write_npz_samples
+from evaluation import chunks_to_do, write_npz_samples
 from guidance import EVERY_STEP, Guided
 from models import MODEL_SIZES, DiT_models
-from progress import progress
 from runs import SEED_RANGE, build_model, checkpoints_in, load_checkpoint, saved_args
 from sampling import (DEFAULT_STEPS, chunk_inputs, chunk_sizes, make_sampler, row_names, sample_chunk, sample_images,
                       sampling_weights_name, save_grid)
@@ -299,14 +295,10 @@ def write_fid_npz(args, generate, path, settings):
     rank 0. generate(k, n): (images, labels) of chunk k."""
     chunks = ChunkFolder(path[: -len(".npz")] + "-chunks", settings)
     sizes = chunk_sizes(args.fid, args.batch_size)
-    mine = chunks.mine(len(sizes))
-    todo = [k for k in mine if not chunks.done(k)]
-    with progress(total=sum(sizes[k] for k in mine), initial=sum(sizes[k] for k in mine if k not in todo),
-                  unit="img", enabled=rank_world()[0] == 0 and not args.no_progress) as bar:
-        for k in todo:
-            images, labels = generate(k, sizes[k])
-            chunks.save(k, images=images, labels=labels)
-            bar.update(sizes[k])
+    for k, bar in chunks_to_do(sizes, chunks, progress=not args.no_progress):
+        images, labels = generate(k, sizes[k])
+        chunks.save(k, images=images, labels=labels)
+        bar.update(sizes[k])
     barrier()
     if rank_world()[0] == 0:
         write_npz_samples(path, np.concatenate([chunks.load(k)["images"] for k in range(len(sizes))]))

@@ -7,10 +7,8 @@ function (guidance.Guided) -> uint8 images (data.decode).
     images = sample_images(Guided(model, 1.5), sampler, z, y, manifest, vae)   # uint8 (64, 128, 128, 3)
     images, labels = sample_chunk(Guided(model, 1.5), sampler, manifest, seed, k, 64, vae)  # the same
 
-An --fid run of N samples (sample.py --fid, train.py's evaluation) is chunks k = 0, 1, ... of
-chunk_sizes(N, batch)[k] samples each; any process that samples chunk k with the same model and
-settings draws the same images. Guidance (classifier-free, autoguidance, its interval and DiT's
-3-channel option) is guidance.Guided's alone.
+An --fid run of N samples is chunks k of chunk_sizes(N, batch)[k] samples: any process that samples
+chunk k with the same model and settings draws the same images.
 """
 import numpy as np
 import torch

@@ -8,10 +8,8 @@ and the two costs the study's estimate and evaluation need.
     python benchmarks/bench.py --sample-cost    # instead: a sampling step / a training step of the study's model
     python benchmarks/bench.py --features 40 6  # instead: fid.py's Inception and DINOv2 images/s, 10K extrapolated
 
-All configurations of a model are held in memory at once and timed interleaved (see interleaved), so
-machine noise hits them alike; compare the ratios. See benchmarks/README.md.
+Configurations are timed interleaved (see interleaved): compare the ratios. See benchmarks/README.md.
 """
-import argparse
 import contextlib
 import ctypes
 import io
@@ -26,13 +24,13 @@ import time
 
 import numpy as np
 
-from harness import (MODEL_OPTIONS, ROOT, Ctx, InferStep, SampleStep, TrainStep, forward_gmacs, free,
+from harness import (ROOT, Ctx, InferStep, SampleStep, TrainStep, forward_gmacs, free,
                      halving_on_oom, machine_info, machine_line, setup, summary, table, timed)  # first: ROOT on sys.path
 
 import torch
 import train
 from cli import ArgumentParser, UsageError, run_command
-from data import make_demo_dataset, read_manifest
+from data import atomic_write, make_demo_dataset, read_manifest
 from models import MP_SWITCHES
 from sampling import make_sampler
 
@@ -77,7 +75,6 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", default=os.path.join(ROOT, "benchmarks", "results.json"))
     p.add_argument("--out-md", help="also write the markdown report here")
-    p.set_defaults(compile_backend=MODEL_OPTIONS["compile_backend"], overrides={})
     args = p.parse_args(argv)
     if args.loop and args.loop_steps < 2 * args.loop_window:
         raise UsageError("--loop-steps must be at least 2 x --loop-window (the first window is skipped)")
@@ -145,8 +142,7 @@ def run_loop(args, device, batch):
     demo = make_demo_dataset(os.path.join(tempfile.gettempdir(), "map-dit-bench-demo-data"))
     manifest = read_manifest(demo)
     (channels, size, _), classes = manifest["shape"], manifest["num_classes"]
-    ctx = Ctx(argparse.Namespace(**{**vars(args), "channels": channels, "num_classes": classes}), device,
-              args.loop_model, size, batch)
+    ctx = Ctx(device, args.loop_model, size, batch, args, channels=channels, num_classes=classes)
     configs = {"vanilla": {}, "MaP": {"mp": True}}
     bare = {n: TrainStep(ctx, kw) for n, kw in configs.items()}
     out = {n: dict(loop=[], bare=[]) for n in configs}
@@ -187,8 +183,8 @@ def sample_cost(args, device):
     """Seconds of one sampling step (DDIM-2 through sampling.denoise, guided at --cfg-scale: above 1 the
     batch doubles; its time halved) at --sample-batch and of one train step at --batch (default 64) of
     the study's cpu model, vanilla and MaP: after --warmup, --rounds rounds of one of each; medians."""
-    opts = argparse.Namespace(**{**vars(args), "channels": 3, "num_classes": 10, "overrides": STUDY_MODEL})
-    ctx, sampler, out = Ctx(opts, device, "DiT-XS/4", 32, args.batch or 64), make_sampler("ddim", 2), {}
+    ctx = Ctx(device, "DiT-XS/4", 32, args.batch or 64, args, channels=3, num_classes=10, overrides=STUDY_MODEL)
+    sampler, out = make_sampler("ddim", 2), {}
     for name, kwargs in (("vanilla", {}), ("MaP", {"mp": True})):
         train_step, sample_step = TrainStep(ctx, kwargs), SampleStep(ctx, kwargs, sampler, args.sample_batch,
                                                                      args.cfg_scale)
@@ -255,8 +251,7 @@ def markdown(result):
         rows = []
         for n, c in r["configs"].items():
             tr, inf = c.get("train", {}), c.get("infer", {})
-            rows.append([n, fmt(tr["img_per_s"]) if tr else "-", fmt(tr["ratio"], 3) if tr else "-",
-                         fmt(inf["img_per_s"]) if inf else "-", fmt(inf["ratio"], 3) if inf else "-",
+            rows.append([n, *(fmt(rec[k], d) if rec else "-" for rec in (tr, inf) for k, d in (("img_per_s", 1), ("ratio", 3))),
                          f"{tr['peak_gb']:.2f}" if tr.get("peak_gb") else "n/a",
                          f"{tr['saved_act_mb']:.0f}" if tr else "-",
                          ", ".join(f"{x['mfu']:.1%}" if "mfu" in x else "n/a" for x in (tr, inf))])
@@ -311,23 +306,19 @@ def main(argv=None):
     for spec in specs:
         name, size = spec.split("@")
         result["models"].append(halving_on_oom(
-            lambda b: run_model(Ctx(args, device, name, int(size), b), configs, peak), batch, device, spec))
+            lambda b: run_model(Ctx(device, name, int(size), b, args), configs, peak), batch, device, spec))
         print(f"{spec}: done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    if args.sample_cost:
-        result["sample_cost"] = sample_cost(args, device)
-    if args.features:
-        result["features"] = feature_speed(args, device)
-    if args.loop:
-        result["loop"] = run_loop(args, device, batch)
+    modes = dict(sample_cost=sample_cost, features=feature_speed, loop=lambda a, d: run_loop(a, d, batch))
+    for mode, run in modes.items():  # in this order
+        if getattr(args, mode):
+            result[mode] = run(args, device)
     result["seconds"] = time.perf_counter() - start
     report = markdown(result)
     print(report)
-    if args.out_md:
-        with open(args.out_md, "w") as f:
-            f.write(report + "\n")
     os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
-    with open(args.out_json, "w") as f:
-        json.dump(result, f, indent=1)
+    for path, text in ((args.out_md, report + "\n"), (args.out_json, json.dumps(result, indent=1))):
+        if path:
+            atomic_write(path, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

@@ -4,14 +4,10 @@ and how fast is it. Writes a markdown block for benchmarks/RESULTS.md.
     python benchmarks/gpu_check.py --out-md $OUT/gpu_check.md      # on the GPU (DiT-XL/2, 32x32 latents)
     python benchmarks/gpu_check.py --tiny                          # the same script on a CPU, tiny models
 
-Measures the bf16 TFLOP/s of large matrix multiplies, then the --sections in this order (each one
-skipped, and said so, once too little of --budget-s is left): train (train.py's step, vanilla and MaP),
-torchrun (train.py under torchrun, 2 steps, then --resume to 4), sample (guided DPM-Solver++ 25),
-checkpoint (the step with --grad-checkpoint), compile (the step compiled by inductor). The markdown is
-rewritten after every section, so a run cut short keeps what it measured; what a budget skipped runs
-in a second call (--sections checkpoint compile). benchmarks/README.md says what each row means.
+Measures the bf16 TFLOP/s of large matrix multiplies, then the --sections (SECTIONS), each skipped
+once too little of --budget-s is left. The markdown is rewritten after every section, so a run cut
+short keeps what it measured. benchmarks/README.md says what each row means.
 """
-import argparse
 import glob
 import importlib.util
 import os
@@ -22,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from harness import (MODEL_OPTIONS, ROOT, Ctx, SampleStep, TrainStep, forward_gmacs, free, halving_on_oom,
+from harness import (ROOT, Ctx, SampleStep, TrainStep, forward_gmacs, free, halving_on_oom,
                      machine_info, machine_line, setup, table, timed)  # first: it puts ROOT on sys.path
 
 import sampling
@@ -62,8 +58,7 @@ def parse_args(argv=None):
 
 def context(args, device, batch, **options):
     """A harness.Ctx of --model at --size for `batch` images; options: compile, grad_checkpoint."""
-    return Ctx(argparse.Namespace(**{**MODEL_OPTIONS, **(TINY if args.tiny else {}), **options}), device, args.model,
-               args.size, batch)
+    return Ctx(device, args.model, args.size, batch, **(TINY if args.tiny else {}), **options)
 
 
 def matmul_tflops(device):

@@ -1,6 +1,7 @@
 """What the benchmarks measure with: the device set-up, the fixed inputs of a model (Ctx), train.py's
 training step itself (TrainStep), the sampling forward (InferStep) and sampling loop (SampleStep),
 timing, forward FLOPs, the machine's description and markdown tables."""
+import argparse
 import contextlib
 import copy
 import datetime
@@ -50,10 +51,12 @@ def setup(threads=None, cpu=False):
 
 class Ctx:
     """Device, precision and the fixed inputs (x, noise, t, y, label-drop mask) of `batch` items shared
-    by every configuration of one model. args: MODEL_OPTIONS (overrides go to every model built, e.g.
-    depth; compile_backend is torch.compile's backend with args.compile)."""
+    by every configuration of one model. self.args: MODEL_OPTIONS, replaced by those of args and then
+    by `options` (overrides go to every model built, e.g. depth; compile_backend is torch.compile's
+    backend with compile)."""
 
-    def __init__(self, args, device, name, size, batch):
+    def __init__(self, device, name, size, batch, args=None, **options):
+        args = argparse.Namespace(**{**MODEL_OPTIONS, **vars(args or argparse.Namespace()), **options})
         self.args, self.device, self.name, self.size, self.batch = args, device, name, size, batch
         self.autocast = train.autocast_for(args, device)
         self.bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+import evaluation
 import sample
 import sampling
 import train
@@ -318,7 +319,7 @@ def test_fid_npz_resumes_and_splits_over_ranks(pixel_run, tmp_path, capsys, monk
     monkeypatch.setattr(sample.dist, "destroy_process_group", lambda: None)
     for rank in (1, 0):
         monkeypatch.setattr(sample, "setup_distributed", lambda: (rank, 2, torch.device("cpu")))
-        for module in (sample, data):
+        for module in (sample, data, evaluation):  # evaluation.chunks_to_do picks this rank's chunks
             monkeypatch.setattr(module, "rank_world", lambda: (rank, 2))
         assert run_cli([*fid, "--out", tmp_path / "ranks.npz"], capsys)[0] == 0
         assert os.path.exists(tmp_path / "ranks.npz") == (rank == 0)  # rank 0 merges
