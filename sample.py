@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import ArgumentParser, UsageError, barrier, run_command, setup_distributed
+from cli import ArgumentParser, UsageError, at_least, barrier, run_command, setup_distributed
 from data import ChunkFolder, rank_world
 from download import VAES, open_decoder
 from ema import posthoc_coefficients, valid_sigma_rel
@@ -57,15 +57,15 @@ def parse_args(argv=None):
     g.add_argument("--vae-path", metavar="DIR", help="load the VAE from this save_pretrained directory")
     g = p.add_argument_group("sampling")
     g.add_argument("--class-label", type=int, nargs="+", metavar="Y", help="grid rows: one class label each")
-    g.add_argument("--num-samples", type=int, default=8, metavar="N", help="grid columns: samples per label (default 8)")
+    g.add_argument("--num-samples", type=at_least(1), default=8, metavar="N", help="grid columns: samples per label (default 8)")
     g.add_argument("--sampler", choices=list(DEFAULT_STEPS), default="ddpm",
                    help="ancestral DDPM, DDIM (eta 0), or DPM-Solver++(2M) from diffusers (default ddpm)")
-    g.add_argument("--num-sampling-steps", type=int, metavar="N",
+    g.add_argument("--num-sampling-steps", type=at_least(1), metavar="N",
                    help=f"default {', '.join(f'{s} for {k}' for k, s in DEFAULT_STEPS.items())}")
     g.add_argument("--cfg-scale", type=float, metavar="S",
                    help="guidance scale w: classifier-free, or autoguidance with --guide; 1 = none (default "
                         f"{CFG_SCALE['grid']:g} for a grid, {CFG_SCALE['fid']:g} for --fid: DiT's FID setting)")
-    g.add_argument("--cfg-channels", type=int, metavar="K",
+    g.add_argument("--cfg-channels", type=at_least(1), metavar="K",
                    help="guide only the first K latent channels; 3 = the original DiT code (default: all)")
     g.add_argument("--guidance-interval", type=float, nargs=2, default=list(EVERY_STEP), metavar=("LO", "HI"),
                    help="guide only where the noise level sigma = sqrt((1 - abar_t) / abar_t) lies in (LO, HI] "
@@ -78,8 +78,8 @@ def parse_args(argv=None):
                    help="the model's forward in float32 or bf16 autocast; guidance and the sampler stay float32 "
                         "(default auto: bf16 on a GPU)")
     g.add_argument("--seed", type=int, default=0, help="grid and FID noise and labels, in [0, 2**32) (default 0)")
-    g.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per model batch and FID chunk")
-    g.add_argument("--fid", type=int, metavar="N", help="write N samples to an .npz instead of a grid")
+    g.add_argument("--batch-size", type=at_least(1), default=64, metavar="N", help="samples per model batch and FID chunk")
+    g.add_argument("--fid", type=at_least(1), metavar="N", help="write N samples to an .npz instead of a grid")
     g.add_argument("--out", help="output .png (grid) or .npz (--fid); default under RUN/samples/")
     g.add_argument("--no-progress", action="store_true", help="no progress bar for --fid")
     g.add_argument("--compile", action="store_true", help="torch.compile the model's forward as one graph")
@@ -89,9 +89,6 @@ def parse_args(argv=None):
     args.cfg_scale_given = args.cfg_scale is not None
     if not args.cfg_scale_given:
         args.cfg_scale = CFG_SCALE["fid" if args.fid else "grid"]
-    for name in ("num_samples", "batch_size", "num_sampling_steps", "fid", "cfg_channels"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     lo, hi = args.guidance_interval
     checks = [(args.num_sampling_steps > 1000, "--num-sampling-steps: at most the 1000 training steps"),
               (not math.isfinite(args.cfg_scale), f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = none)"),
