@@ -87,6 +87,11 @@ def setup_distributed(timeout=None):
 LONG_WAIT = datetime.timedelta(days=2)  # for process groups whose ranks wait on slower ones (download, fid)
 
 
+def rank_world():
+    """(rank, world size) of torch.distributed, (0, 1) when it is not initialised."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
 def barrier():
     """dist.barrier() under torchrun; nothing in a single process."""
     if dist.is_initialized():

@@ -31,10 +31,9 @@ import tempfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-from cli import ArgumentParser, UsageError, barrier, run_command
+from cli import ArgumentParser, UsageError, barrier, rank_world, run_command
 
 FORMAT, VERSION = "map-dit", 1
 DTYPES = {"labels": np.int64, "mean": np.float16, "std": np.float16, "images": np.uint8}
@@ -49,12 +48,15 @@ def shard_file(directory, name, array):
 
 def atomic_write(path, write):
     """Call write(f) on a temporary file of this process next to path, fsync it, then rename it to
-    path: path is the old file or the complete new one. A failed write (a full disk) leaves no
-    temporary file and raises UsageError."""
+    path: path is the old file or the complete new one. A failed write (a full disk: an OSError, or the
+    RuntimeError of torch's zip writer) leaves no temporary file and raises UsageError."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:  # how torch's zip writer reports a full disk
+                raise OSError((str(e).strip().splitlines() or [type(e).__name__])[-1][:200]) from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -62,13 +64,8 @@ def atomic_write(path, write):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise UsageError(f"{path}: cannot write ({e.strerror or e}); nothing was replaced and finished work (chunks, "
-                         f"shards, checkpoints) is kept: free space (or fix the permissions) and rerun the same "
+                         f"shards, checkpoints) is intact: free space (or fix the permissions) and rerun the same "
                          f"command to continue") from None
-
-
-def rank_world():
-    """(rank, world size) of torch.distributed, (0, 1) when it is not initialised."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def read_json(path):

@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 import feature_nets
 import runs
-from cli import UsageError, barrier, one_line
-from data import ChunkFolder, atomic_write, rank_world
+from cli import UsageError, barrier, one_line, rank_world
+from data import ChunkFolder, atomic_write
 from eval_inputs import Side, array_key, check_images, check_stats
 from progress import progress as progress_bar
 from sampling import chunk_sizes

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UsageError, barrier, one_line
-from data import atomic_write, rank_world
+from cli import UsageError, barrier, one_line, rank_world
+from data import atomic_write
 from eval_inputs import path_key
 from runs import folder_lock
 

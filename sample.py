@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import ArgumentParser, UsageError, at_least, barrier, run_command, setup_distributed
-from data import ChunkFolder, rank_world
+from cli import ArgumentParser, UsageError, at_least, barrier, rank_world, run_command, setup_distributed
+from data import ChunkFolder
 from download import VAES, open_decoder
 from ema import posthoc_coefficients, valid_sigma_rel
 from evaluation import chunks_to_do, write_npz_samples

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import evaluation
 import feature_nets
 import runs
-from cli import UsageError, from_rank_0
+from cli import UsageError, from_rank_0, rank_world
 from data import atomic_write
 from ema import frozen_copy
 from eval_inputs import Side
@@ -235,7 +235,7 @@ class Evaluation:
     def images(self, model):
         """All the samples (N, H, W, 3) uint8, in chunk order on every rank. The global RNG, which
         chunk_inputs seeds, is the training's again afterwards."""
-        rank, world = evaluation.rank_world()
+        rank, world = rank_world()
         device, guided, chunks = next(model.parameters()).device, Guided(model, self.args.eval_cfg_scale), {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for k in range(rank, len(self.sizes), world):
