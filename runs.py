@@ -54,19 +54,8 @@ def saved_args(ckpt):
 
 
 def atomic_save(obj, path):
-    """torch.save to path.tmp, then rename: path is either the old file or the complete new one. A
-    failed write (full disk) removes the partial file and raises UsageError."""
-    tmp = path + ".tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{path}: cannot write ({reason}); nothing was replaced and the files already in "
-                         f"{os.path.dirname(path) or '.'} are intact: free space (or fix the permissions) and "
-                         f"rerun the same command to continue from the last checkpoint") from None
+    """torch.save(obj) to path through data.atomic_write: the old file or the complete new one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoints_in(run_dir):
