@@ -22,6 +22,7 @@ import os
 import random
 import socket
 import sys
+import time
 
 import numpy as np
 import torch
@@ -287,8 +288,7 @@ class RunLock:
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
+            holder = self.holder()
             self.file.close()
             raise UsageError(f"{run_dir}: in use by {holder} (it holds {path}); wait for it to finish, "
                              f"or stop it and rerun the same command to continue the run") from None
@@ -296,6 +296,17 @@ class RunLock:
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self.file.flush()
+
+    def holder(self):
+        """'pid P on HOST' of the process holding the lock, which writes it just after taking the lock:
+        read again for up to a second when a reader comes in between (empty file)."""
+        for _ in range(100):
+            self.file.seek(0)
+            holder = self.file.read().strip()
+            if holder:
+                return holder
+            time.sleep(0.01)
+        return "another process"
 
     def release(self):
         self.file.close()  # closing drops the flock

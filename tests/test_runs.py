@@ -1,11 +1,13 @@
 """Runs that are never silently damaged, lost or mixed (issue 12): flag ranges, non-finite values, the
 run lock, finding the run to continue, resume with changed arguments, extension, full disks."""
+import fcntl
 import json
 import os
 import resource
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -176,6 +178,20 @@ def test_a_run_in_use_is_refused_and_a_stale_lock_does_not_block(pixels, tmp_pat
     assert train.main(train.parse_args(args)) == run_dir
     assert os.listdir(tmp_path) == [os.path.basename(run_dir)]
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "0000004.pt"))
+
+
+
+def test_a_second_writer_names_the_holder_that_has_not_written_its_pid_yet(tmp_path):
+    """The holder writes 'pid P on HOST' just after taking the lock; a second writer that comes in
+    between (the file still empty) names it all the same instead of 'another process' (a flaky
+    refusal message of the test below)."""
+    with open(tmp_path / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        late = threading.Timer(0.2, lambda: (held.write("pid 4242 on host\n"), held.flush()))
+        late.start()
+        with pytest.raises(runs.UsageError, match="in use by pid 4242 on host"):
+            runs.RunLock(str(tmp_path))
+        late.join()
 
 
 def test_the_same_command_started_twice_trains_once(pixels, tmp_path):
