@@ -23,7 +23,7 @@ MP_SWITCHES = {
     "use_mp_silu": "every SiLU / GELU becomes mp_silu = silu / 0.596",
     "use_no_layernorm": "no LayerNorm before attention, MLP and the final layer",
     "use_mp_pos_enc": "unit-RMS sin-cos position embedding joined by mp_sum",
-    "use_mp_embedding": "MP Fourier timestep features of 2t/T - 1, unit-RMS label embeddings, joined by mp_sum",
+    "use_mp_embedding": "MP Fourier timestep features of 2t/t_max - 1, unit-RMS label embeddings, joined by mp_sum",
 }
 
 
@@ -114,7 +114,7 @@ class PatchEmbed(nn.Module):
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """DiT's sinusoidal features of the integer timestep: [cos(t f), sin(t f)], f = max_period^(-i/half)."""
+    """DiT's sinusoidal features of the timestep t (N,): [cos(t f), sin(t f)], f = max_period^(-i/half)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
@@ -124,12 +124,14 @@ def timestep_embedding(t, dim, max_period=10000):
 class TimestepEmbedder(nn.Module):
     """t (N,) -> (N, D): features of t, then linear, activation, linear.
 
-    Vanilla: DiT's sinusoid of the raw integer t. MP: Fourier features of c = 2 t / T - 1 in
-    [-1, 1) (T = num_timesteps); the raw integer would alias (neighbouring steps unrelated)."""
+    t lies in [0, t_max]: DDPM's integer timesteps (t_max 1000) or a flow's time in [0, 1] (t_max 1).
+    Vanilla: DiT's sinusoid of the raw t (for a flow, SiT's: t in [0, 1] as it is). MP: Fourier
+    features of c = 2 t / t_max - 1 in [-1, 1] for either; the raw integer would alias
+    (neighbouring steps unrelated)."""
 
-    def __init__(self, hidden_size, sw, frequency_embedding_size=256, num_timesteps=1000):
+    def __init__(self, hidden_size, sw, frequency_embedding_size=256, t_max=1000):
         super().__init__()
-        self.num_timesteps = num_timesteps
+        self.t_max = t_max
         self.fourier = MPFourier(frequency_embedding_size) if sw.use_mp_embedding else None
         self.frequency_embedding_size = frequency_embedding_size
         self.mlp = nn.Sequential(
@@ -140,7 +142,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         if self.fourier is not None:
-            features = self.fourier(2 * t.float() / self.num_timesteps - 1)
+            features = self.fourier(2 * t.float() / self.t_max - 1)
         else:
             features = timestep_embedding(t, self.frequency_embedding_size)
         return self.mlp(features)
@@ -284,7 +286,8 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone. forward(x (N, C, H, W), t (N,), y (N,)) ->
     (N, 2C, H, W) with learned sigma (eps, then the variance interpolation v), else (N, C, H, W).
-    `modulation` (one of MODULATIONS) conditions the blocks; the final layer always uses adaLN."""
+    `modulation` (one of MODULATIONS) conditions the blocks; the final layer always uses adaLN.
+    t_max: t lies in [0, t_max], 1000 for DDPM's timesteps, 1 for a flow's time (TimestepEmbedder)."""
 
     def __init__(
         self,
@@ -300,6 +303,7 @@ class DiT(nn.Module):
         learn_sigma=True,
         mp=False,
         modulation="adaln",
+        t_max=1000,
         **switches,
     ):
         super().__init__()
@@ -319,7 +323,7 @@ class DiT(nn.Module):
         self.num_classes = num_classes
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, sw)
-        self.t_embedder = TimestepEmbedder(hidden_size, sw)
+        self.t_embedder = TimestepEmbedder(hidden_size, sw, t_max=t_max)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob, sw)
         num_patches = (input_size // patch_size) ** 2
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)

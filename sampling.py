@@ -1,6 +1,7 @@
 """One sampling path for sample.py and the in-run grids and evaluation of train.py: noise and labels
--> x_0 in model space by a sampler (ancestral DDPM, DDIM, DPM-Solver++) calling a guided model
-function (guidance.Guided) -> uint8 images (data.decode).
+-> x_0 in model space by a sampler (ancestral DDPM, DDIM, DPM-Solver++ for a DDPM run; Euler, Heun,
+SDE, dopri5 for a flow run) calling a guided model function (guidance.Guided) -> uint8 images
+(data.decode).
 
     sampler = make_sampler("ddim", 50, prediction="v")
     z, y = chunk_inputs(seed, k, 64, (4, 16, 16), num_classes=1000)    # chunk k: depends on (seed, k) only
@@ -16,9 +17,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data import atomic_write, decode
 from diffusion import create_diffusion
+from diffusion.flow import dopri5_sample, euler_sample, heun_sample, sde_sample
 from cli import UsageError
 
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
+SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm++"), "flow": ("euler", "heun", "sde", "dopri5")}  # by objective
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25,
+                 "euler": 50,  # one model call per step: DDIM's cost at its default
+                 "heun": 25,  # two calls per step: 50 calls, the cost of euler 50 and ddim 50
+                 "sde": 250,  # SiT's default (its FID 2.06); a first-order stochastic method needs many
+                 "dopri5": None}  # adaptive: the solver chooses its steps
+GRID_SAMPLER = {"ddpm": "ddim", "flow": "euler"}  # train.py's grids and evaluation: deterministic, one call a step
+FLOW_SAMPLERS = {"euler": euler_sample, "heun": heun_sample, "sde": sde_sample}
 GRID_ZOOM_BELOW = 64  # grid images smaller than this many pixels are shown at twice their size
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
@@ -29,9 +38,25 @@ def sampling_weights_name(sigma_rels):
     return f"ema-{max(sigma_rels)}" if sigma_rels else "ema"
 
 
-def make_sampler(name, steps, prediction="eps"):
-    """A function (model_fn, z (N, C, H, W), model_kwargs, clip_denoised) -> x_0 (N, C, H, W) for a
-    model predicting eps, v or x0; model_fn(x, t, **model_kwargs) gets the original integer timesteps t (N,)."""
+def make_sampler(name, steps, prediction="eps", shift=1.0):
+    """A function (model_fn, z (N, C, H, W), model_kwargs, clip_denoised) -> x_0 (N, C, H, W).
+
+    DDPM samplers (SAMPLERS["ddpm"]) for a model predicting `prediction` (eps, v or x0):
+    model_fn(x, t, **model_kwargs) gets the original integer timesteps t (N,).
+    Flow samplers (SAMPLERS["flow"], diffusion/flow.py) integrate a velocity model from noise z at
+    t = 0 to data at t = 1: model_fn gets float times t (N,) in [0, 1]; clip_denoised is unused.
+    "euler" (steps calls), "heun" (2 steps calls), "sde" (SiT's Euler-Maruyama, steps calls) on a
+    step grid shifted by SD3's `shift` (> 1: finer steps at the noise end; flow.shifted_times);
+    "dopri5" adaptive (steps and shift unused)."""
+    if name in FLOW_SAMPLERS:
+        if steps < 1 or not 0 < shift < float("inf"):
+            raise UsageError(f"{name} sampling needs at least 1 step and a positive time shift, got {steps}, {shift}")
+        sample = FLOW_SAMPLERS[name]
+        return lambda model_fn, z, model_kwargs, clip_denoised: sample(model_fn, z, model_kwargs, steps, shift)
+    if name == "dopri5":
+        return lambda model_fn, z, model_kwargs, clip_denoised: dopri5_sample(model_fn, z, model_kwargs)
+    if name not in SAMPLERS["ddpm"]:
+        raise UsageError(f"unknown sampler {name!r}: choose one of {', '.join(DEFAULT_STEPS)}")
     if name == "dpm++":
         from diffusers import DPMSolverMultistepScheduler  # a slow import: only where it is used
         betas = create_diffusion("").betas.tolist()

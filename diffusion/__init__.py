@@ -1,8 +1,11 @@
-"""Gaussian diffusion for DiT: create_diffusion builds the (respaced) diffusion from DiT's flags."""
+"""Gaussian diffusion for DiT (create_diffusion builds the (respaced) diffusion from DiT's flags) and
+flow matching on SiT's linear path (LinearFlow)."""
+from .flow import TIME_DISTS, LinearFlow
 from .gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule
 from .respace import SpacedDiffusion, space_timesteps
 
-__all__ = ["GaussianDiffusion", "SpacedDiffusion", "space_timesteps", "create_diffusion", "get_named_beta_schedule"]
+__all__ = ["GaussianDiffusion", "SpacedDiffusion", "space_timesteps", "create_diffusion", "get_named_beta_schedule",
+           "LinearFlow", "TIME_DISTS"]
 
 
 def create_diffusion(

@@ -104,6 +104,11 @@ class GaussianDiffusion:
     def _call_model(self, model, x, t, **model_kwargs):
         return model(x, t, **model_kwargs)
 
+    def sample_t(self, draw, n):
+        """Training timesteps, uniform in 0 .. T-1 (this rank's rows of n): draw is train.BatchNoise,
+        draw(torch.randint, T, (n,)) the rows of a global draw of n."""
+        return draw(torch.randint, self.num_timesteps, (n,))
+
     def q_sample(self, x_start, t, noise=None):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, noise ~ N(0, I)."""
         noise = torch.randn_like(x_start) if noise is None else noise
