@@ -302,3 +302,23 @@ def test_an_mp_flow_dit_sees_2t_minus_1():
         torch.testing.assert_close(flow(x, t, y), ddpm(x, 1000 * t, y))
     torch.testing.assert_close(seen[0], torch.tensor([-1.0, -0.26, 1.0]))
     assert ddpm.t_embedder.t_max == 1000
+
+
+@pytest.mark.parametrize("name", sampling.SAMPLERS["flow"])
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_every_flow_sampler_at_few_steps_samples(name, steps):
+    """Finite samples of the input's shape from 1 step on (dopri5 ignores the count)."""
+    z = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    oracle = Oracle()
+    x = sampling.make_sampler(name, steps, shift=3.0)(oracle, z, {}, False)
+    assert x.shape == z.shape and torch.isfinite(x).all()
+    if name != "dopri5":
+        assert len(oracle.log) == steps * (2 if name == "heun" else 1)
+
+
+def test_sampler_names_and_bad_settings_are_usage_errors():
+    assert set(sampling.DEFAULT_STEPS) == {*sampling.SAMPLERS["ddpm"], *sampling.SAMPLERS["flow"]}
+    assert all(sampling.GRID_SAMPLER[objective] in names for objective, names in sampling.SAMPLERS.items())
+    for name, steps, shift in (("rk4", 10, 1.0), ("euler", 0, 1.0), ("heun", 10, 0.0), ("sde", 10, float("nan"))):
+        with pytest.raises(train.UsageError, match=name):
+            sampling.make_sampler(name, steps, shift=shift)
