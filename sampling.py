@@ -44,7 +44,8 @@ def make_sampler(name, steps, prediction="eps", shift=1.0):
     DDPM samplers (SAMPLERS["ddpm"]) for a model predicting `prediction` (eps, v or x0):
     model_fn(x, t, **model_kwargs) gets the original integer timesteps t (N,).
     Flow samplers (SAMPLERS["flow"], diffusion/flow.py) integrate a velocity model from noise z at
-    t = 0 to data at t = 1: model_fn gets float times t (N,) in [0, 1]; clip_denoised is unused.
+    t = 0 to data at t = 1: model_fn gets float times t (N,) in [0, 1]; prediction and clip_denoised
+    are unused.
     "euler" (steps calls), "heun" (2 steps calls), "sde" (SiT's Euler-Maruyama, steps calls) on a
     step grid shifted by SD3's `shift` (> 1: finer steps at the noise end; flow.shifted_times);
     "dopri5" adaptive (steps and shift unused)."""
@@ -122,7 +123,8 @@ def chunk_sizes(total, batch_size):
 def sample_images(guided, sampler, z, y, manifest, vae=None, bf16=False):
     """uint8 images (N, H, W, 3), numpy, from noise z (N, C, h, w) and labels y (N,) on z's device:
     denoise, then denormalise and decode (the VAE for latents; pixel runs clip x_0 to [-1, 1] at
-    each step). Raises FloatingPointError when a sample comes out non-finite (it would be black)."""
+    each DDPM step, the flow samplers' output only when it becomes uint8). Raises FloatingPointError
+    when a sample comes out non-finite (it would be black)."""
     x = denoise(guided, sampler, z, y.to(z.device), bf16, clip_denoised=manifest["kind"] == "pixel")
     if not torch.isfinite(x).all():
         raise FloatingPointError("the samples came out non-finite (NaN or inf)")
