@@ -317,16 +317,6 @@ def _turn(folder):
         yield
 
 
-@_tf32_off()
-def reference_statistics(reference, network, *, cache=True, batch_size=100, progress=True):
-    """{output: (mu, sigma)} of a reference (as evaluate takes it) under network, cached."""
-    side = Side(reference, "reference")
-    if side.images is None:
-        raise UsageError(f"{side.label}: holds no images to compute {network.name} statistics from")
-    return _side_features(side, network, keep=(), cache=cache, work_dir=None, batch_size=batch_size,
-                          progress=progress)[0]
-
-
 #################################################################################
 #                                   evaluate                                    #
 #################################################################################
