@@ -222,10 +222,7 @@ def check_args(args):
                              "folder of images)")
         if args.eval_reference and not os.path.exists(args.eval_reference):
             raise UsageError(f"--eval-reference {args.eval_reference}: no such file or folder")
-        try:
-            args.eval_metrics = eval_metrics_for(args.eval_metrics, data_kind(args))
-        except (ValueError, UsageError) as e:
-            raise UsageError(f"--eval-metrics: {e}") from None
+        args.eval_metrics = eval_metrics_for(args.eval_metrics, data_kind(args))
     return args
 
 

@@ -294,20 +294,23 @@ def check_reference(reference, metrics, num_samples, image_shape, flag="--eval-r
                          f"images (got --eval-samples {num_samples}, {len(side) or 'no'} reference images)")
 
 
-def eval_metrics_for(requested, kind):
-    """The --eval-metrics to use: those requested, else fid when the Inception weights are found,
-    else fd_classifier for pixel data. Raises ValueError with the reason when they cannot be computed."""
+def eval_metrics_for(requested, kind, flag="--eval-metrics"):
+    """The metrics to use: those requested, else fid when the Inception weights are found, else
+    fd_classifier for pixel data. UsageError (naming flag) when they cannot be computed."""
     if requested is None:
         if "fid" in evaluation.available_metrics():
             return ["fid"]
         if kind != "pixel":
-            raise ValueError("FID needs the Inception weights (pt_inception-2015-12-05-6726825d.pth; see "
+            raise UsageError(f"{flag}: FID needs the Inception weights (pt_inception-2015-12-05-6726825d.pth; see "
                              "fid.py --help) and the fallback fd_classifier needs pixel data")
         return ["fd_classifier"]
-    names = evaluation.parse_metrics(requested, networks=("classifier",))
+    try:
+        names = evaluation.parse_metrics(requested, networks=("classifier",))
+    except UsageError as e:
+        raise UsageError(f"{flag}: {e}") from None
     missing = [m for m in names if m in evaluation.METRICS and m not in evaluation.available_metrics()]
     if missing:
-        raise ValueError(f"{missing[0]} needs weights that are not found (see fid.py --help for where they go)")
+        raise UsageError(f"{flag}: {missing[0]} needs weights that are not found (see fid.py --help for where they go)")
     if "fd_classifier" in names and kind != "pixel":
-        raise ValueError("fd_classifier needs pixel data")
+        raise UsageError(f"{flag}: fd_classifier needs pixel data")
     return names
