@@ -19,7 +19,7 @@ import torch.distributed as dist
 import evaluation
 import feature_nets
 import runs
-from cli import UsageError, from_rank_0, rank_world
+from cli import UsageError, from_rank_0, gather_chunks, my_chunks
 from data import atomic_write
 from ema import frozen_copy
 from eval_inputs import Side
@@ -240,16 +240,13 @@ class Evaluation:
     def images(self, model):
         """All the samples (N, H, W, 3) uint8, in chunk order on every rank. The global RNG, which
         chunk_inputs seeds, is the training's again afterwards."""
-        rank, world = rank_world()
-        device, guided, chunks = next(model.parameters()).device, Guided(model, self.args.eval_cfg_scale, objective=self.args.objective), {}
+        device, chunks = next(model.parameters()).device, {}
+        guided = Guided(model, self.args.eval_cfg_scale, objective=self.args.objective)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for k in range(rank, len(self.sizes), world):
+            for k in my_chunks(len(self.sizes)):
                 chunks[k] = sample_chunk(guided, self.sampler, self.manifest, self.args.seed, k, self.sizes[k],
                                          self.vae, bf16=device.type == "cuda")[0]
-        if world > 1:
-            parts = [None] * world
-            torch.distributed.all_gather_object(parts, chunks)
-            chunks = {k: v for part in parts for k, v in part.items()}
+        chunks = gather_chunks(chunks)
         return np.concatenate([chunks[k] for k in range(len(self.sizes))])
 
     def __call__(self, model):
