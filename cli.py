@@ -92,6 +92,24 @@ def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
+def my_chunks(count):
+    """The chunks k of 0 .. count - 1 this process makes: k % world == rank, the rule every chunked job
+    (sample.py --fid, feature extraction, encoding, evaluation) deals its work by."""
+    rank, world = rank_world()
+    return range(rank, count, world)
+
+
+def gather_chunks(chunks):
+    """{k: value} of the chunks of every process, on every process (all_gather_object), from this
+    process's {k: value}; the dict itself without torchrun."""
+    world = rank_world()[1]
+    if world == 1:
+        return chunks
+    parts = [None] * world
+    dist.all_gather_object(parts, chunks)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def barrier():
     """dist.barrier() under torchrun; nothing in a single process."""
     if dist.is_initialized():

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import feature_nets
 import runs
-from cli import UsageError, barrier, one_line, rank_world
+from cli import UsageError, barrier, gather_chunks, my_chunks, one_line, rank_world
 from data import ChunkFolder, atomic_write
 from eval_inputs import Side, array_key, check_images, check_stats
 from progress import progress as progress_bar
@@ -170,10 +170,8 @@ def extract_features(network, images, *, batch_size=100, chunk_size=None, work_d
     if folder:
         barrier()
         local = {k: folder.load(k) for k in range(len(sizes))}
-    elif rank_world()[1] > 1:
-        gathered = [None] * rank_world()[1]
-        dist.all_gather_object(gathered, local)
-        local = {k: v for g in gathered for k, v in g.items()}
+    else:
+        local = gather_chunks(local)
     return {o: np.concatenate([local[k][o] for k in range(len(sizes))]) for o in network.outputs}
 
 
@@ -181,8 +179,7 @@ def chunks_to_do(sizes, folder=None, progress=True, **bar):
     """Yield (k, progress bar) for each chunk k of this rank (k % world == rank) that folder (a
     data.ChunkFolder, or None) does not hold yet; the bar (rank 0 only; bar: tqdm's desc, ...) counts
     this rank's images of `sizes`, the chunks done counted from the start."""
-    rank, world = rank_world()
-    mine = range(rank, len(sizes), world)
+    rank, mine = rank_world()[0], my_chunks(len(sizes))
     todo = [k for k in mine if not (folder and folder.done(k))]
     with progress_bar(total=sum(sizes[k] for k in mine), initial=sum(sizes[k] for k in mine if k not in todo),
                       unit="img", enabled=progress and rank == 0, **bar) as b:
@@ -315,16 +312,6 @@ def _turn(folder):
         if folder:
             barrier()
         yield
-
-
-@_tf32_off()
-def reference_statistics(reference, network, *, cache=True, batch_size=100, progress=True):
-    """{output: (mu, sigma)} of a reference (as evaluate takes it) under network, cached."""
-    side = Side(reference, "reference")
-    if side.images is None:
-        raise UsageError(f"{side.label}: holds no images to compute {network.name} statistics from")
-    return _side_features(side, network, keep=(), cache=cache, work_dir=None, batch_size=batch_size,
-                          progress=progress)[0]
 
 
 #################################################################################

@@ -32,11 +32,15 @@ from cli import UsageError
 from data import atomic_write
 from models import MP_SWITCHES, DiT_models
 
-SAVED_ARG_DEFAULTS = dict(prediction="eps")  # arguments added later, as checkpoints from before them had them
+# arguments added later, as checkpoints from before them had them; those added after run names were hashed
+# enter the hash only away from their defaults, so the runs of older commands keep their names
+SAVED_ARG_DEFAULTS = dict(prediction="eps", objective="ddpm", time_dist="uniform", logit_mean=0.0, logit_std=1.0)
+HASHED_SINCE = ("objective", "time_dist", "logit_mean", "logit_std")
 FREE_ON_RESUME = ("resume", "results_dir", "preset", "num_workers", "no_progress", "wandb", "vae_path", "data_path",
                   "num_steps", "log_every", "monitor_every", "ckpt_every", "snapshot_every", "sample_steps", "compile",
                   "grad_checkpoint", "sample_every", "eval_every", "eval_samples", "eval_metrics", "eval_reference",
                   "eval_cfg_scale")  # where a run is and how it shows: the weights do not depend on them
+T_MAX = {"ddpm": 1000, "flow": 1}  # the model's time input lies in [0, T_MAX]: DDPM's timestep, a flow's t
 SEED_RANGE = "in [0, 2**32) (numpy's seeds)"  # every seed flag: 0 <= seed < 2**32
 LATEST = "latest"  # a bare --resume: this command's run
 CKPT_KEYS = {"model", "ema", "ema_power", "opt", "noise", "rng", "step", "args", "manifest"}  # TrainingState's, args, manifest
@@ -163,7 +167,8 @@ def build_model(args, manifest):
     switches = {name: getattr(args, name) for name in MP_SWITCHES}
     overrides = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)}
     return DiT_models[args.model](input_size=h, in_channels=c, num_classes=manifest["num_classes"],
-                                  mp=args.mp, modulation=args.modulation, **switches, **overrides)
+                                  mp=args.mp, modulation=args.modulation, t_max=T_MAX[args.objective],
+                                  **switches, **overrides)
 
 
 def reconcile(args, ckpt, path, manifest):
@@ -203,7 +208,8 @@ def run_name(args):
 def run_dir_of(args):
     """RESULTS/<model>-<hash>: the run of these arguments, named from those that shape its result (all
     but FREE_ON_RESUME, with the data's path and the step count), so the same command finds it again."""
-    shaping = {k: v for k, v in config_of(args).items() if k not in FREE_ON_RESUME}
+    shaping = {k: v for k, v in config_of(args).items()
+               if k not in FREE_ON_RESUME and not (k in HASHED_SINCE and v == SAVED_ARG_DEFAULTS[k])}
     shaping.update(data=args.data_path and os.path.abspath(args.data_path), num_steps=args.num_steps)
     digest = hashlib.sha1(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:8]
     return os.path.join(args.results_dir, f"{run_name(args)}-{digest}")

@@ -30,7 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 import runs
 from cli import ArgumentParser, UsageError, barrier, from_rank_0, run_command, setup_distributed
 from data import LatentDataset, make_demo_dataset, read_manifest
-from diffusion import create_diffusion
+from diffusion import TIME_DISTS, LinearFlow, create_diffusion
 from download import open_decoder
 from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma, valid_sigma_rel
 from models import MODULATIONS, MP_SWITCHES, DiT_models
@@ -41,15 +41,18 @@ from watch import RunOutputs, block_magnitudes, check_reference, eval_metrics_fo
 # Recipes by name (EDM2's config_presets): every flag without a value takes its preset's. lr is (vanilla,
 # with weight normalisation); depth, hidden_size and num_heads go with the preset's own model only.
 PRESETS = {
-    "imagenet-128": dict(model="DiT-S/2", prediction="eps", mp=False, lr=(1e-4, 1e-2), num_steps=400_000,
+    "imagenet-128": dict(model="DiT-S/2", objective="ddpm", prediction="eps", mp=False, lr=(1e-4, 1e-2), num_steps=400_000,
                          global_batch_size=256, log_every=100, monitor_every=1000, ckpt_every=50_000,
                          num_workers=4, sample_every=10_000, sample_steps=50, eval_every=0, eval_samples=10_000),
-    "demo": dict(model="DiT-XS/4", depth=4, hidden_size=128, num_heads=4, prediction="v", mp=True,
+    "demo": dict(model="DiT-XS/4", depth=4, hidden_size=128, num_heads=4, objective="ddpm", prediction="v", mp=True,
                  lr=(3e-3, 2e-2), num_steps=1000, global_batch_size=64, hflip=False, log_every=50,
                  monitor_every=100, ckpt_every=500, num_workers=0, sample_every=250, sample_steps=25,
                  eval_every=250, eval_samples=256),  # lr 2e-2: 1e-2 gave blurrier shapes in 1000 steps
 }
 MODEL_SIZE = ("depth", "hidden_size", "num_heads")
+OBJECTIVES = {"ddpm": "DiT's DDPM (1000 steps, learned sigma, --prediction)",
+              "flow": "SiT's linear flow x_t = t x + (1 - t) eps, velocity MSE, --time-dist"}
+FLOW_PREDICTION = "velocity"  # what a flow run's model predicts, recorded as its --prediction
 AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
 AT_LEAST_0 = ("at least 0", lambda v: v >= 0)
 RANGES = dict(  # every numeric flag: (its valid range in words, the test); floats must be finite too
@@ -65,6 +68,7 @@ RANGES = dict(  # every numeric flag: (its valid range in words, the test); floa
     sample_steps=("in [1, 1000] (the training diffusion steps)", lambda v: 1 <= v <= 1000),
     sample_every=("at least 0 (0 = no grids)", lambda v: v >= 0), eval_every=("at least 0 (0 = off)", lambda v: v >= 0),
     eval_samples=("at least 2", lambda v: v >= 2), eval_cfg_scale=("a finite number", lambda v: abs(v) < math.inf),
+    logit_mean=("a finite number", lambda v: abs(v) < math.inf), logit_std=("a finite number above 0", lambda v: 0 < v < math.inf),
 )
 gamma_of = functools.lru_cache(sigma_rel_to_gamma)  # a power EMA's exponent, solved once per width
 
@@ -88,8 +92,15 @@ def parse_args(argv=None):
     g.add_argument("--num-heads", type=int, help="override the model's number of attention heads" + d("num_heads"))
     g.add_argument("--modulation", choices=list(MODULATIONS), default="adaln",
                    help="block conditioning: " + "; ".join(f"{k}: {v}" for k, v in MODULATIONS.items()))
-    g.add_argument("--prediction", choices=["eps", "v", "x0"], help="what the model predicts: eps (DiT), v (well "
-                   "posed at high noise, where eps needs many steps to learn) or x0" + d("prediction"))
+    g.add_argument("--objective", choices=list(OBJECTIVES), help="; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items())
+                   + d("objective"))
+    g.add_argument("--prediction", choices=["eps", "v", "x0"], help="ddpm: what the model predicts, eps (DiT), v (well "
+                   "posed at high noise, where eps needs many steps to learn) or x0" + d("prediction")
+                   + "; a flow model predicts the velocity")
+    g.add_argument("--time-dist", choices=TIME_DISTS, default="uniform", help="flow: how training draws t, uniform "
+                   "(SiT) or logit-normal, t = sigmoid(N(--logit-mean, --logit-std^2)) (SD3, LightningDiT)")
+    g.add_argument("--logit-mean", type=float, default=0.0, help="flow, logit-normal t: the mean of logit(t) (default 0)")
+    g.add_argument("--logit-std", type=float, default=1.0, help="flow, logit-normal t: the std of logit(t) (default 1)")
     g.add_argument("--vae-path", metavar="DIR", help="latent data: the VAE (save_pretrained folder) decoding grids and "
                    "evaluations (default: the one the dataset's manifest names, else its hub id)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on for "
@@ -126,7 +137,8 @@ def parse_args(argv=None):
     g.add_argument("--num-workers", type=int, help="data loader processes, at most the CPUs" + d("num_workers"))
     g.add_argument("--sample-every", type=int, metavar="N", help="steps between sample grids of the weights sample.py "
                    "uses (RUN/samples/, trackers), and one at the end; 0 = none" + d("sample_every"))
-    g.add_argument("--sample-steps", type=int, help="DDIM steps of grids and evaluations (<= 1000)" + d("sample_steps"))
+    g.add_argument("--sample-steps", type=int, help="sampler steps of grids and evaluations (DDIM; flow runs: "
+                   "sampling.GRID_SAMPLER) (<= 1000)" + d("sample_steps"))
     g = p.add_argument_group("evaluation during training (FID curve)")
     g.add_argument("--eval-every", type=int, metavar="N", help="steps between evaluations of the sampling weights, "
                    "and one at the end; 0 = none" + d("eval_every"))
@@ -151,6 +163,15 @@ def apply_preset(args):
     others: the lr by weight normalisation, the schedule from --num-steps (args._derived names those)."""
     args.preset = args.preset or ("demo" if args.data_path is None else "imagenet-128")
     own_model = args.model is None
+    objective = args.objective or PRESETS[args.preset]["objective"]
+    if objective == "flow" and args.prediction is not None:
+        raise UsageError(f"--prediction {args.prediction} is for --objective ddpm: a flow model predicts the velocity")
+    if objective == "ddpm" and args.time_dist != "uniform":
+        raise UsageError(f"--time-dist {args.time_dist} is for --objective flow (DDPM draws its timesteps uniformly)")
+    if args.time_dist != "logit-normal" and (args.logit_mean, args.logit_std) != (0.0, 1.0):
+        raise UsageError("--logit-mean and --logit-std shape --time-dist logit-normal (give it too)")
+    if objective == "flow":
+        args.prediction = FLOW_PREDICTION
     if args.mp is None and any(getattr(args, name) for name in MP_SWITCHES):
         args.mp = False
     if args.num_workers is None:
@@ -201,10 +222,7 @@ def check_args(args):
                              "folder of images)")
         if args.eval_reference and not os.path.exists(args.eval_reference):
             raise UsageError(f"--eval-reference {args.eval_reference}: no such file or folder")
-        try:
-            args.eval_metrics = eval_metrics_for(args.eval_metrics, data_kind(args))
-        except (ValueError, UsageError) as e:
-            raise UsageError(f"--eval-metrics: {e}") from None
+        args.eval_metrics = eval_metrics_for(args.eval_metrics, data_kind(args))
     return args
 
 
@@ -261,7 +279,7 @@ def main(args):
                     f"{dataset.manifest['num_classes']} classes; run dir {run_dir}")
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
         net = torch.compile(net) if args.compile else net
-        diffusion = create_diffusion("", prediction=args.prediction)
+        diffusion = training_objective(args)
         autocast = autocast_for(args, device)
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                    drop_last=True)
@@ -335,7 +353,7 @@ def micro_batch(batches, noise, dataset, diffusion, model):
     eps = noise(torch.randn, n, *dataset.shape) if dataset.kind == "latent" else None  # the VAE posterior's
     flip = noise(torch.rand, n) < 0.5 if dataset.hflip else None
     x = dataset.draw(raw.to(noise.device, non_blocking=True), eps, flip)
-    t = noise(torch.randint, diffusion.num_timesteps, (n,))
+    t = diffusion.sample_t(noise, n)
     drop = (noise(torch.rand, n) < model.y_embedder.dropout_prob).long()
     return x, t, y.to(noise.device, non_blocking=True), drop, noise(torch.randn, n, *x.shape[1:])
 
@@ -343,6 +361,13 @@ def micro_batch(batches, noise, dataset, diffusion, model):
 #################################################################################
 #                                 Set-up                                        #
 #################################################################################
+
+def training_objective(args):
+    """What the run trains: DiT's diffusion (its training_losses) or SiT's linear flow."""
+    if args.objective == "flow":
+        return LinearFlow(args.time_dist, args.logit_mean, args.logit_std)
+    return create_diffusion("", prediction=args.prediction)
+
 
 def learning_rate(step, args):
     """Linear warm-up to lr, then lr / sqrt(max(step / decay_steps, 1)) (EDM2) if decay_steps > 0."""

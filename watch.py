@@ -1,10 +1,11 @@
 """What train.py shows and records of a run besides its checkpoints (RunOutputs): the log, metrics.jsonl,
 TensorBoard / W&B, the progress bar, block magnitudes, sample grids (SampleGrids), evaluations (Evaluation).
 
-Both sample with DDIM (--sample-steps) through sampling.py from the weights sample.py uses by default
-(sampling_weights), latents decoded by train.py's VAE. Grids: guidance 4 on noise and labels drawn once from
-the run's seed. An evaluation at step s draws the images of `sample.py --result-dir RUN --fid K --sampler ddim
---num-sampling-steps S --cfg-scale C --seed SEED` at that step's checkpoint, so fid.py can check its numbers.
+Both sample with their objective's sampling.GRID_SAMPLER (--sample-steps) through sampling.py from the
+weights sample.py uses by default (sampling_weights), latents decoded by train.py's VAE. Grids: guidance 4
+on noise and labels drawn once from the run's seed. An evaluation at step s draws the images of `sample.py
+--result-dir RUN --fid K --sampler GRID_SAMPLER --num-sampling-steps S --cfg-scale C --seed SEED` at that
+step's checkpoint, so fid.py can check its numbers.
 """
 import json
 import logging
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import evaluation
 import feature_nets
 import runs
-from cli import UsageError, from_rank_0, rank_world
+from cli import UsageError, from_rank_0, gather_chunks, my_chunks
 from data import atomic_write
 from ema import frozen_copy
 from eval_inputs import Side
@@ -26,7 +27,7 @@ from guidance import Guided
 from mp_layers import MPLinear
 from plots import plot_curves, plot_magnitudes, read_metrics
 from progress import progress
-from sampling import (chunk_sizes, make_sampler, row_names, sample_chunk, sample_images, sampling_weights_name,
+from sampling import (GRID_SAMPLER, chunk_sizes, make_sampler, row_names, sample_chunk, sample_images, sampling_weights_name,
                       save_grid)
 from trackers import Trackers
 
@@ -49,8 +50,7 @@ class RunOutputs:
             atomic_write(self.path, lambda f: f.write(kept.encode()))
         self.metrics = open(self.path, "a") if rank0 else None
         self.trackers = Trackers(run_dir, runs.config_of(args), args.wandb, start_step=step, enabled=rank0)
-        self.grids = SampleGrids(run_dir, dataset.manifest, args.prediction, args.sample_steps, args.seed, vae) \
-            if args.sample_every and rank0 else None
+        self.grids = SampleGrids(run_dir, dataset.manifest, args, vae) if args.sample_every and rank0 else None
         self.evaluator = Evaluation.for_run(args, dataset, os.path.join(args.results_dir, "eval-cache"), device,
                                             self.log, vae) if args.eval_every else None
         self.bar = progress(total=args.num_steps, initial=step, unit="step", enabled=rank0 and not args.no_progress)
@@ -188,6 +188,11 @@ def sampling_weights(ema, power_emas):
     return power_emas[max(power_emas)] if power_emas else ema
 
 
+def run_sampler(args):
+    """The sampler of a run's grids and evaluations: its objective's GRID_SAMPLER, --sample-steps steps."""
+    return make_sampler(GRID_SAMPLER[args.objective], args.sample_steps, args.prediction)
+
+
 def grid_labels(num_classes, rows=GRID_MAX_ROWS):
     """The classes of the grid's rows: all of them, or `rows` spread evenly over [0, num_classes)."""
     if num_classes <= rows:
@@ -200,17 +205,17 @@ class SampleGrids:
     the classes), GRID_COLUMNS columns, written by sampling.save_grid as sample.py writes its grids.
     grids(model, step) writes samples/NNNNNNN.png under run_dir and returns (the grid (H, W, 3), its path)."""
 
-    def __init__(self, run_dir, manifest, prediction, sample_steps, seed, vae=None):
+    def __init__(self, run_dir, manifest, args, vae=None):
         self.folder, self.manifest, self.vae = os.path.join(run_dir, "samples"), manifest, vae
-        self.sampler = make_sampler("ddim", sample_steps, prediction)
+        self.sampler, self.objective = run_sampler(args), args.objective
         self.labels = grid_labels(int(manifest["num_classes"]))
         self.y = self.labels.repeat_interleave(GRID_COLUMNS)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(args.seed)
         self.z = torch.randn(len(self.y), *manifest["shape"], generator=generator)
 
     def __call__(self, model, step):
         device = next(model.parameters()).device
-        images = sample_images(Guided(model, GRID_CFG), self.sampler, self.z.to(device), self.y, self.manifest,
+        images = sample_images(Guided(model, GRID_CFG, objective=self.objective), self.sampler, self.z.to(device), self.y, self.manifest,
                                self.vae, bf16=device.type == "cuda")
         os.makedirs(self.folder, exist_ok=True)
         return save_grid(images, len(self.labels), self.path(step), row_names(self.manifest, self.labels)), \
@@ -228,23 +233,20 @@ class Evaluation:
     def __init__(self, args, manifest, reference=None, cache_dir=None, vae=None, networks=None):
         self.args, self.manifest, self.reference, self.cache_dir, self.vae = args, manifest, reference, cache_dir, vae
         self.networks = networks or {}
-        self.sampler = make_sampler("ddim", args.sample_steps, args.prediction)
+        self.sampler = run_sampler(args)
         self.sizes = chunk_sizes(args.eval_samples, EVAL_BATCH)
 
     @torch.no_grad()
     def images(self, model):
         """All the samples (N, H, W, 3) uint8, in chunk order on every rank. The global RNG, which
         chunk_inputs seeds, is the training's again afterwards."""
-        rank, world = rank_world()
-        device, guided, chunks = next(model.parameters()).device, Guided(model, self.args.eval_cfg_scale), {}
+        device, chunks = next(model.parameters()).device, {}
+        guided = Guided(model, self.args.eval_cfg_scale, objective=self.args.objective)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for k in range(rank, len(self.sizes), world):
+            for k in my_chunks(len(self.sizes)):
                 chunks[k] = sample_chunk(guided, self.sampler, self.manifest, self.args.seed, k, self.sizes[k],
                                          self.vae, bf16=device.type == "cuda")[0]
-        if world > 1:
-            parts = [None] * world
-            torch.distributed.all_gather_object(parts, chunks)
-            chunks = {k: v for part in parts for k, v in part.items()}
+        chunks = gather_chunks(chunks)
         return np.concatenate([chunks[k] for k in range(len(self.sizes))])
 
     def __call__(self, model):
@@ -264,7 +266,7 @@ class Evaluation:
         reference = args.eval_reference or dataset.path
         log(f"evaluation every {args.eval_every} steps: {', '.join(args.eval_metrics)} of {args.eval_samples} "
             f"samples against {reference}, the images of `python sample.py --result-dir RUN --weights "
-            f"{sampling_weights_name(args.ema_sigma_rels)} --fid {args.eval_samples} --sampler ddim "
+            f"{sampling_weights_name(args.ema_sigma_rels)} --fid {args.eval_samples} --sampler {GRID_SAMPLER[args.objective]} "
             f"--num-sampling-steps {args.sample_steps} --cfg-scale {args.eval_cfg_scale:g} --seed {args.seed}` "
             f"at that step's checkpoint")
         return cls(args, dataset.manifest, reference, cache_dir, vae, networks)
@@ -289,20 +291,23 @@ def check_reference(reference, metrics, num_samples, image_shape, flag="--eval-r
                          f"images (got --eval-samples {num_samples}, {len(side) or 'no'} reference images)")
 
 
-def eval_metrics_for(requested, kind):
-    """The --eval-metrics to use: those requested, else fid when the Inception weights are found,
-    else fd_classifier for pixel data. Raises ValueError with the reason when they cannot be computed."""
+def eval_metrics_for(requested, kind, flag="--eval-metrics"):
+    """The metrics to use: those requested, else fid when the Inception weights are found, else
+    fd_classifier for pixel data. UsageError (naming flag) when they cannot be computed."""
     if requested is None:
         if "fid" in evaluation.available_metrics():
             return ["fid"]
         if kind != "pixel":
-            raise ValueError("FID needs the Inception weights (pt_inception-2015-12-05-6726825d.pth; see "
+            raise UsageError(f"{flag}: FID needs the Inception weights (pt_inception-2015-12-05-6726825d.pth; see "
                              "fid.py --help) and the fallback fd_classifier needs pixel data")
         return ["fd_classifier"]
-    names = evaluation.parse_metrics(requested, networks=("classifier",))
+    try:
+        names = evaluation.parse_metrics(requested, networks=("classifier",))
+    except UsageError as e:
+        raise UsageError(f"{flag}: {e}") from None
     missing = [m for m in names if m in evaluation.METRICS and m not in evaluation.available_metrics()]
     if missing:
-        raise ValueError(f"{missing[0]} needs weights that are not found (see fid.py --help for where they go)")
+        raise UsageError(f"{flag}: {missing[0]} needs weights that are not found (see fid.py --help for where they go)")
     if "fd_classifier" in names and kind != "pixel":
-        raise ValueError("fd_classifier needs pixel data")
+        raise UsageError(f"{flag}: fd_classifier needs pixel data")
     return names

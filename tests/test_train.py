@@ -1,5 +1,6 @@
 """train.py end to end on a tiny pixel dataset (8x8x3, 4 tokens with DiT-XS/4 at depth 2, width 64), resume, DDP,
 EMA, errors."""
+import argparse
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import torch
 import runs
 import train
 from data import ShardWriter
-from diffusion import create_diffusion
+from diffusion import LinearFlow, create_diffusion
 from ema import ema_update, frozen_copy, gamma_to_sigma_rel, power_beta, sigma_rel_to_gamma
 from helpers import torchrun
 from models import MP_SWITCHES, DiT
@@ -126,8 +127,12 @@ def test_hflip_default_is_on_for_pixels_and_off_for_latents(pixels, tmp_path):
     assert train.parse_args([]).hflip is False
 
 
-def test_resume_reproduces_the_uninterrupted_run(pixels, tmp_path):
-    schedule = ["--mp", "--hflip", "--warmup-steps", "2", "--decay-steps", "3", "--snapshot-every", "2"]
+FLOW = ["--objective", "flow", "--time-dist", "logit-normal"]
+
+
+@pytest.mark.parametrize("objective", [[], FLOW], ids=["ddpm", "flow"])
+def test_resume_reproduces_the_uninterrupted_run(pixels, tmp_path, objective):
+    schedule = ["--mp", "--hflip", "--warmup-steps", "2", "--decay-steps", "3", "--snapshot-every", "2", *objective]
     straight = train.main(train.parse_args(base_args(pixels, tmp_path / "a", "--num-steps", "6", "--ckpt-every", "3",
                                                      *schedule)))
     first = train.main(train.parse_args(base_args(pixels, tmp_path / "b", "--num-steps", "3", "--ckpt-every", "3",
@@ -166,8 +171,9 @@ def test_rerunning_the_same_command_continues_the_unfinished_run(pixels, tmp_pat
     assert os.listdir(tmp_path) == [os.path.basename(run_dir)]  # no second run directory
 
 
-def test_two_process_ddp_matches_one_process(pixels, tmp_path):
-    common = ["--num-steps", "3", "--ckpt-every", "3", "--mp", "--hflip"]
+@pytest.mark.parametrize("objective", [[], FLOW], ids=["ddpm", "flow"])
+def test_two_process_ddp_matches_one_process(pixels, tmp_path, objective):
+    common = ["--num-steps", "3", "--ckpt-every", "3", "--mp", "--hflip", *objective]
     single = train.main(train.parse_args(base_args(pixels, tmp_path / "one", *common)))
     torchrun([os.path.join(ROOT, "train.py"), *base_args(pixels, tmp_path / "two", *common)], 2, ROOT,
              dict(os.environ, OMP_NUM_THREADS="1"))
@@ -226,6 +232,33 @@ def test_tiny_model_loss_falls_on_a_fixed_batch(mp):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_a_flow_run_trains_the_velocity_and_records_its_objective(pixels, tmp_path, monkeypatch):
+    """--objective flow: LinearFlow's loss on a model whose timestep embedder sees t in [0, 1] (t_max 1),
+    the objective and time distribution in config.json and the checkpoint, MP switches as for DDPM."""
+    seen = []
+    monkeypatch.setattr(train, "train_step", lambda *a, real=train.train_step, **k: seen.append(a[2]) or real(*a, **k))
+    run_dir = train.main(train.parse_args(base_args(pixels, tmp_path, "--num-steps", "2", "--ckpt-every", "2",
+                                                    "--mp", *FLOW, "--logit-mean", "0.5")))
+    assert isinstance(seen[0], LinearFlow) and (seen[0].time_dist, seen[0].logit_mean) == ("logit-normal", 0.5)
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    assert (config["objective"], config["prediction"], config["time_dist"]) == ("flow", "velocity", "logit-normal")
+    assert config["mp"] and all(config[name] for name in MP_SWITCHES)
+    ckpt = load(os.path.join(run_dir, "checkpoints", "0000002.pt"))
+    model = runs.build_model(argparse.Namespace(**runs.saved_args(ckpt)), ckpt["manifest"])
+    assert model.t_embedder.t_max == 1
+    model.load_state_dict(ckpt["model"])  # the checkpoint's model is the flow model
+
+
+def test_ddpm_runs_keep_their_names_and_older_checkpoints_read_as_ddpm(pixels, tmp_path):
+    """The flags added with flow matching do not enter a DDPM run's name at their defaults (a rerun of an
+    older command finds its run), and a checkpoint from before them is a DDPM run."""
+    args = train.parse_args(base_args(pixels, tmp_path))
+    older = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in runs.HASHED_SINCE})
+    assert runs.run_dir_of(args) == runs.run_dir_of(older)
+    assert runs.run_dir_of(train.parse_args(base_args(pixels, tmp_path, *FLOW))) != runs.run_dir_of(args)
+    assert runs.saved_args({"args": vars(older)})["objective"] == "ddpm"
+
+
 def bad(argv, capsys):
     code = train.cli(argv)
     err = capsys.readouterr().err.strip()
@@ -241,6 +274,9 @@ def test_bad_inputs_give_one_line_and_exit_code_2(pixels, tmp_path, capsys):
         (base_args(pixels, res, "--global-batch-size", "6", "--grad-accum", "4"), "not divisible"),
         (base_args(pixels, res, "--use-forced-weight-normalization"), "needs --use-weight-normalization"),
         (base_args(write_pixels(tmp_path / "odd", size=6), res), "does not fit DiT-XS/4"),
+        (base_args(pixels, res, "--objective", "flow", "--prediction", "eps"), "predicts the velocity"),
+        (base_args(pixels, res, "--time-dist", "logit-normal"), "is for --objective flow"),
+        (base_args(pixels, res, "--objective", "flow", "--logit-std", "2"), "give it too"),
     ]
     for argv, message in cases:
         code, err = bad(argv, capsys)
@@ -276,7 +312,8 @@ def test_cli_exit_code_in_a_real_process(tmp_path):
 def preset_row(name, p):
     """The README's row of a preset, made from train.PRESETS alone."""
     size = f" (depth {p['depth']}, width {p['hidden_size']}, {p['num_heads']} heads)" if "depth" in p else ""
-    return (f"| `{name}` | {p['model']}{size} | {p['prediction']} | {'on' if p['mp'] else 'off'} | "
+    objective = p["objective"] + (f" ({p['prediction']})" if p["objective"] == "ddpm" else "")
+    return (f"| `{name}` | {p['model']}{size} | {objective} | {'on' if p['mp'] else 'off'} | "
             f"{p['lr'][0]:g} / {p['lr'][1]:g} | {p['num_steps']:,} | {p['global_batch_size']} | "
             f"{p['sample_every']:,} | {p['eval_every'] or 'off'} |")
 

@@ -76,9 +76,10 @@ def test_grids_come_at_the_right_steps_from_the_sampling_weights(watched_run):
     assert not np.array_equal(grids[0], grids[1])  # training changed the weights, and so the grid
     # the final grid again from the checkpoint's widest power EMA (what sample.py uses by default)
     ckpt = torch.load(os.path.join(watched_run, "checkpoints", "0000005.pt"), map_location="cpu", weights_only=True)
-    model = runs.build_model(argparse.Namespace(**runs.saved_args(ckpt)), ckpt["manifest"]).eval()
+    saved = argparse.Namespace(**runs.saved_args(ckpt))
+    model = runs.build_model(saved, ckpt["manifest"]).eval()
     model.load_state_dict(ckpt["ema_power"]["0.1"])
-    grids_again = watch.SampleGrids(str(watched_run) + "-again", ckpt["manifest"], "eps", 3, seed=0)
+    grids_again = watch.SampleGrids(str(watched_run) + "-again", ckpt["manifest"], saved)
     grid, _ = grids_again(model, 5)
     np.testing.assert_array_equal(grid, grids[2])
     model.load_state_dict(ckpt["ema"])  # another set of weights gives another grid
