@@ -297,14 +297,26 @@ def hub_columns(features, image_column=None, label_column=None):
 
 def parquet_files(src, split):
     """The parquet files of split in src: a file, a glob, or a folder laid out as on the Hub (the split
-    in the file names, as datasets resolves them), sorted."""
-    if not os.path.isdir(src):
-        return sorted(glob.glob(src))
-    from datasets.data_files import DataFilesDict, get_data_patterns
-    splits = DataFilesDict.from_patterns(get_data_patterns(src), src)
-    if split not in splits:
-        raise UsageError(f"--split {split}: {src} has the splits {', '.join(splits)}")
-    return sorted(splits[split])
+    in the file names, as datasets resolves them), sorted, with their row counts (from their footers)."""
+    if os.path.isdir(src):
+        from datasets.data_files import DataFilesDict, get_data_patterns
+        splits = DataFilesDict.from_patterns(get_data_patterns(src), src)
+        if split not in splits:
+            raise UsageError(f"--split {split}: {src} has the splits {', '.join(splits)}")
+        files = sorted(f for f in splits[split] if f.endswith(".parquet"))
+    else:
+        files = sorted(glob.glob(src))
+    if not files or not all(f.endswith(".parquet") for f in files):
+        raise UsageError(f"--src {src}: no parquet files of split {split} ({', '.join(files[:2]) or 'none'}); give "
+                         f"an ImageFolder, a save_to_disk folder, parquet files or a Hub id")
+    import pyarrow.parquet as pq
+    rows = []
+    for f in files:
+        try:
+            rows.append(pq.read_metadata(f).num_rows)
+        except Exception as e:  # pyarrow raises OSError or ValueError subclasses
+            raise UsageError(f"{f}: not a readable parquet file ({one_line(e)})")
+    return files, rows
 
 
 def open_hub(src, split):
@@ -320,18 +332,16 @@ def open_hub(src, split):
             raise UsageError(f"--split {split}: {src} has the splits {', '.join(ds)}")
         return ds[split], len(ds[split]), split
     if os.path.exists(src) or glob.has_magic(src):
-        files = parquet_files(src, split)
-        if not files:
-            raise UsageError(f"--src {src}: no parquet files")
-        import pyarrow.parquet as pq
+        files, rows = parquet_files(src, split)
         ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
-        return ds, sum(pq.read_metadata(f).num_rows for f in files), split
+        return ds, sum(rows), split
     if not HUB_ID.fullmatch(src):
         raise UsageError(f"--src {src}: no such file or folder, and not a Hub id (owner/name)")
     try:
         ds = datasets.load_dataset(src, split=split, streaming=True)
     except Exception as e:  # the Hub client and the builders raise many types
-        raise UsageError(f"--src {src} --split {split}: cannot load it from the Hugging Face Hub ({one_line(e)})")
+        raise UsageError(f"--src {src} --split {split}: not a local path, and cannot load it from the Hugging Face "
+                         f"Hub ({one_line(e)})")
     splits = ds.info.splits or {}
     if split not in splits or not splits[split].num_examples:
         raise UsageError(f"--src {src}: the Hub dataset does not say how many rows its split {split} has (no "
@@ -388,14 +398,16 @@ class HubRows:
 
     def shards(self, todo, size):
         """(i, items of shard i) for i in todo (ascending): rows [i * size, (i + 1) * size)."""
+        if not todo:  # a stream would be read to its end for nothing
+            return
         if not self.streamed:
             for i in todo:
                 yield i, self._items(i * size, self.rows[i * size:(i + 1) * size])
             return
-        wanted, batch, k = set(todo), [], todo[0] * size if todo else 0
-        rows = iter(self.rows.skip(k))
+        wanted, batch, start = set(todo), [], todo[0] * size
+        rows = iter(self.rows.skip(start))
         try:
-            for k, row in enumerate(rows, k):
+            for k, row in enumerate(rows, start):
                 i = k // size
                 if i in wanted:
                     batch.append(row)
@@ -406,9 +418,8 @@ class HubRows:
                         return
         finally:
             rows.close()
-        if todo:
-            raise UsageError(f"--src {self.src}: the stream ended at row {k + 1}, before the {self.count} rows that "
-                             f"its info gives; run again to resume")
+        raise UsageError(f"--src {self.src}: the stream ended before the {self.count} rows that its info counts; "
+                         f"run again to resume")
 
 
 def open_source(args):

@@ -390,7 +390,7 @@ def test_two_processes_stream_the_same_dataset_as_one(hub_copies, tmp_path):
     assert_same_dataset(tmp_path / "one", tmp_path / "two")
 
 
-def test_hub_datasets_without_labels_or_images_exit_2_with_one_line(tmp_path, capsys):
+def test_hub_datasets_without_labels_or_images_exit_2_with_one_line(hub_copies, tmp_path, capsys):
     from datasets import ClassLabel, Dataset, Features, Value
     from datasets import Image as ImageFeature
     png = io.BytesIO()
@@ -406,6 +406,8 @@ def test_hub_datasets_without_labels_or_images_exit_2_with_one_line(tmp_path, ca
                                  features=Features({"image": ImageFeature(), "labels": Value("int64")}))
     integers.save_to_disk(str(tmp_path / "integers"))
     integers.to_parquet(str(tmp_path / "integers.parquet"))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 cut short")
+    (tmp_path / "notes.txt").write_text("not parquet")
     capsys.readouterr()  # datasets' progress bars
     for source, extra, needles in [
             ("unlabeled", [], ["no label column", "image (Image), caption (string)", "--label-column"]),
@@ -413,7 +415,10 @@ def test_hub_datasets_without_labels_or_images_exit_2_with_one_line(tmp_path, ca
             ("unlabeled", ["--label-column", "caption"], ["column caption holds string, not class labels"]),
             ("unlabeled", ["--image-column", "photo"], ["--image-column photo: no such column"]),
             ("integers.parquet", [], ["integers without class names", "save_to_disk"]),
-            ("nowhere/at/all", [], ["no such file or folder"])]:
+            ("nowhere/at/all", [], ["no such file or folder"]),
+            ("broken.parquet", [], ["broken.parquet: not a readable parquet file"]),
+            ("notes.txt", [], ["no parquet files", "notes.txt", "a Hub id"]),
+            (hub_copies["parquet"], ["--split", "test"], ["--split test", "has the splits train, validation"])]:
         code = download.cli(encode_args(str(tmp_path / source), tmp_path / "out", "--vae", "none", *extra))
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1, err
