@@ -491,7 +491,8 @@ def _skip_file(out, index):
 
 
 def cmd_imagenet(args):
-    """Encode an ImageFolder into shards of VAE posteriors (or uint8 pixels with --vae none)."""
+    """Encode the images of --src (open_source: an ImageFolder or a Hugging Face dataset) into shards of VAE
+    posteriors (or uint8 pixels with --vae none): shard i is items [i * shard_size, (i + 1) * shard_size)."""
     source = open_source(args)
     rank, world, device = setup_distributed(LONG_WAIT)
     vae, size = None, args.image_size
