@@ -1,19 +1,27 @@
 """Fetch what MaP-DiT needs: the Stable Diffusion VAE, the official DiT-XL/2 checkpoints, and
-ImageNet (or any ImageFolder) encoded into the shard format of data.py.
+ImageNet (an ImageFolder or a Hugging Face dataset) encoded into the shard format of data.py.
 
     python download.py vae [--vae ema|mse] [--vae-path DIR]
     python download.py dit [--image-size 256|512] [--out pretrained_models]
     python download.py ref-batch [--image-size 64|128|256] [--out reference_batches]
     python download.py imagenet --src IMAGENET/train --out data/imagenet128 [--image-size 128]
+    python download.py imagenet --src benjamin-paine/imagenet-1k-128x128 [--split train] --out data/imagenet128
     torchrun --nproc_per_node=8 download.py imagenet ...   (the shards are shared out over ranks)
 
+`imagenet --src` is an ImageFolder, or a dataset read with the `datasets` library: a save_to_disk folder,
+a folder (the Hub's layout), file or glob of parquet files, or a Hub id (streamed; see HubRows). Item k
+is the k-th image (of the sorted ImageFolder, or row k of the split) and shard i holds items
+[i * shard_size, (i + 1) * shard_size) whatever the source and the number of ranks.
 `imagenet` resumes: the same command again keeps finished shards (data.ChunkFolder refuses other options).
 """
 import argparse
 import functools
+import glob
 import hashlib
+import io
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -231,18 +239,213 @@ def list_images(src):
     return items, classes
 
 
-def _load_batch(items, size):
-    """Read and centre-crop (path, label) items, in a DataLoader worker: uint8 images (B, 3, size,
-    size) and labels of the readable ones (None, None if there are none), and the other paths."""
-    images, labels, unreadable = [], [], []
-    for path, label in items:
+class ImageFolderItems:
+    """The images of an ImageFolder (list_images) as a source of cmd_imagenet: count, num_classes,
+    class_names, settings (for ChunkFolder), manifest (for ShardWriter.finish) and shards()."""
+
+    def __init__(self, src):
+        self.items, self.class_names = list_images(src)
+        self.count, self.num_classes = len(self.items), len(self.class_names)
+        listing = "".join(f"{label} {os.path.relpath(p, src)}\n" for p, label in self.items)
+        self.settings = {"images_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+        self.manifest = {"source": os.path.abspath(src)}
+
+    def shards(self, todo, size):
+        """(i, items of shard i) for i in todo, an item being (name, path, label)."""
+        for i in todo:
+            yield i, [(path, path, label) for path, label in self.items[i * size:(i + 1) * size]]
+
+
+HUB_IMAGE_NAMES, HUB_LABEL_NAMES = ("image", "img", "jpg", "png"), ("label", "labels", "cls", "class")
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _kind(feature):
+    """A feature's type as a word: Image, ClassLabel, int64, string, List, ..."""
+    return getattr(feature, "dtype", None) if type(feature).__name__ == "Value" else type(feature).__name__
+
+
+def hub_columns(features, image_column=None, label_column=None):
+    """(image column, label column) of a dataset's features: those given, else the Image and the
+    ClassLabel feature (one named like image / label where there are several), else a column named
+    so. UsageError, naming the columns and the flag, where one is missing or of the wrong kind: an
+    image column is an Image feature, a label column a ClassLabel or integers."""
+    from datasets import ClassLabel, Image
+    found = ", ".join(f"{name} ({_kind(f)})" for name, f in features.items())
+
+    def pick(given, flag, kind, names, missing):
+        if given and given not in features:
+            raise UsageError(f"{flag} {given}: no such column; the columns are {found}")
+        typed = [c for c, f in features.items() if isinstance(f, kind)]
+        named = [c for c in features if c.lower() in names]
+        column = given or next((c for c in typed if c in named), None) or (typed + named or [None])[0]
+        if column is None:
+            raise UsageError(f"{missing} among the columns {found}; name it with {flag}")
+        return column
+
+    image = pick(image_column, "--image-column", Image, HUB_IMAGE_NAMES, "no image column")
+    label = pick(label_column, "--label-column", ClassLabel, HUB_LABEL_NAMES,
+                 "no label column (an unlabeled dataset cannot train a class-conditional model)")
+    if not isinstance(features[image], Image):
+        raise UsageError(f"column {image} holds {_kind(features[image])}, not images (the columns are {found}); "
+                         f"name the image column with --image-column")
+    if not (isinstance(features[label], ClassLabel) or str(_kind(features[label])).startswith(("int", "uint"))):
+        raise UsageError(f"column {label} holds {_kind(features[label])}, not class labels (the columns are "
+                         f"{found}); name the label column (a ClassLabel or integers) with --label-column")
+    return image, label
+
+
+def parquet_files(src, split):
+    """The parquet files of split in src: a file, a glob, or a folder laid out as on the Hub (the split
+    in the file names, as datasets resolves them), sorted, with their row counts (from their footers)."""
+    if os.path.isdir(src):
+        from datasets.data_files import DataFilesDict, get_data_patterns
+        splits = DataFilesDict.from_patterns(get_data_patterns(src), src)
+        if split not in splits:
+            raise UsageError(f"--split {split}: {src} has the splits {', '.join(splits)}")
+        files = sorted(f for f in splits[split] if f.endswith(".parquet"))
+    else:
+        files = sorted(glob.glob(src))
+    if not files or not all(f.endswith(".parquet") for f in files):
+        raise UsageError(f"--src {src}: no parquet files of split {split} ({', '.join(files[:2]) or 'none'}); give "
+                         f"an ImageFolder, a save_to_disk folder, parquet files or a Hub id")
+    import pyarrow.parquet as pq
+    rows = []
+    for f in files:
         try:
-            with Image.open(path) as image:
+            rows.append(pq.read_metadata(f).num_rows)
+        except Exception as e:  # pyarrow raises OSError or ValueError subclasses
+            raise UsageError(f"{f}: not a readable parquet file ({one_line(e)})")
+    return files, rows
+
+
+def open_hub(src, split):
+    """(dataset, row count, split read) of src, split: a save_to_disk folder as a map-style Dataset
+    (memory-mapped arrow, read by random access; one saved Dataset has no split); parquet files or a
+    Hub id as a streamed IterableDataset."""
+    import datasets
+    if os.path.isfile(os.path.join(src, "state.json")) or os.path.isfile(os.path.join(src, "dataset_dict.json")):
+        ds = datasets.load_from_disk(src)
+        if not isinstance(ds, datasets.DatasetDict):
+            return ds, len(ds), None
+        if split not in ds:
+            raise UsageError(f"--split {split}: {src} has the splits {', '.join(ds)}")
+        return ds[split], len(ds[split]), split
+    if os.path.exists(src) or glob.has_magic(src):
+        files, rows = parquet_files(src, split)
+        ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
+        return ds, sum(rows), split
+    if not HUB_ID.fullmatch(src):
+        raise UsageError(f"--src {src}: no such file or folder, and not a Hub id (owner/name)")
+    try:
+        ds = datasets.load_dataset(src, split=split, streaming=True)
+    except Exception as e:  # the Hub client and the builders raise many types
+        raise UsageError(f"--src {src} --split {split}: not a local path, and cannot load it from the Hugging Face "
+                         f"Hub ({one_line(e)})")
+    splits = ds.info.splits or {}
+    if split not in splits or not splits[split].num_examples:
+        raise UsageError(f"--src {src}: the Hub dataset does not say how many rows its split {split} has (no "
+                         f"dataset_info in its card), which sharding needs; download it (hf download {src} "
+                         f"--repo-type dataset --local-dir DIR) and pass --src DIR")
+    return ds, splits[split].num_examples, split
+
+
+class HubRows:
+    """The rows of a Hugging Face dataset (open_hub) as a source of cmd_imagenet, with the same
+    attributes and shards() as ImageFolderItems. The image column is read undecoded (its encoded bytes
+    or path) and decoded in _load_batch, so an unreadable row is skipped and counted like a file.
+
+    A Hub id or parquet files are streamed (no copy into the datasets cache; encoding starts with the
+    first shard). The row count, which fixes the shards before reading, comes from the split sizes in the
+    dataset's info (a Hub id) or the parquet footers. A stream has no random access, so shards() reads it
+    once, in order, from the first shard a rank has to make (IterableDataset.skip: the rows of finished
+    shards are read but not decoded) through its last, passing over the other ranks' rows: shard i is rows
+    [i * size, (i + 1) * size) for any number of ranks, and a resume reads from its first missing shard.
+    The cost is that each of W ranks downloads (up to) the whole split; with many ranks, download the
+    Hub dataset once and pass the folder. A save_to_disk folder is read by random access instead.
+    Integer labels without a ClassLabel need their class count, max + 1, which only a save_to_disk
+    folder gives before the end."""
+
+    def __init__(self, src, split, image_column=None, label_column=None):
+        import datasets
+        ds, self.count, split = open_hub(src, split)
+        try:
+            image, label = hub_columns(ds.features or {}, image_column, label_column)
+        except UsageError as e:
+            raise UsageError(f"--src {src}: {e}")
+        self.rows = ds.select_columns([image, label]).cast_column(image, datasets.Image(decode=False))
+        self.columns, self.src = (image, label), src
+        self.streamed = isinstance(ds, datasets.IterableDataset)
+        if self.count == 0:
+            raise UsageError(f"--src {src}: no rows")
+        if isinstance(ds.features[label], datasets.ClassLabel):
+            self.class_names = ds.features[label].names
+            self.num_classes = len(self.class_names)
+        elif self.streamed:
+            raise UsageError(f"--src {src}: the labels ({label}) are integers without class names (no ClassLabel), so "
+                             f"their number is unknown before the end; save the dataset with save_to_disk, pass that")
+        else:
+            self.class_names, self.num_classes = None, int(max(ds[label])) + 1
+        self.settings = {"split": split, "columns": [image, label], "num_classes": self.num_classes}
+        local = os.path.exists(src) or glob.has_magic(src)
+        self.manifest = {"source": os.path.abspath(src) if local else src, "split": split}
+
+    def _items(self, start, rows):
+        """(name, encoded bytes or path, label) of rows start, start + 1, ... ({column: list} of rows)."""
+        image, label = self.columns
+        return [(f"row {start + j}" + (f" ({im['path']})" if im and im["path"] else ""),
+                 im and (im["bytes"] or im["path"]), y) for j, (im, y) in enumerate(zip(rows[image], rows[label]))]
+
+    def shards(self, todo, size):
+        """(i, items of shard i) for i in todo (ascending): rows [i * size, (i + 1) * size)."""
+        if not todo:  # a stream would be read to its end for nothing
+            return
+        if not self.streamed:
+            for i in todo:
+                yield i, self._items(i * size, self.rows[i * size:(i + 1) * size])
+            return
+        wanted, batch, start = set(todo), [], todo[0] * size
+        rows = iter(self.rows.skip(start))
+        try:
+            for k, row in enumerate(rows, start):
+                i = k // size
+                if i in wanted:
+                    batch.append(row)
+                if k + 1 == min((i + 1) * size, self.count) and batch:
+                    yield i, self._items(i * size, {c: [r[c] for r in batch] for c in self.columns})
+                    batch = []
+                    if i == todo[-1]:
+                        return
+        finally:
+            rows.close()
+        raise UsageError(f"--src {self.src}: the stream ended before the {self.count} rows that its info counts; "
+                         f"run again to resume")
+
+
+def open_source(args):
+    """The images --src names: a folder is an ImageFolderItems unless it holds a save_to_disk dataset or
+    parquet files (at its top or one level down, as in a Hub repository); that, parquet files or a Hub
+    id is HubRows."""
+    folder = glob.escape(args.src)
+    if os.path.isdir(args.src) and not any(glob.glob(os.path.join(folder, pattern)) for pattern in (
+            "state.json", "dataset_dict.json", "*.parquet", os.path.join("*", "*.parquet"))):
+        return ImageFolderItems(args.src)
+    return HubRows(args.src, args.split, args.image_column, args.label_column)
+
+
+def _load_batch(items, size):
+    """Read and centre-crop (name, file, label) items (file: a path or the encoded image), in a
+    DataLoader worker: uint8 images (B, 3, size, size) and labels of the readable ones (None, None if
+    there are none), and the names of the others."""
+    images, labels, unreadable = [], [], []
+    for name, file, label in items:
+        try:
+            with Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as image:
                 images.append(center_crop_arr(image.convert("RGB"), size))
             labels.append(label)
         except Exception as e:  # decoders raise many types; any of them means: skip this file
-            tqdm.write(f"warning: skipping unreadable image {path}: {one_line(e)}", sys.stderr)
-            unreadable.append(path)
+            tqdm.write(f"warning: skipping unreadable image {name}: {one_line(e)}", sys.stderr)
+            unreadable.append(name)
     if not images:
         return None, None, unreadable
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(labels), unreadable
@@ -260,7 +463,8 @@ def encode(vae, images, device, bf16=False):
 
 
 def encode_shard(items, args, vae, device, bar):
-    """Labels and arrays (mean and std, or images) of one shard's items, and the unreadable paths.
+    """Labels and arrays (mean and std, or images) of one shard's (name, file, label) items, and the names
+    of the unreadable ones.
     With args.flip each image is followed by its mirror image, an item of its own."""
     loader = torch.utils.data.DataLoader(
         items, args.batch_size, num_workers=args.num_workers,
@@ -287,8 +491,9 @@ def _skip_file(out, index):
 
 
 def cmd_imagenet(args):
-    """Encode an ImageFolder into shards of VAE posteriors (or uint8 pixels with --vae none)."""
-    items, classes = list_images(args.src)
+    """Encode the images of --src (open_source: an ImageFolder or a Hugging Face dataset) into shards of VAE
+    posteriors (or uint8 pixels with --vae none): shard i is items [i * shard_size, (i + 1) * shard_size)."""
+    source = open_source(args)
     rank, world, device = setup_distributed(LONG_WAIT)
     vae, size = None, args.image_size
     kind, shape = "pixel", (3, size, size)
@@ -298,17 +503,16 @@ def cmd_imagenet(args):
         if size % factor:
             raise UsageError(f"--image-size {size}: not a multiple of the VAE's downsampling {factor}")
         kind, shape = "latent", (vae.config.latent_channels, size // factor, size // factor)
-    writer = ShardWriter(args.out, kind, shape, len(classes), args.shard_size)
-    listing = "".join(f"{label} {os.path.relpath(p, args.src)}\n" for p, label in items)
+    writer = ShardWriter(args.out, kind, shape, source.num_classes, args.shard_size)
     chunks = ChunkFolder(args.out, {"image_size": size, "vae": args.vae, "flip": args.flip, "bf16": args.bf16,
-                                    "shard_size": args.shard_size, "num_images": len(items),
-                                    "images_sha256": hashlib.sha256(listing.encode()).hexdigest()})
-    shards = [items[i:i + args.shard_size] for i in range(0, len(items), args.shard_size)]
-    todo = [i for i in chunks.mine(len(shards)) if not writer.shard_done(i)]
-    pending, start = sum(len(shards[i]) for i in todo), time.time()
+                                    "shard_size": args.shard_size, "num_images": source.count, **source.settings})
+    num_shards = -(-source.count // args.shard_size)
+    todo = [i for i in chunks.mine(num_shards) if not writer.shard_done(i)]
+    pending = sum(min(args.shard_size, source.count - i * args.shard_size) for i in todo)
+    start = time.time()
     with progress(total=pending, unit="img", enabled=rank == 0 and not args.no_progress) as bar:
-        for i in todo:
-            labels, data, skipped = encode_shard(shards[i], args, vae, device, bar)
+        for i, items in source.shards(todo, args.shard_size):
+            labels, data, skipped = encode_shard(items, args, vae, device, bar)
             skip_record = json.dumps({"skipped": len(skipped), "files": skipped}).encode()
             atomic_write(_skip_file(args.out, i), lambda f: f.write(skip_record))
             writer.write_shard(i, labels, **dict(zip(ARRAYS[kind], data)))
@@ -317,15 +521,15 @@ def cmd_imagenet(args):
           f"({pending / max(seconds, 1e-9):.1f} images/s)")
     barrier()
     if rank == 0:
-        skipped = sum(read_json(_skip_file(args.out, i))["skipped"] for i in range(len(shards)))
+        skipped = sum(read_json(_skip_file(args.out, i))["skipped"] for i in range(num_shards))
         manifest = writer.finish(
-            vae=VAES.get(args.vae), image_size=size, class_names=classes, skipped=skipped,
-            source=os.path.abspath(args.src), flip=args.flip,
+            vae=VAES.get(args.vae), image_size=size, class_names=source.class_names, skipped=skipped,
+            flip=args.flip, **source.manifest,
             vae_dtype=None if vae is None else "bfloat16" if args.bf16 else "float32",
             **({"vae_path": os.path.abspath(args.vae_path)} if kind == "latent" and args.vae_path
                else {}))
         print(f"{args.out}: {manifest['num_items']} {kind} items {manifest['shape']} in "
-              f"{len(classes)} classes; {skipped} unreadable images skipped")
+              f"{source.num_classes} classes; {skipped} unreadable images skipped")
     if world > 1:
         dist.destroy_process_group()
 
@@ -354,12 +558,20 @@ def build_parser():
     p.add_argument("--image-size", type=int, choices=[64, 128, 256], default=128,
                    help="the resolution of the samples it will score (default: 128, this repository's ImageNet)")
     p.add_argument("--out", default="reference_batches", help="folder (default: reference_batches)")
-    p = command("imagenet", cmd_imagenet, "encode an ImageFolder into the data.py format (resumable)",
-                ["ema", "mse", "none"], description="Encode an ImageFolder (one sub-folder per class, in sorted "
-                "order) into the data.py format: ADM centre crop, then the SD VAE posterior mean and std (float16), "
-                "or uint8 pixels with --vae none. Unreadable images are skipped and counted. Run it again to resume. "
-                "Under torchrun, shard i goes to rank i % world size.")
-    p.add_argument("--src", required=True, help="the ImageFolder, e.g. ILSVRC2012/train")
+    p = command("imagenet", cmd_imagenet, "encode an ImageFolder or a Hugging Face dataset into the data.py format "
+                "(resumable)", ["ema", "mse", "none"], description="Encode an ImageFolder (one sub-folder per class, "
+                "in sorted order) or a Hugging Face dataset (its rows in order; the class names from its ClassLabel) "
+                "into the data.py format: ADM centre crop, then the SD VAE posterior mean and std (float16), or uint8 "
+                "pixels with --vae none. Unreadable images are skipped and counted. Run it again to resume. Under "
+                "torchrun, shard i goes to rank i % world size; a streamed Hub dataset is read by every rank.")
+    p.add_argument("--src", required=True, help="an ImageFolder (e.g. ILSVRC2012/train), a folder written by "
+                   "datasets' save_to_disk, a folder, file or glob of parquet files, or a Hub dataset id (streamed), "
+                   "e.g. benjamin-paine/imagenet-1k-128x128")
+    p.add_argument("--split", default="train", help="the split of a Hugging Face dataset (default: train)")
+    p.add_argument("--image-column", metavar="NAME", help="a Hugging Face dataset's image column (default: its "
+                   "Image feature, else a column named image or img)")
+    p.add_argument("--label-column", metavar="NAME", help="a Hugging Face dataset's class column, a ClassLabel or "
+                   "integers (default: its ClassLabel feature, else a column named label or labels)")
     p.add_argument("--out", required=True, help="dataset folder to write (or resume)")
     p.add_argument("--image-size", type=at_least(1), default=128, help="pixels (default: 128)")
     p.add_argument("--batch-size", type=at_least(1), default=64, help="images per VAE batch")

@@ -1,6 +1,8 @@
 """Tests of download.py, offline: a tiny random AutoencoderKL stands in for the SD VAE, a small
 generated ImageFolder for ImageNet, and a local HTTP server for the DiT checkpoint host."""
+import glob
 import http.server
+import io
 import json
 import os
 import subprocess
@@ -15,6 +17,7 @@ from PIL import Image
 import download
 from cli import UsageError
 from data import LatentDataset
+from helpers import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["cat", "dog", "eel"]
@@ -282,3 +285,146 @@ def test_ref_batch_download_verifies_and_fails_offline_in_one_line(tmp_path, cap
     code = download.cli(["ref-batch", "--image-size", "128", "--out", str(tmp_path / "offline")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot download" in err, err
+
+
+@pytest.fixture(scope="module")
+def hub_copies(src, tmp_path_factory):
+    """The files of `src` in list_images' order (broken.jpg included) as a Hugging Face dataset: a caption
+    column to pass over, the files' bytes in an Image column `picture` and the class in a ClassLabel
+    `category` (names no detection by name would find), written with save_to_disk and as parquet in
+    the Hub's layout: train in 2 files, and a validation file that --split train must leave out."""
+    from datasets import ClassLabel, Dataset, Features, Image, Value
+    items, classes = download.list_images(src)
+    features = Features({"caption": Value("string"), "picture": Image(), "category": ClassLabel(names=classes)})
+    ds = Dataset.from_dict({"caption": [os.path.basename(p) for p, _ in items],
+                            "picture": [{"bytes": open(p, "rb").read(), "path": os.path.relpath(p, src)}
+                                        for p, _ in items],
+                            "category": [label for _, label in items]}, features=features)
+    root = tmp_path_factory.mktemp("hub")
+    ds.save_to_disk(str(root / "disk"))
+    ds.select(range(9)).to_parquet(str(root / "parquet" / "data" / "train-00000-of-00002.parquet"))
+    ds.select(range(9, len(ds))).to_parquet(str(root / "parquet" / "data" / "train-00001-of-00002.parquet"))
+    ds.select([0, 1]).to_parquet(str(root / "parquet" / "data" / "validation-00000-of-00001.parquet"))
+    return {"disk": str(root / "disk"), "parquet": str(root / "parquet")}
+
+
+def shard_arrays(out):
+    """{file name: array} of a dataset folder's .npy files."""
+    return {f: np.load(os.path.join(out, f)) for f in sorted(os.listdir(out)) if f.endswith(".npy")}
+
+
+def assert_same_dataset(a, b, ignore=()):
+    """Bit-equal shards (labels and arrays) and the same manifest apart from the keys ignored."""
+    arrays_a, arrays_b = shard_arrays(a), shard_arrays(b)
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for name in arrays_a:
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+    kept = [{k: v for k, v in json.loads(open(os.path.join(d, "manifest.json")).read()).items() if k not in ignore}
+            for d in (a, b)]
+    assert kept[0] == kept[1]
+
+
+def test_hub_copies_encode_like_the_imagefolder(src, hub_copies, vae_dir, tmp_path):
+    """The same files give bit-equal latents and labels, whichever source holds them: the same decoder,
+    crop, VAE batches (the unreadable row drops out of the same batch) and arithmetic."""
+    outs = {name: tmp_path / name for name in ("folder", "disk", "parquet")}
+    download.main(encode_args(src, outs["folder"], "--vae-path", vae_dir))
+    for name in ("disk", "parquet"):
+        download.main(encode_args(hub_copies[name], outs[name], "--vae-path", vae_dir))
+        assert_same_dataset(outs["folder"], outs[name], ignore=("source", "split"))
+        manifest = json.loads((outs[name] / "manifest.json").read_text())
+        assert (manifest["source"], manifest["split"]) == (hub_copies[name], "train" if name == "parquet" else None)
+        assert manifest["class_names"] == CLASSES and manifest["skipped"] == 1 and manifest["num_items"] == 15
+        skip = json.loads((outs[name] / "shard-00002.skipped.json").read_text())
+        assert skip["skipped"] == 1 and skip["files"][0].startswith("row 10 (")  # cat 0-4, dog 0-4, broken
+        assert skip["files"][0].endswith("broken.jpg)")  # the path datasets kept: dog/broken.jpg or broken.jpg
+
+
+def test_hub_id_streams_and_an_interrupted_encode_resumes(src, hub_copies, tmp_path, monkeypatch):
+    """A Hub id goes to datasets.load_dataset(id, split=..., streaming=True), here answered by a stream of
+    the local parquet files with the split size a Hub card gives. Interrupted in shard 2, the encode
+    resumes (skipping the stream to row 8) to the same shards as the ImageFolder gives."""
+    import datasets
+    real_load, calls = datasets.load_dataset, []
+
+    def load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        files = sorted(glob.glob(os.path.join(hub_copies["parquet"], "data", "train-*.parquet")))
+        ds = real_load("parquet", data_files={"train": files}, split="train", streaming=True)
+        ds.info.splits = datasets.SplitDict({"train": datasets.SplitInfo("train", num_examples=16)})
+        return ds
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    real_encode_shard, encoded = download.encode_shard, []
+
+    def interrupted(items, *args):
+        encoded.append([name for name, _, _ in items])
+        if len(encoded) == 3:
+            raise KeyboardInterrupt
+        return real_encode_shard(items, *args)
+
+    monkeypatch.setattr(download, "encode_shard", interrupted)
+    out, argv = tmp_path / "hub", encode_args("someone/tiny-imagenet", tmp_path / "hub", "--vae", "none")
+    assert download.cli(argv) == 130
+    assert calls == [("someone/tiny-imagenet", {"split": "train", "streaming": True})]
+    assert sorted(f for f in os.listdir(out) if f.endswith("labels.npy")) == ["shard-00000.labels.npy",
+                                                                            "shard-00001.labels.npy"]
+    encoded.clear()
+    download.main(argv)
+    assert [[name.split(" (")[0] for name in names] for names in encoded] == [
+        [f"row {k}" for k in range(8, 12)], [f"row {k}" for k in range(12, 16)]]  # shards 2 and 3 only
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["source"], manifest["split"]) == ("someone/tiny-imagenet", "train")
+    monkeypatch.undo()
+    download.main(encode_args(src, tmp_path / "folder", "--vae", "none"))
+    assert_same_dataset(tmp_path / "folder", out, ignore=("source", "split"))
+
+
+def test_two_processes_stream_the_same_dataset_as_one(hub_copies, tmp_path):
+    """torchrun with 2 gloo ranks over the streamed parquet: rank r makes shards r, r + 2 of the same
+    global rows, so the dataset is bit-equal to one process's."""
+    download.main(encode_args(hub_copies["parquet"], tmp_path / "one", "--vae", "none"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    torchrun([os.path.join(ROOT, "download.py"), *encode_args(hub_copies["parquet"], tmp_path / "two", "--vae",
+                                                              "none", "--no-progress")], 2, ROOT, env, timeout=240)
+    assert_same_dataset(tmp_path / "one", tmp_path / "two")
+
+
+def test_hub_datasets_without_labels_or_images_exit_2_with_one_line(hub_copies, tmp_path, capsys):
+    from datasets import ClassLabel, Dataset, Features, Value
+    from datasets import Image as ImageFeature
+    png = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(png, format="PNG")
+    pictures = [{"bytes": png.getvalue(), "path": None}] * 3
+    unlabeled = Dataset.from_dict({"image": pictures, "caption": ["a", "b", "c"]},
+                                  features=Features({"image": ImageFeature(), "caption": Value("string")}))
+    unlabeled.save_to_disk(str(tmp_path / "unlabeled"))
+    paths = Dataset.from_dict({"img": ["x.png"] * 3, "label": [0, 1, 0]},
+                              features=Features({"img": Value("string"), "label": ClassLabel(names=["a", "b"])}))
+    paths.to_parquet(str(tmp_path / "paths.parquet"))
+    integers = Dataset.from_dict({"image": pictures, "labels": [0, 4, 2]},
+                                 features=Features({"image": ImageFeature(), "labels": Value("int64")}))
+    integers.save_to_disk(str(tmp_path / "integers"))
+    integers.to_parquet(str(tmp_path / "integers.parquet"))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 cut short")
+    (tmp_path / "notes.txt").write_text("not parquet")
+    capsys.readouterr()  # datasets' progress bars
+    for source, extra, needles in [
+            ("unlabeled", [], ["no label column", "image (Image), caption (string)", "--label-column"]),
+            ("paths.parquet", [], ["column img holds string, not images", "label (ClassLabel)", "--image-column"]),
+            ("unlabeled", ["--label-column", "caption"], ["column caption holds string, not class labels"]),
+            ("unlabeled", ["--image-column", "photo"], ["--image-column photo: no such column"]),
+            ("integers.parquet", [], ["integers without class names", "save_to_disk"]),
+            ("nowhere/at/all", [], ["no such file or folder"]),
+            ("broken.parquet", [], ["broken.parquet: not a readable parquet file"]),
+            ("notes.txt", [], ["no parquet files", "notes.txt", "a Hub id"]),
+            (hub_copies["parquet"], ["--split", "test"], ["--split test", "has the splits train, validation"])]:
+        code = download.cli(encode_args(str(tmp_path / source), tmp_path / "out", "--vae", "none", *extra))
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert all(needle in err for needle in needles), err
+    assert not os.path.exists(tmp_path / "out")
+    # Integers without names are classes 0..max where save_to_disk lets them be counted first.
+    download.main(encode_args(str(tmp_path / "integers"), tmp_path / "out", "--vae", "none"))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["num_classes"], manifest["class_names"], manifest["num_items"]) == (5, None, 3)
