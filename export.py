@@ -122,7 +122,8 @@ def model_card(config, title, records, diffusers=False):
     classes = f"{data['num_classes']} classes" + (f" ({', '.join(map(str, names[:10]))}"
                                                   f"{', ...' if len(names) > 10 else ''})" if names else "")
     stats = (f"; latents normalised per channel with mean {data['channel_mean']} and std {data['channel_std']} "
-             f"(decode x * std + mean with {data['vae']})" if data["kind"] == "latent" else "")
+             f"(decode x * std + mean with {data['vae']})" if data["kind"] == "latent"
+             else "; pixels scaled from [0, 255] to [-1, 1]")
     lines = ["---", f"library_name: {'diffusers' if diffusers else 'map-dit'}", "tags:",
              *(f"- {t}" for t in ["diffusion", "dit", "class-conditional", "image-generation", "pytorch", "map-dit"]
                + ["magnitude-preserving"] * bool(on)), "---", "", f"# {title}", "",

@@ -131,8 +131,9 @@ def load_model(args, guide=False):
     if folder is not None:
         given = args.guide_weights if guide else args.weights
         if given:
-            raise UsageError(f"{'--guide-weights' if guide else '--weights'} {given}: {source} is an export, "
-                             f"one set of weights; drop the flag")
+            held = export_config(folder, source)
+            raise UsageError(f"{'--guide-weights' if guide else '--weights'} {given}: {source} is an export of one "
+                             f"set of weights ({held['weights']} of step {held['step']}); drop the flag")
         model, saved, manifest, note = read_export(folder, source)
         stem = os.path.join("samples", f"{os.path.basename(os.path.normpath(source))}-{saved['weights']}")
         return model, manifest, note, stem, saved["prediction"]

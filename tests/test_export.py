@@ -125,7 +125,7 @@ def test_the_model_card_says_how_the_run_trained_and_its_evaluations(pixel_run, 
     card = (tmp_path / "plain" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: map-dit\ntags:\n") and "- magnitude-preserving" in card
     assert "6 steps at batch 8" in card and "Weights: ema-0.1 at step 6" in card  # the default: sample.py's
-    assert "None: the run recorded no evaluation" in card
+    assert "None: the run recorded no evaluation" in card and "pixels scaled from [0, 255] to [-1, 1]" in card
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
         for step, fid in ((3, 81.25), (9, 1.0)):  # step 9 lies past the exported checkpoint
             f.write(json.dumps({"step": step, "eval": {"fid": fid, "is": 2.5}, "samples": 64}) + "\n")
@@ -184,7 +184,8 @@ def test_bad_exports_and_flags_are_one_line_and_exit_2(pixel_run, tmp_path, caps
     for argv, needle in ((["--ckpt", no_config, *grid], "no config.json"),
                          (["--ckpt", newer, *grid], f"format {sample.EXPORT_FORMAT + 1} is newer than this code"),
                          (["--ckpt", torn, *grid], "cannot read model.safetensors"),
-                         (["--ckpt", tmp_path / "e", "--weights", "raw", *grid], "--weights raw: "),
+                         (["--ckpt", tmp_path / "e", "--weights", "raw", *grid], "--weights raw: "
+                          f"{tmp_path / 'e'} is an export of one set of weights (raw of step 6); drop the flag"),
                          (["--result-dir", pixel_run, "--guide", tmp_path / "e", "--guide-weights", "ema", *grid],
                           "--guide-weights ema: "),
                          (["--result-dir", pixel_run, "--guide", newer, *grid], "--guide: "),
@@ -218,6 +219,10 @@ def test_a_hub_id_is_fetched_by_snapshot_download(pixel_run, tmp_path, capsys, m
     assert calls == [("someone/tiny-map-dit", {"allow_patterns": ["model.safetensors", "config.json", "README.md"]})]
     assert run_cli(["--result-dir", pixel_run, *GRID, "--guide", "someone/tiny-map-dit", "--out", "g.png"],
                    capsys)[0] == 0
+    fid = ["--fid", 3, "--sampler", "ddim", "--num-sampling-steps", 3, "--no-progress"]
+    assert run_cli(["--ckpt", "someone/tiny-map-dit", *fid, "--out", "hub.npz"], capsys)[0] == 0
+    assert run_cli(["--result-dir", pixel_run, "--weights", "raw", *fid, "--out", "run.npz"], capsys)[0] == 0
+    np.testing.assert_array_equal(np.load("hub.npz")["arr_0"], np.load("run.npz")["arr_0"])
     code, _, err = run_cli(["--ckpt", "someone/missing", *GRID], capsys)
     assert code == 2 and "no Hub repository of that id could be fetched (LocalEntryNotFoundError)" in err
     assert len(err.splitlines()) == 1
