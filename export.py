@@ -148,12 +148,15 @@ def model_card(config, title, records, diffusers=False):
         lines.append("None: the run recorded no evaluation (train.py --eval-every).")
     lines += ["", "## Use", ""]
     if diffusers:
-        lines += ["```python", "from diffusers import DiTTransformer2DModel",
-                  "model = DiTTransformer2DModel.from_pretrained(PATH_OR_HUB_ID)", "```", "",
+        lines += ["```python", "from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel",
+                  "model = DiTTransformer2DModel.from_pretrained(PATH_OR_HUB_ID)",
+                  f"pipe = DiTPipeline(model, AutoencoderKL.from_pretrained({data['vae']!r}), DDIMScheduler())",
+                  "```", "",
                   "diffusers embeds the timestep with frequencies 10000^(-i/127) where DiT trains with "
                   "10000^(-i/128) (as for the official DiT weights in diffusers), so its outputs differ slightly "
-                  "from MaP-DiT's at t > 0. DiTPipeline decodes latents divided by the VAE's scaling_factor: "
-                  "use it only where the data were latents times that factor."]
+                  "from MaP-DiT's at t > 0. DiTPipeline guides with class 1000 as the null label (1000-class "
+                  "models only) and decodes latents divided by the VAE's scaling_factor, which is this model's "
+                  "normalisation only where channel_mean is 0 and channel_std 1 / scaling_factor."]
     else:
         lines += ["With the MaP-DiT repository (it builds the model from config.json):", "",
                   "    python sample.py --ckpt PATH_OR_HUB_ID --class-label 0 1 2",

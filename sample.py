@@ -80,9 +80,10 @@ def parse_args(argv=None):
     g.add_argument("--guidance-interval", type=float, nargs=2, default=list(EVERY_STEP), metavar=("LO", "HI"),
                    help="guide only where the noise level sigma = sqrt((1 - abar_t) / abar_t) lies in (LO, HI] "
                         "(default 0 inf: every step; EDM2's 0.28 5.42; REPA's t <= 0.7 is 0 2.33)")
-    g.add_argument("--guide", metavar="RUN_OR_CKPT",  # or an export folder or Hub id
+    g.add_argument("--guide", metavar="RUN_OR_CKPT",
                    help="autoguidance: D = D_guide + w (D_main - D_guide) with this guide (a smaller or less "
-                        "trained model of the same data, classes and prediction) in place of the null label")
+                        "trained model of the same data, classes and prediction: a run, checkpoint, export "
+                        "folder or Hub id) in place of the null label")
     g.add_argument("--guide-weights", metavar="W", help="the guide's --weights (default: as for --weights)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the model's forward in float32 or bf16 autocast; guidance and the sampler stay float32 "
@@ -131,7 +132,7 @@ def load_model(args, guide=False):
     if folder is not None:
         given = args.guide_weights if guide else args.weights
         if given:
-            held = export_config(folder, source)
+            held = read_export_config(folder, source)
             raise UsageError(f"{'--guide-weights' if guide else '--weights'} {given}: {source} is an export of one "
                              f"set of weights ({held['weights']} of step {held['step']}); drop the flag")
         model, saved, manifest, note = read_export(folder, source)
@@ -206,7 +207,7 @@ def export_folder(source, flag):
 def read_export(folder, source):
     """(model with the exported weights, built by runs.build_model from config.json; the arguments it was
     built from with the export's "weights" and "prediction"; the data's manifest; a note) of an export folder."""
-    config = export_config(folder, source)
+    config = read_export_config(folder, source)
     saved = {**config["architecture"], **{k: config[k] for k in OBJECTIVE_KEYS if k in config},
              "prediction": config["prediction"], "weights": config["weights"], "data_path": source}
     path = os.path.join(folder, EXPORT_WEIGHTS)
@@ -220,7 +221,7 @@ def read_export(folder, source):
     return model, saved, config["data"], f"{config['weights']} weights of step {config['step']} exported to {source}"
 
 
-def export_config(folder, source):
+def read_export_config(folder, source):
     """An export's config.json as a dict: refused (one line) when missing, unreadable, or of a newer format."""
     path = os.path.join(folder, EXPORT_CONFIG)
     try:

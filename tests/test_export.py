@@ -53,12 +53,18 @@ def some_switches_run(named_pixels, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vanilla_ckpt(named_pixels, tmp_path_factory):
-    """A checkpoint of a vanilla DiT-XS/2 run (depth 2, width 64; 16 tokens) whose raw weights are all
-    replaced by random values, so that no zero-initialised layer hides a wrong mapping."""
-    run = train_run(named_pixels, tmp_path_factory.mktemp("vanilla"), "--model", "DiT-XS/2", "--depth", "2",
-                    "--hidden-size", "64", "--num-heads", "2", "--num-steps", "1", "--ckpt-every", "1",
-                    "--sample-every", "0")
+def vanilla_ckpt(tmp_path_factory):
+    """A checkpoint of a vanilla DiT-XS/2 run (depth 2, width 64) on 8x8x4 latents of 1000 classes (16
+    tokens; DiTPipeline's null class is 1000) whose raw weights are all replaced by random values, so
+    that no zero-initialised layer hides a wrong mapping."""
+    root = tmp_path_factory.mktemp("vanilla")
+    writer = ShardWriter(root / "data", "latent", (4, 8, 8), 1000)
+    rng = np.random.default_rng(0)
+    writer.write_shard(0, np.arange(16) * 61 % 1000, mean=rng.normal(size=(16, 4, 8, 8)).astype(np.float16),
+                       std=np.full((16, 4, 8, 8), 0.1, np.float16))
+    writer.finish(vae="stabilityai/sd-vae-ft-ema")
+    run = train_run(str(root / "data"), root / "results", "--model", "DiT-XS/2", "--depth", "2", "--hidden-size",
+                    "64", "--num-heads", "2", "--num-steps", "1", "--ckpt-every", "1", "--sample-every", "0")
     path = os.path.join(run, "checkpoints", "0000001.pt")
     ckpt, generator = load(path), torch.Generator().manual_seed(0)
     ckpt["model"] = {k: v if k == "pos_embed" else 0.2 * torch.randn(v.shape, generator=generator)
@@ -143,7 +149,7 @@ def diffusers_sinusoid(t, dim, max_period=10000):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def test_a_vanilla_export_is_diffusers_dit(vanilla_ckpt, tmp_path, capsys, monkeypatch):
+def test_a_vanilla_export_is_diffusers_dit(vanilla_ckpt, tiny_vae, tmp_path, capsys, monkeypatch):
     """DiTTransformer2DModel.from_pretrained of --diffusers gives this repository's forward on random
     weights and inputs (every label, the null one too), once both embed the timestep alike: diffusers
     uses frequencies 10000^(-i/127) where DiT uses 10000^(-i/128), so at t = 0 (cos 1, sin 0 for every
@@ -152,7 +158,7 @@ def test_a_vanilla_export_is_diffusers_dit(vanilla_ckpt, tmp_path, capsys, monke
     float32 products; q, k, v as three matmuls give what one qkv matmul gives), and 2e-6 leaves a few
     ulps for a BLAS that sums in another order. The subtlest wrong conversion, diffusers' default
     LayerNorm eps 1e-5 in place of DiT's 1e-6, moves outputs by 4e-6 to 6e-6; a swapped k and v by ~10."""
-    from diffusers import DiTTransformer2DModel
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
     code, out, err = export_cli([vanilla_ckpt, "--weights", "raw", "--diffusers", "--out", tmp_path / "d"], capsys)
     assert code == 0, err
     assert "library_name: diffusers" in (tmp_path / "d" / "README.md").read_text()
@@ -160,7 +166,7 @@ def test_a_vanilla_export_is_diffusers_dit(vanilla_ckpt, tmp_path, capsys, monke
     ours, *_ = sample.load_model(sample.parse_args(["--ckpt", vanilla_ckpt, "--weights", "raw", "--class-label", "0"]))
     ours.eval()
     generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(5, 3, 8, 8, generator=generator), torch.tensor([0, 1, 2, 3, 4])  # 4: the null class
+    x, y = torch.randn(5, 4, 8, 8, generator=generator), torch.tensor([0, 1, 500, 999, 1000])  # 1000: null
     t = torch.randint(1, 1000, (5,), generator=generator)
     with torch.no_grad():
         at_zero = [m(x, torch.zeros_like(t), y) for m in (ours, lambda *a: theirs(*a).sample)]
@@ -169,6 +175,13 @@ def test_a_vanilla_export_is_diffusers_dit(vanilla_ckpt, tmp_path, capsys, monke
     assert at_t[0].std() > 1  # the random weights reach the output
     torch.testing.assert_close(at_zero[1], at_zero[0], rtol=0, atol=2e-6)
     torch.testing.assert_close(at_t[1], at_t[0], rtol=0, atol=2e-6)
+
+    vae = AutoencoderKL.from_pretrained(tiny_vae(levels=4, channels=(8,) * 4, layers_per_block=1))  # downsampling 8
+    pipe = DiTPipeline(transformer=theirs, vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[3, 999], guidance_scale=4.0, num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
 
 
 def test_bad_exports_and_flags_are_one_line_and_exit_2(pixel_run, tmp_path, capsys):
