@@ -136,32 +136,39 @@ def model_card(config, title, records, diffusers=False):
              f"MaP-DiT's train.py, {train['num_steps']} steps at batch {train['global_batch_size']}, lr {train['lr']} "
              f"(warm-up {train['warmup_steps']}, decay {train['decay_steps']} steps), on {data['source'] or 'its data'}; "
              f"the rest of the recipe: " + ", ".join(f"{k} {train[k]}" for k in TRAINING_KEYS[5:]) + ".", "",
-             "## Evaluation", ""]
-    metrics = sorted({k for r in records for k in r["eval"]})
-    if records:
-        lines += ["Recorded during training (train.py --eval-every), of the run's sampling weights (the widest "
-                  "power EMA, else the classic EMA), which are these weights only where the choice is the same:",
-                  "", "| step | samples | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
-        lines += [f"| {r['step']} | {r.get('samples', '')} | " + " | ".join(
-            f"{r['eval'][m]:.4g}" if m in r["eval"] else "" for m in metrics) + " |" for r in records]
-    else:
-        lines.append("None: the run recorded no evaluation (train.py --eval-every).")
-    lines += ["", "## Use", ""]
-    if diffusers:
-        lines += ["```python", "from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel",
-                  "model = DiTTransformer2DModel.from_pretrained(PATH_OR_HUB_ID)",
-                  f"pipe = DiTPipeline(model, AutoencoderKL.from_pretrained({data['vae']!r}), DDIMScheduler())",
-                  "```", "",
-                  "diffusers embeds the timestep with frequencies 10000^(-i/127) where DiT trains with "
-                  "10000^(-i/128) (as for the official DiT weights in diffusers), so its outputs differ slightly "
-                  "from MaP-DiT's at t > 0. DiTPipeline guides with class 1000 as the null label (1000-class "
-                  "models only) and decodes latents divided by the VAE's scaling_factor, which is this model's "
-                  "normalisation only where channel_mean is 0 and channel_std 1 / scaling_factor."]
-    else:
-        lines += ["With the MaP-DiT repository (it builds the model from config.json):", "",
-                  "    python sample.py --ckpt PATH_OR_HUB_ID --class-label 0 1 2",
-                  "    python sample.py --ckpt PATH_OR_HUB_ID --fid 50000"]
+             "## Evaluation", "", *evaluation_lines(records), "", "## Use", "", *use_lines(data, diffusers)]
     return "\n".join(lines) + "\n"
+
+
+def evaluation_lines(records):
+    """The model card's table of the run's evaluations (metrics.jsonl records), or a line saying there are none."""
+    if not records:
+        return ["None: the run recorded no evaluation (train.py --eval-every)."]
+    metrics = sorted({k for r in records for k in r["eval"]})
+    return ["Recorded during training (train.py --eval-every), of the run's sampling weights (the widest power "
+            "EMA, else the classic EMA), which are these weights only where the choice is the same:", "",
+            "| step | samples | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|",
+            *(f"| {r['step']} | {r.get('samples', '')} | " + " | ".join(
+                f"{r['eval'][m]:.4g}" if m in r["eval"] else "" for m in metrics) + " |" for r in records)]
+
+
+def use_lines(data, diffusers):
+    """How the model card's reader loads the folder: with this repository's sample.py, or with diffusers."""
+    if not diffusers:
+        return ["With the MaP-DiT repository (it builds the model from config.json):", "",
+                "    python sample.py --ckpt PATH_OR_HUB_ID --class-label 0 1 2",
+                "    python sample.py --ckpt PATH_OR_HUB_ID --fid 50000"]
+    lines = ["```python", "from diffusers import DiTTransformer2DModel",
+             "model = DiTTransformer2DModel.from_pretrained(PATH_OR_HUB_ID)", "```", "",
+             "diffusers embeds the timestep with frequencies 10000^(-i/127) where DiT trains with 10000^(-i/128) "
+             "(as for the official DiT weights in diffusers), so its outputs differ slightly from MaP-DiT's at t > 0."]
+    if data["kind"] != "latent":
+        return lines + ["", "DiTPipeline decodes its samples with a VAE, so this pixel-space model runs without it."]
+    return lines + ["", "```python", "from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline",
+                    f"pipe = DiTPipeline(model, AutoencoderKL.from_pretrained({data['vae']!r}), DDIMScheduler())",
+                    "```", "", "DiTPipeline guides with class 1000 as the null label (1000-class models only) and "
+                    "decodes latents divided by the VAE's scaling_factor, which is this model's normalisation only "
+                    "where channel_mean is 0 and channel_std 1 / scaling_factor."]
 
 
 def write_text(path, text):

@@ -161,7 +161,8 @@ def test_a_vanilla_export_is_diffusers_dit(vanilla_ckpt, tiny_vae, tmp_path, cap
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
     code, out, err = export_cli([vanilla_ckpt, "--weights", "raw", "--diffusers", "--out", tmp_path / "d"], capsys)
     assert code == 0, err
-    assert "library_name: diffusers" in (tmp_path / "d" / "README.md").read_text()
+    card = (tmp_path / "d" / "README.md").read_text()
+    assert "library_name: diffusers" in card and "AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-ema')" in card
     theirs = DiTTransformer2DModel.from_pretrained(tmp_path / "d").eval()
     ours, *_ = sample.load_model(sample.parse_args(["--ckpt", vanilla_ckpt, "--weights", "raw", "--class-label", "0"]))
     ours.eval()
