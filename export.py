@@ -133,9 +133,9 @@ def model_card(config, title, records, diffusers=False):
              f"{config['prediction']} under the {config['objective']} objective. Data: {data['kind']} "
              f"{'x'.join(map(str, data['shape']))}, {classes}{stats}.", "",
              f"Weights: {config['weights']} at step {config['step']}.", "", "## Training", "",
-             f"MaP-DiT's train.py, {train['num_steps']} steps at batch {train['global_batch_size']}, lr {train['lr']} "
-             f"(warm-up {train['warmup_steps']}, decay {train['decay_steps']} steps), on {data['source'] or 'its data'}; "
-             f"the rest of the recipe: " + ", ".join(f"{k} {train[k]}" for k in TRAINING_KEYS[5:]) + ".", "",
+             f"MaP-DiT's train.py, {train['num_steps']} steps at batch {train['global_batch_size']}, lr "
+             f"{train['lr']} (warm-up {train['warmup_steps']}, decay {train['decay_steps']} steps), on "
+             f"{data['source'] or 'its data'}; the rest of the recipe: " + ", ".join(f"{k} {train[k]}" for k in TRAINING_KEYS[5:]) + ".", "",
              "## Evaluation", "", *evaluation_lines(records), "", "## Use", "", *use_lines(data, diffusers)]
     return "\n".join(lines) + "\n"
 

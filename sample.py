@@ -34,7 +34,7 @@ from download import VAES, open_decoder
 from ema import posthoc_coefficients, valid_sigma_rel
 from evaluation import chunks_to_do, write_npz_samples
 from guidance import EVERY_STEP, Guided
-from models import MODEL_SIZES, DiT_models
+from models import MODEL_SIZES, MP_SWITCHES, DiT_models
 from runs import SEED_RANGE, build_model, checkpoints_in, load_checkpoint, saved_args
 from sampling import (DEFAULT_STEPS, chunk_inputs, chunk_sizes, make_sampler, row_names, sample_chunk, sample_images,
                       sampling_weights_name, save_grid)
@@ -47,6 +47,7 @@ EMA_INIT_WARNING = 0.1  # warn when the classic EMA still gives its initial weig
 POWER_EMA = re.compile(r"ema-(\d+\.?\d*|\.\d+)")  # --weights ema-<sigma_rel>: group 1 is sigma_rel
 EXPORT_FORMAT = 1  # the config.json format export.py writes; a newer one is refused
 EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"  # an export folder's files
+ARCHITECTURE_KEYS = ("model", "depth", "hidden_size", "num_heads", "mp", "modulation", *MP_SWITCHES)  # build_model's
 OBJECTIVE_KEYS = ("objective", "time_dist", "logit_mean", "logit_std")  # an export keeps those its run has
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name of a Hugging Face Hub repository
 
@@ -239,6 +240,7 @@ def read_export_config(folder, source):
         raise UsageError(f"{path}: format {version} is newer than this code reads ({EXPORT_FORMAT}); update this "
                          f"repository to load it")
     missing = [k for k in ("architecture", "prediction", "data", "weights", "step") if k not in config]
+    missing += [k for k in ARCHITECTURE_KEYS if k not in config.get("architecture", {})]
     if missing:
         raise UsageError(f"{path}: no {', '.join(missing)}: not a complete export.py config; export the run again")
     return config

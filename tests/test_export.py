@@ -192,12 +192,16 @@ def test_bad_exports_and_flags_are_one_line_and_exit_2(pixel_run, tmp_path, caps
     newer = shutil.copytree(tmp_path / "e", tmp_path / "newer")
     config = json.loads((newer / "config.json").read_text())
     (newer / "config.json").write_text(json.dumps({**config, "format": sample.EXPORT_FORMAT + 1}))
+    partial = shutil.copytree(tmp_path / "e", tmp_path / "partial")
+    del config["architecture"]["use_mp_silu"]
+    (partial / "config.json").write_text(json.dumps(config))
     torn = shutil.copytree(tmp_path / "e", tmp_path / "torn")
     (torn / "model.safetensors").write_bytes((torn / "model.safetensors").read_bytes()[:100])
     grid = ["--class-label", 0]
     for argv, needle in ((["--ckpt", no_config, *grid], "no config.json"),
                          (["--ckpt", newer, *grid], f"format {sample.EXPORT_FORMAT + 1} is newer than this code"),
                          (["--ckpt", torn, *grid], "cannot read model.safetensors"),
+                         (["--ckpt", partial, *grid], "no use_mp_silu: not a complete export.py config"),
                          (["--ckpt", tmp_path / "e", "--weights", "raw", *grid], "--weights raw: "
                           f"{tmp_path / 'e'} is an export of one set of weights (raw of step 6); drop the flag"),
                          (["--result-dir", pixel_run, "--guide", tmp_path / "e", "--guide-weights", "ema", *grid],
