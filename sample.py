@@ -8,12 +8,17 @@
     python sample.py --result-dir RUN --class-label 1 2 --cfg-scale 2 --guide RUN/checkpoints/0000500.pt
     python sample.py --ckpt pretrained_models/DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \\
         --class-label 207 360 --cfg-scale 4
+    python sample.py --ckpt exports/my-model --class-label 1 2            # an export.py folder
+    python sample.py --ckpt owner/name --class-label 1 2                   # such a folder on the Hub
 
+An export (export.py: model.safetensors and config.json, in a folder or a Hugging Face Hub repository
+fetched into huggingface_hub's cache) holds one set of weights and everything needed to sample it.
 A grid has one row per --class-label; --fid N writes an ADM-evaluator .npz through resumable chunk
 files whose labels and noise depend only on (--seed, chunk), so a rerun gives the same array.
 """
 import argparse
 import glob
+import json
 import math
 import os
 import re
@@ -29,7 +34,7 @@ from download import VAES, open_decoder
 from ema import posthoc_coefficients, valid_sigma_rel
 from evaluation import chunks_to_do, write_npz_samples
 from guidance import EVERY_STEP, Guided
-from models import MODEL_SIZES, DiT_models
+from models import MODEL_SIZES, MP_SWITCHES, DiT_models
 from runs import SEED_RANGE, build_model, checkpoints_in, load_checkpoint, saved_args
 from sampling import (DEFAULT_STEPS, chunk_inputs, chunk_sizes, make_sampler, row_names, sample_chunk, sample_images,
                       sampling_weights_name, save_grid)
@@ -40,13 +45,19 @@ NOT_SAMPLE_SETTINGS = ("out", "compile", "no_progress", "num_samples", "class_la
                        "cfg_scale_given")
 EMA_INIT_WARNING = 0.1  # warn when the classic EMA still gives its initial weights this share or more
 POWER_EMA = re.compile(r"ema-(\d+\.?\d*|\.\d+)")  # --weights ema-<sigma_rel>: group 1 is sigma_rel
+EXPORT_FORMAT = 1  # the config.json format export.py writes; a newer one is refused
+EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"  # an export folder's files
+ARCHITECTURE_KEYS = ("model", "depth", "hidden_size", "num_heads", "mp", "modulation", *MP_SWITCHES)  # build_model's
+OBJECTIVE_KEYS = ("objective", "time_dist", "logit_mean", "logit_std")  # an export keeps those its run has
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name of a Hugging Face Hub repository
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     g = p.add_argument_group("what to sample from")
     g.add_argument("--result-dir", metavar="RUN", help="a train.py run directory: its latest checkpoint")
-    g.add_argument("--ckpt", metavar="FILE", help="a train.py checkpoint, or an official DiT state dict")
+    g.add_argument("--ckpt", metavar="FILE", help="a train.py checkpoint, an official DiT state dict, or an export.py "
+                   "folder or Hub id (owner/name)")
     g.add_argument("--weights", metavar="W", help="raw, ema (classic), or ema-<sigma_rel>: a tracked power "
                    "EMA, any other sigma_rel reconstructed post hoc from the snapshots (default: the "
                    "widest tracked power EMA, else ema)")
@@ -72,7 +83,8 @@ def parse_args(argv=None):
                         "(default 0 inf: every step; EDM2's 0.28 5.42; REPA's t <= 0.7 is 0 2.33)")
     g.add_argument("--guide", metavar="RUN_OR_CKPT",
                    help="autoguidance: D = D_guide + w (D_main - D_guide) with this guide (a smaller or less "
-                        "trained model of the same data, classes and prediction) in place of the null label")
+                        "trained model of the same data, classes and prediction: a run, checkpoint, export "
+                        "folder or Hub id) in place of the null label")
     g.add_argument("--guide-weights", metavar="W", help="the guide's --weights (default: as for --weights)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the model's forward in float32 or bf16 autocast; guidance and the sampler stay float32 "
@@ -100,7 +112,8 @@ def parse_args(argv=None):
                f"--guidance-interval {lo:g} {hi:g}: need noise levels 0 <= LO <= HI (HI may be inf)"),
               (not 0 <= args.seed < 2 ** 32, f"--seed {args.seed}: must be {SEED_RANGE}"),
               (args.guide_weights and not args.guide, "--guide-weights needs --guide"),
-              (args.guide and not os.path.exists(args.guide), f"--guide {args.guide}: no such run directory or checkpoint")]
+              (args.guide and not (os.path.exists(args.guide) or HUB_ID.fullmatch(args.guide)),
+               f"--guide {args.guide}: no such run directory or checkpoint (nor export folder or Hub id)")]
     for failed, message in checks:
         if failed:
             raise UsageError(message)
@@ -110,19 +123,23 @@ def parse_args(argv=None):
 def load_model(args, guide=False):
     """(model on the CPU with the chosen weights, manifest, note on the weights, stem of the default
     output path, prediction: eps, v or x0) of --ckpt or --result-dir (its latest checkpoint) with
-    --weights, or with guide=True of --guide with --guide-weights. A file that is not a train.py
-    checkpoint may be an official DiT state dict (vanilla DiT --model at --image-size, SD-VAE latents)."""
+    --weights, or with guide=True of --guide with --guide-weights. An export folder or Hub id holds one
+    set of weights (--weights refused). A file that is not a train.py checkpoint may be an official DiT
+    state dict (vanilla DiT --model at --image-size, SD-VAE latents)."""
     source = args.guide if guide else args.ckpt or args.result_dir
     flag = "--guide" if guide else "--ckpt" if args.ckpt else "--result-dir"
     weights = (args.guide_weights or args.weights) if guide else args.weights
-    path = source
-    if os.path.isdir(source):
-        if not checkpoints_in(source):
-            raise UsageError(f"{flag} {source}: no checkpoints/NNNNNNN.pt (not a train.py run, or it has not "
-                             f"reached its first --ckpt-every)")
-        path = checkpoints_in(source)[-1]
-    elif not os.path.isfile(source):
-        raise UsageError(f"{flag} {source}: no such file")
+    folder = export_folder(source, flag)
+    if folder is not None:
+        given = args.guide_weights if guide else args.weights
+        if given:
+            held = read_export_config(folder, source)
+            raise UsageError(f"{'--guide-weights' if guide else '--weights'} {given}: {source} is an export of one "
+                             f"set of weights ({held['weights']} of step {held['step']}); drop the flag")
+        model, saved, manifest, note = read_export(folder, source)
+        stem = os.path.join("samples", f"{os.path.basename(os.path.normpath(source))}-{saved['weights']}")
+        return model, manifest, note, stem, saved["prediction"]
+    path = checkpoint_file(source, flag)
     stem = os.path.splitext(os.path.basename(path))[0]
     try:
         ckpt = load_checkpoint(path)
@@ -135,19 +152,98 @@ def load_model(args, guide=False):
             raise UsageError(f"{path}: neither a train.py checkpoint nor a DiT state dict") from None
         if weights not in (None, "raw"):
             raise UsageError(f"--weights {weights}: {path} is a plain state dict, one set of weights") from None
-        (model, manifest), prediction, note = official_model(args), "eps", f"state dict {path}"
-        what, stem = f"{args.model} at --image-size {args.image_size}", os.path.join("samples", stem)
-    else:
-        saved, manifest = saved_args(ckpt), ckpt["manifest"]
-        model, prediction = build_model(argparse.Namespace(**saved), manifest), saved["prediction"]
-        state, weights, note = select_weights(ckpt, path, weights, model)
-        what = f"{saved['model']} of its run"
-        stem = os.path.join(os.path.dirname(os.path.dirname(path)), "samples", f"{stem}-{weights}")
+        model, manifest = official_model(args)
+        load_weights(model, state, path, f"{args.model} at --image-size {args.image_size}")
+        return model, manifest, f"state dict {path}", os.path.join("samples", stem), "eps"
+    model, saved, weights, note = run_model(ckpt, path, weights)
+    stem = os.path.join(os.path.dirname(os.path.dirname(path)), "samples", f"{stem}-{weights}")
+    return model, ckpt["manifest"], note, stem, saved["prediction"]
+
+
+def checkpoint_file(source, flag):
+    """The checkpoint a --ckpt, --result-dir or --guide names: the file, or a run directory's latest."""
+    if os.path.isdir(source):
+        if not checkpoints_in(source):
+            raise UsageError(f"{flag} {source}: no checkpoints/NNNNNNN.pt and no {EXPORT_WEIGHTS} (not a train.py "
+                             f"run, or it has not reached its first --ckpt-every; nor an export.py folder)")
+        return checkpoints_in(source)[-1]
+    if not os.path.isfile(source):
+        raise UsageError(f"{flag} {source}: no such file")
+    return source
+
+
+def run_model(ckpt, path, choice):
+    """(model with the weights of --weights choice, the run's saved_args, the choice's name, a note) of a
+    train.py checkpoint read from path."""
+    saved = saved_args(ckpt)
+    model = build_model(argparse.Namespace(**saved), ckpt["manifest"])
+    state, weights, note = select_weights(ckpt, path, choice, model)
+    return load_weights(model, state, path, f"{saved['model']} of its run"), saved, weights, note
+
+
+def load_weights(model, state, path, what):
+    """model with the state dict loaded, or one line saying which model the weights of path are for."""
     try:
         model.load_state_dict(state)
     except RuntimeError:
         raise UsageError(f"{path}: does not fit {what}: it holds {describe(state)}") from None
-    return model, manifest, note, stem, prediction
+    return model
+
+
+def export_folder(source, flag):
+    """The export.py folder that source names (a folder holding model.safetensors, or a Hub id owner/name
+    that is no local path, fetched by huggingface_hub into its cache), else None (a run or a file)."""
+    if os.path.isdir(source):
+        return source if os.path.isfile(os.path.join(source, EXPORT_WEIGHTS)) else None
+    if os.path.exists(source) or not HUB_ID.fullmatch(source):
+        return None
+    from huggingface_hub import snapshot_download  # a slow import: only where it is used
+    try:
+        return snapshot_download(source, allow_patterns=[EXPORT_WEIGHTS, EXPORT_CONFIG, "README.md"])
+    except Exception as e:  # the Hub's errors come in many types
+        raise UsageError(f"{flag} {source}: no such local path, and no Hub repository of that id could be fetched "
+                         f"({type(e).__name__}); check the id, or its copy in huggingface_hub's cache") from None
+
+
+def read_export(folder, source):
+    """(model with the exported weights, built by runs.build_model from config.json; the arguments it was
+    built from with the export's "weights" and "prediction"; the data's manifest; a note) of an export folder."""
+    config = read_export_config(folder, source)
+    saved = {**config["architecture"], **{k: config[k] for k in OBJECTIVE_KEYS if k in config},
+             "prediction": config["prediction"], "weights": config["weights"], "data_path": source}
+    path = os.path.join(folder, EXPORT_WEIGHTS)
+    from safetensors.torch import load_file
+    try:
+        state = load_file(path)
+    except Exception as e:  # a missing or torn file; safetensors' errors come in several types
+        raise UsageError(f"{source}: cannot read {EXPORT_WEIGHTS} ({type(e).__name__}: {str(e)[:200]})") from None
+    model = build_model(argparse.Namespace(**saved), config["data"])
+    load_weights(model, state, path, f"the architecture of its {EXPORT_CONFIG}")
+    return model, saved, config["data"], f"{config['weights']} weights of step {config['step']} exported to {source}"
+
+
+def read_export_config(folder, source):
+    """An export's config.json as a dict: refused (one line) when missing, unreadable, or of a newer format."""
+    path = os.path.join(folder, EXPORT_CONFIG)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{source}: no {EXPORT_CONFIG} beside {EXPORT_WEIGHTS}, so the architecture is unknown; "
+                         f"export the run again with export.py") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: cannot read it ({e})") from None
+    version = config.get("format") if isinstance(config, dict) else None
+    if not isinstance(version, int):
+        raise UsageError(f"{path}: no \"format\" number, not an export.py config; export the run again with export.py")
+    if version > EXPORT_FORMAT:
+        raise UsageError(f"{path}: format {version} is newer than this code reads ({EXPORT_FORMAT}); update this "
+                         f"repository to load it")
+    missing = [k for k in ("architecture", "prediction", "data", "weights", "step") if k not in config]
+    missing += [k for k in ARCHITECTURE_KEYS if k not in config.get("architecture", {})]
+    if missing:
+        raise UsageError(f"{path}: no {', '.join(missing)}: not a complete export.py config; export the run again")
+    return config
 
 
 def official_model(args):
