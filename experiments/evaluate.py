@@ -51,6 +51,11 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=1))
 
 
+def md_table(header, rows):
+    """Markdown table lines: the header, its rule, a line per row of cells."""
+    return [f"| {' | '.join(map(str, row))} |" for row in (header, ["---"] * len(header), *rows)]
+
+
 #################################################################################
 #                     Evaluation data, classifier and reference                 #
 #################################################################################
