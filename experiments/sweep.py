@@ -26,7 +26,7 @@ import sample  # noqa: E402
 import watch  # noqa: E402
 from data import ChunkFolder, LatentDataset, read_json  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
-from experiments.evaluate import LOG, metric_networks, real_floor, say, write_text  # noqa: E402
+from experiments.evaluate import LOG, md_table, metric_networks, real_floor, say, write_text  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
 from cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from runs import checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
@@ -158,10 +158,6 @@ def check_inputs(args):
             raise UsageError(f"the cell {w}, cfg scale {s:g}, interval {lo:g} {hi:g}: sample.py refuses {e}") from None
 
 
-#################################################################################
-#                              Sampling and scoring                             #
-#################################################################################
-
 def sample_argv(args, weights, scale, interval, path):
     argv = ["--ckpt", args.ckpt, "--weights", weights, "--cfg-scale", f"{scale:g}",
             "--guidance-interval", f"{interval[0]:g}", f"{interval[1]:g}", "--fid", str(args.num_samples),
@@ -202,10 +198,6 @@ def score(path, args, scorer):
     return result
 
 
-#################################################################################
-#                                 Table and plot                                #
-#################################################################################
-
 def write_table(args, results, best, floor):
     """OUT/sweep.md: one table per interval, sigma_rel down, guidance scale across, the best in bold."""
     label = LABELS[args.metric]
@@ -213,14 +205,11 @@ def write_table(args, results, best, floor):
              f"{args.num_sampling_steps or 'default'} steps, seed {args.seed}"
              + (f", autoguidance by {args.guide}" if args.guide else "") + f"; checkpoint {args.ckpt}", ""]
     for interval in args.intervals:
+        rows = [[f"{sr:g}"] + [f"**{results[c]:.4g}**" if c == best else f"{results[c]:.4g}"
+                               for c in ((w, s, interval) for s in args.cfg_scales)]
+                for w, sr in zip(args.weights, args.sigma_rels)]
         lines += [f"guidance interval {interval[0]:g} < sigma <= {interval[1]:g}:", "",
-                  "| sigma_rel | " + " | ".join(f"w = {s:g}" for s in args.cfg_scales) + " |",
-                  "|---|" + "---|" * len(args.cfg_scales)]
-        for w, sr in zip(args.weights, args.sigma_rels):
-            cells = [results[(w, s, interval)] for s in args.cfg_scales]
-            cells = [f"**{v:.4g}**" if (w, s, interval) == best else f"{v:.4g}" for s, v in zip(args.cfg_scales, cells)]
-            lines.append(f"| {sr:g} | " + " | ".join(cells) + " |")
-        lines.append("")
+                  *md_table(["sigma_rel"] + [f"w = {s:g}" for s in args.cfg_scales], rows), ""]
     w, s, interval = best
     lines.append(f"Best: {cell_name(w, s, interval)} ({label} {results[best]:.4g}).")
     if floor:
@@ -237,10 +226,6 @@ def write_plot(args, results, best):
     plots.plot_sweep(args.sigma_rels, lines, (sigma_rel(best[0]), results[best], cell_name(*best)),
                      LABELS[args.metric], os.path.join(args.out, "sweep.png"))
 
-
-#################################################################################
-#                                     Main                                      #
-#################################################################################
 
 def main(args):
     """Check everything, then, holding OUT's lock (a second sweep on OUT waits), sample and score the cells
