@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from harness import (ROOT, Ctx, SampleStep, TrainStep, forward_gmacs, free, halving_on_oom,
+from harness import (ROOT, CONFIGS, Ctx, SampleStep, TrainStep, forward_gmacs, free, halving_on_oom,
                      machine_info, machine_line, setup, table, timed)  # first: it puts ROOT on sys.path
 
 import sampling
@@ -26,7 +26,6 @@ import torch
 from cli import ArgumentParser, run_command
 from data import atomic_write
 
-CONFIGS = {"vanilla": {}, "MaP": dict(mp=True)}
 SECTIONS = {"train": ("train step, eager", 60), "torchrun": ("torchrun train.py, 1 process", 60),
             "sample": ("guided sampling", 30), "checkpoint": ("train step, eager, --grad-checkpoint", 50),
             "compile": ("train step, torch.compile (inductor)", 120)}  # title, about the seconds it needs on an H200

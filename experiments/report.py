@@ -30,7 +30,6 @@ STUDY_SETTINGS = ("profile", "model", "depth", "hidden_size", "num_heads", "glob
 SCORE_COLUMNS = ("{fd} ↓", "class consistency % ↑", "EMA held-out loss ↓", "parameters", "s/step")
 
 
-
 def seed_status(runs):
     """(the finished runs, the seeds by status: seeds, seeds_ok, diverged, missing)."""
     ok = [r for r in runs if r["status"] == "ok"]
@@ -115,7 +114,6 @@ def copy_to(visuals, paths):
 
 def class_names(manifest, num_classes):
     return manifest.get("class_names") or [str(k) for k in range(num_classes)]
-
 
 
 def aggregate(opts, data, ctx, configs, collected, skipped):
@@ -203,7 +201,6 @@ def make_figures(opts, summary, ctx):
     names = class_names(ctx.manifest, ctx.num_classes) if ctx.kind == "pixel" else None
     return run_figures(runs, names, paths, f"same classes and noise, DDIM-{opts.sample_steps}, cfg {head}",
                        opts.visuals)
-
 
 
 def lr_range(sweep, best):
