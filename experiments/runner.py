@@ -17,7 +17,7 @@ import torch
 import plots
 import runs
 import train
-from cli import ArgumentParser, UsageError
+from cli import ArgumentParser, UsageError, at_least
 from data import read_json
 from experiments.evaluate import LOG, evaluate_run, say, training_record, write_json
 from models import MP_SWITCHES
@@ -91,9 +91,9 @@ def grid_parser(prog, doc, results_dir, seeds):
     g.add_argument("--seeds", type=int, nargs="+", default=seeds, metavar="S",
                    help=f"training seeds (default {' '.join(map(str, seeds))})")
     g.add_argument("--results-dir", default=results_dir, metavar="DIR", help=f"default {results_dir}")
-    g.add_argument("--parallel", type=int, default=1, metavar="N",
+    g.add_argument("--parallel", type=at_least(1), default=1, metavar="N",
                    help="runs at once, each a subprocess logging to its run folder (default 1: in this process)")
-    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: all cores; "
+    g.add_argument("--threads", type=at_least(1), metavar="N", help="torch CPU threads per process (default: all cores; "
                    "on a shared CPU 1 can be faster, as idle threads spin: --parallel 2 --threads 1 on 2 cores)")
     g.add_argument("--visuals", metavar="DIR", help="also copy the figures here (e.g. visuals/)")
     g.add_argument("--train-args", default="", metavar="'ARGS'",
@@ -106,22 +106,19 @@ def grid_parser(prog, doc, results_dir, seeds):
                       ("num_heads", "heads"), ("global_batch_size", "batch"),
                       ("samples_per_class", "samples per class scored at the end of a run"),
                       ("sample_steps", "DDIM steps of every evaluation")):
-        g.add_argument("--" + key.replace("_", "-"), type=str if key == "model" else int, help=text)
+        g.add_argument("--" + key.replace("_", "-"), type=str if key == "model" else at_least(1), help=text)
     return p, g
 
 
-def parse_grid(parser, argv, preset, counts):
+def parse_grid(parser, argv, preset):
     """The options, those not given taken from preset(opts) (its depth, width and heads only with its
-    model); refused (UsageError): counts below 1, repeated seeds, --train-args that do not split.
+    model); refused (UsageError): repeated seeds, --train-args that do not split.
     --results-dir made absolute; --threads set."""
     opts = parser.parse_args(argv)
     own_model = opts.model is not None
     for key, value in preset(opts).items():
         if hasattr(opts, key) and getattr(opts, key) is None and not (own_model and key in SIZE):
             setattr(opts, key, value)
-    for name in ("parallel", "threads", "global_batch_size", "samples_per_class", "sample_steps", *counts):
-        if getattr(opts, name) is not None and getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if len(set(opts.seeds)) != len(opts.seeds):
         raise UsageError(f"--seeds: repeated seed in {opts.seeds}")
     try:

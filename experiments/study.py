@@ -21,7 +21,7 @@ import runs  # noqa: E402
 import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset, read_json  # noqa: E402
-from cli import UsageError, run_command  # noqa: E402
+from cli import UsageError, at_least, run_command  # noqa: E402
 from experiments.evaluate import (LOG, metric_networks, prepare_data, prepare_eval, real_floor, say,  # noqa: E402
                                   split_heldout, write_json)
 from experiments.runner import (CONFIGS, accepted_arms, collect, final_checkpoint, finish, grid_parser,  # noqa: E402
@@ -44,8 +44,8 @@ SCRIPT = os.path.abspath(__file__)
 
 def build_parser():
     p, g = grid_parser("study.py", __doc__, "results/study", [1, 2, 3])
-    g.add_argument("--eval-every", type=int, help="steps between in-run evaluations of full runs")
-    g.add_argument("--eval-samples", type=int, help="samples per in-run evaluation")
+    g.add_argument("--eval-every", type=at_least(1), help="steps between in-run evaluations of full runs")
+    g.add_argument("--eval-samples", type=at_least(1), help="samples per in-run evaluation")
     g.add_argument("--metric", help="train.py --eval-metrics metric that picks the lr and draws the curves "
                    "(default fid with the Inception weights on disk, else fd_classifier)")
     g.add_argument("--target", type=float, help="the metric value for 'steps to reach' (default: the worst arm's "
@@ -55,15 +55,15 @@ def build_parser():
                    help="the preset: cpu (default; about 2 h with --parallel 2) or gpu (experiments/README.md)")
     g.add_argument("--arms", nargs="+", metavar="NAME", default=ARMS,
                    help=f"configurations of experiments/ablate.py --list (default {' '.join(ARMS)})")
-    g.add_argument("--sweep-points", type=int, default=7, help="learning rates per arm (default 7)")
+    g.add_argument("--sweep-points", type=at_least(1), default=7, help="learning rates per arm (default 7)")
     g.add_argument("--sweep-span", type=float, default=1000.0,
                    help="highest / lowest lr of the sweep, log-spaced around train.py's default for the arm "
                    "(default 1000: half-decade steps from default x 10^-1.5 to x 10^1.5)")
-    g.add_argument("--sweep-steps", type=int, help="steps of each sweep run (default: the profile's)")
-    g.add_argument("--sweep-extend", type=int, default=2, metavar="N",
+    g.add_argument("--sweep-steps", type=at_least(1), help="steps of each sweep run (default: the profile's)")
+    g.add_argument("--sweep-extend", type=at_least(0), default=2, metavar="N",
                    help="sweep up to N steps past an end that holds the best lr (default 2; 0 = never)")
     g.add_argument("--sweep-seed", type=int, default=0, help="seed of the sweep runs (default 0)")
-    g.add_argument("--steps", type=int, help="steps of each full run (default: the profile's)")
+    g.add_argument("--steps", type=at_least(1), help="steps of each full run (default: the profile's)")
     g.add_argument("--estimate", action="store_true", help="print the plan and its expected duration, run nothing")
     g.add_argument("--readme", metavar="FILE", help="also write the report into FILE (e.g. README.md) between its "
                    f"'{README_START}' and '{README_END}' lines")
@@ -71,15 +71,12 @@ def build_parser():
 
 
 def parse(argv):
-    opts = parse_grid(build_parser(), argv, lambda opts: PROFILES[opts.profile],
-                      ("sweep_points", "sweep_steps", "steps", "eval_every", "eval_samples"))
+    opts = parse_grid(build_parser(), argv, lambda opts: PROFILES[opts.profile])
     unknown = [a for a in opts.arms if a not in CONFIGS]
     if unknown:
         raise UsageError(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     if len(set(opts.arms)) != len(opts.arms):
         raise UsageError("--arms must not repeat")
-    if opts.sweep_extend < 0:
-        raise UsageError("--sweep-extend must be at least 0")
     in_range, check = train.RANGES["seed"]
     if not all(check(s) for s in [opts.sweep_seed, *opts.seeds]):
         raise UsageError(f"--sweep-seed and --seeds must be {in_range}")

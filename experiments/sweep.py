@@ -28,7 +28,7 @@ from data import ChunkFolder, LatentDataset, read_json  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
 from experiments.evaluate import LOG, md_table, metric_networks, real_floor, say, write_text  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
-from cli import ArgumentParser, UsageError, run_command  # noqa: E402
+from cli import ArgumentParser, UsageError, at_least, run_command  # noqa: E402
 from runs import checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
 
 SHARED = ("result_dir", "ckpt", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
@@ -49,7 +49,8 @@ def parse_args(argv=None):
                    help="pairs, guided where LO < sigma <= HI (sample.py --guidance-interval; default 0 inf)")
     p.add_argument("--guide", metavar="RUN_OR_CKPT", help="autoguidance in every cell (sample.py --guide)")
     p.add_argument("--guide-weights", metavar="W", help="the guide's weights (sample.py --guide-weights)")
-    p.add_argument("--num-samples", type=int, default=1000, metavar="N", help="images per cell (default 1000)")
+    p.add_argument("--num-samples", type=at_least(2), default=1000, metavar="N",
+                   help="images per cell, at least 2 for a covariance (default 1000)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="dpm++", help="default dpm++")
     p.add_argument("--num-sampling-steps", type=int, metavar="N", help="default: sample.py's for the sampler")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="sample.py --batch-size (default 256)")
@@ -89,8 +90,6 @@ def check_grid(args):
     if len(values) % 2:
         raise UsageError("--intervals: give pairs LO HI")
     args.intervals = list(dict.fromkeys(tuple(values[i:i + 2]) for i in range(0, len(values), 2)))
-    if args.num_samples < 2:
-        raise UsageError(f"--num-samples {args.num_samples}: must be at least 2 (a covariance)")
 
 
 def sigma_rel(weights):
