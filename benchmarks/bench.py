@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from harness import (ROOT, Ctx, InferStep, SampleStep, TrainStep, forward_gmacs, free,
+from harness import (ROOT, CONFIGS, Ctx, InferStep, SampleStep, TrainStep, forward_gmacs, free,
                      halving_on_oom, machine_info, machine_line, setup, summary, table, timed)  # first: ROOT on sys.path
 
 import torch
@@ -143,12 +143,11 @@ def run_loop(args, device, batch):
     manifest = read_manifest(demo)
     (channels, size, _), classes = manifest["shape"], manifest["num_classes"]
     ctx = Ctx(device, args.loop_model, size, batch, args, channels=channels, num_classes=classes)
-    configs = {"vanilla": {}, "MaP": {"mp": True}}
-    bare = {n: TrainStep(ctx, kw) for n, kw in configs.items()}
-    out = {n: dict(loop=[], bare=[]) for n in configs}
+    bare = {n: TrainStep(ctx, kw) for n, kw in CONFIGS.items()}
+    out = {n: dict(loop=[], bare=[]) for n in CONFIGS}
     n_steps = str(args.loop_steps)
     for _ in range(args.loop_rounds):
-        for n, kw in configs.items():
+        for n, kw in CONFIGS.items():
             parent = tempfile.mkdtemp(prefix="map-dit-bench-")
             os.symlink(demo, os.path.join(parent, "demo-data"))
             argv = ["--results-dir", parent, "--model", args.loop_model, "--mp" if kw else "--no-mp",
@@ -185,7 +184,7 @@ def sample_cost(args, device):
     the study's cpu model, vanilla and MaP: after --warmup, --rounds rounds of one of each; medians."""
     ctx = Ctx(device, "DiT-XS/4", 32, args.batch or 64, args, channels=3, num_classes=10, overrides=STUDY_MODEL)
     sampler, out = make_sampler("ddim", 2), {}
-    for name, kwargs in (("vanilla", {}), ("MaP", {"mp": True})):
+    for name, kwargs in CONFIGS.items():
         train_step, sample_step = TrainStep(ctx, kwargs), SampleStep(ctx, kwargs, sampler, args.sample_batch,
                                                                      args.cfg_scale)
         for step in [train_step, sample_step] * args.warmup:

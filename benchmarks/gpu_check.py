@@ -18,15 +18,15 @@ import sys
 import tempfile
 import time
 
-from harness import (ROOT, Ctx, SampleStep, TrainStep, forward_gmacs, free, halving_on_oom,
+from harness import (ROOT, CONFIGS, Ctx, SampleStep, TrainStep, forward_gmacs, free, halving_on_oom,
                      machine_info, machine_line, setup, table, timed)  # first: it puts ROOT on sys.path
 
+import runs
 import sampling
 import torch
 from cli import ArgumentParser, run_command
 from data import atomic_write
 
-CONFIGS = {"vanilla": {}, "MaP": dict(mp=True)}
 SECTIONS = {"train": ("train step, eager", 60), "torchrun": ("torchrun train.py, 1 process", 60),
             "sample": ("guided sampling", 30), "checkpoint": ("train step, eager, --grad-checkpoint", 50),
             "compile": ("train step, torch.compile (inductor)", 120)}  # title, about the seconds it needs on an H200
@@ -101,7 +101,7 @@ def torchrun_rows(args, device):
         return done.returncode, " / ".join((done.stderr or done.stdout).strip().splitlines()[-3:])[-400:]
 
     def checkpoints(run_dir):
-        return ", ".join(os.path.basename(p) for p in sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt"))))
+        return ", ".join(os.path.basename(p) for p in runs.checkpoints_in(run_dir))
     try:
         code, tail = run("--num-steps", "2")
         run_dirs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(results, "*", "config.json")))
@@ -145,10 +145,10 @@ def main(argv=None):
     measured, shape = matmul_tflops(device)
     report(f"matmul {shape}: {measured:.3g} TFLOP/s", "")
     peaks = [p for p in (m["peak_tflops"], measured) if p and device.type == "cuda"]
-    runs = dict(train=lambda: train_rows(args, device, peaks), torchrun=lambda: torchrun_rows(args, device),
-                sample=lambda: sample_rows(args, device),
-                checkpoint=lambda: train_rows(args, device, peaks, grad_checkpoint=True),
-                compile=lambda: train_rows(args, device, peaks, compile=True))
+    measure = dict(train=lambda: train_rows(args, device, peaks), torchrun=lambda: torchrun_rows(args, device),
+                   sample=lambda: sample_rows(args, device),
+                   checkpoint=lambda: train_rows(args, device, peaks, grad_checkpoint=True),
+                   compile=lambda: train_rows(args, device, peaks, compile=True))
     for section in args.sections:
         title, needs_s = SECTIONS[section]
         title = title.replace("inductor", "aot_eager") if args.tiny else title
@@ -158,7 +158,7 @@ def main(argv=None):
             continue
         t0 = time.perf_counter()
         try:
-            new = runs[section]()
+            new = measure[section]()
         except Exception as e:  # a failed section is a finding; the others still run
             new = [f"**failed**: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"]
         report(f"{title} ({time.perf_counter() - t0:.0f} s):", "", *new, "")

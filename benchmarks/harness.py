@@ -31,6 +31,7 @@ from models import DiT_models  # noqa: E402
 # Xie 2023; they count multiply-accumulates) at 256 px (32x32 latents), and the same count at 128 px.
 GMACS = {("DiT-S/2", 16): 1.41, ("DiT-S/2", 32): 6.06, ("DiT-B/2", 16): 5.56, ("DiT-B/2", 32): 23.0,
          ("DiT-L/2", 16): 19.7, ("DiT-L/2", 32): 80.7, ("DiT-XL/2", 16): 29.0, ("DiT-XL/2", 32): 118.6}
+CONFIGS = {"vanilla": {}, "MaP": {"mp": True}}  # what every benchmark compares: DiT keyword arguments
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 MODEL_OPTIONS = dict(seed=0, precision="auto", compile=False, compile_backend="inductor", grad_checkpoint=False,
                      plain_forward=False, channels=4, num_classes=1000, overrides={})  # what Ctx reads from args

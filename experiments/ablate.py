@@ -16,7 +16,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import feature_nets  # noqa: E402
-from cli import UsageError, run_command  # noqa: E402
+from cli import UsageError, at_least, run_command  # noqa: E402
 from experiments.evaluate import LOG, prepare_data, prepare_eval, write_json, write_text  # noqa: E402
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
 from experiments.runner import (CONFIGS, accepted_arms, collect, finish, grid_parser, parse_grid,  # noqa: E402
@@ -29,7 +29,7 @@ GRIDS = {"default": list(CONFIGS), "tiny": ["vanilla", "mp"]}
 
 def build_parser():
     p, g = grid_parser("ablate.py", __doc__, "results/ablation", [0, 1])
-    g.add_argument("--num-steps", type=int, help="optimiser steps")
+    g.add_argument("--num-steps", type=at_least(1), help="optimiser steps")
     g.add_argument("--prediction", choices=["eps", "v", "x0"], default="v",
                    help="what every model predicts (default v: at a few thousand steps eps-prediction has not "
                    "learned the high-noise steps and its samples are noise)")
@@ -40,8 +40,8 @@ def build_parser():
     g.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="guidance scales to score; the first is the headline (default 1.0 = conditional only)")
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the sample noise, the same for every run")
-    g.add_argument("--loss-batch", type=int, default=256, help="held-out items for the EMA loss (default 256)")
-    g.add_argument("--eval-batch-size", type=int, default=250, help="samples per model batch (default 250)")
+    g.add_argument("--loss-batch", type=at_least(1), default=256, help="held-out items for the EMA loss (default 256)")
+    g.add_argument("--eval-batch-size", type=at_least(1), default=250, help="samples per model batch (default 250)")
     g.add_argument("--inception-weights", metavar="PATH",
                    help=f"{feature_nets.INCEPTION_FILE} (default ${feature_nets.INCEPTION_ENV}, then the torch hub "
                    "cache; never downloaded: FID is n/a without it)")
@@ -55,7 +55,7 @@ def build_parser():
 
 
 def parse(argv):
-    opts = parse_grid(build_parser(), argv, lambda opts: PRESET, ("num_steps", "loss_batch", "eval_batch_size"))
+    opts = parse_grid(build_parser(), argv, lambda opts: PRESET)
     grid = GRIDS[opts.grid]
     unknown = [c for c in opts.configs or [] if c not in grid]
     if unknown:

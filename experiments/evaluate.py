@@ -26,6 +26,7 @@ from sampling import denoise, make_sampler
 
 HELDOUT_ITEMS = 10_000  # cap on the held-out images the evaluation reads
 LOG = {"name": "experiments"}  # the command's name in its log lines: ablate, study or sweep
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def say(message):
@@ -43,7 +44,7 @@ def summarise(values):
 
 
 def write_text(path, text):
-    """text to path, atomically (a reader sees the old file or the new one)."""
+    """text to path, atomically."""
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
@@ -51,9 +52,10 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=1))
 
 
-#################################################################################
-#                     Evaluation data, classifier and reference                 #
-#################################################################################
+def md_table(header, rows):
+    """Markdown table lines: the header, its rule, a line per row of cells."""
+    return [f"| {' | '.join(map(str, row))} |" for row in (header, ["---"] * len(header), *rows)]
+
 
 def prepare_data(opts, variant="colours", heldout_parts=1):
     """Where the training data and the held-out data live (rendering the demo `variant` if needed; its
@@ -74,9 +76,7 @@ def prepare_data(opts, variant="colours", heldout_parts=1):
 
 def split_heldout(heldout, out_dir):
     """(validation, test): the pixel dataset `heldout` cut in two halves by a fixed permutation, written
-    as data.py datasets OUT_DIR/<name>-<hash of its path>-validation and -test, so that one half can
-    choose what the other reports. Reused when already there; each is built in a private folder and
-    renamed into place, so processes that split at the same time do not disturb each other."""
+    (once, through data.build_dataset) as datasets OUT_DIR/<name>-<hash of its path>-validation and -test."""
     heldout = os.path.abspath(heldout)
     ds = LatentDataset(heldout)
     if ds.kind != "pixel" or len(ds) < 8:
@@ -103,8 +103,8 @@ def write_part(ds, index, path, source):
 
 def prepare_eval(opts, data):
     """The evaluation context: held-out images (--eval-data-path, the demo's second rendering, else a
-    fixed part of the data the classifier does not train on), feature_nets' classifier of the data,
-    the held-out statistics and the real-data row (cached in RESULTS/eval-cache/reference.pt)."""
+    fixed split of the data that the classifier does not train on), feature_nets' classifier, the
+    held-out statistics and the real-data row."""
     ds = LatentDataset(data.path)
     held_ds = LatentDataset(data.heldout) if data.heldout else ds
     if (held_ds.shape, held_ds.num_classes) != (ds.shape, ds.num_classes):
@@ -120,8 +120,7 @@ def prepare_eval(opts, data):
     if len(held_idx) < 4 or len(ds) - skip < 2:
         raise UsageError(f"{data.path}: too few items ({len(ds)}) to split off held-out data; pass --eval-data-path")
     cache = os.path.join(opts.results_dir, "eval-cache")  # train.py's name: its runs there share the classifier
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    classifier = trained_classifier(ds, cache, device, say, skip=skip)
+    classifier = trained_classifier(ds, cache, DEVICE, say, skip=skip)
     held_x, held_y = dataset_items(held_ds, held_idx, seed=1)
     held_images = held_x if ds.kind != "pixel" else denormalize(held_x, ds.manifest).permute(0, 2, 3, 1).numpy()
     n_base = min(n_samples, len(held_idx) // 2)  # real images scored like one run's samples: the floor
@@ -134,7 +133,7 @@ def prepare_eval(opts, data):
         except UsageError as e:
             fid_note = f"n/a ({e})"
     ctx = SimpleNamespace(
-        device=device, manifest=ds.manifest, kind=ds.kind, shape=ds.shape, num_classes=ds.num_classes,
+        device=DEVICE, manifest=ds.manifest, kind=ds.kind, shape=ds.shape, num_classes=ds.num_classes,
         classifier=classifier, fid_reference=None if fid_note else held_images[n_base:], fid_note=fid_note,
         inception_weights=opts.inception_weights, cache=cache, loss_x=held_x[:opts.loss_batch],
         loss_y=held_y[:opts.loss_batch], held_desc=held_desc, n_held=len(held_idx), n_base=n_base,
@@ -184,10 +183,7 @@ def fid(ctx, images):
 def metric_networks(metric, dataset, cache):
     """The networks evaluation.evaluate needs beyond its own: for fd_classifier, train.py's small
     classifier of the dataset (cached in cache)."""
-    if metric != "fd_classifier":
-        return {}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return {"classifier": trained_classifier(dataset, cache, device, say)}
+    return {"classifier": trained_classifier(dataset, cache, DEVICE, say)} if metric == "fd_classifier" else {}
 
 
 def real_floor(dataset, n, reference, metric, networks, cache, inception_weights=None):
@@ -199,15 +195,10 @@ def real_floor(dataset, n, reference, metric, networks, cache, inception_weights
                                inception_weights=inception_weights, progress=False)[metric]
 
 
-#################################################################################
-#                                Scoring one run                                #
-#################################################################################
-
 @torch.no_grad()
 def sample_fixed(model, prediction, ctx, opts, cfg_scale):
-    """(samples in model space, labels): samples_per_class per class, class-major, from noise drawn
-    up front on the CPU with --sample-seed, so every run and any batch size get the same noise;
-    DDIM through sampling.py, guided by guidance.Guided (scale 1: the conditional model alone)."""
+    """(samples in model space, labels): samples_per_class per class, class-major, DDIM guided at
+    cfg_scale, from noise drawn on the CPU with --sample-seed (the same for every run and batch size)."""
     sampler = make_sampler("ddim", opts.sample_steps, prediction)
     labels = torch.arange(ctx.num_classes).repeat_interleave(opts.samples_per_class)
     noise = torch.randn(len(labels), *ctx.shape, generator=torch.Generator().manual_seed(opts.sample_seed))
@@ -237,9 +228,8 @@ def score_samples(samples, labels, ctx, run_dir, cfg_scale):
 
 @torch.no_grad()
 def heldout_loss(model, diffusion, x, y, seed=0, batch_size=256):
-    """Mean loss, mse and vb of `model` (in eval mode: no label dropout) on x (N, C, H, W) in model
-    space with labels y: timesteps evenly spread over [0, T), noise from a generator seeded with
-    `seed`, so every model is scored on the same (x, t, noise)."""
+    """Mean loss, mse and vb of `model` (eval mode: no label dropout) on x (N, C, H, W), labels y, with
+    timesteps spread evenly over [0, T) and noise seeded with `seed`: the same (x, t, noise) for every model."""
     device = next(model.parameters()).device
     n, steps = len(x), diffusion.num_timesteps
     t_all = torch.arange(n) * steps // n

@@ -1,5 +1,6 @@
 """The reports of experiments/: the runs' results aggregated over seeds (mean and sample standard
-deviation) as markdown tables, findings and figures; experiments/README.md lists the files.
+deviation) as markdown tables, findings and figures; experiments/README.md lists the files and
+defines every column.
 """
 import math
 import os
@@ -10,7 +11,7 @@ from scipy import stats
 
 import plots
 from cli import UsageError
-from experiments.evaluate import say, summarise, write_json, write_text
+from experiments.evaluate import md_table, say, summarise, write_json, write_text
 
 FIGURE_COLUMNS = 8
 FIGURES = (("metric against step", "study_curves.png"), ("final metric against lr", "study_sweep.png"),
@@ -26,12 +27,8 @@ ABLATION_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "num_steps", 
 STUDY_SETTINGS = ("profile", "model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps",
                   "sweep_seed", "sweep_points", "sweep_span", "sweep_extend", "steps", "seeds", "eval_every",
                   "eval_samples", "sample_steps", "samples_per_class", "parallel", "threads")
-SCORE_COLUMNS = "{fd} ↓ | class consistency % ↑ | EMA held-out loss ↓ | parameters | s/step"
+SCORE_COLUMNS = ("{fd} ↓", "class consistency % ↑", "EMA held-out loss ↓", "parameters", "s/step")
 
-
-#################################################################################
-#                          What both reports share                              #
-#################################################################################
 
 def seed_status(runs):
     """(the finished runs, the seeds by status: seeds, seeds_ok, diverged, missing)."""
@@ -58,11 +55,19 @@ def _cell(stat, spec=".4g", scale=1.0):
     return mean if stat["n"] == 1 else f"{mean} ± {format(stat['std'] * scale, spec)}"
 
 
+def score_columns(fd):
+    return [c.format(fd=fd) for c in SCORE_COLUMNS]
+
+
+def sample_cells(h):
+    """FD, class consistency % and FID-Inception cells of a scores() entry cfg<s>."""
+    return [_cell(h["fd"], ".3g"), _cell(h["class_consistency"], ".1f", 100), _cell(h["fid"], ".3g")]
+
+
 def score_cells(m, scale):
     """The SCORE_COLUMNS cells of scores() m at guidance scale `scale`."""
-    h = m[f"cfg{scale}"]
-    return (f"{_cell(h['fd'], '.3g')} | {_cell(h['class_consistency'], '.1f', 100)} "
-            f"| {_cell(m['ema_heldout_loss'], '.4f')} | {m['parameters']:,} | {_cell(m['step_time_s'], '.3g')}")
+    return [*sample_cells(m[f"cfg{scale}"])[:2], _cell(m["ema_heldout_loss"], ".4f"), f"{m['parameters']:,}",
+            _cell(m["step_time_s"], ".3g")]
 
 
 def seeds_cell(row):
@@ -72,14 +77,10 @@ def seeds_cell(row):
 
 
 def score_notes(fd, n_samples, reference, parallel):
-    """What SCORE_COLUMNS mean, as markdown bullets."""
-    return [f"- **{fd}**: the Frechet distance between the penultimate features (feature_nets.py's small classifier "
-            f"of the data) of {n_samples} samples from fixed noise and of {reference}; biased upwards "
-            "for few samples (real images score the floor). **class consistency**: the fraction of the samples "
-            "of class k that the classifier labels k.",
-            "- **EMA held-out loss**: the loss of the sampled weights on held-out images with timesteps spread "
-            "evenly over [0, 1000) and fixed noise, the same for every run. **parameters**: all of the model's. "
-            f"**s/step**: median over training log windows, {parallel} run(s) at once sharing the device."]
+    """What SCORE_COLUMNS were computed from, as a markdown bullet (experiments/README.md defines them)."""
+    return [f"- **{fd}** and **class consistency**: in the features of feature_nets.py's small classifier, of "
+            f"{n_samples} samples from fixed noise against {reference} (real images score the floor). **EMA held-out "
+            f"loss**: fixed held-out images, timesteps and noise. **s/step**: {parallel} run(s) at once."]
 
 
 def run_figures(runs, names, paths, subtitle, visuals):
@@ -99,20 +100,21 @@ def run_figures(runs, names, paths, subtitle, visuals):
     if all(any("act_rms" in rec for rec in run) for _, run in records):
         plots.compare_magnitudes(records, paths[1])
         written.append(paths[1])
+    copy_to(visuals, written)
+    return written
+
+
+def copy_to(visuals, paths):
+    """Copy the figures to the --visuals folder, if one was given."""
     if visuals:
         os.makedirs(visuals, exist_ok=True)
-        for path in written:
-            shutil.copy(path, os.path.join(visuals, os.path.basename(path)))
-    return written
+        for path in paths:
+            shutil.copy(path, visuals)
 
 
 def class_names(manifest, num_classes):
     return manifest.get("class_names") or [str(k) for k in range(num_classes)]
 
-
-#################################################################################
-#                               ablate.py's table                               #
-#################################################################################
 
 def aggregate(opts, data, ctx, configs, collected, skipped):
     """The grid's summary: a row per configuration of opts.configs (configs: name -> (label,
@@ -147,50 +149,42 @@ def _optimizer(opt):
 
 def render_table(summary):
     s, head, fd = summary["settings"], summary["headline_cfg"], summary["fd_network"]
+    rows = []
+    for row in summary["rows"]:
+        flags = f"`{' '.join(row['flags'])}`" if row["flags"] else "(none)"
+        if "summary" not in row:
+            why = row.get("reason") or (f"diverged (seeds {row['diverged']})" if row.get("diverged") else row["status"])
+            rows.append([row["config"], flags, why] + [""] * 8)
+            continue
+        m = row["summary"]
+        rows.append([row["config"], flags, _optimizer(m["optimizer"]), _cell(m["final_train_loss"], ".4f"),
+                     *score_cells(m, head), sample_cells(m[f"cfg{head}"])[2], seeds_cell(row)])
+    real = summary["real_data"]
+    rows.append([f"real data (held-out, {real['items']} images)", "", "", "", f"{real['fd']:.3g}",
+                 f"{100 * real['class_consistency']:.1f}", "", "", "", "n/a" if real["fid"] is None else
+                 f"{real['fid']:.3g}", ""])
     lr_source = "--lr" if s["lr"] is not None else "train.py default"
     lines = [f"# Ablation grid `{summary['grid']}`", "",
              f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), "
              f"{s['num_steps']} steps at batch {s['global_batch_size']}, seeds {s['seeds']}; "
              f"samples: {s['sampler']}, cfg {head}, {s['samples_per_class']} per class from the widest power EMA. "
-             "Cells: mean ± sample standard deviation over the seeds that finished; ↓ lower is better, ↑ higher.",
-             "",
-             f"| configuration | train.py flags | optimiser (lr) [{lr_source}] | final train loss "
-             f"| {SCORE_COLUMNS.format(fd=fd)} | FID-Inception ↓ | seeds |", "|---|---|---|" + "---:|" * 7 + "---|"]
-    for row in summary["rows"]:
-        flags = f"`{' '.join(row['flags'])}`" if row["flags"] else "(none)"
-        if "summary" not in row:
-            why = row.get("reason") or (f"diverged (seeds {row['diverged']})" if row.get("diverged") else row["status"])
-            lines.append(f"| {row['config']} | {flags} | {why} |" + " |" * 8)
-            continue
-        m = row["summary"]
-        lines.append(f"| {row['config']} | {flags} | {_optimizer(m['optimizer'])} "
-                     f"| {_cell(m['final_train_loss'], '.4f')} "
-                     f"| {score_cells(m, head)} | {_cell(m[f'cfg{head}']['fid'], '.3g')} | {seeds_cell(row)} |")
-    real = summary["real_data"]
-    real_fid = "n/a" if real["fid"] is None else format(real["fid"], ".3g")
-    lines.append(f"| real data (held-out, {real['items']} images) | | | | {real['fd']:.3g} "
-                 f"| {100 * real['class_consistency']:.1f} | | | | {real_fid} | |")
+             "Cells: mean ± sample standard deviation over the seeds that finished; ↓ lower is better, ↑ higher.", "",
+             *md_table(["configuration", "train.py flags", f"optimiser (lr) [{lr_source}]", "final train loss",
+                        *score_columns(fd), "FID-Inception ↓", "seeds"], rows)]
     for scale in s["cfg_scales"][1:]:
         lines += ["", f"With classifier-free guidance, cfg {scale:g} (all channels):", "",
-                  f"| configuration | {fd} ↓ | class consistency % ↑ | FID-Inception ↓ |", "|---|---:|---:|---:|"]
-        for row in summary["rows"]:
-            if "summary" in row:
-                h = row["summary"][f"cfg{scale:g}"]
-                lines.append(f"| {row['config']} | {_cell(h['fd'], '.3g')} "
-                             f"| {_cell(h['class_consistency'], '.1f', 100)} | {_cell(h['fid'], '.3g')} |")
+                  *md_table(["configuration", f"{fd} ↓", "class consistency % ↑", "FID-Inception ↓"],
+                            [[r["config"], *sample_cells(r["summary"][f"cfg{scale:g}"])]
+                             for r in summary["rows"] if "summary" in r])]
     c = summary["classifier"]
-    lines += ["", "Columns:", "",
-              "- **optimiser (lr)**: train.py's per configuration unless `--lr` was given: AdamW 1e-4 constant (DiT) "
-              "without weight normalisation, Adam 1e-2 with warm-up and EDM2's lr / sqrt(max(step / decay, 1)) with "
-              "it: the MP configurations differ in recipe, not only in layers. **final train loss**: the last "
-              "logged (MSE + VB).",
-              *score_notes(fd, s["num_samples"], f"{c['reference_items']} held-out real images (the classifier: "
-                           f"{c['train_items']} training images, held-out accuracy {100 * c['accuracy']:.1f}%)",
-                           s["parallel"]),
-              "- **FID-Inception**: the standard FID against the same held-out images"
-              + (f"; {summary['fid_note']}." if summary["fid_note"] else "."),
-              f"- Held-out data: {s['heldout']}.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + [
+        "", "Columns (experiments/README.md defines them): the optimiser is train.py's per configuration unless "
+        "`--lr` was given, so the MP configurations differ in recipe, not only in layers.",
+        *score_notes(fd, s["num_samples"], f"{c['reference_items']} held-out real images (the classifier: "
+                     f"{c['train_items']} training images, held-out accuracy {100 * c['accuracy']:.1f}%)", s["parallel"]),
+        "- **FID-Inception**: against the same held-out images" + (f"; {summary['fid_note']}." if summary["fid_note"]
+                                                                   else "."),
+        f"- Held-out data: {s['heldout']}.", ""])
 
 
 def make_figures(opts, summary, ctx):
@@ -208,10 +202,6 @@ def make_figures(opts, summary, ctx):
     return run_figures(runs, names, paths, f"same classes and noise, DDIM-{opts.sample_steps}, cfg {head}",
                        opts.visuals)
 
-
-#################################################################################
-#                              study.py's report                                #
-#################################################################################
 
 def lr_range(sweep, best):
     """(lowest, highest) lr of the contiguous run of sweep points around the best whose final metric is
@@ -332,56 +322,54 @@ def _sweep_cell(point):
 def render_study(summary):
     s, m, rows = summary["settings"], summary["metric"], summary["rows"]
     target = "n/a" if summary["target"] is None else format(summary["target"], ".4g")
-    lines = ["### Does magnitude preservation help? Each arm at its own best learning rate", "",
-             f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), batch "
-             f"{s['global_batch_size']}, v-prediction, on {summary['data']}. lr sweep: {s['sweep_points']} log-spaced "
-             f"values over {s['sweep_span']:g}x around train.py's default per arm (extended past an end holding the "
-             f"best, up to {s['sweep_extend']} steps), {s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr "
-             f"by `{m}` of {s['eval_samples']} samples (DDIM-{s['sample_steps']}) against the validation half of the "
-             f"held-out images. Then seeds {s['seeds']} at that lr for {s['steps']} steps, evaluated every "
-             f"{s['eval_every']} steps against the test half, which gives every number below. Cells: mean ± sample "
-             f"standard deviation over the seeds that finished (a diverged seed is a failure of its arm); lower {m} "
-             f"is better. Each arm is compared with {summary['baseline']} by Welch's t-test (two-sided) on the final "
-             f"{m}, significant when its p-value after Holm's correction over the arms compared is below {ALPHA:g}. "
-             f"Real training images score {summary['floor']:.4g} against the test half (the floor).", "",
-             f"| arm | best lr (train.py default) | lr within 10% of best | final {m} ↓ | steps to {m} ≤ {target} "
-             f"| {SCORE_COLUMNS.format(fd='FD')} | seeds |", "|---|---|---|" + "---:|" * 7 + "---|"]
+    table = []
     for arm, r in rows.items():
         if r["best_lr"] is None:
-            lines.append(f"| {arm} | every sweep run diverged or is missing |" + " |" * 9)
+            table.append([arm, "every sweep run diverged or is missing"] + [""] * 9)
             continue
         lr = f"{r['best_lr']:g}{' (edge of the sweep)' if r['at_edge'] else ''} ({r['default_lr']:g})"
         span = f"{r['range'][0]:g} – {r['range'][1]:g} ({r['range'][1] / r['range'][0]:.3g}x)"
         if "final" not in r:
             why = f"every full run diverged (seeds {r['diverged']})" if r["diverged"] and not r["missing"] else \
                 f"no full run finished (diverged: {r['diverged']}, missing: {r['missing']})"
-            lines.append(f"| {arm} | {lr} | {span} | {why} |" + " |" * 7)
+            table.append([arm, lr, span, why] + [""] * 7)
             continue
         reach = r.get("steps_to_target", {})
         n_reached = sum(v is not None for v in reach.get("per_seed", {}).values())
-        reached = f"{_cell(reach.get('summary'), '.0f')} ({n_reached}/{len(r['seeds_ok'])} seeds)"
-        lines.append(f"| {arm} | {lr} | {span} | {_cell(r['final'])} | {reached} | {score_cells(r, '1')} "
-                     f"| {seeds_cell(r)} |")
+        table.append([arm, lr, span, _cell(r["final"]), f"{_cell(reach.get('summary'), '.0f')} ({n_reached}/"
+                      f"{len(r['seeds_ok'])} seeds)", *score_cells(r, "1"), seeds_cell(r)])
     columns = max(len(r["sweep"]) for r in rows.values())
-    lines += ["", f"The lr sweeps (final `{m}` after {s['sweep_steps']} steps; **bold** = best):", "",
-              "| arm | " + " | ".join(f"lr {i + 1}" for i in range(columns)) + " |", "|---|" + "---:|" * columns]
-    for arm, r in rows.items():
-        cells = [f"{p['lr']:g}: " + (f"**{_sweep_cell(p)}**" if p["lr"] == r["best_lr"] else _sweep_cell(p))
-                 for p in sorted(r["sweep"], key=lambda p: p["lr"])]
-        lines.append(f"| {arm} | " + " | ".join(cells + [""] * (columns - len(cells))) + " |")
-    lines += ["", "What the data shows:", ""] + [f"- {line}" for line in findings(summary)]
-    lines += [""] + [f"![{alt}]({os.path.join(summary['figure_dir'], name)})\n" for alt, name in FIGURES]
+    sweeps = [[arm] + [f"{p['lr']:g}: " + (f"**{_sweep_cell(p)}**" if p["lr"] == r["best_lr"] else _sweep_cell(p))
+                       for p in sorted(r["sweep"], key=lambda p: p["lr"])] for arm, r in rows.items()]
     fd = next((r["fd_network"] for r in rows.values() if "fd_network" in r), "n/a")
     wall, est = summary["wall"], summary["estimate_s"]
-    lines += ["Columns, at the end of each full run:", "",
-              *score_notes(f"FD ({fd})", s["num_classes"] * s["samples_per_class"], "the test half", s["parallel"]),
-              "- **lr within 10% of best**: the contiguous sweep points around the best whose final metric is at "
-              "most 1.1x the best's (how forgiving the arm is). **steps to**: the first evaluation at or below the "
-              f"target ({summary['target_source']}), mean over the seeds that reached it.", "",
-              f"Wall time of the study: {wall['seconds'] / 3600:.2f} h over {wall['invocations']} invocation(s) "
-              f"with runs to do (the last one estimated {'n/a' if est is None else f'{est / 3600:.1f} h'} before "
-              f"it started); command: `{summary['command']}`.", ""]
-    return "\n".join(lines)
+    return "\n".join([
+        "### Does magnitude preservation help? Each arm at its own best learning rate", "",
+        f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), batch "
+        f"{s['global_batch_size']}, v-prediction, on {summary['data']}. lr sweep: {s['sweep_points']} log-spaced "
+        f"values over {s['sweep_span']:g}x around train.py's default per arm (extended past an end holding the "
+        f"best, up to {s['sweep_extend']} steps), {s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr "
+        f"by `{m}` of {s['eval_samples']} samples (DDIM-{s['sample_steps']}) against the validation half of the "
+        f"held-out images. Then seeds {s['seeds']} at that lr for {s['steps']} steps, evaluated every "
+        f"{s['eval_every']} steps against the test half, which gives every number below. Cells: mean ± sample "
+        f"standard deviation over the seeds that finished (a diverged seed is a failure of its arm); lower {m} "
+        f"is better. Each arm is compared with {summary['baseline']} by Welch's t-test (two-sided) on the final "
+        f"{m}, significant when its p-value after Holm's correction over the arms compared is below {ALPHA:g}. "
+        f"Real training images score {summary['floor']:.4g} against the test half (the floor).", "",
+        *md_table(["arm", "best lr (train.py default)", "lr within 10% of best", f"final {m} ↓",
+                   f"steps to {m} ≤ {target}", *score_columns("FD"), "seeds"], table),
+        "", f"The lr sweeps (final `{m}` after {s['sweep_steps']} steps; **bold** = best):", "",
+        *md_table(["arm"] + [f"lr {i + 1}" for i in range(columns)], [r + [""] * (columns + 1 - len(r)) for r in sweeps]),
+        "", "What the data shows:", "", *[f"- {line}" for line in findings(summary)], "",
+        *[f"![{alt}]({os.path.join(summary['figure_dir'], name)})\n" for alt, name in FIGURES],
+        "Columns, at the end of each full run:", "",
+        *score_notes(f"FD ({fd})", s["num_classes"] * s["samples_per_class"], "the test half", s["parallel"]),
+        "- **lr within 10% of best**: the contiguous sweep points around the best whose final metric is at most "
+        f"1.1x the best's. **steps to**: the first evaluation at or below the target ({summary['target_source']}), "
+        "mean over the seeds that reached it.", "",
+        f"Wall time of the study: {wall['seconds'] / 3600:.2f} h over {wall['invocations']} invocation(s) with runs "
+        f"to do (the last one estimated {'n/a' if est is None else f'{est / 3600:.1f} h'} before it started); "
+        f"command: `{summary['command']}`.", ""])
 
 
 def comparison(arm, base, g, metric, tested):
@@ -472,10 +460,7 @@ def write_report(study):
     figures = [os.path.join(o.results_dir, name) for _, name in FIGURES]
     curves_figure(rows, o.metric, summary["floor"], figures[0])
     sweep_figure(rows, o.metric, figures[1])
-    if o.visuals:
-        os.makedirs(o.visuals, exist_ok=True)
-        for path in figures[:2]:
-            shutil.copy(path, os.path.join(o.visuals, os.path.basename(path)))
+    copy_to(o.visuals, figures[:2])
     best = [(f"{arm} (lr {r['best_lr']:g}, seed {r['best_run']['seed']})", r["best_run"]["samples"]["1"]["npz"],
              r["best_run"]["run_dir"]) for arm, r in rows.items() if "best_run" in r]
     figures[2:] = run_figures(best, class_names(study.data.manifest, study.ctx.num_classes), figures[2:],

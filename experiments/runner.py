@@ -10,13 +10,14 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 import plots
 import runs
 import train
-from cli import ArgumentParser, UsageError
+from cli import ArgumentParser, UsageError, at_least
 from data import read_json
 from experiments.evaluate import LOG, evaluate_run, say, training_record, write_json
 from models import MP_SWITCHES
@@ -39,6 +40,7 @@ def _configs():
 
 
 CONFIGS = _configs()
+SIZE = ("depth", "hidden_size", "num_heads")  # a preset's, with its model only
 
 
 def job_root(opts, phase, arm, lr, seed):
@@ -49,7 +51,7 @@ def job_steps(opts, phase):
     return opts.sweep_steps if phase == "sweep" else opts.steps
 
 
-def job_key(opts, ctx, phase):
+def job_key(opts, ctx):
     """What a run's results depend on besides its training: a change re-scores, never retrains."""
     if ctx is None:
         return dict(metric=opts.metric)
@@ -59,11 +61,10 @@ def job_key(opts, ctx, phase):
 
 
 def train_argv(opts, data, phase, arm, lr, seed):
-    """train.py's arguments of one run: the grid's data, model, steps, batch, prediction and seed, its
-    own --results-dir, flips as train.py's default unless --hflip, logs, monitor and 5 checkpoints
-    scaled to the steps, --lr unless None; with opts.metric, the in-run evaluation every --eval-every
-    steps against the test half (full runs) or once at the end against the validation half (sweep
-    runs: the lr is chosen on data the report does not use); last the arm's flags and --train-args."""
+    """train.py's arguments of one run: the grid's settings, flips as train.py's unless --hflip, logs and
+    5 checkpoints scaled to the steps; with opts.metric, the in-run evaluation every --eval-every steps
+    against the test half (full runs) or at the end against the validation half (sweep runs: the lr is
+    chosen on data the report does not use); last the arm's flags and --train-args."""
     steps = job_steps(opts, phase)
     hflip = opts.hflip if opts.hflip is not None else not data.demo and data.manifest["kind"] == "pixel"
     argv = ["--data-path", data.path, "--results-dir", job_root(opts, phase, arm, lr, seed), "--model", opts.model,
@@ -75,27 +76,24 @@ def train_argv(opts, data, phase, arm, lr, seed):
         argv += ["--sample-every", "0", "--no-progress", "--eval-every", str(opts.eval_every if phase == "full" else steps),
                  "--eval-samples", str(opts.eval_samples), "--eval-metrics", opts.metric, "--eval-reference",
                  data.test if phase == "full" else data.validation, "--sample-steps", str(opts.sample_steps)]
-    for key in ("depth", "hidden_size", "num_heads"):
+    for key in SIZE:
         if getattr(opts, key) is not None:
             argv += ["--" + key.replace("_", "-"), str(getattr(opts, key))]
     return argv + CONFIGS[arm][1] + shlex.split(opts.train_args)
 
 
-SIZE = ("depth", "hidden_size", "num_heads")  # a preset's, with its model only
-
-
 def grid_parser(prog, doc, results_dir, seeds):
-    """(the parser of the options ablate.py and study.py share, its training group for more); those
-    without a default come from the script's preset (parse_grid)."""
+    """(the parser of the options ablate.py and study.py share, its training group); those without a
+    default come from the script's preset (parse_grid)."""
     p = ArgumentParser(prog=prog, description=doc)
     p.add_argument("--only", help=argparse.SUPPRESS)  # PHASE:ARM:LR:SEED, a subprocess of --parallel
     g = p.add_argument_group("the grid")
     g.add_argument("--seeds", type=int, nargs="+", default=seeds, metavar="S",
                    help=f"training seeds (default {' '.join(map(str, seeds))})")
     g.add_argument("--results-dir", default=results_dir, metavar="DIR", help=f"default {results_dir}")
-    g.add_argument("--parallel", type=int, default=1, metavar="N",
+    g.add_argument("--parallel", type=at_least(1), default=1, metavar="N",
                    help="runs at once, each a subprocess logging to its run folder (default 1: in this process)")
-    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: all cores; "
+    g.add_argument("--threads", type=at_least(1), metavar="N", help="torch CPU threads per process (default: all cores; "
                    "on a shared CPU 1 can be faster, as idle threads spin: --parallel 2 --threads 1 on 2 cores)")
     g.add_argument("--visuals", metavar="DIR", help="also copy the figures here (e.g. visuals/)")
     g.add_argument("--train-args", default="", metavar="'ARGS'",
@@ -108,22 +106,19 @@ def grid_parser(prog, doc, results_dir, seeds):
                       ("num_heads", "heads"), ("global_batch_size", "batch"),
                       ("samples_per_class", "samples per class scored at the end of a run"),
                       ("sample_steps", "DDIM steps of every evaluation")):
-        g.add_argument("--" + key.replace("_", "-"), type=str if key == "model" else int, help=text)
+        g.add_argument("--" + key.replace("_", "-"), type=str if key == "model" else at_least(1), help=text)
     return p, g
 
 
-def parse_grid(parser, argv, preset, counts):
+def parse_grid(parser, argv, preset):
     """The options, those not given taken from preset(opts) (its depth, width and heads only with its
-    model); refused (UsageError): counts below 1, repeated seeds, --train-args that do not split.
+    model); refused (UsageError): repeated seeds, --train-args that do not split.
     --results-dir made absolute; --threads set."""
     opts = parser.parse_args(argv)
     own_model = opts.model is not None
     for key, value in preset(opts).items():
         if hasattr(opts, key) and getattr(opts, key) is None and not (own_model and key in SIZE):
             setattr(opts, key, value)
-    for name in ("parallel", "threads", "global_batch_size", "samples_per_class", "sample_steps", *counts):
-        if getattr(opts, name) is not None and getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if len(set(opts.seeds)) != len(opts.seeds):
         raise UsageError(f"--seeds: repeated seed in {opts.seeds}")
     try:
@@ -174,7 +169,7 @@ def job_state(opts, data, ctx, phase, arm, lr, seed):
     """(run_dir: train.py's directory of the run, its state as run_state says, train argv) of one run."""
     argv = train_argv(opts, data, phase, arm, lr, seed)
     run_dir = runs.run_dir_of(train.parse_args(argv))
-    return run_dir, run_state(run_dir, argv, job_steps(opts, phase), job_key(opts, ctx, phase)), argv
+    return run_dir, run_state(run_dir, argv, job_steps(opts, phase), job_key(opts, ctx)), argv
 
 
 def collect(opts, data, ctx, phase, arm, lr, seed):
@@ -225,21 +220,21 @@ def run_job(opts, data, ctx, phase, arm, lr, seed):
         return
     base = dict(phase=phase, arm=arm, label=CONFIGS[arm][0], flags=CONFIGS[arm][1], lr=lr, seed=seed,
                 train_argv=argv, train_command="python train.py " + shlex.join(argv))
-    curve = (lambda run_dir: dict(curve=eval_curve(run_dir, opts.metric))) if opts.metric else (lambda run_dir: {})
-    start = time.time()
+    trained_s = diverged = None
     if state in ("new", "resume"):
         say(f"{tag}: {'continuing ' + run_dir if state == 'resume' else 'training'}: {base['train_command']}")
         share_eval_cache(opts, job_root(opts, phase, arm, lr, seed))
+        start = time.time()
         run_dir, diverged = train_run(argv)
-        if diverged:
-            write_json(os.path.join(run_dir, "results.json"),
-                       dict(base, status="diverged", message=diverged, run_dir=run_dir, **curve(run_dir)))
-            say(f"{tag}: diverged: {diverged}")
-            return
+        trained_s = time.time() - start
+    base.update(run_dir=run_dir, **(dict(curve=eval_curve(run_dir, opts.metric)) if opts.metric else {}))
+    if diverged:
+        write_json(os.path.join(run_dir, "results.json"), dict(base, status="diverged", message=diverged))
+        say(f"{tag}: diverged: {diverged}")
+        return
     steps = job_steps(opts, phase)
-    result = dict(base, status="ok", run_dir=run_dir, eval_key=job_key(opts, ctx, phase), **curve(run_dir),
-                  step_time_s=training_record(run_dir, opts.global_batch_size)[2], train_seconds_this_call=
-                  time.time() - start if state in ("new", "resume") else None)
+    result = dict(base, status="ok", eval_key=job_key(opts, ctx), train_seconds_this_call=trained_s,
+                  step_time_s=training_record(run_dir, opts.global_batch_size)[2])
     if opts.metric:
         if not result["curve"] or result["curve"][-1][0] != steps:
             raise UsageError(f"{run_dir}: no in-run evaluation of {opts.metric} at step {steps} in metrics.jsonl")
@@ -270,7 +265,8 @@ def run_phase(opts, argv, data, ctx, phase, jobs, script):
         cmds.append((f"{phase} {arm} lr {lr} seed {seed}", [sys.executable, script, *argv, "--only",
                                                             f"{phase}:{arm}:{lr!r}:{seed}"],
                      os.path.join(root, f"{LOG['name']}.log")))
-    return len(todo), run_subprocesses(cmds, opts.parallel)
+    with ThreadPoolExecutor(opts.parallel) as pool:
+        return len(todo), [f for f in pool.map(run_subprocess, cmds) if f]
 
 
 def parse_only(text, arms):
@@ -285,27 +281,16 @@ def parse_only(text, arms):
     return phase, arm, lr, seed
 
 
-def run_subprocesses(jobs, parallel):
-    """jobs: [(name, command, log path)], run `parallel` at once, each logging to its file;
-    returns the failures, one line each."""
-    queue, running, failures = list(jobs), {}, []
-    while queue or running:
-        while queue and len(running) < parallel:
-            name, cmd, log_path = queue.pop(0)
-            os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            log = open(log_path, "a")
-            running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)] = (name, log, log_path)
-            say(f"started {name} (log: {log_path})")
-        time.sleep(0.5)
-        for proc in [p for p in running if p.poll() is not None]:
-            name, log, log_path = running.pop(proc)
-            log.close()
-            if proc.returncode:
-                failures.append(f"{name} (exit code {proc.returncode}; see {log_path})")
-                say(f"FAILED {failures[-1]}")
-            else:
-                say(f"finished {name}")
-    return failures
+def run_subprocess(job):
+    """job: (name, command, log path); run it logging to its file; returns its failure line or None."""
+    name, cmd, log_path = job
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    say(f"started {name} (log: {log_path})")
+    with open(log_path, "a") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    failure = f"{name} (exit code {code}; see {log_path})" if code else None
+    say(f"FAILED {failure}" if code else f"finished {name}")
+    return failure
 
 
 def finish(paths, failures):

@@ -21,7 +21,7 @@ import runs  # noqa: E402
 import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset, read_json  # noqa: E402
-from cli import UsageError, run_command  # noqa: E402
+from cli import UsageError, at_least, run_command  # noqa: E402
 from experiments.evaluate import (LOG, metric_networks, prepare_data, prepare_eval, real_floor, say,  # noqa: E402
                                   split_heldout, write_json)
 from experiments.runner import (CONFIGS, accepted_arms, collect, final_checkpoint, finish, grid_parser,  # noqa: E402
@@ -42,14 +42,10 @@ PROFILES = {
 SCRIPT = os.path.abspath(__file__)
 
 
-#################################################################################
-#                                   Arguments                                   #
-#################################################################################
-
 def build_parser():
     p, g = grid_parser("study.py", __doc__, "results/study", [1, 2, 3])
-    g.add_argument("--eval-every", type=int, help="steps between in-run evaluations of full runs")
-    g.add_argument("--eval-samples", type=int, help="samples per in-run evaluation")
+    g.add_argument("--eval-every", type=at_least(1), help="steps between in-run evaluations of full runs")
+    g.add_argument("--eval-samples", type=at_least(1), help="samples per in-run evaluation")
     g.add_argument("--metric", help="train.py --eval-metrics metric that picks the lr and draws the curves "
                    "(default fid with the Inception weights on disk, else fd_classifier)")
     g.add_argument("--target", type=float, help="the metric value for 'steps to reach' (default: the worst arm's "
@@ -59,15 +55,15 @@ def build_parser():
                    help="the preset: cpu (default; about 2 h with --parallel 2) or gpu (experiments/README.md)")
     g.add_argument("--arms", nargs="+", metavar="NAME", default=ARMS,
                    help=f"configurations of experiments/ablate.py --list (default {' '.join(ARMS)})")
-    g.add_argument("--sweep-points", type=int, default=7, help="learning rates per arm (default 7)")
+    g.add_argument("--sweep-points", type=at_least(1), default=7, help="learning rates per arm (default 7)")
     g.add_argument("--sweep-span", type=float, default=1000.0,
                    help="highest / lowest lr of the sweep, log-spaced around train.py's default for the arm "
                    "(default 1000: half-decade steps from default x 10^-1.5 to x 10^1.5)")
-    g.add_argument("--sweep-steps", type=int, help="steps of each sweep run (default: the profile's)")
-    g.add_argument("--sweep-extend", type=int, default=2, metavar="N",
+    g.add_argument("--sweep-steps", type=at_least(1), help="steps of each sweep run (default: the profile's)")
+    g.add_argument("--sweep-extend", type=at_least(0), default=2, metavar="N",
                    help="sweep up to N steps past an end that holds the best lr (default 2; 0 = never)")
     g.add_argument("--sweep-seed", type=int, default=0, help="seed of the sweep runs (default 0)")
-    g.add_argument("--steps", type=int, help="steps of each full run (default: the profile's)")
+    g.add_argument("--steps", type=at_least(1), help="steps of each full run (default: the profile's)")
     g.add_argument("--estimate", action="store_true", help="print the plan and its expected duration, run nothing")
     g.add_argument("--readme", metavar="FILE", help="also write the report into FILE (e.g. README.md) between its "
                    f"'{README_START}' and '{README_END}' lines")
@@ -75,15 +71,12 @@ def build_parser():
 
 
 def parse(argv):
-    opts = parse_grid(build_parser(), argv, lambda opts: PROFILES[opts.profile],
-                      ("sweep_points", "sweep_steps", "steps", "eval_every", "eval_samples"))
+    opts = parse_grid(build_parser(), argv, lambda opts: PROFILES[opts.profile])
     unknown = [a for a in opts.arms if a not in CONFIGS]
     if unknown:
         raise UsageError(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     if len(set(opts.arms)) != len(opts.arms):
         raise UsageError("--arms must not repeat")
-    if opts.sweep_extend < 0:
-        raise UsageError("--sweep-extend must be at least 0")
     in_range, check = train.RANGES["seed"]
     if not all(check(s) for s in [opts.sweep_seed, *opts.seeds]):
         raise UsageError(f"--sweep-seed and --seeds must be {in_range}")
@@ -100,39 +93,32 @@ def parse(argv):
     return opts
 
 
-#################################################################################
-#                                 The plan                                      #
-#################################################################################
-
 def sweep_lrs(default, points, span):
     """points log-spaced values from default / sqrt(span) to default * sqrt(span), 3 significant digits."""
     return [grid_lr(default, points, span, i) for i in range(points)] if points > 1 else [default]
 
 
 def grid_lr(default, points, span, i):
-    """Point i of that grid, 3 significant digits; i < 0 or i >= points continue it past its ends."""
+    """Point i of that grid; i < 0 or i >= points continue it past its ends."""
     return float(f"{default * span ** (i / (points - 1) - 0.5):.3g}")
 
 
 def edge_lr(opts, arm_plan, best):
-    """The next lr past the end of the arm's sweep when its best lies at that end and fewer than
-    --sweep-extend points lie past the original grid there, else None: a best at the edge says only
-    that the optimum may lie further out. Diverged points are never best, so a divergence stops it."""
+    """The next lr past the end of the arm's sweep that holds its best, while fewer than --sweep-extend
+    points lie past the original grid there, else None (a diverged point is never best: it stops)."""
     grid, lrs = sweep_lrs(arm_plan["default_lr"], opts.sweep_points, opts.sweep_span), arm_plan["lrs"]
     if best is None or len(grid) < 2:
         return None
     above, below = sum(lr > max(grid) for lr in lrs), sum(lr < min(grid) for lr in lrs)
-    point = lambda i: grid_lr(arm_plan["default_lr"], opts.sweep_points, opts.sweep_span, i)  # noqa: E731
     if best == max(lrs) and above < opts.sweep_extend:
-        return point(len(grid) + above)
+        return grid_lr(arm_plan["default_lr"], opts.sweep_points, opts.sweep_span, len(grid) + above)
     if best == min(lrs) and below < opts.sweep_extend:
-        return point(-1 - below)
+        return grid_lr(arm_plan["default_lr"], opts.sweep_points, opts.sweep_span, -1 - below)
     return None
 
 
 def check_reach(opts, default):
-    """Refuse a sweep whose farthest lrs (the grid extended --sweep-extend steps past each end) are not
-    positive finite floats, before any run starts."""
+    """Refuse a sweep whose lrs, extended --sweep-extend steps past each end, leave the positive floats."""
     if opts.sweep_points == 1:
         return
     try:
@@ -156,9 +142,9 @@ def make_plan(opts, data):
 
 
 def warm_eval_cache(opts, data):
-    """Train train.py's evaluation classifier and cache the statistics of both held-out halves once,
-    in this process, so that parallel runs only read them. Returns the metric of eval_samples training
-    images against the test half: what a perfect model would score (the floor of the curves)."""
+    """Train train.py's evaluation classifier and cache both held-out halves' statistics once, so that
+    parallel runs only read them. Returns the floor of the curves: eval_samples training images'
+    metric against the test half."""
     cache = os.path.join(opts.results_dir, "eval-cache")
     path = os.path.join(opts.results_dir, "floor.json")
     key = dict(data=data.path, validation=data.validation, test=data.test, metric=opts.metric,
@@ -212,14 +198,9 @@ def best_lr(sweep):
     return min(ok, key=lambda r: r["final"])["lr"] if ok else None
 
 
-#################################################################################
-#                                 Budget                                        #
-#################################################################################
-
 def add_wall_time(opts, seconds, ran):
-    """The study's wall time over its invocations (RESULTS/wall.json): this one's seconds are added
-    when it had runs to do (`ran` of them), so a rerun that only rewrites the report does not
-    count. Returns {"seconds", "invocations"}."""
+    """{"seconds", "invocations"}: the study's wall time in RESULTS/wall.json, this invocation's
+    seconds added when it ran runs (a rerun that only rewrites the report does not count)."""
     path = os.path.join(opts.results_dir, "wall.json")
     wall = read_json(path) or dict(seconds=0.0, invocations=0)
     if ran:
@@ -249,19 +230,14 @@ def estimate(opts, pending_sweep, pending_full):
     return total, words
 
 
-#################################################################################
-#                                   Main                                        #
-#################################################################################
-
 def main(argv=None):
     LOG["name"] = "study"
     return run_command("study.py", run_study, list(sys.argv[1:] if argv is None else argv))
 
 
 def run_study(argv):
-    """The study under a lock on its results dir, taken once the data is ready (two invocations take
-    turns; the second finds the work done); --estimate and the --only subprocesses of --parallel,
-    whose parent holds it, run free."""
+    """The study under a lock on its results dir (two invocations take turns); --estimate and the
+    --only subprocesses, whose parent holds it, run free."""
     opts = parse(argv)
     data = study_data(opts)
     if opts.only or opts.estimate:
@@ -272,8 +248,7 @@ def run_study(argv):
 
 def study_data(opts):
     """The training data and its held-out images cut in halves (data.validation, data.test), with the
-    metric (opts.metric) checked against them. Demo renderings and halves are made so that processes
-    may make them at the same time."""
+    metric (opts.metric) checked against them."""
     data = prepare_data(opts, variant="shapes", heldout_parts=2)
     if data.manifest["kind"] != "pixel" or not data.heldout:
         raise UsageError("--data-path: the study needs a pixel dataset and held-out images of it (--eval-data-path)")
@@ -302,8 +277,7 @@ def conduct(opts, argv, data):
     phases = [run_phase(opts, argv, data, None, "sweep", sweep_jobs(opts, plan), SCRIPT)]
     sweeps, best = sweep_results(opts, data, plan)
     for _ in range(2 * opts.sweep_extend):  # each round moves every arm at most one step past its grid
-        extra = {arm: edge_lr(opts, plan[arm], best[arm]) for arm in plan}
-        extra = {arm: lr for arm, lr in extra.items() if lr is not None}
+        extra = {arm: lr for arm in plan if (lr := edge_lr(opts, plan[arm], best[arm])) is not None}
         if not extra:
             break
         for arm, lr in extra.items():

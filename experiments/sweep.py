@@ -26,9 +26,9 @@ import sample  # noqa: E402
 import watch  # noqa: E402
 from data import ChunkFolder, LatentDataset, read_json  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
-from experiments.evaluate import LOG, metric_networks, real_floor, say, write_text  # noqa: E402
+from experiments.evaluate import LOG, md_table, metric_networks, real_floor, say, write_text  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
-from cli import ArgumentParser, UsageError, run_command  # noqa: E402
+from cli import ArgumentParser, UsageError, at_least, run_command  # noqa: E402
 from runs import checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
 
 SHARED = ("result_dir", "ckpt", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
@@ -49,7 +49,8 @@ def parse_args(argv=None):
                    help="pairs, guided where LO < sigma <= HI (sample.py --guidance-interval; default 0 inf)")
     p.add_argument("--guide", metavar="RUN_OR_CKPT", help="autoguidance in every cell (sample.py --guide)")
     p.add_argument("--guide-weights", metavar="W", help="the guide's weights (sample.py --guide-weights)")
-    p.add_argument("--num-samples", type=int, default=1000, metavar="N", help="images per cell (default 1000)")
+    p.add_argument("--num-samples", type=at_least(2), default=1000, metavar="N",
+                   help="images per cell, at least 2 for a covariance (default 1000)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="dpm++", help="default dpm++")
     p.add_argument("--num-sampling-steps", type=int, metavar="N", help="default: sample.py's for the sampler")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="sample.py --batch-size (default 256)")
@@ -89,8 +90,6 @@ def check_grid(args):
     if len(values) % 2:
         raise UsageError("--intervals: give pairs LO HI")
     args.intervals = list(dict.fromkeys(tuple(values[i:i + 2]) for i in range(0, len(values), 2)))
-    if args.num_samples < 2:
-        raise UsageError(f"--num-samples {args.num_samples}: must be at least 2 (a covariance)")
 
 
 def sigma_rel(weights):
@@ -158,10 +157,6 @@ def check_inputs(args):
             raise UsageError(f"the cell {w}, cfg scale {s:g}, interval {lo:g} {hi:g}: sample.py refuses {e}") from None
 
 
-#################################################################################
-#                              Sampling and scoring                             #
-#################################################################################
-
 def sample_argv(args, weights, scale, interval, path):
     argv = ["--ckpt", args.ckpt, "--weights", weights, "--cfg-scale", f"{scale:g}",
             "--guidance-interval", f"{interval[0]:g}", f"{interval[1]:g}", "--fid", str(args.num_samples),
@@ -202,10 +197,6 @@ def score(path, args, scorer):
     return result
 
 
-#################################################################################
-#                                 Table and plot                                #
-#################################################################################
-
 def write_table(args, results, best, floor):
     """OUT/sweep.md: one table per interval, sigma_rel down, guidance scale across, the best in bold."""
     label = LABELS[args.metric]
@@ -213,14 +204,11 @@ def write_table(args, results, best, floor):
              f"{args.num_sampling_steps or 'default'} steps, seed {args.seed}"
              + (f", autoguidance by {args.guide}" if args.guide else "") + f"; checkpoint {args.ckpt}", ""]
     for interval in args.intervals:
+        rows = [[f"{sr:g}"] + [f"**{results[c]:.4g}**" if c == best else f"{results[c]:.4g}"
+                               for c in ((w, s, interval) for s in args.cfg_scales)]
+                for w, sr in zip(args.weights, args.sigma_rels)]
         lines += [f"guidance interval {interval[0]:g} < sigma <= {interval[1]:g}:", "",
-                  "| sigma_rel | " + " | ".join(f"w = {s:g}" for s in args.cfg_scales) + " |",
-                  "|---|" + "---|" * len(args.cfg_scales)]
-        for w, sr in zip(args.weights, args.sigma_rels):
-            cells = [results[(w, s, interval)] for s in args.cfg_scales]
-            cells = [f"**{v:.4g}**" if (w, s, interval) == best else f"{v:.4g}" for s, v in zip(args.cfg_scales, cells)]
-            lines.append(f"| {sr:g} | " + " | ".join(cells) + " |")
-        lines.append("")
+                  *md_table(["sigma_rel"] + [f"w = {s:g}" for s in args.cfg_scales], rows), ""]
     w, s, interval = best
     lines.append(f"Best: {cell_name(w, s, interval)} ({label} {results[best]:.4g}).")
     if floor:
@@ -237,10 +225,6 @@ def write_plot(args, results, best):
     plots.plot_sweep(args.sigma_rels, lines, (sigma_rel(best[0]), results[best], cell_name(*best)),
                      LABELS[args.metric], os.path.join(args.out, "sweep.png"))
 
-
-#################################################################################
-#                                     Main                                      #
-#################################################################################
 
 def main(args):
     """Check everything, then, holding OUT's lock (a second sweep on OUT waits), sample and score the cells
