@@ -83,7 +83,7 @@ class ChunkFolder:
     atomically once finished, so a rerun with the same settings makes only the chunks not there.
     A rerun with other settings (those settings.json records that differ) is refused, UsageError
     naming them and `flag`; with replace=True it starts afresh instead (every file there goes).
-    Rank r of W makes the chunks mine(count): k = r, r + W, ... Used by sample.py --fid, the
+    Rank r of W makes the chunks cli.my_chunks(count): k = r, r + W, ... Used by sample.py --fid, the
     feature extraction of evaluation.py and download.py imagenet (its shards are data.py's)."""
 
     def __init__(self, folder, settings, replace=False, flag="--out"):
@@ -108,10 +108,6 @@ class ChunkFolder:
 
     def done(self, k):
         return os.path.exists(self.path(k))
-
-    def mine(self, count):
-        rank, world = rank_world()
-        return list(range(rank, count, world))
 
     def save(self, k, **arrays):
         atomic_write(self.path(k), lambda f: np.savez(f, **arrays))

@@ -34,7 +34,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from cli import LONG_WAIT, ArgumentParser, UsageError, at_least, barrier, one_line, run_command, setup_distributed
+from cli import (LONG_WAIT, ArgumentParser, UsageError, at_least, barrier, my_chunks, one_line, run_command,
+                 setup_distributed)
 from data import ARRAYS, ChunkFolder, ShardWriter, atomic_write, read_json
 from eval_inputs import IMAGE_EXTENSIONS, Side, image_files
 from models import DiT_models
@@ -504,10 +505,10 @@ def cmd_imagenet(args):
             raise UsageError(f"--image-size {size}: not a multiple of the VAE's downsampling {factor}")
         kind, shape = "latent", (vae.config.latent_channels, size // factor, size // factor)
     writer = ShardWriter(args.out, kind, shape, source.num_classes, args.shard_size)
-    chunks = ChunkFolder(args.out, {"image_size": size, "vae": args.vae, "flip": args.flip, "bf16": args.bf16,
-                                    "shard_size": args.shard_size, "num_images": source.count, **source.settings})
+    ChunkFolder(args.out, {"image_size": size, "vae": args.vae, "flip": args.flip, "bf16": args.bf16,  # records the
+                           "shard_size": args.shard_size, "num_images": source.count, **source.settings})  # settings
     num_shards = -(-source.count // args.shard_size)
-    todo = [i for i in chunks.mine(num_shards) if not writer.shard_done(i)]
+    todo = [i for i in my_chunks(num_shards) if not writer.shard_done(i)]
     pending = sum(min(args.shard_size, source.count - i * args.shard_size) for i in todo)
     start = time.time()
     with progress(total=pending, unit="img", enabled=rank == 0 and not args.no_progress) as bar:

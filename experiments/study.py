@@ -252,11 +252,8 @@ def study_data(opts):
     data = prepare_data(opts, variant="shapes", heldout_parts=2)
     if data.manifest["kind"] != "pixel" or not data.heldout:
         raise UsageError("--data-path: the study needs a pixel dataset and held-out images of it (--eval-data-path)")
-    try:
-        opts.metric = opts.metric or watch.eval_metrics_for(None, data.manifest["kind"])[0]
-        watch.eval_metrics_for([opts.metric], data.manifest["kind"])
-    except ValueError as e:
-        raise UsageError(f"--metric: {e}")
+    opts.metric = opts.metric or watch.eval_metrics_for(None, data.manifest["kind"], flag="--metric")[0]
+    watch.eval_metrics_for([opts.metric], data.manifest["kind"], flag="--metric")
     data.validation, data.test = split_heldout(data.heldout, opts.results_dir)
     return data
 
