@@ -3,6 +3,7 @@ ImageNet (an ImageFolder or a Hugging Face dataset) encoded into the shard forma
 
     python download.py vae [--vae ema|mse] [--vae-path DIR]
     python download.py dit [--image-size 256|512] [--out pretrained_models]
+    python download.py sit [--out pretrained_models]       # SiT-XL/2 256 px: sample.py --objective flow
     python download.py ref-batch [--image-size 64|128|256] [--out reference_batches]
     python download.py imagenet --src IMAGENET/train --out data/imagenet128 [--image-size 128]
     python download.py imagenet --src benjamin-paine/imagenet-1k-128x128 [--split train] --out data/imagenet128
@@ -42,7 +43,11 @@ from models import DiT_models
 from progress import progress
 
 VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{0}x{0}.pt"
+OFFICIAL_URLS = {  # the official XL/2 checkpoints by family and image size (SiT's, from its download.py)
+    "DiT": {size: f"https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{size}x{size}.pt" for size in (256, 512)},
+    "SiT": {256: "https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
+                 "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0"},
+}
 REF_BATCH_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/{0}/"
                  "VIRTUAL_imagenet{0}_labeled.npz")  # ADM's ImageNet reference batches (fid.py REFERENCE)
 
@@ -136,16 +141,23 @@ def fetch(url, part, show_progress=True):
 
 
 def dit_keys():
-    """The 292 keys of the official DiT-XL/2 state dict: those of this repository's vanilla DiT-XL/2."""
+    """The 292 keys of the official DiT-XL/2 (and SiT-XL/2: SiT's model is DiT's) state dict: those of this
+    repository's vanilla DiT-XL/2."""
     with torch.device("meta"):  # no memory, no initialisation
         return frozenset(DiT_models["DiT-XL/2"]().state_dict())
 
 
+def read_official(path):
+    """The state dict of an official DiT or SiT checkpoint (a training checkpoint of theirs keeps it under "ema")."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["ema"] if isinstance(state, dict) and isinstance(state.get("ema"), dict) else state
+
+
 def verify_dit(path, image_size):
-    """Check that path holds the DiT-XL/2 state dict for image_size: it loads with torch.load
+    """Check that path holds a DiT-XL/2 (or SiT-XL/2) state dict for image_size: it loads with torch.load
     (weights_only), has exactly the 292 DiT-XL/2 keys, and pos_embed is (1, (size/16)^2, 1152)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_official(path)
     except Exception as e:  # unpickling errors come in many types
         raise UsageError(f"{path}: does not load as a checkpoint ({one_line(e)}); delete it, run again")
     keys, want_keys = set(state) if isinstance(state, dict) else set(), dit_keys()
@@ -176,17 +188,21 @@ def get_file(dest, url, verify, show_progress=True):
     return result
 
 
-def get_dit(image_size, out_dir, url=None, show_progress=True):
-    """Path of the verified DiT-XL/2 checkpoint for image_size in out_dir (downloaded if needed)."""
-    path = os.path.join(out_dir, f"DiT-XL-2-{image_size}x{image_size}.pt")
-    get_file(path, url or DIT_URL.format(image_size), lambda p: verify_dit(p, image_size), show_progress)
+def get_dit(image_size, out_dir, url=None, show_progress=True, family="DiT"):
+    """Path of the verified DiT-XL/2 (family "SiT": SiT-XL/2) checkpoint for image_size in out_dir
+    (downloaded if needed)."""
+    path = os.path.join(out_dir, f"{family}-XL-2-{image_size}x{image_size}.pt")
+    get_file(path, url or OFFICIAL_URLS[family][image_size], lambda p: verify_dit(p, image_size), show_progress)
     return path
 
 
 def cmd_dit(args):
-    """Download (or reuse) and verify the official DiT-XL/2 checkpoint."""
-    path = get_dit(args.image_size, args.out, show_progress=not args.no_progress)
-    print(f"DiT-XL/2 {args.image_size} px checkpoint verified: {path}")
+    """Download (or reuse) and verify the official DiT-XL/2 or SiT-XL/2 checkpoint."""
+    family = {"dit": "DiT", "sit": "SiT"}[args.command]
+    path = get_dit(args.image_size, args.out, show_progress=not args.no_progress, family=family)
+    usage = " --objective flow" if family == "SiT" else ""
+    print(f"{family}-XL/2 {args.image_size} px checkpoint verified: {path}\n"
+          f"sample it: python sample.py --ckpt {path}{usage} --image-size {args.image_size} --class-label 207 360")
 
 
 def verify_ref_batch(path, image_size):
@@ -537,7 +553,7 @@ def cmd_imagenet(args):
 
 def build_parser():
     parser = ArgumentParser(description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{vae,dit,ref-batch,imagenet}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{vae,dit,sit,ref-batch,imagenet}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--no-progress", action="store_true",
                         help="no progress bar (with the output redirected, the bar is a plain line every 30 s)")
@@ -554,6 +570,9 @@ def build_parser():
     command("vae", cmd_vae, "download the SD VAE into the Hugging Face cache", ["ema", "mse"])
     p = command("dit", cmd_dit, "download and verify an official DiT-XL/2 checkpoint")
     p.add_argument("--image-size", type=int, choices=[256, 512], default=256)
+    p.add_argument("--out", default="pretrained_models", help="folder (default: pretrained_models)")
+    p = command("sit", cmd_dit, "download and verify SiT's official SiT-XL/2 checkpoint (flow matching, 256 px)")
+    p.add_argument("--image-size", type=int, choices=[256], default=256)
     p.add_argument("--out", default="pretrained_models", help="folder (default: pretrained_models)")
     p = command("ref-batch", cmd_ref_batch, "download and verify ADM's ImageNet reference batch (for fid.py)")
     p.add_argument("--image-size", type=int, choices=[64, 128, 256], default=128,

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from cli import UsageError
 from data import atomic_write
+from diffusion import LinearFlow, create_diffusion
 from models import MP_SWITCHES, DiT_models
 
 # arguments added later, as checkpoints from before them had them; those added after run names were hashed
@@ -169,6 +170,13 @@ def build_model(args, manifest):
     return DiT_models[args.model](input_size=h, in_channels=c, num_classes=manifest["num_classes"],
                                   mp=args.mp, modulation=args.modulation, t_max=T_MAX[args.objective],
                                   **switches, **overrides)
+
+
+def training_objective(args):
+    """What the run trains: DiT's diffusion (its training_losses) or SiT's linear flow."""
+    if args.objective == "flow":
+        return LinearFlow(args.time_dist, args.logit_mean, args.logit_std)
+    return create_diffusion("", prediction=args.prediction)
 
 
 def reconcile(args, ckpt, path, manifest):

@@ -30,14 +30,15 @@ import torch.distributed as dist
 
 from cli import ArgumentParser, UsageError, at_least, barrier, rank_world, run_command, setup_distributed
 from data import ChunkFolder
-from download import VAES, open_decoder
+from download import VAES, open_decoder, read_official
 from ema import posthoc_coefficients, valid_sigma_rel
 from evaluation import chunks_to_do, write_npz_samples
 from guidance import EVERY_STEP, Guided
 from models import MODEL_SIZES, MP_SWITCHES, DiT_models
-from runs import SEED_RANGE, build_model, checkpoints_in, load_checkpoint, saved_args
-from sampling import (DEFAULT_STEPS, chunk_inputs, chunk_sizes, make_sampler, row_names, sample_chunk, sample_images,
-                      sampling_weights_name, save_grid)
+from runs import SEED_RANGE, T_MAX, build_model, checkpoints_in, load_checkpoint, saved_args
+from sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, FLOW_PREDICTION, SAMPLERS, chunk_inputs, chunk_sizes,
+                      make_sampler, objective_of, row_names, sample_chunk, sample_images, sampling_weights_name,
+                      save_grid)
 
 DIT_LATENT_SCALE = 0.18215  # the official DiT models see SD-VAE latents times this
 CFG_SCALE = {"grid": 4.0, "fid": 1.5}  # --cfg-scale by default: DiT's grids and its FID setting
@@ -63,24 +64,31 @@ def parse_args(argv=None):
                    "widest tracked power EMA, else ema)")
     g.add_argument("--model", default="DiT-XL/2", help="official state dicts only: the model (default DiT-XL/2)")
     g.add_argument("--image-size", type=int, default=256, metavar="PX", help="official state dicts only (default 256)")
+    g.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm", help="official state dicts only: ddpm "
+                   "for DiT's weights, flow for SiT's (download.py sit; t in [0, 1], velocity) (default ddpm)")
     g.add_argument("--vae", choices=sorted(VAES), default="ema",
                    help="official state dicts only: stabilityai/sd-vae-ft-ema or -mse (default ema)")
     g.add_argument("--vae-path", metavar="DIR", help="load the VAE from this save_pretrained directory")
     g = p.add_argument_group("sampling")
     g.add_argument("--class-label", type=int, nargs="+", metavar="Y", help="grid rows: one class label each")
     g.add_argument("--num-samples", type=at_least(1), default=8, metavar="N", help="grid columns: samples per label (default 8)")
-    g.add_argument("--sampler", choices=list(DEFAULT_STEPS), default="ddpm",
-                   help="ancestral DDPM, DDIM (eta 0), or DPM-Solver++(2M) from diffusers (default ddpm)")
+    g.add_argument("--sampler", choices=list(DEFAULT_STEPS),
+                   help="DDPM models: ancestral ddpm, ddim (eta 0) or dpm++ (DPM-Solver++(2M), diffusers); flow models: "
+                        "euler, heun (ODE), sde (SiT's Euler-Maruyama) or dopri5 (adaptive ODE, torchdiffeq) "
+                        f"(default {' / '.join(DEFAULT_SAMPLER.values())})")
     g.add_argument("--num-sampling-steps", type=at_least(1), metavar="N",
-                   help=f"default {', '.join(f'{s} for {k}' for k, s in DEFAULT_STEPS.items())}")
+                   help=f"default {', '.join(f'{s} for {k}' for k, s in DEFAULT_STEPS.items() if s)}")
+    g.add_argument("--time-shift", type=float, default=1.0, metavar="S", help="flow samplers: SD3's shift of the "
+                   "step grid, noise levels times S (> 1: finer steps at the noise end; default 1)")
     g.add_argument("--cfg-scale", type=float, metavar="S",
                    help="guidance scale w: classifier-free, or autoguidance with --guide; 1 = none (default "
                         f"{CFG_SCALE['grid']:g} for a grid, {CFG_SCALE['fid']:g} for --fid: DiT's FID setting)")
     g.add_argument("--cfg-channels", type=at_least(1), metavar="K",
                    help="guide only the first K latent channels; 3 = the original DiT code (default: all)")
     g.add_argument("--guidance-interval", type=float, nargs=2, default=list(EVERY_STEP), metavar=("LO", "HI"),
-                   help="guide only where the noise level sigma = sqrt((1 - abar_t) / abar_t) lies in (LO, HI] "
-                        "(default 0 inf: every step; EDM2's 0.28 5.42; REPA's t <= 0.7 is 0 2.33)")
+                   help="guide only where the noise level sigma lies in (LO, HI]: sqrt((1 - abar_t) / abar_t) for "
+                        "DDPM, (1 - t) / t for a flow's t (default 0 inf: every step; EDM2's 0.28 5.42; REPA's t <= "
+                        "0.7 is 0 2.33)")
     g.add_argument("--guide", metavar="RUN_OR_CKPT",
                    help="autoguidance: D = D_guide + w (D_main - D_guide) with this guide (a smaller or less "
                         "trained model of the same data, classes and prediction: a run, checkpoint, export "
@@ -96,14 +104,11 @@ def parse_args(argv=None):
     g.add_argument("--no-progress", action="store_true", help="no progress bar for --fid")
     g.add_argument("--compile", action="store_true", help="torch.compile the model's forward as one graph")
     args = p.parse_args(argv)
-    if args.num_sampling_steps is None:
-        args.num_sampling_steps = DEFAULT_STEPS[args.sampler]
     args.cfg_scale_given = args.cfg_scale is not None
     if not args.cfg_scale_given:
         args.cfg_scale = CFG_SCALE["fid" if args.fid else "grid"]
     lo, hi = args.guidance_interval
-    checks = [(args.num_sampling_steps > 1000, "--num-sampling-steps: at most the 1000 training steps"),
-              (not math.isfinite(args.cfg_scale), f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = none)"),
+    checks = [(not math.isfinite(args.cfg_scale), f"--cfg-scale {args.cfg_scale}: must be a finite number (1 = none)"),
               ((args.fid is None) == (args.class_label is None),
                "give --class-label Y [Y ...] for a grid or --fid N for an .npz (one of them)"),
               (not (args.ckpt or args.result_dir), "give --result-dir RUN (a train.py run) or --ckpt FILE"),
@@ -145,7 +150,7 @@ def load_model(args, guide=False):
         ckpt = load_checkpoint(path)
     except UsageError as refused:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_official(path)
         except Exception:  # unreadable: runs.load_checkpoint said why
             raise refused from None
         if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
@@ -154,7 +159,8 @@ def load_model(args, guide=False):
             raise UsageError(f"--weights {weights}: {path} is a plain state dict, one set of weights") from None
         model, manifest = official_model(args)
         load_weights(model, state, path, f"{args.model} at --image-size {args.image_size}")
-        return model, manifest, f"state dict {path}", os.path.join("samples", stem), "eps"
+        prediction = FLOW_PREDICTION if args.objective == "flow" else "eps"
+        return model, manifest, f"state dict {path}", os.path.join("samples", stem), prediction
     model, saved, weights, note = run_model(ckpt, path, weights)
     stem = os.path.join(os.path.dirname(os.path.dirname(path)), "samples", f"{stem}-{weights}")
     return model, ckpt["manifest"], note, stem, saved["prediction"]
@@ -247,7 +253,8 @@ def read_export_config(folder, source):
 
 
 def official_model(args):
-    """(vanilla DiT, manifest) for the official checkpoints: 1000 classes, SD-VAE latents x 0.18215."""
+    """(vanilla DiT, manifest) for the official checkpoints, DiT's or (--objective flow) SiT's: 1000 classes,
+    SD-VAE latents x 0.18215; SiT's model is DiT's, given t in [0, 1]."""
     if args.model not in DiT_models:
         raise UsageError(f"unknown --model {args.model!r}; choose one of {', '.join(DiT_models)}")
     side, patch = args.image_size // 8, int(args.model.split("/")[1])
@@ -255,7 +262,7 @@ def official_model(args):
         raise UsageError(f"--image-size {args.image_size}: the latent side (size / 8) must be a multiple of {patch}")
     manifest = {"kind": "latent", "shape": [4, side, side], "num_classes": 1000, "vae": VAES[args.vae],
                 "channel_mean": [0.0] * 4, "channel_std": [1 / DIT_LATENT_SCALE] * 4}
-    return DiT_models[args.model](input_size=side), manifest
+    return DiT_models[args.model](input_size=side, t_max=T_MAX[args.objective]), manifest
 
 
 def load_guide(args, manifest, prediction, num_classes):
@@ -363,10 +370,30 @@ def posthoc_ema(ckpt, path, sigma_rel, model):
     return state, note
 
 
+def choose_sampler(args, prediction):
+    """(the sampler of --sampler, --num-sampling-steps and --time-shift for a model predicting `prediction`,
+    its objective); the objective's defaults are filled into args (the output's name, the --fid settings)."""
+    objective = objective_of(prediction)
+    args.sampler = args.sampler or DEFAULT_SAMPLER[objective]
+    if args.sampler not in SAMPLERS[objective]:
+        raise UsageError(f"--sampler {args.sampler}: this is a {objective} model; choose one of "
+                         f"{', '.join(SAMPLERS[objective])}")
+    if args.sampler == "dopri5" and args.num_sampling_steps:
+        raise UsageError("--num-sampling-steps: dopri5 chooses its own steps (atol 1e-6, rtol 1e-3); drop the flag")
+    args.num_sampling_steps = args.num_sampling_steps or DEFAULT_STEPS[args.sampler]
+    if objective == "ddpm" and args.num_sampling_steps > 1000:
+        raise UsageError("--num-sampling-steps: at most the 1000 training steps")
+    if objective == "ddpm" and args.time_shift != 1:
+        raise UsageError("--time-shift shifts a flow model's time grid; this is a DDPM model")
+    return make_sampler(args.sampler, args.num_sampling_steps, prediction, args.time_shift), objective
+
+
 def default_out(args, stem, guide_stem):
-    """STEM-<sampler><steps>-cfg<scale>[-ch<K>][-sigma<LO>-<HI>][-guide-<guide>]-seed<seed> + .png or -fid<N>.npz."""
+    """STEM-<sampler><steps>[-shift<S>]-cfg<scale>[-ch<K>][-sigma<LO>-<HI>][-guide-<guide>]-seed<seed> + .png
+    or -fid<N>.npz."""
     lo, hi = args.guidance_interval
-    return (f"{stem}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}"
+    return (f"{stem}-{args.sampler}{args.num_sampling_steps or ''}"
+            + (f"-shift{args.time_shift:g}" if args.time_shift != 1 else "") + f"-cfg{args.cfg_scale:g}"
             + (f"-ch{args.cfg_channels}" if args.cfg_channels else "")
             + (f"-sigma{lo:g}-{hi:g}" if (lo, hi) != EVERY_STEP else "")
             + (f"-guide-{guide_stem}" if guide_stem else "") + f"-seed{args.seed}"
@@ -419,7 +446,7 @@ def main(args):
             raise UsageError(f"--class-label {bad[0]}: outside [0, {model.num_classes})")
         if (args.cfg_channels or 0) > manifest["shape"][0]:
             raise UsageError(f"--cfg-channels {args.cfg_channels}: the model has {manifest['shape'][0]} channels")
-        sampler = make_sampler(args.sampler, args.num_sampling_steps, prediction)
+        sampler, objective = choose_sampler(args, prediction)
         guide, guide_note, guide_stem = (load_guide(args, manifest, prediction, model.num_classes) if args.guide
                                          else (None, None, None))
         vae = open_decoder(manifest, args.vae_path)
@@ -428,7 +455,7 @@ def main(args):
             m.to(device).eval().requires_grad_(False)  # frozen: MPLinear caches its weights
             if args.compile:  # Guided calls the modules, so guidance runs compiled too
                 m.forward = torch.compile(m.forward, fullgraph=True)
-        guided = Guided(model, args.cfg_scale, guide, tuple(args.guidance_interval), args.cfg_channels)
+        guided = Guided(model, args.cfg_scale, guide, tuple(args.guidance_interval), args.cfg_channels, objective)
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         out = args.out or default_out(args, stem, guide_stem)

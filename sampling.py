@@ -26,10 +26,17 @@ DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25,
                  "heun": 25,  # two calls per step: 50 calls, the cost of euler 50 and ddim 50
                  "sde": 250,  # SiT's default (its FID 2.06); a first-order stochastic method needs many
                  "dopri5": None}  # adaptive: the solver chooses its steps
+DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "sde"}  # sample.py's: DiT's 250 ancestral steps, SiT's 250 SDE steps
 GRID_SAMPLER = {"ddpm": "ddim", "flow": "euler"}  # train.py's grids and evaluation: deterministic, one call a step
 FLOW_SAMPLERS = {"euler": euler_sample, "heun": heun_sample, "sde": sde_sample}
 GRID_ZOOM_BELOW = 64  # grid images smaller than this many pixels are shown at twice their size
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+FLOW_PREDICTION = "velocity"  # what a flow model predicts: a run's prediction names its objective
+
+
+def objective_of(prediction):
+    """"flow" for a model predicting the velocity, else "ddpm" (eps, v or x0)."""
+    return "flow" if prediction == FLOW_PREDICTION else "ddpm"
 
 
 def sampling_weights_name(sigma_rels):

@@ -30,7 +30,8 @@ from torch.utils.data.distributed import DistributedSampler
 import runs
 from cli import ArgumentParser, UsageError, barrier, from_rank_0, run_command, setup_distributed
 from data import LatentDataset, make_demo_dataset, read_manifest
-from diffusion import TIME_DISTS, LinearFlow, create_diffusion
+from diffusion import TIME_DISTS
+from sampling import FLOW_PREDICTION
 from download import open_decoder
 from ema import ema_update, frozen_copy, power_beta, sigma_rel_to_gamma, valid_sigma_rel
 from models import MODULATIONS, MP_SWITCHES, DiT_models
@@ -52,7 +53,6 @@ PRESETS = {
 MODEL_SIZE = ("depth", "hidden_size", "num_heads")
 OBJECTIVES = {"ddpm": "DiT's DDPM (1000 steps, learned sigma, --prediction)",
               "flow": "SiT's linear flow x_t = t x + (1 - t) eps, velocity MSE, --time-dist"}
-FLOW_PREDICTION = "velocity"  # what a flow run's model predicts, recorded as its --prediction
 AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
 AT_LEAST_0 = ("at least 0", lambda v: v >= 0)
 RANGES = dict(  # every numeric flag: (its valid range in words, the test); floats must be finite too
@@ -279,7 +279,7 @@ def main(args):
                     f"{dataset.manifest['num_classes']} classes; run dir {run_dir}")
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
         net = torch.compile(net) if args.compile else net
-        diffusion = training_objective(args)
+        diffusion = runs.training_objective(args)
         autocast = autocast_for(args, device)
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                    drop_last=True)
@@ -361,13 +361,6 @@ def micro_batch(batches, noise, dataset, diffusion, model):
 #################################################################################
 #                                 Set-up                                        #
 #################################################################################
-
-def training_objective(args):
-    """What the run trains: DiT's diffusion (its training_losses) or SiT's linear flow."""
-    if args.objective == "flow":
-        return LinearFlow(args.time_dist, args.logit_mean, args.logit_std)
-    return create_diffusion("", prediction=args.prediction)
-
 
 def learning_rate(step, args):
     """Linear warm-up to lr, then lr / sqrt(max(step / decay_steps, 1)) (EDM2) if decay_steps > 0."""

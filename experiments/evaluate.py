@@ -19,10 +19,10 @@ import plots
 import runs
 from cli import UsageError
 from data import LatentDataset, ShardWriter, atomic_write, build_dataset, denormalize, make_demo_dataset
-from diffusion import create_diffusion
+from diffusion import LinearFlow
 from feature_nets import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, dataset_items, find_weights, trained_classifier
 from guidance import Guided
-from sampling import denoise, make_sampler
+from sampling import GRID_SAMPLER, denoise, make_sampler
 
 HELDOUT_ITEMS = 10_000  # cap on the held-out images the evaluation reads
 LOG = {"name": "experiments"}  # the command's name in its log lines: ablate, study or sweep
@@ -196,13 +196,14 @@ def real_floor(dataset, n, reference, metric, networks, cache, inception_weights
 
 
 @torch.no_grad()
-def sample_fixed(model, prediction, ctx, opts, cfg_scale):
-    """(samples in model space, labels): samples_per_class per class, class-major, DDIM guided at
-    cfg_scale, from noise drawn on the CPU with --sample-seed (the same for every run and batch size)."""
-    sampler = make_sampler("ddim", opts.sample_steps, prediction)
+def sample_fixed(model, args, ctx, opts, cfg_scale):
+    """(samples in model space, labels): samples_per_class per class, class-major, by the grid sampler of
+    the run's objective (args: its saved arguments) guided at cfg_scale, from noise drawn on the CPU with
+    --sample-seed (the same for every run and batch size)."""
+    sampler = make_sampler(GRID_SAMPLER[args.objective], opts.sample_steps, args.prediction)
     labels = torch.arange(ctx.num_classes).repeat_interleave(opts.samples_per_class)
     noise = torch.randn(len(labels), *ctx.shape, generator=torch.Generator().manual_seed(opts.sample_seed))
-    out = [denoise(Guided(model, cfg_scale), sampler, noise[i:i + opts.eval_batch_size].to(ctx.device),
+    out = [denoise(Guided(model, cfg_scale, objective=args.objective), sampler, noise[i:i + opts.eval_batch_size].to(ctx.device),
                    labels[i:i + opts.eval_batch_size].to(ctx.device), clip_denoised=ctx.kind == "pixel").float().cpu()
            for i in range(0, len(labels), opts.eval_batch_size)]  # latents are normalised per channel, not bounded
     return torch.cat(out), labels
@@ -229,10 +230,11 @@ def score_samples(samples, labels, ctx, run_dir, cfg_scale):
 @torch.no_grad()
 def heldout_loss(model, diffusion, x, y, seed=0, batch_size=256):
     """Mean loss, mse and vb of `model` (eval mode: no label dropout) on x (N, C, H, W), labels y, with
-    timesteps spread evenly over [0, T) and noise seeded with `seed`: the same (x, t, noise) for every model."""
+    times spread evenly (DDPM's timesteps over [0, T), a flow's t over (0, 1)) and noise seeded with `seed`:
+    the same (x, t, noise) for every model of an objective."""
     device = next(model.parameters()).device
-    n, steps = len(x), diffusion.num_timesteps
-    t_all = torch.arange(n) * steps // n
+    n = len(x)
+    t_all = (torch.arange(n) + 0.5) / n if isinstance(diffusion, LinearFlow) else torch.arange(n) * diffusion.num_timesteps // n
     noise_all = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     totals = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
     for i in range(0, n, batch_size):
@@ -262,7 +264,7 @@ def evaluate_run(run_dir, ckpt_path, opts, ctx):
         ema_name, ema_state = f"ema-{sigma}", ckpt["ema_power"][sigma]
     else:
         ema_name, ema_state = f"ema (classic, decay {args.ema_decay})", ckpt["ema"]
-    diffusion = create_diffusion("", prediction=args.prediction)
+    diffusion = runs.training_objective(args)
     losses = {}
     for name, state in (("raw", ckpt["model"]), ("ema", ema_state)):
         model.load_state_dict(state)
@@ -270,7 +272,7 @@ def evaluate_run(run_dir, ckpt_path, opts, ctx):
         losses[name] = heldout_loss(model, diffusion, ctx.loss_x, ctx.loss_y, seed=opts.sample_seed)
     samples = {}
     for cfg_scale in opts.cfg_scales:
-        x, labels = sample_fixed(model, args.prediction, ctx, opts, cfg_scale)
+        x, labels = sample_fixed(model, args, ctx, opts, cfg_scale)
         samples[f"{cfg_scale:g}"] = score_samples(x, labels, ctx, run_dir, cfg_scale)
     weight_norm = args.mp or args.use_weight_normalization
     final_loss, final_step, step_time = training_record(run_dir, args.global_batch_size)

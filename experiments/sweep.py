@@ -30,9 +30,11 @@ from experiments.evaluate import LOG, md_table, metric_networks, real_floor, say
 from guidance import EVERY_STEP  # noqa: E402
 from cli import ArgumentParser, UsageError, at_least, run_command  # noqa: E402
 from runs import checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
+from sampling import DEFAULT_STEPS, SAMPLERS, objective_of  # noqa: E402
 
 SHARED = ("result_dir", "ckpt", "num_samples", "sampler", "num_sampling_steps", "batch_size", "seed", "guide",
           "guide_weights", "precision", "metric", "reference", "eval_dir")
+SWEEP_SAMPLER = {"ddpm": "dpm++", "flow": "heun"}  # few model calls for their quality, for many cells
 LABELS = {"fid": "FID", "fd_classifier": "FD (small classifier)"}
 
 
@@ -51,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--guide-weights", metavar="W", help="the guide's weights (sample.py --guide-weights)")
     p.add_argument("--num-samples", type=at_least(2), default=1000, metavar="N",
                    help="images per cell, at least 2 for a covariance (default 1000)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="dpm++", help="default dpm++")
+    p.add_argument("--sampler", choices=list(DEFAULT_STEPS), help="sample.py --sampler (default dpm++ for a DDPM "
+                   "run, heun for a flow run)")
     p.add_argument("--num-sampling-steps", type=int, metavar="N", help="default: sample.py's for the sampler")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="sample.py --batch-size (default 256)")
     p.add_argument("--seed", type=int, default=0, help="the same labels and noise in every cell (default 0)")
@@ -133,6 +136,11 @@ def check_inputs(args):
         raise UsageError(f"{args.ckpt}: the run tracked no power EMA (train.py --ema-sigma-rels), so no "
                          f"ema-<sigma_rel> weights can be made from it")
     manifest, saved = ckpt["manifest"], ckpt["args"]
+    objective = objective_of(saved.get("prediction"))
+    args.sampler = args.sampler or SWEEP_SAMPLER[objective]
+    if args.sampler not in SAMPLERS[objective]:
+        raise UsageError(f"--sampler {args.sampler}: the run is a {objective} run; choose one of "
+                         f"{', '.join(SAMPLERS[objective])}")
     pixel = manifest["kind"] == "pixel"
     fid_found = "fid" in evaluation.available_metrics(args.inception_weights)
     args.metric = args.metric or ("fid" if fid_found or not pixel else "fd_classifier")

@@ -248,6 +248,11 @@ def test_dit_download_resumes_replaces_and_verifies(tmp_path):
         (out / "DiT-XL-2-256x256.pt.part").write_bytes(payload)
         assert open(download.get_dit(256, str(out), server.url), "rb").read() == payload
 
+        torch.save({"ema": torch.load(path, weights_only=True)}, tmp_path / "sit.pt")  # SiT's wrapping
+        server.payload = (tmp_path / "sit.pt").read_bytes()
+        sit = download.get_dit(256, str(tmp_path / "sit"), server.url, family="SiT")
+        assert os.path.basename(sit) == "SiT-XL-2-256x256.pt" and set(download.read_official(sit)) == download.dit_keys()
+
         server.payload = fake_dit(tmp_path / "bad.pt", drop="blocks.27.mlp.fc2.bias")
         out = tmp_path / "d"
         with pytest.raises(UsageError, match="291 keys"):

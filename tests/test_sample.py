@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import data
-import evaluation
 import sample
 import sampling
 import train
@@ -319,7 +319,7 @@ def test_fid_npz_resumes_and_splits_over_ranks(pixel_run, tmp_path, capsys, monk
     monkeypatch.setattr(sample.dist, "destroy_process_group", lambda: None)
     for rank in (1, 0):
         monkeypatch.setattr(sample, "setup_distributed", lambda: (rank, 2, torch.device("cpu")))
-        for module in (sample, data, evaluation):  # evaluation.chunks_to_do picks this rank's chunks
+        for module in (sample, data, cli):  # cli.my_chunks picks this rank's chunks
             monkeypatch.setattr(module, "rank_world", lambda: (rank, 2))
         assert run_cli([*fid, "--out", tmp_path / "ranks.npz"], capsys)[0] == 0
         assert os.path.exists(tmp_path / "ranks.npz") == (rank == 0)  # rank 0 merges
@@ -388,7 +388,8 @@ def test_bad_inputs_give_one_line_and_exit_code_2(pixel_run, tmp_path, capsys):
         ([*run, "--class-label", 0, "--num-sampling-steps", 1, "--sampler", "ddim"], "--num-sampling-steps 1"),
         ([*run, "--class-label", 0, "--cfg-scale", "nan"], "--cfg-scale nan"),
         ([*run, "--class-label", 0, "--cfg-scale", "inf"], "finite"),
-        ([*run, "--class-label", 0, "--sampler", "euler"], "invalid choice"),
+        ([*run, "--class-label", 0, "--sampler", "euler"], "this is a ddpm model; choose one of ddpm, ddim, dpm++"),
+        ([*run, "--class-label", 0, "--sampler", "heunn"], "invalid choice"),
         ([*run, "--class-label", "dog"], "invalid int"),
         (["--ckpt", tmp_path / "missing.pt", "--class-label", 0], "no such file"),
         (["--ckpt", tmp_path / "corrupt.pt", "--class-label", 0], "cannot read checkpoint"),
@@ -591,3 +592,25 @@ def test_grid_rows_are_named_when_the_manifest_names_the_classes(pixel_run, tmp_
     assert plain.shape == (2 * 16, 2 * 16, 3) and strip > 10 and named.shape[0] == plain.shape[0]
     np.testing.assert_array_equal(named[:, strip:], plain)
     assert named[:16, :strip].max() > 128 and named[16:, :strip].max() > 128  # text in both rows
+
+
+def test_sits_official_weights_sample_as_a_flow_model(official_ckpt, vae_dir, tmp_path, capsys):
+    """SiT's checkpoint (DiT's keys and shapes; its training checkpoints keep them under "ema") with
+    --objective flow: the model is given t in [0, 1], predicts the velocity and samples with the flow
+    samplers; a DDPM sampler is refused in one line."""
+    wrapped = tmp_path / "SiT-XS-8-64x64.pt"
+    torch.save({"ema": load(official_ckpt), "opt": {}}, wrapped)
+    official = ["--ckpt", wrapped, "--model", "DiT-XS/8", "--image-size", 64, "--objective", "flow"]
+    model, _, _, _, prediction = sample.load_model(sample.parse_args([str(a) for a in official] + ["--class-label", "0"]))
+    assert prediction == "velocity" and model.t_embedder.t_max == 1
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, load(official_ckpt)[name])
+    out = tmp_path / "sit.png"
+    code, _, err = run_cli([*official, "--vae-path", vae_dir, "--class-label", 207, "--num-samples", 2,
+                            "--sampler", "heun", "--num-sampling-steps", 2, "--time-shift", 2, "--out", out], capsys)
+    assert code == 0 and Image.open(out).size == (2 * 64, 64), err
+    code, _, err = run_cli([*official, "--class-label", 207, "--sampler", "ddim"], capsys)
+    assert code == 2 and "flow model; choose one of euler, heun, sde, dopri5" in err and len(err.splitlines()) == 1
+    code, _, err = run_cli(["--ckpt", official_ckpt, "--model", "DiT-XS/8", "--image-size", 64, "--class-label", 1,
+                            "--time-shift", 2], capsys)
+    assert code == 2 and "--time-shift" in err

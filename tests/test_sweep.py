@@ -257,3 +257,45 @@ def test_the_default_metric_reference_and_cache_are_train_pys(run, tmp_path, mon
     args = sweep.parse_args(["--result-dir", run, "--out", str(tmp_path / "out")])
     sweep.check_inputs(args)
     assert args.metric == "fid"
+
+
+@pytest.fixture(scope="module")
+def flow_run(run):
+    """A flow run of the same data beside `run` (same results dir: the same classifier cache)."""
+    results = os.path.dirname(run)
+    return train.main(train.parse_args([
+        "--data-path", os.path.join(os.path.dirname(results), "data"), "--results-dir", results, "--model", "DiT-XS/4",
+        "--mp", "--objective", "flow", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
+        "--global-batch-size", "8", "--num-workers", "0", "--num-steps", "2", "--ckpt-every", "2",
+        "--log-every", "2", "--monitor-every", "100", "--sample-steps", "2"]))
+
+
+def test_the_sweep_samples_a_flow_run_with_a_flow_sampler(flow_run, tmp_path, eval_dir, cells, capsys):
+    argv = tiny_grid(flow_run, tmp_path / "out", eval_dir)
+    argv[argv.index("ddim")] = "euler"
+    assert sweep.cli(argv) == 0 and cells[0][cells[0].index("--sampler") + 1] == "euler"
+    assert sweep.cli(tiny_grid(flow_run, tmp_path / "other", eval_dir)) == 2  # ddim: a DDPM sampler, refused
+    assert "the run is a flow run; choose one of euler" in capsys.readouterr().err  # before any cell
+    default = [a for a in tiny_grid(flow_run, tmp_path / "default", eval_dir, "--num-samples", "4")]
+    del default[default.index("--sampler"):default.index("--sampler") + 2]
+    assert sweep.cli(default) == 0 and cells[-1][cells[-1].index("--sampler") + 1] == "heun"
+
+
+def test_sampler_cost_scores_every_fixed_step_sampler_of_each_objective(run, flow_run, tmp_path, monkeypatch):
+    from experiments import sampler_cost
+    out = tmp_path / "cost"
+    argv = ["--runs", run, flow_run, "--steps", "2", "3", "--num-samples", "4", "--out", str(out)]
+    results = sampler_cost.main(sampler_cost.parse_args(argv))
+    cells = {(r["objective"], r["sampler"], r["steps"]): r for r in results}
+    assert set(cells) == {(o, s, n) for o in ("ddpm", "flow") for s in sampling_names(o) for n in (2, 3)}
+    assert all(r["nfe"] == r["steps"] * (2 if r["sampler"] == "heun" else 1) for r in results)
+    assert all(np.isfinite(r["fd_classifier"]) for r in results)
+    table = (out / "sampler_cost.md").read_text()
+    assert table.count("| NFE |") == 1 and "| ddim (ddpm run) |" in table and "heun (flow run)" in table and (out / "sampler_cost.png").is_file()
+    monkeypatch.setattr(sampler_cost, "score_cell", lambda *a: pytest.fail("a scored cell was scored again"))
+    assert sampler_cost.main(sampler_cost.parse_args(argv)) == results
+
+
+def sampling_names(objective):
+    from sampling import SAMPLERS
+    return [s for s in SAMPLERS[objective] if s != "dopri5"]
