@@ -18,4 +18,4 @@ demo: $(VENV)/installed
 	$(PY) train.py
 
 test: $(VENV)/installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
