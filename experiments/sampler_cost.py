@@ -6,7 +6,8 @@ the run's default sampling weights, the same labels and noise for every cell (sa
     python experiments/sampler_cost.py --runs RUN_DDPM RUN_FLOW --steps 4 8 16 32 64 --num-samples 1000
 
 Writes OUT/sampler_cost.md (a table: NFE down, sampler across) and OUT/sampler_cost.png (the metric
-against NFE, log scale); OUT/results.json keeps each scored cell, so a rerun scores only new ones.
+against NFE, log scale); OUT/results.json keeps each scored cell, so a rerun with the same --num-samples
+and --seed scores only new ones (other settings are refused: another --out).
 """
 import os
 import shutil
@@ -21,14 +22,17 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 import evaluation  # noqa: E402
 import sample  # noqa: E402
 from cli import ArgumentParser, UsageError, at_least, run_command  # noqa: E402
 from data import LatentDataset, read_json  # noqa: E402
-from experiments.evaluate import LOG, md_table, metric_networks, say, write_json, write_text  # noqa: E402
+from experiments.evaluate import LOG, consistency, md_table, metric_networks, say, write_json, write_text  # noqa: E402
 from runs import checkpoints_in, load_checkpoint, saved_args  # noqa: E402
-from sampling import SAMPLERS, objective_of  # noqa: E402
+from sampling import SAMPLERS, chunk_inputs, chunk_sizes, objective_of  # noqa: E402
 
+BATCH = 64  # sample.py --batch-size: the chunks whose labels chunk_inputs draws
 CALLS_PER_STEP = {"heun": 2}  # model evaluations per step (cfg 1); every other fixed-step sampler: 1
 
 
@@ -58,15 +62,20 @@ def run_settings(run):
 
 
 def score_cell(run, sampler, steps, data, networks, args):
-    """fd_classifier of --num-samples images of the run sampled by `sampler` in `steps` steps."""
+    """(fd_classifier, class consistency) of --num-samples images of the run sampled by `sampler` in
+    `steps` steps; consistency is the share the classifier labels with the class they were drawn for."""
     npz = os.path.join(args.out, "samples", f"{os.path.basename(os.path.normpath(run))}-{sampler}{steps}.npz")
     sample.main(sample.parse_args(["--result-dir", run, "--fid", str(args.num_samples), "--cfg-scale", "1",
                                    "--sampler", sampler, "--num-sampling-steps", str(steps), "--seed",
-                                   str(args.seed), "--out", npz, "--no-progress"]))
+                                   str(args.seed), "--batch-size", str(BATCH), "--out", npz, "--no-progress"]))
     value = evaluation.evaluate(npz, data, ["fd_classifier"], networks=networks, progress=False,
                                 cache=os.path.join(os.path.dirname(os.path.abspath(run)), "eval-cache"))
     shutil.rmtree(npz[: -len(".npz")] + "-chunks", ignore_errors=True)
-    return value["fd_classifier"]
+    manifest = LatentDataset(data).manifest
+    labels = np.concatenate([chunk_inputs(args.seed, k, n, tuple(manifest["shape"]), manifest["num_classes"])[1]
+                             for k, n in enumerate(chunk_sizes(args.num_samples, BATCH))])  # sample.py's labels
+    with np.load(npz) as z:
+        return value["fd_classifier"], consistency(networks["classifier"], z["arr_0"], labels)
 
 
 def write_outputs(args, results):
@@ -74,11 +83,15 @@ def write_outputs(args, results):
     columns = sorted({(r["run"], r["objective"], r["sampler"]) for r in results})
     at = {(r["run"], r["objective"], r["sampler"], r["nfe"]): r["fd_classifier"] for r in results}
     nfes = sorted({r["nfe"] for r in results})
-    rows = [[str(n)] + [f"{at[(*c, n)]:.2f}" if (*c, n) in at else "" for c in columns] for n in nfes]
+    share = {(r["run"], r["objective"], r["sampler"], r["nfe"]): r["class_consistency"] for r in results}
     header = ["NFE"] + [f"{sampler} ({objective} run)" for _, objective, sampler in columns]
-    write_text(os.path.join(args.out, "sampler_cost.md"),
-               f"fd_classifier (lower is better) of {args.num_samples} unguided samples per cell, seed {args.seed}\n\n"
-               + "\n".join(md_table(header, rows)) + "\n")
+    tables = []
+    for title, values, form in (("fd_classifier (lower is better)", at, "{:.2f}"),
+                                ("class consistency (higher is better; chance 1 / classes)", share, "{:.0%}")):
+        rows = [[str(n)] + [form.format(values[(*c, n)]) if (*c, n) in values else "" for c in columns] for n in nfes]
+        tables += [f"{title} of {args.num_samples} unguided samples per cell, seed {args.seed}:", "",
+                   *md_table(header, rows), ""]
+    write_text(os.path.join(args.out, "sampler_cost.md"), "\n".join(tables))
     fig, ax = plt.subplots(figsize=(6, 4))
     for column in columns:
         points = sorted((key[-1], v) for key, v in at.items() if key[:-1] == column)
@@ -92,8 +105,11 @@ def write_outputs(args, results):
 
 def main(args):
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
-    results = read_json(path) or []
+    path, settings = os.path.join(args.out, "results.json"), dict(num_samples=args.num_samples, seed=args.seed)
+    saved = read_json(path) or dict(settings=settings, cells=[])
+    if saved["settings"] != settings:
+        raise UsageError(f"{args.out}: holds cells of {saved['settings']}; give those settings, or another --out")
+    results = saved["cells"]
     done = {(r["run"], r["sampler"], r["steps"]) for r in results}
     for run in args.runs:
         objective, data = run_settings(run)
@@ -104,10 +120,11 @@ def main(args):
                 if (run, sampler, steps) in done:
                     continue
                 say(f"{run}: {sampler} {steps} steps")
-                value = score_cell(run, sampler, steps, data, networks, args)
+                fd, consistent = score_cell(run, sampler, steps, data, networks, args)
                 results.append(dict(run=run, objective=objective, sampler=sampler, steps=steps,
-                                    nfe=steps * CALLS_PER_STEP.get(sampler, 1), fd_classifier=value))
-                write_json(path, results)
+                                    nfe=steps * CALLS_PER_STEP.get(sampler, 1), fd_classifier=fd,
+                                    class_consistency=consistent))
+                write_json(path, dict(settings=settings, cells=results))
     write_outputs(args, results)
     print(f"wrote {args.out}/sampler_cost.md and sampler_cost.png")
     return results

@@ -285,15 +285,23 @@ def test_sampler_cost_scores_every_fixed_step_sampler_of_each_objective(run, flo
     from experiments import sampler_cost
     out = tmp_path / "cost"
     argv = ["--runs", run, flow_run, "--steps", "2", "3", "--num-samples", "4", "--out", str(out)]
+    judged = []
+    monkeypatch.setattr(sampler_cost, "consistency", lambda net, x, y: judged.append(y) or 0.5)
     results = sampler_cost.main(sampler_cost.parse_args(argv))
+    monkeypatch.undo()
+    assert sample.cli(["--result-dir", run, "--fid", "4", "--cfg-scale", "1", "--sampler", "ddim",
+                       "--num-sampling-steps", "2", "--out", str(tmp_path / "own.npz")]) == 0
+    drawn = np.load(tmp_path / "own-chunks" / "000000.npz")["labels"]
+    assert all(np.array_equal(y, drawn) for y in judged)  # each cell is judged by the labels sample.py drew
     cells = {(r["objective"], r["sampler"], r["steps"]): r for r in results}
     assert set(cells) == {(o, s, n) for o in ("ddpm", "flow") for s in sampling_names(o) for n in (2, 3)}
     assert all(r["nfe"] == r["steps"] * (2 if r["sampler"] == "heun" else 1) for r in results)
-    assert all(np.isfinite(r["fd_classifier"]) for r in results)
+    assert all(np.isfinite(r["fd_classifier"]) and 0 <= r["class_consistency"] <= 1 for r in results)
     table = (out / "sampler_cost.md").read_text()
-    assert table.count("| NFE |") == 1 and "| ddim (ddpm run) |" in table and "heun (flow run)" in table and (out / "sampler_cost.png").is_file()
+    assert table.count("| NFE |") == 2 and "| ddim (ddpm run) |" in table and "heun (flow run)" in table and (out / "sampler_cost.png").is_file()
     monkeypatch.setattr(sampler_cost, "score_cell", lambda *a: pytest.fail("a scored cell was scored again"))
     assert sampler_cost.main(sampler_cost.parse_args(argv)) == results
+    assert sampler_cost.cli(argv + ["--seed", "1"]) == 2  # cells of another seed do not mix
 
 
 def sampling_names(objective):
