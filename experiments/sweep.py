@@ -118,7 +118,8 @@ def cell_name(weights, scale, interval):
 
 def check_inputs(args):
     """Resolve the checkpoint (--ckpt, else the one OUT/settings.json records, else the run's newest) and
-    refuse what would fail once sampling began: a checkpoint that is not the run's (or not the one OUT's
+    refuse what would fail once sampling began (each cell's sample.py arguments, parsed and given their
+    sampler as sample.py does): a checkpoint that is not the run's (or not the one OUT's
     cells sample) or cannot give ema-<sigma_rel> weights, a reference the metric cannot read or compare.
     Resolves the metric, the reference and the run's data (args.data) as train.py does. Writes nothing."""
     ckpts = checkpoints_in(args.result_dir)
@@ -160,7 +161,8 @@ def check_inputs(args):
                          f"--inception-weights FILE or set {feature_nets.INCEPTION_ENV}")
     for w, s, (lo, hi) in grid_of(args):
         try:
-            sample.parse_args(sample_argv(args, w, s, (lo, hi), "cell.npz"))
+            cell = sample.parse_args(sample_argv(args, w, s, (lo, hi), "cell.npz"))
+            sample.choose_sampler(cell, saved.get("prediction"))
         except UsageError as e:
             raise UsageError(f"the cell {w}, cfg scale {s:g}, interval {lo:g} {hi:g}: sample.py refuses {e}") from None
 
