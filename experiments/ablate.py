@@ -20,11 +20,12 @@ from cli import UsageError, at_least, run_command  # noqa: E402
 from experiments.evaluate import LOG, prepare_data, prepare_eval, write_json, write_text  # noqa: E402
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
 from experiments.runner import (CONFIGS, accepted_arms, collect, finish, grid_parser, parse_grid,  # noqa: E402
-                                parse_only, run_job, run_phase)
+                                is_flow, parse_only, run_job, run_phase)
 
 PRESET = dict(model="DiT-XS/4", depth=4, hidden_size=128, num_heads=4, num_steps=800, global_batch_size=64,
               samples_per_class=50, sample_steps=50)
-GRIDS = {"default": list(CONFIGS), "tiny": ["vanilla", "mp"]}
+GRIDS = {"default": [c for c in CONFIGS if not is_flow(c)], "tiny": ["vanilla", "mp"],
+         "objectives": ["vanilla", "mp", "vanilla-flow", "mp-flow"]}
 
 
 def build_parser():

@@ -12,6 +12,7 @@ from scipy import stats
 import plots
 from cli import UsageError
 from experiments.evaluate import md_table, say, summarise, write_json, write_text
+from experiments.runner import baseline_of, is_flow
 
 FIGURE_COLUMNS = 8
 FIGURES = (("metric against step", "study_curves.png"), ("final metric against lr", "study_sweep.png"),
@@ -26,7 +27,7 @@ ABLATION_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "num_steps", 
                      "train_args", "cfg_scales", "samples_per_class", "sample_seed", "parallel")
 STUDY_SETTINGS = ("profile", "model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps",
                   "sweep_seed", "sweep_points", "sweep_span", "sweep_extend", "steps", "seeds", "eval_every",
-                  "eval_samples", "sample_steps", "samples_per_class", "parallel", "threads")
+                  "eval_samples", "sample_steps", "samples_per_class", "parallel", "threads", "sweep_around")
 SCORE_COLUMNS = ("{fd} ↓", "class consistency % ↑", "EMA held-out loss ↓", "parameters", "s/step")
 
 
@@ -133,8 +134,9 @@ def aggregate(opts, data, ctx, configs, collected, skipped):
     return dict(
         grid=opts.grid, headline_cfg=f"{opts.cfg_scales[0]:g}", fd_network=ctx.fd_name, fid_note=ctx.fid_note,
         settings=dict({k: getattr(opts, k) for k in ABLATION_SETTINGS}, data=data.path, demo=data.demo,
-                      heldout=ctx.held_desc, sampler=f"DDIM-{opts.sample_steps}", loss_batch=len(ctx.loss_x),
-                      device=str(ctx.device), num_samples=ctx.num_classes * opts.samples_per_class),
+                      heldout=ctx.held_desc, sampler=samplers(opts.configs, opts.sample_steps),
+                      loss_batch=len(ctx.loss_x), device=str(ctx.device),
+                      num_samples=ctx.num_classes * opts.samples_per_class),
         classifier=dict(accuracy=ctx.accuracy, train_items=ctx.n_train, heldout_items=ctx.n_held,
                         reference_items=ctx.n_held - ctx.n_base, cache=ctx.cache_path),
         real_data=dict(items=ctx.n_base, fd=ctx.real_fd, class_consistency=ctx.accuracy, fid=ctx.real_fid), rows=rows)
@@ -199,8 +201,8 @@ def make_figures(opts, summary, ctx):
             for c in opts.compare for r in rows[c]["runs"] if r["seed"] == seeds[0]]
     paths = [os.path.join(opts.results_dir, f"ablation_{name}.png") for name in ("samples", "magnitudes")]
     names = class_names(ctx.manifest, ctx.num_classes) if ctx.kind == "pixel" else None
-    return run_figures(runs, names, paths, f"same classes and noise, DDIM-{opts.sample_steps}, cfg {head}",
-                       opts.visuals)
+    subtitle = f"same classes and noise, {samplers(opts.compare, opts.sample_steps)}, cfg {head}"
+    return run_figures(runs, names, paths, subtitle, opts.visuals)
 
 
 def lr_range(sweep, best):
@@ -266,22 +268,24 @@ def holm(p_values):
     return adjusted
 
 
-def compare(rows, baseline):
-    """Each arm's best-vs-best comparison with the baseline arm on the final metric of the seeds that
-    finished: gap = mean - baseline mean (negative: lower metric, better), relative to the baseline,
-    Welch's t-test (None: fewer than 2 finished seeds on a side, no verdict), and whether it is
-    significant at ALPHA after Holm's correction over the arms tested. n: the seeds that finished,
-    of the seeds run (a diverged seed is a failure of its arm, not part of its mean)."""
-    base = rows.get(baseline, {})
+def compare(rows, baselines):
+    """Each arm's best-vs-best comparison with its baseline arm (baselines: {arm: the arm it is compared
+    with, or None}) on the final metric of the seeds that finished: gap = mean - baseline mean (negative:
+    lower metric, better), relative to the baseline, Welch's t-test (None: fewer than 2 finished seeds on
+    a side, no verdict), and whether it is significant at ALPHA after Holm's correction over the arms
+    tested. n: the seeds that finished, of the seeds run (a diverged seed is a failure of its arm, not
+    part of its mean)."""
     out = {}
     for arm, row in rows.items():
-        if arm == baseline or row.get("best_lr") is None:
+        baseline = baselines.get(arm)
+        if baseline is None or row.get("best_lr") is None:
             continue
+        base = rows[baseline]
         a, b = (r["final"]["values"] if "final" in r else [] for r in (row, base))
         gap = float(np.mean(a) - np.mean(b)) if a and b else None
-        out[arm] = dict(gap=gap, relative=None if gap is None else gap / float(np.mean(b)), n=(len(a), len(b)),
-                        of=(len(row["seeds"]), len(base.get("seeds", []))), test=welch(a, b), p_holm=None,
-                        significant=None)
+        out[arm] = dict(baseline=baseline, gap=gap, relative=None if gap is None else gap / float(np.mean(b)),
+                        n=(len(a), len(b)), of=(len(row["seeds"]), len(base.get("seeds", []))), test=welch(a, b),
+                        p_holm=None, significant=None)
     tested = [arm for arm, c in out.items() if c["test"]]
     for arm, p in zip(tested, holm([out[arm]["test"]["p"] for arm in tested])):
         out[arm].update(p_holm=p, significant=p < ALPHA)
@@ -298,11 +302,11 @@ def summarise_study(study):
         if "curves" in row and target is not None:
             reached = {s: steps_to(c, target) for s, c in row["curves"].items()}
             row["steps_to_target"] = dict(per_seed=reached, summary=summarise([v for v in reached.values() if v]))
-    baseline = "vanilla" if "vanilla" in rows else next(iter(rows))
+    baselines = {arm: baseline_of(arm, rows) for arm in rows}
     data = "the demo's shapes variant (random colour, size, position and rotation: class = shape alone)" \
         if study.data.demo else f"`{os.path.basename(study.data.path)}`"
     linked_from = os.path.dirname(os.path.abspath(o.readme)) if o.readme else os.getcwd()
-    return dict(metric=o.metric, data=data, target=target, baseline=baseline, gaps=compare(rows, baseline),
+    return dict(metric=o.metric, data=data, target=target, gaps=compare(rows, baselines),
                 target_source="--target" if o.target is not None else "the worst arm's final mean",
                 figure_dir=os.path.relpath(o.visuals, linked_from) if o.visuals else ".", alpha=ALPHA,
                 floor=study.floor, refused=study.refused, wall=study.wall, estimate_s=study.estimate_s,
@@ -346,14 +350,14 @@ def render_study(summary):
     return "\n".join([
         "### Does magnitude preservation help? Each arm at its own best learning rate", "",
         f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), batch "
-        f"{s['global_batch_size']}, v-prediction, on {summary['data']}. lr sweep: {s['sweep_points']} log-spaced "
-        f"values over {s['sweep_span']:g}x around train.py's default per arm (extended past an end holding the "
+        f"{s['global_batch_size']}, {objectives(rows)}, on {summary['data']}. lr sweep: {s['sweep_points']} "
+        f"log-spaced values over {s['sweep_span']:g}x around {centres(s)} (extended past an end holding the "
         f"best, up to {s['sweep_extend']} steps), {s['sweep_steps']} steps, seed {s['sweep_seed']}; the best lr "
-        f"by `{m}` of {s['eval_samples']} samples (DDIM-{s['sample_steps']}) against the validation half of the "
-        f"held-out images. Then seeds {s['seeds']} at that lr for {s['steps']} steps, evaluated every "
+        f"by `{m}` of {s['eval_samples']} samples ({samplers(rows, s['sample_steps'])}) against the validation half of "
+        f"the held-out images. Then seeds {s['seeds']} at that lr for {s['steps']} steps, evaluated every "
         f"{s['eval_every']} steps against the test half, which gives every number below. Cells: mean ± sample "
         f"standard deviation over the seeds that finished (a diverged seed is a failure of its arm); lower {m} "
-        f"is better. Each arm is compared with {summary['baseline']} by Welch's t-test (two-sided) on the final "
+        f"is better. Each arm is compared with {baselines(summary['gaps'])} by Welch's t-test (two-sided) on the final "
         f"{m}, significant when its p-value after Holm's correction over the arms compared is below {ALPHA:g}. "
         f"Real training images score {summary['floor']:.4g} against the test half (the floor).", "",
         *md_table(["arm", "best lr (train.py default)", "lr within 10% of best", f"final {m} ↓",
@@ -370,6 +374,31 @@ def render_study(summary):
         f"Wall time of the study: {wall['seconds'] / 3600:.2f} h over {wall['invocations']} invocation(s) with runs "
         f"to do (the last one estimated {'n/a' if est is None else f'{est / 3600:.1f} h'} before it started); "
         f"command: `{summary['command']}`.", ""])
+
+
+def objectives(rows):
+    flow = [arm for arm in rows if is_flow(arm)]
+    if not flow:
+        return "v-prediction"
+    return "flow matching (velocity)" if len(flow) == len(rows) else \
+        f"DDPM arms v-prediction, flow arms ({', '.join(flow)}) flow matching (velocity)"
+
+
+def samplers(arms, steps):
+    """The in-run and final scoring samplers of these arms: DDIM-steps for DDPM, Euler-steps for flow."""
+    kinds = {is_flow(arm) for arm in arms}
+    return " / ".join(f"{name}-{steps}" for flow, name in ((False, "DDIM"), (True, "Euler")) if flow in kinds)
+
+
+def centres(settings):
+    given = settings.get("sweep_around") or {}
+    return "train.py's default per arm" + (f" ({', '.join(f'{a} {lr:g}' for a, lr in given.items())} instead: "
+                                           "--sweep-around)" if given else "")
+
+
+def baselines(gaps):
+    pairs = dict.fromkeys(f"{arm} with {g['baseline']}" for arm, g in gaps.items())
+    return "; ".join(pairs) or "no other arm"
 
 
 def comparison(arm, base, g, metric, tested):
@@ -393,9 +422,9 @@ def comparison(arm, base, g, metric, tested):
 def findings(summary):
     """Plain sentences from the numbers: each best-vs-best comparison with the baseline and its test,
     divergences, sweeps whose best lr lies at an edge, and train.py's default lr against the evidence."""
-    m, base, out = summary["metric"], summary["baseline"], []
+    m, out = summary["metric"], []
     tested = sum(g["test"] is not None for g in summary["gaps"].values())
-    out += [comparison(arm, base, g, m, tested) for arm, g in summary["gaps"].items()]
+    out += [comparison(arm, g["baseline"], g, m, tested) for arm, g in summary["gaps"].items()]
     for arm, r in summary["rows"].items():
         diverged = [p["lr"] for p in r["sweep"] if p["status"] == "diverged"]
         if diverged:
@@ -464,7 +493,7 @@ def write_report(study):
     best = [(f"{arm} (lr {r['best_lr']:g}, seed {r['best_run']['seed']})", r["best_run"]["samples"]["1"]["npz"],
              r["best_run"]["run_dir"]) for arm, r in rows.items() if "best_run" in r]
     figures[2:] = run_figures(best, class_names(study.data.manifest, study.ctx.num_classes), figures[2:],
-                              f"the best run of each arm: same classes and noise, DDIM-{o.sample_steps}",
+                              f"the best run of each arm: same classes and noise, {samplers(rows, o.sample_steps)}",
                               o.visuals) if best else []
     if o.readme:
         head, tail = readme_parts(o.readme)

@@ -23,8 +23,12 @@ from experiments.evaluate import LOG, evaluate_run, say, training_record, write_
 from models import MP_SWITCHES
 
 
+FLOW = ["--objective", "flow"]
+
+
 def _configs():
-    """name -> (label, train.py flags): vanilla, each switch alone, all MP, all MP + rotation."""
+    """name -> (label, train.py flags): vanilla, each switch alone, all MP, all MP + rotation; vanilla
+    and all MP under flow matching."""
     configs = {"vanilla": ("DiT (vanilla)", []),
                "vanilla-lr1e-3": ("DiT (vanilla) at 10x DiT's learning rate", ["--lr", "1e-3"])}
     for switch in MP_SWITCHES:
@@ -36,7 +40,21 @@ def _configs():
         configs[name] = (label, flags)
     configs["mp"] = ("MaP-DiT (all MP switches)", ["--mp"])
     configs["mp-rotation"] = ("MaP-DiT + rotation-scale modulation", ["--mp", "--modulation", "rotation-scale"])
+    for name in ("vanilla", "mp"):  # the objective axis (issue #23): SiT's flow matching
+        configs[f"{name}-flow"] = (configs[name][0] + ", flow matching", configs[name][1] + FLOW)
     return configs
+
+
+def baseline_of(arm, arms):
+    """The arm an arm is compared with (None: itself the baseline, or no baseline among arms): vanilla-flow
+    for the other flow arms where it is among arms (MP's effect under flow), else vanilla (for
+    vanilla-flow: the objective's effect)."""
+    base = "vanilla-flow" if is_flow(arm) and arm != "vanilla-flow" and "vanilla-flow" in arms else "vanilla"
+    return base if base in arms and base != arm else None
+
+
+def is_flow(arm):
+    return CONFIGS[arm][1][-len(FLOW):] == FLOW
 
 
 CONFIGS = _configs()
@@ -64,14 +82,15 @@ def train_argv(opts, data, phase, arm, lr, seed):
     """train.py's arguments of one run: the grid's settings, flips as train.py's unless --hflip, logs and
     5 checkpoints scaled to the steps; with opts.metric, the in-run evaluation every --eval-every steps
     against the test half (full runs) or at the end against the validation half (sweep runs: the lr is
-    chosen on data the report does not use); last the arm's flags and --train-args."""
+    chosen on data the report does not use); last the arm's flags and --train-args. Flow arms predict the
+    velocity: no --prediction."""
     steps = job_steps(opts, phase)
     hflip = opts.hflip if opts.hflip is not None else not data.demo and data.manifest["kind"] == "pixel"
     argv = ["--data-path", data.path, "--results-dir", job_root(opts, phase, arm, lr, seed), "--model", opts.model,
             "--num-steps", str(steps), "--global-batch-size", str(opts.global_batch_size), "--seed", str(seed),
             "--log-every", str(max(1, min(50, steps // 10))), "--monitor-every", str(max(1, steps // 15)),
-            "--ckpt-every", str(max(1, -(-steps // 5))), "--num-workers", "0", "--hflip" if hflip else "--no-hflip",
-            "--prediction", opts.prediction] + ([] if lr is None else ["--lr", repr(lr)])
+            "--ckpt-every", str(max(1, -(-steps // 5))), "--num-workers", "0", "--hflip" if hflip else "--no-hflip"]
+    argv += ([] if is_flow(arm) else ["--prediction", opts.prediction]) + ([] if lr is None else ["--lr", repr(lr)])
     if opts.metric:
         argv += ["--sample-every", "0", "--no-progress", "--eval-every", str(opts.eval_every if phase == "full" else steps),
                  "--eval-samples", str(opts.eval_samples), "--eval-metrics", opts.metric, "--eval-reference",

@@ -59,6 +59,9 @@ def build_parser():
     g.add_argument("--sweep-span", type=float, default=1000.0,
                    help="highest / lowest lr of the sweep, log-spaced around train.py's default for the arm "
                    "(default 1000: half-decade steps from default x 10^-1.5 to x 10^1.5)")
+    g.add_argument("--sweep-around", nargs="+", default=[], metavar="ARM=LR",
+                   help="centre an arm's sweep on LR instead of train.py's default, e.g. vanilla=3.16e-3 (a best "
+                   "lr known from an earlier study, so that fewer --sweep-points bracket it)")
     g.add_argument("--sweep-steps", type=at_least(1), help="steps of each sweep run (default: the profile's)")
     g.add_argument("--sweep-extend", type=at_least(0), default=2, metavar="N",
                    help="sweep up to N steps past an end that holds the best lr (default 2; 0 = never)")
@@ -85,12 +88,30 @@ def parse(argv):
                           "the run it reports")
     if not 1 <= opts.sweep_span < math.inf or (opts.sweep_points > 1 and opts.sweep_span == 1):
         raise UsageError("--sweep-span must be finite, and above 1 for more than one point")
+    opts.sweep_around = parse_centres(opts.sweep_around, opts.arms)
     if opts.readme:
         readme_parts(opts.readme)  # refuses a file without the report's block
     # what the grid runner and experiments/evaluate.py's scoring read: fixed here, as ablate.py's defaults
     opts.cfg_scales, opts.sample_seed, opts.loss_batch, opts.eval_batch_size = [1.0], 0, 256, 250
     opts.inception_weights, opts.prediction, opts.hflip = None, "v", None
     return opts
+
+
+def parse_centres(pairs, arms):
+    """{arm: lr} of --sweep-around ARM=LR ...; UsageError for an arm not in --arms or an lr that is not
+    a positive finite number."""
+    centres = {}
+    for pair in pairs:
+        arm, _, lr = pair.partition("=")
+        try:
+            value = float(lr)
+        except ValueError:
+            value = math.nan
+        if arm not in arms or not 0 < value < math.inf:
+            raise UsageError(f"--sweep-around {pair}: give ARM=LR with ARM one of --arms ({' '.join(arms)}) and "
+                             "LR a positive number")
+        centres[arm] = value
+    return centres
 
 
 def sweep_lrs(default, points, span):
@@ -106,14 +127,14 @@ def grid_lr(default, points, span, i):
 def edge_lr(opts, arm_plan, best):
     """The next lr past the end of the arm's sweep that holds its best, while fewer than --sweep-extend
     points lie past the original grid there, else None (a diverged point is never best: it stops)."""
-    grid, lrs = sweep_lrs(arm_plan["default_lr"], opts.sweep_points, opts.sweep_span), arm_plan["lrs"]
+    grid, lrs = sweep_lrs(arm_plan["centre"], opts.sweep_points, opts.sweep_span), arm_plan["lrs"]
     if best is None or len(grid) < 2:
         return None
     above, below = sum(lr > max(grid) for lr in lrs), sum(lr < min(grid) for lr in lrs)
     if best == max(lrs) and above < opts.sweep_extend:
-        return grid_lr(arm_plan["default_lr"], opts.sweep_points, opts.sweep_span, len(grid) + above)
+        return grid_lr(arm_plan["centre"], opts.sweep_points, opts.sweep_span, len(grid) + above)
     if best == min(lrs) and below < opts.sweep_extend:
-        return grid_lr(arm_plan["default_lr"], opts.sweep_points, opts.sweep_span, -1 - below)
+        return grid_lr(arm_plan["centre"], opts.sweep_points, opts.sweep_span, -1 - below)
     return None
 
 
@@ -136,8 +157,9 @@ def make_plan(opts, data):
     accepted, refused = accepted_arms(opts, data, opts.arms, "sweep")
     plan = {}
     for arm, args in accepted.items():
-        check_reach(opts, args.lr)
-        plan[arm] = dict(default_lr=args.lr, lrs=sweep_lrs(args.lr, opts.sweep_points, opts.sweep_span))
+        centre = opts.sweep_around.get(arm, args.lr)
+        check_reach(opts, centre)
+        plan[arm] = dict(default_lr=args.lr, centre=centre, lrs=sweep_lrs(centre, opts.sweep_points, opts.sweep_span))
     return plan, refused
 
 
@@ -186,7 +208,8 @@ def announce(opts, data, plan):
         pending_full = sum(not os.path.isfile(final_checkpoint(d, opts.steps)) for d in run_dirs)
     seconds, words = estimate(opts, pending_sweep, pending_full)
     for arm, p in plan.items():
-        say(f"{arm}: sweep lr {' '.join(f'{lr:g}' for lr in p['lrs'])} (train.py's default {p['default_lr']:g})")
+        say(f"{arm}: sweep lr {' '.join(f'{lr:g}' for lr in p['lrs'])} (train.py's default {p['default_lr']:g}"
+            + (f"; centred on {p['centre']:g}, --sweep-around)" if p["centre"] != p["default_lr"] else ")"))
     say(f"expected duration: {'unknown' if seconds is None else f'{seconds / 3600:.1f} h'} ({words}; "
         f"plus one sweep run per step an arm's sweep is extended past an edge best, --sweep-extend)")
     return seconds

@@ -77,7 +77,7 @@ def test_best_lr_is_the_lowest_metric_of_the_runs_that_finished():
 def test_a_best_lr_at_an_edge_extends_the_sweep_one_half_decade_at_a_time(tmp_path):
     opts = study.parse(["--results-dir", str(tmp_path), "--sweep-points", "3", "--sweep-span", "10",
                         "--sweep-extend", "2"])
-    arm = dict(default_lr=1e-2, lrs=[0.00316, 0.01, 0.0316])
+    arm = dict(default_lr=1e-2, centre=1e-2, lrs=[0.00316, 0.01, 0.0316])
     assert study.edge_lr(opts, arm, 0.01) is None  # inside: nothing to extend
     assert study.edge_lr(opts, arm, 0.0316) == 0.1 and study.edge_lr(opts, arm, 0.00316) == 0.001
     arm["lrs"] = [0.00316, 0.01, 0.0316, 0.1, 0.316]
@@ -86,7 +86,7 @@ def test_a_best_lr_at_an_edge_extends_the_sweep_one_half_decade_at_a_time(tmp_pa
     assert study.edge_lr(opts, arm, 0.1) is None  # 0.316 beyond it was worse (or diverged): stop
     assert study.edge_lr(opts, arm, None) is None  # every run diverged
     opts.sweep_extend = 0
-    assert study.edge_lr(opts, dict(default_lr=1e-2, lrs=[0.00316, 0.01, 0.0316]), 0.0316) is None
+    assert study.edge_lr(opts, dict(default_lr=1e-2, centre=1e-2, lrs=[0.00316, 0.01, 0.0316]), 0.0316) is None
 
 
 def test_lr_range_is_the_contiguous_run_within_10_percent_of_the_best():
@@ -138,7 +138,7 @@ def test_compare_tests_each_arm_and_gives_no_verdict_from_one_seed():
     rows = {"vanilla": arm_row([10.0, 10.5, 9.5]), "mp": arm_row([8.0, 8.5, 7.5]), "wn": arm_row([9.5, 10.5, 8.5]),
             "one": arm_row([30.0], diverged=[1, 2]), "none": arm_row([], diverged=[0])}
     del rows["none"]["final"]  # what arm_summary writes when no seed finished
-    gaps = study_report.compare(rows, "vanilla")
+    gaps = study_report.compare(rows, dict.fromkeys(["mp", "wn", "one", "none"], "vanilla"))
     # mp: gap -2 with v = 1/12 a side: t = -2 / sqrt(1/6), df 4, the closed-form p as above (0.008);
     # Holm over the 2 arms tested (mp, wn) doubles the smaller p
     mp, t = gaps["mp"], -2 / math.sqrt(1 / 6)
@@ -151,7 +151,7 @@ def test_compare_tests_each_arm_and_gives_no_verdict_from_one_seed():
     one = gaps["one"]
     assert one["n"] == (1, 3) and one["of"] == (3, 3) and one["test"] is None and one["significant"] is None
     assert gaps["none"]["gap"] is None and gaps["none"]["test"] is None
-    text = "\n".join(study_report.findings(dict(metric="fd", baseline="vanilla", gaps=gaps, refused={},
+    text = "\n".join(study_report.findings(dict(metric="fd", gaps=gaps, refused={},
                                                  rows={arm: dict(r, sweep=[]) for arm, r in rows.items()})))
     assert "one vs vanilla, each at its best lr: fd 200.0% higher (worse) (gap +20, finished seeds 1/3 vs 3/3); " \
            "no verdict: fewer than 2 finished seeds on a side." in text
@@ -162,9 +162,32 @@ def test_compare_tests_each_arm_and_gives_no_verdict_from_one_seed():
     assert "one: the full runs of seeds [1, 2] (of [0, 1, 2]) diverged: a failure of the arm" in text
     assert "none vs vanilla, each at its best lr: no comparison (finished seeds 0/1 vs 3/3)." in text
     # the case of the old rule: one seed each, 30.0 against 29.9, read as exceeding a spread of 0
-    gaps = study_report.compare({"vanilla": arm_row([30.0]), "mp": arm_row([29.9])}, "vanilla")
+    gaps = study_report.compare({"vanilla": arm_row([30.0]), "mp": arm_row([29.9])}, {"mp": "vanilla"})
     assert gaps["mp"]["test"] is None and gaps["mp"]["significant"] is None
     assert summarise([30.0])["std"] is None  # one value has no spread, not a spread of 0
+
+
+def test_each_arm_is_compared_with_the_vanilla_arm_of_its_objective(tmp_path):
+    arms = ["vanilla", "mp", "vanilla-flow", "mp-flow"]
+    assert {arm: runner.baseline_of(arm, arms) for arm in arms} == {
+        "vanilla": None, "mp": "vanilla", "vanilla-flow": "vanilla", "mp-flow": "vanilla-flow"}
+    assert runner.baseline_of("mp-flow", ["vanilla", "mp-flow"]) == "vanilla"  # no vanilla flow arm to hold fixed
+    assert runner.baseline_of("mp-flow", ["mp-flow"]) is None
+    rows = {"vanilla": arm_row([10.0, 11.0]), "vanilla-flow": arm_row([8.0, 9.0]), "mp-flow": arm_row([4.0, 5.0])}
+    gaps = study_report.compare(rows, {arm: runner.baseline_of(arm, rows) for arm in rows})
+    assert (gaps["vanilla-flow"]["baseline"], gaps["vanilla-flow"]["gap"]) == ("vanilla", -2.0)
+    assert (gaps["mp-flow"]["baseline"], gaps["mp-flow"]["gap"]) == ("vanilla-flow", -4.0)
+
+
+def test_flow_arms_train_the_flow_objective_and_sweep_around_a_given_centre(tmp_path, data):
+    opts = study.parse(data + ["--results-dir", str(tmp_path / "r"), "--arms", "vanilla", "mp-flow",
+                               "--sweep-points", "3", "--sweep-span", "10", "--sweep-around", "mp-flow=0.0316"])
+    plan, refused = study.make_plan(opts, study.study_data(opts))
+    assert not refused and plan["vanilla"]["lrs"] == [3.16e-5, 1e-4, 3.16e-4]  # train.py's default, 1e-4
+    assert plan["mp-flow"] == dict(default_lr=1e-2, centre=0.0316, lrs=[0.00999, 0.0316, 0.0999])
+    for bad in (["--sweep-around", "mp=0.1"], ["--sweep-around", "vanilla=0"], ["--sweep-around", "vanilla"]):
+        with pytest.raises(study.UsageError, match="--sweep-around"):
+            study.parse(data + ["--arms", "vanilla", "mp-flow"] + bad)
 
 
 def test_default_study_fits_the_cpu_budget_and_other_models_are_unknown(tmp_path):
@@ -253,14 +276,16 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
     out = tmp_path / "study"
     readme = tmp_path / "README.md"
     readme.write_text(f"# before\n{study_report.README_START}\nold\n{study_report.README_END}\nafter\n")
-    argv = data + TINY + ["--results-dir", str(out), "--arms", "vanilla", "mp", "--sweep-points", "2",
+    # MaP-DiT under flow matching against vanilla DDPM: both objectives through the whole study
+    argv = data + TINY + ["--results-dir", str(out), "--arms", "vanilla", "mp-flow", "--sweep-points", "2",
                           "--sweep-extend", "0", "--sweep-span", "10", "--sweep-steps", "2", "--steps", "4", "--eval-every", "2",
                           "--seeds", "1", "2", "--visuals", str(tmp_path / "visuals"), "--readme", str(readme)]
     calls = count_training(monkeypatch)
     assert study.main(argv) == 0
     assert len(calls) == 2 * 2 + 2 * 2  # 2 arms x 2 lrs, then 2 arms x 2 seeds
+    assert {(a.objective, a.prediction) for a in calls} == {("ddpm", "v"), ("flow", "velocity")}
     summary = json.loads((out / "study.json").read_text())
-    for arm, default in (("vanilla", 1e-4), ("mp", 1e-2)):
+    for arm, default in (("vanilla", 1e-4), ("mp-flow", 1e-2)):
         row = summary["rows"][arm]
         sweep = {}
         for lr in study.sweep_lrs(default, 2, 10):  # the sweep runs' own records pick the best
@@ -273,7 +298,9 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
         assert math.isfinite(row["final"]["mean"]) and row["final"]["n"] == 2
         assert row["parameters"] > 0 and row["step_time_s"]["n"] == 2
     report = (out / "study.md").read_text()
-    for needle in ("| vanilla |", "| mp |", "lr within 10% of best", "steps to fd_classifier", "mp vs vanilla",
+    for needle in ("| vanilla |", "| mp-flow |", "lr within 10% of best", "steps to fd_classifier",
+                   "mp-flow vs vanilla",
+                   "flow arms (mp-flow) flow matching (velocity)", "(DDIM-2 / Euler-2)",
                    "by Welch's t-test (two-sided)", "Holm's correction", "of 12 samples from fixed noise",
                    "against the validation half", "against the test half",
                    "(visuals/study_curves.png)"):  # relative to the --readme file, which links them
