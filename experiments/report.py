@@ -357,8 +357,9 @@ def render_study(summary):
         f"the held-out images. Then seeds {s['seeds']} at that lr for {s['steps']} steps, evaluated every "
         f"{s['eval_every']} steps against the test half, which gives every number below. Cells: mean ± sample "
         f"standard deviation over the seeds that finished (a diverged seed is a failure of its arm); lower {m} "
-        f"is better. Each arm is compared with {baselines(summary['gaps'])} by Welch's t-test (two-sided) on the final "
-        f"{m}, significant when its p-value after Holm's correction over the arms compared is below {ALPHA:g}. "
+        f"is better. Each arm is compared with its baseline ({baselines(summary['gaps'])}) by Welch's t-test "
+        f"(two-sided) on the final {m}, significant when its p-value after Holm's correction over the arms "
+        f"compared is below {ALPHA:g}. "
         f"Real training images score {summary['floor']:.4g} against the test half (the floor).", "",
         *md_table(["arm", "best lr (train.py default)", "lr within 10% of best", f"final {m} ↓",
                    f"steps to {m} ≤ {target}", *score_columns("FD"), "seeds"], table),
@@ -397,6 +398,7 @@ def centres(settings):
 
 
 def baselines(gaps):
+    """Which arm each arm of gaps (compare's) is tested against: 'mp with vanilla; mp-flow with vanilla-flow'."""
     pairs = dict.fromkeys(f"{arm} with {g['baseline']}" for arm, g in gaps.items())
     return "; ".join(pairs) or "no other arm"
 
