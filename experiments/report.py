@@ -12,7 +12,8 @@ from scipy import stats
 import plots
 from cli import UsageError
 from experiments.evaluate import md_table, say, summarise, write_json, write_text
-from experiments.runner import baseline_of, is_flow
+from experiments.runner import baseline_of, is_flow, objective_of
+from sampling import GRID_SAMPLER
 
 FIGURE_COLUMNS = 8
 FIGURES = (("metric against step", "study_curves.png"), ("final metric against lr", "study_sweep.png"),
@@ -28,6 +29,7 @@ ABLATION_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "num_steps", 
 STUDY_SETTINGS = ("profile", "model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps",
                   "sweep_seed", "sweep_points", "sweep_span", "sweep_extend", "steps", "seeds", "eval_every",
                   "eval_samples", "sample_steps", "samples_per_class", "parallel", "threads", "sweep_around")
+SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler"}  # as the papers write them
 SCORE_COLUMNS = ("{fd} ↓", "class consistency % ↑", "EMA held-out loss ↓", "parameters", "s/step")
 
 
@@ -386,9 +388,10 @@ def objectives(rows):
 
 
 def samplers(arms, steps):
-    """The in-run and final scoring samplers of these arms: DDIM-steps for DDPM, Euler-steps for flow."""
-    kinds = {is_flow(arm) for arm in arms}
-    return " / ".join(f"{name}-{steps}" for flow, name in ((False, "DDIM"), (True, "Euler")) if flow in kinds)
+    """The in-run and final scoring samplers of these arms, the sampling.GRID_SAMPLER of their objectives
+    (DDPM's first): 'DDIM-25 / Euler-25'."""
+    used = dict.fromkeys(GRID_SAMPLER[objective_of(arm)] for arm in sorted(arms, key=is_flow))
+    return " / ".join(f"{SAMPLER_NAMES.get(name, name)}-{steps}" for name in used)
 
 
 def centres(settings):

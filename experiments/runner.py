@@ -53,8 +53,14 @@ def baseline_of(arm, arms):
     return base if base in arms and base != arm else None
 
 
+def objective_of(arm):
+    """The training objective the arm's flags ask train.py for: "flow" or train.py's default "ddpm"."""
+    flags = CONFIGS[arm][1]
+    return flags[flags.index("--objective") + 1] if "--objective" in flags else "ddpm"
+
+
 def is_flow(arm):
-    return CONFIGS[arm][1][-len(FLOW):] == FLOW
+    return objective_of(arm) == "flow"
 
 
 CONFIGS = _configs()
