@@ -38,8 +38,6 @@ def build_parser():
                    "per configuration, 1e-4 vanilla, 1e-2 with weight normalisation)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction,
                    help="random flips (default as train.py: on for pixel datasets, off for latents and the demo)")
-    g.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0], metavar="S",
-                   help="guidance scales to score; the first is the headline (default 1.0 = conditional only)")
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the sample noise, the same for every run")
     g.add_argument("--loss-batch", type=at_least(1), default=256, help="held-out items for the EMA loss (default 256)")
     g.add_argument("--eval-batch-size", type=at_least(1), default=250, help="samples per model batch (default 250)")
@@ -62,8 +60,6 @@ def parse(argv):
     if unknown:
         raise UsageError(f"--configs: {', '.join(unknown)} not in grid {opts.grid!r} ({', '.join(grid)})")
     opts.configs = [c for c in grid if c in (opts.configs or grid)]
-    if any(s < 0 for s in opts.cfg_scales):
-        raise UsageError("--cfg-scales must be >= 0")
     for name in opts.compare:
         if name not in CONFIGS:
             raise UsageError(f"--compare: unknown configuration {name!r} (known: {', '.join(CONFIGS)})")

@@ -28,7 +28,7 @@ ABLATION_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "num_steps", 
                      "train_args", "cfg_scales", "samples_per_class", "sample_seed", "parallel")
 STUDY_SETTINGS = ("profile", "model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps",
                   "sweep_seed", "sweep_points", "sweep_span", "sweep_extend", "steps", "seeds", "eval_every",
-                  "eval_samples", "sample_steps", "samples_per_class", "parallel", "threads", "sweep_around")
+                  "eval_samples", "sample_steps", "samples_per_class", "cfg_scales", "parallel", "threads", "sweep_around")
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler"}  # as the papers write them
 SCORE_COLUMNS = ("{fd} ↓", "class consistency % ↑", "EMA held-out loss ↓", "parameters", "s/step")
 
@@ -79,10 +79,10 @@ def seeds_cell(row):
         f", {k}: {row[k]}" for k in ("diverged", "missing") if row[k])
 
 
-def score_notes(fd, n_samples, reference, parallel):
+def score_notes(fd, n_samples, reference, parallel, scale):
     """What SCORE_COLUMNS were computed from, as a markdown bullet (experiments/README.md defines them)."""
     return [f"- **{fd}** and **class consistency**: in the features of feature_nets.py's small classifier, of "
-            f"{n_samples} samples from fixed noise against {reference} (real images score the floor). **EMA held-out "
+            f"{n_samples} samples at cfg {scale} from fixed noise against {reference} (real images score the floor). **EMA held-out "
             f"loss**: fixed held-out images, timesteps and noise. **s/step**: {parallel} run(s) at once."]
 
 
@@ -90,21 +90,24 @@ def run_figures(runs, names, paths, subtitle, visuals):
     """runs: [(title, samples .npz, run_dir)] side by side: their samples (same classes and noise) at
     paths[0] when names (a pixel dataset's class names) are given, one row per class; their magnitudes
     at paths[1] when monitored; copied to visuals. Returns the paths written."""
-    written = []
-    if names:
-        blocks = []
-        for _, path, _ in runs:
-            with np.load(path) as npz:
-                images, labels = npz["arr_0"], npz["labels"]
-            blocks.append([images[np.flatnonzero(labels == k)[:FIGURE_COLUMNS]] for k in range(len(names))])
-        plots.compare_samples(blocks, [t for t, _, _ in runs], names, paths[0], subtitle)
-        written.append(paths[0])
+    written = [samples_figure(runs, names, paths[0], subtitle)] if names else []
     records = [(t, plots.read_metrics(os.path.join(run_dir, "metrics.jsonl"))) for t, _, run_dir in runs]
     if all(any("act_rms" in rec for rec in run) for _, run in records):
         plots.compare_magnitudes(records, paths[1])
         written.append(paths[1])
     copy_to(visuals, written)
     return written
+
+
+def samples_figure(runs, names, path, subtitle):
+    """runs' samples (.npz of pixel images, same classes and noise) side by side, a row per class name."""
+    blocks = []
+    for _, npz_path, _ in runs:
+        with np.load(npz_path) as npz:
+            images, labels = npz["arr_0"], npz["labels"]
+        blocks.append([images[np.flatnonzero(labels == k)[:FIGURE_COLUMNS]] for k in range(len(names))])
+    plots.compare_samples(blocks, [t for t, _, _ in runs], names, path, subtitle)
+    return path
 
 
 def copy_to(visuals, paths):
@@ -175,17 +178,14 @@ def render_table(summary):
              "Cells: mean ± sample standard deviation over the seeds that finished; ↓ lower is better, ↑ higher.", "",
              *md_table(["configuration", "train.py flags", f"optimiser (lr) [{lr_source}]", "final train loss",
                         *score_columns(fd), "FID-Inception ↓", "seeds"], rows)]
-    for scale in s["cfg_scales"][1:]:
-        lines += ["", f"With classifier-free guidance, cfg {scale:g} (all channels):", "",
-                  *md_table(["configuration", f"{fd} ↓", "class consistency % ↑", "FID-Inception ↓"],
-                            [[r["config"], *sample_cells(r["summary"][f"cfg{scale:g}"])]
-                             for r in summary["rows"] if "summary" in r])]
+    lines += guided_tables({r["config"]: r["summary"] for r in summary["rows"] if "summary" in r},
+                           [f"{scale:g}" for scale in s["cfg_scales"][1:]], fd)
     c = summary["classifier"]
     return "\n".join(lines + [
         "", "Columns (experiments/README.md defines them): the optimiser is train.py's per configuration unless "
         "`--lr` was given, so the MP configurations differ in recipe, not only in layers.",
         *score_notes(fd, s["num_samples"], f"{c['reference_items']} held-out real images (the classifier: "
-                     f"{c['train_items']} training images, held-out accuracy {100 * c['accuracy']:.1f}%)", s["parallel"]),
+                     f"{c['train_items']} training images, held-out accuracy {100 * c['accuracy']:.1f}%)", s["parallel"], head),
         "- **FID-Inception**: against the same held-out images" + (f"; {summary['fid_note']}." if summary["fid_note"]
                                                                    else "."),
         f"- Held-out data: {s['heldout']}.", ""])
@@ -229,8 +229,9 @@ def steps_to(curve, target):
     return next((step for step, value in curve if value <= target), None)
 
 
-def arm_summary(arm, plan, sweep, best, runs):
-    """One arm's numbers: sweep, best lr and its range, full runs aggregated over seeds."""
+def arm_summary(arm, plan, sweep, best, runs, scales):
+    """One arm's numbers: sweep, best lr and its range, full runs aggregated over seeds (their sample
+    scores at each guidance scale of `scales`, as "1")."""
     row = dict(arm=arm, label=runs[0].get("label", arm) if runs else arm, default_lr=plan["default_lr"],
                sweep=[dict(lr=r["lr"], status=r["status"], final=r.get("final"), message=r.get("message"))
                       for r in sweep], best_lr=best)
@@ -241,7 +242,7 @@ def arm_summary(arm, plan, sweep, best, runs):
     ok, seeds = seed_status(runs)
     row.update(seeds)
     if ok:
-        row.update(scores(ok, ["1"]), fd_network=ok[0]["samples"]["1"]["fd_network"],
+        row.update(scores(ok, scales), fd_network=ok[0]["samples"][scales[0]]["fd_network"],
                    final=summarise([r["final"] for r in ok]), curves={r["seed"]: r["curve"] for r in ok},
                    best_run=min(ok, key=lambda r: r["final"]))
     return row
@@ -270,33 +271,42 @@ def holm(p_values):
     return adjusted
 
 
-def compare(rows, baselines):
+def compare(rows, baselines, scales=()):
     """Each arm's best-vs-best comparison with its baseline arm (baselines: {arm: the arm it is compared
-    with, or None}) on the final metric of the seeds that finished: gap = mean - baseline mean (negative:
-    lower metric, better), relative to the baseline, Welch's t-test (None: fewer than 2 finished seeds on
-    a side, no verdict), and whether it is significant at ALPHA after Holm's correction over the arms
-    tested. n: the seeds that finished, of the seeds run (a diverged seed is a failure of its arm, not
-    part of its mean)."""
+    with, or None}) on the seeds that finished: on the final in-run metric (keyed by arm) and, for each
+    guidance scale s of `scales` (as "4"), on the FD of the final samples at cfg s (keyed "ARM at cfg s").
+    gap = mean - baseline mean (negative: lower, better), relative to the baseline, Welch's t-test (None:
+    fewer than 2 finished seeds on a side, no verdict), and whether it is significant at ALPHA after
+    Holm's correction over every comparison tested. n: the seeds that finished, of the seeds run (a
+    diverged seed is a failure of its arm, not part of its mean)."""
+    def values(row, scale):
+        if scale is None:
+            return row["final"]["values"] if "final" in row else []
+        fd = (row.get(f"cfg{scale}") or {}).get("fd")
+        return fd["values"] if fd else []
     out = {}
-    for arm, row in rows.items():
-        baseline = baselines.get(arm)
-        if baseline is None or row.get("best_lr") is None:
-            continue
-        base = rows[baseline]
-        a, b = (r["final"]["values"] if "final" in r else [] for r in (row, base))
-        gap = float(np.mean(a) - np.mean(b)) if a and b else None
-        out[arm] = dict(baseline=baseline, gap=gap, relative=None if gap is None else gap / float(np.mean(b)),
-                        n=(len(a), len(b)), of=(len(row["seeds"]), len(base.get("seeds", []))), test=welch(a, b),
-                        p_holm=None, significant=None)
-    tested = [arm for arm, c in out.items() if c["test"]]
-    for arm, p in zip(tested, holm([out[arm]["test"]["p"] for arm in tested])):
-        out[arm].update(p_holm=p, significant=p < ALPHA)
+    for scale in (None, *scales):
+        for arm, row in rows.items():
+            baseline = baselines.get(arm)
+            if baseline is None or row.get("best_lr") is None:
+                continue
+            base = rows[baseline]
+            a, b = values(row, scale), values(base, scale)
+            gap = float(np.mean(a) - np.mean(b)) if a and b else None
+            out[arm if scale is None else f"{arm} at cfg {scale}"] = dict(
+                arm=arm, scale=scale, baseline=baseline, gap=gap, relative=None if gap is None else gap / float(np.mean(b)),
+                n=(len(a), len(b)), of=(len(row["seeds"]), len(base.get("seeds", []))), test=welch(a, b),
+                p_holm=None, significant=None)
+    tested = [key for key, c in out.items() if c["test"]]
+    for key, p in zip(tested, holm([out[key]["test"]["p"] for key in tested])):
+        out[key].update(p_holm=p, significant=p < ALPHA)
     return out
 
 
 def summarise_study(study):
     o = study.opts
-    rows = {arm: arm_summary(arm, study.plan[arm], study.sweeps[arm], study.best[arm], study.fulls[arm])
+    scales = [f"{s:g}" for s in o.cfg_scales]
+    rows = {arm: arm_summary(arm, study.plan[arm], study.sweeps[arm], study.best[arm], study.fulls[arm], scales)
             for arm in study.plan}
     finals = [r["final"]["mean"] for r in rows.values() if "final" in r]
     target = o.target if o.target is not None else (max(finals) if finals else None)
@@ -308,7 +318,8 @@ def summarise_study(study):
     data = "the demo's shapes variant (random colour, size, position and rotation: class = shape alone)" \
         if study.data.demo else f"`{os.path.basename(study.data.path)}`"
     linked_from = os.path.dirname(os.path.abspath(o.readme)) if o.readme else os.getcwd()
-    return dict(metric=o.metric, data=data, target=target, gaps=compare(rows, baselines),
+    guided = [s for s in scales if s != "1"]
+    return dict(metric=o.metric, data=data, target=target, gaps=compare(rows, baselines, guided), scales=scales,
                 target_source="--target" if o.target is not None else "the worst arm's final mean",
                 figure_dir=os.path.relpath(o.visuals, linked_from) if o.visuals else ".", alpha=ALPHA,
                 floor=study.floor, refused=study.refused, wall=study.wall, estimate_s=study.estimate_s,
@@ -326,7 +337,7 @@ def _sweep_cell(point):
 
 
 def render_study(summary):
-    s, m, rows = summary["settings"], summary["metric"], summary["rows"]
+    s, m, rows, head = summary["settings"], summary["metric"], summary["rows"], summary["scales"][0]
     target = "n/a" if summary["target"] is None else format(summary["target"], ".4g")
     table = []
     for arm, r in rows.items():
@@ -343,7 +354,7 @@ def render_study(summary):
         reach = r.get("steps_to_target", {})
         n_reached = sum(v is not None for v in reach.get("per_seed", {}).values())
         table.append([arm, lr, span, _cell(r["final"]), f"{_cell(reach.get('summary'), '.0f')} ({n_reached}/"
-                      f"{len(r['seeds_ok'])} seeds)", *score_cells(r, "1"), seeds_cell(r)])
+                      f"{len(r['seeds_ok'])} seeds)", *score_cells(r, head), seeds_cell(r)])
     columns = max(len(r["sweep"]) for r in rows.values())
     sweeps = [[arm] + [f"{p['lr']:g}: " + (f"**{_sweep_cell(p)}**" if p["lr"] == r["best_lr"] else _sweep_cell(p))
                        for p in sorted(r["sweep"], key=lambda p: p["lr"])] for arm, r in rows.items()]
@@ -360,23 +371,47 @@ def render_study(summary):
         f"{s['eval_every']} steps against the test half, which gives every number below. Cells: mean ± sample "
         f"standard deviation over the seeds that finished (a diverged seed is a failure of its arm); lower {m} "
         f"is better. Each arm is compared with its baseline ({baselines(summary['gaps'])}) by Welch's t-test "
-        f"(two-sided) on the final {m}, significant when its p-value after Holm's correction over the arms "
-        f"compared is below {ALPHA:g}. "
+        f"(two-sided) on the final {m}{guided_tests(summary['scales'])}, significant when its p-value after Holm's "
+        f"correction over every comparison is below {ALPHA:g}. "
         f"Real training images score {summary['floor']:.4g} against the test half (the floor).", "",
         *md_table(["arm", "best lr (train.py default)", "lr within 10% of best", f"final {m} ↓",
-                   f"steps to {m} ≤ {target}", *score_columns("FD"), "seeds"], table),
+                   f"steps to {m} ≤ {target}", *score_columns(f"FD, cfg {head}"), "seeds"], table),
+        *guided_tables(rows, summary["scales"][1:]),
         "", f"The lr sweeps (final `{m}` after {s['sweep_steps']} steps; **bold** = best):", "",
         *md_table(["arm"] + [f"lr {i + 1}" for i in range(columns)], [r + [""] * (columns + 1 - len(r)) for r in sweeps]),
         "", "What the data shows:", "", *[f"- {line}" for line in findings(summary)], "",
-        *[f"![{alt}]({os.path.join(summary['figure_dir'], name)})\n" for alt, name in FIGURES],
+        *[f"![{alt}]({os.path.join(summary['figure_dir'], name)})\n" for alt, name in study_figures(summary["scales"])],
         "Columns, at the end of each full run:", "",
-        *score_notes(f"FD ({fd})", s["num_classes"] * s["samples_per_class"], "the test half", s["parallel"]),
+        *score_notes(f"FD ({fd})", s["num_classes"] * s["samples_per_class"], "the test half", s["parallel"], head),
         "- **lr within 10% of best**: the contiguous sweep points around the best whose final metric is at most "
         f"1.1x the best's. **steps to**: the first evaluation at or below the target ({summary['target_source']}), "
         "mean over the seeds that reached it.", "",
         f"Wall time of the study: {wall['seconds'] / 3600:.2f} h over {wall['invocations']} invocation(s) with runs "
         f"to do (the last one estimated {'n/a' if est is None else f'{est / 3600:.1f} h'} before it started); "
         f"command: `{summary['command']}`.", ""])
+
+
+def guided_tests(scales):
+    """The comparisons beyond the in-run metric, for the report's method sentence."""
+    guided = [s for s in scales if s != "1"]
+    return f" and on the FD of the final samples at cfg {', '.join(guided)}" if guided else ""
+
+
+def guided_tables(rows, scales, fd="FD"):
+    """A table per further guidance scale (as "4"): each row's ({name: scores()}) FD, class consistency and
+    FID of its final samples at that scale."""
+    lines = []
+    for scale in scales:
+        cells = [[name, *sample_cells(r[f"cfg{scale}"])] for name, r in rows.items() if f"cfg{scale}" in r]
+        lines += ["", f"The same runs' final samples with classifier-free guidance (all channels) at cfg {scale}, "
+                  "the same classes and noise:", "", *md_table(["", f"{fd} ↓", "class consistency % ↑",
+                                                                "FID-Inception ↓"], cells)]
+    return lines
+
+
+def study_figures(scales):
+    """(alt text, file name) of the report's figures: FIGURES, and the samples at each further scale."""
+    return [*FIGURES, *((f"samples of the best runs at cfg {s}", f"study_samples_cfg{s}.png") for s in scales[1:])]
 
 
 def objectives(rows):
@@ -402,13 +437,14 @@ def centres(settings):
 
 def baselines(gaps):
     """Which arm each arm of gaps (compare's) is tested against: 'mp with vanilla; mp-flow with vanilla-flow'."""
-    pairs = dict.fromkeys(f"{arm} with {g['baseline']}" for arm, g in gaps.items())
+    pairs = dict.fromkeys(f"{g['arm']} with {g['baseline']}" for g in gaps.values())
     return "; ".join(pairs) or "no other arm"
 
 
-def comparison(arm, base, g, metric, tested):
+def comparison(g, metric, tested):
     """The finding of one best-vs-best comparison (g: an entry of compare; tested: how many had a test)."""
-    head = f"{arm} vs {base}, each at its best lr"
+    head = f"{g['arm']} vs {g['baseline']}, each at its best lr"
+    metric = metric if g["scale"] is None else f"FD at cfg {g['scale']}"
     seeds = f"finished seeds {g['n'][0]}/{g['of'][0]} vs {g['n'][1]}/{g['of'][1]}"
     if g["gap"] is None:
         return f"{head}: no comparison ({seeds})."
@@ -429,7 +465,7 @@ def findings(summary):
     divergences, sweeps whose best lr lies at an edge, and train.py's default lr against the evidence."""
     m, out = summary["metric"], []
     tested = sum(g["test"] is not None for g in summary["gaps"].values())
-    out += [comparison(arm, g["baseline"], g, m, tested) for arm, g in summary["gaps"].items()]
+    out += [comparison(g, m, tested) for g in summary["gaps"].values()]
     for arm, r in summary["rows"].items():
         diverged = [p["lr"] for p in r["sweep"] if p["status"] == "diverged"]
         if diverged:
@@ -491,15 +527,20 @@ def write_report(study):
     text = render_study(summary)
     write_text(written[0], text)
     write_json(written[1], summary)
-    figures = [os.path.join(o.results_dir, name) for _, name in FIGURES]
+    figures = [os.path.join(o.results_dir, name) for _, name in FIGURES[:2]]
     curves_figure(rows, o.metric, summary["floor"], figures[0])
     sweep_figure(rows, o.metric, figures[1])
-    copy_to(o.visuals, figures[:2])
-    best = [(f"{arm} (lr {r['best_lr']:g}, seed {r['best_run']['seed']})", r["best_run"]["samples"]["1"]["npz"],
-             r["best_run"]["run_dir"]) for arm, r in rows.items() if "best_run" in r]
-    figures[2:] = run_figures(best, class_names(study.data.manifest, study.ctx.num_classes), figures[2:],
-                              f"the best run of each arm: same classes and noise, {samplers(rows, o.sample_steps)}",
-                              o.visuals) if best else []
+    copy_to(o.visuals, figures)
+    names, best = class_names(study.data.manifest, study.ctx.num_classes), {a: r for a, r in rows.items() if "best_run" in r}
+    for i, scale in enumerate(summary["scales"] if best else []):  # the headline scale's, then one per further scale
+        runs = [(f"{arm} (lr {r['best_lr']:g}, seed {r['best_run']['seed']})", r["best_run"]["samples"][scale]["npz"],
+                 r["best_run"]["run_dir"]) for arm, r in best.items()]
+        subtitle = f"the best run of each arm: same classes and noise, {samplers(rows, o.sample_steps)}, cfg {scale}"
+        if i == 0:
+            figures += run_figures(runs, names, [os.path.join(o.results_dir, n) for _, n in FIGURES[2:]], subtitle, o.visuals)
+        else:
+            figures.append(samples_figure(runs, names, os.path.join(o.results_dir, f"study_samples_cfg{scale}.png"), subtitle))
+            copy_to(o.visuals, figures[-1:])
     if o.readme:
         head, tail = readme_parts(o.readme)
         write_text(o.readme, f"{head}\n{text}\n{tail}")

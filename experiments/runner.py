@@ -5,6 +5,7 @@ train.main, scored by evaluate.py, its results.json written; --parallel N runs N
 """
 import argparse
 import logging
+import math
 import os
 import shlex
 import subprocess
@@ -132,6 +133,9 @@ def grid_parser(prog, doc, results_dir, seeds):
                       ("samples_per_class", "samples per class scored at the end of a run"),
                       ("sample_steps", "DDIM steps of every evaluation")):
         g.add_argument("--" + key.replace("_", "-"), type=str if key == "model" else at_least(1), help=text)
+    g.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="guidance scales of the samples scored at the end of a run; the first is the headline "
+                   "(default 1.0 = conditional only)")
     return p, g
 
 
@@ -146,6 +150,9 @@ def parse_grid(parser, argv, preset):
             setattr(opts, key, value)
     if len(set(opts.seeds)) != len(opts.seeds):
         raise UsageError(f"--seeds: repeated seed in {opts.seeds}")
+    if not all(0 <= s < math.inf for s in opts.cfg_scales) or len(set(opts.cfg_scales)) != len(opts.cfg_scales):
+        raise UsageError(f"--cfg-scales {' '.join(map(str, opts.cfg_scales))}: each a finite number, at least 0 "
+                          "(1 = no guidance), none repeated")
     try:
         shlex.split(opts.train_args)
     except ValueError as e:

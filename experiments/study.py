@@ -92,7 +92,7 @@ def parse(argv):
     if opts.readme:
         readme_parts(opts.readme)  # refuses a file without the report's block
     # what the grid runner and experiments/evaluate.py's scoring read: fixed here, as ablate.py's defaults
-    opts.cfg_scales, opts.sample_seed, opts.loss_batch, opts.eval_batch_size = [1.0], 0, 256, 250
+    opts.sample_seed, opts.loss_batch, opts.eval_batch_size = 0, 256, 250
     opts.inception_weights, opts.prediction, opts.hflip = None, "v", None
     return opts
 

@@ -167,6 +167,23 @@ def test_compare_tests_each_arm_and_gives_no_verdict_from_one_seed():
     assert summarise([30.0])["std"] is None  # one value has no spread, not a spread of 0
 
 
+def test_guided_scales_add_comparisons_on_their_fd_and_holm_counts_them_all():
+    rows = {"vanilla": arm_row([10.0, 10.5, 9.5]), "mp": arm_row([8.0, 8.5, 7.5])}
+    rows["vanilla"]["cfg4"] = dict(fd=summarise([5.0, 6.0]))
+    rows["mp"]["cfg4"] = dict(fd=summarise([5.0, 6.0]))  # no gap: p = 1 at cfg 4
+    gaps = study_report.compare(rows, {"mp": "vanilla"}, ["4"])
+    assert list(gaps) == ["mp", "mp at cfg 4"]
+    in_run, guided = gaps["mp"], gaps["mp at cfg 4"]
+    assert (guided["arm"], guided["scale"], guided["baseline"], guided["gap"]) == ("mp", "4", "vanilla", 0.0)
+    assert guided["test"]["p"] == pytest.approx(1.0) and guided["p_holm"] == pytest.approx(1.0)
+    # Holm over both comparisons: the smaller p (the in-run metric's, as in the test above) doubles
+    assert in_run["p_holm"] == pytest.approx(2 * in_run["test"]["p"]) and in_run["significant"]
+    text = "\n".join(study_report.findings(dict(metric="fd", gaps=gaps, refused={},
+                                                 rows={arm: dict(r, sweep=[]) for arm, r in rows.items()})))
+    assert "mp vs vanilla, each at its best lr: FD at cfg 4 0.0% " in text
+    assert "Holm-adjusted over 2 comparisons" in text
+
+
 def test_each_arm_is_compared_with_the_vanilla_arm_of_its_objective(tmp_path):
     arms = ["vanilla", "mp", "vanilla-flow", "mp-flow"]
     assert {arm: runner.baseline_of(arm, arms) for arm in arms} == {
@@ -212,6 +229,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
                  ["--sweep-extend", "-1"], ["--sweep-span", "inf"], ["--sweep-span", "1e400"], ["--sweep-span", "nan"],
                  ["--sweep-span", "1e300", "--sweep-points", "2"],  # finite, but its extension overflows
                  ["--sweep-seed", "-1"], ["--seeds", "-1"], ["--seeds", str(2 ** 32)],
+                 ["--cfg-scales", "-1"], ["--cfg-scales", "inf"], ["--cfg-scales", "4", "4"],
                  ["--seeds", "0", "1"],  # the sweep seed (0) among the final seeds
                  ["--data-path", str(tmp_path / "missing")], ["--metric", "fid"],
                  ["--data-path", write_colours(tmp_path / "no-heldout", 8, seed=0)], ["--readme", str(tmp_path)],
@@ -279,7 +297,8 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
     # MaP-DiT under flow matching against vanilla DDPM: both objectives through the whole study
     argv = data + TINY + ["--results-dir", str(out), "--arms", "vanilla", "mp-flow", "--sweep-points", "2",
                           "--sweep-extend", "0", "--sweep-span", "10", "--sweep-steps", "2", "--steps", "4", "--eval-every", "2",
-                          "--seeds", "1", "2", "--visuals", str(tmp_path / "visuals"), "--readme", str(readme)]
+                          "--seeds", "1", "2", "--visuals", str(tmp_path / "visuals"), "--readme", str(readme),
+                          "--cfg-scales", "1", "2"]
     calls = count_training(monkeypatch)
     assert study.main(argv) == 0
     assert len(calls) == 2 * 2 + 2 * 2  # 2 arms x 2 lrs, then 2 arms x 2 seeds
@@ -301,13 +320,17 @@ def test_tiny_study_writes_table_curves_and_figures_and_a_rerun_skips_finished_r
     for needle in ("| vanilla |", "| mp-flow |", "lr within 10% of best", "steps to fd_classifier",
                    "mp-flow vs vanilla",
                    "flow arms (mp-flow) flow matching (velocity)", "(DDIM-2 / Euler-2)",
-                   "by Welch's t-test (two-sided)", "Holm's correction", "of 12 samples from fixed noise",
+                   "by Welch's t-test (two-sided)", "Holm's correction", "of 12 samples at cfg 1 from fixed noise",
                    "against the validation half", "against the test half",
-                   "(visuals/study_curves.png)"):  # relative to the --readme file, which links them
+                   "(visuals/study_curves.png)",  # relative to the --readme file, which links them
+                   "and on the FD of the final samples at cfg 2",
+                   "classifier-free guidance (all channels) at cfg 2", "mp-flow vs vanilla, each at its best lr: FD at cfg 2",
+                   "(visuals/study_samples_cfg2.png)"):
         assert needle in report, needle
     assert readme.read_text() == (f"# before\n{study_report.README_START}\n{report}\n{study_report.README_END}"
                                   "\nafter\n")
-    for name in ("study_curves.png", "study_sweep.png", "study_samples.png", "study_magnitudes.png"):
+    for name in ("study_curves.png", "study_sweep.png", "study_samples.png", "study_magnitudes.png",
+                 "study_samples_cfg2.png"):
         assert (out / name).is_file() and (tmp_path / "visuals" / name).is_file(), name
 
     # the sweep runs evaluate against one half of the held-out images, the full runs (curves, final
