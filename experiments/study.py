@@ -241,7 +241,8 @@ def estimate(opts, pending_sweep, pending_full):
         return None, ("no measured step time for this model and batch on this profile: the duration is "
                       "unknown until the first runs finish (their s/step is in the report)")
     eval_s = opts.eval_samples * opts.sample_steps * p["sample_forward_s"]
-    score_s = 10 * opts.samples_per_class * opts.sample_steps * p["sample_forward_s"]  # 10 classes, cfg 1
+    forwards = sum(1 if s == 1 else 2 for s in opts.cfg_scales)  # per sampling step: guided ones run two
+    score_s = 10 * opts.samples_per_class * opts.sample_steps * p["sample_forward_s"] * forwards  # 10 classes
     evals = -(-opts.steps // opts.eval_every)
     sweep_s = opts.sweep_steps * p["step_s"] + eval_s + p["run_overhead_s"]
     full_s = opts.steps * p["step_s"] + evals * eval_s + score_s + p["run_overhead_s"]

@@ -217,6 +217,12 @@ def test_default_study_fits_the_cpu_budget_and_other_models_are_unknown(tmp_path
     classifier = study.PROFILES["cpu"]["classifier_s"]
     assert serial - classifier == pytest.approx(2 * (seconds - classifier))
     assert study.estimate(study.parse(["--depth", "8", "--results-dir", str(tmp_path)]), *runs)[0] is None
+    # a guided scale samples the final scoring again with two forwards per step: 3x the unguided scoring
+    guided, _ = study.estimate(study.parse(["--parallel", "2", "--results-dir", str(tmp_path), "--cfg-scales", "1", "4"]),
+                               *runs)
+    profile = study.PROFILES["cpu"]
+    unguided_scoring = 10 * opts.samples_per_class * opts.sample_steps * profile["sample_forward_s"]
+    assert guided - seconds == pytest.approx(runs[1] * 2 * unguided_scoring / 2)
 
 
 def test_default_final_seeds_are_not_the_sweep_seed(tmp_path):
