@@ -318,8 +318,7 @@ def summarise_study(study):
     data = "the demo's shapes variant (random colour, size, position and rotation: class = shape alone)" \
         if study.data.demo else f"`{os.path.basename(study.data.path)}`"
     linked_from = os.path.dirname(os.path.abspath(o.readme)) if o.readme else os.getcwd()
-    guided = [s for s in scales if s != "1"]
-    return dict(metric=o.metric, data=data, target=target, gaps=compare(rows, baselines, guided), scales=scales,
+    return dict(metric=o.metric, data=data, target=target, gaps=compare(rows, baselines, guided(scales)), scales=scales,
                 target_source="--target" if o.target is not None else "the worst arm's final mean",
                 figure_dir=os.path.relpath(o.visuals, linked_from) if o.visuals else ".", alpha=ALPHA,
                 floor=study.floor, refused=study.refused, wall=study.wall, estimate_s=study.estimate_s,
@@ -391,10 +390,14 @@ def render_study(summary):
         f"command: `{summary['command']}`.", ""])
 
 
+def guided(scales):
+    """The guidance scales (as "4") among scales: each adds a comparison on its FD."""
+    return [s for s in scales if s != "1"]
+
+
 def guided_tests(scales):
     """The comparisons beyond the in-run metric, for the report's method sentence."""
-    guided = [s for s in scales if s != "1"]
-    return f" and on the FD of the final samples at cfg {', '.join(guided)}" if guided else ""
+    return f" and on the FD of the final samples at cfg {', '.join(guided(scales))}" if guided(scales) else ""
 
 
 def guided_tables(rows, scales, fd="FD"):
@@ -532,14 +535,15 @@ def write_report(study):
     sweep_figure(rows, o.metric, figures[1])
     copy_to(o.visuals, figures)
     names, best = class_names(study.data.manifest, study.ctx.num_classes), {a: r for a, r in rows.items() if "best_run" in r}
+    paths = [os.path.join(o.results_dir, name) for _, name in study_figures(summary["scales"])[2:]]
     for i, scale in enumerate(summary["scales"] if best else []):  # the headline scale's, then one per further scale
         runs = [(f"{arm} (lr {r['best_lr']:g}, seed {r['best_run']['seed']})", r["best_run"]["samples"][scale]["npz"],
                  r["best_run"]["run_dir"]) for arm, r in best.items()]
         subtitle = f"the best run of each arm: same classes and noise, {samplers(rows, o.sample_steps)}, cfg {scale}"
-        if i == 0:
-            figures += run_figures(runs, names, [os.path.join(o.results_dir, n) for _, n in FIGURES[2:]], subtitle, o.visuals)
+        if i == 0:  # paths: samples and magnitudes at the headline scale, then the samples at each further one
+            figures += run_figures(runs, names, paths[:2], subtitle, o.visuals)
         else:
-            figures.append(samples_figure(runs, names, os.path.join(o.results_dir, f"study_samples_cfg{scale}.png"), subtitle))
+            figures.append(samples_figure(runs, names, paths[i + 1], subtitle))
             copy_to(o.visuals, figures[-1:])
     if o.readme:
         head, tail = readme_parts(o.readme)
