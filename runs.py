@@ -45,6 +45,7 @@ T_MAX = {"ddpm": 1000, "flow": 1}  # the model's time input lies in [0, T_MAX]: 
 SEED_RANGE = "in [0, 2**32) (numpy's seeds)"  # every seed flag: 0 <= seed < 2**32
 LATEST = "latest"  # a bare --resume: this command's run
 CKPT_KEYS = {"model", "ema", "ema_power", "opt", "noise", "rng", "step", "args", "manifest"}  # TrainingState's, args, manifest
+SNAPSHOT_KEYS = {"step", "ema_power"}  # a power-EMA snapshot's (train.save)
 
 
 def config_of(args):
@@ -68,15 +69,16 @@ def checkpoints_in(run_dir):
     return sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))
 
 
-def load_checkpoint(path, mmap=False):
-    """A train.py checkpoint (CKPT_KEYS), on the CPU; mmap: its tensors memory-mapped, read where used."""
+def load_checkpoint(path, mmap=False, keys=CKPT_KEYS, what="checkpoint"):
+    """A train.py checkpoint (CKPT_KEYS; or a power-EMA snapshot: keys=SNAPSHOT_KEYS, what="snapshot"), on
+    the CPU; mmap: its tensors memory-mapped, read where used. UsageError, one line, if unreadable or not one."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # unpickling errors come in many types
-        raise UsageError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    missing = CKPT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CKPT_KEYS
+        raise UsageError(f"{path}: cannot read {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    missing = keys - set(ckpt) if isinstance(ckpt, dict) else keys
     if missing:
-        raise UsageError(f"{path}: not a train.py checkpoint (missing {sorted(missing)})")
+        raise UsageError(f"{path}: not a train.py {what} (missing {sorted(missing)})")
     return ckpt
 
 

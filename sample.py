@@ -35,7 +35,7 @@ from ema import posthoc_coefficients, valid_sigma_rel
 from evaluation import chunks_to_do, write_npz_samples
 from guidance import EVERY_STEP, Guided
 from models import MODEL_SIZES, MP_SWITCHES, DiT_models
-from runs import SEED_RANGE, T_MAX, build_model, checkpoints_in, load_checkpoint, saved_args
+from runs import SEED_RANGE, SNAPSHOT_KEYS, T_MAX, build_model, checkpoints_in, load_checkpoint, saved_args
 from sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, FLOW_PREDICTION, SAMPLERS, chunk_inputs, chunk_sizes,
                       make_sampler, objective_of, row_names, sample_chunk, sample_images, sampling_weights_name,
                       save_grid)
@@ -352,10 +352,7 @@ def posthoc_ema(ckpt, path, sigma_rel, model):
     state = dict(ckpt["ema_power"][keys[0]])
     total = {n: torch.zeros_like(state[n], dtype=torch.float64) for n in trainable}
     for (s, file), row in zip(sources, weights):
-        try:
-            snapshot = ckpt if file == path else torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling errors come in many types
-            raise UsageError(f"{file}: cannot read snapshot ({type(e).__name__})") from None
+        snapshot = ckpt if file == path else load_checkpoint(file, keys=SNAPSHOT_KEYS, what="snapshot")
         for k, w in zip(keys, row):
             for n in trainable:
                 value = snapshot["ema_power"][k][n]

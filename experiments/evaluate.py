@@ -256,7 +256,7 @@ def training_record(run_dir, global_batch):
 
 
 def evaluate_run(run_dir, ckpt_path, opts, ctx):
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = runs.load_checkpoint(ckpt_path)
     args = argparse.Namespace(**runs.saved_args(ckpt))
     model = runs.build_model(args, ckpt["manifest"])
     if ckpt["ema_power"]:  # the weights train.py samples its grid from: the widest power EMA

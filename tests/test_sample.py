@@ -614,3 +614,18 @@ def test_sits_official_weights_sample_as_a_flow_model(official_ckpt, vae_dir, tm
     code, _, err = run_cli(["--ckpt", official_ckpt, "--model", "DiT-XS/8", "--image-size", 64, "--class-label", 1,
                             "--time-shift", 2], capsys)
     assert code == 2 and "--time-shift" in err
+
+
+def test_a_torn_snapshot_is_one_line_naming_it(pixel_run, tmp_path):
+    """Post-hoc EMA reads the snapshots through runs.load_checkpoint: a torn one is refused in one line
+    that names the file (and a file without power EMAs is named as not a snapshot)."""
+    run = tmp_path / "run"
+    shutil.copytree(pixel_run, run)
+    torn = run / "checkpoints" / "ema-snapshot-0000002.pt"
+    torn.write_bytes(torn.read_bytes()[:100])
+    argv = ["--ckpt", str(run / "checkpoints" / "0000006.pt"), "--class-label", "0", "--weights", "ema-0.07"]
+    with pytest.raises(sample.UsageError, match=f"{torn}: cannot read snapshot"):
+        sample.load_model(sample.parse_args(argv))
+    torch.save({"step": 2}, torn)
+    with pytest.raises(sample.UsageError, match=r"not a train.py snapshot \(missing \['ema_power'\]\)"):
+        sample.load_model(sample.parse_args(argv))
