@@ -131,27 +131,31 @@ def test_latent_grids_are_decoded_by_the_manifests_vae_or_the_run_is_refused(lat
     assert run(lost, tmp_path / "d", *argv[:-1], "0")  # no grids: no VAE needed
 
 
-def train_process(pixels, results, env_extra, *extra):
-    """train.py in a real process with stdout and stderr redirected to one file; returns its text."""
-    results.mkdir()
-    out = results / "output.txt"
-    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    env.update(env_extra)
-    with open(out, "w") as f:
-        subprocess.run([sys.executable, "train.py", "--data-path", pixels, "--results-dir", str(results), *TINY,
-                        "--num-steps", "3", "--log-every", "3", "--ckpt-every", "3", "--sample-every", "0", *extra],
-                       cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300, check=True)
-    return out.read_text()
+def train_processes(pixels, tmp_path, cases):
+    """train.py in real processes, started at once (each python start-up takes seconds), each with stdout
+    and stderr redirected to one file; cases: [(name, env changes, extra flags)]; returns {name: its text}."""
+    launched = {}
+    for name, env_extra, extra in cases:
+        results = tmp_path / name
+        results.mkdir()
+        env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+        with open(results / "output.txt", "w") as f:
+            launched[name] = subprocess.Popen(
+                [sys.executable, "train.py", "--data-path", pixels, "--results-dir", str(results), *TINY,
+                 "--num-steps", "3", "--log-every", "3", "--ckpt-every", "3", "--sample-every", "0", *extra],
+                cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1", **env_extra}, stdout=f, stderr=subprocess.STDOUT)
+    for name, proc in launched.items():
+        assert proc.wait(timeout=300) == 0, (tmp_path / name / "output.txt").read_text()[-3000:]
+    return {name: (tmp_path / name / "output.txt").read_text() for name in launched}
 
 
 def test_redirected_output_has_no_carriage_return_and_tqdm_disable_has_no_bar(pixels, tmp_path):
-    text = train_process(pixels, tmp_path / "plain", {})
-    assert "\r" not in text and "3/3 [" in text  # the bar as plain lines: its final count
-    assert "step=3 loss=" in text
-    for env, flags in (({"TQDM_DISABLE": "1"}, ()), ({}, ("--no-progress",))):
-        text = train_process(pixels, tmp_path / env.get("TQDM_DISABLE", "flag"), env, *flags)
-        assert "\r" not in text and "3/3 [" not in text and "step/s" not in text
-        assert "step=3 loss=" in text  # the log lines stay
+    texts = train_processes(pixels, tmp_path, [("plain", {}, ()), ("env", {"TQDM_DISABLE": "1"}, ()),
+                                               ("flag", {}, ("--no-progress",))])
+    assert "\r" not in texts["plain"] and "3/3 [" in texts["plain"]  # the bar as plain lines: its final count
+    for name in ("env", "flag"):
+        assert "\r" not in texts[name] and "3/3 [" not in texts[name] and "step/s" not in texts[name]
+    assert all("step=3 loss=" in text for text in texts.values())  # the log lines stay
 
 
 def test_the_demo_with_switches_trains_those_switches_alone(pixels):
