@@ -68,6 +68,15 @@ def atomic_write(path, write):
                          f"command to continue") from None
 
 
+def write_text(path, text):
+    """text to path, atomically (atomic_write)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path, obj, indent=1):
+    write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
 def read_json(path):
     """The JSON value in the file at path; None when it is missing or unreadable."""
     try:

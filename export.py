@@ -16,14 +16,13 @@ global_batch_size, lr, ...}}. sample.py builds the model from it with runs.build
 switch off, adaLN, learned sigma, eps prediction of the DDPM objective): DiTPipeline can sample it.
 """
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 from cli import ArgumentParser, UsageError, run_command
-from data import atomic_write
+from data import atomic_write, write_json, write_text
 from models import MP_SWITCHES
 from plots import read_metrics
 from runs import load_checkpoint, run_name
@@ -171,10 +170,6 @@ def use_lines(data, diffusers):
                     "where channel_mean is 0 and channel_std 1 / scaling_factor."]
 
 
-def write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
 def main(args):
     path = checkpoint_file(args.run, "RUN_OR_CKPT")
     ckpt = load_checkpoint(path)
@@ -194,7 +189,7 @@ def main(args):
         from safetensors.torch import save  # safetensors' bytes, so that data.atomic_write puts them in place
         state = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
         atomic_write(os.path.join(args.out, EXPORT_WEIGHTS), lambda f: f.write(save(state)))
-        write_text(os.path.join(args.out, EXPORT_CONFIG), json.dumps(config, indent=2) + "\n")
+        write_json(os.path.join(args.out, EXPORT_CONFIG), config, indent=2)
     write_text(os.path.join(args.out, "README.md"), model_card(config, title, records, args.diffusers))
     print(f"wrote {args.out}: {note}")
     return args.out

@@ -19,7 +19,6 @@ Inception from --inception-weights, $MAPDIT_INCEPTION_WEIGHTS or the torch hub c
 (checkpoints/pt_inception-2015-12-05-6726825d.pth); DINOv2 likewise (dinov2_vitl14_pretrain.pth). Reference
 statistics are cached; sample features go to SAMPLES-features/ while computed, so a rerun resumes.
 """
-import json
 import os
 import sys
 
@@ -27,7 +26,7 @@ import torch.distributed as dist
 
 import feature_nets
 from cli import LONG_WAIT, ArgumentParser, UsageError, at_least, run_command, setup_distributed
-from data import LatentDataset, atomic_write
+from data import LatentDataset, write_json
 from evaluation import METRICS, available_metrics, evaluate, parse_metrics, pick_device
 
 NAMES = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall",
@@ -112,7 +111,7 @@ def main(argv=None):
             print(f"(against {args.reference_subsample} reference images drawn with --subsample-seed "
                   f"{args.subsample_seed})")
         if args.json:
-            atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=1).encode()))
+            write_json(args.json, results)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from cli import UsageError
-from data import atomic_write
+from data import atomic_write, write_json, write_text
 from diffusion import LinearFlow, create_diffusion
 from models import MP_SWITCHES, DiT_models
 
@@ -226,8 +226,7 @@ def run_dir_of(args):
 
 
 def write_config(run_dir, args):
-    text = json.dumps(config_of(args), indent=2)
-    atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(text.encode()))
+    write_json(os.path.join(run_dir, "config.json"), config_of(args), indent=2)
 
 
 def finished(run_dir, num_steps):
@@ -240,7 +239,7 @@ def finished(run_dir, num_steps):
 
 
 def mark_finished(run_dir, step):
-    atomic_write(os.path.join(run_dir, "finished"), lambda f: f.write(f"{step}\n".encode()))
+    write_text(os.path.join(run_dir, "finished"), f"{step}\n")
 
 
 def claim_run(args):

@@ -20,7 +20,7 @@ import evaluation
 import feature_nets
 import runs
 from cli import UsageError, from_rank_0, gather_chunks, my_chunks
-from data import atomic_write
+from data import write_text
 from ema import frozen_copy
 from eval_inputs import Side
 from guidance import Guided
@@ -47,7 +47,7 @@ class RunOutputs:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if rank0:  # without the records logged after the checkpoint (they come again) and a line torn by a kill
             kept = "".join(json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= step)
-            atomic_write(self.path, lambda f: f.write(kept.encode()))
+            write_text(self.path, kept)
         self.metrics = open(self.path, "a") if rank0 else None
         self.trackers = Trackers(run_dir, runs.config_of(args), args.wandb, start_step=step, enabled=rank0)
         self.grids = SampleGrids(run_dir, dataset.manifest, args, vae) if args.sample_every and rank0 else None

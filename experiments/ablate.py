@@ -17,7 +17,8 @@ if ROOT not in sys.path:
 
 import feature_nets  # noqa: E402
 from cli import UsageError, at_least, run_command  # noqa: E402
-from experiments.evaluate import LOG, prepare_data, prepare_eval, write_json, write_text  # noqa: E402
+from experiments.evaluate import LOG, prepare_data, prepare_eval  # noqa: E402
+from data import write_json, write_text  # noqa: E402
 from experiments.report import aggregate, make_figures, render_table  # noqa: E402
 from experiments.runner import (CONFIGS, accepted_arms, collect, finish, grid_parser, parse_grid,  # noqa: E402
                                 is_flow, parse_only, run_job, run_phase)

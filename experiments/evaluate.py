@@ -5,7 +5,6 @@ and the held-out loss on a fixed batch, timesteps and noise.
 """
 import argparse
 import hashlib
-import json
 import os
 import sys
 from types import SimpleNamespace
@@ -18,7 +17,7 @@ import feature_nets
 import plots
 import runs
 from cli import UsageError
-from data import LatentDataset, ShardWriter, atomic_write, build_dataset, denormalize, make_demo_dataset
+from data import LatentDataset, ShardWriter, build_dataset, denormalize, make_demo_dataset
 from diffusion import LinearFlow
 from feature_nets import INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, dataset_items, find_weights, trained_classifier
 from guidance import Guided
@@ -41,15 +40,6 @@ def summarise(values):
         return None
     return dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
                 n=len(values), values=values)
-
-
-def write_text(path, text):
-    """text to path, atomically."""
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1))
 
 
 def md_table(header, rows):

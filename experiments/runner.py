@@ -19,8 +19,8 @@ import plots
 import runs
 import train
 from cli import ArgumentParser, UsageError, at_least
-from data import read_json
-from experiments.evaluate import LOG, evaluate_run, say, training_record, write_json
+from data import read_json, write_json
+from experiments.evaluate import LOG, evaluate_run, say, training_record
 from models import MP_SWITCHES
 
 

@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 import evaluation  # noqa: E402
 import sample  # noqa: E402
 from cli import ArgumentParser, UsageError, at_least, run_command  # noqa: E402
-from data import LatentDataset, read_json  # noqa: E402
-from experiments.evaluate import LOG, consistency, md_table, metric_networks, say, write_json, write_text  # noqa: E402
+from data import LatentDataset, read_json, write_json, write_text  # noqa: E402
+from experiments.evaluate import LOG, consistency, md_table, metric_networks, say  # noqa: E402
 from runs import checkpoints_in, load_checkpoint, saved_args  # noqa: E402
 from sampling import SAMPLERS, chunk_inputs, chunk_sizes, objective_of  # noqa: E402
 

@@ -24,9 +24,9 @@ import feature_nets  # noqa: E402
 import plots  # noqa: E402
 import sample  # noqa: E402
 import watch  # noqa: E402
-from data import ChunkFolder, LatentDataset, read_json  # noqa: E402
+from data import ChunkFolder, LatentDataset, read_json, write_text  # noqa: E402
 from ema import valid_sigma_rel  # noqa: E402
-from experiments.evaluate import LOG, md_table, metric_networks, real_floor, say, write_text  # noqa: E402
+from experiments.evaluate import LOG, md_table, metric_networks, real_floor, say  # noqa: E402
 from guidance import EVERY_STEP  # noqa: E402
 from cli import ArgumentParser, UsageError, at_least, run_command  # noqa: E402
 from runs import checkpoints_in, folder_lock, load_checkpoint  # noqa: E402
