@@ -105,7 +105,7 @@ class ChunkFolder:
                 os.remove(os.path.join(self.folder, name))
             recorded = None
         if recorded is None and (first or not replace):  # ranks alike: the same file
-            atomic_write(file, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+            write_json(file, settings)
         barrier()
         changed = _changed(read_json(file) or {}, settings)
         if changed:
@@ -198,8 +198,7 @@ class ShardWriter:
                     "source": None, "skipped": 0, **manifest_extra}
         if self.kind == "latent" and None in (manifest["channel_mean"], manifest["channel_std"]):
             manifest["channel_mean"], manifest["channel_std"] = self._channel_stats(len(counts))
-        text = json.dumps(manifest, indent=1).encode()
-        atomic_write(os.path.join(self.out_dir, "manifest.json"), lambda f: f.write(text))
+        write_json(os.path.join(self.out_dir, "manifest.json"), manifest)
         return manifest
 
     def _channel_stats(self, num_shards, chunk=1024):

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import uuid
 
-from data import atomic_write
+from data import write_text
 
 WANDB_STEP = "train_step"  # the x-axis of every W&B chart
 
@@ -73,6 +73,6 @@ def wandb_run_id(run_dir):
     """The run's W&B id, created on first use and kept in RUN/wandb-id.txt (a resumed run reuses it)."""
     path = os.path.join(run_dir, "wandb-id.txt")
     if not os.path.exists(path):
-        atomic_write(path, lambda f: f.write(uuid.uuid4().hex[:12].encode()))
+        write_text(path, uuid.uuid4().hex[:12])
     with open(path) as f:
         return f.read().strip()

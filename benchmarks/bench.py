@@ -30,7 +30,7 @@ from harness import (ROOT, CONFIGS, Ctx, InferStep, SampleStep, TrainStep, forwa
 import torch
 import train
 from cli import ArgumentParser, UsageError, run_command
-from data import atomic_write, make_demo_dataset, read_manifest
+from data import make_demo_dataset, read_manifest, write_json, write_text
 from models import MP_SWITCHES
 from sampling import make_sampler
 
@@ -315,9 +315,9 @@ def main(argv=None):
     report = markdown(result)
     print(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
-    for path, text in ((args.out_md, report + "\n"), (args.out_json, json.dumps(result, indent=1))):
-        if path:
-            atomic_write(path, lambda f: f.write(text.encode()))
+    write_json(args.out_json, result)
+    if args.out_md:
+        write_text(args.out_md, report + "\n")
 
 
 if __name__ == "__main__":

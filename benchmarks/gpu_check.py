@@ -25,7 +25,7 @@ import runs
 import sampling
 import torch
 from cli import ArgumentParser, run_command
-from data import atomic_write
+from data import write_text
 
 SECTIONS = {"train": ("train step, eager", 60), "torchrun": ("torchrun train.py, 1 process", 60),
             "sample": ("guided sampling", 30), "checkpoint": ("train step, eager, --grad-checkpoint", 50),
@@ -138,7 +138,7 @@ def main(argv=None):
     def report(*new):  # printed at the end; with --out-md written (atomically) after every section
         lines.extend(new)
         if args.out_md:
-            atomic_write(args.out_md, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+            write_text(args.out_md, "\n".join(lines) + "\n")
     report(f"## GPU check, {m['date']}", "",
            f"`python benchmarks/gpu_check.py{' --tiny' if args.tiny else ''}`: {machine_line(m)}; {args.model} at "
            f"{args.size}x{args.size}x4 latents{', depth 2, width 64, 2 heads (--tiny)' if args.tiny else ''}.", "")
