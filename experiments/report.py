@@ -1,6 +1,6 @@
-"""The reports of experiments/: the runs' results aggregated over seeds (mean and sample standard
-deviation) as markdown tables, findings and figures; experiments/README.md lists the files and
-defines every column.
+"""The study's report (study.py), and the cells, score tables and figures it shares with the ablation's
+table (ablate.py): the runs' results aggregated over seeds (mean and sample standard deviation) as
+markdown tables, findings and figures; experiments/README.md lists the files and defines every column.
 """
 import math
 import os
@@ -11,7 +11,7 @@ from scipy import stats
 
 import plots
 from cli import UsageError
-from experiments.evaluate import md_table, say, summarise
+from experiments.evaluate import md_table, summarise
 from data import write_json, write_text
 from experiments.runner import baseline_of, is_flow, objective_of
 from sampling import GRID_SAMPLER
@@ -25,8 +25,6 @@ README_START, README_END = "<!-- study.py results: start -->", "<!-- study.py re
 RUN_SCORES = dict(step_time_s=lambda r: r["step_time_s"], final_train_loss=lambda r: r["final_train_loss"],
                   ema_heldout_loss=lambda r: r["heldout_loss"]["ema"]["loss"],
                   raw_heldout_loss=lambda r: r["heldout_loss"]["raw"]["loss"])
-ABLATION_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "num_steps", "global_batch_size", "seeds", "lr",
-                     "train_args", "cfg_scales", "samples_per_class", "sample_seed", "parallel")
 STUDY_SETTINGS = ("profile", "model", "depth", "hidden_size", "num_heads", "global_batch_size", "sweep_steps",
                   "sweep_seed", "sweep_points", "sweep_span", "sweep_extend", "steps", "seeds", "eval_every",
                   "eval_samples", "sample_steps", "samples_per_class", "cfg_scales", "parallel", "threads", "sweep_around")
@@ -51,7 +49,7 @@ def scores(ok, scales):
     return dict(out, parameters=ok[0]["parameters"], optimizer=ok[0]["optimizer"], weights=ok[0]["weights"])
 
 
-def _cell(stat, spec=".4g", scale=1.0):
+def stat_cell(stat, spec=".4g", scale=1.0):
     """mean ± std of a summarise() result, n/a for none."""
     if not stat:
         return "n/a"
@@ -65,13 +63,13 @@ def score_columns(fd):
 
 def sample_cells(h):
     """FD, class consistency % and FID-Inception cells of a scores() entry cfg<s>."""
-    return [_cell(h["fd"], ".3g"), _cell(h["class_consistency"], ".1f", 100), _cell(h["fid"], ".3g")]
+    return [stat_cell(h["fd"], ".3g"), stat_cell(h["class_consistency"], ".1f", 100), stat_cell(h["fid"], ".3g")]
 
 
 def score_cells(m, scale):
     """The SCORE_COLUMNS cells of scores() m at guidance scale `scale`."""
-    return [*sample_cells(m[f"cfg{scale}"])[:2], _cell(m["ema_heldout_loss"], ".4f"), f"{m['parameters']:,}",
-            _cell(m["step_time_s"], ".3g")]
+    return [*sample_cells(m[f"cfg{scale}"])[:2], stat_cell(m["ema_heldout_loss"], ".4f"), f"{m['parameters']:,}",
+            stat_cell(m["step_time_s"], ".3g")]
 
 
 def seeds_cell(row):
@@ -121,91 +119,6 @@ def copy_to(visuals, paths):
 
 def class_names(manifest, num_classes):
     return manifest.get("class_names") or [str(k) for k in range(num_classes)]
-
-
-def aggregate(opts, data, ctx, configs, collected, skipped):
-    """The grid's summary: a row per configuration of opts.configs (configs: name -> (label,
-    flags); collected: name -> its runs' results, one per seed; skipped: name -> why)."""
-    rows = []
-    for cfg in opts.configs:
-        row = dict(config=cfg, label=configs[cfg][0], flags=configs[cfg][1])
-        if cfg in skipped:
-            rows.append(dict(row, status="skipped", reason=skipped[cfg]))
-            continue
-        ok, seeds = seed_status(collected[cfg])
-        row.update(status="ok" if ok else "no finished run", runs=collected[cfg], **seeds)
-        if ok:
-            row["summary"] = scores(ok, [f"{c:g}" for c in opts.cfg_scales])
-        rows.append(row)
-    return dict(
-        grid=opts.grid, headline_cfg=f"{opts.cfg_scales[0]:g}", fd_network=ctx.fd_name, fid_note=ctx.fid_note,
-        settings=dict({k: getattr(opts, k) for k in ABLATION_SETTINGS}, data=data.path, demo=data.demo,
-                      heldout=ctx.held_desc, sampler=samplers(opts.configs, opts.sample_steps),
-                      loss_batch=len(ctx.loss_x), device=str(ctx.device),
-                      num_samples=ctx.num_classes * opts.samples_per_class),
-        classifier=dict(accuracy=ctx.accuracy, train_items=ctx.n_train, heldout_items=ctx.n_held,
-                        reference_items=ctx.n_held - ctx.n_base, cache=ctx.cache_path),
-        real_data=dict(items=ctx.n_base, fd=ctx.real_fd, class_consistency=ctx.accuracy, fid=ctx.real_fid), rows=rows)
-
-
-def _optimizer(opt):
-    text = f"{opt['name']} {opt['lr']:g}"
-    if opt["warmup_steps"] or opt["decay_steps"]:
-        text += f", warm-up {opt['warmup_steps']}, decay {opt['decay_steps']}"
-    return text
-
-
-def render_table(summary):
-    s, head, fd = summary["settings"], summary["headline_cfg"], summary["fd_network"]
-    rows = []
-    for row in summary["rows"]:
-        flags = f"`{' '.join(row['flags'])}`" if row["flags"] else "(none)"
-        if "summary" not in row:
-            why = row.get("reason") or (f"diverged (seeds {row['diverged']})" if row.get("diverged") else row["status"])
-            rows.append([row["config"], flags, why] + [""] * 8)
-            continue
-        m = row["summary"]
-        rows.append([row["config"], flags, _optimizer(m["optimizer"]), _cell(m["final_train_loss"], ".4f"),
-                     *score_cells(m, head), sample_cells(m[f"cfg{head}"])[2], seeds_cell(row)])
-    real = summary["real_data"]
-    rows.append([f"real data (held-out, {real['items']} images)", "", "", "", f"{real['fd']:.3g}",
-                 f"{100 * real['class_consistency']:.1f}", "", "", "", "n/a" if real["fid"] is None else
-                 f"{real['fid']:.3g}", ""])
-    lr_source = "--lr" if s["lr"] is not None else "train.py default"
-    lines = [f"# Ablation grid `{summary['grid']}`", "",
-             f"{s['model']} (depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads), "
-             f"{s['num_steps']} steps at batch {s['global_batch_size']}, seeds {s['seeds']}; "
-             f"samples: {s['sampler']}, cfg {head}, {s['samples_per_class']} per class from the widest power EMA. "
-             "Cells: mean ± sample standard deviation over the seeds that finished; ↓ lower is better, ↑ higher.", "",
-             *md_table(["configuration", "train.py flags", f"optimiser (lr) [{lr_source}]", "final train loss",
-                        *score_columns(fd), "FID-Inception ↓", "seeds"], rows)]
-    lines += guided_tables({r["config"]: r["summary"] for r in summary["rows"] if "summary" in r},
-                           [f"{scale:g}" for scale in s["cfg_scales"][1:]], fd)
-    c = summary["classifier"]
-    return "\n".join(lines + [
-        "", "Columns (experiments/README.md defines them): the optimiser is train.py's per configuration unless "
-        "`--lr` was given, so the MP configurations differ in recipe, not only in layers.",
-        *score_notes(fd, s["num_samples"], f"{c['reference_items']} held-out real images (the classifier: "
-                     f"{c['train_items']} training images, held-out accuracy {100 * c['accuracy']:.1f}%)", s["parallel"], head),
-        "- **FID-Inception**: against the same held-out images" + (f"; {summary['fid_note']}." if summary["fid_note"]
-                                                                   else "."),
-        f"- Held-out data: {s['heldout']}.", ""])
-
-
-def make_figures(opts, summary, ctx):
-    """ablation_samples.png and ablation_magnitudes.png: the --compare configurations side by side,
-    from the first seed both finished; copied to --visuals."""
-    rows, head = {r["config"]: r for r in summary["rows"]}, summary["headline_cfg"]
-    seeds = [s for s in opts.seeds if all(s in rows.get(c, {}).get("seeds_ok", []) for c in opts.compare)]
-    if not seeds:
-        say(f"no figures: no seed with finished runs of both {' and '.join(opts.compare)}")
-        return []
-    runs = [(f"{rows[c]['label']} [{c}], seed {seeds[0]}", r["samples"][head]["npz"], r["run_dir"])
-            for c in opts.compare for r in rows[c]["runs"] if r["seed"] == seeds[0]]
-    paths = [os.path.join(opts.results_dir, f"ablation_{name}.png") for name in ("samples", "magnitudes")]
-    names = class_names(ctx.manifest, ctx.num_classes) if ctx.kind == "pixel" else None
-    subtitle = f"same classes and noise, {samplers(opts.compare, opts.sample_steps)}, cfg {head}"
-    return run_figures(runs, names, paths, subtitle, opts.visuals)
 
 
 def lr_range(sweep, best):
@@ -353,7 +266,7 @@ def render_study(summary):
             continue
         reach = r.get("steps_to_target", {})
         n_reached = sum(v is not None for v in reach.get("per_seed", {}).values())
-        table.append([arm, lr, span, _cell(r["final"]), f"{_cell(reach.get('summary'), '.0f')} ({n_reached}/"
+        table.append([arm, lr, span, stat_cell(r["final"]), f"{stat_cell(reach.get('summary'), '.0f')} ({n_reached}/"
                       f"{len(r['seeds_ok'])} seeds)", *score_cells(r, head), seeds_cell(r)])
     columns = max(len(r["sweep"]) for r in rows.values())
     sweeps = [[arm] + [f"{p['lr']:g}: " + (f"**{_sweep_cell(p)}**" if p["lr"] == r["best_lr"] else _sweep_cell(p))
