@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import download
+import imagenet
 from cli import UsageError
 from data import LatentDataset
 from helpers import torchrun
@@ -53,7 +54,7 @@ def encode_args(src, out, *extra):
 def test_center_crop_matches_adm_by_hand():
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))  # 300 x 200
-    got = download.center_crop_arr(image, 64)
+    got = imagenet.center_crop_arr(image, 64)
     # short side 200 >= 2 * 64: halve with BOX to 150 x 100; 100 < 128 stops. Bicubic to the
     # short side 64: 96 x 64. Centre columns 16..80.
     want = np.array(image.resize((150, 100), Image.BOX).resize((96, 64), Image.BICUBIC))[:, 16:80]
@@ -61,11 +62,11 @@ def test_center_crop_matches_adm_by_hand():
     np.testing.assert_array_equal(got, want)
     small = Image.fromarray(rng.integers(0, 256, (90, 100, 3), dtype=np.uint8))  # no halving
     want = np.array(small.resize((71, 64), Image.BICUBIC))[:, 3:67]
-    np.testing.assert_array_equal(download.center_crop_arr(small, 64), want)
+    np.testing.assert_array_equal(imagenet.center_crop_arr(small, 64), want)
 
 
 def test_list_images_sorted_with_class_labels(src):
-    items, classes = download.list_images(src)
+    items, classes = imagenet.list_images(src)
     assert classes == CLASSES and len(items) == 16  # not notes.txt; broken.jpg looks like an image
     assert [label for _, label in items] == [0] * 5 + [1] * 6 + [2] * 5
     names = [os.path.basename(p) for p, _ in items[5:11]]
@@ -119,13 +120,13 @@ def test_latent_encoding_resumes_and_matches_the_vae(src, vae_dir, tmp_path):
 def test_vae_encodes_in_float32_unless_bf16_is_asked_for(src, vae_dir, tmp_path, monkeypatch):
     """float32 by default (DiT and EDM2 encode so; bf16 is coarser than the float16 stored), on any
     device; --bf16 opts in, is recorded in the manifest, and changes the arithmetic."""
-    calls, real_encode = [], download.encode
+    calls, real_encode = [], imagenet.encode
 
     def spy(vae, images, device, bf16=False):
         calls.append(bf16)
         return real_encode(vae, images, device, bf16)
 
-    monkeypatch.setattr(download, "encode", spy)
+    monkeypatch.setattr(imagenet, "encode", spy)
     download.main(encode_args(src, tmp_path / "fp32", "--vae-path", vae_dir))
     assert calls and not any(calls)
     calls.clear()
@@ -146,7 +147,7 @@ def test_pixel_mode_with_flip(src, tmp_path):
     assert ds.manifest["vae"] is None and ds.manifest["flip"] is True
     images = np.load(out / "shard-00000.images.npy")
     image = Image.open(os.path.join(src, "cat", "1.png")).convert("RGB")
-    crop = download.center_crop_arr(image, 16)
+    crop = imagenet.center_crop_arr(image, 16)
     np.testing.assert_array_equal(images[2], crop.transpose(2, 0, 1))  # image 1 is item 2
     np.testing.assert_array_equal(images[3], images[2][:, :, ::-1])  # and its mirror item 3
 
@@ -299,7 +300,7 @@ def hub_copies(src, tmp_path_factory):
     `category` (names no detection by name would find), written with save_to_disk and as parquet in
     the Hub's layout: train in 2 files, and a validation file that --split train must leave out."""
     from datasets import ClassLabel, Dataset, Features, Image, Value
-    items, classes = download.list_images(src)
+    items, classes = imagenet.list_images(src)
     features = Features({"caption": Value("string"), "picture": Image(), "category": ClassLabel(names=classes)})
     ds = Dataset.from_dict({"caption": [os.path.basename(p) for p, _ in items],
                             "picture": [{"bytes": open(p, "rb").read(), "path": os.path.relpath(p, src)}
@@ -360,7 +361,7 @@ def test_hub_id_streams_and_an_interrupted_encode_resumes(src, hub_copies, tmp_p
         return ds
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    real_encode_shard, encoded = download.encode_shard, []
+    real_encode_shard, encoded = imagenet.encode_shard, []
 
     def interrupted(items, *args):
         encoded.append([name for name, _, _ in items])
@@ -368,7 +369,7 @@ def test_hub_id_streams_and_an_interrupted_encode_resumes(src, hub_copies, tmp_p
             raise KeyboardInterrupt
         return real_encode_shard(items, *args)
 
-    monkeypatch.setattr(download, "encode_shard", interrupted)
+    monkeypatch.setattr(imagenet, "encode_shard", interrupted)
     out, argv = tmp_path / "hub", encode_args("someone/tiny-imagenet", tmp_path / "hub", "--vae", "none")
     assert download.cli(argv) == 130
     assert calls == [("someone/tiny-imagenet", {"split": "train", "streaming": True})]
