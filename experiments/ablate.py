@@ -18,8 +18,8 @@ if ROOT not in sys.path:
 
 import feature_nets  # noqa: E402
 from cli import UsageError, at_least, run_command  # noqa: E402
-from experiments.evaluate import LOG, md_table, prepare_data, prepare_eval, say  # noqa: E402
 from data import write_json, write_text  # noqa: E402
+from experiments.evaluate import LOG, md_table, prepare_data, prepare_eval, say  # noqa: E402
 from experiments.report import (class_names, guided_tables, run_figures, sample_cells, samplers,  # noqa: E402
                                 score_cells, score_columns, score_notes, scores, seed_status, seeds_cell, stat_cell)
 from experiments.runner import (CONFIGS, accepted_arms, collect, finish, grid_parser, parse_grid,  # noqa: E402
@@ -28,7 +28,7 @@ from experiments.runner import (CONFIGS, accepted_arms, collect, finish, grid_pa
 PRESET = dict(model="DiT-XS/4", depth=4, hidden_size=128, num_heads=4, num_steps=800, global_batch_size=64,
               samples_per_class=50, sample_steps=50)
 SETTINGS = ("model", "depth", "hidden_size", "num_heads", "num_steps", "global_batch_size", "seeds", "lr",
-                     "train_args", "cfg_scales", "samples_per_class", "sample_seed", "parallel")
+            "train_args", "cfg_scales", "samples_per_class", "sample_seed", "parallel")
 GRIDS = {"default": [c for c in CONFIGS if not is_flow(c)], "tiny": ["vanilla", "mp"],
          "objectives": ["vanilla", "mp", "vanilla-flow", "mp-flow"]}
 
@@ -104,7 +104,6 @@ def list_or_run(argv):
     write_json(os.path.join(opts.results_dir, "results.json"), summary)
     write_text(os.path.join(opts.results_dir, "table.md"), render_table(summary))
     return finish([os.path.join(opts.results_dir, "table.md"), *make_figures(opts, summary, ctx)], failures)
-
 
 
 def aggregate(opts, data, ctx, configs, collected, skipped):

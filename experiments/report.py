@@ -11,8 +11,8 @@ from scipy import stats
 
 import plots
 from cli import UsageError
-from experiments.evaluate import md_table, summarise
 from data import write_json, write_text
+from experiments.evaluate import md_table, summarise
 from experiments.runner import baseline_of, is_flow, objective_of
 from sampling import GRID_SAMPLER
 

@@ -22,7 +22,8 @@ import train  # noqa: E402
 import watch  # noqa: E402
 from data import LatentDataset, read_json, write_json  # noqa: E402
 from cli import UsageError, at_least, run_command  # noqa: E402
-from experiments.evaluate import LOG, metric_networks, prepare_data, prepare_eval, real_floor, say, split_heldout  # noqa: E402
+from experiments.evaluate import (LOG, metric_networks, prepare_data, prepare_eval, real_floor, say,  # noqa: E402
+                                  split_heldout)
 from experiments.runner import (CONFIGS, accepted_arms, collect, final_checkpoint, finish, grid_parser,  # noqa: E402
                                 job_state, parse_grid, parse_only, run_job, run_phase)
 from experiments.report import README_END, README_START, readme_parts, write_report  # noqa: E402
